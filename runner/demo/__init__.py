@@ -1,0 +1,1 @@
+"""Demo schemas and data generators for the seed scenarios."""

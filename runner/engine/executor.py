@@ -1,0 +1,290 @@
+"""One batch, one transaction: lock and capture, apply, compare, record, commit (invariants 1-4)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import asyncpg
+
+from runner.engine.target import TargetInfo
+from runner.errors import ScopeViolation, WorkFailed
+
+TRANSIENT = frozenset(
+    {"lock_timeout", "deadlock", "serialization", "statement_timeout", "connection_lost"}
+)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Keys from one discovery page, as arrays (one per key column), with the page's bounds."""
+
+    batch_no: int
+    stage: str
+    key_arrays: tuple[list[Any], ...]
+    first_key: list[str]
+    last_key: list[str]
+
+    @property
+    def size(self) -> int:
+        return len(self.key_arrays[0])
+
+    @property
+    def key_range(self) -> str:
+        return f"[{', '.join(self.first_key)}] … [{', '.join(self.last_key)}]"
+
+
+@dataclass
+class BatchOutcome:
+    batch_no: int
+    stage: str
+    status: str  # done | failed | skipped (already committed before a lost connection)
+    first_key: list[str]
+    last_key: list[str]
+    selected: int = 0
+    changed: int = 0
+    noop: int = 0
+    attempts: int = 1
+    errors: list[dict[str, str]] = field(default_factory=list)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    duration_ms: float = 0.0
+    error_category: str | None = None
+    error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "batch_no": self.batch_no,
+            "stage": self.stage,
+            "status": self.status,
+            "key_range": {"first": self.first_key, "last": self.last_key},
+            "counts": {"selected": self.selected, "changed": self.changed, "noop": self.noop},
+            "attempts": self.attempts,
+            "errors": self.errors,
+            "error_category": self.error_category,
+            "error": self.error,
+            "started_at": self.started_at.isoformat(),
+            "duration_ms": round(self.duration_ms, 3),
+        }
+
+
+def classify(exc: BaseException) -> str:
+    """The error category an operator sees in logs and reports."""
+    if isinstance(exc, ScopeViolation):
+        return "scope_violation"
+    if isinstance(exc, asyncpg.LockNotAvailableError):
+        return "lock_timeout"
+    if isinstance(exc, asyncpg.DeadlockDetectedError):
+        return "deadlock"
+    if isinstance(exc, asyncpg.SerializationError):
+        return "serialization"
+    if isinstance(exc, asyncpg.QueryCanceledError):
+        return "statement_timeout"
+    if isinstance(exc, asyncpg.ReadOnlySQLTransactionError):
+        return "read_only"
+    if isinstance(
+        exc,
+        asyncpg.ConnectionDoesNotExistError
+        | asyncpg.PostgresConnectionError
+        | asyncpg.AdminShutdownError
+        | asyncpg.CannotConnectNowError
+        | asyncpg.InterfaceError
+        | ConnectionError
+        | OSError
+        | asyncio.TimeoutError,
+    ):
+        return "connection_lost"
+    if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
+        return "constraint_violation"
+    if isinstance(exc, asyncpg.PostgresError):
+        return "sql_error"
+    return "internal"
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    detail = getattr(exc, "detail", None)
+    return f"{text} ({detail})" if detail else text
+
+
+_TAG = re.compile(r"^(\w+)(?: \d+)? (\d+)$")
+
+
+async def _apply_once(
+    conn: asyncpg.Connection, target: TargetInfo, apply_sql: str, run_id: str, batch: Batch,
+    attempts: int, errors: list[dict[str, str]], started: datetime, fresh: Reconnect,
+) -> asyncpg.Record:
+    async with conn.transaction():
+        await conn.execute(target.capture_sql, *batch.key_arrays)
+        tag = await conn.execute(apply_sql, *batch.key_arrays)
+        m = _TAG.match(tag or "")
+        if not m or m.group(1) != "UPDATE":
+            raise ScopeViolation(
+                f"batch {batch.batch_no} (keys {batch.key_range}): the apply statement ran as "
+                f"{tag!r}, but only an UPDATE of {target.display} is supported; rolled back",
+                hint="make the apply one UPDATE statement of the target table",
+            )
+        counts = await conn.fetchrow(
+            target.finalize_sql, run_id, batch.batch_no, batch.stage, batch.first_key,
+            batch.last_key, attempts, json.dumps(errors), started,
+        )
+        reported = int(m.group(2))
+        if reported > counts["touched"] or counts["vanished"]:
+            outside = [r["key"] for r in await conn.fetch(target.outside_rows_sql(), *batch.key_arrays)]
+            raise ScopeViolation(
+                f"batch {batch.batch_no} (keys {batch.key_range}): the apply statement reported "
+                f"{reported} row(s) but touched only {counts['touched']} of the batch's "
+                f"{counts['locked']} row(s)"
+                + (f"; it changed rows outside the batch (keys: {', '.join(outside)})" if outside else "")
+                + (f"; it removed {counts['vanished']} row(s)" if counts["vanished"] else "")
+                + "; the batch was rolled back",
+                hint="restrict the apply to the batch's keys (`WHERE id = ANY($1)`) and to the target table",
+            )
+        if counts["other_changed"]:
+            cols = await _changed_other_columns(conn, fresh, target, batch)
+            raise ScopeViolation(
+                f"batch {batch.batch_no} (keys {batch.key_range}): the apply statement changed "
+                f"column(s) outside target.columns ({', '.join(cols) or 'unknown'}) on "
+                f"{counts['other_changed']} row(s) (e.g. keys {', '.join(counts['bad_keys'] or [])});"
+                " the batch was rolled back",
+                hint="declare every column the apply sets in target.columns, or stop setting it",
+            )
+        return counts
+
+
+async def _changed_other_columns(
+    conn: asyncpg.Connection, fresh: Reconnect, target: TargetInfo, batch: Batch
+) -> list[str]:
+    """Which undeclared columns changed (diagnosis only, on the way to a rollback).
+
+    Our transaction cannot see the rows' old versions, so a second connection, whose snapshot
+    predates our uncommitted change, reads them.
+    """
+    try:
+        other = await fresh()
+    except Exception:
+        return []
+    try:
+        keys = ", ".join(f"t.{k.q}::text" for k in target.key)
+        cols = ", ".join(f"t.{c.q}::text" for c in target.others)
+        sql = (
+            f"SELECT ARRAY[{keys}]::text[] AS k, ARRAY[{cols}]::text[] AS v "
+            f"FROM {target.table} AS t WHERE {target.key_match('t')}"
+        )
+        before = {tuple(r["k"]): r["v"] for r in await other.fetch(sql, *batch.key_arrays)}
+        after = {tuple(r["k"]): r["v"] for r in await conn.fetch(sql, *batch.key_arrays)}
+    finally:
+        await other.close()
+    changed: list[str] = []
+    for key, old in before.items():
+        new = after.get(key)
+        for col, a, b in zip(target.others, old, new or old, strict=True):
+            if a != b and col.name not in changed:
+                changed.append(col.name)
+    return changed
+
+
+Reconnect = Callable[[], Awaitable[asyncpg.Connection]]
+
+
+async def _already_committed(conn: asyncpg.Connection, run_id: str, batch_no: int) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT 1 FROM backfill.batches WHERE run_id = $1 AND batch_no = $2 AND status = 'done'",
+            run_id,
+            batch_no,
+        )
+    )
+
+
+class BatchExecutor:
+    """Applies batches on one connection, retrying transient errors with backoff."""
+
+    def __init__(
+        self,
+        target: TargetInfo,
+        apply_sql: str,
+        run_id: str,
+        reconnect: Reconnect,
+        *,
+        max_retries: int,
+        backoff_base: float = 0.2,
+        backoff_cap: float = 10.0,
+    ) -> None:
+        self.target = target
+        self.apply_sql = apply_sql
+        self.run_id = run_id
+        self.reconnect = reconnect
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.conn: asyncpg.Connection | None = None
+
+    async def _connection(self) -> asyncpg.Connection:
+        if self.conn is None or self.conn.is_closed():
+            self.conn = await self.reconnect()
+            await self.conn.execute(self.target.scratch_ddl)
+        return self.conn
+
+    async def close(self) -> None:
+        if self.conn is not None and not self.conn.is_closed():
+            await self.conn.close(timeout=5)
+
+    async def run(self, batch: Batch) -> BatchOutcome:
+        errors: list[dict[str, str]] = []
+        attempt = 0
+        started_wall = datetime.now(UTC)
+        t0 = time.perf_counter()
+        while True:
+            attempt += 1
+            try:
+                conn = await self._connection()
+                if attempt > 1 and await _already_committed(conn, self.run_id, batch.batch_no):
+                    return BatchOutcome(
+                        batch.batch_no, batch.stage, "skipped", batch.first_key, batch.last_key,
+                        attempts=attempt, errors=errors, started_at=started_wall,
+                    )
+                counts = await _apply_once(
+                    conn, self.target, self.apply_sql, self.run_id, batch, attempt, errors,
+                    started_wall, self.reconnect,
+                )
+            except Exception as exc:
+                category = classify(exc)
+                errors.append({"attempt": str(attempt), "category": category, "error": _describe(exc)})
+                if category == "connection_lost" and self.conn is not None:
+                    self.conn.terminate()
+                    self.conn = None
+                if category not in TRANSIENT or attempt > self.max_retries:
+                    return BatchOutcome(
+                        batch.batch_no, batch.stage, "failed", batch.first_key, batch.last_key,
+                        selected=batch.size, attempts=attempt, errors=errors,
+                        started_at=started_wall, duration_ms=(time.perf_counter() - t0) * 1000,
+                        error_category=category, error=_describe(exc),
+                    )
+                delay = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
+                await anyio.sleep(delay * (0.5 + random.random() / 2))
+                continue
+            return BatchOutcome(
+                batch.batch_no, batch.stage, "done", batch.first_key, batch.last_key,
+                selected=counts["locked"], changed=counts["changed"], noop=counts["noop"],
+                attempts=attempt, errors=errors, started_at=started_wall,
+                duration_ms=(time.perf_counter() - t0) * 1000,
+            )
+
+
+def failure_error(outcome: BatchOutcome) -> WorkFailed:
+    """The error that stops the phase when a batch fails for good."""
+    cls = ScopeViolation if outcome.error_category == "scope_violation" else WorkFailed
+    retried = f" after {outcome.attempts} attempt(s)" if outcome.attempts > 1 else ""
+    return cls(
+        f"batch {outcome.batch_no} (keys [{', '.join(outcome.first_key)}] … "
+        f"[{', '.join(outcome.last_key)}]) failed{retried}: {outcome.error_category}: {outcome.error}",
+        hint="fix the cause, then continue the run with the same command and --run",
+    )

@@ -1,0 +1,267 @@
+"""The target table as the catalog describes it, and the statements the runner builds for it.
+
+Every identifier passes through `quote_ident`; values always travel as parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+
+from runner.db import quote_ident, qualified
+from runner.errors import InvalidInput
+from runner.plan import Target
+
+_ATTRS = """
+SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type,
+       a.attnotnull AS not_null, a.attgenerated <> '' AS generated
+FROM pg_attribute a
+WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+_UNIQUE_KEYS = """
+SELECT array_agg(a.attname ORDER BY k.ord) AS cols
+FROM pg_index i
+CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
+  AND i.indisvalid
+GROUP BY i.indexrelid
+"""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    not_null: bool = False
+    generated: bool = False
+
+    @property
+    def q(self) -> str:
+        return quote_ident(self.name)
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """A resolved target: its qualified name, typed key and columns, and the columns it must not touch."""
+
+    schema: str
+    name: str
+    key: tuple[Column, ...]
+    columns: tuple[Column, ...]
+    others: tuple[Column, ...]
+
+    @property
+    def table(self) -> str:
+        return qualified(self.schema, self.name)
+
+    @property
+    def display(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def key_order(self) -> str:
+        return ", ".join(f"page.{k.q}" for k in self.key)
+
+    # -- discovery ------------------------------------------------------------------------------
+
+    def discovery_page_sql(self, discovery_sql: str, *, after_cursor: bool) -> str:
+        """One keyset page of the plan's discovery query: the key arrays and the page's bounds.
+
+        `$1` is the page size; with `after_cursor`, `$2…` are the text forms of the last key seen.
+        """
+        keys = ", ".join(f"d.{k.q}" for k in self.key)
+        where = ""
+        if after_cursor:
+            bounds = ", ".join(f"${i + 2}::text::{k.type}" for i, k in enumerate(self.key))
+            where = f"WHERE ({keys}) > ({bounds})"
+        order = self.key_order
+        desc = ", ".join(f"page.{k.q} DESC" for k in self.key)
+        as_text = ", ".join(f"page.{k.q}::text" for k in self.key)
+        arrays = ", ".join(
+            f"array_agg(page.{k.q} ORDER BY {order}) AS k{i}" for i, k in enumerate(self.key)
+        )
+        return f"""
+WITH page AS (
+    SELECT {keys} FROM ({discovery_sql}) AS d
+    {where}
+    ORDER BY {keys}
+    LIMIT $1
+)
+SELECT count(*)::int AS n, {arrays},
+       (SELECT ARRAY[{as_text}] FROM page ORDER BY {order} LIMIT 1) AS first_key,
+       (SELECT ARRAY[{as_text}] FROM page ORDER BY {desc} LIMIT 1) AS last_key
+FROM page"""
+
+    def discovery_count_sql(self, discovery_sql: str) -> str:
+        keys = ", ".join(f"d.{k.q}" for k in self.key)
+        as_text = ", ".join(f"d.{k.q}::text" for k in self.key)
+        return f"""
+SELECT count(*)::bigint AS n,
+       (SELECT ARRAY[{as_text}] FROM ({discovery_sql}) AS d ORDER BY {keys} LIMIT 1) AS first_key,
+       (SELECT ARRAY[{as_text}] FROM ({discovery_sql}) AS d
+        ORDER BY {", ".join(f"d.{k.q} DESC" for k in self.key)} LIMIT 1) AS last_key
+FROM ({discovery_sql}) AS d"""
+
+    def already_applied_sql(self, discovery_sql: str) -> str:
+        """Keys discovery still returns although this run already recorded an image for them."""
+        keys = ", ".join(f"d.{k.q}" for k in self.key)
+        as_text = ", ".join(f"p.{k.q}::text" for k in self.key)
+        return f"""
+WITH p AS (SELECT {keys} FROM ({discovery_sql}) AS d)
+SELECT concat_ws(', ', {as_text}) AS key
+FROM p JOIN backfill.row_images r ON r.run_id = $1 AND r.key = ARRAY[{as_text}]
+LIMIT 5"""
+
+    # -- the batch transaction ------------------------------------------------------------------
+
+    def key_match(self, alias: str) -> str:
+        """`alias`'s key is among the batch's key arrays ($1…$n)."""
+        if len(self.key) == 1:
+            k = self.key[0]
+            return f"{alias}.{k.q} = ANY($1::{k.type}[])"
+        cols = ", ".join(f"{alias}.{k.q}" for k in self.key)
+        arrays = ", ".join(f"${i + 1}::{k.type}[]" for i, k in enumerate(self.key))
+        return f"({cols}) IN (SELECT * FROM unnest({arrays}))"
+
+    def _other_hash(self, alias: str) -> str:
+        if not self.others:
+            return "NULL::text"
+        return f"md5(ROW({', '.join(f'{alias}.{c.q}' for c in self.others)})::text)"
+
+    def _image(self, alias: str) -> str:
+        return "ARRAY[" + ", ".join(f"{alias}.{c.q}::text" for c in self.columns) + "]::text[]"
+
+    @property
+    def scratch_ddl(self) -> str:
+        """A per-connection temp table holding the batch's before-images until commit."""
+        keys = ", ".join(f"k{i} {k.type}" for i, k in enumerate(self.key))
+        return (
+            "DROP TABLE IF EXISTS pg_temp.backfill_before; "
+            f"CREATE TEMP TABLE backfill_before ({keys}, before text[], other text) "
+            "ON COMMIT DELETE ROWS"
+        )
+
+    @property
+    def capture_sql(self) -> str:
+        """Lock the batch's rows and keep their before-images (declared columns + a hash of the rest)."""
+        keys = ", ".join(f"t.{k.q}" for k in self.key)
+        return f"""
+INSERT INTO pg_temp.backfill_before
+SELECT {keys}, {self._image("t")}, {self._other_hash("t")}
+FROM {self.table} AS t
+WHERE {self.key_match("t")}
+FOR UPDATE OF t"""
+
+    @property
+    def finalize_sql(self) -> str:
+        """After the apply: compare, store row images and the batch's ledger row, return the counts.
+
+        Params: $1 run, $2 batch_no, $3 stage, $4 first_key, $5 last_key, $6 attempts,
+        $7 errors json, $8 started_at.
+        """
+        join = " AND ".join(f"t.{k.q} = b.k{i}" for i, k in enumerate(self.key))
+        key_text = "ARRAY[" + ", ".join(f"k{i}::text" for i in range(len(self.key))) + "]"
+        key_show = "concat_ws(', ', " + ", ".join(f"k{i}::text" for i in range(len(self.key))) + ")"
+        return f"""
+WITH me AS (SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text AS xid),
+cur AS (
+    SELECT {", ".join(f"b.k{i}" for i in range(len(self.key)))},
+           b.before, b.other AS other_before,
+           CASE WHEN t.ctid IS NULL THEN NULL ELSE {self._image("t")} END AS after,
+           {self._other_hash("t")} AS other_after,
+           coalesce(t.xmin::text = me.xid, false) AS touched,
+           t.ctid IS NULL AS vanished
+    FROM pg_temp.backfill_before AS b CROSS JOIN me
+    LEFT JOIN {self.table} AS t ON {join}
+),
+images AS (
+    INSERT INTO backfill.row_images (run_id, batch_no, op, key, before, after)
+    SELECT $1, $2,
+           CASE WHEN before IS DISTINCT FROM after THEN 'U' ELSE 'N' END::"char",
+           {key_text}, before,
+           CASE WHEN before IS DISTINCT FROM after THEN after END
+    FROM cur WHERE NOT vanished
+),
+agg AS (
+    SELECT count(*)::int AS locked,
+           count(*) FILTER (WHERE touched)::int AS touched,
+           count(*) FILTER (WHERE NOT vanished AND before IS DISTINCT FROM after)::int AS changed,
+           count(*) FILTER (WHERE NOT vanished AND before IS NOT DISTINCT FROM after)::int AS noop,
+           count(*) FILTER (WHERE NOT vanished AND other_before IS DISTINCT FROM other_after)::int
+               AS other_changed,
+           count(*) FILTER (WHERE vanished)::int AS vanished,
+           (array_agg({key_show}) FILTER (
+               WHERE vanished OR other_before IS DISTINCT FROM other_after))[1:5] AS bad_keys
+    FROM cur
+),
+ledger AS (
+    INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
+                                  selected, changed, noop, attempts, errors, started_at, duration_ms)
+    SELECT $1, $2, $3, 'done', $4, $5, agg.locked, agg.changed, agg.noop, $6, $7::jsonb, $8,
+           extract(epoch FROM clock_timestamp() - $8) * 1000
+    FROM agg
+)
+SELECT * FROM agg"""
+
+    def outside_rows_sql(self) -> str:
+        """Diagnosis only (after a scope violation): rows of the table this transaction touched
+        outside the batch. A sequential scan, run once, inside the transaction being rolled back."""
+        key_show = "concat_ws(', ', " + ", ".join(f"t.{k.q}::text" for k in self.key) + ")"
+        return f"""
+SELECT {key_show} AS key FROM {self.table} AS t
+WHERE t.xmin::text = (pg_current_xact_id()::text::bigint % 4294967296)::text
+  AND NOT ({self.key_match("t")})
+LIMIT 5"""
+
+
+async def resolve_target(conn: asyncpg.Connection, target: Target) -> TargetInfo:
+    """Look the target up in the catalog; a missing table, key or column is an InvalidInput."""
+    try:
+        oid = await conn.fetchval("SELECT to_regclass($1)::oid", target.table)
+    except asyncpg.PostgresError as e:
+        raise InvalidInput(f"target.table: {target.table!r} is not a valid table name: {e}") from None
+    if oid is None:
+        raise InvalidInput(
+            f"target.table: table {target.table!r} does not exist in this database",
+            hint="check the name and schema (write schema.table if it is not on the search_path)",
+        )
+    schema, name, kind = await conn.fetchrow(
+        "SELECT n.nspname, c.relname, c.relkind::text FROM pg_class c "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
+        oid,
+    )
+    if kind not in ("r", "p"):
+        raise InvalidInput(f"target.table: {schema}.{name} is not a table (relkind {kind!r})")
+    attrs = {
+        r["name"]: Column(r["name"], r["type"], r["not_null"], r["generated"])
+        for r in await conn.fetch(_ATTRS, oid)
+    }
+    for field, names in (("key", target.key), ("columns", target.columns)):
+        missing = [n for n in names if n not in attrs]
+        if missing:
+            raise InvalidInput(
+                f"target.{field}: column(s) {missing} do not exist in {schema}.{name}",
+                hint=f"its columns are: {', '.join(attrs)}",
+            )
+    generated = [n for n in target.columns if attrs[n].generated]
+    if generated:
+        raise InvalidInput(f"target.columns: {generated} are generated columns and cannot be set")
+    unique_sets = [set(r["cols"]) for r in await conn.fetch(_UNIQUE_KEYS, oid)]
+    if set(target.key) not in unique_sets:
+        raise InvalidInput(
+            f"target.key: {target.key} is not unique in {schema}.{name} "
+            "(no primary key or unique index on exactly these columns)",
+            hint="page by the primary key, or create a unique index on the key columns",
+        )
+    declared = set(target.key) | set(target.columns)
+    return TargetInfo(
+        schema=schema,
+        name=name,
+        key=tuple(attrs[n] for n in target.key),
+        columns=tuple(attrs[n] for n in target.columns),
+        others=tuple(c for n, c in attrs.items() if n not in declared and not c.generated),
+    )

@@ -1,0 +1,312 @@
+"""The ledger: the control schema in each environment's database and the queries on it.
+
+The schema is versioned by `backfill.schema_version` and migrated forward only. Row images are kept
+as text arrays (each value's text form, which casts back exactly for every type), so one table holds
+update-, insert- and delete-style changes for any key shape.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+LEDGER_SCHEMA = "backfill"
+_LOCK_KEY = 0x6261636B66696C6C  # "backfill": serialises concurrent first-time installs
+
+MIGRATIONS: list[str] = [
+    # 1: the initial ledger
+    """
+    CREATE TABLE backfill.runs (
+        run_id        text NOT NULL,
+        env           text NOT NULL,
+        plan_name     text NOT NULL,
+        plan_digest   text NOT NULL,
+        plan          jsonb NOT NULL,
+        target_table  text NOT NULL,
+        key_columns   text[] NOT NULL,
+        columns       text[] NOT NULL,
+        key_types     text[] NOT NULL,
+        column_types  text[] NOT NULL,
+        operator      text NOT NULL,
+        status        text NOT NULL DEFAULT 'running',
+        created_at    timestamptz NOT NULL DEFAULT now(),
+        updated_at    timestamptz NOT NULL DEFAULT now(),
+        PRIMARY KEY (run_id)
+    );
+    CREATE TABLE backfill.batches (
+        run_id        text NOT NULL REFERENCES backfill.runs,
+        batch_no      integer NOT NULL,
+        stage         text NOT NULL,
+        status        text NOT NULL,
+        first_key     text[],
+        last_key      text[],
+        selected      integer NOT NULL DEFAULT 0,
+        changed       integer NOT NULL DEFAULT 0,
+        noop          integer NOT NULL DEFAULT 0,
+        attempts      integer NOT NULL DEFAULT 1,
+        errors        jsonb NOT NULL DEFAULT '[]',
+        started_at    timestamptz NOT NULL,
+        committed_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+        duration_ms   double precision NOT NULL,
+        PRIMARY KEY (run_id, batch_no)
+    );
+    CREATE TABLE backfill.row_images (
+        run_id    text NOT NULL,
+        batch_no  integer NOT NULL,
+        op        "char" NOT NULL CHECK (op IN ('U', 'I', 'D', 'N')),
+        key       text[] NOT NULL,
+        before    text[],
+        after     text[]
+    );
+    CREATE INDEX row_images_batch ON backfill.row_images (run_id, batch_no);
+    CREATE TABLE backfill.rollback_batches (
+        run_id       text NOT NULL REFERENCES backfill.runs,
+        batch_no     integer NOT NULL,
+        restored     integer NOT NULL,
+        conflicts    integer NOT NULL,
+        already      integer NOT NULL,
+        committed_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        PRIMARY KEY (run_id, batch_no)
+    );
+    CREATE TABLE backfill.rollback_conflicts (
+        run_id    text NOT NULL,
+        batch_no  integer NOT NULL,
+        key       text[] NOT NULL,
+        expected  text[],
+        current   text[]
+    );
+    CREATE TABLE backfill.phases (
+        run_id        text NOT NULL REFERENCES backfill.runs,
+        phase         text NOT NULL,
+        status        text NOT NULL,
+        criteria      text,
+        result        jsonb NOT NULL DEFAULT '{}',
+        report_digest text,
+        started_at    timestamptz NOT NULL DEFAULT now(),
+        finished_at   timestamptz,
+        PRIMARY KEY (run_id, phase)
+    );
+    CREATE TABLE backfill.gate_decisions (
+        id            bigserial PRIMARY KEY,
+        run_id        text NOT NULL REFERENCES backfill.runs,
+        gate          text NOT NULL,
+        decision      text NOT NULL CHECK (decision IN ('approve', 'reject')),
+        actor         text NOT NULL,
+        note          text NOT NULL DEFAULT '',
+        override      boolean NOT NULL DEFAULT false,
+        plan_digest   text NOT NULL,
+        report_digest text NOT NULL,
+        criteria      text NOT NULL,
+        decided_at    timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE TABLE backfill.soak_samples (
+        run_id      text NOT NULL REFERENCES backfill.runs,
+        sample_no   integer NOT NULL,
+        check_name  text NOT NULL,
+        sampled_at  timestamptz NOT NULL,
+        value       double precision,
+        outcome     text NOT NULL CHECK (outcome IN ('pass', 'fail', 'no-data', 'error', 'info')),
+        detail      text NOT NULL DEFAULT '',
+        PRIMARY KEY (run_id, sample_no, check_name)
+    );
+    """,
+]
+
+
+async def schema_version(conn: asyncpg.Connection) -> int:
+    exists = await conn.fetchval("SELECT to_regclass('backfill.schema_version') IS NOT NULL")
+    if not exists:
+        return 0
+    return int(await conn.fetchval("SELECT coalesce(max(version), 0) FROM backfill.schema_version"))
+
+
+async def ensure_ledger(conn: asyncpg.Connection) -> int:
+    """Create or migrate the control schema; idempotent and safe under concurrency."""
+    if await schema_version(conn) == len(MIGRATIONS):
+        return len(MIGRATIONS)
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+        await conn.execute("CREATE SCHEMA IF NOT EXISTS backfill")
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS backfill.schema_version ("
+            " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        current = await schema_version(conn)
+        if current > len(MIGRATIONS):
+            from runner.errors import InvalidInput  # noqa: PLC0415
+
+            raise InvalidInput(
+                f"the ledger schema is at version {current}, newer than this backfill knows "
+                f"({len(MIGRATIONS)})",
+                hint="upgrade backfill before running it against this database",
+            )
+        for version in range(current + 1, len(MIGRATIONS) + 1):
+            await conn.execute(MIGRATIONS[version - 1])
+            await conn.execute("INSERT INTO backfill.schema_version (version) VALUES ($1)", version)
+    return len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: str
+    env: str
+    plan_name: str
+    plan_digest: str
+    plan: dict[str, Any]
+    target_table: str
+    key_columns: list[str]
+    columns: list[str]
+    key_types: list[str]
+    column_types: list[str]
+    operator: str
+    status: str
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> RunRow:
+        d = dict(row)
+        d["plan"] = json.loads(d["plan"])
+        return cls(**d)
+
+
+async def get_run(conn: asyncpg.Connection, run_id: str) -> RunRow | None:
+    if await schema_version(conn) == 0:
+        return None
+    row = await conn.fetchrow("SELECT * FROM backfill.runs WHERE run_id = $1", run_id)
+    return RunRow.from_row(row) if row else None
+
+
+async def set_run_status(conn: asyncpg.Connection, run_id: str, status: str) -> None:
+    await conn.execute(
+        "UPDATE backfill.runs SET status = $2, updated_at = now() WHERE run_id = $1", run_id, status
+    )
+
+
+@dataclass(frozen=True)
+class PhaseRow:
+    run_id: str
+    phase: str
+    status: str
+    criteria: str | None
+    result: dict[str, Any]
+    report_digest: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> PhaseRow:
+        d = dict(row)
+        d["result"] = json.loads(d["result"])
+        return cls(**d)
+
+
+async def get_phase(conn: asyncpg.Connection, run_id: str, phase: str) -> PhaseRow | None:
+    if await schema_version(conn) == 0:
+        return None
+    row = await conn.fetchrow(
+        "SELECT * FROM backfill.phases WHERE run_id = $1 AND phase = $2", run_id, phase
+    )
+    return PhaseRow.from_row(row) if row else None
+
+
+async def save_phase(
+    conn: asyncpg.Connection,
+    run_id: str,
+    phase: str,
+    *,
+    status: str,
+    result: dict[str, Any],
+    criteria: str | None = None,
+    report_digest: str | None = None,
+    finished: bool = False,
+) -> None:
+    await conn.execute(
+        """
+        INSERT INTO backfill.phases (run_id, phase, status, criteria, result, report_digest, finished_at)
+        VALUES ($1, $2, $3, $4, $5::jsonb, $6, CASE WHEN $7 THEN now() END)
+        ON CONFLICT (run_id, phase) DO UPDATE SET
+            status = excluded.status, criteria = excluded.criteria, result = excluded.result,
+            report_digest = coalesce(excluded.report_digest, backfill.phases.report_digest),
+            finished_at = CASE WHEN $7 THEN coalesce(backfill.phases.finished_at, now()) END
+        """,
+        run_id,
+        phase,
+        status,
+        criteria,
+        json.dumps(result, default=str),
+        report_digest,
+        finished,
+    )
+
+
+async def set_report_digest(conn: asyncpg.Connection, run_id: str, phase: str, digest: str) -> None:
+    await conn.execute(
+        "UPDATE backfill.phases SET report_digest = $3 WHERE run_id = $1 AND phase = $2",
+        run_id,
+        phase,
+        digest,
+    )
+
+
+@dataclass(frozen=True)
+class Decision:
+    gate: str
+    decision: str
+    actor: str
+    note: str
+    override: bool
+    plan_digest: str
+    report_digest: str
+    criteria: str
+    decided_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Decision:
+        d = dict(row)
+        d.pop("id")
+        d.pop("run_id")
+        return cls(**d)
+
+
+async def decisions(conn: asyncpg.Connection, run_id: str, gate: str | None = None) -> list[Decision]:
+    if await schema_version(conn) == 0:
+        return []
+    rows = await conn.fetch(
+        "SELECT * FROM backfill.gate_decisions WHERE run_id = $1 AND ($2::text IS NULL OR gate = $2)"
+        " ORDER BY id",
+        run_id,
+        gate,
+    )
+    return [Decision.from_row(r) for r in rows]
+
+
+async def record_decision(conn: asyncpg.Connection, run_id: str, d: Decision) -> None:
+    await conn.execute(
+        """
+        INSERT INTO backfill.gate_decisions
+            (run_id, gate, decision, actor, note, override, plan_digest, report_digest, criteria)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+        """,
+        run_id,
+        d.gate,
+        d.decision,
+        d.actor,
+        d.note,
+        d.override,
+        d.plan_digest,
+        d.report_digest,
+        d.criteria,
+    )
+
+
+async def batch_rows(conn: asyncpg.Connection, run_id: str) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            "SELECT * FROM backfill.batches WHERE run_id = $1 ORDER BY batch_no", run_id
+        )
+    )

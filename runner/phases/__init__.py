@@ -1,0 +1,1 @@
+"""The phases: each a plain async function that returns a result object."""

@@ -1,0 +1,129 @@
+"""What every phase does the same way: the run row, the run lock, gate checks, who is operating."""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import json
+import os
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import asyncpg
+
+from runner import ledger
+from runner.engine.target import TargetInfo
+from runner.errors import GateClosed, InvalidInput, NoGo, WorkFailed
+from runner.gates import GateState, evaluate
+from runner.plan import LoadedPlan
+
+ProgressCallback = Callable[[str, dict[str, Any]], None]
+
+
+def operator_name() -> str:
+    """Who runs this command: `$BACKFILL_ACTOR`, else the OS user."""
+    return os.environ.get("BACKFILL_ACTOR") or getpass.getuser()
+
+
+def command_prefix() -> str:
+    """How the operator invokes the tool, for the next-step commands printed in reports."""
+    if os.environ.get("BACKFILL_CMD"):
+        return os.environ["BACKFILL_CMD"]
+    return "uv run backfill" if os.environ.get("UV") else "backfill"
+
+
+async def ensure_run(
+    conn: asyncpg.Connection,
+    loaded: LoadedPlan,
+    env: str,
+    run_id: str,
+    target: TargetInfo,
+    operator: str,
+    *,
+    create: bool,
+) -> ledger.RunRow:
+    """The run's row in this environment's ledger, created when allowed."""
+    run = await ledger.get_run(conn, run_id)
+    if run is not None:
+        if run.plan_name != loaded.plan.name:
+            raise InvalidInput(
+                f"run {run_id} belongs to plan {run.plan_name!r}, not {loaded.plan.name!r}",
+                hint="pass the plan the run was started with",
+            )
+        return run
+    if not create:
+        raise InvalidInput(
+            f"run {run_id} does not exist in environment {env!r}",
+            hint="check the run id with `backfill status`, or start a new run without --run",
+        )
+    await conn.execute(
+        """
+        INSERT INTO backfill.runs (run_id, env, plan_name, plan_digest, plan, target_table,
+                                   key_columns, columns, key_types, column_types, operator)
+        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11)
+        ON CONFLICT (run_id) DO NOTHING
+        """,
+        run_id, env, loaded.plan.name, loaded.digest, json.dumps(loaded.raw), target.display,
+        [k.name for k in target.key], [c.name for c in target.columns],
+        [k.type for k in target.key], [c.type for c in target.columns], operator,
+    )
+    run = await ledger.get_run(conn, run_id)
+    assert run is not None
+    return run
+
+
+@contextlib.asynccontextmanager
+async def run_lock(conn: asyncpg.Connection, run_id: str, wait_seconds: float = 30.0) -> AsyncIterator[None]:
+    """One process at a time per run. A killed process's lock goes with its connection."""
+    deadline = anyio.current_time() + wait_seconds
+    while not await conn.fetchval(
+        "SELECT pg_try_advisory_lock(hashtext('backfill-run'), hashtext($1))", run_id
+    ):
+        if anyio.current_time() > deadline:
+            raise WorkFailed(
+                f"run {run_id} is being worked on by another backfill process",
+                hint="wait for it to finish, or stop it; a killed process releases the run "
+                "as soon as the database notices its connection is gone",
+            )
+        await anyio.sleep(0.5)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.execute(
+                "SELECT pg_advisory_unlock(hashtext('backfill-run'), hashtext($1))", run_id
+            )
+
+
+async def gate_state(
+    conn: asyncpg.Connection, run_id: str, phase: str, gate: str, plan_digest: str
+) -> GateState:
+    row = await ledger.get_phase(conn, run_id, phase)
+    criteria = row.criteria if row and row.finished_at else None
+    return evaluate(
+        gate, criteria, await ledger.decisions(conn, run_id, gate), plan_digest,
+        row.report_digest if row else None,
+    )
+
+
+def require_open(state: GateState, *, run_id: str, before: str, cmd: str) -> None:
+    """Refuse to start a phase unless the gate before it is open; say what to run instead."""
+    if state.is_open:
+        return
+    approve = f"{cmd} approve {run_id} --gate {state.gate} --as <approver>"
+    message = f"{before} cannot start: gate {state.gate} is {state.status}: {state.reason}"
+    if state.status in ("no-go", "rejected"):
+        raise NoGo(message, hint="fix the cause and re-run the phase before this gate")
+    if state.status == "not-reached":
+        raise GateClosed(message, hint="run the phase before this gate first (`backfill pipeline` does)")
+    raise GateClosed(message, hint=f"review the report, then: {approve}")
+
+
+def overrides_note(decisions: list[ledger.Decision]) -> list[dict[str, Any]]:
+    """Every override so far; each later report shows them."""
+    return [
+        {"gate": d.gate, "actor": d.actor, "note": d.note, "at": d.decided_at.isoformat()}
+        for d in decisions
+        if d.override and d.decision == "approve"
+    ]

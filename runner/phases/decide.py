@@ -1,0 +1,94 @@
+"""`backfill approve` / `reject`: a decision bound to the plan digest and the reviewed report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from runner import ledger
+from runner.artifacts import RunDir
+from runner.db import Databases
+from runner.errors import InvalidInput
+from runner.gates import check_decision, new_decision, text_digest
+from runner.phases.common import command_prefix
+from runner.plan import LoadedPlan, load_plan
+
+# gate phase → which plan the gate's decision binds to
+GATE_PHASES = {"apply": "plan_path", "soak": "plan_path", "health": "plan_path", "canary": "mini_plan_path"}
+
+
+def plan_for(run_id: str, key: str, override: Path | None) -> LoadedPlan:
+    manifest = RunDir.of(run_id).read_manifest()
+    if override is not None:
+        return load_plan(override)
+    if not manifest:
+        raise InvalidInput(
+            f"run {run_id} has no run.json under {RunDir.of(run_id).root}",
+            hint="run this from the directory that holds backfill_logs/, or pass --plan",
+        )
+    if key not in manifest:
+        raise InvalidInput(f"run {run_id} has not recorded a {key.replace('_', ' ')} yet",
+                           hint="pass --plan PATH")
+    return load_plan(manifest[key])
+
+
+def split_gate(gate: str) -> tuple[str, str]:
+    phase, _, env = gate.partition("-")
+    if phase not in GATE_PHASES or not env:
+        raise InvalidInput(
+            f"--gate {gate!r} is not a gate",
+            hint="gates are named <phase>-<env>: apply-staging, soak-staging, health-prod, canary-prod",
+        )
+    return phase, env
+
+
+async def decide(
+    run_id: str,
+    gate: str,
+    decision: Literal["approve", "reject"],
+    *,
+    actor: str,
+    note: str,
+    override: bool,
+    plan_path: Path | None,
+) -> str:
+    phase, env = split_gate(gate)
+    loaded = plan_for(run_id, GATE_PHASES[phase], plan_path)
+    run_dir = RunDir.of(run_id)
+    async with Databases(loaded.plan) as dbs, dbs.connection(env) as conn:
+        row = await ledger.get_phase(conn, run_id, phase)
+        if row is None or row.finished_at is None:
+            raise InvalidInput(
+                f"gate {gate}: the {phase} phase of run {run_id} has not finished in {env!r}",
+                hint=f"see `{command_prefix()} status {run_id}`",
+            )
+        ran_with = row.result.get("plan", {}).get("digest")
+        if ran_with != loaded.digest:
+            raise InvalidInput(
+                f"gate {gate}: {loaded.path} has changed since the {phase} phase ran "
+                f"(digest then {str(ran_with)[:12]}, now {loaded.digest[:12]})",
+                hint="a decision binds to the plan that was run: restore it, or re-run the phase",
+            )
+        report = run_dir.root / env / row.result["report_file"]
+        try:
+            on_disk = text_digest(report.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InvalidInput(f"gate {gate}: the report {report} is missing",
+                               hint=f"re-render it with `{command_prefix()} report {run_id}`") from None
+        if on_disk != row.report_digest:
+            raise InvalidInput(
+                f"gate {gate}: {report} is not the report the runner wrote (it was edited or is stale)",
+                hint=f"re-render it with `{command_prefix()} report {run_id}`, review it, then decide",
+            )
+        check_decision(
+            gate=gate, decision=decision, actor=actor, operator=row.result.get("operator", ""),
+            policy=loaded.plan.gates, criteria=row.criteria, note=note, override=override,
+        )
+        await ledger.record_decision(conn, run_id, new_decision(
+            gate, decision, actor, note, override, loaded.digest, on_disk, row.criteria or "",
+        ))
+    cmd = command_prefix()
+    if decision == "reject":
+        return f"the rollout of run {run_id} stops here; to undo: {cmd} rollback {run_id} --env {env} --dry-run"
+    main = RunDir.of(run_id).read_manifest().get("plan_path", "PLAN")
+    return f"{cmd} pipeline {main} --run {run_id}"

@@ -1,0 +1,200 @@
+"""The whole rollout: which phase is next, run it, stop at the first gate that waits.
+
+`backfill pipeline`, `backfill status` and `backfill report` share one reading of the ledgers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner import ledger
+from runner.artifacts import RunDir, list_runs
+from runner.db import Databases
+from runner.errors import EXIT_DONE, EXIT_GATE_WAITING, EXIT_NO_GO, InvalidInput
+from runner.gates import GateState, gate_name
+from runner.phases import apply as apply_phase
+from runner.phases import health as health_phase
+from runner.phases import soak as soak_phase
+from runner.phases.common import ProgressCallback, command_prefix, gate_state
+from runner.phases.decide import decide, plan_for
+from runner.plan import LoadedPlan, load_plan
+from runner.rollback import emit_rollback_file
+
+
+@dataclass(frozen=True)
+class Step:
+    phase: str  # apply | soak | health | canary | rest
+    env: str
+    finished: bool
+    gate: GateState | None
+
+
+async def read_steps(loaded: LoadedPlan, dbs: Databases, run_id: str) -> list[Step]:
+    """The rollout's steps in order, from the staging and prod ledgers."""
+    plan = loaded.plan
+    staging, prod = plan.pipeline.staging, plan.pipeline.prod
+    mini_digest: str | None = None
+    steps: list[Step] = []
+    for env, phases in ((staging, ("apply", "soak")), (prod, ("health", "canary", "rest"))):
+        async with dbs.connection(env) as conn:
+            for phase in phases:
+                row = await ledger.get_phase(conn, run_id, phase)
+                finished = row is not None and row.finished_at is not None
+                if phase == "health" and row is not None:
+                    mini_digest = row.result.get("mini_plan_digest")
+                digest = mini_digest if phase == "canary" and mini_digest else loaded.digest
+                gate = None if phase == "rest" else await gate_state(
+                    conn, run_id, phase, gate_name(phase, env), digest)
+                steps.append(Step(phase, env, finished, gate))
+    return steps
+
+
+def _mini_plan(run_id: str, env: str) -> Path:
+    return RunDir.of(run_id).root / env / health_phase.MINI_PLAN
+
+
+async def run_pipeline(
+    loaded: LoadedPlan,
+    *,
+    run_id: str | None,
+    operator: str,
+    progress: ProgressCallback | None,
+    say: Callable[[str], None],
+    auto_approver: str | None = None,
+    soak_duration: float | None = None,
+    soak_interval: float | None = None,
+) -> int:
+    """Run phases until a gate waits (exit 3), a gate says no (exit 4) or the rollout is done (0)."""
+    plan = loaded.plan
+    cmd = command_prefix()
+    async with Databases(plan) as dbs:
+        while True:
+            if run_id is None:
+                say(f"phase 1: apply on {plan.pipeline.staging}")
+                result = await apply_phase.apply(loaded, dbs, env=plan.pipeline.staging,
+                                                 operator=operator, progress=progress)
+                run_id = result.run_id
+                say(f"  run {run_id}: summary {result.summary_path}")
+                continue
+            steps = await read_steps(loaded, dbs, run_id)
+            step = next((s for s in steps if not s.finished or (s.gate and not s.gate.is_open)), None)
+            if step is None:
+                say(f"run {run_id}: the rollout is complete; `{cmd} status {run_id}` shows every phase")
+                return EXIT_DONE
+            if step.finished and step.gate is not None:
+                g = step.gate
+                if g.status in ("no-go", "rejected"):
+                    say(f"gate {g.gate} is {g.status}: {g.reason}")
+                    return EXIT_NO_GO
+                if auto_approver is not None:
+                    await decide(run_id, g.gate, "approve", actor=auto_approver,
+                                 note="approved by the demo (--auto-approve)" if g.criteria != "pass" else "",
+                                 override=False, plan_path=None)
+                    say(f"  gate {g.gate}: approved by {auto_approver} (demo)")
+                    continue
+                report = _report_of(run_id, step)
+                say(f"halted at gate {g.gate} ({g.status}: {g.reason})")
+                say(f"  review {report}, then: {cmd} approve {run_id} --gate {g.gate} --as <approver>")
+                return EXIT_GATE_WAITING
+            say(f"phase: {step.phase} on {step.env}")
+            if step.phase == "apply":
+                await apply_phase.apply(loaded, dbs, env=step.env, run_id=run_id, operator=operator,
+                                        progress=progress)
+            elif step.phase == "soak":
+                s = await soak_phase.soak(loaded, dbs, env=step.env, run_id=run_id, duration=soak_duration,
+                                          interval=soak_interval, operator=operator)
+                say(f"  soak verdict {s.verdict}: {s.report_path}")
+            elif step.phase == "health":
+                h = await health_phase.health(loaded, dbs, env=step.env, run_id=run_id, operator=operator)
+                say(f"  health verdict {h.verdict}: {h.report_path}; mini plan {h.mini_plan_path}")
+            else:
+                mini = load_plan(_mini_plan(run_id, step.env))
+                async with Databases(mini.plan) as prod_dbs:
+                    r = await apply_phase.apply(mini, prod_dbs, env=step.env, run_id=run_id,
+                                                operator=operator, progress=progress)
+                say(f"  {r.stage}: {r.totals.get('changed', 0):,} row(s) changed; summary {r.summary_path}")
+
+
+_REPORTS = {"apply": "backfill_summary.md", "soak": soak_phase.REPORT, "health": health_phase.REPORT,
+            "canary": "canary_summary.md", "rest": "rest_summary.md"}
+
+
+def _report_of(run_id: str, step: Step) -> Path:
+    return RunDir.of(run_id).root / step.env / _REPORTS[step.phase]
+
+
+def list_run_rows() -> list[dict[str, Any]]:
+    return [RunDir(p).read_manifest() for p in list_runs()]
+
+
+async def describe_run(run_id: str, plan_path: Path | None) -> tuple[str, int]:
+    loaded = plan_for(run_id, "plan_path", plan_path)
+    cmd = command_prefix()
+    lines = [f"run {run_id} — plan {loaded.plan.name} (digest {loaded.digest[:12]})"]
+    async with Databases(loaded.plan) as dbs:
+        steps = await read_steps(loaded, dbs, run_id)
+        for s in steps:
+            gate = "" if s.gate is None else f"  gate {s.gate.gate}: {s.gate.status} — {s.gate.reason}"
+            lines.append(f"  {s.phase:<7} on {s.env:<8} {'finished' if s.finished else 'not run':<9}{gate}")
+        for env in (loaded.plan.pipeline.staging, loaded.plan.pipeline.prod):
+            async with dbs.connection(env) as conn:
+                for d in await ledger.decisions(conn, run_id):
+                    extra = " OVERRIDE" if d.override else ""
+                    lines.append(f"  decision: {d.gate} {d.decision}{extra} by {d.actor} at "
+                                 f"{d.decided_at:%Y-%m-%d %H:%M:%S}" + (f" — {d.note}" if d.note else ""))
+    nxt = next((s for s in steps if not s.finished or (s.gate and not s.gate.is_open)), None)
+    if nxt is None:
+        lines.append("next: nothing — the rollout is complete")
+    elif nxt.finished and nxt.gate is not None and nxt.gate.status in ("no-go", "rejected"):
+        lines.append(f"next: no-go at {nxt.gate.gate}; to undo: {cmd} rollback {run_id} --env {nxt.env} --dry-run")
+    elif nxt.finished and nxt.gate is not None:
+        lines.append(f"next: review {_report_of(run_id, nxt)}, then "
+                     f"{cmd} approve {run_id} --gate {nxt.gate.gate} --as <approver>")
+    else:
+        lines.append(f"next: {cmd} pipeline {loaded.path} --run {run_id}")
+    return "\n".join(lines), EXIT_DONE
+
+
+async def rerender(run_id: str, plan_path: Path | None) -> list[Path]:
+    """Every report, the mini plan and the rollback SQL, re-rendered from the ledgers."""
+    loaded = plan_for(run_id, "plan_path", plan_path)
+    written: list[Path] = []
+    async with Databases(loaded.plan) as dbs:
+        for env in (loaded.plan.pipeline.staging, loaded.plan.pipeline.prod):
+            async with dbs.connection(env) as conn:
+                run = await ledger.get_run(conn, run_id)
+                if run is None:
+                    continue
+                for stage in ("apply", "canary", "rest"):
+                    row = await ledger.get_phase(conn, run_id, stage)
+                    if row is None or row.finished_at is None:
+                        continue
+                    path, digest = await apply_phase.render_summary(conn, run, env, stage, dbs.display_dsn(env))
+                    written.append(path)
+                    rollback = RunDir.of(run_id).env(env) / row.result["rollback_file"]
+                    written.append(await emit_rollback_file(conn, run, rollback, display_dsn=dbs.display_dsn(env)))
+                    _check_same(row.report_digest, digest, path)
+                soak_row = await ledger.get_phase(conn, run_id, "soak")
+                if soak_row is not None and soak_row.finished_at is not None:
+                    path, digest = await soak_phase.render_soak(conn, run, env, loaded.plan.soak.checks)
+                    written.append(path)
+                    _check_same(soak_row.report_digest, digest, path)
+                health_row = await ledger.get_phase(conn, run_id, "health")
+                if health_row is not None and health_row.finished_at is not None:
+                    path, digest = await health_phase.render_health(conn, run_id, env)
+                    written.extend([path, RunDir.of(run_id).root / env / health_phase.MINI_PLAN])
+                    _check_same(health_row.report_digest, digest, path)
+    if not written:
+        raise InvalidInput(f"run {run_id} has no finished phase to render")
+    return written
+
+
+def _check_same(recorded: str | None, now: str, path: Path) -> None:
+    if recorded is not None and recorded != now:
+        raise InvalidInput(
+            f"{path} re-rendered differently from the report that was recorded (digest "
+            f"{recorded[:12]} vs {now[:12]}): the ledger changed after the phase finished",
+        )

@@ -1,0 +1,412 @@
+"""Undoing a run exactly (invariant 7): emitted SQL for psql, and a batched, verified rollback.
+
+Both restore a row's before-image only while it still holds the runner's after-image; a row changed
+since is a conflict, reported and left alone. Values travel as their text form inside standard
+SQL string literals (standard_conforming_strings on, quotes doubled), cast back to the column's
+type, so no value can break out of its literal.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from runner import ledger
+from runner.db import quote_ident
+from runner.engine.throttle import Throttle
+from runner.errors import InvalidInput
+
+CHECKSUM_ROW = "i.key::text || '=' || coalesce({img}::text, 'NULL')"
+CHECKSUM_ORDER = 'ORDER BY i.key::text COLLATE "C", i.batch_no'
+
+
+def sql_literal(value: str | None) -> str:
+    """A standard SQL string literal (standard_conforming_strings = on), or NULL."""
+    if value is None:
+        return "NULL"
+    if "\x00" in value:
+        raise ValueError("text values cannot contain NUL bytes")
+    return "'" + value.replace("'", "''") + "'"
+
+
+def sql_text_array(values: list[str | None] | None) -> str:
+    if values is None:
+        return "NULL"
+    return "ARRAY[" + ", ".join(sql_literal(v) for v in values) + "]::text[]"
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The target as recorded on the run row: enough to restore without the plan file."""
+
+    table: str
+    key: list[tuple[str, str]]
+    columns: list[tuple[str, str]]
+
+    @classmethod
+    def of(cls, run: ledger.RunRow) -> RunShape:
+        schema, _, name = run.target_table.partition(".")
+        return cls(
+            f"{quote_ident(schema)}.{quote_ident(name)}",
+            list(zip(run.key_columns, run.key_types, strict=True)),
+            list(zip(run.columns, run.column_types, strict=True)),
+        )
+
+    def current_image(self, alias: str = "t") -> str:
+        cols = ", ".join(f"{alias}.{quote_ident(c)}::text" for c, _ in self.columns)
+        return f"CASE WHEN {alias}.ctid IS NULL THEN NULL ELSE ARRAY[{cols}]::text[] END"
+
+    def join(self, images: str = "i", alias: str = "t") -> str:
+        return " AND ".join(
+            f"{alias}.{quote_ident(k)} = {images}.key[{n}]::{t}"
+            for n, (k, t) in enumerate(self.key, start=1)
+        )
+
+    def set_clause(self, images: str = "i") -> str:
+        return ", ".join(
+            f"{quote_ident(c)} = {images}.before[{n}]::{t}"
+            for n, (c, t) in enumerate(self.columns, start=1)
+        )
+
+    def restore_sql(self, images_from: str, batch_filter: str) -> str:
+        plain = ", ".join(f"t.{quote_ident(c)}::text" for c, _ in self.columns)
+        return (
+            f"UPDATE {self.table} AS t\nSET {self.set_clause()}\nFROM {images_from} AS i\n"
+            f"WHERE {batch_filter} AND {self.join()}\n"
+            f"  AND ARRAY[{plain}]::text[] IS NOT DISTINCT FROM i.after"
+        )
+
+
+# -- selection ---------------------------------------------------------------------------------
+
+
+def parse_batch_range(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        a, _, b = text.partition("-")
+        lo, hi = int(a), int(b or a)
+    except ValueError:
+        raise InvalidInput(f"--batches {text!r}: write A-B (e.g. 3-10) or a single batch number") from None
+    if lo < 1 or hi < lo:
+        raise InvalidInput(f"--batches {text!r}: the range must be 1 or more and ascending")
+    return lo, hi
+
+
+async def selected_batches(
+    conn: asyncpg.Connection, run_id: str, batches: tuple[int, int] | None, since: datetime | None
+) -> list[int]:
+    rows = await conn.fetch(
+        """SELECT batch_no FROM backfill.batches
+           WHERE run_id = $1 AND status = 'done'
+             AND ($2::int IS NULL OR batch_no BETWEEN $2 AND $3)
+             AND ($4::timestamptz IS NULL OR committed_at > $4)
+           ORDER BY batch_no DESC""",
+        run_id, batches[0] if batches else None, batches[1] if batches else None, since,
+    )
+    return [r["batch_no"] for r in rows]
+
+
+# -- emitted SQL -------------------------------------------------------------------------------
+
+
+async def _images(conn: asyncpg.Connection, run_id: str, batch_nos: list[int]) -> AsyncIterator[asyncpg.Record]:
+    async with conn.transaction(readonly=True):
+        async for r in conn.cursor(
+            "SELECT batch_no, key, before, after FROM backfill.row_images"
+            " WHERE run_id = $1 AND op = 'U' AND batch_no = ANY($2) ORDER BY batch_no DESC",
+            run_id, batch_nos, prefetch=5000,
+        ):
+            yield r
+
+
+async def expected_checksum(conn: asyncpg.Connection, run_id: str, batch_nos: list[int]) -> tuple[int, str | None]:
+    row = await conn.fetchrow(
+        f"""SELECT count(*) AS n, md5(string_agg({CHECKSUM_ROW.format(img="i.before")}, '|' {CHECKSUM_ORDER}))
+            FROM backfill.row_images AS i WHERE i.run_id = $1 AND i.op = 'U' AND i.batch_no = ANY($2)""",
+        run_id, batch_nos,
+    )
+    return int(row[0]), row[1]
+
+
+async def emit_rollback_file(
+    conn: asyncpg.Connection,
+    run: ledger.RunRow,
+    path: Path,
+    *,
+    display_dsn: str,
+    batches: tuple[int, int] | None = None,
+    since: datetime | None = None,
+) -> Path:
+    """Write the rollback SQL for the run's batches in this environment, streaming from the ledger."""
+    shape = RunShape.of(run)
+    nos = await selected_batches(conn, run.run_id, batches, since)
+    rows, checksum = await expected_checksum(conn, run.run_id, nos)
+    counts = {
+        r["batch_no"]: r["n"]
+        for r in await conn.fetch(
+            "SELECT batch_no, count(*) AS n FROM backfill.row_images"
+            " WHERE run_id = $1 AND op = 'U' AND batch_no = ANY($2) GROUP BY batch_no",
+            run.run_id, nos,
+        )
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    scope = []
+    if batches:
+        scope.append(f"batches {batches[0]}-{batches[1]}")
+    if since:
+        scope.append(f"batches committed after {since.isoformat()}")
+    with tmp.open("w", encoding="utf-8") as out:
+        out.write(
+            f"""-- backfill rollback
+-- run:          {run.run_id}
+-- plan:         {run.plan_name} (digest {run.plan_digest})
+-- environment:  {run.env} ({display_dsn})
+-- target:       {run.target_table}, columns {", ".join(run.columns)}
+-- generated:    {datetime.now(UTC).isoformat(timespec="seconds")}
+-- scope:        {"; ".join(scope) or "every batch of the run in this environment"}
+-- restores:     {rows} row(s) in {len(counts)} batch(es), newest batch first, one transaction each
+-- checksum:     {checksum or "(no rows)"}
+--   (md5 over the before-images; the verification at the end recomputes it from the table)
+--
+-- Run it:       psql -v ON_ERROR_STOP=1 -d "$DSN_OF_{run.env.upper()}" -f {path.name}
+-- Verify:       the last two queries print restored rows, conflicts and the checksum;
+--               checksum_matches is true when every row holds its before-image again.
+-- A row is restored only while it still holds the value this run wrote; rows changed since
+-- are conflicts: left alone and listed at the end. Running the file again is safe.
+\\set ON_ERROR_STOP on
+SET client_encoding = 'UTF8';
+SET standard_conforming_strings = on;
+SET lock_timeout = '5s';
+CREATE TEMP TABLE backfill_rollback_images (
+    batch_no integer NOT NULL, key text[] NOT NULL, before text[], after text[]
+);
+"""
+        )
+        chunk: list[str] = []
+
+        def flush() -> None:
+            if chunk:
+                out.write("INSERT INTO backfill_rollback_images VALUES\n")
+                out.write(",\n".join(chunk))
+                out.write(";\n")
+                chunk.clear()
+
+        async for r in _images(conn, run.run_id, nos):
+            chunk.append(
+                f"({r['batch_no']}, {sql_text_array(r['key'])}, {sql_text_array(r['before'])}, "
+                f"{sql_text_array(r['after'])})"
+            )
+            if len(chunk) >= 1000:
+                flush()
+        flush()
+        out.write("CREATE INDEX ON backfill_rollback_images (batch_no);\nANALYZE backfill_rollback_images;\n")
+        for no in nos:
+            if not counts.get(no):
+                continue
+            restore = shape.restore_sql("backfill_rollback_images", f"i.batch_no = {int(no)}")
+            out.write(f"\n-- batch {no}: {counts[no]} row(s)\nBEGIN;\n{restore};\nCOMMIT;\n")
+        current = shape.current_image()
+        expected = sql_literal(checksum) if checksum else "NULL"
+        out.write(
+            f"""
+-- Verification: every row should hold its before-image again (conflicts excepted).
+SELECT count(*) AS rows_in_rollback,
+       count(*) FILTER (WHERE v.cur IS NOT DISTINCT FROM v.before) AS rows_at_before_image,
+       count(*) FILTER (WHERE v.cur IS DISTINCT FROM v.before) AS conflicts,
+       md5(string_agg(v.line, '|' ORDER BY v.k COLLATE "C", v.batch_no)) AS checksum,
+       {expected}::text AS expected_checksum,
+       md5(string_agg(v.line, '|' ORDER BY v.k COLLATE "C", v.batch_no))
+           IS NOT DISTINCT FROM {expected}::text AS checksum_matches
+FROM (SELECT i.batch_no, i.key::text AS k, i.before, {current} AS cur,
+             {CHECKSUM_ROW.format(img=current)} AS line
+      FROM backfill_rollback_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}) AS v;
+
+-- Conflicts: rows changed since the apply, left alone (key, value this run wrote, value now).
+SELECT i.batch_no, i.key, i.after AS runner_wrote, {current} AS now_holds
+FROM backfill_rollback_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
+WHERE {current} IS DISTINCT FROM i.before
+ORDER BY i.batch_no DESC, i.key::text COLLATE "C";
+"""
+        )
+    tmp.replace(path)
+    return path
+
+
+# -- executed rollback -------------------------------------------------------------------------
+
+
+@dataclass
+class RollbackResult:
+    run_id: str
+    env: str
+    dry_run: bool
+    batches: list[int]
+    restored: int = 0
+    already: int = 0
+    conflicts: int = 0
+    restorable: int = 0
+    conflict_rows: list[dict[str, Any]] = field(default_factory=list)
+    expected_checksum: str | None = None
+    actual_checksum: str | None = None
+    unverified: int = 0
+    elapsed_seconds: float = 0.0
+    batches_this_command: int = 0
+
+    @property
+    def verified(self) -> bool:
+        return not self.dry_run and self.unverified == 0 and self.expected_checksum == self.actual_checksum
+
+
+async def _classify(conn: asyncpg.Connection, shape: RunShape, run_id: str, nos: list[int]) -> asyncpg.Record:
+    current = shape.current_image()
+    return await conn.fetchrow(
+        f"""
+        WITH v AS (
+            SELECT i.batch_no, i.key, i.before, i.after, {current} AS cur
+            FROM backfill.row_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
+            WHERE i.run_id = $1 AND i.op = 'U' AND i.batch_no = ANY($2)
+        )
+        SELECT count(*) FILTER (WHERE cur IS NOT DISTINCT FROM after
+                                  AND cur IS DISTINCT FROM before) AS restorable,
+               count(*) FILTER (WHERE cur IS NOT DISTINCT FROM before) AS already,
+               count(*) FILTER (WHERE cur IS DISTINCT FROM after AND cur IS DISTINCT FROM before)
+                   AS conflicts
+        FROM v""",
+        run_id, nos,
+    )
+
+
+async def _restore_batch(conn: asyncpg.Connection, shape: RunShape, run_id: str, no: int) -> tuple[int, int, int]:
+    current = shape.current_image()
+    async with conn.transaction():
+        if await conn.fetchval(
+            "SELECT 1 FROM backfill.rollback_batches WHERE run_id = $1 AND batch_no = $2", run_id, no
+        ):
+            return 0, 0, 0
+        tag = await conn.execute(
+            shape.restore_sql("backfill.row_images", "i.run_id = $1 AND i.batch_no = $2 AND i.op = 'U'"),
+            run_id, no,
+        )
+        restored = int(tag.split()[-1])
+        row = await conn.fetchrow(
+            f"""
+            WITH v AS (
+                SELECT i.key, i.before, i.after, {current} AS cur
+                FROM backfill.row_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
+                WHERE i.run_id = $1 AND i.batch_no = $2 AND i.op = 'U'
+            ), c AS (
+                INSERT INTO backfill.rollback_conflicts (run_id, batch_no, key, expected, current)
+                SELECT $1, $2, key, after, cur FROM v WHERE cur IS DISTINCT FROM before
+                RETURNING 1
+            )
+            SELECT (SELECT count(*) FROM v WHERE cur IS NOT DISTINCT FROM before)::int AS at_before,
+                   (SELECT count(*) FROM c)::int AS conflicts""",
+            run_id, no,
+        )
+        await conn.execute(
+            "INSERT INTO backfill.rollback_batches (run_id, batch_no, restored, conflicts, already)"
+            " VALUES ($1, $2, $3, $4, $5)",
+            run_id, no, restored, row["conflicts"], row["at_before"] - restored,
+        )
+        return restored, row["conflicts"], row["at_before"] - restored
+
+
+async def verify(conn: asyncpg.Connection, run: ledger.RunRow, result: RollbackResult) -> None:
+    """Recompute the checksum over the rows that were restorable and list recorded conflicts."""
+    shape = RunShape.of(run)
+    current = shape.current_image()
+    nos = result.batches
+    row = await conn.fetchrow(
+        f"""
+        WITH v AS (
+            SELECT i.batch_no, i.key, i.before, {current} AS cur,
+                   EXISTS (SELECT 1 FROM backfill.rollback_conflicts AS c
+                           WHERE c.run_id = i.run_id AND c.batch_no = i.batch_no AND c.key = i.key)
+                       AS conflict
+            FROM backfill.row_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
+            WHERE i.run_id = $1 AND i.op = 'U' AND i.batch_no = ANY($2)
+        )
+        SELECT md5(string_agg(i.key::text || '=' || coalesce(i.before::text, 'NULL'), '|'
+                              {CHECKSUM_ORDER}) FILTER (WHERE NOT conflict)) AS expected,
+               md5(string_agg(i.key::text || '=' || coalesce(i.cur::text, 'NULL'), '|'
+                              {CHECKSUM_ORDER}) FILTER (WHERE NOT conflict)) AS actual,
+               count(*) FILTER (WHERE NOT conflict AND cur IS DISTINCT FROM before) AS unverified,
+               count(*) FILTER (WHERE conflict) AS conflicts
+        FROM v AS i""",
+        run.run_id, nos,
+    )
+    result.expected_checksum, result.actual_checksum = row["expected"], row["actual"]
+    result.unverified = int(row["unverified"])
+    result.conflicts = int(row["conflicts"])
+    result.conflict_rows = [
+        {"batch_no": r["batch_no"], "key": list(r["key"]), "expected": r["expected"], "current": r["current"]}
+        for r in await conn.fetch(
+            "SELECT DISTINCT ON (batch_no, key) batch_no, key, expected, current"
+            " FROM backfill.rollback_conflicts WHERE run_id = $1 AND batch_no = ANY($2)"
+            " ORDER BY batch_no DESC, key LIMIT 200",
+            run.run_id, nos,
+        )
+    ]
+
+
+async def run_rollback(
+    conn: asyncpg.Connection,
+    run: ledger.RunRow,
+    *,
+    dry_run: bool,
+    batches: tuple[int, int] | None,
+    since: datetime | None,
+    batches_per_minute: float | None,
+    on_batch: Any = None,
+) -> RollbackResult:
+    """Restore the selected batches newest first, one transaction each, resumable, then verify."""
+    shape = RunShape.of(run)
+    nos = await selected_batches(conn, run.run_id, batches, since)
+    result = RollbackResult(run.run_id, run.env, dry_run, nos)
+    t0 = time.perf_counter()
+    if dry_run:
+        async with conn.transaction(readonly=True):
+            counts = await _classify(conn, shape, run.run_id, nos)
+            current = shape.current_image()
+            result.restorable, result.already, result.conflicts = (
+                counts["restorable"], counts["already"], counts["conflicts"],
+            )
+            result.conflict_rows = [
+                {"batch_no": r["batch_no"], "key": list(r["key"]), "expected": r["after"], "current": r["cur"]}
+                for r in await conn.fetch(
+                    f"""SELECT i.batch_no, i.key, i.after, {current} AS cur
+                        FROM backfill.row_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
+                        WHERE i.run_id = $1 AND i.op = 'U' AND i.batch_no = ANY($2)
+                          AND {current} IS DISTINCT FROM i.after AND {current} IS DISTINCT FROM i.before
+                        ORDER BY i.batch_no DESC LIMIT 200""",
+                    run.run_id, nos,
+                )
+            ]
+        result.elapsed_seconds = time.perf_counter() - t0
+        return result
+    throttle = Throttle(batches_per_minute, None, 1)
+    for no in nos:
+        await throttle.wait(1)
+        restored, conflicts, already = await _restore_batch(conn, shape, run.run_id, no)
+        result.restored += restored
+        result.already += already
+        result.batches_this_command += 1 if restored or conflicts or already else 0
+        if on_batch:
+            on_batch(no, restored, conflicts)
+    totals = await conn.fetchrow(
+        "SELECT coalesce(sum(restored), 0) AS restored, coalesce(sum(already), 0) AS already"
+        " FROM backfill.rollback_batches WHERE run_id = $1 AND batch_no = ANY($2)",
+        run.run_id, nos,
+    )
+    result.restored, result.already = int(totals["restored"]), int(totals["already"])
+    await verify(conn, run, result)
+    result.elapsed_seconds = time.perf_counter() - t0
+    return result

@@ -1,0 +1,126 @@
+"""`backfill validate --env`: check a plan against a live database without changing anything.
+
+Everything runs in one READ ONLY transaction that is rolled back; statements are PREPAREd, never
+executed, so SQL typos and type mismatches surface before a single row is touched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import asyncpg
+
+from runner.db import Databases
+from runner.engine.target import TargetInfo, resolve_target
+from runner.errors import InvalidInput
+from runner.phases.soak import wrap_check
+from runner.plan import LoadedPlan
+
+
+@dataclass
+class Finding:
+    where: str
+    ok: bool
+    message: str
+
+
+@dataclass
+class EnvValidation:
+    env: str
+    dsn: str
+    findings: list[Finding] = field(default_factory=list)
+    target: TargetInfo | None = None
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ok for f in self.findings)
+
+
+def _position(sql: str, exc: asyncpg.PostgresError) -> str:
+    pos = getattr(exc, "position", None)
+    if not pos:
+        return ""
+    offset = int(pos) - 1
+    line = sql.count("\n", 0, offset) + 1
+    col = offset - (sql.rfind("\n", 0, offset) + 1) + 1
+    text = sql.splitlines()[line - 1] if sql.splitlines() else ""
+    return f" (line {line}, column {col}: `{text.strip()[:80]}`)"
+
+
+async def _param_types(conn: asyncpg.Connection, sql: str) -> list[str]:
+    """PREPARE (never execute) and read the parameter types PostgreSQL inferred."""
+    await conn.execute(f"PREPARE backfill_validate AS {sql}")
+    try:
+        types = await conn.fetchval(
+            "SELECT parameter_types::text[] FROM pg_prepared_statements WHERE name = 'backfill_validate'"
+        )
+    finally:
+        await conn.execute("DEALLOCATE backfill_validate")
+    return list(types or [])
+
+
+async def _check_sql(
+    conn: asyncpg.Connection, report: EnvValidation, where: str, sql: str
+) -> list[str] | None:
+    try:
+        async with conn.transaction():  # a savepoint: one bad statement does not end the check
+            types = await _param_types(conn, sql)
+    except asyncpg.PostgresError as e:
+        report.findings.append(Finding(where, False, f"{e.__class__.__name__.removesuffix('Error')}: "
+                                                     f"{str(e).strip()}{_position(sql, e)}"))
+        return None
+    return types
+
+
+async def validate_env(loaded: LoadedPlan, dbs: Databases, env: str) -> EnvValidation:
+    plan = loaded.plan
+    plan.env(env)
+    report = EnvValidation(env, dbs.display_dsn(env))
+    async with dbs.connection(env, read_only=True) as conn:
+        tx = conn.transaction(readonly=True)
+        await tx.start()
+        try:
+            try:
+                target = await resolve_target(conn, plan.target)
+            except InvalidInput as e:
+                report.findings.append(Finding(e.message.split(":")[0], False, str(e)))
+                return report
+            report.target = target
+            report.findings.append(Finding(
+                "target", True,
+                f"{target.display}: key ({', '.join(k.name for k in target.key)}) is unique; "
+                f"columns {', '.join(f'{c.name} {c.type}' for c in target.columns)}",
+            ))
+            if await _check_sql(conn, report, "discovery.sql", plan.discovery.sql) is not None:
+                wrapped = target.discovery_page_sql(plan.discovery.sql, after_cursor=True)
+                if await _check_sql(conn, report, "discovery.sql", wrapped) is None:
+                    report.findings[-1].message += (
+                        f" — discovery must return the key column(s) "
+                        f"{', '.join(k.name for k in target.key)} by name"
+                    )
+                else:
+                    report.findings.append(Finding("discovery.sql", True, "prepares; pages by key"))
+            types = await _check_sql(conn, report, "apply.sql", plan.apply.sql)
+            if types is not None:
+                expected = [f"{k.type}[]" for k in target.key]
+                problems = []
+                if len(types) != len(expected):
+                    problems.append(
+                        f"it takes {len(types)} parameter(s) but the runner passes {len(expected)} "
+                        f"(one array per key column: {', '.join(expected)})"
+                    )
+                for i, (got, want) in enumerate(zip(types, expected, strict=False), start=1):
+                    if got != want:
+                        problems.append(f"${i} is {got}, but the runner passes {want}: write ${i}::{want}")
+                report.findings.append(
+                    Finding("apply.sql", not problems, "; ".join(problems) or
+                            f"prepares with parameters ({', '.join(types)})")
+                )
+            for check in plan.soak.checks:
+                for where, sql in ((f"soak.checks.{check.name}.sql", check.sql),
+                                   (f"soak.checks.{check.name}.baseline_sql", check.baseline_sql)):
+                    if sql and await _check_sql(conn, report, where, wrap_check(sql)) is not None:
+                        report.findings.append(Finding(where, True, "prepares"))
+        finally:
+            await tx.rollback()
+    return report
