@@ -39,7 +39,7 @@ def redact_dsn(dsn: str) -> str:
     """The DSN with its password replaced by `***` (URL and key=value forms)."""
     if "://" in dsn:
         parts = urlsplit(dsn)
-        if parts.password is not None:
+        if parts.password:
             userinfo = f"{parts.username or ''}:***"
             host = parts.netloc.rsplit("@", 1)[1]
             dsn = urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))

@@ -36,11 +36,16 @@ class EnvValidation:
         return all(f.ok for f in self.findings)
 
 
+_PREPARE = "PREPARE backfill_validate AS "
+
+
 def _position(sql: str, exc: asyncpg.PostgresError) -> str:
     pos = getattr(exc, "position", None)
     if not pos:
         return ""
-    offset = int(pos) - 1
+    offset = int(pos) - 1 - len(_PREPARE)
+    if not 0 <= offset < len(sql):
+        return ""
     line = sql.count("\n", 0, offset) + 1
     col = offset - (sql.rfind("\n", 0, offset) + 1) + 1
     text = sql.splitlines()[line - 1] if sql.splitlines() else ""
@@ -49,7 +54,7 @@ def _position(sql: str, exc: asyncpg.PostgresError) -> str:
 
 async def _param_types(conn: asyncpg.Connection, sql: str) -> list[str]:
     """PREPARE (never execute) and read the parameter types PostgreSQL inferred."""
-    await conn.execute(f"PREPARE backfill_validate AS {sql}")
+    await conn.execute(_PREPARE + sql)
     try:
         types = await conn.fetchval(
             "SELECT parameter_types::text[] FROM pg_prepared_statements WHERE name = 'backfill_validate'"
@@ -67,7 +72,7 @@ async def _check_sql(
             types = await _param_types(conn, sql)
     except asyncpg.PostgresError as e:
         report.findings.append(Finding(where, False, f"{e.__class__.__name__.removesuffix('Error')}: "
-                                                     f"{str(e).strip()}{_position(sql, e)}"))
+                                                     f"{' '.join(str(e).split())}{_position(sql, e)}"))
         return None
     return types
 

@@ -114,6 +114,7 @@ FROM ({discovery_sql}) AS d"""
 WITH p AS (SELECT {keys} FROM ({discovery_sql}) AS d)
 SELECT concat_ws(', ', {as_text}) AS key
 FROM p JOIN backfill.row_images r ON r.run_id = $1 AND r.key = ARRAY[{as_text}]
+ORDER BY {", ".join(f"p.{k.q}" for k in self.key)}
 LIMIT 5"""
 
     # -- the batch transaction ------------------------------------------------------------------

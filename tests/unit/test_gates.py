@@ -1,0 +1,74 @@
+"""Gates bind to what was reviewed (invariant 6): pure evaluation, no database."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from runner.errors import InvalidInput, NoGo
+from runner.gates import check_decision, evaluate
+from runner.ledger import Decision
+from runner.plan import Gates
+
+PLAN, REPORT = "p" * 64, "r" * 64
+
+
+def decision(kind: str = "approve", plan: str = PLAN, report: str = REPORT, override: bool = False) -> Decision:
+    return Decision("apply-staging", kind, "alice", "", override, plan, report, "pass", datetime.now(UTC))
+
+
+def test_gate_waits_without_a_decision_and_opens_on_approval() -> None:
+    assert evaluate("apply-staging", "pass", [], PLAN, REPORT).status == "waiting"
+    assert evaluate("apply-staging", "pass", [decision()], PLAN, REPORT).is_open
+
+
+def test_gate_is_not_reached_before_its_phase_finished() -> None:
+    assert evaluate("apply-staging", None, [decision()], PLAN, REPORT).status == "not-reached"
+
+
+def test_changed_plan_closes_an_approved_gate() -> None:
+    state = evaluate("apply-staging", "pass", [decision()], "q" * 64, REPORT)
+    assert state.status == "closed" and "plan changed" in state.reason
+
+
+def test_changed_report_closes_an_approved_gate() -> None:
+    state = evaluate("apply-staging", "pass", [decision()], PLAN, "s" * 64)
+    assert state.status == "closed" and "report changed" in state.reason
+
+
+def test_latest_decision_wins() -> None:
+    assert evaluate("apply-staging", "pass", [decision(), decision("reject")], PLAN, REPORT).status == "rejected"
+    assert evaluate("apply-staging", "pass", [decision("reject"), decision()], PLAN, REPORT).is_open
+
+
+def test_failed_criteria_need_an_override() -> None:
+    assert evaluate("apply-staging", "fail", [], PLAN, REPORT).status == "no-go"
+    assert evaluate("apply-staging", "fail", [decision()], PLAN, REPORT).status == "no-go"
+    assert evaluate("apply-staging", "fail", [decision(override=True)], PLAN, REPORT).is_open
+
+
+def _check(**kw: object) -> None:
+    args: dict[str, object] = {"gate": "apply-staging", "decision": "approve", "actor": "alice",
+                               "operator": "bob", "policy": Gates(approvers=["alice", "bob"]),
+                               "criteria": "pass", "note": "", "override": False}
+    args.update(kw)
+    check_decision(**args)  # type: ignore[arg-type]
+
+
+def test_decision_policy() -> None:
+    _check()
+    with pytest.raises(InvalidInput, match="not an approver"):
+        _check(actor="mallory")
+    with pytest.raises(InvalidInput, match="may not approve it"):
+        _check(actor="bob")
+    _check(actor="bob", policy=Gates(approvers=["bob"], allow_self_approval=True))
+    with pytest.raises(InvalidInput, match="needs a --note"):
+        _check(criteria="inconclusive")
+    _check(criteria="inconclusive", note="reviewed the no-data samples")
+    with pytest.raises(NoGo, match="approval alone cannot open it"):
+        _check(criteria="fail")
+    with pytest.raises(InvalidInput, match="--override needs a --note"):
+        _check(criteria="fail", override=True)
+    _check(criteria="fail", override=True, note="known flaky check, see INC-42")
+    _check(decision="reject", criteria="fail")
