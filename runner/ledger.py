@@ -14,6 +14,8 @@ from typing import Any
 
 import asyncpg
 
+from runner.errors import InvalidInput
+
 LEDGER_SCHEMA = "backfill"
 _LOCK_KEY = 0x6261636B66696C6C  # "backfill": serialises concurrent first-time installs
 
@@ -137,8 +139,6 @@ async def ensure_ledger(conn: asyncpg.Connection) -> int:
         )
         current = await schema_version(conn)
         if current > len(MIGRATIONS):
-            from runner.errors import InvalidInput  # noqa: PLC0415
-
             raise InvalidInput(
                 f"the ledger schema is at version {current}, newer than this backfill knows "
                 f"({len(MIGRATIONS)})",
@@ -273,7 +273,9 @@ class Decision:
         return cls(**d)
 
 
-async def decisions(conn: asyncpg.Connection, run_id: str, gate: str | None = None) -> list[Decision]:
+async def decisions(
+    conn: asyncpg.Connection, run_id: str, gate: str | None = None
+) -> list[Decision]:
     if await schema_version(conn) == 0:
         return []
     rows = await conn.fetch(

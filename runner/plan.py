@@ -11,7 +11,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -354,7 +354,10 @@ def _interpolate_tree(node: Any, env: Mapping[str, str], path: str, found: set[s
         found.update(u for u in used if u)
         return text
     if isinstance(node, dict):
-        return {k: _interpolate_tree(v, env, f"{path}.{k}" if path else k, found) for k, v in node.items()}
+        return {
+            k: _interpolate_tree(v, env, f"{path}.{k}" if path else k, found)
+            for k, v in node.items()
+        }
     if isinstance(node, list):
         return [_interpolate_tree(v, env, f"{path}[{i}]", found) for i, v in enumerate(node)]
     return node
@@ -399,11 +402,15 @@ def read_raw(path: Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as e:
         raise PlanError(f"{path}: TOML syntax error: {e}") from None
     except json.JSONDecodeError as e:
-        raise PlanError(f"{path}: JSON syntax error at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise PlanError(
+            f"{path}: JSON syntax error at line {e.lineno} column {e.colno}: {e.msg}"
+        ) from None
     raise PlanError(f"{path}: a plan file must end in .toml or .json")
 
 
-def validate_raw(path: Path, raw: dict[str, Any], env: Mapping[str, str] | None = None) -> LoadedPlan:
+def validate_raw(
+    path: Path, raw: dict[str, Any], env: Mapping[str, str] | None = None
+) -> LoadedPlan:
     secrets: set[str] = set()
     data = _interpolate_tree(raw, os.environ if env is None else env, "", secrets)
     try:

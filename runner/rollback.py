@@ -18,7 +18,7 @@ from typing import Any
 import asyncpg
 
 from runner import ledger
-from runner.db import quote_ident
+from runner.db import fetch_one, quote_ident
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput
 
@@ -93,7 +93,9 @@ def parse_batch_range(text: str | None) -> tuple[int, int] | None:
         a, _, b = text.partition("-")
         lo, hi = int(a), int(b or a)
     except ValueError:
-        raise InvalidInput(f"--batches {text!r}: write A-B (e.g. 3-10) or a single batch number") from None
+        raise InvalidInput(
+            f"--batches {text!r}: write A-B (e.g. 3-10) or a single batch number"
+        ) from None
     if lo < 1 or hi < lo:
         raise InvalidInput(f"--batches {text!r}: the range must be 1 or more and ascending")
     return lo, hi
@@ -108,7 +110,10 @@ async def selected_batches(
              AND ($2::int IS NULL OR batch_no BETWEEN $2 AND $3)
              AND ($4::timestamptz IS NULL OR committed_at > $4)
            ORDER BY batch_no DESC""",
-        run_id, batches[0] if batches else None, batches[1] if batches else None, since,
+        run_id,
+        batches[0] if batches else None,
+        batches[1] if batches else None,
+        since,
     )
     return [r["batch_no"] for r in rows]
 
@@ -116,21 +121,29 @@ async def selected_batches(
 # -- emitted SQL -------------------------------------------------------------------------------
 
 
-async def _images(conn: asyncpg.Connection, run_id: str, batch_nos: list[int]) -> AsyncIterator[asyncpg.Record]:
+async def _images(
+    conn: asyncpg.Connection, run_id: str, batch_nos: list[int]
+) -> AsyncIterator[asyncpg.Record]:
     async with conn.transaction(readonly=True):
         async for r in conn.cursor(
             "SELECT batch_no, key, before, after FROM backfill.row_images"
             " WHERE run_id = $1 AND op = 'U' AND batch_no = ANY($2) ORDER BY batch_no DESC",
-            run_id, batch_nos, prefetch=5000,
+            run_id,
+            batch_nos,
+            prefetch=5000,
         ):
             yield r
 
 
-async def expected_checksum(conn: asyncpg.Connection, run_id: str, batch_nos: list[int]) -> tuple[int, str | None]:
-    row = await conn.fetchrow(
+async def expected_checksum(
+    conn: asyncpg.Connection, run_id: str, batch_nos: list[int]
+) -> tuple[int, str | None]:
+    row = await fetch_one(
+        conn,
         f"""SELECT count(*) AS n, md5(string_agg({CHECKSUM_ROW.format(img="i.before")}, '|' {CHECKSUM_ORDER}))
             FROM backfill.row_images AS i WHERE i.run_id = $1 AND i.op = 'U' AND i.batch_no = ANY($2)""",
-        run_id, batch_nos,
+        run_id,
+        batch_nos,
     )
     return int(row[0]), row[1]
 
@@ -153,7 +166,8 @@ async def emit_rollback_file(
         for r in await conn.fetch(
             "SELECT batch_no, count(*) AS n FROM backfill.row_images"
             " WHERE run_id = $1 AND op = 'U' AND batch_no = ANY($2) GROUP BY batch_no",
-            run.run_id, nos,
+            run.run_id,
+            nos,
         )
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -207,7 +221,9 @@ CREATE TEMP TABLE backfill_rollback_images (
             if len(chunk) >= 1000:
                 flush()
         flush()
-        out.write("CREATE INDEX ON backfill_rollback_images (batch_no);\nANALYZE backfill_rollback_images;\n")
+        out.write(
+            "CREATE INDEX ON backfill_rollback_images (batch_no);\nANALYZE backfill_rollback_images;\n"
+        )
         for no in nos:
             if not counts.get(no):
                 continue
@@ -262,12 +278,19 @@ class RollbackResult:
 
     @property
     def verified(self) -> bool:
-        return not self.dry_run and self.unverified == 0 and self.expected_checksum == self.actual_checksum
+        return (
+            not self.dry_run
+            and self.unverified == 0
+            and self.expected_checksum == self.actual_checksum
+        )
 
 
-async def _classify(conn: asyncpg.Connection, shape: RunShape, run_id: str, nos: list[int]) -> asyncpg.Record:
+async def _classify(
+    conn: asyncpg.Connection, shape: RunShape, run_id: str, nos: list[int]
+) -> asyncpg.Record:
     current = shape.current_image()
-    return await conn.fetchrow(
+    return await fetch_one(
+        conn,
         f"""
         WITH v AS (
             SELECT i.batch_no, i.key, i.before, i.after, {current} AS cur
@@ -280,23 +303,32 @@ async def _classify(conn: asyncpg.Connection, shape: RunShape, run_id: str, nos:
                count(*) FILTER (WHERE cur IS DISTINCT FROM after AND cur IS DISTINCT FROM before)
                    AS conflicts
         FROM v""",
-        run_id, nos,
+        run_id,
+        nos,
     )
 
 
-async def _restore_batch(conn: asyncpg.Connection, shape: RunShape, run_id: str, no: int) -> tuple[int, int, int]:
+async def _restore_batch(
+    conn: asyncpg.Connection, shape: RunShape, run_id: str, no: int
+) -> tuple[int, int, int]:
     current = shape.current_image()
     async with conn.transaction():
         if await conn.fetchval(
-            "SELECT 1 FROM backfill.rollback_batches WHERE run_id = $1 AND batch_no = $2", run_id, no
+            "SELECT 1 FROM backfill.rollback_batches WHERE run_id = $1 AND batch_no = $2",
+            run_id,
+            no,
         ):
             return 0, 0, 0
         tag = await conn.execute(
-            shape.restore_sql("backfill.row_images", "i.run_id = $1 AND i.batch_no = $2 AND i.op = 'U'"),
-            run_id, no,
+            shape.restore_sql(
+                "backfill.row_images", "i.run_id = $1 AND i.batch_no = $2 AND i.op = 'U'"
+            ),
+            run_id,
+            no,
         )
         restored = int(tag.split()[-1])
-        row = await conn.fetchrow(
+        row = await fetch_one(
+            conn,
             f"""
             WITH v AS (
                 SELECT i.key, i.before, i.after, {current} AS cur
@@ -309,12 +341,17 @@ async def _restore_batch(conn: asyncpg.Connection, shape: RunShape, run_id: str,
             )
             SELECT (SELECT count(*) FROM v WHERE cur IS NOT DISTINCT FROM before)::int AS at_before,
                    (SELECT count(*) FROM c)::int AS conflicts""",
-            run_id, no,
+            run_id,
+            no,
         )
         await conn.execute(
             "INSERT INTO backfill.rollback_batches (run_id, batch_no, restored, conflicts, already)"
             " VALUES ($1, $2, $3, $4, $5)",
-            run_id, no, restored, row["conflicts"], row["at_before"] - restored,
+            run_id,
+            no,
+            restored,
+            row["conflicts"],
+            row["at_before"] - restored,
         )
         return restored, row["conflicts"], row["at_before"] - restored
 
@@ -324,7 +361,8 @@ async def verify(conn: asyncpg.Connection, run: ledger.RunRow, result: RollbackR
     shape = RunShape.of(run)
     current = shape.current_image()
     nos = result.batches
-    row = await conn.fetchrow(
+    row = await fetch_one(
+        conn,
         f"""
         WITH v AS (
             SELECT i.batch_no, i.key, i.before, {current} AS cur,
@@ -341,18 +379,25 @@ async def verify(conn: asyncpg.Connection, run: ledger.RunRow, result: RollbackR
                count(*) FILTER (WHERE NOT conflict AND cur IS DISTINCT FROM before) AS unverified,
                count(*) FILTER (WHERE conflict) AS conflicts
         FROM v AS i""",
-        run.run_id, nos,
+        run.run_id,
+        nos,
     )
     result.expected_checksum, result.actual_checksum = row["expected"], row["actual"]
     result.unverified = int(row["unverified"])
     result.conflicts = int(row["conflicts"])
     result.conflict_rows = [
-        {"batch_no": r["batch_no"], "key": list(r["key"]), "expected": r["expected"], "current": r["current"]}
+        {
+            "batch_no": r["batch_no"],
+            "key": list(r["key"]),
+            "expected": r["expected"],
+            "current": r["current"],
+        }
         for r in await conn.fetch(
             "SELECT DISTINCT ON (batch_no, key) batch_no, key, expected, current"
             " FROM backfill.rollback_conflicts WHERE run_id = $1 AND batch_no = ANY($2)"
             " ORDER BY batch_no DESC, key LIMIT 200",
-            run.run_id, nos,
+            run.run_id,
+            nos,
         )
     ]
 
@@ -377,17 +422,25 @@ async def run_rollback(
             counts = await _classify(conn, shape, run.run_id, nos)
             current = shape.current_image()
             result.restorable, result.already, result.conflicts = (
-                counts["restorable"], counts["already"], counts["conflicts"],
+                counts["restorable"],
+                counts["already"],
+                counts["conflicts"],
             )
             result.conflict_rows = [
-                {"batch_no": r["batch_no"], "key": list(r["key"]), "expected": r["after"], "current": r["cur"]}
+                {
+                    "batch_no": r["batch_no"],
+                    "key": list(r["key"]),
+                    "expected": r["after"],
+                    "current": r["cur"],
+                }
                 for r in await conn.fetch(
                     f"""SELECT i.batch_no, i.key, i.after, {current} AS cur
                         FROM backfill.row_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
                         WHERE i.run_id = $1 AND i.op = 'U' AND i.batch_no = ANY($2)
                           AND {current} IS DISTINCT FROM i.after AND {current} IS DISTINCT FROM i.before
                         ORDER BY i.batch_no DESC LIMIT 200""",
-                    run.run_id, nos,
+                    run.run_id,
+                    nos,
                 )
             ]
         result.elapsed_seconds = time.perf_counter() - t0
@@ -401,10 +454,12 @@ async def run_rollback(
         result.batches_this_command += 1 if restored or conflicts or already else 0
         if on_batch:
             on_batch(no, restored, conflicts)
-    totals = await conn.fetchrow(
+    totals = await fetch_one(
+        conn,
         "SELECT coalesce(sum(restored), 0) AS restored, coalesce(sum(already), 0) AS already"
         " FROM backfill.rollback_batches WHERE run_id = $1 AND batch_no = ANY($2)",
-        run.run_id, nos,
+        run.run_id,
+        nos,
     )
     result.restored, result.already = int(totals["restored"]), int(totals["already"])
     await verify(conn, run, result)

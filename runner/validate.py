@@ -71,8 +71,14 @@ async def _check_sql(
         async with conn.transaction():  # a savepoint: one bad statement does not end the check
             types = await _param_types(conn, sql)
     except asyncpg.PostgresError as e:
-        report.findings.append(Finding(where, False, f"{e.__class__.__name__.removesuffix('Error')}: "
-                                                     f"{' '.join(str(e).split())}{_position(sql, e)}"))
+        report.findings.append(
+            Finding(
+                where,
+                False,
+                f"{e.__class__.__name__.removesuffix('Error')}: "
+                f"{' '.join(str(e).split())}{_position(sql, e)}",
+            )
+        )
         return None
     return types
 
@@ -91,11 +97,14 @@ async def validate_env(loaded: LoadedPlan, dbs: Databases, env: str) -> EnvValid
                 report.findings.append(Finding(e.message.split(":")[0], False, str(e)))
                 return report
             report.target = target
-            report.findings.append(Finding(
-                "target", True,
-                f"{target.display}: key ({', '.join(k.name for k in target.key)}) is unique; "
-                f"columns {', '.join(f'{c.name} {c.type}' for c in target.columns)}",
-            ))
+            report.findings.append(
+                Finding(
+                    "target",
+                    True,
+                    f"{target.display}: key ({', '.join(k.name for k in target.key)}) is unique; "
+                    f"columns {', '.join(f'{c.name} {c.type}' for c in target.columns)}",
+                )
+            )
             if await _check_sql(conn, report, "discovery.sql", plan.discovery.sql) is not None:
                 wrapped = target.discovery_page_sql(plan.discovery.sql, after_cursor=True)
                 if await _check_sql(conn, report, "discovery.sql", wrapped) is None:
@@ -116,14 +125,21 @@ async def validate_env(loaded: LoadedPlan, dbs: Databases, env: str) -> EnvValid
                     )
                 for i, (got, want) in enumerate(zip(types, expected, strict=False), start=1):
                     if got != want:
-                        problems.append(f"${i} is {got}, but the runner passes {want}: write ${i}::{want}")
+                        problems.append(
+                            f"${i} is {got}, but the runner passes {want}: write ${i}::{want}"
+                        )
                 report.findings.append(
-                    Finding("apply.sql", not problems, "; ".join(problems) or
-                            f"prepares with parameters ({', '.join(types)})")
+                    Finding(
+                        "apply.sql",
+                        not problems,
+                        "; ".join(problems) or f"prepares with parameters ({', '.join(types)})",
+                    )
                 )
             for check in plan.soak.checks:
-                for where, sql in ((f"soak.checks.{check.name}.sql", check.sql),
-                                   (f"soak.checks.{check.name}.baseline_sql", check.baseline_sql)):
+                for where, sql in (
+                    (f"soak.checks.{check.name}.sql", check.sql),
+                    (f"soak.checks.{check.name}.baseline_sql", check.baseline_sql),
+                ):
                     if sql and await _check_sql(conn, report, where, wrap_check(sql)) is not None:
                         report.findings.append(Finding(where, True, "prepares"))
         finally:

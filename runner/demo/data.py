@@ -78,13 +78,12 @@ SEED = [
 ]
 
 
-async def seed(conn: asyncpg.Connection, *, rows: int, already_stamped: float, new_from: int) -> None:
+async def seed(
+    conn: asyncpg.Connection, *, rows: int, already_stamped: float, new_from: int
+) -> None:
     """(Re)create the scenario; profiles with id % 10 = 7 below `new_from` do not exist (prod has more)."""
     await conn.execute(SCHEMA)
-    for i, sql in enumerate(SEED):
-        if i == 0 or i == 3 or i == 6:
-            await conn.execute(sql, rows)
-        elif i == 1:
-            await conn.execute(sql, rows, already_stamped, new_from)
-        else:
-            await conn.execute(sql)
+    params = (rows, already_stamped, new_from)
+    for sql in SEED:
+        used = max((n for n in (1, 2, 3) if f"${n}" in sql), default=0)
+        await conn.execute(sql, *params[:used])

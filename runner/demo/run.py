@@ -20,15 +20,24 @@ PLAN_NAME = "profiles_results_v1_2_1.toml"
 
 def demo_plan_path() -> Path:
     """plans/ of the working directory (a checkout), else the copy shipped in the package."""
-    for candidate in (Path("plans") / PLAN_NAME, Path(__file__).resolve().parents[2] / "plans" / PLAN_NAME,
-                      Path(__file__).resolve().parent / PLAN_NAME):
+    for candidate in (
+        Path("plans") / PLAN_NAME,
+        Path(__file__).resolve().parents[2] / "plans" / PLAN_NAME,
+        Path(__file__).resolve().parent / PLAN_NAME,
+    ):
         if candidate.exists():
             return candidate
-    raise InvalidInput(f"cannot find the demo plan {PLAN_NAME}", hint="run the demo from the project checkout")
+    raise InvalidInput(
+        f"cannot find the demo plan {PLAN_NAME}", hint="run the demo from the project checkout"
+    )
 
 
 async def run_demo(
-    *, scale: float, auto_approve: bool, soak_seconds: float, progress: ProgressCallback,
+    *,
+    scale: float,
+    auto_approve: bool,
+    soak_seconds: float,
+    progress: ProgressCallback,
     say: Callable[[str], None],
 ) -> int:
     if scale <= 0 or scale > 200:
@@ -48,14 +57,25 @@ async def run_demo(
             await seed(conn, rows=rows, already_stamped=0.0, new_from=rows + 1)
         async with dbs.connection("prod") as conn:
             await seed(conn, rows=int(rows * 1.2), already_stamped=0.3, new_from=1)
-    say(f"  staging: {rows:,} sessions and profiles; prod: {int(rows * 1.2):,}, ~30% already stamped")
+    say(
+        f"  staging: {rows:,} sessions and profiles; prod: {int(rows * 1.2):,}, ~30% already stamped"
+    )
     say(f"  plan: {path}")
     code = await run_pipeline(
-        loaded, run_id=None, operator=os.environ["BACKFILL_ACTOR"], progress=progress, say=say,
+        loaded,
+        run_id=None,
+        operator=os.environ["BACKFILL_ACTOR"],
+        progress=progress,
+        say=say,
         auto_approver=DEMO_APPROVER if auto_approve else None,
-        soak_duration=soak_seconds, soak_interval=max(soak_seconds / 3, 0.5),
+        soak_duration=soak_seconds,
+        soak_interval=max(soak_seconds / 3, 0.5),
     )
-    runs = sorted(RunDir.of("19700101T000000Z-x-0000").root.parent.parent.glob(f"{loaded.plan.name}/*/run.json"))
+    runs = sorted(
+        RunDir.of("19700101T000000Z-x-0000").root.parent.parent.glob(
+            f"{loaded.plan.name}/*/run.json"
+        )
+    )
     if runs:
         root = runs[-1].parent
         say("\nartifacts:")
@@ -64,10 +84,12 @@ async def run_demo(
         say(f"  {root}/*/batches/ ({sum(1 for _ in root.rglob('batch_*.json'))} per-batch logs)")
         cmd = command_prefix()
         if code == EXIT_GATE_WAITING:
-            say(f"\nThe demo stopped at a gate, as a real rollout does (exit code 3 outside the demo).\n"
+            say(
+                f"\nThe demo stopped at a gate, as a real rollout does (exit code 3 outside the demo).\n"
                 f"Read the report above, then approve as a plan approver and continue:\n"
                 f"  {cmd} approve {root.name} --gate apply-staging --as alice\n"
                 f"  {cmd} pipeline {path} --run {root.name}\n"
-                f"or walk every gate at once: {cmd} demo --auto-approve")
+                f"or walk every gate at once: {cmd} demo --auto-approve"
+            )
             return EXIT_DONE
     return code

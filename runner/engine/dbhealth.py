@@ -6,6 +6,8 @@ from typing import Any
 
 import asyncpg
 
+from runner.db import fetch_one
+
 HEALTH_SQL = """
 SELECT
     (SELECT count(*) FROM pg_stat_activity)::float8 AS connections,
@@ -30,9 +32,11 @@ METRICS: dict[str, str] = {
 
 
 async def sample(conn: asyncpg.Connection, target_table: str) -> dict[str, float | None]:
-    r: dict[str, Any] = dict(await conn.fetchrow(HEALTH_SQL, target_table))
+    r: dict[str, Any] = dict(await fetch_one(conn, HEALTH_SQL, target_table))
     return {
-        "db.connection_use": r["connections"] / r["max_connections"] if r["max_connections"] else None,
+        "db.connection_use": r["connections"] / r["max_connections"]
+        if r["max_connections"]
+        else None,
         "db.longest_transaction_s": r["longest_transaction_s"],
         "db.lock_waiters": r["lock_waiters"],
         "db.dead_tuples": r["dead_tuples"],

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import asyncpg
 
+from runner.db import fetch_one
 from runner.engine.target import TargetInfo
 from runner.errors import ScopeViolation, WorkFailed
 
@@ -118,8 +119,15 @@ _TAG = re.compile(r"^(\w+)(?: \d+)? (\d+)$")
 
 
 async def _apply_once(
-    conn: asyncpg.Connection, target: TargetInfo, apply_sql: str, run_id: str, batch: Batch,
-    attempts: int, errors: list[dict[str, str]], started: datetime, fresh: Reconnect,
+    conn: asyncpg.Connection,
+    target: TargetInfo,
+    apply_sql: str,
+    run_id: str,
+    batch: Batch,
+    attempts: int,
+    errors: list[dict[str, str]],
+    started: datetime,
+    fresh: Reconnect,
 ) -> asyncpg.Record:
     async with conn.transaction():
         await conn.execute(target.capture_sql, *batch.key_arrays)
@@ -131,18 +139,32 @@ async def _apply_once(
                 f"{tag!r}, but only an UPDATE of {target.display} is supported; rolled back",
                 hint="make the apply one UPDATE statement of the target table",
             )
-        counts = await conn.fetchrow(
-            target.finalize_sql, run_id, batch.batch_no, batch.stage, batch.first_key,
-            batch.last_key, attempts, json.dumps(errors), started,
+        counts = await fetch_one(
+            conn,
+            target.finalize_sql,
+            run_id,
+            batch.batch_no,
+            batch.stage,
+            batch.first_key,
+            batch.last_key,
+            attempts,
+            json.dumps(errors),
+            started,
         )
         reported = int(m.group(2))
         if reported > counts["touched"] or counts["vanished"]:
-            outside = [r["key"] for r in await conn.fetch(target.outside_rows_sql(), *batch.key_arrays)]
+            outside = [
+                r["key"] for r in await conn.fetch(target.outside_rows_sql(), *batch.key_arrays)
+            ]
             raise ScopeViolation(
                 f"batch {batch.batch_no} (keys {batch.key_range}): the apply statement reported "
                 f"{reported} row(s) but touched only {counts['touched']} of the batch's "
                 f"{counts['locked']} row(s)"
-                + (f"; it changed rows outside the batch (keys: {', '.join(outside)})" if outside else "")
+                + (
+                    f"; it changed rows outside the batch (keys: {', '.join(outside)})"
+                    if outside
+                    else ""
+                )
                 + (f"; it removed {counts['vanished']} row(s)" if counts["vanished"] else "")
                 + "; the batch was rolled back",
                 hint="restrict the apply to the batch's keys (`WHERE id = ANY($1)`) and to the target table",
@@ -248,33 +270,64 @@ class BatchExecutor:
                 conn = await self._connection()
                 if attempt > 1 and await _already_committed(conn, self.run_id, batch.batch_no):
                     return BatchOutcome(
-                        batch.batch_no, batch.stage, "skipped", batch.first_key, batch.last_key,
-                        attempts=attempt, errors=errors, started_at=started_wall,
+                        batch.batch_no,
+                        batch.stage,
+                        "skipped",
+                        batch.first_key,
+                        batch.last_key,
+                        attempts=attempt,
+                        errors=errors,
+                        started_at=started_wall,
                     )
                 counts = await _apply_once(
-                    conn, self.target, self.apply_sql, self.run_id, batch, attempt, errors,
-                    started_wall, self.reconnect,
+                    conn,
+                    self.target,
+                    self.apply_sql,
+                    self.run_id,
+                    batch,
+                    attempt,
+                    errors,
+                    started_wall,
+                    self.reconnect,
                 )
             except Exception as exc:
                 category = classify(exc)
-                errors.append({"attempt": str(attempt), "category": category, "error": _describe(exc)})
+                errors.append(
+                    {"attempt": str(attempt), "category": category, "error": _describe(exc)}
+                )
                 if category == "connection_lost" and self.conn is not None:
                     self.conn.terminate()
                     self.conn = None
                 if category not in TRANSIENT or attempt > self.max_retries:
                     return BatchOutcome(
-                        batch.batch_no, batch.stage, "failed", batch.first_key, batch.last_key,
-                        selected=batch.size, attempts=attempt, errors=errors,
-                        started_at=started_wall, duration_ms=(time.perf_counter() - t0) * 1000,
-                        error_category=category, error=_describe(exc),
+                        batch.batch_no,
+                        batch.stage,
+                        "failed",
+                        batch.first_key,
+                        batch.last_key,
+                        selected=batch.size,
+                        attempts=attempt,
+                        errors=errors,
+                        started_at=started_wall,
+                        duration_ms=(time.perf_counter() - t0) * 1000,
+                        error_category=category,
+                        error=_describe(exc),
                     )
                 delay = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
                 await anyio.sleep(delay * (0.5 + random.random() / 2))
                 continue
             return BatchOutcome(
-                batch.batch_no, batch.stage, "done", batch.first_key, batch.last_key,
-                selected=counts["locked"], changed=counts["changed"], noop=counts["noop"],
-                attempts=attempt, errors=errors, started_at=started_wall,
+                batch.batch_no,
+                batch.stage,
+                "done",
+                batch.first_key,
+                batch.last_key,
+                selected=counts["locked"],
+                changed=counts["changed"],
+                noop=counts["noop"],
+                attempts=attempt,
+                errors=errors,
+                started_at=started_wall,
                 duration_ms=(time.perf_counter() - t0) * 1000,
             )
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from runner.db import quote_ident, qualified
+from runner.db import fetch_one, qualified, quote_ident
 from runner.errors import InvalidInput
 from runner.plan import Target
 
@@ -224,13 +224,16 @@ async def resolve_target(conn: asyncpg.Connection, target: Target) -> TargetInfo
     try:
         oid = await conn.fetchval("SELECT to_regclass($1)::oid", target.table)
     except asyncpg.PostgresError as e:
-        raise InvalidInput(f"target.table: {target.table!r} is not a valid table name: {e}") from None
+        raise InvalidInput(
+            f"target.table: {target.table!r} is not a valid table name: {e}"
+        ) from None
     if oid is None:
         raise InvalidInput(
             f"target.table: table {target.table!r} does not exist in this database",
             hint="check the name and schema (write schema.table if it is not on the search_path)",
         )
-    schema, name, kind = await conn.fetchrow(
+    schema, name, kind = await fetch_one(
+        conn,
         "SELECT n.nspname, c.relname, c.relkind::text FROM pg_class c "
         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = $1",
         oid,

@@ -18,7 +18,7 @@ import structlog
 
 from runner import events, ledger
 from runner.artifacts import RunDir, new_run_id, write_json, write_text
-from runner.db import Databases, close_quietly
+from runner.db import Databases, close_quietly, fetch_one
 from runner.engine.discovery import Discovery
 from runner.engine.executor import Batch, BatchExecutor, BatchOutcome, failure_error
 from runner.engine.target import TargetInfo, resolve_target
@@ -111,9 +111,13 @@ async def _dry_run(
         page = await Discovery(conn, target, plan.discovery.sql, plan.batching.size).page(None)
         explain: list[str] = []
         if page is not None:
-            explain = [r[0] for r in await conn.fetch("EXPLAIN " + plan.apply.sql, *page.key_arrays)]
+            explain = [
+                r[0] for r in await conn.fetch("EXPLAIN " + plan.apply.sql, *page.key_arrays)
+            ]
     batches = math.ceil(needing / plan.batching.size)
-    throttle = Throttle(plan.batching.batches_per_minute, plan.batching.rows_per_second, plan.batching.size)
+    throttle = Throttle(
+        plan.batching.batches_per_minute, plan.batching.rows_per_second, plan.batching.size
+    )
     floor = throttle.seconds_for(batches, needing)
     info = {
         "env": env,
@@ -127,8 +131,13 @@ async def _dry_run(
         "explain_first_batch": explain,
     }
     return ApplyResult(
-        "(dry run)", env, stage, "dry-run", None,
-        f"{cmd} apply {loaded.path} --env {env}", dry_run=info,
+        "(dry run)",
+        env,
+        stage,
+        "dry-run",
+        None,
+        f"{cmd} apply {loaded.path} --env {env}",
+        dry_run=info,
     )
 
 
@@ -147,7 +156,9 @@ async def apply(
     cmd = command_prefix()
     stage = _stage_for(loaded, env)
     if plan.is_mini and run_id is None:
-        raise InvalidInput("a mini plan continues a run: pass --run RUN (the run its health check belongs to)")
+        raise InvalidInput(
+            "a mini plan continues a run: pass --run RUN (the run its health check belongs to)"
+        )
     if dry_run:
         return await _dry_run(loaded, dbs, env, stage, cmd)
 
@@ -156,9 +167,7 @@ async def apply(
         await ledger.ensure_ledger(conn)
         target = await resolve_target(conn, plan.target)
         run_id = run_id or new_run_id(plan.name)
-        run = await ensure_run(
-            conn, loaded, env, run_id, target, operator, create=not plan.is_mini
-        )
+        run = await ensure_run(conn, loaded, env, run_id, target, operator, create=not plan.is_mini)
         if run.plan_digest != loaded.digest and not plan.is_mini:
             raise InvalidInput(
                 f"run {run_id} was started with plan digest {run.plan_digest[:12]}, but "
@@ -166,8 +175,12 @@ async def apply(
                 hint="restore the plan as it was to continue this run, or start a new run",
             )
         run_dir = RunDir.of(run_id)
-        run_dir.record(run_id=run_id, plan=plan.name, envs={env: dbs.display_dsn(env)},
-                       **{"mini_plan_path" if plan.is_mini else "plan_path": str(loaded.path.resolve())})
+        run_dir.record(
+            run_id=run_id,
+            plan=plan.name,
+            envs={env: dbs.display_dsn(env)},
+            **{"mini_plan_path" if plan.is_mini else "plan_path": str(loaded.path.resolve())},
+        )
         events.attach(run_dir.env(env) / "events.jsonl")
         log.info("apply.start", run_id=run_id, env=env, stage=stage, plan_digest=loaded.digest)
 
@@ -180,9 +193,7 @@ async def apply(
                 return await _finished_result(conn, run_id, env, "apply", cmd, loaded)
             await ledger.save_phase(conn, run_id, stage, status="running", result={})
             await ledger.set_run_status(conn, run_id, f"{stage}:running")
-            result = await _run_batches(
-                conn, dbs, loaded, target, run_id, env, stage, progress
-            )
+            result = await _run_batches(conn, dbs, loaded, target, run_id, env, stage, progress)
             return await _finish(conn, dbs, loaded, target, run_id, env, stage, result, cmd)
     finally:
         events.detach()
@@ -227,8 +238,14 @@ class _Pass:
 
 
 async def _run_batches(
-    conn: asyncpg.Connection, dbs: Databases, loaded: LoadedPlan, target: TargetInfo,
-    run_id: str, env: str, stage: str, progress: ProgressCallback | None,
+    conn: asyncpg.Connection,
+    dbs: Databases,
+    loaded: LoadedPlan,
+    target: TargetInfo,
+    run_id: str,
+    env: str,
+    stage: str,
+    progress: ProgressCallback | None,
 ) -> _Pass:
     plan = loaded.plan
     b = plan.batching
@@ -244,8 +261,16 @@ async def _run_batches(
         stop_after = max(plan.canary.batches - int(done_in_canary), 0)
     state.rows_needing_at_start = await _count(conn, plan.discovery.sql)
     if progress:
-        progress("start", {"rows": state.rows_needing_at_start, "batch_size": b.size,
-                           "run_id": run_id, "env": env, "stage": stage})
+        progress(
+            "start",
+            {
+                "rows": state.rows_needing_at_start,
+                "batch_size": b.size,
+                "run_id": run_id,
+                "env": env,
+                "stage": stage,
+            },
+        )
     throttle = Throttle(b.batches_per_minute, b.rows_per_second, b.size)
     discovery = Discovery(conn, target, plan.discovery.sql, b.size)
     run_dir = RunDir.of(run_id)
@@ -256,7 +281,8 @@ async def _run_batches(
         c = await dbs.connect(env)
         await c.execute(
             "SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $2, false)",
-            f"{int(b.lock_timeout * 1000)}ms", f"{int(b.statement_timeout * 1000)}ms",
+            f"{int(b.lock_timeout * 1000)}ms",
+            f"{int(b.statement_timeout * 1000)}ms",
         )
         return c
 
@@ -269,72 +295,93 @@ async def _run_batches(
                        selected, attempts, errors, started_at, duration_ms)
                    VALUES ($1, $2, $3, 'failed', $4, $5, $6, $7, $8::jsonb, $9, $10)
                    ON CONFLICT DO NOTHING""",
-                run_id, outcome.batch_no, stage, outcome.first_key, outcome.last_key,
-                outcome.selected, outcome.attempts,
-                json.dumps(outcome.errors), outcome.started_at, outcome.duration_ms,
+                run_id,
+                outcome.batch_no,
+                stage,
+                outcome.first_key,
+                outcome.last_key,
+                outcome.selected,
+                outcome.attempts,
+                json.dumps(outcome.errors),
+                outcome.started_at,
+                outcome.duration_ms,
             )
         totals["batches"] += outcome.status == "done"
         totals["changed"] += outcome.changed
         totals["noop"] += outcome.noop
-        log.info("batch." + outcome.status, batch=outcome.batch_no, changed=outcome.changed,
-                 noop=outcome.noop, attempts=outcome.attempts, ms=round(outcome.duration_ms, 1),
-                 error_category=outcome.error_category, error=outcome.error)
+        log.info(
+            "batch." + outcome.status,
+            batch=outcome.batch_no,
+            changed=outcome.changed,
+            noop=outcome.noop,
+            attempts=outcome.attempts,
+            ms=round(outcome.duration_ms, 1),
+            error_category=outcome.error_category,
+            error=outcome.error,
+        )
         if progress:
             progress("batch", {"outcome": outcome, "totals": dict(totals)})
 
     dispatched = 0
+
+    async def produce(
+        send: anyio.abc.ObjectSendStream[Batch], failed: anyio.Event, start: list[str] | None
+    ) -> None:
+        nonlocal next_no, dispatched
+        position = start
+        async with send:
+            while not failed.is_set():
+                if stop_after is not None and dispatched >= stop_after:
+                    return
+                page = await discovery.page(position)
+                if page is None:
+                    return
+                await throttle.wait(page.size)
+                if failed.is_set():
+                    return
+                batch = Batch(next_no, stage, page.key_arrays, page.first_key, page.last_key)
+                try:
+                    await send.send(batch)
+                except anyio.BrokenResourceError:  # every worker stopped after a failure
+                    return
+                next_no += 1
+                dispatched += 1
+                position = page.last_key
+
+    async def work(batches: anyio.abc.ObjectReceiveStream[Batch], failed: anyio.Event) -> None:
+        executor = BatchExecutor(
+            target, plan.apply.sql, run_id, new_conn, max_retries=b.max_retries
+        )
+        try:
+            async with batches:
+                async for batch in batches:
+                    if failed.is_set():  # finish what runs, start nothing new
+                        break
+                    outcome = await executor.run(batch)
+                    await record(outcome)
+                    if outcome.status == "failed" and state.failure is None:
+                        state.failure = outcome
+                        failed.set()
+        finally:
+            await executor.close()
+
     for pass_no in range(1, b.max_passes + 1):
         state.passes = pass_no
         send, receive = anyio.create_memory_object_stream[Batch](0)
         failed = anyio.Event()
-
-        async def produce(start: list[str] | None) -> None:
-            nonlocal next_no, dispatched
-            position = start
-            async with send:
-                while not failed.is_set():
-                    if stop_after is not None and dispatched >= stop_after:
-                        return
-                    page = await discovery.page(position)
-                    if page is None:
-                        return
-                    await throttle.wait(page.size)
-                    if failed.is_set():
-                        return
-                    batch = Batch(next_no, stage, page.key_arrays, page.first_key, page.last_key)
-                    try:
-                        await send.send(batch)
-                    except anyio.BrokenResourceError:  # every worker stopped after a failure
-                        return
-                    next_no += 1
-                    dispatched += 1
-                    position = page.last_key
-
-        async def work(batches: anyio.abc.ObjectReceiveStream[Batch]) -> None:
-            executor = BatchExecutor(target, plan.apply.sql, run_id, new_conn, max_retries=b.max_retries)
-            try:
-                async with batches:
-                    async for batch in batches:
-                        if failed.is_set():  # finish what runs, start nothing new
-                            break
-                        outcome = await executor.run(batch)
-                        await record(outcome)
-                        if outcome.status == "failed" and state.failure is None:
-                            state.failure = outcome
-                            failed.set()
-            finally:
-                await executor.close()
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(produce, cursor if pass_no == 1 else None)
+            tg.start_soon(produce, send, failed, cursor if pass_no == 1 else None)
             for _ in range(b.workers):
-                tg.start_soon(work, receive.clone())
+                tg.start_soon(work, receive.clone(), failed)
             receive.close()
         if state.failure is not None:
             raise failure_error(state.failure)
         if stop_after is not None:
             break
-        stuck = [r["key"] for r in await conn.fetch(target.already_applied_sql(plan.discovery.sql), run_id)]
+        stuck = [
+            r["key"]
+            for r in await conn.fetch(target.already_applied_sql(plan.discovery.sql), run_id)
+        ]
         if stuck:
             raise WorkFailed(
                 f"discovery does not converge: it still returns rows this run already applied "
@@ -360,7 +407,7 @@ def _throughput(outcomes: list[dict[str, Any]], buckets: int = 24) -> dict[str, 
         (datetime.fromisoformat(o["started_at"]) - start).total_seconds() + o["duration_ms"] / 1000
         for o in done
     ]
-    span = max(max(ends), 1e-3)
+    span = max(*ends, 1e-3)
     n = min(buckets, max(len(done), 1))
     width = span / n
     values = [0.0] * n
@@ -379,17 +426,26 @@ async def apply_context(
     assert row is not None
     result = row.result
     batches = [
-        dict(r) for r in await conn.fetch(
+        dict(r)
+        for r in await conn.fetch(
             "SELECT * FROM backfill.batches WHERE run_id = $1 AND stage = $2 ORDER BY batch_no",
-            run.run_id, stage,
+            run.run_id,
+            stage,
         )
     ]
     outcomes = [
         {
-            "batch_no": b["batch_no"], "status": b["status"], "changed": b["changed"], "noop": b["noop"],
-            "selected": b["selected"], "attempts": b["attempts"], "duration_ms": b["duration_ms"],
-            "started_at": b["started_at"].isoformat(), "first_key": b["first_key"],
-            "last_key": b["last_key"], "errors": json.loads(b["errors"]),
+            "batch_no": b["batch_no"],
+            "status": b["status"],
+            "changed": b["changed"],
+            "noop": b["noop"],
+            "selected": b["selected"],
+            "attempts": b["attempts"],
+            "duration_ms": b["duration_ms"],
+            "started_at": b["started_at"].isoformat(),
+            "first_key": b["first_key"],
+            "last_key": b["last_key"],
+            "errors": json.loads(b["errors"]),
         }
         for b in batches
     ]
@@ -430,8 +486,15 @@ async def render_summary(
 
 
 async def _finish(
-    conn: asyncpg.Connection, dbs: Databases, loaded: LoadedPlan, target: TargetInfo,
-    run_id: str, env: str, stage: str, state: _Pass, cmd: str,
+    conn: asyncpg.Connection,
+    dbs: Databases,
+    loaded: LoadedPlan,
+    target: TargetInfo,
+    run_id: str,
+    env: str,
+    stage: str,
+    state: _Pass,
+    cmd: str,
 ) -> ApplyResult:
     plan = loaded.plan
     b = plan.batching
@@ -457,16 +520,26 @@ async def _finish(
     assert run is not None
     gate = None if stage == "rest" else gate_name(stage, env)
     next_command = (
-        f"{cmd} approve {run_id} --gate {gate} --as <approver>" if gate else f"{cmd} status {run_id}"
+        f"{cmd} approve {run_id} --gate {gate} --as <approver>"
+        if gate
+        else f"{cmd} status {run_id}"
     )
-    result = {
-        "plan": {"name": plan.name, "digest": loaded.digest, "path": str(loaded.path),
-                 "description": plan.plan.description, "owner": plan.plan.owner},
+    result: dict[str, Any] = {
+        "plan": {
+            "name": plan.name,
+            "digest": loaded.digest,
+            "path": str(loaded.path),
+            "description": plan.plan.description,
+            "owner": plan.plan.owner,
+        },
         "env": env,
         "dsn": dbs.display_dsn(env),
         "operator": run.operator,
-        "target": {"table": target.display, "key": [k.name for k in target.key],
-                   "columns": [c.name for c in target.columns]},
+        "target": {
+            "table": target.display,
+            "key": [k.name for k in target.key],
+            "columns": [c.name for c in target.columns],
+        },
         "settings": b.model_dump(),
         "canary_batches": plan.canary.batches if plan.canary else None,
         "totals": {
@@ -491,26 +564,52 @@ async def _finish(
         "next_command": next_command,
         "cmd": cmd,
     }
-    await ledger.save_phase(conn, run_id, stage, status="finished", result=result,
-                            criteria=criteria, finished=True)
-    await ledger.set_run_status(conn, run_id, f"{stage}:finished")
-    totals_all = await conn.fetchrow(
-        "SELECT count(*) FILTER (WHERE status = 'done') AS batches, coalesce(sum(changed), 0) AS changed,"
-        " coalesce(sum(noop), 0) AS noop FROM backfill.batches WHERE run_id = $1", run_id
+    await ledger.save_phase(
+        conn, run_id, stage, status="finished", result=result, criteria=criteria, finished=True
     )
-    write_json(run_dir.env(env) / "execution_results.json" if stage == "apply"
-               else run_dir.env(env) / f"{stage}_execution_results.json",
-               {**result, "run_id": run_id, "stage": stage,
-                "errors_by_category": dict(Counter(e["category"] for o in state.outcomes for e in o.errors)),
-                "run_totals": dict(totals_all)})
+    await ledger.set_run_status(conn, run_id, f"{stage}:finished")
+    totals_all = await fetch_one(
+        conn,
+        "SELECT count(*) FILTER (WHERE status = 'done') AS batches, coalesce(sum(changed), 0) AS changed,"
+        " coalesce(sum(noop), 0) AS noop FROM backfill.batches WHERE run_id = $1",
+        run_id,
+    )
+    write_json(
+        run_dir.env(env) / "execution_results.json"
+        if stage == "apply"
+        else run_dir.env(env) / f"{stage}_execution_results.json",
+        {
+            **result,
+            "run_id": run_id,
+            "stage": stage,
+            "errors_by_category": dict(
+                Counter(e["category"] for o in state.outcomes for e in o.errors)
+            ),
+            "run_totals": dict(totals_all),
+        },
+    )
     await emit_rollback_file(conn, run, rollback_path, display_dsn=dbs.display_dsn(env))
     summary_path, digest = await render_summary(conn, run, env, stage, dbs.display_dsn(env))
     await ledger.set_report_digest(conn, run_id, stage, digest)
-    log.info("apply.finished", run_id=run_id, stage=stage, changed=changed, noop=noop,
-             seconds=round(elapsed, 2), criteria=criteria)
+    log.info(
+        "apply.finished",
+        run_id=run_id,
+        stage=stage,
+        changed=changed,
+        noop=noop,
+        seconds=round(elapsed, 2),
+        criteria=criteria,
+    )
     return ApplyResult(
-        run_id, env, stage, "halted" if gate else "done", gate, next_command,
-        summary_path, rollback_path, result["totals"],
+        run_id,
+        env,
+        stage,
+        "halted" if gate else "done",
+        gate,
+        next_command,
+        summary_path,
+        rollback_path,
+        result["totals"],
     )
 
 
@@ -525,7 +624,8 @@ async def _finished_result(
         state = await gate_state(conn, run_id, stage, gate, loaded.digest)
         status = "done" if state.is_open else "halted"
         next_command = (
-            f"{cmd} pipeline {loaded.path} --run {run_id}" if state.is_open
+            f"{cmd} pipeline {loaded.path} --run {run_id}"
+            if state.is_open
             else f"{cmd} approve {run_id} --gate {gate} --as <approver>"
         )
     else:
@@ -533,6 +633,12 @@ async def _finished_result(
     run_dir = RunDir.of(run_id).env(env)
     name = "backfill_summary.md" if stage == "apply" else f"{stage}_summary.md"
     return ApplyResult(
-        run_id, env, stage, status, gate, next_command, run_dir / name,
+        run_id,
+        env,
+        stage,
+        status,
+        gate,
+        next_command,
+        run_dir / name,
         totals=dict(row.result.get("totals", {})),
     )

@@ -64,9 +64,17 @@ async def ensure_run(
         VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11)
         ON CONFLICT (run_id) DO NOTHING
         """,
-        run_id, env, loaded.plan.name, loaded.digest, json.dumps(loaded.raw), target.display,
-        [k.name for k in target.key], [c.name for c in target.columns],
-        [k.type for k in target.key], [c.type for c in target.columns], operator,
+        run_id,
+        env,
+        loaded.plan.name,
+        loaded.digest,
+        json.dumps(loaded.raw),
+        target.display,
+        [k.name for k in target.key],
+        [c.name for c in target.columns],
+        [k.type for k in target.key],
+        [c.type for c in target.columns],
+        operator,
     )
     run = await ledger.get_run(conn, run_id)
     assert run is not None
@@ -74,7 +82,9 @@ async def ensure_run(
 
 
 @contextlib.asynccontextmanager
-async def run_lock(conn: asyncpg.Connection, run_id: str, wait_seconds: float = 30.0) -> AsyncIterator[None]:
+async def run_lock(
+    conn: asyncpg.Connection, run_id: str, wait_seconds: float = 30.0
+) -> AsyncIterator[None]:
     """One process at a time per run. A killed process's lock goes with its connection."""
     deadline = anyio.current_time() + wait_seconds
     while not await conn.fetchval(
@@ -102,7 +112,10 @@ async def gate_state(
     row = await ledger.get_phase(conn, run_id, phase)
     criteria = row.criteria if row and row.finished_at else None
     return evaluate(
-        gate, criteria, await ledger.decisions(conn, run_id, gate), plan_digest,
+        gate,
+        criteria,
+        await ledger.decisions(conn, run_id, gate),
+        plan_digest,
         row.report_digest if row else None,
     )
 
@@ -116,7 +129,9 @@ def require_open(state: GateState, *, run_id: str, before: str, cmd: str) -> Non
     if state.status in ("no-go", "rejected"):
         raise NoGo(message, hint="fix the cause and re-run the phase before this gate")
     if state.status == "not-reached":
-        raise GateClosed(message, hint="run the phase before this gate first (`backfill pipeline` does)")
+        raise GateClosed(
+            message, hint="run the phase before this gate first (`backfill pipeline` does)"
+        )
     raise GateClosed(message, hint=f"review the report, then: {approve}")
 
 

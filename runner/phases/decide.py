@@ -14,7 +14,12 @@ from runner.phases.common import command_prefix
 from runner.plan import LoadedPlan, load_plan
 
 # gate phase → which plan the gate's decision binds to
-GATE_PHASES = {"apply": "plan_path", "soak": "plan_path", "health": "plan_path", "canary": "mini_plan_path"}
+GATE_PHASES = {
+    "apply": "plan_path",
+    "soak": "plan_path",
+    "health": "plan_path",
+    "canary": "mini_plan_path",
+}
 
 
 def plan_for(run_id: str, key: str, override: Path | None) -> LoadedPlan:
@@ -27,8 +32,9 @@ def plan_for(run_id: str, key: str, override: Path | None) -> LoadedPlan:
             hint="run this from the directory that holds backfill_logs/, or pass --plan",
         )
     if key not in manifest:
-        raise InvalidInput(f"run {run_id} has not recorded a {key.replace('_', ' ')} yet",
-                           hint="pass --plan PATH")
+        raise InvalidInput(
+            f"run {run_id} has not recorded a {key.replace('_', ' ')} yet", hint="pass --plan PATH"
+        )
     return load_plan(manifest[key])
 
 
@@ -73,20 +79,39 @@ async def decide(
         try:
             on_disk = text_digest(report.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise InvalidInput(f"gate {gate}: the report {report} is missing",
-                               hint=f"re-render it with `{command_prefix()} report {run_id}`") from None
+            raise InvalidInput(
+                f"gate {gate}: the report {report} is missing",
+                hint=f"re-render it with `{command_prefix()} report {run_id}`",
+            ) from None
         if on_disk != row.report_digest:
             raise InvalidInput(
                 f"gate {gate}: {report} is not the report the runner wrote (it was edited or is stale)",
                 hint=f"re-render it with `{command_prefix()} report {run_id}`, review it, then decide",
             )
         check_decision(
-            gate=gate, decision=decision, actor=actor, operator=row.result.get("operator", ""),
-            policy=loaded.plan.gates, criteria=row.criteria, note=note, override=override,
+            gate=gate,
+            decision=decision,
+            actor=actor,
+            operator=row.result.get("operator", ""),
+            policy=loaded.plan.gates,
+            criteria=row.criteria,
+            note=note,
+            override=override,
         )
-        await ledger.record_decision(conn, run_id, new_decision(
-            gate, decision, actor, note, override, loaded.digest, on_disk, row.criteria or "",
-        ))
+        await ledger.record_decision(
+            conn,
+            run_id,
+            new_decision(
+                gate,
+                decision,
+                actor,
+                note,
+                override,
+                loaded.digest,
+                on_disk,
+                row.criteria or "",
+            ),
+        )
     cmd = command_prefix()
     if decision == "reject":
         return f"the rollout of run {run_id} stops here; to undo: {cmd} rollback {run_id} --env {env} --dry-run"

@@ -15,7 +15,7 @@ import structlog
 
 from runner import events, ledger
 from runner.artifacts import RunDir, write_json, write_text
-from runner.db import Databases, close_quietly
+from runner.db import Databases, close_quietly, fetch_one
 from runner.engine import dbhealth
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
@@ -67,13 +67,18 @@ class HealthResult:
 
 
 async def table_shape(conn: asyncpg.Connection, table: str) -> dict[str, Any]:
-    cols = {r["name"]: {"type": r["type"], "not_null": r["not_null"]} for r in await conn.fetch(_SHAPE_SQL, table)}
+    cols = {
+        r["name"]: {"type": r["type"], "not_null": r["not_null"]}
+        for r in await conn.fetch(_SHAPE_SQL, table)
+    }
     triggers = {r["name"]: r["enabled"] for r in await conn.fetch(_TRIGGERS_SQL, table)}
     key = await conn.fetchval(_KEY_SQL, table)
     return {"columns": cols, "triggers": triggers, "primary_key": list(key or [])}
 
 
-def schema_drift(staging: dict[str, Any], prod: dict[str, Any], declared: set[str]) -> list[dict[str, Any]]:
+def schema_drift(
+    staging: dict[str, Any], prod: dict[str, Any], declared: set[str]
+) -> list[dict[str, Any]]:
     """Differences between the staging and prod target tables; drift on a declared column or the key
     is a blocker (the staging rehearsal does not prove the prod apply), the rest is a condition."""
     rows: list[dict[str, Any]] = []
@@ -81,20 +86,46 @@ def schema_drift(staging: dict[str, Any], prod: dict[str, Any], declared: set[st
         s, p = staging["columns"].get(name), prod["columns"].get(name)
         if s == p:
             continue
-        what = ("missing in prod" if p is None else "missing in staging" if s is None
-                else "type differs" if s["type"] != p["type"] else "nullability differs")
-        rows.append({"object": f"column {name}", "staging": s and f"{s['type']}{' not null' if s['not_null'] else ''}",
-                     "prod": p and f"{p['type']}{' not null' if p['not_null'] else ''}", "what": what,
-                     "blocker": name in declared})
+        what = (
+            "missing in prod"
+            if p is None
+            else "missing in staging"
+            if s is None
+            else "type differs"
+            if s["type"] != p["type"]
+            else "nullability differs"
+        )
+        rows.append(
+            {
+                "object": f"column {name}",
+                "staging": s and f"{s['type']}{' not null' if s['not_null'] else ''}",
+                "prod": p and f"{p['type']}{' not null' if p['not_null'] else ''}",
+                "what": what,
+                "blocker": name in declared,
+            }
+        )
     if staging["primary_key"] != prod["primary_key"]:
-        rows.append({"object": "primary key", "staging": ", ".join(staging["primary_key"]) or "none",
-                     "prod": ", ".join(prod["primary_key"]) or "none", "what": "differs", "blocker": True})
+        rows.append(
+            {
+                "object": "primary key",
+                "staging": ", ".join(staging["primary_key"]) or "none",
+                "prod": ", ".join(prod["primary_key"]) or "none",
+                "what": "differs",
+                "blocker": True,
+            }
+        )
     for name in sorted(set(staging["triggers"]) | set(prod["triggers"])):
         s, p = staging["triggers"].get(name), prod["triggers"].get(name)
         if s != p:
-            rows.append({"object": f"trigger {name}", "staging": "absent" if s is None else ("enabled" if s else "disabled"),
-                         "prod": "absent" if p is None else ("enabled" if p else "disabled"),
-                         "what": "differs", "blocker": False})
+            rows.append(
+                {
+                    "object": f"trigger {name}",
+                    "staging": "absent" if s is None else ("enabled" if s else "disabled"),
+                    "prod": "absent" if p is None else ("enabled" if p else "disabled"),
+                    "what": "differs",
+                    "blocker": False,
+                }
+            )
     return rows
 
 
@@ -106,7 +137,9 @@ def tune_batch_size(plan_size: int, ms_per_row: float | None, target_seconds: fl
     return max(min(plan_size, fits), min(plan_size, 100))
 
 
-def mini_plan(loaded: LoadedPlan, env: str, run_id: str, size: int, canary_batches: int) -> dict[str, Any]:
+def mini_plan(
+    loaded: LoadedPlan, env: str, run_id: str, size: int, canary_batches: int
+) -> dict[str, Any]:
     """The prod plan: same discovery and apply (so it only finds what still needs it: idempotent),
     prod's environment only, the tuned batch size, a canary and its parent's digest."""
     raw = copy.deepcopy(loaded.raw)
@@ -121,12 +154,16 @@ def mini_plan(loaded: LoadedPlan, env: str, run_id: str, size: int, canary_batch
     return raw
 
 
-async def health(loaded: LoadedPlan, dbs: Databases, *, env: str, run_id: str, operator: str) -> HealthResult:
+async def health(
+    loaded: LoadedPlan, dbs: Databases, *, env: str, run_id: str, operator: str
+) -> HealthResult:
     plan = loaded.plan
     cmd = command_prefix()
     if env != plan.pipeline.prod:
-        raise InvalidInput(f"health checks the prod stage ({plan.pipeline.prod!r}), not {env!r}",
-                           hint=f"use --env {plan.pipeline.prod}")
+        raise InvalidInput(
+            f"health checks the prod stage ({plan.pipeline.prod!r}), not {env!r}",
+            hint=f"use --env {plan.pipeline.prod}",
+        )
     staging = plan.pipeline.staging
     gate = gate_name("health", env)
     s_conn = await dbs.connect(staging, read_only=True)
@@ -137,20 +174,25 @@ async def health(loaded: LoadedPlan, dbs: Databases, *, env: str, run_id: str, o
         require_open(state, run_id=run_id, before="the prod health check", cmd=cmd)
         staging_run = await ledger.get_run(s_conn, run_id)
         assert staging_run is not None
-        per_batch = await s_conn.fetchrow(
+        per_batch = await fetch_one(
+            s_conn,
             "SELECT avg(duration_ms) AS ms, avg(changed + noop) AS rows, count(*) AS n"
-            " FROM backfill.batches WHERE run_id = $1 AND status = 'done'", run_id)
+            " FROM backfill.batches WHERE run_id = $1 AND status = 'done'",
+            run_id,
+        )
         staging_shape = await table_shape(s_conn, staging_run.target_table)
         staging_decisions = await ledger.decisions(s_conn, run_id)
 
         await ledger.ensure_ledger(conn)
         async with ro.transaction(readonly=True):
             target: TargetInfo = await resolve_target(ro, plan.target)
-            needing = await ro.fetchrow(target.discovery_count_sql(plan.discovery.sql))
-            size = await ro.fetchrow(
+            needing = await fetch_one(ro, target.discovery_count_sql(plan.discovery.sql))
+            size = await fetch_one(
+                ro,
                 "SELECT pg_total_relation_size(to_regclass($1)) AS bytes,"
                 " (SELECT reltuples FROM pg_class WHERE oid = to_regclass($1))::bigint AS rows",
-                target.display)
+                target.display,
+            )
             capacity = await dbhealth.sample(ro, target.display)
             prod_shape = await table_shape(ro, target.display)
         await ensure_run(conn, loaded, env, run_id, target, operator, create=True)
@@ -159,65 +201,137 @@ async def health(loaded: LoadedPlan, dbs: Databases, *, env: str, run_id: str, o
         async with run_lock(conn, run_id):
             declared = {c.name for c in target.columns} | {k.name for k in target.key}
             drift = schema_drift(staging_shape, prod_shape, declared)
-            blockers = [f"schema drift: {d['object']} {d['what']} (staging {d['staging']}, prod {d['prod']})"
-                        for d in drift if d["blocker"]]
-            conditions = [f"schema drift: {d['object']} {d['what']}" for d in drift if not d["blocker"]]
+            blockers = [
+                f"schema drift: {d['object']} {d['what']} (staging {d['staging']}, prod {d['prod']})"
+                for d in drift
+                if d["blocker"]
+            ]
+            conditions = [
+                f"schema drift: {d['object']} {d['what']}" for d in drift if not d["blocker"]
+            ]
             h = plan.health
             use = capacity["db.connection_use"] or 0.0
             if use > h.max_connection_use:
-                conditions.append(f"connections at {use:.0%} of max_connections (limit {h.max_connection_use:.0%}): "
-                                  "lower workers or wait for a quieter window")
+                conditions.append(
+                    f"connections at {use:.0%} of max_connections (limit {h.max_connection_use:.0%}): "
+                    "lower workers or wait for a quieter window"
+                )
             if (capacity["db.longest_transaction_s"] or 0) > h.max_long_transaction:
-                conditions.append(f"a transaction has been open {capacity['db.longest_transaction_s']:.0f} s: "
-                                  "it may hold locks the backfill will wait on")
+                conditions.append(
+                    f"a transaction has been open {capacity['db.longest_transaction_s']:.0f} s: "
+                    "it may hold locks the backfill will wait on"
+                )
             if capacity["db.lock_waiters"]:
-                conditions.append(f"{capacity['db.lock_waiters']:.0f} session(s) are waiting on locks")
+                conditions.append(
+                    f"{capacity['db.lock_waiters']:.0f} session(s) are waiting on locks"
+                )
             if capacity["db.replication_lag_s"] and capacity["db.replication_lag_s"] > 30:
                 conditions.append(f"replication lag is {capacity['db.replication_lag_s']:.0f} s")
             rows_needing = int(needing["n"])
-            ms_per_row = (float(per_batch["ms"]) / float(per_batch["rows"])
-                          if per_batch["n"] and per_batch["rows"] else None)
+            ms_per_row = (
+                float(per_batch["ms"]) / float(per_batch["rows"])
+                if per_batch["n"] and per_batch["rows"]
+                else None
+            )
             tuned = tune_batch_size(plan.batching.size, ms_per_row, h.target_batch_seconds)
             batches = math.ceil(rows_needing / tuned) if rows_needing else 0
-            canary = max(1, math.ceil(rows_needing * h.canary_percent / 100 / tuned)) if rows_needing else 1
-            throttle = Throttle(plan.batching.batches_per_minute, plan.batching.rows_per_second, tuned)
-            work = (batches * tuned * ms_per_row / 1000 / plan.batching.workers) if ms_per_row else None
+            canary = (
+                max(1, math.ceil(rows_needing * h.canary_percent / 100 / tuned))
+                if rows_needing
+                else 1
+            )
+            throttle = Throttle(
+                plan.batching.batches_per_minute, plan.batching.rows_per_second, tuned
+            )
+            work = (
+                (batches * tuned * ms_per_row / 1000 / plan.batching.workers)
+                if ms_per_row
+                else None
+            )
             estimate = max(throttle.seconds_for(batches, rows_needing), work or 0.0)
             verdict = "no-go" if blockers else ("go-with-conditions" if conditions else "go")
             raw_mini = mini_plan(loaded, env, run_id, tuned, canary)
             mini_path = run_dir.env(env) / MINI_PLAN
             mini_loaded = validate_raw(mini_path, raw_mini)  # it must load with `backfill validate`
             write_json(mini_path, raw_mini)
-            run_dir.record(mini_plan_path=str(mini_path.resolve()), plan_path=str(loaded.path.resolve()),
-                           envs={env: dbs.display_dsn(env)})
+            run_dir.record(
+                mini_plan_path=str(mini_path.resolve()),
+                plan_path=str(loaded.path.resolve()),
+                envs={env: dbs.display_dsn(env)},
+            )
             result = {
-                "plan": {"name": plan.name, "digest": loaded.digest}, "operator": operator, "env": env,
-                "staging_env": staging, "dsn": dbs.display_dsn(env), "cmd": cmd, "report_file": REPORT,
-                "verdict": verdict, "blockers": blockers, "conditions": conditions,
-                "rows_needing": rows_needing, "key_range": [needing["first_key"], needing["last_key"]],
-                "table": {"name": target.display, "bytes": size["bytes"], "rows_estimate": size["rows"]},
-                "capacity": capacity, "drift": drift,
-                "staging": {"batches": per_batch["n"], "avg_batch_ms": per_batch["ms"] and float(per_batch["ms"]),
-                            "avg_batch_rows": per_batch["rows"] and float(per_batch["rows"]), "ms_per_row": ms_per_row},
-                "recommendation": {"batch_size": tuned, "plan_batch_size": plan.batching.size,
-                                   "canary_batches": canary, "canary_percent": h.canary_percent,
-                                   "batches": batches, "workers": plan.batching.workers,
-                                   "batches_per_minute": plan.batching.batches_per_minute,
-                                   "rows_per_second": plan.batching.rows_per_second,
-                                   "estimated_seconds": estimate},
-                "mini_plan_file": MINI_PLAN, "mini_plan_digest": mini_loaded.digest, "mini_plan": raw_mini,
+                "plan": {"name": plan.name, "digest": loaded.digest},
+                "operator": operator,
+                "env": env,
+                "staging_env": staging,
+                "dsn": dbs.display_dsn(env),
+                "cmd": cmd,
+                "report_file": REPORT,
+                "verdict": verdict,
+                "blockers": blockers,
+                "conditions": conditions,
+                "rows_needing": rows_needing,
+                "key_range": [needing["first_key"], needing["last_key"]],
+                "table": {
+                    "name": target.display,
+                    "bytes": size["bytes"],
+                    "rows_estimate": size["rows"],
+                },
+                "capacity": capacity,
+                "drift": drift,
+                "staging": {
+                    "batches": per_batch["n"],
+                    "avg_batch_ms": per_batch["ms"] and float(per_batch["ms"]),
+                    "avg_batch_rows": per_batch["rows"] and float(per_batch["rows"]),
+                    "ms_per_row": ms_per_row,
+                },
+                "recommendation": {
+                    "batch_size": tuned,
+                    "plan_batch_size": plan.batching.size,
+                    "canary_batches": canary,
+                    "canary_percent": h.canary_percent,
+                    "batches": batches,
+                    "workers": plan.batching.workers,
+                    "batches_per_minute": plan.batching.batches_per_minute,
+                    "rows_per_second": plan.batching.rows_per_second,
+                    "estimated_seconds": estimate,
+                },
+                "mini_plan_file": MINI_PLAN,
+                "mini_plan_digest": mini_loaded.digest,
+                "mini_plan": raw_mini,
                 "overrides": overrides_note(staging_decisions),
             }
-            criteria = {"go": "pass", "go-with-conditions": "inconclusive", "no-go": "fail"}[verdict]
-            await ledger.save_phase(conn, run_id, "health", status="finished", result=result,
-                                    criteria=criteria, finished=True)
+            criteria = {"go": "pass", "go-with-conditions": "inconclusive", "no-go": "fail"}[
+                verdict
+            ]
+            await ledger.save_phase(
+                conn,
+                run_id,
+                "health",
+                status="finished",
+                result=result,
+                criteria=criteria,
+                finished=True,
+            )
             path, digest = await render_health(conn, run_id, env)
             await ledger.set_report_digest(conn, run_id, "health", digest)
             log.info("health.finished", verdict=verdict, rows_needing=rows_needing)
-        nxt = (f"{cmd} approve {run_id} --gate {gate} --as <approver>"
-               + (' --note "why the conditions are acceptable"' if verdict == "go-with-conditions" else ""))
-        return HealthResult(run_id, env, verdict, rows_needing, blockers, conditions, path, mini_path, gate,
-                            nxt, drift)
+        nxt = f"{cmd} approve {run_id} --gate {gate} --as <approver>" + (
+            ' --note "why the conditions are acceptable"' if verdict == "go-with-conditions" else ""
+        )
+        return HealthResult(
+            run_id,
+            env,
+            verdict,
+            rows_needing,
+            blockers,
+            conditions,
+            path,
+            mini_path,
+            gate,
+            nxt,
+            drift,
+        )
     finally:
         events.detach()
         for c in (ro, conn, s_conn):
@@ -227,14 +341,22 @@ async def health(loaded: LoadedPlan, dbs: Databases, *, env: str, run_id: str, o
 async def render_health(conn: asyncpg.Connection, run_id: str, env: str) -> tuple[Path, str]:
     row = await ledger.get_phase(conn, run_id, "health")
     run = await ledger.get_run(conn, run_id)
-    assert row is not None and run is not None
+    assert row is not None
+    assert run is not None
     r = row.result
     run_dir = RunDir.of(run_id)
     write_json(run_dir.env(env) / MINI_PLAN, r["mini_plan"])
-    text = render("prod_health_check.md.j2", {
-        "run": run, "env": env, "r": r, "gate": gate_name("health", env),
-        "mini_plan_json": json.dumps(r["mini_plan"], indent=2),
-        "started_at": row.started_at, "finished_at": row.finished_at,
-    })
+    text = render(
+        "prod_health_check.md.j2",
+        {
+            "run": run,
+            "env": env,
+            "r": r,
+            "gate": gate_name("health", env),
+            "mini_plan_json": json.dumps(r["mini_plan"], indent=2),
+            "started_at": row.started_at,
+            "finished_at": row.finished_at,
+        },
+    )
     path = write_text(run_dir.env(env) / REPORT, text)
     return path, text_digest(text)

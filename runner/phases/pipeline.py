@@ -46,8 +46,11 @@ async def read_steps(loaded: LoadedPlan, dbs: Databases, run_id: str) -> list[St
                 if phase == "health" and row is not None:
                     mini_digest = row.result.get("mini_plan_digest")
                 digest = mini_digest if phase == "canary" and mini_digest else loaded.digest
-                gate = None if phase == "rest" else await gate_state(
-                    conn, run_id, phase, gate_name(phase, env), digest)
+                gate = (
+                    None
+                    if phase == "rest"
+                    else await gate_state(conn, run_id, phase, gate_name(phase, env), digest)
+                )
                 steps.append(Step(phase, env, finished, gate))
     return steps
 
@@ -74,15 +77,20 @@ async def run_pipeline(
         while True:
             if run_id is None:
                 say(f"phase 1: apply on {plan.pipeline.staging}")
-                result = await apply_phase.apply(loaded, dbs, env=plan.pipeline.staging,
-                                                 operator=operator, progress=progress)
+                result = await apply_phase.apply(
+                    loaded, dbs, env=plan.pipeline.staging, operator=operator, progress=progress
+                )
                 run_id = result.run_id
                 say(f"  run {run_id}: summary {result.summary_path}")
                 continue
             steps = await read_steps(loaded, dbs, run_id)
-            step = next((s for s in steps if not s.finished or (s.gate and not s.gate.is_open)), None)
+            step = next(
+                (s for s in steps if not s.finished or (s.gate and not s.gate.is_open)), None
+            )
             if step is None:
-                say(f"run {run_id}: the rollout is complete; `{cmd} status {run_id}` shows every phase")
+                say(
+                    f"run {run_id}: the rollout is complete; `{cmd} status {run_id}` shows every phase"
+                )
                 return EXIT_DONE
             if step.finished and step.gate is not None:
                 g = step.gate
@@ -90,36 +98,69 @@ async def run_pipeline(
                     say(f"gate {g.gate} is {g.status}: {g.reason}")
                     return EXIT_NO_GO
                 if auto_approver is not None:
-                    await decide(run_id, g.gate, "approve", actor=auto_approver,
-                                 note="approved by the demo (--auto-approve)" if g.criteria != "pass" else "",
-                                 override=False, plan_path=None)
+                    await decide(
+                        run_id,
+                        g.gate,
+                        "approve",
+                        actor=auto_approver,
+                        note="approved by the demo (--auto-approve)"
+                        if g.criteria != "pass"
+                        else "",
+                        override=False,
+                        plan_path=None,
+                    )
                     say(f"  gate {g.gate}: approved by {auto_approver} (demo)")
                     continue
                 report = _report_of(run_id, step)
                 say(f"halted at gate {g.gate} ({g.status}: {g.reason})")
-                say(f"  review {report}, then: {cmd} approve {run_id} --gate {g.gate} --as <approver>")
+                say(
+                    f"  review {report}, then: {cmd} approve {run_id} --gate {g.gate} --as <approver>"
+                )
                 return EXIT_GATE_WAITING
             say(f"phase: {step.phase} on {step.env}")
             if step.phase == "apply":
-                await apply_phase.apply(loaded, dbs, env=step.env, run_id=run_id, operator=operator,
-                                        progress=progress)
+                await apply_phase.apply(
+                    loaded, dbs, env=step.env, run_id=run_id, operator=operator, progress=progress
+                )
             elif step.phase == "soak":
-                s = await soak_phase.soak(loaded, dbs, env=step.env, run_id=run_id, duration=soak_duration,
-                                          interval=soak_interval, operator=operator)
+                s = await soak_phase.soak(
+                    loaded,
+                    dbs,
+                    env=step.env,
+                    run_id=run_id,
+                    duration=soak_duration,
+                    interval=soak_interval,
+                    operator=operator,
+                )
                 say(f"  soak verdict {s.verdict}: {s.report_path}")
             elif step.phase == "health":
-                h = await health_phase.health(loaded, dbs, env=step.env, run_id=run_id, operator=operator)
+                h = await health_phase.health(
+                    loaded, dbs, env=step.env, run_id=run_id, operator=operator
+                )
                 say(f"  health verdict {h.verdict}: {h.report_path}; mini plan {h.mini_plan_path}")
             else:
                 mini = load_plan(_mini_plan(run_id, step.env))
                 async with Databases(mini.plan) as prod_dbs:
-                    r = await apply_phase.apply(mini, prod_dbs, env=step.env, run_id=run_id,
-                                                operator=operator, progress=progress)
-                say(f"  {r.stage}: {r.totals.get('changed', 0):,} row(s) changed; summary {r.summary_path}")
+                    r = await apply_phase.apply(
+                        mini,
+                        prod_dbs,
+                        env=step.env,
+                        run_id=run_id,
+                        operator=operator,
+                        progress=progress,
+                    )
+                say(
+                    f"  {r.stage}: {r.totals.get('changed', 0):,} row(s) changed; summary {r.summary_path}"
+                )
 
 
-_REPORTS = {"apply": "backfill_summary.md", "soak": soak_phase.REPORT, "health": health_phase.REPORT,
-            "canary": "canary_summary.md", "rest": "rest_summary.md"}
+_REPORTS = {
+    "apply": "backfill_summary.md",
+    "soak": soak_phase.REPORT,
+    "health": health_phase.REPORT,
+    "canary": "canary_summary.md",
+    "rest": "rest_summary.md",
+}
 
 
 def _report_of(run_id: str, step: Step) -> Path:
@@ -137,22 +178,32 @@ async def describe_run(run_id: str, plan_path: Path | None) -> tuple[str, int]:
     async with Databases(loaded.plan) as dbs:
         steps = await read_steps(loaded, dbs, run_id)
         for s in steps:
-            gate = "" if s.gate is None else f"  gate {s.gate.gate}: {s.gate.status} — {s.gate.reason}"
-            lines.append(f"  {s.phase:<7} on {s.env:<8} {'finished' if s.finished else 'not run':<9}{gate}")
+            gate = (
+                "" if s.gate is None else f"  gate {s.gate.gate}: {s.gate.status} — {s.gate.reason}"
+            )
+            lines.append(
+                f"  {s.phase:<7} on {s.env:<8} {'finished' if s.finished else 'not run':<9}{gate}"
+            )
         for env in (loaded.plan.pipeline.staging, loaded.plan.pipeline.prod):
             async with dbs.connection(env) as conn:
                 for d in await ledger.decisions(conn, run_id):
                     extra = " OVERRIDE" if d.override else ""
-                    lines.append(f"  decision: {d.gate} {d.decision}{extra} by {d.actor} at "
-                                 f"{d.decided_at:%Y-%m-%d %H:%M:%S}" + (f" — {d.note}" if d.note else ""))
+                    lines.append(
+                        f"  decision: {d.gate} {d.decision}{extra} by {d.actor} at "
+                        f"{d.decided_at:%Y-%m-%d %H:%M:%S}" + (f" — {d.note}" if d.note else "")
+                    )
     nxt = next((s for s in steps if not s.finished or (s.gate and not s.gate.is_open)), None)
     if nxt is None:
         lines.append("next: nothing — the rollout is complete")
     elif nxt.finished and nxt.gate is not None and nxt.gate.status in ("no-go", "rejected"):
-        lines.append(f"next: no-go at {nxt.gate.gate}; to undo: {cmd} rollback {run_id} --env {nxt.env} --dry-run")
+        lines.append(
+            f"next: no-go at {nxt.gate.gate}; to undo: {cmd} rollback {run_id} --env {nxt.env} --dry-run"
+        )
     elif nxt.finished and nxt.gate is not None:
-        lines.append(f"next: review {_report_of(run_id, nxt)}, then "
-                     f"{cmd} approve {run_id} --gate {nxt.gate.gate} --as <approver>")
+        lines.append(
+            f"next: review {_report_of(run_id, nxt)}, then "
+            f"{cmd} approve {run_id} --gate {nxt.gate.gate} --as <approver>"
+        )
     else:
         lines.append(f"next: {cmd} pipeline {loaded.path} --run {run_id}")
     return "\n".join(lines), EXIT_DONE
@@ -174,16 +225,22 @@ async def rerender(run_id: str, plan_path: Path | None) -> list[Path]:
                     if row is None or row.finished_at is None:
                         continue
                     if stage == "soak":
-                        path, digest = await soak_phase.render_soak(conn, run, env, loaded.plan.soak.checks)
+                        path, digest = await soak_phase.render_soak(
+                            conn, run, env, loaded.plan.soak.checks
+                        )
                     elif stage == "health":
                         path, digest = await health_phase.render_health(conn, run_id, env)
                         written.append(RunDir.of(run_id).root / env / health_phase.MINI_PLAN)
                     else:
                         path, digest = await apply_phase.render_summary(
-                            conn, run, env, stage, row.result.get("dsn", dbs.display_dsn(env)))
+                            conn, run, env, stage, row.result.get("dsn", dbs.display_dsn(env))
+                        )
                         rollback = RunDir.of(run_id).env(env) / row.result["rollback_file"]
-                        written.append(await emit_rollback_file(
-                            conn, run, rollback, display_dsn=dbs.display_dsn(env)))
+                        written.append(
+                            await emit_rollback_file(
+                                conn, run, rollback, display_dsn=dbs.display_dsn(env)
+                            )
+                        )
                     written.append(path)
                     _check_same(row.report_digest, digest, path)
     if not written:

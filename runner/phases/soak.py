@@ -62,7 +62,9 @@ def _number(value: Any) -> float:
         if math.isnan(f):
             raise ValueError("the check returned NaN")
         return f
-    raise ValueError(f"the check must return one number or boolean, got {type(value).__name__} {value!r}")
+    raise ValueError(
+        f"the check must return one number or boolean, got {type(value).__name__} {value!r}"
+    )
 
 
 def judge(check: Check, value: float, baseline: float | None) -> tuple[str, str]:
@@ -115,17 +117,24 @@ async def _baselines(
                 v = await _read_only_value(conn, c.baseline_sql, params, timeout_s)
                 out[c.name] = None if v is None else _number(v)
             except (asyncpg.PostgresError, ValueError) as e:
-                raise InvalidInput(f"soak.checks.{c.name}.baseline_sql failed before the soak: {e}") from None
+                raise InvalidInput(
+                    f"soak.checks.{c.name}.baseline_sql failed before the soak: {e}"
+                ) from None
     return out
 
 
-def _verdict(checks: list[Check], counts: dict[str, dict[str, int]], streaks: dict[str, int]) -> tuple[str, str]:
+def _verdict(
+    checks: list[Check], counts: dict[str, dict[str, int]], streaks: dict[str, int]
+) -> tuple[str, str]:
     for c in checks:
         n = counts[c.name]
         if n["fail"] > c.failure_limit:
             return "fail", f"check {c.name} failed {n['fail']} time(s) (limit {c.failure_limit})"
         if streaks[c.name] > c.consecutive_error_limit:
-            return "fail", f"check {c.name} errored {streaks[c.name]} times in a row (limit {c.consecutive_error_limit})"
+            return (
+                "fail",
+                f"check {c.name} errored {streaks[c.name]} times in a row (limit {c.consecutive_error_limit})",
+            )
     for c in checks:
         n = counts[c.name]
         if n["no-data"] > c.inconclusive_limit:
@@ -151,7 +160,9 @@ async def soak(
     duration = duration or plan.soak.duration
     interval = min(interval or plan.soak.interval, duration)
     if not plan.soak.checks:
-        raise InvalidInput("the plan has no soak checks: add [[soak.checks]] entries", hint="see plans/README.md")
+        raise InvalidInput(
+            "the plan has no soak checks: add [[soak.checks]] entries", hint="see plans/README.md"
+        )
     gate = gate_name("soak", env)
     conn = await dbs.connect(env)
     ro = await dbs.connect(env, read_only=True)
@@ -159,8 +170,10 @@ async def soak(
         await ledger.ensure_ledger(conn)
         run = await ledger.get_run(conn, run_id)
         if run is None:
-            raise InvalidInput(f"run {run_id} has no apply in environment {env!r}",
-                               hint="soak the environment the run was applied to")
+            raise InvalidInput(
+                f"run {run_id} has no apply in environment {env!r}",
+                hint="soak the environment the run was applied to",
+            )
         state = await gate_state(conn, run_id, "apply", gate_name("apply", env), loaded.digest)
         require_open(state, run_id=run_id, before="the soak", cmd=cmd)
         run_dir = RunDir.of(run_id)
@@ -170,13 +183,23 @@ async def soak(
             if row is not None and row.finished_at is not None:
                 return _result_from(row, run_id, env, gate, cmd, loaded)
             prior: dict[str, Any] = row.result if row else {}
-            window_start = datetime.fromisoformat(prior["window_start"]) if prior else datetime.now(UTC)
+            window_start = (
+                datetime.fromisoformat(prior["window_start"]) if prior else datetime.now(UTC)
+            )
             params = [window_start, run.created_at]
-            baselines = prior.get("baselines") or await _baselines(ro, plan.soak.checks, params, plan.soak.statement_timeout)
+            baselines = prior.get("baselines") or await _baselines(
+                ro, plan.soak.checks, params, plan.soak.statement_timeout
+            )
             observed = float(prior.get("observed_seconds", 0.0))
-            sample_no = int(await conn.fetchval(
-                "SELECT coalesce(max(sample_no), 0) FROM backfill.soak_samples WHERE run_id = $1", run_id))
-            counts = {c.name: {"pass": 0, "fail": 0, "no-data": 0, "error": 0} for c in plan.soak.checks}
+            sample_no = int(
+                await conn.fetchval(
+                    "SELECT coalesce(max(sample_no), 0) FROM backfill.soak_samples WHERE run_id = $1",
+                    run_id,
+                )
+            )
+            counts = {
+                c.name: {"pass": 0, "fail": 0, "no-data": 0, "error": 0} for c in plan.soak.checks
+            }
             streaks = dict.fromkeys(counts, 0)
             for r in await conn.fetch(
                 "SELECT check_name, outcome FROM backfill.soak_samples WHERE run_id = $1 ORDER BY sample_no",
@@ -184,12 +207,22 @@ async def soak(
             ):
                 if r["check_name"] in counts:
                     counts[r["check_name"]][r["outcome"]] += 1
-                    streaks[r["check_name"]] = streaks[r["check_name"]] + 1 if r["outcome"] == "error" else 0
-            base = {"plan": {"name": plan.name, "digest": loaded.digest}, "operator": operator,
-                    "window_start": window_start.isoformat(), "baselines": baselines,
-                    "duration_seconds": duration, "interval_seconds": interval, "env": env,
-                    "dsn": dbs.display_dsn(env), "report_file": REPORT, "cmd": cmd,
-                    "target": run.target_table}
+                    streaks[r["check_name"]] = (
+                        streaks[r["check_name"]] + 1 if r["outcome"] == "error" else 0
+                    )
+            base = {
+                "plan": {"name": plan.name, "digest": loaded.digest},
+                "operator": operator,
+                "window_start": window_start.isoformat(),
+                "baselines": baselines,
+                "duration_seconds": duration,
+                "interval_seconds": interval,
+                "env": env,
+                "dsn": dbs.display_dsn(env),
+                "report_file": REPORT,
+                "cmd": cmd,
+                "target": run.target_table,
+            }
             verdict, reason = "inconclusive", "not sampled yet"
             jsonl = run_dir.env(env) / "soak_samples.jsonl"
             resumed_at = time.monotonic() - observed
@@ -226,16 +259,39 @@ async def soak(
                 async with conn.transaction():
                     await conn.executemany(
                         "INSERT INTO backfill.soak_samples VALUES ($1, $2, $3, $4, $5, $6, $7)"
-                        " ON CONFLICT DO NOTHING", rows)
-                    await ledger.save_phase(conn, run_id, "soak", status="running",
-                                            result={**base, "observed_seconds": observed})
+                        " ON CONFLICT DO NOTHING",
+                        rows,
+                    )
+                    await ledger.save_phase(
+                        conn,
+                        run_id,
+                        "soak",
+                        status="running",
+                        result={**base, "observed_seconds": observed},
+                    )
                 with jsonl.open("a", encoding="utf-8") as f:
-                    for r in rows:
-                        f.write(json.dumps({"sample": r[1], "check": r[2], "at": r[3].isoformat(),
-                                            "value": r[4], "outcome": r[5], "detail": r[6]}) + "\n")
-                log.info("soak.sample", sample=sample_no, outcomes=outcomes, observed=round(observed, 1))
+                    for line in rows:
+                        f.write(
+                            json.dumps(
+                                {
+                                    "sample": line[1],
+                                    "check": line[2],
+                                    "at": line[3].isoformat(),
+                                    "value": line[4],
+                                    "outcome": line[5],
+                                    "detail": line[6],
+                                }
+                            )
+                            + "\n"
+                        )
+                log.info(
+                    "soak.sample", sample=sample_no, outcomes=outcomes, observed=round(observed, 1)
+                )
                 if progress:
-                    progress("sample", {"sample_no": sample_no, "elapsed": observed, "outcomes": outcomes})
+                    progress(
+                        "sample",
+                        {"sample_no": sample_no, "elapsed": observed, "outcomes": outcomes},
+                    )
                 if verdict == "fail" or observed >= duration:
                     break
                 await anyio.sleep(min(interval, max(duration - observed, 0)))
@@ -244,11 +300,24 @@ async def soak(
                     break
             if verdict != "fail" and observed < duration:
                 verdict, reason = "inconclusive", "the soak ended before its duration"
-            result = {**base, "observed_seconds": observed, "verdict": verdict, "reason": reason,
-                      "samples": sample_no, "counts": counts}
-            await ledger.save_phase(conn, run_id, "soak", status="finished", result=result,
-                                    criteria=verdict, finished=True)
-            path, digest = await render_soak(conn, run, env, plan.soak.checks)
+            result = {
+                **base,
+                "observed_seconds": observed,
+                "verdict": verdict,
+                "reason": reason,
+                "samples": sample_no,
+                "counts": counts,
+            }
+            await ledger.save_phase(
+                conn,
+                run_id,
+                "soak",
+                status="finished",
+                result=result,
+                criteria=verdict,
+                finished=True,
+            )
+            _, digest = await render_soak(conn, run, env, plan.soak.checks)
             await ledger.set_report_digest(conn, run_id, "soak", digest)
             log.info("soak.finished", verdict=verdict, reason=reason)
             row = await ledger.get_phase(conn, run_id, "soak")
@@ -260,14 +329,28 @@ async def soak(
         await close_quietly(conn)
 
 
-def _result_from(row: ledger.PhaseRow, run_id: str, env: str, gate: str, cmd: str, loaded: LoadedPlan) -> SoakResult:
+def _result_from(
+    row: ledger.PhaseRow, run_id: str, env: str, gate: str, cmd: str, loaded: LoadedPlan
+) -> SoakResult:
     r = row.result
     verdict = r.get("verdict", "inconclusive")
-    nxt = (f"{cmd} rollback {run_id} --env {env} --dry-run" if verdict == "fail"
-           else f"{cmd} approve {run_id} --gate {gate} --as <approver>"
-           + (' --note "why it is safe"' if verdict == "inconclusive" else ""))
-    return SoakResult(run_id, env, verdict, r.get("reason", ""), float(r.get("observed_seconds", 0)),
-                      int(r.get("samples", 0)), RunDir.of(run_id).root / env / REPORT, gate, nxt)
+    nxt = (
+        f"{cmd} rollback {run_id} --env {env} --dry-run"
+        if verdict == "fail"
+        else f"{cmd} approve {run_id} --gate {gate} --as <approver>"
+        + (' --note "why it is safe"' if verdict == "inconclusive" else "")
+    )
+    return SoakResult(
+        run_id,
+        env,
+        verdict,
+        r.get("reason", ""),
+        float(r.get("observed_seconds", 0)),
+        int(r.get("samples", 0)),
+        RunDir.of(run_id).root / env / REPORT,
+        gate,
+        nxt,
+    )
 
 
 def _chart(points: list[tuple[str, float | None]], threshold: float | None) -> dict[str, Any]:
@@ -280,12 +363,16 @@ def _chart(points: list[tuple[str, float | None]], threshold: float | None) -> d
     }
 
 
-async def render_soak(conn: asyncpg.Connection, run: ledger.RunRow, env: str, checks: list[Check]) -> tuple[Path, str]:
+async def render_soak(
+    conn: asyncpg.Connection, run: ledger.RunRow, env: str, checks: list[Check]
+) -> tuple[Path, str]:
     row = await ledger.get_phase(conn, run.run_id, "soak")
     assert row is not None
     r = row.result
     samples = await conn.fetch(
-        "SELECT * FROM backfill.soak_samples WHERE run_id = $1 ORDER BY sample_no, check_name", run.run_id)
+        "SELECT * FROM backfill.soak_samples WHERE run_id = $1 ORDER BY sample_no, check_name",
+        run.run_id,
+    )
     start = datetime.fromisoformat(r["window_start"])
     by_check: dict[str, list[asyncpg.Record]] = {}
     for s in samples:
@@ -299,25 +386,48 @@ async def render_soak(conn: asyncpg.Connection, run: ledger.RunRow, env: str, ch
         threshold = c.condition.low if c.condition and c.condition.op != "between" else None
         if threshold is None and baseline is not None and c.max_drop is not None:
             threshold = baseline * (1 - c.max_drop)
-        counts = {k: sum(1 for s in ss if s["outcome"] == k) for k in ("pass", "fail", "no-data", "error")}
+        counts = {
+            k: sum(1 for s in ss if s["outcome"] == k) for k in ("pass", "fail", "no-data", "error")
+        }
         last = ss[-1] if ss else None
-        table.append({
-            "name": c.name, "description": c.description, "last": last["value"] if last else None,
-            "min": min(vals) if vals else None, "max": max(vals) if vals else None,
-            "threshold": judge(c, 0.0, baseline)[1], "baseline": baseline, "counts": counts,
-            "last_detail": last["detail"] if last else "",
-        })
-        points = [(f"{(s['sampled_at'] - start).total_seconds() / 60:.1f}", s["value"]) for s in ss][-40:]
+        table.append(
+            {
+                "name": c.name,
+                "description": c.description,
+                "last": last["value"] if last else None,
+                "min": min(vals) if vals else None,
+                "max": max(vals) if vals else None,
+                "threshold": judge(c, 0.0, baseline)[1],
+                "baseline": baseline,
+                "counts": counts,
+                "last_detail": last["detail"] if last else "",
+            }
+        )
+        points = [
+            (f"{(s['sampled_at'] - start).total_seconds() / 60:.1f}", s["value"]) for s in ss
+        ][-40:]
         charts.append({"name": c.name, **_chart(points, threshold)})
     health = []
     for name, label in dbhealth.METRICS.items():
         vals = [s["value"] for s in by_check.get(name, []) if s["value"] is not None]
-        health.append({"name": label, "last": vals[-1] if vals else None, "max": max(vals) if vals else None})
+        health.append(
+            {"name": label, "last": vals[-1] if vals else None, "max": max(vals) if vals else None}
+        )
     decisions = await ledger.decisions(conn, run.run_id)
-    text = render("staging_observability.md.j2", {
-        "run": run, "env": env, "r": r, "checks": table, "charts": charts, "health": health,
-        "gate": gate_name("soak", env), "overrides": overrides_note(decisions),
-        "started_at": row.started_at, "finished_at": row.finished_at,
-    })
+    text = render(
+        "staging_observability.md.j2",
+        {
+            "run": run,
+            "env": env,
+            "r": r,
+            "checks": table,
+            "charts": charts,
+            "health": health,
+            "gate": gate_name("soak", env),
+            "overrides": overrides_note(decisions),
+            "started_at": row.started_at,
+            "finished_at": row.finished_at,
+        },
+    )
     path = write_text(RunDir.of(run.run_id).env(env) / REPORT, text)
     return path, text_digest(text)

@@ -29,14 +29,24 @@ class UndoOutcome:
 
 
 async def undo(
-    run_id: str, env: str, *, dry_run: bool, emit: bool, batches: str | None, since: datetime | None,
+    run_id: str,
+    env: str,
+    *,
+    dry_run: bool,
+    emit: bool,
+    batches: str | None,
+    since: datetime | None,
     plan_path: Path | None,
 ) -> UndoOutcome:
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     span = parse_batch_range(batches)
     manifest = RunDir.of(run_id).read_manifest()
-    key = "mini_plan_path" if "plan_path" not in manifest and "mini_plan_path" in manifest else "plan_path"
+    key = (
+        "mini_plan_path"
+        if "plan_path" not in manifest and "mini_plan_path" in manifest
+        else "plan_path"
+    )
     loaded = plan_for(run_id, key, plan_path)
     if env not in loaded.plan.environments:
         loaded = plan_for(run_id, "mini_plan_path", plan_path)
@@ -45,38 +55,65 @@ async def undo(
     async with Databases(loaded.plan) as dbs, dbs.connection(env) as conn:
         run = await ledger.get_run(conn, run_id)
         if run is None:
-            raise InvalidInput(f"run {run_id} changed nothing in environment {env!r}: nothing to roll back",
-                               hint="check --env; each environment keeps its own ledger")
+            raise InvalidInput(
+                f"run {run_id} changed nothing in environment {env!r}: nothing to roll back",
+                hint="check --env; each environment keeps its own ledger",
+            )
         await ledger.ensure_ledger(conn)
         if emit:
             stamp = datetime.now(UTC)
             path = run_dir.env(env) / f"rollback_{stamp:%Y-%m-%d}.sql"
-            await emit_rollback_file(conn, run, path, display_dsn=dbs.display_dsn(env), batches=span, since=since)
-            return UndoOutcome(EXIT_DONE, [f"wrote {path}",
-                                           f"run it: psql -v ON_ERROR_STOP=1 -d \"$DSN\" -f {path}"], path=path)
+            await emit_rollback_file(
+                conn, run, path, display_dsn=dbs.display_dsn(env), batches=span, since=since
+            )
+            return UndoOutcome(
+                EXIT_DONE,
+                [f"wrote {path}", f'run it: psql -v ON_ERROR_STOP=1 -d "$DSN" -f {path}'],
+                path=path,
+            )
         events.attach(run_dir.env(env) / "events.jsonl")
         async with run_lock(conn, run_id):
             bpm = (run.plan.get("batching") or {}).get("batches_per_minute")
-            result = await run_rollback(conn, run, dry_run=dry_run, batches=span, since=since,
-                                        batches_per_minute=bpm,
-                                        on_batch=lambda no, r, c: log.info("rollback.batch", batch=no,
-                                                                           restored=r, conflicts=c))
-        text = render("rollback_report.md.j2", {
-            "run": run, "env": env, "dsn": dbs.display_dsn(env), "r": result, "cmd": command_prefix(),
-            "scope": {"batches": batches, "since": since.isoformat() if since else None},
-            "when": datetime.now(UTC),
-        })
+            result = await run_rollback(
+                conn,
+                run,
+                dry_run=dry_run,
+                batches=span,
+                since=since,
+                batches_per_minute=bpm,
+                on_batch=lambda no, r, c: log.info(
+                    "rollback.batch", batch=no, restored=r, conflicts=c
+                ),
+            )
+        text = render(
+            "rollback_report.md.j2",
+            {
+                "run": run,
+                "env": env,
+                "dsn": dbs.display_dsn(env),
+                "r": result,
+                "cmd": command_prefix(),
+                "scope": {"batches": batches, "since": since.isoformat() if since else None},
+                "when": datetime.now(UTC),
+            },
+        )
         name = "rollback_dry_run.md" if dry_run else "rollback_report.md"
         path = write_text(run_dir.env(env) / name, text)
     lines = [f"rollback of run {run_id} on {env}{' (dry run: nothing changed)' if dry_run else ''}"]
     if dry_run:
-        lines.append(f"  would restore {result.restorable:,} row(s) in {len(result.batches)} batch(es); "
-                     f"{result.already:,} already at their before-image; {result.conflicts:,} conflict(s)")
+        lines.append(
+            f"  would restore {result.restorable:,} row(s) in {len(result.batches)} batch(es); "
+            f"{result.already:,} already at their before-image; {result.conflicts:,} conflict(s)"
+        )
     else:
-        lines.append(f"  restored {result.restored:,} row(s) in {len(result.batches)} batch(es); "
-                     f"{result.already:,} were already at their before-image; {result.conflicts:,} conflict(s) left alone")
-        lines.append(f"  checksum {'verified' if result.verified else 'NOT verified'} "
-                     f"({result.actual_checksum} vs expected {result.expected_checksum})")
+        lines.append(
+            f"  restored {result.restored:,} row(s) in {len(result.batches)} batch(es); "
+            f"{result.already:,} were already at their before-image; {result.conflicts:,} conflict(s) left alone"
+        )
+        lines.append(
+            f"  checksum {'verified' if result.verified else 'NOT verified'} "
+            f"({result.actual_checksum} vs expected {result.expected_checksum})"
+        )
     lines.append(f"  report: {path}")
     ok = dry_run or result.verified
     return UndoOutcome(EXIT_DONE if ok else EXIT_FAILED, lines, result, path)

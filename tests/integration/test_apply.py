@@ -26,9 +26,13 @@ def env_for(db: str, prod: str | None = None) -> dict[str, str]:
 
 
 def ledger_totals(db: str, run_id: str) -> dict[str, Any]:
-    row = sql(db, """SELECT count(*) FILTER (WHERE status = 'done') AS batches,
+    row = sql(
+        db,
+        """SELECT count(*) FILTER (WHERE status = 'done') AS batches,
                             coalesce(sum(changed), 0) AS changed, coalesce(sum(noop), 0) AS noop
-                     FROM backfill.batches WHERE run_id = $1""", run_id)[0]
+                     FROM backfill.batches WHERE run_id = $1""",
+        run_id,
+    )[0]
     return dict(row)
 
 
@@ -48,16 +52,27 @@ def test_apply_changes_exactly_the_rows_that_needed_it_writes_artifacts_and_halt
     assert val(db, "SELECT count(*) FROM items WHERE updated_at = '2030-01-01'") == 800
     assert sql(db, "SELECT id, updated_at FROM items WHERE id % 5 = 0 ORDER BY id") == untouched
     assert ledger_totals(db, run_id) == {"batches": 8, "changed": 800, "noop": 0}
-    assert val(db, "SELECT count(*) FROM backfill.row_images WHERE run_id = $1 AND op = 'U'", run_id) == 800
-    assert val(db, "SELECT count(DISTINCT key) FROM backfill.row_images WHERE run_id = $1", run_id) == 800
-    assert val(db, "SELECT before FROM backfill.row_images WHERE key = '{1}'") == ["old1", "2020-01-01 00:00:00+00"]
+    assert (
+        val(db, "SELECT count(*) FROM backfill.row_images WHERE run_id = $1 AND op = 'U'", run_id)
+        == 800
+    )
+    assert (
+        val(db, "SELECT count(DISTINCT key) FROM backfill.row_images WHERE run_id = $1", run_id)
+        == 800
+    )
+    assert val(db, "SELECT before FROM backfill.row_images WHERE key = '{1}'") == [
+        "old1",
+        "2020-01-01 00:00:00+00",
+    ]
 
     out = workdir / "backfill_logs" / "items_new" / run_id / "staging"
     batch = json.loads((out / "batches" / "batch_00001.json").read_text())
-    assert batch["status"] == "done" and batch["counts"]["changed"] == 100
+    assert batch["status"] == "done"
+    assert batch["counts"]["changed"] == 100
     assert batch["key_range"] == {"first": ["1"], "last": ["124"]}
     results = json.loads((out / "execution_results.json").read_text())
-    assert results["totals"]["changed"] == 800 and results["plan"]["digest"]
+    assert results["totals"]["changed"] == 800
+    assert results["plan"]["digest"]
     assert (out / "events.jsonl").read_text().count('"event": "batch.done"') == 8
     summary = (out / "backfill_summary.md").read_text()
     assert "```mermaid\nxychart-beta" in summary
@@ -75,28 +90,48 @@ def test_approve_opens_the_gate_and_refuses_self_and_outsiders(
     plan = write_plan(workdir / "p.json", gates__approvers=["alice", "operator"])
     run_id = run_id_of(cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db)).output)
     outsider = cli("approve", run_id, "--gate", "apply-staging", "--as", "mallory", env=env_for(db))
-    assert outsider.exit_code == 2 and "not an approver" in outsider.output
+    assert outsider.exit_code == 2
+    assert "not an approver" in outsider.output
     self_ = cli("approve", run_id, "--gate", "apply-staging", "--as", "operator", env=env_for(db))
-    assert self_.exit_code == 2 and "ran this phase and may not approve it" in self_.output
-    ok = cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", "--note", "looks right",
-             env=env_for(db))
+    assert self_.exit_code == 2
+    assert "ran this phase and may not approve it" in self_.output
+    ok = cli(
+        "approve",
+        run_id,
+        "--gate",
+        "apply-staging",
+        "--as",
+        "alice",
+        "--note",
+        "looks right",
+        env=env_for(db),
+    )
     assert ok.exit_code == 0, ok.output
     decision = sql(db, "SELECT actor, plan_digest, report_digest FROM backfill.gate_decisions")[0]
-    assert decision["actor"] == "alice" and len(decision["plan_digest"]) == 64
+    assert decision["actor"] == "alice"
+    assert len(decision["plan_digest"]) == 64
     status = cli("status", run_id, env=env_for(db))
     assert "gate apply-staging: open — approved by alice" in status.output
 
 
-def test_approval_refused_when_the_report_was_edited(cli: Callable[..., Any], workdir: Path, db: str) -> None:
+def test_approval_refused_when_the_report_was_edited(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
     make_items(db, 100)
     plan = write_plan(workdir / "p.json")
     run_id = run_id_of(cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db)).output)
     summary = workdir / "backfill_logs" / "items_new" / run_id / "staging" / "backfill_summary.md"
     summary.write_text(summary.read_text() + "\nLooks fine to me.\n")
     refused = cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env_for(db))
-    assert refused.exit_code == 2 and "not the report the runner wrote" in refused.output
+    assert refused.exit_code == 2
+    assert "not the report the runner wrote" in refused.output
     assert cli("report", run_id, env=env_for(db)).exit_code == 0
-    assert cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env_for(db)).exit_code == 0
+    assert (
+        cli(
+            "approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env_for(db)
+        ).exit_code
+        == 0
+    )
 
 
 def test_apply_touching_a_row_outside_its_batch_is_rolled_back_and_named(
@@ -104,11 +139,14 @@ def test_apply_touching_a_row_outside_its_batch_is_rolled_back_and_named(
 ) -> None:
     make_items(db, 300)
     before = val(db, "SELECT md5(string_agg(i::text, ',' ORDER BY id)) FROM items i")
-    plan = write_plan(workdir / "p.json", apply__sql="UPDATE items SET val = 'new' WHERE id = ANY($1) OR id = 5")
+    plan = write_plan(
+        workdir / "p.json", apply__sql="UPDATE items SET val = 'new' WHERE id = ANY($1) OR id = 5"
+    )
     result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert result.exit_code == 1, result.output
     assert "batch 1 (keys [1] … [124])" in result.output
-    assert "outside the batch (keys: 5)" in result.output and "rolled back" in result.output
+    assert "outside the batch (keys: 5)" in result.output
+    assert "rolled back" in result.output
     assert val(db, "SELECT md5(string_agg(i::text, ',' ORDER BY id)) FROM items i") == before
     assert val(db, "SELECT count(*) FROM backfill.row_images") == 0
     assert val(db, "SELECT count(*) FROM backfill.batches WHERE status = 'done'") == 0
@@ -121,8 +159,10 @@ def test_apply_changing_an_undeclared_column_is_rolled_back_and_named(
 ) -> None:
     make_items(db, 300)
     before = val(db, "SELECT md5(string_agg(i::text, ',' ORDER BY id)) FROM items i")
-    plan = write_plan(workdir / "p.json",
-                      apply__sql="UPDATE items SET val = 'new', note = 'oops' WHERE id = ANY($1)")
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql="UPDATE items SET val = 'new', note = 'oops' WHERE id = ANY($1)",
+    )
     result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert result.exit_code == 1, result.output
     assert "outside target.columns (note)" in result.output
@@ -131,10 +171,14 @@ def test_apply_changing_an_undeclared_column_is_rolled_back_and_named(
 
 def test_apply_of_another_table_is_caught(cli: Callable[..., Any], workdir: Path, db: str) -> None:
     make_items(db, 50)
-    sql(db, "CREATE TABLE other (id bigint PRIMARY KEY, v text); INSERT INTO other SELECT g, 'x' FROM generate_series(1, 50) g")
+    sql(
+        db,
+        "CREATE TABLE other (id bigint PRIMARY KEY, v text); INSERT INTO other SELECT g, 'x' FROM generate_series(1, 50) g",
+    )
     plan = write_plan(workdir / "p.json", apply__sql="UPDATE other SET v = 'y' WHERE id = ANY($1)")
     result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
-    assert result.exit_code == 1 and "scope_violation" in result.output
+    assert result.exit_code == 1
+    assert "scope_violation" in result.output
     assert val(db, "SELECT count(*) FROM other WHERE v = 'y'") == 0
 
 
@@ -145,7 +189,8 @@ def test_discovery_that_does_not_converge_is_stopped_not_looped(
     plan = write_plan(workdir / "p.json", discovery__sql="SELECT id FROM items WHERE grp = 3")
     result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert result.exit_code == 1, result.output
-    assert "discovery does not converge" in result.output and "keys: 3" in result.output
+    assert "discovery does not converge" in result.output
+    assert "keys: 3" in result.output
     assert val(db, "SELECT count(*) FROM backfill.row_images WHERE key = '{3}'") == 1
 
 
@@ -155,30 +200,41 @@ def test_rows_already_at_the_new_value_are_recorded_as_noops(
     make_items(db, 100)
     sql(db, "CREATE TABLE todo (id bigint PRIMARY KEY); INSERT INTO todo SELECT id FROM items")
     plan = write_plan(
-        workdir / "p.json", target__columns=["val"], discovery__sql="SELECT id FROM todo",
+        workdir / "p.json",
+        target__columns=["val"],
+        discovery__sql="SELECT id FROM todo",
         apply__sql="WITH done AS (DELETE FROM todo WHERE id = ANY($1)) UPDATE items SET val = 'new' WHERE id = ANY($1)",
     )
     run_id = run_id_of(cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db)).output)
     assert ledger_totals(db, run_id) == {"batches": 1, "changed": 80, "noop": 20}
-    assert val(db, "SELECT count(*) FROM backfill.row_images WHERE op = 'N' AND after IS NULL") == 20
+    assert (
+        val(db, "SELECT count(*) FROM backfill.row_images WHERE op = 'N' AND after IS NULL") == 20
+    )
     assert val(db, "SELECT count(*) FROM todo") == 0
 
 
 def test_composite_keys_page_and_apply(cli: Callable[..., Any], workdir: Path, db: str) -> None:
-    sql(db, """CREATE TABLE pairs (tenant int, code text, v text, PRIMARY KEY (tenant, code));
+    sql(
+        db,
+        """CREATE TABLE pairs (tenant int, code text, v text, PRIMARY KEY (tenant, code));
                INSERT INTO pairs SELECT t, 'c' || lpad(g::text, 3, '0'), NULL
-               FROM generate_series(1, 4) t, generate_series(1, 60) g""")
+               FROM generate_series(1, 4) t, generate_series(1, 60) g""",
+    )
     plan = write_plan(
-        workdir / "p.json", target={"table": "pairs", "key": ["tenant", "code"], "columns": ["v"]},
+        workdir / "p.json",
+        target={"table": "pairs", "key": ["tenant", "code"], "columns": ["v"]},
         discovery__sql="SELECT tenant, code FROM pairs WHERE v IS NULL",
         apply__sql="UPDATE pairs SET v = tenant || ':' || code WHERE (tenant, code) IN (SELECT * FROM unnest($1::int[], $2::text[]))",
-        batching__size=50, soak__checks=[],
+        batching__size=50,
+        soak__checks=[],
     )
     result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert result.exit_code == 3, result.output
     assert val(db, "SELECT count(*) FROM pairs WHERE v = tenant || ':' || code") == 240
     assert sql(db, "SELECT first_key, last_key FROM backfill.batches WHERE batch_no = 2")[0][:] == (
-        ["1", "c051"], ["2", "c040"])
+        ["1", "c051"],
+        ["2", "c040"],
+    )
 
 
 def test_workers_apply_without_overlap(cli: Callable[..., Any], workdir: Path, db: str) -> None:
@@ -190,35 +246,60 @@ def test_workers_apply_without_overlap(cli: Callable[..., Any], workdir: Path, d
     assert val(db, "SELECT count(*) FROM items WHERE val <> 'new'") == 0
 
 
-def test_rate_limit_is_achieved_within_5_percent(cli: Callable[..., Any], workdir: Path, db: str) -> None:
+def test_rate_limit_is_achieved_within_5_percent(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
     make_items(db, 600)
     plan = write_plan(workdir / "p.json", batching__size=8, batching__batches_per_minute=600)
     run_id = run_id_of(cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db)).output)
-    starts: list[datetime] = [r[0] for r in sql(db, "SELECT started_at FROM backfill.batches WHERE run_id = $1 ORDER BY started_at", run_id)]
+    starts: list[datetime] = [
+        r[0]
+        for r in sql(
+            db,
+            "SELECT started_at FROM backfill.batches WHERE run_id = $1 ORDER BY started_at",
+            run_id,
+        )
+    ]
     assert len(starts) == 60
     achieved = (len(starts) - 1) / (starts[-1] - starts[0]).total_seconds() * 60
     assert abs(achieved - 600) / 600 < 0.05, achieved
 
 
-def test_lock_timeout_is_retried_and_recorded(cli: Callable[..., Any], workdir: Path, db: str) -> None:
+def test_lock_timeout_is_retried_and_recorded(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
     make_items(db, 100)
     holder = subprocess.Popen(
-        [psql_binary(), db, "-c", "BEGIN; SELECT * FROM items WHERE id = 1 FOR UPDATE; SELECT pg_sleep(2); COMMIT;"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            psql_binary(),
+            db,
+            "-c",
+            "BEGIN; SELECT * FROM items WHERE id = 1 FOR UPDATE; SELECT pg_sleep(2); COMMIT;",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         for _ in range(50):
-            if val(db, "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.query LIKE '%pg_sleep%' AND l.locktype = 'transactionid'"):
+            if val(
+                db,
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.query LIKE '%pg_sleep%' AND l.locktype = 'transactionid'",
+            ):
                 break
             subprocess.run(["sleep", "0.1"], check=True)
-        plan = write_plan(workdir / "p.json", batching__lock_timeout="300ms", batching__max_retries=10)
+        plan = write_plan(
+            workdir / "p.json", batching__lock_timeout="300ms", batching__max_retries=10
+        )
         result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     finally:
         holder.wait(timeout=30)
     assert result.exit_code == 3, result.output
     run_id = run_id_of(result.output)
-    errors = json.loads(val(db, "SELECT errors FROM backfill.batches WHERE run_id = $1 AND batch_no = 1", run_id))
-    assert errors and {e["category"] for e in errors} == {"lock_timeout"}
+    errors = json.loads(
+        val(db, "SELECT errors FROM backfill.batches WHERE run_id = $1 AND batch_no = 1", run_id)
+    )
+    assert errors
+    assert {e["category"] for e in errors} == {"lock_timeout"}
     assert val(db, "SELECT attempts FROM backfill.batches WHERE batch_no = 1") == len(errors) + 1
     summary = next((workdir / "backfill_logs").rglob("backfill_summary.md")).read_text()
     assert "| lock_timeout |" in summary
@@ -228,7 +309,10 @@ def test_failing_batch_stops_with_exit_1_and_the_run_continues_after_the_fix(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
     make_items(db, 500)
-    sql(db, "ALTER TABLE items ADD CONSTRAINT no_250 CHECK (id <> 251 OR val <> 'new' OR note = 'fixed')")
+    sql(
+        db,
+        "ALTER TABLE items ADD CONSTRAINT no_250 CHECK (id <> 251 OR val <> 'new' OR note = 'fixed')",
+    )
     plan = write_plan(workdir / "p.json")
     failed = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert failed.exit_code == 1, failed.output
@@ -243,7 +327,8 @@ def test_failing_batch_stops_with_exit_1_and_the_run_continues_after_the_fix(
     assert val(db, "SELECT count(*) - count(DISTINCT key) FROM backfill.row_images") == 0
     assert ledger_totals(db, run_id)["changed"] == 400
     again = cli("apply", str(plan), "-e", "staging", "-q", "--run", run_id, env=env_for(db))
-    assert again.exit_code == 3 and ledger_totals(db, run_id)["changed"] == 400
+    assert again.exit_code == 3
+    assert ledger_totals(db, run_id)["changed"] == 400
 
 
 def test_plan_changed_mid_run_is_refused(cli: Callable[..., Any], workdir: Path, db: str) -> None:
@@ -252,7 +337,8 @@ def test_plan_changed_mid_run_is_refused(cli: Callable[..., Any], workdir: Path,
     run_id = run_id_of(cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db)).output)
     write_plan(workdir / "p.json", batching__size=7)
     result = cli("apply", str(plan), "-e", "staging", "-q", "--run", run_id, env=env_for(db))
-    assert result.exit_code == 2 and "the plan changed mid-run" in result.output
+    assert result.exit_code == 2
+    assert "the plan changed mid-run" in result.output
 
 
 def test_dry_run_counts_estimates_explains_and_writes_nothing(
@@ -271,9 +357,13 @@ def test_dry_run_counts_estimates_explains_and_writes_nothing(
     assert not (workdir / "backfill_logs").exists()
 
 
-def test_prod_is_not_applied_from_the_full_plan(cli: Callable[..., Any], workdir: Path, db: str) -> None:
+def test_prod_is_not_applied_from_the_full_plan(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
     plan = write_plan(workdir / "p.json")
     result = cli("apply", str(plan), "-e", "prod", env=env_for(db))
-    assert result.exit_code == 2 and "applied from the mini plan" in result.output
+    assert result.exit_code == 2
+    assert "applied from the mini plan" in result.output
     result = cli("apply", str(plan), "-e", "qa", env=env_for(db))
-    assert result.exit_code == 2 and "'qa' has no stage" in result.output
+    assert result.exit_code == 2
+    assert "'qa' has no stage" in result.output

@@ -38,17 +38,32 @@ def test_cli_walks_staging_apply_soak_health_canary_rest_through_every_gate(
     assert applied.exit_code == 3, applied.output
     run_id = run_id_of(applied.output)
     run_dir = logs / run_id
-    soak_args = ("soak", str(plan), "-e", "staging", "--run", run_id, "--duration", "1s", "--interval", "1s")
+    soak_args = (
+        "soak",
+        str(plan),
+        "-e",
+        "staging",
+        "--run",
+        run_id,
+        "--duration",
+        "1s",
+        "--interval",
+        "1s",
+    )
     assert cli(*soak_args, env=env).exit_code == 3  # refused: apply gate waits
-    assert cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env).exit_code == 0
+    assert (
+        cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env).exit_code == 0
+    )
 
     health_args = ("health", str(plan), "-e", "prod", "--run", run_id)
     refused = cli(*health_args, env=env)
-    assert refused.exit_code == 3 and "gate soak-staging is not-reached" in refused.output
+    assert refused.exit_code == 3
+    assert "gate soak-staging is not-reached" in refused.output
     soaked = cli(*soak_args, env=env)
     assert soaked.exit_code == 3, soaked.output
     refused = cli(*health_args, env=env)
-    assert refused.exit_code == 3 and "gate soak-staging is waiting" in refused.output
+    assert refused.exit_code == 3
+    assert "gate soak-staging is waiting" in refused.output
     assert cli("approve", run_id, "--gate", "soak-staging", "--as", "bob", env=env).exit_code == 0
 
     needing_prod = val(prod, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'")
@@ -57,21 +72,31 @@ def test_cli_walks_staging_apply_soak_health_canary_rest_through_every_gate(
     assert f"rows needing the backfill: {needing_prod:,}" in checked.output
     mini = run_dir / "prod" / "prod_mini_backfill_plan.json"
     health_md = (run_dir / "prod" / "prod_health_check.md").read_text()
-    assert "**Verdict: GO**" in health_md and f"| Rows needing the backfill (discovery count) | {needing_prod} |" in health_md
-    assert "None: columns, types, nullability, primary key and triggers of the target match." in health_md
+    assert "**Verdict: GO**" in health_md
+    assert f"| Rows needing the backfill (discovery count) | {needing_prod} |" in health_md
+    assert (
+        "None: columns, types, nullability, primary key and triggers of the target match."
+        in health_md
+    )
     assert cli("validate", str(mini), env=env).exit_code == 0
     mini_plan = json.loads(mini.read_text())
-    assert list(mini_plan["environments"]) == ["prod"] and mini_plan["environments"]["prod"]["dsn"] == "${PROD_DSN}"
-    assert mini_plan["parent"]["name"] == "items_new" and mini_plan["canary"]["batches"] >= 1
-    assert val(prod, "SELECT count(*) FROM items WHERE updated_at = '2030-01-01'") == 0  # read-only so far
+    assert list(mini_plan["environments"]) == ["prod"]
+    assert mini_plan["environments"]["prod"]["dsn"] == "${PROD_DSN}"
+    assert mini_plan["parent"]["name"] == "items_new"
+    assert mini_plan["canary"]["batches"] >= 1
+    assert (
+        val(prod, "SELECT count(*) FROM items WHERE updated_at = '2030-01-01'") == 0
+    )  # read-only so far
 
     prod_apply = ("apply", str(mini), "-e", "prod", "--run", run_id, "-q")
     refused = cli(*prod_apply, env=env)
-    assert refused.exit_code == 3 and "gate health-prod is waiting" in refused.output
+    assert refused.exit_code == 3
+    assert "gate health-prod is waiting" in refused.output
     assert cli("approve", run_id, "--gate", "health-prod", "--as", "alice", env=env).exit_code == 0
 
     canary = cli(*prod_apply, env=env)
-    assert canary.exit_code == 3 and "halted at gate canary-prod" in canary.output, canary.output
+    assert canary.exit_code == 3, canary.output
+    assert "halted at gate canary-prod" in canary.output
     canary_rows = val(prod, "SELECT count(*) FROM items WHERE updated_at = '2030-01-01'")
     size = mini_plan["batching"]["size"]
     assert canary_rows == min(needing_prod, size * mini_plan["canary"]["batches"])
@@ -92,12 +117,20 @@ def test_cli_walks_staging_apply_soak_health_canary_rest_through_every_gate(
     staging_results = json.loads((run_dir / "staging" / "execution_results.json").read_text())
     assert staging_results["run_totals"]["changed"] == 480
     assert val(staging, "SELECT sum(changed) FROM backfill.batches") == 480
-    for f in ("staging/backfill_summary.md", "staging/staging_observability.md", "staging/soak_samples.jsonl",
-              "prod/prod_health_check.md", "prod/canary_summary.md", "prod/rest_summary.md", "run.json"):
+    for f in (
+        "staging/backfill_summary.md",
+        "staging/staging_observability.md",
+        "staging/soak_samples.jsonl",
+        "prod/prod_health_check.md",
+        "prod/canary_summary.md",
+        "prod/rest_summary.md",
+        "run.json",
+    ):
         assert (run_dir / f).exists(), f
     assert next((run_dir / "prod").glob("rollback_*.sql")).exists()
     status = cli("status", run_id, env=env)
-    assert "the rollout is complete" in status.output and "canary-prod approve by bob" in status.output
+    assert "the rollout is complete" in status.output
+    assert "canary-prod approve by bob" in status.output
 
     # reports re-render byte for byte from the ledgers (invariant 9)
     before = {p: p.read_text() for p in run_dir.rglob("*.md")}
@@ -118,18 +151,25 @@ def test_a_plan_changed_after_approval_closes_the_gate(
     _, _, env = _two_envs(make_db)
     plan = write_plan(workdir / "plan.json")
     run_id = run_id_of(cli("apply", str(plan), "-e", "staging", "-q", env=env).output)
-    assert cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env).exit_code == 0
+    assert (
+        cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env).exit_code == 0
+    )
     write_plan(workdir / "plan.json", soak__duration="3s")
     refused = cli("soak", str(plan), "-e", "staging", "--run", run_id, env=env)
     assert refused.exit_code == 3
-    assert "gate apply-staging is closed: the plan changed after alice approved it" in refused.output
+    assert (
+        "gate apply-staging is closed: the plan changed after alice approved it" in refused.output
+    )
 
 
 def test_health_blocks_on_schema_drift_of_a_declared_column(
     cli: Callable[..., Any], workdir: Path, make_db: Callable[[], str]
 ) -> None:
     _, prod, env = _two_envs(make_db)
-    sql(prod, "ALTER TABLE items ALTER COLUMN val TYPE varchar(40); ALTER TABLE items ADD COLUMN extra int")
+    sql(
+        prod,
+        "ALTER TABLE items ALTER COLUMN val TYPE varchar(40); ALTER TABLE items ADD COLUMN extra int",
+    )
     plan = write_plan(workdir / "plan.json")
     run_id = run_id_of(cli("apply", str(plan), "-e", "staging", "-q", env=env).output)
     cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env)
@@ -137,7 +177,10 @@ def test_health_blocks_on_schema_drift_of_a_declared_column(
     cli("approve", run_id, "--gate", "soak-staging", "--as", "alice", env=env)
     result = cli("health", str(plan), "-e", "prod", "--run", run_id, env=env)
     assert result.exit_code == 4, result.output
-    assert "blocker: schema drift: column val type differs (staging text, prod character varying(40))" in result.output
+    assert (
+        "blocker: schema drift: column val type differs (staging text, prod character varying(40))"
+        in result.output
+    )
     report = next((workdir / "backfill_logs").rglob("prod_health_check.md")).read_text()
     assert "| column val | text | character varying(40) | type differs | **yes** |" in report
     assert "| column extra | — | integer | missing in staging | no |" in report
@@ -165,15 +208,46 @@ def test_pipeline_command_walks_the_rollout_one_gate_at_a_time(
 @pytest.mark.slow
 def test_demo_auto_approve_walks_the_whole_rollout_on_the_embedded_server(tmp_path: Path) -> None:
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "BACKFILL_HOME": str(tmp_path / "home"), "BACKFILL_LOGS": str(tmp_path / "logs"),
-           "BACKFILL_CMD": "backfill"}
+    env = {
+        **os.environ,
+        "BACKFILL_HOME": str(tmp_path / "home"),
+        "BACKFILL_LOGS": str(tmp_path / "logs"),
+        "BACKFILL_CMD": "backfill",
+    }
     env.pop("STAGING_DSN", None)
-    args = [sys.executable, "-m", "runner", "demo", "--scale", "0.1", "--auto-approve", "--soak-seconds", "1", "-q"]
-    done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False)
+    args = [
+        sys.executable,
+        "-m",
+        "runner",
+        "demo",
+        "--scale",
+        "0.1",
+        "--auto-approve",
+        "--soak-seconds",
+        "1",
+        "-q",
+    ]
+    done = subprocess.run(
+        args, cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "the rollout is complete" in done.stdout
-    for name in ("backfill_summary.md", "staging_observability.md", "prod_health_check.md",
-                 "prod_mini_backfill_plan.json", "canary_summary.md", "rest_summary.md"):
+    for name in (
+        "backfill_summary.md",
+        "staging_observability.md",
+        "prod_health_check.md",
+        "prod_mini_backfill_plan.json",
+        "canary_summary.md",
+        "rest_summary.md",
+    ):
         assert name in done.stdout
-    again = subprocess.run(args[:-3] + ["-q"], cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False)
+    again = subprocess.run(
+        [*args[:-3], "-q"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert again.returncode == 0, again.stdout + again.stderr  # re-running the demo is safe

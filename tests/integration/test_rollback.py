@@ -27,74 +27,133 @@ CREATE TABLE hostile (
     PRIMARY KEY (id, k)
 )"""
 
-texts = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12)
-hostile_texts = st.one_of(texts, st.sampled_from(["'", "''", "\\", "\\'", "$$", "$x$ $$;", "--", "/*", ":var",
-                                                  ":'var'", "\\q", "\n\\! echo pwned\n", "é漢🙂", "NULL", ""]))
+texts = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=12
+)
+hostile_texts = st.one_of(
+    texts,
+    st.sampled_from(
+        [
+            "'",
+            "''",
+            "\\",
+            "\\'",
+            "$$",
+            "$x$ $$;",
+            "--",
+            "/*",
+            ":var",
+            ":'var'",
+            "\\q",
+            "\n\\! echo pwned\n",
+            "é漢🙂",
+            "NULL",
+            "",
+        ]
+    ),
+)
 rows = st.lists(
     st.tuples(
         hostile_texts,
         st.one_of(st.none(), hostile_texts),
-        st.one_of(st.none(), st.decimals(allow_nan=False, allow_infinity=False, places=6,
-                                         min_value=Decimal("-1e12"), max_value=Decimal("1e12"))),
+        st.one_of(
+            st.none(),
+            st.decimals(
+                allow_nan=False,
+                allow_infinity=False,
+                places=6,
+                min_value=Decimal("-1e12"),
+                max_value=Decimal("1e12"),
+            ),
+        ),
         st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True)),
         st.one_of(st.none(), st.booleans()),
         st.one_of(st.none(), st.lists(st.one_of(st.none(), hostile_texts), max_size=3)),
         st.one_of(st.none(), st.binary(max_size=8)),
     ),
-    min_size=1, max_size=6,
+    min_size=1,
+    max_size=6,
 )
 
 
 def _run_psql(dsn: str, path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([psql_binary(), "-X", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f", str(path)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [psql_binary(), "-X", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.mark.slow
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(data=rows)
 def test_emitted_sql_restores_any_type_and_value_exactly_with_psql(
     cli: Callable[..., Any], workdir: Path, db: str, data: list[tuple[Any, ...]]
 ) -> None:
     sql(db, "DROP TABLE IF EXISTS hostile; DROP SCHEMA IF EXISTS backfill CASCADE; " + HOSTILE)
     for i, (k, t, n, f, b, ta, by) in enumerate(data):
-        sql(db, """INSERT INTO hostile (id, k, t, n, f, b, ts, d, j, by, ta, ia, u, iv)
+        sql(
+            db,
+            """INSERT INTO hostile (id, k, t, n, f, b, ts, d, j, by, ta, ia, u, iv)
                    VALUES ($1::int, $2::text, $3::text, $4::numeric, $5::float8, $6::boolean,
                            now() - $1::int * interval '1 day 3 hours', current_date,
                            jsonb_build_object('t', $3::text, 'n', $1::int), $7::bytea, $8::text[],
                            ARRAY[$1::int, NULL], md5($2::text)::uuid, $1::int * interval '1 min 3.5 s')
                    ON CONFLICT DO NOTHING""",
-            i, k, t, n, f, b, by, ta)
+            i,
+            k,
+            t,
+            n,
+            f,
+            b,
+            by,
+            ta,
+        )
     before = val(db, CHECKSUM.format(table="hostile"))
     columns = ["t", "n", "f", "b", "ts", "d", "j", "by", "ta", "ia", "u", "iv", "done"]
     plan = write_plan(
-        workdir / "p.json", target={"table": "hostile", "key": ["id", "k"], "columns": columns},
+        workdir / "p.json",
+        target={"table": "hostile", "key": ["id", "k"], "columns": columns},
         discovery__sql="SELECT id, k FROM hostile WHERE NOT done",
         apply__sql="UPDATE hostile SET t = 'x', n = 1, f = 2, b = NULL, ts = now(), d = NULL, j = '{}', "
-                   "by = NULL, ta = '{}', ia = NULL, u = NULL, iv = NULL, done = true "
-                   "WHERE (id, k) IN (SELECT * FROM unnest($1::int[], $2::text[]))",
-        batching__size=2, soak__checks=[],
+        "by = NULL, ta = '{}', ia = NULL, u = NULL, iv = NULL, done = true "
+        "WHERE (id, k) IN (SELECT * FROM unnest($1::int[], $2::text[]))",
+        batching__size=2,
+        soak__checks=[],
     )
     result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert result.exit_code == 3, result.output
     assert val(db, CHECKSUM.format(table="hostile")) != before
-    rollback = next((workdir / "backfill_logs").rglob(f"{run_id_of(result.output)}/staging/rollback_*.sql"))
+    rollback = next(
+        (workdir / "backfill_logs").rglob(f"{run_id_of(result.output)}/staging/rollback_*.sql")
+    )
     done = _run_psql(db, rollback)
     assert done.returncode == 0, done.stderr
     assert val(db, CHECKSUM.format(table="hostile")) == before
     assert " t\n" in done.stdout  # checksum_matches
     again = _run_psql(db, rollback)  # running it twice is safe
-    assert again.returncode == 0 and val(db, CHECKSUM.format(table="hostile")) == before
+    assert again.returncode == 0
+    assert val(db, CHECKSUM.format(table="hostile")) == before
 
 
-def _applied(cli: Callable[..., Any], workdir: Path, db: str, n: int = 500, **over: Any) -> tuple[str, str, Path]:
+def _applied(
+    cli: Callable[..., Any], workdir: Path, db: str, n: int = 500, **over: Any
+) -> tuple[str, str, Path]:
     make_items(db, n)
     before = val(db, CHECKSUM.format(table="items"))
     plan = write_plan(workdir / "p.json", **over)
     result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert result.exit_code == 3, result.output
     run_id = run_id_of(result.output)
-    return run_id, before, next((workdir / "backfill_logs").rglob(f"{run_id}/staging/rollback_*.sql"))
+    return (
+        run_id,
+        before,
+        next((workdir / "backfill_logs").rglob(f"{run_id}/staging/rollback_*.sql")),
+    )
 
 
 def test_runner_rollback_restores_exactly_and_is_a_noop_the_second_time(
@@ -102,15 +161,18 @@ def test_runner_rollback_restores_exactly_and_is_a_noop_the_second_time(
 ) -> None:
     run_id, before, _ = _applied(cli, workdir, db)
     dry = cli("rollback", run_id, "-e", "staging", "--dry-run", env=env_for(db))
-    assert dry.exit_code == 0 and "would restore 400 row(s) in 4 batch(es)" in dry.output
+    assert dry.exit_code == 0
+    assert "would restore 400 row(s) in 4 batch(es)" in dry.output
     assert val(db, "SELECT count(*) FROM items WHERE val = 'new'") == 500
     done = cli("rollback", run_id, "-e", "staging", env=env_for(db))
     assert done.exit_code == 0, done.output
-    assert "restored 400 row(s)" in done.output and "checksum verified" in done.output
+    assert "restored 400 row(s)" in done.output
+    assert "checksum verified" in done.output
     assert val(db, CHECKSUM.format(table="items")) == before
     assert val(db, "SELECT count(*) FROM backfill.rollback_batches") == 4
     again = cli("rollback", run_id, "-e", "staging", env=env_for(db))
-    assert again.exit_code == 0 and val(db, CHECKSUM.format(table="items")) == before
+    assert again.exit_code == 0
+    assert val(db, CHECKSUM.format(table="items")) == before
     report = next((workdir / "backfill_logs").rglob("rollback_report.md")).read_text()
     assert "**Verified.** 400 row(s) restored" in report
 
@@ -130,49 +192,92 @@ def test_rows_changed_since_are_left_alone_by_both_paths_and_reported(
     sql(db, "UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE val LIKE 'old%'")
     result = cli("rollback", run_id, "-e", "staging", env=env_for(db))
     assert result.exit_code == 0, result.output
-    assert "4 conflict(s) left alone" in result.output and "checksum verified" in result.output
+    assert "4 conflict(s) left alone" in result.output
+    assert "checksum verified" in result.output
     assert val(db, "SELECT count(*) FROM items WHERE val = 'edited by app'") == 3
     report = next((workdir / "backfill_logs").rglob("rollback_report.md")).read_text()
-    assert "| 1 | 1 | new, 2030-01-01 00:00:00+00 | edited by app, 2030-01-01 00:00:00+00 |" in report
+    assert (
+        "| 1 | 1 | new, 2030-01-01 00:00:00+00 | edited by app, 2030-01-01 00:00:00+00 |" in report
+    )
     assert "(row deleted)" in report
 
 
-def test_batches_and_since_target_part_of_the_run(cli: Callable[..., Any], workdir: Path, db: str) -> None:
+def test_batches_and_since_target_part_of_the_run(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
     run_id, _, _ = _applied(cli, workdir, db, 500)
     result = cli("rollback", run_id, "-e", "staging", "--batches", "2-3", env=env_for(db))
     assert result.exit_code == 0, result.output
     assert val(db, "SELECT min(id), max(id) FROM items WHERE val LIKE 'old%'") == 126
     assert val(db, "SELECT count(*) FROM items WHERE val LIKE 'old%'") == 200
-    cutoff = val(db, "SELECT committed_at FROM backfill.batches WHERE run_id = $1 AND batch_no = 3", run_id)
-    emitted = cli("rollback", run_id, "-e", "staging", "--emit", "--since", cutoff.isoformat(), env=env_for(db))
+    cutoff = val(
+        db, "SELECT committed_at FROM backfill.batches WHERE run_id = $1 AND batch_no = 3", run_id
+    )
+    emitted = cli(
+        "rollback",
+        run_id,
+        "-e",
+        "staging",
+        "--emit",
+        "--since",
+        cutoff.isoformat(),
+        env=env_for(db),
+    )
     assert emitted.exit_code == 0, emitted.output
     text = next((workdir / "backfill_logs").rglob("rollback_*.sql")).read_text()
-    assert "-- batch 4:" in text and "-- batch 3:" not in text and "-- batch 1:" not in text
+    assert "-- batch 4:" in text
+    assert "-- batch 3:" not in text
+    assert "-- batch 1:" not in text
 
 
-def test_rollback_of_unknown_run_or_env_is_a_clear_error(cli: Callable[..., Any], workdir: Path, db: str) -> None:
+def test_rollback_of_unknown_run_or_env_is_a_clear_error(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
     run_id, _, _ = _applied(cli, workdir, db, 100)
     missing = cli("rollback", "20200101T000000Z-items_new-abcd", "-e", "staging", env=env_for(db))
-    assert missing.exit_code == 2 and "has no run.json" in missing.output
+    assert missing.exit_code == 2
+    assert "has no run.json" in missing.output
     bad = cli("rollback", run_id, "-e", "staging", "--batches", "9-2", env=env_for(db))
-    assert bad.exit_code == 2 and "--batches" in bad.output
+    assert bad.exit_code == 2
+    assert "--batches" in bad.output
 
 
 @pytest.mark.slow
-def test_killed_rollback_resumes_to_the_exact_pre_apply_state(workdir: Path, db: str, cli: Callable[..., Any]) -> None:
-    run_id, before, _ = _applied(cli, workdir, db, 3000, batching__size=40, batching__batches_per_minute=900)
-    env = {**os.environ, "STAGING_DSN": db, "PROD_DSN": db, "BACKFILL_LOGS": str(workdir / "backfill_logs")}
+def test_killed_rollback_resumes_to_the_exact_pre_apply_state(
+    workdir: Path, db: str, cli: Callable[..., Any]
+) -> None:
+    run_id, before, _ = _applied(
+        cli, workdir, db, 3000, batching__size=40, batching__batches_per_minute=900
+    )
+    env = {
+        **os.environ,
+        "STAGING_DSN": db,
+        "PROD_DSN": db,
+        "BACKFILL_LOGS": str(workdir / "backfill_logs"),
+    }
     for delay in (1.2, 0.9, 1.4):
         with (workdir / "rb.log").open("ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "runner", "rollback", run_id, "-e", "staging"],
-                                    cwd=workdir, env=env, stdout=log, stderr=log)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "runner", "rollback", run_id, "-e", "staging"],
+                cwd=workdir,
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
         time.sleep(delay)
         proc.kill()
         proc.wait()
     partial = val(db, "SELECT count(*) FROM backfill.rollback_batches")
     assert 0 < partial < 60
-    final = subprocess.run([sys.executable, "-m", "runner", "rollback", run_id, "-e", "staging"], cwd=workdir,
-                           env=env, capture_output=True, text=True, timeout=300, check=False)
+    final = subprocess.run(
+        [sys.executable, "-m", "runner", "rollback", run_id, "-e", "staging"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert final.returncode == 0, final.stdout + final.stderr
     assert "checksum verified" in final.stdout
     assert val(db, CHECKSUM.format(table="items")) == before

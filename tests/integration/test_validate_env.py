@@ -39,9 +39,13 @@ def test_validate_env_reports_misspelled_column_and_syntax_error_and_changes_not
     assert val(db, "SELECT to_regnamespace('backfill')") is None  # not even the ledger
 
 
-def test_validate_env_reports_parameter_type_mismatch(cli: Callable[..., Any], workdir: Path, db: str) -> None:
+def test_validate_env_reports_parameter_type_mismatch(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
     make_items(db, 10)
-    path = write_plan(workdir / "p.json", apply__sql="UPDATE items SET val = 'new' WHERE id::text = ANY($1)")
+    path = write_plan(
+        workdir / "p.json", apply__sql="UPDATE items SET val = 'new' WHERE id::text = ANY($1)"
+    )
     result = cli("validate", str(path), "-e", "staging", env={"STAGING_DSN": db, "PROD_DSN": db})
     assert result.exit_code == 2
     assert "$1 is text[], but the runner passes bigint[]" in result.output
@@ -53,20 +57,25 @@ def test_validate_env_reports_missing_table_column_and_non_unique_key(
     env = {"STAGING_DSN": db, "PROD_DSN": db}
     path = write_plan(workdir / "p.json")
     result = cli("validate", str(path), "-e", "staging", env=env)
-    assert result.exit_code == 2 and "table 'items' does not exist" in result.output
+    assert result.exit_code == 2
+    assert "table 'items' does not exist" in result.output
     make_items(db, 10)
     path = write_plan(workdir / "p.json", target__columns=["valz"])
     result = cli("validate", str(path), "-e", "staging", env=env)
-    assert result.exit_code == 2 and "['valz'] do not exist" in result.output
+    assert result.exit_code == 2
+    assert "['valz'] do not exist" in result.output
     path = write_plan(workdir / "p.json", target__key=["grp"])
     result = cli("validate", str(path), "-e", "staging", env=env)
-    assert result.exit_code == 2 and "is not unique" in result.output
+    assert result.exit_code == 2
+    assert "is not unique" in result.output
 
 
 def test_validate_env_accepts_a_good_plan(cli: Callable[..., Any], workdir: Path, db: str) -> None:
     make_items(db, 10)
     path = write_plan(workdir / "p.json")
-    result = cli("validate", str(path), "-e", "staging", "--json", env={"STAGING_DSN": db, "PROD_DSN": db})
+    result = cli(
+        "validate", str(path), "-e", "staging", "--json", env={"STAGING_DSN": db, "PROD_DSN": db}
+    )
     assert result.exit_code == 0, result.output
     assert '"ok": true' in result.output
 

@@ -14,8 +14,12 @@ from runner.plan import Gates
 PLAN, REPORT = "p" * 64, "r" * 64
 
 
-def decision(kind: str = "approve", plan: str = PLAN, report: str = REPORT, override: bool = False) -> Decision:
-    return Decision("apply-staging", kind, "alice", "", override, plan, report, "pass", datetime.now(UTC))
+def decision(
+    kind: str = "approve", plan: str = PLAN, report: str = REPORT, override: bool = False
+) -> Decision:
+    return Decision(
+        "apply-staging", kind, "alice", "", override, plan, report, "pass", datetime.now(UTC)
+    )
 
 
 def test_gate_waits_without_a_decision_and_opens_on_approval() -> None:
@@ -29,16 +33,21 @@ def test_gate_is_not_reached_before_its_phase_finished() -> None:
 
 def test_changed_plan_closes_an_approved_gate() -> None:
     state = evaluate("apply-staging", "pass", [decision()], "q" * 64, REPORT)
-    assert state.status == "closed" and "plan changed" in state.reason
+    assert state.status == "closed"
+    assert "plan changed" in state.reason
 
 
 def test_changed_report_closes_an_approved_gate() -> None:
     state = evaluate("apply-staging", "pass", [decision()], PLAN, "s" * 64)
-    assert state.status == "closed" and "report changed" in state.reason
+    assert state.status == "closed"
+    assert "report changed" in state.reason
 
 
 def test_latest_decision_wins() -> None:
-    assert evaluate("apply-staging", "pass", [decision(), decision("reject")], PLAN, REPORT).status == "rejected"
+    assert (
+        evaluate("apply-staging", "pass", [decision(), decision("reject")], PLAN, REPORT).status
+        == "rejected"
+    )
     assert evaluate("apply-staging", "pass", [decision("reject"), decision()], PLAN, REPORT).is_open
 
 
@@ -49,9 +58,16 @@ def test_failed_criteria_need_an_override() -> None:
 
 
 def _check(**kw: object) -> None:
-    args: dict[str, object] = {"gate": "apply-staging", "decision": "approve", "actor": "alice",
-                               "operator": "bob", "policy": Gates(approvers=["alice", "bob"]),
-                               "criteria": "pass", "note": "", "override": False}
+    args: dict[str, object] = {
+        "gate": "apply-staging",
+        "decision": "approve",
+        "actor": "alice",
+        "operator": "bob",
+        "policy": Gates(approvers=["alice", "bob"]),
+        "criteria": "pass",
+        "note": "",
+        "override": False,
+    }
     args.update(kw)
     check_decision(**args)  # type: ignore[arg-type]
 

@@ -13,36 +13,66 @@ from runner.errors import PlanError
 from runner.plan import load_plan, parse_condition, parse_duration
 from tests.conftest import plan_dict, write_plan
 
-GOOD_ENV = {"STAGING_DSN": "postgresql://u:secret@localhost/s", "PROD_DSN": "postgresql://u@localhost/p"}
+GOOD_ENV = {
+    "STAGING_DSN": "postgresql://u:secret@localhost/s",
+    "PROD_DSN": "postgresql://u@localhost/p",
+}
 
 # (what is wrong, plan overrides, text the error must contain)
 BAD_PLANS: list[tuple[str, dict[str, Any], list[str]]] = [
     ("unknown field", {"batching__sise": 10}, ["batching.sise", "unknown field"]),
     ("wrong type", {"batching__size": "lots"}, ["batching.size", "integer"]),
     ("zero batch size", {"batching__size": 0}, ["batching.size", "greater than 0"]),
-    ("negative rate", {"batching__batches_per_minute": -5}, ["batching.batches_per_minute", "greater than 0"]),
+    (
+        "negative rate",
+        {"batching__batches_per_minute": -5},
+        ["batching.batches_per_minute", "greater than 0"],
+    ),
     ("too many workers", {"batching__workers": 64}, ["batching.workers", "32"]),
     ("bad duration", {"batching__lock_timeout": "soon"}, ["batching.lock_timeout", "duration"]),
     ("empty discovery", {"discovery__sql": "   "}, ["discovery.sql", "at least 1 character"]),
-    ("discovery with OFFSET", {"discovery__sql": "SELECT id FROM items OFFSET 10"}, ["discovery.sql", "OFFSET"]),
+    (
+        "discovery with OFFSET",
+        {"discovery__sql": "SELECT id FROM items OFFSET 10"},
+        ["discovery.sql", "OFFSET"],
+    ),
     ("apply ignores keys", {"apply__sql": "UPDATE items SET val = 'new'"}, ["apply.sql", "$1"]),
-    ("two statements", {"apply__sql": "UPDATE items SET val = 'x' WHERE id = ANY($1); DELETE FROM items"},
-     ["apply.sql", "one statement"]),
+    (
+        "two statements",
+        {"apply__sql": "UPDATE items SET val = 'x' WHERE id = ANY($1); DELETE FROM items"},
+        ["apply.sql", "one statement"],
+    ),
     ("key among columns", {"target__columns": ["id", "val"]}, ["target", "key columns"]),
     ("no columns", {"target__columns": []}, ["target.columns", "at least 1"]),
     ("no key", {"target__key": []}, ["target.key", "at least 1"]),
     ("duplicate column", {"target__columns": ["val", "val"]}, ["target.columns", "twice"]),
     ("missing target", {"target": None}, ["target", "required field is missing"]),
     ("bad plan name", {"plan__name": "my plan!"}, ["plan.name", "pattern"]),
-    ("bad pass_if", {"soak__checks": [{"name": "c", "sql": "SELECT 1", "pass_if": "about 3"}]},
-     ["soak.checks.0.pass_if", "cannot read condition"]),
-    ("check without criterion", {"soak__checks": [{"name": "c", "sql": "SELECT 1"}]},
-     ["soak.checks.0", "pass_if"]),
-    ("baseline without drop", {"soak__checks": [{"name": "c", "sql": "SELECT 1", "baseline": 3}]},
-     ["soak.checks.0", "max_drop"]),
-    ("max_drop above 1", {"soak__checks": [{"name": "c", "sql": "SELECT 1", "baseline": 1, "max_drop": 2}]},
-     ["soak.checks.0.max_drop", "less than or equal to 1"]),
-    ("pipeline env missing", {"pipeline": {"staging": "stage", "prod": "prod"}}, ["pipeline.staging", "stage"]),
+    (
+        "bad pass_if",
+        {"soak__checks": [{"name": "c", "sql": "SELECT 1", "pass_if": "about 3"}]},
+        ["soak.checks.0.pass_if", "cannot read condition"],
+    ),
+    (
+        "check without criterion",
+        {"soak__checks": [{"name": "c", "sql": "SELECT 1"}]},
+        ["soak.checks.0", "pass_if"],
+    ),
+    (
+        "baseline without drop",
+        {"soak__checks": [{"name": "c", "sql": "SELECT 1", "baseline": 3}]},
+        ["soak.checks.0", "max_drop"],
+    ),
+    (
+        "max_drop above 1",
+        {"soak__checks": [{"name": "c", "sql": "SELECT 1", "baseline": 1, "max_drop": 2}]},
+        ["soak.checks.0.max_drop", "less than or equal to 1"],
+    ),
+    (
+        "pipeline env missing",
+        {"pipeline": {"staging": "stage", "prod": "prod"}},
+        ["pipeline.staging", "stage"],
+    ),
     ("approver empty", {"gates__approvers": [""]}, ["gates.approvers.0", "at least 1"]),
     ("no environments", {"environments": {}}, ["environments", "at least 1"]),
 ]
@@ -65,7 +95,8 @@ def test_unset_variable_without_default_is_named(cli: Callable[..., Any], workdi
     path = write_plan(workdir / "p.json")
     result = cli("validate", str(path), env={"STAGING_DSN": "x", "PROD_DSN": None})
     assert result.exit_code == 2
-    assert "environments.prod.dsn" in result.output and "${PROD_DSN}" in result.output
+    assert "environments.prod.dsn" in result.output
+    assert "${PROD_DSN}" in result.output
     assert "export PROD_DSN" in result.output
 
 
@@ -84,7 +115,8 @@ def test_unreadable_plan_files_are_refused(
     (workdir / name).write_text(text)
     result = cli("validate", name)
     assert result.exit_code == 2
-    assert needle in result.output and name in result.output
+    assert needle in result.output
+    assert name in result.output
 
 
 def test_missing_plan_file(cli: Callable[..., Any], workdir: Path) -> None:
@@ -120,8 +152,10 @@ def test_digest_changes_with_the_plan_but_not_with_key_order(tmp_path: Path) -> 
 
 
 def test_interpolation_with_default_and_secrets_collected(tmp_path: Path) -> None:
-    path = write_plan(tmp_path / "p.json", environments={"staging": {"dsn": "${S:-embedded}"},
-                                                         "prod": {"dsn": "${P}"}})
+    path = write_plan(
+        tmp_path / "p.json",
+        environments={"staging": {"dsn": "${S:-embedded}"}, "prod": {"dsn": "${P}"}},
+    )
     loaded = load_plan(path, env={"P": "postgresql://u:hunter22@h/db"})
     assert loaded.plan.environments["staging"].dsn == "embedded"
     assert "postgresql://u:hunter22@h/db" in loaded.secrets
@@ -129,16 +163,27 @@ def test_interpolation_with_default_and_secrets_collected(tmp_path: Path) -> Non
         load_plan(path, env={})
 
 
-@pytest.mark.parametrize(("text", "seconds"), [("90", 90), ("500ms", 0.5), ("5m", 300), ("6h", 21600), (30, 30)])
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("90", 90), ("500ms", 0.5), ("5m", 300), ("6h", 21600), (30, 30)]
+)
 def test_durations(text: Any, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
 @pytest.mark.parametrize(
     ("cond", "value", "holds"),
-    [("== 0", 0, True), ("== 0", 1, False), (">= 0.85", 0.85, True), (">= 0.85", 0.84, False),
-     ("between 0.9 1.1", 1.0, True), ("between 0.9 1.1", 1.2, False), ("is true", 1.0, True),
-     ("is true", 0.0, False), ("< 5", 4, True), ("!= 3", 3, False)],
+    [
+        ("== 0", 0, True),
+        ("== 0", 1, False),
+        (">= 0.85", 0.85, True),
+        (">= 0.85", 0.84, False),
+        ("between 0.9 1.1", 1.0, True),
+        ("between 0.9 1.1", 1.2, False),
+        ("is true", 1.0, True),
+        ("is true", 0.0, False),
+        ("< 5", 4, True),
+        ("!= 3", 3, False),
+    ],
 )
 def test_conditions(cond: str, value: float, holds: bool) -> None:
     assert parse_condition(cond).holds(value) is holds

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from runner.rollback import parse_batch_range, sql_literal, sql_text_array
 from runner.errors import InvalidInput
+from runner.rollback import parse_batch_range, sql_literal, sql_text_array
 
 
 @pytest.mark.parametrize(
     ("value", "literal"),
-    [("plain", "'plain'"), ("O'Brien", "'O''Brien'"), ("back\\slash", "'back\\slash'"),
-     ("$$ dollar $$", "'$$ dollar $$'"), (None, "NULL"), ("", "''"), ("';DROP TABLE x;--", "''';DROP TABLE x;--'")],
+    [
+        ("plain", "'plain'"),
+        ("O'Brien", "'O''Brien'"),
+        ("back\\slash", "'back\\slash'"),
+        ("$$ dollar $$", "'$$ dollar $$'"),
+        (None, "NULL"),
+        ("", "''"),
+        ("';DROP TABLE x;--", "''';DROP TABLE x;--'"),
+    ],
 )
 def test_sql_literal(value: str | None, literal: str) -> None:
     assert sql_literal(value) == literal
