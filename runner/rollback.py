@@ -35,12 +35,6 @@ def sql_literal(value: str | None) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def sql_text_array(values: list[str | None] | None) -> str:
-    if values is None:
-        return "NULL"
-    return "ARRAY[" + ", ".join(sql_literal(v) for v in values) + "]::text[]"
-
-
 @dataclass(frozen=True)
 class RunShape:
     """The target as recorded on the run row: enough to restore without the plan file."""
@@ -121,18 +115,21 @@ async def selected_batches(
 # -- emitted SQL -------------------------------------------------------------------------------
 
 
-async def _images(
+async def _image_lines(
     conn: asyncpg.Connection, run_id: str, batch_nos: list[int]
-) -> AsyncIterator[asyncpg.Record]:
+) -> AsyncIterator[str]:
+    """Each image as a VALUES tuple, quoted by the server (`format('%L')`, i.e. quote_nullable)
+    from the text form of its arrays, which casts back to the same text[] exactly."""
     async with conn.transaction(readonly=True):
         async for r in conn.cursor(
-            "SELECT batch_no, key, before, after FROM backfill.row_images"
+            "SELECT format('(%s, %L, %L, %L)', batch_no, key::text, before::text, after::text)"
+            " FROM backfill.row_images"
             " WHERE run_id = $1 AND op = 'U' AND batch_no = ANY($2) ORDER BY batch_no DESC",
             run_id,
             batch_nos,
-            prefetch=5000,
+            prefetch=10_000,
         ):
-            yield r
+            yield r[0]
 
 
 async def expected_checksum(
@@ -213,11 +210,8 @@ CREATE TEMP TABLE backfill_rollback_images (
                 out.write(";\n")
                 chunk.clear()
 
-        async for r in _images(conn, run.run_id, nos):
-            chunk.append(
-                f"({r['batch_no']}, {sql_text_array(r['key'])}, {sql_text_array(r['before'])}, "
-                f"{sql_text_array(r['after'])})"
-            )
+        async for line in _image_lines(conn, run.run_id, nos):
+            chunk.append(line)
             if len(chunk) >= 1000:
                 flush()
         flush()

@@ -119,19 +119,32 @@ LIMIT 5"""
 
     # -- the batch transaction ------------------------------------------------------------------
 
-    def key_match(self, alias: str) -> str:
-        """`alias`'s key is among the batch's key arrays ($1…$n)."""
+    def key_match(self, alias: str, first_param: int = 1) -> str:
+        """`alias`'s key is among the batch's key arrays ($1…$n, or from `first_param`)."""
         if len(self.key) == 1:
             k = self.key[0]
-            return f"{alias}.{k.q} = ANY($1::{k.type}[])"
+            return f"{alias}.{k.q} = ANY(${first_param}::{k.type}[])"
         cols = ", ".join(f"{alias}.{k.q}" for k in self.key)
-        arrays = ", ".join(f"${i + 1}::{k.type}[]" for i, k in enumerate(self.key))
+        arrays = ", ".join(f"${i + first_param}::{k.type}[]" for i, k in enumerate(self.key))
         return f"({cols}) IN (SELECT * FROM unnest({arrays}))"
 
-    def _other_hash(self, alias: str) -> str:
+    def key_range(self, alias: str) -> str:
+        """`alias`'s key lies within the batch's first and last key ($4, $5: text arrays)."""
+        cols = ", ".join(f"{alias}.{k.q}" for k in self.key)
+        lo = ", ".join(f"($4::text[])[{i + 1}]::{k.type}" for i, k in enumerate(self.key))
+        hi = ", ".join(f"($5::text[])[{i + 1}]::{k.type}" for i, k in enumerate(self.key))
+        return f"({cols}) >= ({lo}) AND ({cols}) <= ({hi})"
+
+    def _others_unchanged(self, before: str, after: str) -> str:
+        """Undeclared columns bytewise equal before and after (record_image_eq works for every
+        type, json and point included, and needs no text conversion)."""
         if not self.others:
-            return "NULL::text"
-        return f"md5(ROW({', '.join(f'{alias}.{c.q}' for c in self.others)})::text)"
+            return "true"
+        cols = range(len(self.others))
+        return (
+            f"record_image_eq(ROW({', '.join(f'{before}.o{i}' for i in cols)}), "
+            f"ROW({', '.join(f'{after}.{c.q}' for c in self.others)}))"
+        )
 
     def _image(self, alias: str) -> str:
         return "ARRAY[" + ", ".join(f"{alias}.{c.q}::text" for c in self.columns) + "]::text[]"
@@ -139,20 +152,23 @@ LIMIT 5"""
     @property
     def scratch_ddl(self) -> str:
         """A per-connection temp table holding the batch's before-images until commit."""
-        keys = ", ".join(f"k{i} {k.type}" for i, k in enumerate(self.key))
+        cols = [f"k{i} {k.type}" for i, k in enumerate(self.key)] + ["before text[]"]
+        cols += [f"o{i} {c.type}" for i, c in enumerate(self.others)]
         return (
             "DROP TABLE IF EXISTS pg_temp.backfill_before; "
-            f"CREATE TEMP TABLE backfill_before ({keys}, before text[], other text) "
-            "ON COMMIT DELETE ROWS"
+            f"CREATE TEMP TABLE backfill_before ({', '.join(cols)}) ON COMMIT DELETE ROWS"
         )
 
     @property
     def capture_sql(self) -> str:
-        """Lock the batch's rows and keep their before-images (declared columns + a hash of the rest)."""
-        keys = ", ".join(f"t.{k.q}" for k in self.key)
+        """Lock the batch's rows and keep their before-images (declared columns as text, the rest
+        as typed copies for the scope guard)."""
+        cols = (
+            [f"t.{k.q}" for k in self.key] + [self._image("t")] + [f"t.{c.q}" for c in self.others]
+        )
         return f"""
 INSERT INTO pg_temp.backfill_before
-SELECT {keys}, {self._image("t")}, {self._other_hash("t")}
+SELECT {", ".join(cols)}
 FROM {self.table} AS t
 WHERE {self.key_match("t")}
 FOR UPDATE OF t"""
@@ -162,7 +178,8 @@ FOR UPDATE OF t"""
         """After the apply: compare, store row images and the batch's ledger row, return the counts.
 
         Params: $1 run, $2 batch_no, $3 stage, $4 first_key, $5 last_key, $6 attempts,
-        $7 errors json, $8 started_at.
+        $7 errors json, $8 started_at. The join is bounded by the batch's key range: without it the
+        planner may merge-join from the start of the key index, a cost that grows with progress.
         """
         join = " AND ".join(f"t.{k.q} = b.k{i}" for i, k in enumerate(self.key))
         key_text = "ARRAY[" + ", ".join(f"k{i}::text" for i in range(len(self.key))) + "]"
@@ -171,32 +188,33 @@ FOR UPDATE OF t"""
 WITH me AS (SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text AS xid),
 cur AS (
     SELECT {", ".join(f"b.k{i}" for i in range(len(self.key)))},
-           b.before, b.other AS other_before,
+           b.before,
            CASE WHEN t.ctid IS NULL THEN NULL ELSE {self._image("t")} END AS after,
-           {self._other_hash("t")} AS other_after,
+           t.ctid IS NOT NULL AND NOT {self._others_unchanged("b", "t")} AS other_changed,
            coalesce(t.xmin::text = me.xid, false) AS touched,
            t.ctid IS NULL AS vanished
     FROM pg_temp.backfill_before AS b CROSS JOIN me
-    LEFT JOIN {self.table} AS t ON {join}
+    LEFT JOIN {self.table} AS t ON {join} AND {self.key_range("t")}
 ),
 images AS (
-    INSERT INTO backfill.row_images (run_id, batch_no, op, key, before, after)
+    INSERT INTO backfill.batch_images (run_id, batch_no, ops, keys, befores, afters)
     SELECT $1, $2,
-           CASE WHEN before IS DISTINCT FROM after THEN 'U' ELSE 'N' END::"char",
-           {key_text}, before,
-           CASE WHEN before IS DISTINCT FROM after THEN after END
+           array_agg(CASE WHEN before IS DISTINCT FROM after THEN 'U' ELSE 'N' END),
+           array_agg({key_text}::text),
+           array_agg(before::text),
+           array_agg(CASE WHEN before IS DISTINCT FROM after THEN after::text END)
     FROM cur WHERE NOT vanished
+    HAVING count(*) > 0
 ),
 agg AS (
     SELECT count(*)::int AS locked,
            count(*) FILTER (WHERE touched)::int AS touched,
            count(*) FILTER (WHERE NOT vanished AND before IS DISTINCT FROM after)::int AS changed,
            count(*) FILTER (WHERE NOT vanished AND before IS NOT DISTINCT FROM after)::int AS noop,
-           count(*) FILTER (WHERE NOT vanished AND other_before IS DISTINCT FROM other_after)::int
-               AS other_changed,
+           count(*) FILTER (WHERE other_changed)::int AS other_changed,
            count(*) FILTER (WHERE vanished)::int AS vanished,
            (array_agg({key_show}) FILTER (
-               WHERE vanished OR other_before IS DISTINCT FROM other_after))[1:5] AS bad_keys
+               WHERE vanished OR other_changed))[1:5] AS bad_keys
     FROM cur
 ),
 ledger AS (

@@ -378,6 +378,10 @@ async def _run_batches(
             raise failure_error(state.failure)
         if stop_after is not None:
             break
+        remaining = await _count(conn, plan.discovery.sql)
+        state.remaining_after = remaining
+        if remaining == 0:
+            break
         stuck = [
             r["key"]
             for r in await conn.fetch(target.already_applied_sql(plan.discovery.sql), run_id)
@@ -389,10 +393,6 @@ async def _run_batches(
                 hint="make the discovery query exclude rows the apply has done (e.g. "
                 "`WHERE col IS DISTINCT FROM <new value>`), then continue with --run",
             )
-        remaining = await _count(conn, plan.discovery.sql)
-        state.remaining_after = remaining
-        if remaining == 0:
-            break
         log.info("apply.new_rows", remaining=remaining, next_pass=pass_no + 1)
     return state
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runner.errors import InvalidInput
-from runner.rollback import parse_batch_range, sql_literal, sql_text_array
+from runner.rollback import parse_batch_range, sql_literal
 
 
 @pytest.mark.parametrize(
@@ -22,11 +22,6 @@ from runner.rollback import parse_batch_range, sql_literal, sql_text_array
 )
 def test_sql_literal(value: str | None, literal: str) -> None:
     assert sql_literal(value) == literal
-
-
-def test_text_array_keeps_nulls() -> None:
-    assert sql_text_array(["a", None]) == "ARRAY['a', NULL]::text[]"
-    assert sql_text_array(None) == "NULL"
 
 
 def test_nul_bytes_are_refused() -> None:

@@ -1,0 +1,237 @@
+"""Apply throughput and memory, measured side by side in one run (DESIGN.md, performance model).
+
+    uv run python bench/apply_throughput.py [--rows 1000000] [--rss-rows 1000000,3000000]
+
+Every method updates the same fresh copy of a table of ~250-byte rows. Printed as ratios:
+throughput against the one-shot UPDATE (1.0x) and against the hand-written keyset loop that
+captures before-images in the same statement. The runner is run as an operator runs it (its own
+process, unthrottled) and its peak RSS is sampled while it works. Set BACKFILL_BENCH_DSN to use
+another server instead of the embedded one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import psutil  # type: ignore[import-untyped]
+
+from runner.db import EmbeddedServer, dsn_with_database
+
+ROOT = Path(__file__).resolve().parent.parent
+BATCH = 10_000
+
+
+async def _exec(dsn: str, *statements: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for s in statements:
+            await conn.execute(s)
+    finally:
+        await conn.close()
+
+
+def make_source(dsn: str, rows: int) -> None:
+    anyio.run(
+        _exec,
+        dsn,
+        "DROP TABLE IF EXISTS source",
+        f"""CREATE UNLOGGED TABLE source AS
+            SELECT g::bigint AS id, g % 1000 AS tenant, repeat(md5(g::text), 6) AS payload,
+                   'v1' AS version, now() AS updated_at
+            FROM generate_series(1, {rows}) AS g""",
+    )
+
+
+def fresh_copy(dsn: str, name: str) -> None:
+    anyio.run(
+        _exec,
+        dsn,
+        f"DROP TABLE IF EXISTS {name}",
+        f"CREATE TABLE {name} AS SELECT * FROM source",
+        f"ALTER TABLE {name} ADD PRIMARY KEY (id)",
+        f"VACUUM ANALYZE {name}",
+        "CHECKPOINT",
+    )
+
+
+async def one_shot(dsn: str) -> float:
+    conn = await asyncpg.connect(dsn)
+    try:
+        t0 = time.perf_counter()
+        await conn.execute(
+            "UPDATE t_oneshot SET version = 'v2' WHERE version IS DISTINCT FROM 'v2'"
+        )
+        return time.perf_counter() - t0
+    finally:
+        await conn.close()
+
+
+HAND_LOOP = """
+WITH old AS (
+    SELECT id, version FROM t_hand
+    WHERE id > $1 AND version IS DISTINCT FROM 'v2' ORDER BY id LIMIT $2 FOR UPDATE
+), upd AS (
+    UPDATE t_hand AS t SET version = 'v2' FROM old WHERE t.id = old.id RETURNING t.id, old.version
+), ins AS (
+    INSERT INTO hand_images (id, before) SELECT id, version FROM upd RETURNING id
+)
+SELECT max(id) FROM ins
+"""
+
+
+async def hand_loop(dsn: str) -> float:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "DROP TABLE IF EXISTS hand_images; CREATE TABLE hand_images (id bigint, before text)"
+        )
+        t0 = time.perf_counter()
+        cursor = 0
+        while True:
+            async with conn.transaction():
+                last = await conn.fetchval(HAND_LOOP, cursor, BATCH)
+            if last is None:
+                break
+            cursor = last
+        return time.perf_counter() - t0
+    finally:
+        await conn.close()
+
+
+def runner_apply(dsn: str, table: str, workers: int, workdir: Path) -> dict[str, Any]:
+    """`backfill apply` in its own process, unthrottled; wall time, batch-loop time and peak RSS."""
+    plan = {
+        "plan": {"name": f"bench_{table}"},
+        "environments": {"staging": {"dsn": dsn}, "prod": {"dsn": dsn}},
+        "target": {"table": table, "key": ["id"], "columns": ["version"]},
+        "discovery": {"sql": f"SELECT id FROM {table} WHERE version IS DISTINCT FROM 'v2'"},
+        "apply": {"sql": f"UPDATE {table} SET version = 'v2' WHERE id = ANY($1)"},
+        "batching": {"size": BATCH, "workers": workers, "statement_timeout": "10m"},
+    }
+    path = workdir / f"{table}.json"
+    path.write_text(json.dumps(plan))
+    env = {**os.environ, "BACKFILL_LOGS": str(workdir / "logs"), "BACKFILL_ACTOR": "bench"}
+    t0 = time.perf_counter()
+    proc = psutil.Popen(
+        [sys.executable, "-m", "runner", "apply", str(path), "--env", "staging", "--quiet"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, proc.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    out, err = proc.communicate()
+    if proc.returncode != 3:
+        raise SystemExit(f"runner failed ({proc.returncode}):\n{out.decode()}\n{err.decode()}")
+    results = next((workdir / "logs").rglob(f"bench_{table}/*/staging/execution_results.json"))
+    data = json.loads(results.read_text())
+    results.unlink()
+    return {
+        "wall": wall,
+        "loop": data["timing"]["elapsed_seconds"],
+        "rss": peak,
+        "changed": data["totals"]["changed"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument(
+        "--rss-rows", default="1000000,3000000", help="table sizes for the RSS comparison"
+    )
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="backfill-bench-") as tmp:
+        work = Path(tmp)
+        server = None
+        if os.environ.get("BACKFILL_BENCH_DSN"):
+            admin = os.environ["BACKFILL_BENCH_DSN"]
+        else:
+            server = EmbeddedServer(work / "pg")
+            server.start()
+            admin = server.uri("postgres")
+        try:
+            anyio.run(
+                _exec,
+                admin,
+                "DROP DATABASE IF EXISTS backfill_bench",
+                "CREATE DATABASE backfill_bench",
+            )
+            dsn = dsn_with_database(admin, "backfill_bench")
+            print(
+                f"rows: {args.rows:,} of ~250 bytes; batches of {BATCH:,}; server: {'embedded' if server else 'BACKFILL_BENCH_DSN'}"
+            )
+            make_source(dsn, args.rows)
+            timings: dict[str, float] = {}
+            fresh_copy(dsn, "t_oneshot")
+            timings["one-shot UPDATE"] = anyio.run(one_shot, dsn)
+            fresh_copy(dsn, "t_hand")
+            timings["hand-written keyset loop + images, 1 conn"] = anyio.run(hand_loop, dsn)
+            runs = {}
+            for workers in (1, 2):
+                name = f"t_runner{workers}"
+                fresh_copy(dsn, name)
+                runs[workers] = runner_apply(dsn, name, workers, work)
+                assert runs[workers]["changed"] == args.rows
+                timings[f"backfill apply, {workers} worker(s), batch loop"] = runs[workers]["loop"]
+                timings[f"backfill apply, {workers} worker(s), whole command"] = runs[workers][
+                    "wall"
+                ]
+            base = timings["one-shot UPDATE"]
+            hand = timings["hand-written keyset loop + images, 1 conn"]
+            print(
+                f"\n{'method':<50} {'seconds':>8} {'rows/s':>10} {'vs one-shot':>12} {'vs hand loop':>13}"
+            )
+            for name, secs in timings.items():
+                print(
+                    f"{name:<50} {secs:8.2f} {args.rows / secs:10,.0f} {base / secs:11.2f}x {hand / secs:12.2f}x"
+                )
+            r1, r2 = runs[1]["loop"], runs[2]["loop"]
+            print("\ntargets (batch loop):")
+            print(
+                f"  runner, 1 worker  >= 0.9x hand loop: {hand / r1:.2f}x  {'met' if hand / r1 >= 0.9 else 'NOT met'}"
+            )
+            print(
+                f"  runner, 2 workers >= 1.0x one-shot:  {base / r2:.2f}x  {'met' if base / r2 >= 1.0 else 'NOT met'}"
+            )
+            print("\npeak RSS of `backfill apply` (1 worker):")
+            rss = {}
+            for n in [int(x) for x in args.rss_rows.split(",") if x]:
+                make_source(dsn, n)
+                fresh_copy(dsn, "t_rss")
+                r = runner_apply(dsn, "t_rss", 1, work)
+                rss[n] = r["rss"]
+                print(f"  {n:>10,} rows: {r['rss'] / 2**20:7.1f} MiB  ({r['wall']:.1f} s)")
+            if len(rss) > 1:
+                sizes = sorted(rss)
+                growth = rss[sizes[-1]] / rss[sizes[0]]
+                print(
+                    f"  RSS {sizes[-1] // sizes[0]}x the rows: {growth:.2f}x the memory; "
+                    f"target < 200 MiB and flat: {'met' if max(rss.values()) < 200 * 2**20 and growth < 1.3 else 'NOT met'}"
+                )
+        finally:
+            if server is not None:
+                server.stop()
+
+
+if __name__ == "__main__":
+    main()
