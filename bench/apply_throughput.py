@@ -81,7 +81,11 @@ WITH old AS (
     SELECT id, version FROM t_hand
     WHERE id > $1 AND version IS DISTINCT FROM 'v2' ORDER BY id LIMIT $2 FOR UPDATE
 ), upd AS (
-    UPDATE t_hand AS t SET version = 'v2' FROM old WHERE t.id = old.id RETURNING t.id, old.version
+    -- bounded to the batch's key range: an unbounded join may merge-join from the start of the
+    -- primary key index, a cost that grows with progress
+    UPDATE t_hand AS t SET version = 'v2' FROM old
+    WHERE t.id = old.id AND t.id > $1 AND t.id <= (SELECT max(id) FROM old)
+    RETURNING t.id, old.version
 ), ins AS (
     INSERT INTO hand_images (id, before) SELECT id, version FROM upd RETURNING id
 )
