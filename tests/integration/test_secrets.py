@@ -13,10 +13,14 @@ from tests.integration.test_apply import run_id_of
 
 def _with_password(dsn: str, password: str) -> tuple[str, str]:
     parts = urlsplit(dsn)
-    if parts.password:  # a server that needs one (BACKFILL_TEST_DSN): its real password is the secret
+    if (
+        parts.password
+    ):  # a server that needs one (BACKFILL_TEST_DSN): its real password is the secret
         return dsn, parts.password
     host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}:{password}@{host}")), password
+    return urlunsplit(
+        parts._replace(netloc=f"{parts.username or 'postgres'}:{password}@{host}")
+    ), password
 
 
 def test_passwords_never_leave_the_process(cli: Callable[..., Any], workdir: Path, db: str) -> None:
@@ -30,12 +34,19 @@ def test_passwords_never_leave_the_process(cli: Callable[..., Any], workdir: Pat
     run_id = run_id_of(applied.output)
     outputs.append(applied.output)
     outputs.append(cli("-v", "validate", str(plan), "-e", "staging", env=env).output)
-    outputs.append(cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env).output)
-    outputs.append(cli("soak", str(plan), "-e", "staging", "--run", run_id, "--duration", "1s", env=env).output)
+    outputs.append(
+        cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env).output
+    )
+    outputs.append(
+        cli("soak", str(plan), "-e", "staging", "--run", run_id, "--duration", "1s", env=env).output
+    )
     outputs.append(cli("rollback", run_id, "-e", "staging", "--dry-run", env=env).output)
     outputs.append(cli("status", run_id, env=env).output)
-    broken = write_plan(workdir / "broken.json", discovery__sql="SELECT id FROM items",
-                        apply__sql="UPDATE items SET val = (1 / 0)::text WHERE id = ANY($1)")
+    broken = write_plan(
+        workdir / "broken.json",
+        discovery__sql="SELECT id FROM items",
+        apply__sql="UPDATE items SET val = (1 / 0)::text WHERE id = ANY($1)",
+    )
     failed = cli("-v", "apply", str(broken), "-e", "staging", "-q", env=env)
     assert failed.exit_code == 1
     outputs.append(failed.output)
