@@ -50,6 +50,17 @@ def _when(value: Any) -> str:
     return "—"
 
 
+def _metric(value: Any, kind: str) -> str:
+    """A database-health value as a person reads it: 12.5%, 3.2 s, 15,787."""
+    if value is None:
+        return "—"
+    if kind == "share":
+        return f"{float(value) * 100:.1f}%"
+    if kind == "seconds":
+        return _duration(value)
+    return _num(value)
+
+
 def _cell(value: Any) -> str:
     """Safe inside a Markdown table cell."""
     return str(value).replace("|", "\\|").replace("\n", " ")
@@ -65,7 +76,7 @@ def _env() -> jinja2.Environment:
         keep_trailing_newline=True,
         autoescape=False,  # Markdown, not HTML; table cells go through `cell`
     )
-    env.filters.update(num=_num, duration=_duration, when=_when, cell=_cell)
+    env.filters.update(num=_num, duration=_duration, when=_when, cell=_cell, metric=_metric)
     return env
 
 

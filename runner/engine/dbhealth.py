@@ -22,12 +22,13 @@ SELECT
     (SELECT max(extract(epoch FROM replay_lag)) FROM pg_stat_replication)::float8 AS replication_lag_s
 """
 
-METRICS: dict[str, str] = {
-    "db.connection_use": "connections in use / max_connections",
-    "db.longest_transaction_s": "longest open transaction (s)",
-    "db.lock_waiters": "sessions waiting on locks",
-    "db.dead_tuples": "dead tuples on the target table",
-    "db.replication_lag_s": "replication lag (s), where there are replicas",
+# name → (label, how to show it: share | seconds | count)
+METRICS: dict[str, tuple[str, str]] = {
+    "db.connection_use": ("connections in use / max_connections", "share"),
+    "db.longest_transaction_s": ("longest open transaction", "seconds"),
+    "db.lock_waiters": ("sessions waiting on locks", "count"),
+    "db.dead_tuples": ("dead tuples on the target table", "count"),
+    "db.replication_lag_s": ("replication lag, where there are replicas", "seconds"),
 }
 
 

@@ -398,24 +398,37 @@ async def _run_batches(
 
 
 def _throughput(outcomes: list[dict[str, Any]], buckets: int = 24) -> dict[str, Any]:
-    """Rows changed per second over time, for the summary's Mermaid chart."""
+    """Rows per second over time for the summary's Mermaid chart.
+
+    Whole batches are grouped in commit order, so a bucket's rate is its rows over its own span
+    (time buckets would alternate between one and two batches and draw a saw-tooth).
+    """
     done = [o for o in outcomes if o["status"] == "done"]
     if not done:
         return {"labels": [], "values": [], "unit": "s"}
     start = min(datetime.fromisoformat(o["started_at"]) for o in done)
-    ends = [
-        (datetime.fromisoformat(o["started_at"]) - start).total_seconds() + o["duration_ms"] / 1000
+    ends = sorted(
+        (
+            (datetime.fromisoformat(o["started_at"]) - start).total_seconds()
+            + o["duration_ms"] / 1000,
+            o["changed"] + o["noop"],
+        )
         for o in done
-    ]
-    span = max(*ends, 1e-3)
-    n = min(buckets, max(len(done), 1))
-    width = span / n
-    values = [0.0] * n
-    for o, end in zip(done, ends, strict=True):
-        values[min(int(end / width), n - 1)] += o["changed"] + o["noop"]
+    )
+    per_bucket = math.ceil(len(ends) / buckets)
+    span = ends[-1][0]
     unit, scale = ("min", 60.0) if span > 600 else ("s", 1.0)
-    labels = [f"{(i + 1) * width / scale:.1f}" for i in range(n)]
-    return {"labels": labels, "values": [round(v / width, 1) for v in values], "unit": unit}
+    labels: list[str] = []
+    values: list[float] = []
+    previous = 0.0
+    for i in range(0, len(ends), per_bucket):
+        group = ends[i : i + per_bucket]
+        end = group[-1][0]
+        rows = sum(n for _, n in group)
+        values.append(round(rows / max(end - previous, 1e-3), 1))
+        labels.append(f"{end / scale:.1f}")
+        previous = end
+    return {"labels": labels, "values": values, "unit": unit}
 
 
 async def apply_context(

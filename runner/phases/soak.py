@@ -379,6 +379,7 @@ async def render_soak(
         by_check.setdefault(s["check_name"], []).append(s)
     table = []
     charts = []
+    unit, scale = ("minutes", 60.0) if float(r["duration_seconds"]) >= 600 else ("seconds", 1.0)
     for c in checks:
         ss = by_check.get(c.name, [])
         vals = [s["value"] for s in ss if s["value"] is not None]
@@ -404,14 +405,19 @@ async def render_soak(
             }
         )
         points = [
-            (f"{(s['sampled_at'] - start).total_seconds() / 60:.1f}", s["value"]) for s in ss
+            (f"{(s['sampled_at'] - start).total_seconds() / scale:.1f}", s["value"]) for s in ss
         ][-40:]
         charts.append({"name": c.name, **_chart(points, threshold)})
     health = []
-    for name, label in dbhealth.METRICS.items():
+    for name, (label, kind) in dbhealth.METRICS.items():
         vals = [s["value"] for s in by_check.get(name, []) if s["value"] is not None]
         health.append(
-            {"name": label, "last": vals[-1] if vals else None, "max": max(vals) if vals else None}
+            {
+                "name": label,
+                "kind": kind,
+                "last": vals[-1] if vals else None,
+                "max": max(vals) if vals else None,
+            }
         )
     decisions = await ledger.decisions(conn, run.run_id)
     text = render(
@@ -422,6 +428,7 @@ async def render_soak(
             "r": r,
             "checks": table,
             "charts": charts,
+            "chart_unit": unit,
             "health": health,
             "gate": gate_name("soak", env),
             "overrides": overrides_note(decisions),
