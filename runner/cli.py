@@ -587,12 +587,25 @@ def health(
 def pipeline(
     plan: PlanArg,
     run: RunOpt = None,
+    soak_duration: Annotated[
+        str | None,
+        typer.Option("--soak-duration", help="Override the plan's soak duration (e.g. 30s)."),
+    ] = None,
+    soak_interval: Annotated[
+        str | None,
+        typer.Option("--soak-interval", help="Override the plan's soak interval (e.g. 10s)."),
+    ] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the next phase whose gate is open; stop at the first gate that waits."""
 
     async def go() -> int:
         loaded = _load(plan)
+        try:
+            duration = parse_duration(soak_duration) if soak_duration else None
+            interval = parse_duration(soak_interval) if soak_interval else None
+        except ValueError as e:
+            raise InvalidInput(f"--soak-duration/--soak-interval: {e}") from None
         view = _ProgressView(quiet)
         try:
             outcome = await run_pipeline(
@@ -601,6 +614,8 @@ def pipeline(
                 operator=operator_name(),
                 progress=view,
                 say=lambda s: out.print(s, markup=False),
+                soak_duration=duration,
+                soak_interval=interval,
             )
         finally:
             view.close()

@@ -88,7 +88,7 @@ async def run_demo(
                 f"\nThe demo stopped at a gate, as a real rollout does (exit code 3 outside the demo).\n"
                 f"Read the report above, then approve as a plan approver and continue:\n"
                 f"  {cmd} approve {root.name} --gate apply-staging --as alice\n"
-                f"  {cmd} pipeline {path} --run {root.name}\n"
+                f"  {cmd} pipeline {path} --run {root.name} --soak-duration 30s --soak-interval 10s\n"
                 f"or walk every gate at once: {cmd} demo --auto-approve"
             )
             return EXIT_DONE
