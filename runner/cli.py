@@ -56,7 +56,7 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 _state: dict[str, Any] = {"verbose": False, "quiet": False}
 
 PlanArg = Annotated[
-    Path, typer.Argument(help="The plan file (.toml or .json).", show_default=False)
+    Path, typer.Argument(help="The plan file (.toml or .json).", show_default=False, metavar="PLAN")
 ]
 EnvOpt = Annotated[
     str, typer.Option("--env", "-e", help="Environment name from the plan.", envvar="BACKFILL_ENV")

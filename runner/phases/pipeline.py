@@ -112,7 +112,7 @@ async def run_pipeline(
                     say(f"  gate {g.gate}: approved by {auto_approver} (demo)")
                     continue
                 report = _report_of(run_id, step)
-                say(f"halted at gate {g.gate} ({g.status}: {g.reason})")
+                say(f"halted at gate {g.gate}: {g.reason}")
                 say(
                     f"  review {report}, then: {cmd} approve {run_id} --gate {g.gate} --as <approver>"
                 )
