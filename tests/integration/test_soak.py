@@ -41,6 +41,10 @@ def _applied_and_approved(cli: Callable[..., Any], db: str, plan: Path | str) ->
     return run_id
 
 
+def _soak(cli: Callable[..., Any], db: str, plan: Path | str, run_id: str, *flags: str) -> Any:
+    return cli("soak", str(plan), "-e", "staging", "--run", run_id, *flags, env=env_for(db))
+
+
 def test_demo_soak_after_an_approved_apply_passes_and_writes_its_report(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
@@ -58,34 +62,12 @@ def test_demo_soak_after_an_approved_apply_passes_and_writes_its_report(
     assert "has no apply" in refused.output
     result = cli("apply", str(DEMO_PLAN), "-e", "staging", "-q", env=env_for(db))
     run_id = run_id_of(result.output)
-    waiting = cli(
-        "soak",
-        str(DEMO_PLAN),
-        "-e",
-        "staging",
-        "--run",
-        run_id,
-        "--duration",
-        "2s",
-        env=env_for(db),
-    )
+    waiting = _soak(cli, db, DEMO_PLAN, run_id, "--duration", "2s")
     assert waiting.exit_code == 3
     assert "gate apply-staging is waiting" in waiting.output
     assert f"approve {run_id} --gate apply-staging" in waiting.output
     cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env_for(db))
-    soaked = cli(
-        "soak",
-        str(DEMO_PLAN),
-        "-e",
-        "staging",
-        "--run",
-        run_id,
-        "--duration",
-        "2s",
-        "--interval",
-        "1s",
-        env=env_for(db),
-    )
+    soaked = _soak(cli, db, DEMO_PLAN, run_id, "--duration", "2s", "--interval", "1s")
     assert soaked.exit_code == 3, soaked.output
     assert "verdict PASS" in soaked.output
     assert "halted at gate soak-staging" in soaked.output
@@ -120,19 +102,7 @@ def test_demo_regression_fails_the_soak_early_with_exit_4(
         db,
         "INSERT INTO telemetry_events (kind, engine_version) VALUES ('engine_version_override', 'v1.1')",
     )
-    failed = cli(
-        "soak",
-        str(DEMO_PLAN),
-        "-e",
-        "staging",
-        "--run",
-        run_id,
-        "--duration",
-        "10m",
-        "--interval",
-        "1s",
-        env=env_for(db),
-    )
+    failed = _soak(cli, db, DEMO_PLAN, run_id, "--duration", "10m", "--interval", "1s")
     assert failed.exit_code == 4, failed.output
     assert "verdict FAIL" in failed.output
     assert "version_overrides failed 1 time(s)" in failed.output
@@ -191,19 +161,7 @@ def test_a_check_that_writes_is_refused_and_writes_nothing(
         ],
     )
     run_id = _applied_and_approved(cli, db, plan)
-    result = cli(
-        "soak",
-        str(plan),
-        "-e",
-        "staging",
-        "--run",
-        run_id,
-        "--duration",
-        "1s",
-        "--interval",
-        "1s",
-        env=env_for(db),
-    )
+    result = _soak(cli, db, plan, run_id, "--duration", "1s", "--interval", "1s")
     assert result.exit_code == 3, result.output
     assert val(db, "SELECT count(*) FROM items") == 100
     details = {
@@ -229,9 +187,7 @@ def test_no_data_is_inconclusive_and_approval_then_needs_a_note(
         ],
     )
     run_id = _applied_and_approved(cli, db, plan)
-    result = cli(
-        "soak", str(plan), "-e", "staging", "--run", run_id, "--duration", "1s", env=env_for(db)
-    )
+    result = _soak(cli, db, plan, run_id, "--duration", "1s")
     assert result.exit_code == 3
     assert "verdict INCONCLUSIVE" in result.output
     bare = cli("approve", run_id, "--gate", "soak-staging", "--as", "bob", env=env_for(db))
