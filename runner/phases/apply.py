@@ -17,25 +17,24 @@ import asyncpg
 import structlog
 
 from runner import events, ledger
-from runner.artifacts import RunDir, new_run_id, write_json, write_text
+from runner.artifacts import RunDir, new_run_id, write_json
 from runner.db import Databases, close_quietly, fetch_one
 from runner.engine.discovery import Discovery
 from runner.engine.executor import Batch, BatchExecutor, BatchOutcome, failure_error
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput, WorkFailed
-from runner.gates import gate_name, text_digest
+from runner.gates import gate_name
+from runner.phases.apply_summary import render_summary, summary_name
 from runner.phases.common import (
     ProgressCallback,
     command_prefix,
     ensure_run,
     gate_state,
-    overrides_note,
     require_open,
     run_lock,
 )
 from runner.plan import LoadedPlan
-from runner.reports import render
 from runner.rollback import emit_rollback_file
 
 log = structlog.get_logger("backfill.apply")
@@ -397,107 +396,6 @@ async def _run_batches(
     return state
 
 
-def _throughput(outcomes: list[dict[str, Any]], buckets: int = 24) -> dict[str, Any]:
-    """Rows per second over time for the summary's Mermaid chart.
-
-    Whole batches are grouped in commit order, so a bucket's rate is its rows over its own span
-    (time buckets would alternate between one and two batches and draw a saw-tooth).
-    """
-    done = [o for o in outcomes if o["status"] == "done"]
-    if not done:
-        return {"labels": [], "values": [], "unit": "s"}
-    start = min(datetime.fromisoformat(o["started_at"]) for o in done)
-    ends = sorted(
-        (
-            (datetime.fromisoformat(o["started_at"]) - start).total_seconds()
-            + o["duration_ms"] / 1000,
-            o["changed"] + o["noop"],
-        )
-        for o in done
-    )
-    per_bucket = math.ceil(len(ends) / buckets)
-    span = ends[-1][0]
-    unit, scale = ("min", 60.0) if span > 600 else ("s", 1.0)
-    labels: list[str] = []
-    values: list[float] = []
-    previous = 0.0
-    for i in range(0, len(ends), per_bucket):
-        group = ends[i : i + per_bucket]
-        end = group[-1][0]
-        rows = sum(n for _, n in group)
-        values.append(round(rows / max(end - previous, 1e-3), 1))
-        labels.append(f"{end / scale:.1f}")
-        previous = end
-    return {"labels": labels, "values": values, "unit": unit}
-
-
-async def apply_context(
-    conn: asyncpg.Connection, run: ledger.RunRow, env: str, stage: str, display_dsn: str
-) -> dict[str, Any]:
-    """Everything the summary shows, read from the ledger (so `backfill report` re-renders it)."""
-    row = await ledger.get_phase(conn, run.run_id, stage)
-    assert row is not None
-    result = row.result
-    batches = [
-        dict(r)
-        for r in await conn.fetch(
-            "SELECT * FROM backfill.batches WHERE run_id = $1 AND stage = $2 ORDER BY batch_no",
-            run.run_id,
-            stage,
-        )
-    ]
-    outcomes = [
-        {
-            "batch_no": b["batch_no"],
-            "status": b["status"],
-            "changed": b["changed"],
-            "noop": b["noop"],
-            "selected": b["selected"],
-            "attempts": b["attempts"],
-            "duration_ms": b["duration_ms"],
-            "started_at": b["started_at"].isoformat(),
-            "first_key": b["first_key"],
-            "last_key": b["last_key"],
-            "errors": json.loads(b["errors"]),
-        }
-        for b in batches
-    ]
-    categories: Counter[str] = Counter()
-    for o in outcomes:
-        for e in o["errors"]:
-            categories[e["category"]] += 1
-    done = [o for o in outcomes if o["status"] == "done"]
-    decisions = await ledger.decisions(conn, run.run_id)
-    gate = gate_name(stage if stage != "rest" else "rest", env) if stage != "rest" else None
-    return {
-        "run": run,
-        "env": env,
-        "stage": stage,
-        "dsn": display_dsn,
-        "result": result,
-        "batches": outcomes,
-        "done": len(done),
-        "failed": [o for o in outcomes if o["status"] == "failed"],
-        "slowest": sorted(done, key=lambda o: o["duration_ms"], reverse=True)[:5],
-        "categories": sorted(categories.items(), key=lambda kv: -kv[1]),
-        "chart": _throughput(outcomes),
-        "gate": gate,
-        "overrides": overrides_note(decisions),
-        "started_at": row.started_at,
-        "finished_at": row.finished_at,
-    }
-
-
-async def render_summary(
-    conn: asyncpg.Connection, run: ledger.RunRow, env: str, stage: str, display_dsn: str
-) -> tuple[Path, str]:
-    ctx = await apply_context(conn, run, env, stage, display_dsn)
-    name = "backfill_summary.md" if stage == "apply" else f"{stage}_summary.md"
-    text = render("backfill_summary.md.j2", ctx)
-    path = write_text(RunDir.of(run.run_id).env(env) / name, text)
-    return path, text_digest(text)
-
-
 async def _finish(
     conn: asyncpg.Connection,
     dbs: Databases,
@@ -573,7 +471,7 @@ async def _finish(
         },
         "warnings": warnings,
         "rollback_file": rollback_path.name,
-        "report_file": "backfill_summary.md" if stage == "apply" else f"{stage}_summary.md",
+        "report_file": summary_name(stage),
         "next_command": next_command,
         "cmd": cmd,
     }
@@ -644,7 +542,6 @@ async def _finished_result(
     else:
         status, next_command = "done", f"{cmd} status {run_id}"
     run_dir = RunDir.of(run_id).env(env)
-    name = "backfill_summary.md" if stage == "apply" else f"{stage}_summary.md"
     return ApplyResult(
         run_id,
         env,
@@ -652,6 +549,6 @@ async def _finished_result(
         status,
         gate,
         next_command,
-        run_dir / name,
+        run_dir / summary_name(stage),
         totals=dict(row.result.get("totals", {})),
     )

@@ -18,6 +18,7 @@ from runner.gates import GateState, gate_name
 from runner.phases import apply as apply_phase
 from runner.phases import health as health_phase
 from runner.phases import soak as soak_phase
+from runner.phases.apply_summary import render_summary
 from runner.phases.common import ProgressCallback, command_prefix, gate_state
 from runner.phases.decide import decide, plan_for
 from runner.plan import LoadedPlan, load_plan
@@ -232,7 +233,7 @@ async def rerender(run_id: str, plan_path: Path | None) -> list[Path]:
                         path, digest = await health_phase.render_health(conn, run_id, env)
                         written.append(RunDir.of(run_id).root / env / health_phase.MINI_PLAN)
                     else:
-                        path, digest = await apply_phase.render_summary(
+                        path, digest = await render_summary(
                             conn, run, env, stage, row.result.get("dsn", dbs.display_dsn(env))
                         )
                         rollback = RunDir.of(run_id).env(env) / row.result["rollback_file"]
