@@ -19,6 +19,18 @@ from runner.phases.common import overrides_note
 from runner.reports import render
 
 
+async def _overrides_so_far(
+    conn: asyncpg.Connection, run_id: str, stage: str, decisions: list[ledger.Decision]
+) -> list[dict[str, Any]]:
+    """Overrides of every earlier gate: a prod summary also shows those recorded on staging,
+    which the health check carried over into the prod ledger."""
+    carried: list[dict[str, Any]] = []
+    if stage in ("canary", "rest"):
+        health = await ledger.get_phase(conn, run_id, "health")
+        carried = list(health.result.get("overrides", [])) if health else []
+    return carried + overrides_note(decisions)
+
+
 def summary_name(stage: str) -> str:
     return "backfill_summary.md" if stage == "apply" else f"{stage}_summary.md"
 
@@ -108,7 +120,7 @@ async def apply_context(
         "categories": sorted(categories.items(), key=lambda kv: -kv[1]),
         "chart": _throughput(outcomes),
         "gate": gate,
-        "overrides": overrides_note(decisions),
+        "overrides": await _overrides_so_far(conn, run.run_id, stage, decisions),
         "started_at": row.started_at,
         "finished_at": row.finished_at,
     }

@@ -251,3 +251,55 @@ def test_demo_auto_approve_walks_the_whole_rollout_on_the_embedded_server(tmp_pa
         check=False,
     )
     assert again.returncode == 0, again.stdout + again.stderr  # re-running the demo is safe
+
+
+@pytest.mark.slow
+def test_an_override_is_shown_in_every_later_report_and_edits_after_approval_are_refused(
+    cli: Callable[..., Any], workdir: Path, make_db: Callable[[], str]
+) -> None:
+    _, _, env = _two_envs(make_db)
+    checks = [{"name": "always_one", "sql": "SELECT 1", "pass_if": "== 0"}]
+    plan = write_plan(workdir / "plan.json", soak__checks=checks)
+    run_id = run_id_of(cli("apply", str(plan), "-e", "staging", "-q", env=env).output)
+    cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env)
+    soaked = cli("soak", str(plan), "-e", "staging", "--run", run_id, "--duration", "5s", env=env)
+    assert soaked.exit_code == 4, soaked.output
+    forced = cli(
+        "approve",
+        run_id,
+        "--gate",
+        "soak-staging",
+        "--as",
+        "bob",
+        "--override",
+        "--note",
+        "known false alarm, INC-7",
+        env=env,
+    )
+    assert forced.exit_code == 0, forced.output
+
+    write_plan(workdir / "plan.json", soak__checks=checks, batching__size=99)
+    refused = cli("health", str(plan), "-e", "prod", "--run", run_id, env=env)
+    assert refused.exit_code == 3
+    assert "gate soak-staging is closed: the plan changed after bob approved it" in refused.output
+    write_plan(workdir / "plan.json", soak__checks=checks)
+
+    assert cli("health", str(plan), "-e", "prod", "--run", run_id, env=env).exit_code == 3
+    run_dir = workdir / "backfill_logs" / "items_new" / run_id
+    note = "Gate `soak-staging` was opened by **bob** despite failed criteria: known false alarm, INC-7"
+    assert note in (run_dir / "prod" / "prod_health_check.md").read_text()
+    cli("approve", run_id, "--gate", "health-prod", "--as", "alice", env=env)
+
+    mini = run_dir / "prod" / "prod_mini_backfill_plan.json"
+    original = mini.read_text()
+    mini.write_text(original.replace('"size": 100', '"size": 5000'))
+    edited = cli("apply", str(mini), "-e", "prod", "--run", run_id, "-q", env=env)
+    assert edited.exit_code == 2
+    assert "is not the mini plan the approved health check wrote" in edited.output
+    mini.write_text(original)
+
+    assert cli("apply", str(mini), "-e", "prod", "--run", run_id, "-q", env=env).exit_code == 3
+    assert note in (run_dir / "prod" / "canary_summary.md").read_text()
+    cli("approve", run_id, "--gate", "canary-prod", "--as", "bob", env=env)
+    assert cli("apply", str(mini), "-e", "prod", "--run", run_id, "-q", env=env).exit_code == 0
+    assert note in (run_dir / "prod" / "rest_summary.md").read_text()

@@ -1,0 +1,204 @@
+"""What operators live through: a killed process's embedded server, a dropped connection, the
+ledger's install, pacing in rows per second, and undoing the demo with psql."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psutil  # type: ignore[import-untyped]
+import pytest
+
+from runner.ledger import MIGRATIONS
+from tests.conftest import make_items, psql_binary, sql, val, write_plan
+from tests.integration.test_apply import env_for, run_id_of
+from tests.integration.test_rollback import CHECKSUM
+from tests.integration.test_soak import DEMO_PLAN, _seed_demo
+
+
+def _postmaster_pid(home: Path) -> int | None:
+    pidfile = home / "pgdata" / "postmaster.pid"
+    if not pidfile.exists():
+        return None
+    pid = int(pidfile.read_text().splitlines()[0])
+    return pid if psutil.pid_exists(pid) else None
+
+
+@pytest.mark.slow
+def test_a_server_left_by_a_killed_process_is_adopted_and_stopped(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    env = {**os.environ, "BACKFILL_HOME": str(home), "BACKFILL_LOGS": str(tmp_path / "logs")}
+    plan = write_plan(
+        tmp_path / "p.json",
+        environments={"staging": {"dsn": "embedded"}, "prod": {"dsn": "embedded"}},
+    )
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time; from runner.db import EmbeddedServer as E; "
+            f"E(__import__('pathlib').Path({str(home)!r})).start(); print('up', flush=True); time.sleep(600)",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "up"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    holder.stdout.close()
+    left = _postmaster_pid(home)
+    assert left is not None, "the killed process should have left its server running"
+    result = subprocess.run(
+        [sys.executable, "-m", "runner", "init", str(plan), "--env", "staging"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"version {len(MIGRATIONS)}" in result.stdout
+    for _ in range(50):
+        if _postmaster_pid(home) is None:
+            break
+        time.sleep(0.1)
+    assert _postmaster_pid(home) is None, (
+        "the adopted server should be stopped when the command ends"
+    )
+
+
+def test_init_creates_the_ledger_once(cli: Callable[..., Any], workdir: Path, db: str) -> None:
+    plan = write_plan(workdir / "p.json")
+    for _ in range(2):
+        result = cli("init", str(plan), "-e", "staging", env=env_for(db))
+        assert result.exit_code == 0, result.output
+    assert val(
+        db, "SELECT array_agg(version ORDER BY version) FROM backfill.schema_version"
+    ) == list(range(1, len(MIGRATIONS) + 1))
+    tables = {
+        r[0]
+        for r in sql(
+            db, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'backfill'"
+        )
+    }
+    assert {
+        "runs",
+        "batches",
+        "batch_images",
+        "row_images",
+        "gate_decisions",
+        "soak_samples",
+        "phases",
+    } <= tables
+
+
+def test_a_newer_ledger_is_refused(cli: Callable[..., Any], workdir: Path, db: str) -> None:
+    plan = write_plan(workdir / "p.json")
+    cli("init", str(plan), "-e", "staging", env=env_for(db))
+    sql(db, "INSERT INTO backfill.schema_version (version) VALUES (99)")
+    result = cli("init", str(plan), "-e", "staging", env=env_for(db))
+    assert result.exit_code == 2
+    assert "newer than this backfill knows" in result.output
+
+
+@pytest.mark.slow
+def test_a_dropped_connection_is_retried_and_nothing_is_applied_twice(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 600)
+    plan = write_plan(
+        workdir / "p.json",
+        batching__size=50,
+        apply__sql="UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
+        "AND val IS DISTINCT FROM 'new' AND pg_sleep(0.005) IS NOT NULL",
+    )
+    killer = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            f"for i in 1 2 3; do sleep 0.6; {psql_binary()} '{db}' -Atc "
+            '"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity '
+            "WHERE query LIKE 'UPDATE items%' AND state = 'active' AND pid <> pg_backend_pid()\"; done",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    out, _ = killer.communicate(timeout=30)
+    assert result.exit_code == 3, result.output
+    assert sum(int(x) for x in out.split()) >= 1, (
+        "no connection was dropped: the test proves nothing"
+    )
+    run_id = run_id_of(result.output)
+    lost = [
+        json.loads(r[0])
+        for r in sql(db, "SELECT errors FROM backfill.batches WHERE errors <> '[]'")
+    ]
+    assert any(e["category"] == "connection_lost" for errors in lost for e in errors)
+    assert val(db, "SELECT count(*) FROM items WHERE val <> 'new'") == 0
+    assert (
+        val(db, "SELECT count(*) FROM backfill.row_images WHERE run_id = $1 AND op = 'U'", run_id)
+        == 480
+    )
+    assert (
+        val(db, "SELECT count(DISTINCT key) FROM backfill.row_images WHERE run_id = $1", run_id)
+        == 480
+    )
+
+
+def test_rows_per_second_paces_the_apply(cli: Callable[..., Any], workdir: Path, db: str) -> None:
+    make_items(db, 500)
+    plan = write_plan(workdir / "p.json", batching__size=20, batching__rows_per_second=400)
+    run_id = run_id_of(cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db)).output)
+    starts: list[datetime] = [
+        r[0]
+        for r in sql(
+            db,
+            "SELECT started_at FROM backfill.batches WHERE run_id = $1 ORDER BY started_at",
+            run_id,
+        )
+    ]
+    assert len(starts) == 20
+    rows_after_first = 19 * 20
+    achieved = rows_after_first / (starts[-1] - starts[0]).total_seconds()
+    assert abs(achieved - 400) / 400 < 0.05, achieved
+
+
+@pytest.mark.slow
+def test_demo_apply_is_undone_exactly_by_psql_and_by_the_runner(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    _seed_demo(db, rows=3000)
+    before = val(db, CHECKSUM.format(table="profiles"))
+    result = cli("apply", str(DEMO_PLAN), "-e", "staging", "-q", env=env_for(db))
+    run_id = run_id_of(result.output)
+    assert val(db, CHECKSUM.format(table="profiles")) != before
+    rollback = next((workdir / "backfill_logs").rglob(f"{run_id}/staging/rollback_*.sql"))
+    done = subprocess.run(
+        [psql_binary(), "-X", "-v", "ON_ERROR_STOP=1", "-d", db, "-f", str(rollback)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert val(db, CHECKSUM.format(table="profiles")) == before
+    assert " t\n" in done.stdout  # checksum_matches
+    # and once more, through the runner this time
+    again = cli("apply", str(DEMO_PLAN), "-e", "staging", "-q", env=env_for(db))
+    second = run_id_of(again.output)
+    undone = cli("rollback", second, "-e", "staging", env=env_for(db))
+    assert undone.exit_code == 0, undone.output
+    assert "checksum verified" in undone.output
+    assert val(db, CHECKSUM.format(table="profiles")) == before
