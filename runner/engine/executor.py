@@ -1,4 +1,4 @@
-"""One batch, one transaction: lock and capture, apply, compare, record, commit (invariants 1-4)."""
+"""One batch, one transaction: capture, apply, compare, record, commit (invariants 1-4)."""
 
 from __future__ import annotations
 
@@ -129,7 +129,8 @@ async def _apply_once(
     started: datetime,
     fresh: Reconnect,
 ) -> asyncpg.Record:
-    async with conn.transaction():
+    # REPEATABLE READ: the capture fixes the snapshot the apply must update (see capture_sql)
+    async with conn.transaction(isolation="repeatable_read"):
         await conn.execute(target.capture_sql, *batch.key_arrays)
         tag = await conn.execute(apply_sql, *batch.key_arrays)
         m = _TAG.match(tag or "")

@@ -161,8 +161,14 @@ LIMIT 5"""
 
     @property
     def capture_sql(self) -> str:
-        """Lock the batch's rows and keep their before-images (declared columns as text, the rest
-        as typed copies for the scope guard)."""
+        """Keep the batch's before-images: declared columns as text, the rest as typed copies for
+        the scope guard.
+
+        No row locks: the batch runs at REPEATABLE READ and this is its first statement, so it
+        fixes the snapshot. If another transaction changes a batch row after that, the apply's
+        UPDATE of it fails with a serialization error (retried) instead of updating a version we
+        did not capture; so a before-image is always exactly the version the apply replaced.
+        """
         cols = (
             [f"t.{k.q}" for k in self.key] + [self._image("t")] + [f"t.{c.q}" for c in self.others]
         )
@@ -170,8 +176,7 @@ LIMIT 5"""
 INSERT INTO pg_temp.backfill_before
 SELECT {", ".join(cols)}
 FROM {self.table} AS t
-WHERE {self.key_match("t")}
-FOR UPDATE OF t"""
+WHERE {self.key_match("t")}"""
 
     @property
     def finalize_sql(self) -> str:

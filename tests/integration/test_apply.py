@@ -367,3 +367,29 @@ def test_prod_is_not_applied_from_the_full_plan(
     result = cli("apply", str(plan), "-e", "qa", env=env_for(db))
     assert result.exit_code == 2
     assert "'qa' has no stage" in result.output
+
+
+def test_a_row_changed_between_capture_and_apply_is_retried_and_imaged_as_it_was_replaced(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 20)
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql="UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
+        "AND val IS DISTINCT FROM 'new' AND (SELECT pg_sleep(2)) IS NOT NULL",
+    )
+    writer = subprocess.Popen(
+        [
+            "bash",
+            "-c",
+            f"sleep 1; {psql_binary()} '{db}' -Atc \"UPDATE items SET val = 'app wrote' WHERE id = 2\"",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    writer.wait(timeout=30)
+    assert result.exit_code == 3, result.output
+    errors = json.loads(val(db, "SELECT errors FROM backfill.batches WHERE batch_no = 1"))
+    assert [e["category"] for e in errors] == ["serialization"]
+    assert val(db, "SELECT before FROM backfill.row_images WHERE key = '{2}'")[0] == "app wrote"
+    assert val(db, "SELECT val FROM items WHERE id = 2") == "new"
