@@ -182,6 +182,57 @@ async def _apply_once(
         return counts
 
 
+async def _apply_returning(
+    conn: asyncpg.Connection,
+    target: TargetInfo,
+    statement: str,
+    run_id: str,
+    batch: Batch,
+    attempts: int,
+    errors: list[dict[str, str]],
+    started: datetime,
+    fresh: Reconnect,
+) -> dict[str, int]:
+    """The batch as one statement (TargetInfo.returning_apply_sql), in one transaction."""
+    async with conn.transaction():
+        row = await fetch_one(
+            conn,
+            statement,
+            *batch.key_arrays,
+            run_id,
+            batch.batch_no,
+            batch.stage,
+            batch.first_key,
+            batch.last_key,
+            attempts,
+            json.dumps(errors),
+            started,
+            batch.size,
+            target.table,
+        )
+        if row["outside"]:
+            raise ScopeViolation(
+                f"batch {batch.batch_no} (keys {batch.key_range}): the apply statement changed "
+                f"{row['outside']} row(s) outside the batch or outside {target.display} "
+                f"(keys: {', '.join(row['outside_keys'] or [])}); the batch was rolled back",
+                hint="restrict the apply to the batch's keys (`WHERE id = ANY($1)`) and to the target table",
+            )
+        if row["other_changed"]:
+            cols = await _changed_other_columns(conn, fresh, target, batch)
+            raise ScopeViolation(
+                f"batch {batch.batch_no} (keys {batch.key_range}): the apply statement changed "
+                f"column(s) outside target.columns ({', '.join(cols) or 'the key'}) on "
+                f"{row['other_changed']} row(s) (e.g. keys {', '.join(row['bad_keys'] or [])});"
+                " the batch was rolled back",
+                hint="declare every column the apply sets in target.columns, or stop setting it",
+            )
+        return {
+            "locked": batch.size,
+            "changed": row["changed"],
+            "noop": batch.size - row["changed"],
+        }
+
+
 async def _changed_other_columns(
     conn: asyncpg.Connection, fresh: Reconnect, target: TargetInfo, batch: Batch
 ) -> list[str]:
@@ -249,12 +300,27 @@ class BatchExecutor:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.conn: asyncpg.Connection | None = None
+        self.returning_sql = target.returning_apply_sql(apply_sql)
+        self.mode: str | None = None  # "returning" (one statement) or "capture" (three)
+        self.mode_reason = ""
 
     async def _connection(self) -> asyncpg.Connection:
         if self.conn is None or self.conn.is_closed():
             self.conn = await self.reconnect()
             await self.conn.execute(self.target.scratch_ddl)
+            if self.mode is None:
+                await self._choose_mode(self.conn)
         return self.conn
+
+    async def _choose_mode(self, conn: asyncpg.Connection) -> None:
+        """One statement per batch where the server and the apply allow it (RETURNING OLD/NEW,
+        PostgreSQL 18+); otherwise capture, apply and compare as three statements."""
+        try:
+            await conn.prepare(self.returning_sql)
+        except asyncpg.PostgresError as e:
+            self.mode, self.mode_reason = "capture", " ".join(str(e).split())
+        else:
+            self.mode, self.mode_reason = "returning", "RETURNING OLD/NEW"
 
     async def close(self) -> None:
         if self.conn is not None and not self.conn.is_closed():
@@ -280,10 +346,11 @@ class BatchExecutor:
                         errors=errors,
                         started_at=started_wall,
                     )
-                counts = await _apply_once(
+                apply_batch = _apply_returning if self.mode == "returning" else _apply_once
+                counts = await apply_batch(
                     conn,
                     self.target,
-                    self.apply_sql,
+                    self.returning_sql if self.mode == "returning" else self.apply_sql,
                     self.run_id,
                     batch,
                     attempt,

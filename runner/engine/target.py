@@ -231,6 +231,66 @@ ledger AS (
 )
 SELECT * FROM agg"""
 
+    def returning_apply_sql(self, apply_sql: str) -> str:
+        """The whole batch as one statement (PostgreSQL 18+): the plan's UPDATE as a data-modifying
+        CTE whose `RETURNING OLD/NEW` gives the exact version it replaced, the after-image, the
+        undeclared columns (key included) compared bytewise and the table it changed; then the
+        row images and the batch's ledger row.
+
+        `$1…$n` stay the plan's key arrays; then $n+1 run, +2 batch_no, +3 stage, +4 first_key,
+        +5 last_key, +6 attempts, +7 errors json, +8 started_at, +9 batch size, +10 the target.
+        Preparing it fails for applies it cannot wrap (their own RETURNING, a data-modifying WITH,
+        an older server): the executor then uses capture_sql + finalize_sql.
+        """
+        n = len(self.key)
+        p = [f"${n + i}" for i in range(1, 11)]
+        old, new = "backfill_old", "backfill_new"
+        guarded = list(self.others) + list(self.key)
+        key_text = "ARRAY[" + ", ".join(f"{old}.{k.q}::text" for k in self.key) + "]::text[]"
+        in_batch = self.key_match(new)
+        same = (
+            f"record_image_eq(ROW({', '.join(f'{old}.{c.q}' for c in guarded)}), "
+            f"ROW({', '.join(f'{new}.{c.q}' for c in guarded)}))"
+        )
+        return f"""
+WITH applied AS (
+{apply_sql}
+RETURNING WITH (OLD AS {old}, NEW AS {new})
+    {new}.tableoid = {p[9]}::text::regclass AND {in_batch} AS in_scope,
+    {key_text} AS key,
+    {self._image(old)} AS before,
+    {self._image(new)} AS after,
+    {same} AS others_same
+),
+images AS (
+    INSERT INTO backfill.batch_images (run_id, batch_no, ops, keys, befores, afters)
+    SELECT {p[0]}, {p[1]},
+           array_agg(CASE WHEN before IS DISTINCT FROM after THEN 'U' ELSE 'N' END),
+           array_agg(key::text),
+           array_agg(before::text),
+           array_agg(CASE WHEN before IS DISTINCT FROM after THEN after::text END)
+    FROM applied
+    HAVING count(*) > 0
+),
+agg AS (
+    SELECT count(*)::int AS returned,
+           count(*) FILTER (WHERE NOT in_scope)::int AS outside,
+           count(*) FILTER (WHERE before IS DISTINCT FROM after)::int AS changed,
+           count(*) FILTER (WHERE NOT others_same)::int AS other_changed,
+           (array_agg(array_to_string(key, ', ')) FILTER (WHERE NOT in_scope))[1:5] AS outside_keys,
+           (array_agg(array_to_string(key, ', ')) FILTER (WHERE NOT others_same))[1:5] AS bad_keys
+    FROM applied
+),
+ledger AS (
+    INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
+                                  selected, changed, noop, attempts, errors, started_at, duration_ms)
+    SELECT {p[0]}, {p[1]}, {p[2]}, 'done', {p[3]}, {p[4]}, {p[8]}::int, agg.changed,
+           {p[8]}::int - agg.changed, {p[5]}, {p[6]}::jsonb, {p[7]},
+           extract(epoch FROM clock_timestamp() - {p[7]}) * 1000
+    FROM agg
+)
+SELECT * FROM agg"""
+
     def outside_rows_sql(self) -> str:
         """Diagnosis only (after a scope violation): rows of the table this transaction touched
         outside the batch. A sequential scan, run once, inside the transaction being rolled back."""

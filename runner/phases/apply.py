@@ -234,6 +234,8 @@ class _Pass:
     interrupted_before: int = 0
     remaining_after: int = 0
     rows_needing_at_start: int = 0
+    batch_mode: str = ""
+    batch_mode_reason: str = ""
 
 
 async def _run_batches(
@@ -357,6 +359,8 @@ async def _run_batches(
                     if failed.is_set():  # finish what runs, start nothing new
                         break
                     outcome = await executor.run(batch)
+                    state.batch_mode = executor.mode or state.batch_mode
+                    state.batch_mode_reason = executor.mode_reason or state.batch_mode_reason
                     await record(outcome)
                     if outcome.status == "failed" and state.failure is None:
                         state.failure = outcome
@@ -452,6 +456,7 @@ async def _finish(
             "columns": [c.name for c in target.columns],
         },
         "settings": b.model_dump(),
+        "batch_mode": {"mode": state.batch_mode, "reason": state.batch_mode_reason},
         "canary_batches": plan.canary.batches if plan.canary else None,
         "totals": {
             "rows_needing_at_start": state.rows_needing_at_start,

@@ -255,7 +255,8 @@ def test_killed_rollback_resumes_to_the_exact_pre_apply_state(
         "PROD_DSN": db,
         "BACKFILL_LOGS": str(workdir / "backfill_logs"),
     }
-    for delay in (1.2, 0.9, 1.4):
+    restored = 0
+    for pause in (0.05, 0.2, 0.12):  # kill shortly after each start has committed some batches
         with (workdir / "rb.log").open("ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "runner", "rollback", run_id, "-e", "staging"],
@@ -264,9 +265,14 @@ def test_killed_rollback_resumes_to_the_exact_pre_apply_state(
                 stdout=log,
                 stderr=log,
             )
-        time.sleep(delay)
+        deadline = time.monotonic() + 60
+        while val(db, "SELECT count(*) FROM backfill.rollback_batches") <= restored:
+            assert time.monotonic() < deadline, (workdir / "rb.log").read_text()
+            time.sleep(0.05)
+        time.sleep(pause)
         proc.kill()
         proc.wait()
+        restored = val(db, "SELECT count(*) FROM backfill.rollback_batches")
     partial = val(db, "SELECT count(*) FROM backfill.rollback_batches")
     assert 0 < partial < 60
     final = subprocess.run(
