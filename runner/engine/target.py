@@ -247,20 +247,31 @@ SELECT * FROM agg"""
         old, new = "backfill_old", "backfill_new"
         guarded = list(self.others) + list(self.key)
         key_text = "ARRAY[" + ", ".join(f"{old}.{k.q}::text" for k in self.key) + "]::text[]"
-        in_batch = self.key_match(new)
         same = (
             f"record_image_eq(ROW({', '.join(f'{old}.{c.q}' for c in guarded)}), "
             f"ROW({', '.join(f'{new}.{c.q}' for c in guarded)}))"
         )
+        new_keys = ", ".join(f"{new}.{k.q} AS bk{i}" for i, k in enumerate(self.key))
+        arrays = ", ".join(f"${i + 1}::{k.type}[]" for i, k in enumerate(self.key))
+        batch_cols = ", ".join(f"k{i}" for i in range(n))
+        on = " AND ".join(f"a.bk{i} = b.k{i}" for i in range(n))
+        # membership through a hash join: `= ANY($1)` per returned row would compare each row
+        # with the whole batch (PostgreSQL hashes ANY only for constant arrays)
         return f"""
 WITH applied AS (
 {apply_sql}
 RETURNING WITH (OLD AS {old}, NEW AS {new})
-    {new}.tableoid = {p[9]}::text::regclass AND {in_batch} AS in_scope,
+    {new}.tableoid = {p[9]}::text::regclass AS on_target,
+    {new_keys},
     {key_text} AS key,
     {self._image(old)} AS before,
     {self._image(new)} AS after,
     {same} AS others_same
+),
+checked AS (
+    SELECT a.key, a.before, a.after, a.others_same, a.on_target AND b.k0 IS NOT NULL AS in_scope
+    FROM applied AS a
+    LEFT JOIN unnest({arrays}) AS b({batch_cols}) ON {on}
 ),
 images AS (
     INSERT INTO backfill.batch_images (run_id, batch_no, ops, keys, befores, afters)
@@ -269,7 +280,7 @@ images AS (
            array_agg(key::text),
            array_agg(before::text),
            array_agg(CASE WHEN before IS DISTINCT FROM after THEN after::text END)
-    FROM applied
+    FROM checked
     HAVING count(*) > 0
 ),
 agg AS (
@@ -279,7 +290,7 @@ agg AS (
            count(*) FILTER (WHERE NOT others_same)::int AS other_changed,
            (array_agg(array_to_string(key, ', ')) FILTER (WHERE NOT in_scope))[1:5] AS outside_keys,
            (array_agg(array_to_string(key, ', ')) FILTER (WHERE NOT others_same))[1:5] AS bad_keys
-    FROM applied
+    FROM checked
 ),
 ledger AS (
     INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
