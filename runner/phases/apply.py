@@ -236,6 +236,7 @@ class _Pass:
     rows_needing_at_start: int = 0
     batch_mode: str = ""
     batch_mode_reason: str = ""
+    counting_seconds: float = 0.0  # the discovery counts: before the run, and the convergence check
 
 
 async def _run_batches(
@@ -260,7 +261,9 @@ async def _run_batches(
             run_id,
         )
         stop_after = max(plan.canary.batches - int(done_in_canary), 0)
+    t_count = time.perf_counter()
     state.rows_needing_at_start = await _count(conn, plan.discovery.sql)
+    state.counting_seconds += time.perf_counter() - t_count
     if progress:
         progress(
             "start",
@@ -381,7 +384,9 @@ async def _run_batches(
             raise failure_error(state.failure)
         if stop_after is not None:
             break
+        t_count = time.perf_counter()
         remaining = await _count(conn, plan.discovery.sql)
+        state.counting_seconds += time.perf_counter() - t_count
         state.remaining_after = remaining
         if remaining == 0:
             break
@@ -471,6 +476,7 @@ async def _finish(
         "timing": {
             "started_at": state.started_at.isoformat(),
             "elapsed_seconds": round(elapsed, 3),
+            "counting_seconds": round(state.counting_seconds, 3),
             "rows_per_second": round((changed + noop) / elapsed, 1) if elapsed > 0 else None,
             "batches_per_minute": round(len(done) / elapsed * 60, 2) if elapsed > 0 else None,
         },
