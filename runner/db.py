@@ -110,8 +110,34 @@ class EmbeddedServer:
             self._server = None
 
 
+_shared: dict[Path, tuple[EmbeddedServer, int]] = {}
+
+
+def acquire_embedded(home: Path) -> EmbeddedServer:
+    """The process's one server for `home`, started on first use and counted per user."""
+    server, users = _shared.get(home, (None, 0))
+    if server is None:
+        server = EmbeddedServer(home)
+        server.start()
+    _shared[home] = (server, users + 1)
+    return server
+
+
+def release_embedded(home: Path) -> None:
+    """The last user of the process's server for `home` stops it."""
+    server, users = _shared[home]
+    if users > 1:
+        _shared[home] = (server, users - 1)
+        return
+    del _shared[home]
+    server.stop()
+
+
 class Databases:
-    """Resolves environment names to DSNs for one command, starting the embedded server if needed."""
+    """Resolves environment names to DSNs for one command, starting the embedded server if needed.
+
+    Nested uses (a phase that opens its own while the pipeline holds one) share the server.
+    """
 
     def __init__(self, plan: Plan | None = None, dsns: dict[str, str] | None = None) -> None:
         self._dsns = dict(dsns or {})
@@ -119,10 +145,8 @@ class Databases:
             for name, env in plan.environments.items():
                 self._dsns.setdefault(name, env.dsn)
         self._embedded: EmbeddedServer | None = None
+        self._home: Path | None = None
         self._created: set[str] = set()
-
-    def add(self, env: str, dsn: str) -> None:
-        self._dsns.setdefault(env, dsn)
 
     async def __aenter__(self) -> Databases:
         return self
@@ -130,8 +154,9 @@ class Databases:
     async def __aexit__(
         self, et: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._embedded is not None:
-            self._embedded.stop()
+        if self._embedded is not None and self._home is not None:
+            release_embedded(self._home)
+            self._embedded = None
 
     def raw_dsn(self, env: str) -> str:
         try:
@@ -156,8 +181,8 @@ class Databases:
                 hint="use lower-case letters, digits and _ for environments on the embedded server",
             )
         if self._embedded is None:
-            self._embedded = EmbeddedServer(home_dir())
-            self._embedded.start()
+            self._home = home_dir()
+            self._embedded = acquire_embedded(self._home)
         if env not in self._created:
             conn = await connect(self._embedded.uri("postgres"), what="the embedded server")
             try:

@@ -318,11 +318,3 @@ async def record_decision(conn: asyncpg.Connection, run_id: str, d: Decision) ->
         d.report_digest,
         d.criteria,
     )
-
-
-async def batch_rows(conn: asyncpg.Connection, run_id: str) -> list[asyncpg.Record]:
-    return list(
-        await conn.fetch(
-            "SELECT * FROM backfill.batches WHERE run_id = $1 ORDER BY batch_no", run_id
-        )
-    )

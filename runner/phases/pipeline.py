@@ -140,16 +140,11 @@ async def run_pipeline(
                 )
                 say(f"  health verdict {h.verdict}: {h.report_path}; mini plan {h.mini_plan_path}")
             else:
+                # the mini plan's environment is the parent plan's, so the same connections serve
                 mini = load_plan(_mini_plan(run_id, step.env))
-                async with Databases(mini.plan) as prod_dbs:
-                    r = await apply_phase.apply(
-                        mini,
-                        prod_dbs,
-                        env=step.env,
-                        run_id=run_id,
-                        operator=operator,
-                        progress=progress,
-                    )
+                r = await apply_phase.apply(
+                    mini, dbs, env=step.env, run_id=run_id, operator=operator, progress=progress
+                )
                 say(
                     f"  {r.stage}: {r.totals.get('changed', 0):,} row(s) changed; summary {r.summary_path}"
                 )

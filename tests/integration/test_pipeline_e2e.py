@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]
 import pytest
 
 from tests.conftest import make_items, sql, val, write_plan
@@ -232,6 +233,10 @@ def test_demo_auto_approve_walks_the_whole_rollout_on_the_embedded_server(tmp_pa
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "the rollout is complete" in done.stdout
+    pidfile = tmp_path / "home" / "pgdata" / "postmaster.pid"
+    assert not pidfile.exists() or not psutil.pid_exists(int(pidfile.read_text().split()[0])), (
+        "the embedded server must be stopped when the command ends"
+    )
     for name in (
         "backfill_summary.md",
         "staging_observability.md",
