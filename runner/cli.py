@@ -219,7 +219,7 @@ class _ProgressView:
 # -- commands ----------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(short_help="Check a plan; with --env, against its database.")
 def validate(
     plan: PlanArg,
     env: Annotated[
@@ -304,7 +304,7 @@ def validate(
     _run(go)
 
 
-@app.command()
+@app.command(short_help="Create or migrate the ledger schema.")
 def init(plan: PlanArg, env: EnvOpt) -> None:
     """Create or migrate the ledger (control schema `backfill`) in an environment's database."""
     from runner.ledger import ensure_ledger
@@ -368,7 +368,7 @@ def _print_apply(result: Any) -> int:
     return EXIT_DONE
 
 
-@app.command()
+@app.command(short_help="Apply the backfill in batches; halt at a gate.")
 def apply(
     plan: PlanArg,
     env: EnvOpt,
@@ -449,7 +449,7 @@ PlanOpt = Annotated[
 ]
 
 
-@app.command()
+@app.command(short_help="Open a gate for the plan and report you read.")
 def approve(
     run: Annotated[str, typer.Argument(help="The run id.")],
     gate: GateOpt,
@@ -464,7 +464,7 @@ def approve(
     _decide("approve", run, gate, actor, note, override, plan)
 
 
-@app.command()
+@app.command(short_help="Close a gate for good (no-go).")
 def reject(
     run: Annotated[str, typer.Argument(help="The run id.")],
     gate: GateOpt,
@@ -476,7 +476,7 @@ def reject(
     _decide("reject", run, gate, actor, note, False, plan)
 
 
-@app.command()
+@app.command(short_help="A run's phases, gates and next command.")
 def status(
     run: Annotated[str | None, typer.Argument(help="The run id (default: list runs).")] = None,
     plan: PlanOpt = None,
@@ -501,7 +501,7 @@ def status(
     _run(go)
 
 
-@app.command()
+@app.command(short_help="Watch read-only checks over time; halt at a gate.")
 def soak(
     plan: PlanArg,
     env: EnvOpt,
@@ -559,7 +559,7 @@ def soak(
     _run(go)
 
 
-@app.command()
+@app.command(short_help="Check prod read-only; write the prod mini plan.")
 def health(
     plan: PlanArg,
     env: EnvOpt,
@@ -587,7 +587,7 @@ def health(
     _run(go)
 
 
-@app.command()
+@app.command(short_help="Run the next phase whose gate is open.")
 def pipeline(
     plan: PlanArg,
     run: RunOpt = None,
@@ -630,7 +630,7 @@ def pipeline(
     _run(go)
 
 
-@app.command()
+@app.command(short_help="Undo a run: SQL for psql, or restore + verify.")
 def rollback(
     run: Annotated[str, typer.Argument(help="The run id to undo.")],
     env: EnvOpt,
@@ -661,7 +661,7 @@ def rollback(
     _run(go)
 
 
-@app.command()
+@app.command(short_help="Re-render a run's reports from the ledger.")
 def report(
     run: Annotated[str, typer.Argument(help="The run id.")],
     plan: PlanOpt = None,
@@ -677,7 +677,7 @@ def report(
     _run(go)
 
 
-@app.command()
+@app.command(short_help="The staged rollout on an embedded PostgreSQL.")
 def demo(
     scale: Annotated[
         float, typer.Option("--scale", help="Data size: 1 ≈ 20k profiles in staging.")
