@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
+import asyncpg
 import structlog
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from runner import __version__, events
-from runner.db import Databases, redact_all
+from runner.db import Databases
 from runner.errors import (
     EXIT_DONE,
     EXIT_FAILED,
@@ -113,10 +114,29 @@ def _run(make: Callable[[], Awaitable[int]]) -> None:
         except BaseExceptionGroup as group:
             raise _first_leaf(group) from group
     except BackfillError as e:
-        err.print(f"error: {redact_all(str(e), events._secrets)}", markup=False)
+        err.print(f"error: {events.redact_text(str(e))}", markup=False)
         if _state["verbose"]:
             err.print(traceback.format_exc(), markup=False)
         code = e.exit_code
+    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError) as e:
+        err.print(
+            f"error: lost the connection to the database: {events.redact_text(str(e))}\n"
+            "  → every committed batch is kept; when the database is reachable, run the same "
+            "command again (with --run RUN to continue a run)",
+            markup=False,
+        )
+        code = EXIT_FAILED
+    except asyncpg.PostgresError as e:
+        err.print(
+            f"error: the database refused a statement: {type(e).__name__}: "
+            f"{events.redact_text(' '.join(str(e).split()))}\n"
+            "  → check the plan's SQL (`backfill validate PLAN --env ENV` prepares it); every "
+            "committed batch is kept",
+            markup=False,
+        )
+        if _state["verbose"]:
+            err.print(traceback.format_exc(), markup=False)
+        code = EXIT_FAILED
     except KeyboardInterrupt:
         err.print(
             "interrupted: every committed batch is kept; continue with the same command and --run"
@@ -124,7 +144,7 @@ def _run(make: Callable[[], Awaitable[int]]) -> None:
         code = 130
     except Exception as e:
         err.print(
-            f"internal error: {type(e).__name__}: {redact_all(str(e), events._secrets)}",
+            f"internal error: {type(e).__name__}: {events.redact_text(str(e))}",
             markup=False,
         )
         err.print("run again with -v for the traceback, and report it", markup=False)

@@ -25,6 +25,11 @@ def add_secrets(values: set[str] | frozenset[str]) -> None:
     _secrets.update(values)
 
 
+def redact_text(text: str) -> str:
+    """Free text with every known secret and DSN password replaced."""
+    return redact_all(text, _secrets)
+
+
 def attach(path: Path) -> None:
     """Append this command's events to `path` from now on."""
     detach()

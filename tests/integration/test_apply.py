@@ -322,7 +322,8 @@ def test_failing_batch_stops_with_exit_1_and_the_run_continues_after_the_fix(
     assert "batch 3 (keys [251] … [374]) failed: constraint_violation" in failed.output
     assert "continue the run with the same command and --run" in failed.output
     run_id = run_id_of(failed.output)
-    assert val(db, "SELECT count(*) FROM backfill.batches WHERE status = 'done'") == 2
+    # the count before the run reads all of discovery, so it fails before any batch changes a row
+    assert val(db, "SELECT count(*) FROM items WHERE val = 'new'") == 60
     sql(db, "UPDATE items SET note = 'fixed' WHERE id = 251")
     resumed = cli("apply", str(plan), "-e", "staging", "-q", "--run", run_id, env=env_for(db))
     assert resumed.exit_code == 3, resumed.output
@@ -401,3 +402,20 @@ def test_a_row_changed_between_capture_and_apply_is_imaged_as_it_was_replaced(
     assert [e["category"] for e in errors] == retries
     assert val(db, "SELECT before FROM backfill.row_images WHERE key = '{2}'")[0] == "app wrote"
     assert val(db, "SELECT val FROM items WHERE id = 2") == "new"
+
+
+def test_a_discovery_that_fails_at_run_time_is_a_clear_error_not_a_crash(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 300)
+    plan = write_plan(
+        workdir / "p.json", discovery__sql="SELECT id FROM items WHERE 1 / (id - 250) > -100"
+    )
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 1, result.output
+    assert (
+        "the database refused a statement: DivisionByZeroError: division by zero" in result.output
+    )
+    assert "internal error" not in result.output
+    # the count before the run reads all of discovery, so it fails before any batch changes a row
+    assert val(db, "SELECT count(*) FROM items WHERE val = 'new'") == 60
