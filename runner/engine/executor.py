@@ -171,14 +171,7 @@ async def _apply_once(
                 hint="restrict the apply to the batch's keys (`WHERE id = ANY($1)`) and to the target table",
             )
         if counts["other_changed"]:
-            cols = await _changed_other_columns(conn, fresh, target, batch)
-            raise ScopeViolation(
-                f"batch {batch.batch_no} (keys {batch.key_range}): the apply statement changed "
-                f"column(s) outside target.columns ({', '.join(cols) or 'unknown'}) on "
-                f"{counts['other_changed']} row(s) (e.g. keys {', '.join(counts['bad_keys'] or [])});"
-                " the batch was rolled back",
-                hint="declare every column the apply sets in target.columns, or stop setting it",
-            )
+            raise await _undeclared_change(conn, fresh, target, batch, counts)
         return counts
 
 
@@ -218,19 +211,30 @@ async def _apply_returning(
                 hint="restrict the apply to the batch's keys (`WHERE id = ANY($1)`) and to the target table",
             )
         if row["other_changed"]:
-            cols = await _changed_other_columns(conn, fresh, target, batch)
-            raise ScopeViolation(
-                f"batch {batch.batch_no} (keys {batch.key_range}): the apply statement changed "
-                f"column(s) outside target.columns ({', '.join(cols) or 'the key'}) on "
-                f"{row['other_changed']} row(s) (e.g. keys {', '.join(row['bad_keys'] or [])});"
-                " the batch was rolled back",
-                hint="declare every column the apply sets in target.columns, or stop setting it",
-            )
+            raise await _undeclared_change(conn, fresh, target, batch, row)
         return {
             "locked": batch.size,
             "changed": row["changed"],
             "noop": batch.size - row["changed"],
         }
+
+
+async def _undeclared_change(
+    conn: asyncpg.Connection,
+    fresh: Reconnect,
+    target: TargetInfo,
+    batch: Batch,
+    counts: asyncpg.Record,
+) -> ScopeViolation:
+    """The error for a batch that changed columns outside target.columns, naming them."""
+    cols = await _changed_other_columns(conn, fresh, target, batch)
+    return ScopeViolation(
+        f"batch {batch.batch_no} (keys {batch.key_range}): the apply statement changed "
+        f"column(s) outside target.columns ({', '.join(cols) or 'the key'}) on "
+        f"{counts['other_changed']} row(s) (e.g. keys {', '.join(counts['bad_keys'] or [])});"
+        " the batch was rolled back",
+        hint="declare every column the apply sets in target.columns, or stop setting it",
+    )
 
 
 async def _changed_other_columns(

@@ -38,6 +38,11 @@ def ledger_totals(db: str, run_id: str) -> dict[str, Any]:
     return dict(row)
 
 
+BOTH_PATHS = pytest.mark.parametrize(
+    "suffix", ["", " RETURNING id"], ids=["one-statement", "capture"]
+)
+
+
 def test_apply_changes_exactly_the_rows_that_needed_it_writes_artifacts_and_halts(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
@@ -136,13 +141,15 @@ def test_approval_refused_when_the_report_was_edited(
     )
 
 
+@BOTH_PATHS
 def test_apply_touching_a_row_outside_its_batch_is_rolled_back_and_named(
-    cli: Callable[..., Any], workdir: Path, db: str
+    cli: Callable[..., Any], workdir: Path, db: str, suffix: str
 ) -> None:
     make_items(db, 300)
     before = val(db, "SELECT md5(string_agg(i::text, ',' ORDER BY id)) FROM items i")
     plan = write_plan(
-        workdir / "p.json", apply__sql="UPDATE items SET val = 'new' WHERE id = ANY($1) OR id = 5"
+        workdir / "p.json",
+        apply__sql="UPDATE items SET val = 'new' WHERE id = ANY($1) OR id = 5" + suffix,
     )
     result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert result.exit_code == 1, result.output
@@ -157,14 +164,15 @@ def test_apply_touching_a_row_outside_its_batch_is_rolled_back_and_named(
     assert json.loads(failed[0]["errors"])[0]["category"] == "scope_violation"
 
 
+@BOTH_PATHS
 def test_apply_changing_an_undeclared_column_is_rolled_back_and_named(
-    cli: Callable[..., Any], workdir: Path, db: str
+    cli: Callable[..., Any], workdir: Path, db: str, suffix: str
 ) -> None:
     make_items(db, 300)
     before = val(db, "SELECT md5(string_agg(i::text, ',' ORDER BY id)) FROM items i")
     plan = write_plan(
         workdir / "p.json",
-        apply__sql="UPDATE items SET val = 'new', note = 'oops' WHERE id = ANY($1)",
+        apply__sql="UPDATE items SET val = 'new', note = 'oops' WHERE id = ANY($1)" + suffix,
     )
     result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert result.exit_code == 1, result.output
