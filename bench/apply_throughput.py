@@ -198,7 +198,7 @@ def main() -> None:
                 runs[workers] = runner_apply(dsn, name, workers, work)
                 assert runs[workers]["changed"] == args.rows
                 timings[f"backfill apply, {workers} worker(s), batch loop"] = runs[workers]["loop"]
-                timings[f"  of which batches ({workers} worker(s), without the convergence count)"] = (
+                timings[f"  of which batches ({workers} worker(s), without the 2 counts)"] = (
                     runs[workers]["loop"] - runs[workers]["counting"]
                 )
                 timings[f"backfill apply, {workers} worker(s), whole command"] = runs[workers][
