@@ -186,19 +186,13 @@ class _ProgressView:
         self.rows = 0
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "total":  # the count before the run arrives while the first batches run
+        if kind == "start":
             self.rows = data["rows"]
-            if self.bar is not None:
-                self.bar.update(self.task, total=max(self.rows, 1), of=f"/{self.rows:,}")
-            else:
-                err.print(f"{self.rows:,} row(s) needed the backfill at the start", markup=False)
-        elif kind == "start":
-            self.rows = data["rows"] or 0
             if self.tty:
                 self.bar = Progress(
                     TextColumn("[bold]{task.description}"),
                     BarColumn(),
-                    TextColumn("{task.completed:,}{task.fields[of]} rows"),
+                    TextColumn("{task.completed:,}/{task.total:,} rows"),
                     TextColumn("{task.fields[batches]} batches · {task.fields[rate]} rows/s"),
                     TimeElapsedColumn(),
                     TextColumn("ETA"),
@@ -208,12 +202,15 @@ class _ProgressView:
                 )
                 self.bar.start()
                 self.task = self.bar.add_task(
-                    f"{data['stage']} on {data['env']}", total=None, batches=0, rate="–", of=""
+                    f"{data['stage']} on {data['env']}",
+                    total=max(self.rows, 1),
+                    batches=0,
+                    rate="–",
                 )
             else:
                 err.print(
-                    f"{data['stage']} on {data['env']} (run {data['run_id']}); counting the rows "
-                    "that need the backfill while the first batches run",
+                    f"{data['stage']} on {data['env']}: {self.rows:,} row(s) need the backfill "
+                    f"(run {data['run_id']})",
                     markup=False,
                 )
         elif kind == "batch":

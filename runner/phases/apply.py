@@ -236,7 +236,7 @@ class _Pass:
     rows_needing_at_start: int = 0
     batch_mode: str = ""
     batch_mode_reason: str = ""
-    counting_seconds: float = 0.0  # the convergence check after a pass (the count before overlaps)
+    counting_seconds: float = 0.0  # the discovery counts: before the run, and the convergence check
 
 
 async def _run_batches(
@@ -261,27 +261,19 @@ async def _run_batches(
             run_id,
         )
         stop_after = max(plan.canary.batches - int(done_in_canary), 0)
-    # The count for the report and the ETA runs beside the first batches, on its own connection,
-    # in a REPEATABLE READ transaction whose snapshot is taken before any batch starts: exact, and
-    # not on the critical path.
-    count_conn = await dbs.connect(env, read_only=True)
-    count_tx = count_conn.transaction(isolation="repeatable_read", readonly=True)
-    await count_tx.start()
-    await count_conn.fetchval("SELECT 1")  # takes the snapshot now
-
-    async def count_at_start() -> None:
-        try:
-            state.rows_needing_at_start = await _count(count_conn, plan.discovery.sql)
-        finally:
-            await count_tx.rollback()
-            await close_quietly(count_conn)
-        if progress:
-            progress("total", {"rows": state.rows_needing_at_start})
-
+    t_count = time.perf_counter()
+    state.rows_needing_at_start = await _count(conn, plan.discovery.sql)
+    state.counting_seconds += time.perf_counter() - t_count
     if progress:
         progress(
             "start",
-            {"rows": None, "batch_size": b.size, "run_id": run_id, "env": env, "stage": stage},
+            {
+                "rows": state.rows_needing_at_start,
+                "batch_size": b.size,
+                "run_id": run_id,
+                "env": env,
+                "stage": stage,
+            },
         )
     throttle = Throttle(b.batches_per_minute, b.rows_per_second, b.size)
     discovery = Discovery(conn, target, plan.discovery.sql, b.size)
@@ -384,8 +376,6 @@ async def _run_batches(
         send, receive = anyio.create_memory_object_stream[Batch](0)
         failed = anyio.Event()
         async with anyio.create_task_group() as tg:
-            if pass_no == 1:
-                tg.start_soon(count_at_start)
             tg.start_soon(produce, send, failed, cursor if pass_no == 1 else None)
             for _ in range(b.workers):
                 tg.start_soon(work, receive.clone(), failed)
