@@ -42,6 +42,21 @@ class Batch:
     def key_range(self) -> str:
         return f"[{', '.join(self.first_key)}] … [{', '.join(self.last_key)}]"
 
+    def ledger_args(
+        self, run_id: str, attempts: int, errors: list[dict[str, str]], started: datetime
+    ) -> tuple[Any, ...]:
+        """The batch's ledger-row parameters, in the order both batch statements take them."""
+        return (
+            run_id,
+            self.batch_no,
+            self.stage,
+            self.first_key,
+            self.last_key,
+            attempts,
+            json.dumps(errors),
+            started,
+        )
+
 
 @dataclass
 class BatchOutcome:
@@ -141,16 +156,7 @@ async def _apply_once(
                 hint="make the apply one UPDATE statement of the target table",
             )
         counts = await fetch_one(
-            conn,
-            target.finalize_sql,
-            run_id,
-            batch.batch_no,
-            batch.stage,
-            batch.first_key,
-            batch.last_key,
-            attempts,
-            json.dumps(errors),
-            started,
+            conn, target.finalize_sql, *batch.ledger_args(run_id, attempts, errors, started)
         )
         reported = int(m.group(2))
         if reported > counts["touched"] or counts["vanished"]:
@@ -192,14 +198,7 @@ async def _apply_returning(
             conn,
             statement,
             *batch.key_arrays,
-            run_id,
-            batch.batch_no,
-            batch.stage,
-            batch.first_key,
-            batch.last_key,
-            attempts,
-            json.dumps(errors),
-            started,
+            *batch.ledger_args(run_id, attempts, errors, started),
             batch.size,
             target.table,
         )
