@@ -119,13 +119,13 @@ LIMIT 5"""
 
     # -- the batch transaction ------------------------------------------------------------------
 
-    def key_match(self, alias: str, first_param: int = 1) -> str:
-        """`alias`'s key is among the batch's key arrays ($1…$n, or from `first_param`)."""
+    def key_match(self, alias: str) -> str:
+        """`alias`'s key is among the batch's key arrays ($1…$n)."""
         if len(self.key) == 1:
             k = self.key[0]
-            return f"{alias}.{k.q} = ANY(${first_param}::{k.type}[])"
+            return f"{alias}.{k.q} = ANY($1::{k.type}[])"
         cols = ", ".join(f"{alias}.{k.q}" for k in self.key)
-        arrays = ", ".join(f"${i + first_param}::{k.type}[]" for i, k in enumerate(self.key))
+        arrays = ", ".join(f"${i + 1}::{k.type}[]" for i, k in enumerate(self.key))
         return f"({cols}) IN (SELECT * FROM unnest({arrays}))"
 
     def key_range(self, alias: str) -> str:
@@ -178,6 +178,28 @@ SELECT {", ".join(cols)}
 FROM {self.table} AS t
 WHERE {self.key_match("t")}"""
 
+    @staticmethod
+    def _images_insert(run: str, batch_no: str, source: str) -> str:
+        """A batch's row images as one batch_images tuple, from rows with key/before/after."""
+        return f"""INSERT INTO backfill.batch_images (run_id, batch_no, ops, keys, befores, afters)
+    SELECT {run}, {batch_no},
+           array_agg(CASE WHEN before IS DISTINCT FROM after THEN 'U' ELSE 'N' END),
+           array_agg(key::text),
+           array_agg(before::text),
+           array_agg(CASE WHEN before IS DISTINCT FROM after THEN after::text END)
+    FROM {source}
+    HAVING count(*) > 0"""
+
+    @staticmethod
+    def _ledger_insert(p: list[str], selected: str, changed: str, noop: str) -> str:
+        """The batch's ledger row; `p` are the params run, batch_no, stage, first_key,
+        last_key, attempts, errors json, started_at (Batch.ledger_args, in that order)."""
+        return f"""INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
+                                  selected, changed, noop, attempts, errors, started_at, duration_ms)
+    SELECT {p[0]}, {p[1]}, {p[2]}, 'done', {p[3]}, {p[4]}, {selected}, {changed}, {noop},
+           {p[5]}, {p[6]}::jsonb, {p[7]}, extract(epoch FROM clock_timestamp() - {p[7]}) * 1000
+    FROM agg"""
+
     @property
     def finalize_sql(self) -> str:
         """After the apply: compare, store row images and the batch's ledger row, return the counts.
@@ -193,6 +215,7 @@ WHERE {self.key_match("t")}"""
 WITH me AS (SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text AS xid),
 cur AS (
     SELECT {", ".join(f"b.k{i}" for i in range(len(self.key)))},
+           {key_text}::text[] AS key,
            b.before,
            CASE WHEN t.ctid IS NULL THEN NULL ELSE {self._image("t")} END AS after,
            t.ctid IS NOT NULL AND NOT {self._others_unchanged("b", "t")} AS other_changed,
@@ -202,14 +225,7 @@ cur AS (
     LEFT JOIN {self.table} AS t ON {join} AND {self.key_range("t")}
 ),
 images AS (
-    INSERT INTO backfill.batch_images (run_id, batch_no, ops, keys, befores, afters)
-    SELECT $1, $2,
-           array_agg(CASE WHEN before IS DISTINCT FROM after THEN 'U' ELSE 'N' END),
-           array_agg({key_text}::text),
-           array_agg(before::text),
-           array_agg(CASE WHEN before IS DISTINCT FROM after THEN after::text END)
-    FROM cur WHERE NOT vanished
-    HAVING count(*) > 0
+    {self._images_insert("$1", "$2", "cur WHERE NOT vanished")}
 ),
 agg AS (
     SELECT count(*)::int AS locked,
@@ -223,11 +239,7 @@ agg AS (
     FROM cur
 ),
 ledger AS (
-    INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
-                                  selected, changed, noop, attempts, errors, started_at, duration_ms)
-    SELECT $1, $2, $3, 'done', $4, $5, agg.locked, agg.changed, agg.noop, $6, $7::jsonb, $8,
-           extract(epoch FROM clock_timestamp() - $8) * 1000
-    FROM agg
+    {self._ledger_insert([f"${i}" for i in range(1, 9)], "agg.locked", "agg.changed", "agg.noop")}
 )
 SELECT * FROM agg"""
 
@@ -274,14 +286,7 @@ checked AS (
     LEFT JOIN unnest({arrays}) AS b({batch_cols}) ON {on}
 ),
 images AS (
-    INSERT INTO backfill.batch_images (run_id, batch_no, ops, keys, befores, afters)
-    SELECT {p[0]}, {p[1]},
-           array_agg(CASE WHEN before IS DISTINCT FROM after THEN 'U' ELSE 'N' END),
-           array_agg(key::text),
-           array_agg(before::text),
-           array_agg(CASE WHEN before IS DISTINCT FROM after THEN after::text END)
-    FROM checked
-    HAVING count(*) > 0
+    {self._images_insert(p[0], p[1], "checked")}
 ),
 agg AS (
     SELECT count(*)::int AS returned,
@@ -293,12 +298,7 @@ agg AS (
     FROM checked
 ),
 ledger AS (
-    INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
-                                  selected, changed, noop, attempts, errors, started_at, duration_ms)
-    SELECT {p[0]}, {p[1]}, {p[2]}, 'done', {p[3]}, {p[4]}, {p[8]}::int, agg.changed,
-           {p[8]}::int - agg.changed, {p[5]}, {p[6]}::jsonb, {p[7]},
-           extract(epoch FROM clock_timestamp() - {p[7]}) * 1000
-    FROM agg
+    {self._ledger_insert(p, f"{p[8]}::int", "agg.changed", f"{p[8]}::int - agg.changed")}
 )
 SELECT * FROM agg"""
 
