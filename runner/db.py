@@ -139,11 +139,8 @@ class Databases:
     Nested uses (a phase that opens its own while the pipeline holds one) share the server.
     """
 
-    def __init__(self, plan: Plan | None = None, dsns: dict[str, str] | None = None) -> None:
-        self._dsns = dict(dsns or {})
-        if plan is not None:
-            for name, env in plan.environments.items():
-                self._dsns.setdefault(name, env.dsn)
+    def __init__(self, plan: Plan) -> None:
+        self._dsns = {name: env.dsn for name, env in plan.environments.items()}
         self._embedded: EmbeddedServer | None = None
         self._home: Path | None = None
         self._created: set[str] = set()

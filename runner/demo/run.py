@@ -6,7 +6,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from runner.artifacts import RunDir
+from runner.artifacts import logs_root
 from runner.db import Databases, home_dir
 from runner.demo.data import seed
 from runner.errors import EXIT_DONE, EXIT_GATE_WAITING, InvalidInput
@@ -71,11 +71,7 @@ async def run_demo(
         soak_duration=soak_seconds,
         soak_interval=max(soak_seconds / 3, 0.5),
     )
-    runs = sorted(
-        RunDir.of("19700101T000000Z-x-0000").root.parent.parent.glob(
-            f"{loaded.plan.name}/*/run.json"
-        )
-    )
+    runs = sorted(logs_root().glob(f"{loaded.plan.name}/*/run.json"))
     if runs:
         root = runs[-1].parent
         say("\nartifacts:")
