@@ -57,26 +57,34 @@ MIGRATIONS: list[str] = [
         duration_ms   double precision NOT NULL,
         PRIMARY KEY (run_id, batch_no)
     );
-    -- One row per committed batch: its row images as parallel arrays (each element the text
-    -- form of a text[]). A batch's images are written as one tuple, not one per changed row,
-    -- which keeps the ledger's share of the apply's cost small; readers use the view below.
+    -- One row per committed batch: its row images as parallel arrays. A batch's images are
+    -- written as one tuple, not one per changed row, which keeps the ledger's share of the
+    -- apply's cost small; readers use the view below. An element of keys, befores or afters is
+    -- the value's own text form when the key (key_width) or the image (image_width) has one
+    -- column, else the text form of the text[] of its columns.
     CREATE TABLE backfill.batch_images (
-        run_id    text NOT NULL,
-        batch_no  integer NOT NULL,
-        ops       text[] NOT NULL,
-        keys      text[] NOT NULL,
-        befores   text[] NOT NULL,
-        afters    text[] NOT NULL,
+        run_id       text NOT NULL,
+        batch_no     integer NOT NULL,
+        key_width    smallint NOT NULL,
+        image_width  smallint NOT NULL,
+        ops          text[] NOT NULL,
+        keys         text[] NOT NULL,
+        befores      text[] NOT NULL,
+        afters       text[] NOT NULL,
         PRIMARY KEY (run_id, batch_no)
     );
     ALTER TABLE backfill.batch_images
         ALTER COLUMN keys SET STORAGE EXTERNAL, ALTER COLUMN befores SET STORAGE EXTERNAL,
         ALTER COLUMN afters SET STORAGE EXTERNAL, ALTER COLUMN ops SET STORAGE EXTERNAL;
-    -- op: U changed (before and after images), N no-op (after is NULL); I and D are reserved for
-    -- insert- and delete-style backfills (before resp. after NULL).
+    -- One row per image. op: U changed (before and after images), N no-op (after is NULL);
+    -- I and D are reserved for insert- and delete-style backfills (before resp. after NULL).
     CREATE VIEW backfill.row_images AS
-    SELECT i.run_id, i.batch_no, u.op::"char" AS op, u.key::text[] AS key,
-           u.before::text[] AS before, u.after::text[] AS after
+    SELECT i.run_id, i.batch_no, u.op::"char" AS op,
+           CASE WHEN i.key_width = 1 THEN ARRAY[u.key] ELSE u.key::text[] END AS key,
+           CASE WHEN u.op = 'I' THEN NULL
+                WHEN i.image_width = 1 THEN ARRAY[u.before] ELSE u.before::text[] END AS before,
+           CASE WHEN u.op IN ('N', 'D') THEN NULL
+                WHEN i.image_width = 1 THEN ARRAY[u.after] ELSE u.after::text[] END AS after
     FROM backfill.batch_images AS i
     CROSS JOIN LATERAL unnest(i.ops, i.keys, i.befores, i.afters) AS u(op, key, before, after);
     CREATE TABLE backfill.rollback_batches (

@@ -146,13 +146,24 @@ LIMIT 5"""
             f"ROW({', '.join(f'{after}.{c.q}' for c in self.others)}))"
         )
 
+    @staticmethod
+    def _encode(exprs: list[str]) -> str:
+        """A key or an image as one text value, the way batch_images stores it: a single value's
+        own text form, or the text form of the text[] of several (see ledger.row_images)."""
+        if len(exprs) == 1:
+            return f"{exprs[0]}::text"
+        return "ARRAY[" + ", ".join(f"{e}::text" for e in exprs) + "]::text[]::text"
+
     def _image(self, alias: str) -> str:
-        return "ARRAY[" + ", ".join(f"{alias}.{c.q}::text" for c in self.columns) + "]::text[]"
+        return self._encode([f"{alias}.{c.q}" for c in self.columns])
+
+    def _key_display(self, cols: list[str]) -> str:
+        return "concat_ws(', ', " + ", ".join(f"{c}::text" for c in cols) + ")"
 
     @property
     def scratch_ddl(self) -> str:
         """A per-connection temp table holding the batch's before-images until commit."""
-        cols = [f"k{i} {k.type}" for i, k in enumerate(self.key)] + ["before text[]"]
+        cols = [f"k{i} {k.type}" for i, k in enumerate(self.key)] + ["before text"]
         cols += [f"o{i} {c.type}" for i, c in enumerate(self.others)]
         return (
             "DROP TABLE IF EXISTS pg_temp.backfill_before; "
@@ -179,16 +190,22 @@ FROM {self.table} AS t
 WHERE {self.key_match("t")}"""
 
     @staticmethod
-    def _images_insert(run: str, batch_no: str, source: str) -> str:
-        """A batch's row images as one batch_images tuple, from rows with key/before/after."""
-        return f"""INSERT INTO backfill.batch_images (run_id, batch_no, ops, keys, befores, afters)
-    SELECT {run}, {batch_no},
-           array_agg(CASE WHEN before IS DISTINCT FROM after THEN 'U' ELSE 'N' END),
-           array_agg(key::text),
-           array_agg(before::text),
-           array_agg(CASE WHEN before IS DISTINCT FROM after THEN after::text END)
-    FROM {source}
-    HAVING count(*) > 0"""
+    def _image_aggs(changed: str, where: str = "true") -> str:
+        """The batch's row images as parallel arrays, aggregated in the pass that counts them,
+        from rows with key_enc/before_enc/after_enc (TargetInfo._encode)."""
+        f = f"FILTER (WHERE {where})"
+        return f"""array_agg(CASE WHEN {changed} THEN 'U' ELSE 'N' END) {f} AS img_ops,
+           array_agg(key_enc) {f} AS img_keys,
+           array_agg(before_enc) {f} AS img_befores,
+           array_agg(CASE WHEN {changed} THEN after_enc END) {f} AS img_afters"""
+
+    def _images_insert(self, run: str, batch_no: str) -> str:
+        """The batch's row images as one batch_images tuple, from `agg` (see _image_aggs)."""
+        return f"""INSERT INTO backfill.batch_images
+        (run_id, batch_no, key_width, image_width, ops, keys, befores, afters)
+    SELECT {run}, {batch_no}, {len(self.key)}, {len(self.columns)},
+           img_ops, img_keys, img_befores, img_afters
+    FROM agg WHERE img_ops IS NOT NULL"""
 
     @staticmethod
     def _ledger_insert(p: list[str], selected: str, changed: str, noop: str) -> str:
@@ -208,40 +225,40 @@ WHERE {self.key_match("t")}"""
         $7 errors json, $8 started_at. The join is bounded by the batch's key range: without it the
         planner may merge-join from the start of the key index, a cost that grows with progress.
         """
+        n = len(self.key)
         join = " AND ".join(f"t.{k.q} = b.k{i}" for i, k in enumerate(self.key))
-        key_text = "ARRAY[" + ", ".join(f"k{i}::text" for i in range(len(self.key))) + "]"
-        key_show = "concat_ws(', ', " + ", ".join(f"k{i}::text" for i in range(len(self.key))) + ")"
+        bkeys = [f"b.k{i}" for i in range(n)]
         return f"""
 WITH me AS (SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text AS xid),
 cur AS (
-    SELECT {", ".join(f"b.k{i}" for i in range(len(self.key)))},
-           {key_text}::text[] AS key,
-           b.before,
-           CASE WHEN t.ctid IS NULL THEN NULL ELSE {self._image("t")} END AS after,
+    SELECT {self._encode(bkeys)} AS key_enc,
+           {self._key_display(bkeys)} AS key_show,
+           b.before AS before_enc,
+           CASE WHEN t.ctid IS NULL THEN NULL ELSE {self._image("t")} END AS after_enc,
            t.ctid IS NOT NULL AND NOT {self._others_unchanged("b", "t")} AS other_changed,
            coalesce(t.xmin::text = me.xid, false) AS touched,
            t.ctid IS NULL AS vanished
     FROM pg_temp.backfill_before AS b CROSS JOIN me
     LEFT JOIN {self.table} AS t ON {join} AND {self.key_range("t")}
 ),
-images AS (
-    {self._images_insert("$1", "$2", "cur WHERE NOT vanished")}
-),
 agg AS (
     SELECT count(*)::int AS locked,
            count(*) FILTER (WHERE touched)::int AS touched,
-           count(*) FILTER (WHERE NOT vanished AND before IS DISTINCT FROM after)::int AS changed,
-           count(*) FILTER (WHERE NOT vanished AND before IS NOT DISTINCT FROM after)::int AS noop,
+           count(*) FILTER (WHERE NOT vanished AND before_enc IS DISTINCT FROM after_enc)::int AS changed,
+           count(*) FILTER (WHERE NOT vanished AND before_enc IS NOT DISTINCT FROM after_enc)::int AS noop,
            count(*) FILTER (WHERE other_changed)::int AS other_changed,
            count(*) FILTER (WHERE vanished)::int AS vanished,
-           (array_agg({key_show}) FILTER (
-               WHERE vanished OR other_changed))[1:5] AS bad_keys
+           (array_agg(key_show) FILTER (WHERE vanished OR other_changed))[1:5] AS bad_keys,
+           {self._image_aggs("before_enc IS DISTINCT FROM after_enc", "NOT vanished")}
     FROM cur
+),
+images AS (
+    {self._images_insert("$1", "$2")}
 ),
 ledger AS (
     {self._ledger_insert([f"${i}" for i in range(1, 9)], "agg.locked", "agg.changed", "agg.noop")}
 )
-SELECT * FROM agg"""
+SELECT locked, touched, changed, noop, other_changed, vanished, bad_keys FROM agg"""
 
     def returning_apply_sql(self, apply_sql: str) -> str:
         """The whole batch as one statement (PostgreSQL 18+): the plan's UPDATE as a data-modifying
@@ -258,7 +275,6 @@ SELECT * FROM agg"""
         p = [f"${n + i}" for i in range(1, 11)]
         old, new = "backfill_old", "backfill_new"
         guarded = list(self.others) + list(self.key)
-        key_text = "ARRAY[" + ", ".join(f"{old}.{k.q}::text" for k in self.key) + "]::text[]"
         same = (
             f"record_image_eq(ROW({', '.join(f'{old}.{c.q}' for c in guarded)}), "
             f"ROW({', '.join(f'{new}.{c.q}' for c in guarded)}))"
@@ -267,6 +283,7 @@ SELECT * FROM agg"""
         arrays = ", ".join(f"${i + 1}::{k.type}[]" for i, k in enumerate(self.key))
         batch_cols = ", ".join(f"k{i}" for i in range(n))
         on = " AND ".join(f"a.bk{i} = b.k{i}" for i in range(n))
+        show = self._key_display([f"bk{i}" for i in range(n)])
         # membership through a hash join: `= ANY($1)` per returned row would compare each row
         # with the whole batch (PostgreSQL hashes ANY only for constant arrays)
         return f"""
@@ -275,32 +292,34 @@ WITH applied AS (
 RETURNING WITH (OLD AS {old}, NEW AS {new})
     {new}.tableoid = {p[9]}::text::regclass AS on_target,
     {new_keys},
-    {key_text} AS key,
-    {self._image(old)} AS before,
-    {self._image(new)} AS after,
+    {self._encode([f"{old}.{k.q}" for k in self.key])} AS key_enc,
+    {self._image(old)} AS before_enc,
+    {self._image(new)} AS after_enc,
     {same} AS others_same
 ),
 checked AS (
-    SELECT a.key, a.before, a.after, a.others_same, a.on_target AND b.k0 IS NOT NULL AS in_scope
+    SELECT a.*, a.before_enc IS DISTINCT FROM a.after_enc AS changed,
+           a.on_target AND b.k0 IS NOT NULL AS in_scope
     FROM applied AS a
     LEFT JOIN unnest({arrays}) AS b({batch_cols}) ON {on}
-),
-images AS (
-    {self._images_insert(p[0], p[1], "checked")}
 ),
 agg AS (
     SELECT count(*)::int AS returned,
            count(*) FILTER (WHERE NOT in_scope)::int AS outside,
-           count(*) FILTER (WHERE before IS DISTINCT FROM after)::int AS changed,
+           count(*) FILTER (WHERE changed)::int AS changed,
            count(*) FILTER (WHERE NOT others_same)::int AS other_changed,
-           (array_agg(array_to_string(key, ', ')) FILTER (WHERE NOT in_scope))[1:5] AS outside_keys,
-           (array_agg(array_to_string(key, ', ')) FILTER (WHERE NOT others_same))[1:5] AS bad_keys
+           (array_agg({show}) FILTER (WHERE NOT in_scope))[1:5] AS outside_keys,
+           (array_agg({show}) FILTER (WHERE NOT others_same))[1:5] AS bad_keys,
+           {self._image_aggs("changed")}
     FROM checked
+),
+images AS (
+    {self._images_insert(p[0], p[1])}
 ),
 ledger AS (
     {self._ledger_insert(p, f"{p[8]}::int", "agg.changed", f"{p[8]}::int - agg.changed")}
 )
-SELECT * FROM agg"""
+SELECT returned, outside, changed, other_changed, outside_keys, bad_keys FROM agg"""
 
     def outside_rows_sql(self) -> str:
         """Diagnosis only (after a scope violation): rows of the table this transaction touched
