@@ -43,3 +43,53 @@ class Discovery:
             return None
         arrays = tuple(row[f"k{i}"] for i in range(len(self.target.key)))
         return Page(arrays, list(row["first_key"]), list(row["last_key"]))
+
+
+@dataclass(frozen=True)
+class Span:
+    """Keys discovery has been through: (after, last]; `after` None is from the start, `last`
+    None to the end. `batch_keys` are the keys of the committed batch that covered it (None:
+    several batches, e.g. what earlier commands of a continued run committed)."""
+
+    after: list[str] | None
+    last: list[str] | None
+    batch_keys: tuple[list[Any], ...] | None
+
+
+@dataclass(frozen=True)
+class SpanCheck:
+    remaining: int  # rows discovery returns in the span now (arrived since it was paged)
+    stuck: list[str]  # of those, keys this run already applied: the discovery does not converge
+
+
+class ConvergenceCheck:
+    """Re-runs discovery over the span of each committed batch, behind the workers.
+
+    Discovery must stop returning a row once the apply has done it. Checking span by span, while
+    the next batches run, finds an apply that does not converge after its first batch, and counts
+    rows that arrived behind the cursor without a second scan of the whole table at the end.
+    """
+
+    def __init__(
+        self, conn: asyncpg.Connection, target: TargetInfo, discovery_sql: str, run_id: str
+    ) -> None:
+        self.conn = conn
+        self.target = target
+        self.discovery_sql = discovery_sql
+        self.run_id = run_id
+
+    async def check(self, span: Span) -> SpanCheck:
+        lower, upper = span.after is not None, span.last is not None
+        bounds = [b for b in (span.after, span.last) if b is not None]
+        count_sql = self.target.range_count_sql(self.discovery_sql, lower=lower, upper=upper)
+        remaining = int(await self.conn.fetchval(count_sql, *bounds))
+        if not remaining:
+            return SpanCheck(0, [])
+        of_batch = span.batch_keys is not None
+        stuck_sql = self.target.rediscovered_sql(
+            self.discovery_sql, of_batch=of_batch, lower=lower, upper=upper
+        )
+        done = list(span.batch_keys) if span.batch_keys is not None else [self.run_id]
+        return SpanCheck(
+            remaining, [r["key"] for r in await self.conn.fetch(stuck_sql, *done, *bounds)]
+        )

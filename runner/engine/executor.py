@@ -33,6 +33,7 @@ class Batch:
     key_arrays: tuple[list[Any], ...]
     first_key: list[str]
     last_key: list[str]
+    after_key: list[str] | None = None  # the discovery cursor this page was read after
 
     @property
     def size(self) -> int:

@@ -106,14 +106,50 @@ SELECT count(*)::bigint AS n,
         ORDER BY {", ".join(f"d.{k.q} DESC" for k in self.key)} LIMIT 1) AS last_key
 FROM ({discovery_sql}) AS d"""
 
-    def already_applied_sql(self, discovery_sql: str) -> str:
-        """Keys discovery still returns although this run already recorded an image for them."""
+    def _in_range(self, alias: str, lo: str | None, hi: str | None) -> str:
+        """`alias`'s key lies in (lo, hi]; lo and hi are text[] parameters, None is unbounded."""
+        keys = ", ".join(f"{alias}.{k.q}" for k in self.key)
+        conds = []
+        for op, bound in ((">", lo), ("<=", hi)):
+            if bound is not None:
+                typed = ", ".join(
+                    f"({bound}::text[])[{i + 1}]::{k.type}" for i, k in enumerate(self.key)
+                )
+                conds.append(f"({keys}) {op} ({typed})")
+        return " AND ".join(conds) or "true"
+
+    @staticmethod
+    def _bounds(first: int, lower: bool, upper: bool) -> tuple[str | None, str | None]:
+        lo = f"${first}" if lower else None
+        hi = f"${first + lower}" if upper else None
+        return lo, hi
+
+    def range_count_sql(self, discovery_sql: str, *, lower: bool, upper: bool) -> str:
+        """How many rows discovery returns with a key in (lower, upper]: the bounds that are
+        given, as text[] parameters $1 (and $2)."""
+        lo, hi = self._bounds(1, lower, upper)
+        return f"SELECT count(*)::bigint FROM ({discovery_sql}) AS d WHERE {self._in_range('d', lo, hi)}"
+
+    def rediscovered_sql(
+        self, discovery_sql: str, *, of_batch: bool, lower: bool, upper: bool
+    ) -> str:
+        """Keys in (lower, upper] that discovery still returns although the run already did them:
+        with `of_batch`, keys of one batch ($1… its key arrays); else keys run $1 recorded an
+        image for. The bounds that are given follow as text[] parameters."""
+        n = len(self.key)
+        lo, hi = self._bounds(n + 1 if of_batch else 2, lower, upper)
         keys = ", ".join(f"d.{k.q}" for k in self.key)
         as_text = ", ".join(f"p.{k.q}::text" for k in self.key)
+        if of_batch:
+            arrays = ", ".join(f"${i + 1}::{k.type}[]" for i, k in enumerate(self.key))
+            on = " AND ".join(f"p.{k.q} = b.k{i}" for i, k in enumerate(self.key))
+            done = f"unnest({arrays}) AS b({', '.join(f'k{i}' for i in range(n))}) ON {on}"
+        else:
+            done = f"backfill.row_images r ON r.run_id = $1 AND r.key = ARRAY[{as_text}]::text[]"
         return f"""
-WITH p AS (SELECT {keys} FROM ({discovery_sql}) AS d)
+WITH p AS (SELECT {keys} FROM ({discovery_sql}) AS d WHERE {self._in_range("d", lo, hi)})
 SELECT concat_ws(', ', {as_text}) AS key
-FROM p JOIN backfill.row_images r ON r.run_id = $1 AND r.key = ARRAY[{as_text}]
+FROM p JOIN {done}
 ORDER BY {", ".join(f"p.{k.q}" for k in self.key)}
 LIMIT 5"""
 

@@ -15,11 +15,12 @@ import anyio
 import anyio.abc
 import asyncpg
 import structlog
+from anyio.streams.memory import MemoryObjectSendStream
 
 from runner import events, ledger
 from runner.artifacts import RunDir, new_run_id, write_json
 from runner.db import Databases, close_quietly, fetch_one
-from runner.engine.discovery import Discovery
+from runner.engine.discovery import ConvergenceCheck, Discovery, Span
 from runner.engine.executor import Batch, BatchExecutor, BatchOutcome, failure_error
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
@@ -236,7 +237,19 @@ class _Pass:
     rows_needing_at_start: int = 0
     batch_mode: str = ""
     batch_mode_reason: str = ""
-    counting_seconds: float = 0.0  # the discovery counts: before the run, and the convergence check
+    counting_seconds: float = 0.0  # whole-table discovery counts: before the run (and see below)
+    unverified_spans: int = 0  # spans whose convergence check failed: the pass ends with a count
+    stuck: list[str] = field(default_factory=list)  # keys discovery returns after their batch
+
+
+def _raise_if_stuck(state: _Pass) -> None:
+    if state.stuck:
+        raise WorkFailed(
+            f"discovery does not converge: it still returns rows this run already applied "
+            f"(keys: {'; '.join(state.stuck)}); stopped instead of applying them again",
+            hint="make the discovery query exclude rows the apply has done (e.g. "
+            "`WHERE col IS DISTINCT FROM <new value>`), then continue with --run",
+        )
 
 
 async def _run_batches(
@@ -343,7 +356,9 @@ async def _run_batches(
                 await throttle.wait(page.size)
                 if failed.is_set():
                     return
-                batch = Batch(next_no, stage, page.key_arrays, page.first_key, page.last_key)
+                batch = Batch(
+                    next_no, stage, page.key_arrays, page.first_key, page.last_key, position
+                )
                 try:
                     await send.send(batch)
                 except anyio.BrokenResourceError:  # every worker stopped after a failure
@@ -352,12 +367,16 @@ async def _run_batches(
                 dispatched += 1
                 position = page.last_key
 
-    async def work(batches: anyio.abc.ObjectReceiveStream[Batch], failed: anyio.Event) -> None:
+    async def work(
+        batches: anyio.abc.ObjectReceiveStream[Batch],
+        spans: MemoryObjectSendStream[Span],
+        failed: anyio.Event,
+    ) -> None:
         executor = BatchExecutor(
             target, plan.apply.sql, run_id, new_conn, max_retries=b.max_retries
         )
         try:
-            async with batches:
+            async with batches, spans:
                 async for batch in batches:
                     if failed.is_set():  # finish what runs, start nothing new
                         break
@@ -365,43 +384,84 @@ async def _run_batches(
                     state.batch_mode = executor.mode or state.batch_mode
                     state.batch_mode_reason = executor.mode_reason or state.batch_mode_reason
                     await record(outcome)
-                    if outcome.status == "failed" and state.failure is None:
-                        state.failure = outcome
-                        failed.set()
+                    if outcome.status == "failed":
+                        if state.failure is None:
+                            state.failure = outcome
+                            failed.set()
+                    else:
+                        spans.send_nowait(Span(batch.after_key, batch.last_key, batch.key_arrays))
         finally:
             await executor.close()
 
+    async def verify(spans: anyio.abc.ObjectReceiveStream[Span], failed: anyio.Event) -> None:
+        """Check each committed batch's span behind the workers (ConvergenceCheck)."""
+        check_conn: asyncpg.Connection | None = None
+        async with spans:
+            try:
+                with anyio.move_on_after(30):  # before the first batch commits, if it can
+                    check_conn = await new_conn()
+                    await check_conn.execute("SET default_transaction_read_only = on")
+            except Exception as exc:
+                log.warning("apply.check_failed", error=str(exc))
+            try:
+                async for span in spans:
+                    if state.stuck:
+                        continue
+                    try:
+                        if check_conn is None:
+                            check_conn = await new_conn()
+                            await check_conn.execute("SET default_transaction_read_only = on")
+                        checker = ConvergenceCheck(check_conn, target, plan.discovery.sql, run_id)
+                        result = await checker.check(span)
+                    except Exception as exc:  # unverified: the pass ends with a full count
+                        state.unverified_spans += 1
+                        log.warning(
+                            "apply.check_failed", span=[span.after, span.last], error=str(exc)
+                        )
+                        if check_conn is not None:
+                            await close_quietly(check_conn)
+                            check_conn = None
+                        continue
+                    state.remaining_after += result.remaining
+                    if result.stuck:
+                        state.stuck = result.stuck
+                        failed.set()
+            finally:
+                if check_conn is not None:
+                    await close_quietly(check_conn)
+
     for pass_no in range(1, b.max_passes + 1):
         state.passes = pass_no
+        state.remaining_after = state.unverified_spans = 0
+        start = cursor if pass_no == 1 else None
         send, receive = anyio.create_memory_object_stream[Batch](0)
+        span_send, span_receive = anyio.create_memory_object_stream[Span](math.inf)
+        if start is not None:  # a continued run: what earlier commands committed is checked too
+            span_send.send_nowait(Span(None, start, None))
         failed = anyio.Event()
         async with anyio.create_task_group() as tg:
-            tg.start_soon(produce, send, failed, cursor if pass_no == 1 else None)
+            tg.start_soon(produce, send, failed, start)
             for _ in range(b.workers):
-                tg.start_soon(work, receive.clone(), failed)
+                tg.start_soon(work, receive.clone(), span_send.clone(), failed)
+            tg.start_soon(verify, span_receive, failed)
             receive.close()
+            span_send.close()
         if state.failure is not None:
             raise failure_error(state.failure)
+        _raise_if_stuck(state)
         if stop_after is not None:
             break
-        t_count = time.perf_counter()
-        remaining = await _count(conn, plan.discovery.sql)
-        state.counting_seconds += time.perf_counter() - t_count
-        state.remaining_after = remaining
-        if remaining == 0:
+        if state.unverified_spans:
+            t_count = time.perf_counter()
+            state.remaining_after = await _count(conn, plan.discovery.sql)
+            state.counting_seconds += time.perf_counter() - t_count
+            if state.remaining_after:
+                whole = ConvergenceCheck(conn, target, plan.discovery.sql, run_id)
+                state.stuck = (await whole.check(Span(None, None, None))).stuck
+                _raise_if_stuck(state)
+        if state.remaining_after == 0:
             break
-        stuck = [
-            r["key"]
-            for r in await conn.fetch(target.already_applied_sql(plan.discovery.sql), run_id)
-        ]
-        if stuck:
-            raise WorkFailed(
-                f"discovery does not converge: it still returns rows this run already applied "
-                f"(keys: {'; '.join(stuck)}); stopped instead of applying them again",
-                hint="make the discovery query exclude rows the apply has done (e.g. "
-                "`WHERE col IS DISTINCT FROM <new value>`), then continue with --run",
-            )
-        log.info("apply.new_rows", remaining=remaining, next_pass=pass_no + 1)
+        log.info("apply.new_rows", remaining=state.remaining_after, next_pass=pass_no + 1)
     return state
 
 

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 from tests.conftest import make_items, psql_binary, sql, val, write_plan
@@ -203,6 +206,62 @@ def test_discovery_that_does_not_converge_is_stopped_not_looped(
     assert "discovery does not converge" in result.output
     assert "keys: 3" in result.output
     assert val(db, "SELECT count(*) FROM backfill.row_images WHERE key = '{3}'") == 1
+
+
+def test_discovery_that_does_not_converge_stops_after_its_first_batches(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    """The check runs behind the workers, span by span: a discovery query the apply cannot
+    satisfy is caught after the first batch, not after a pass over the whole table."""
+    make_items(db, 10_000)
+    plan = write_plan(workdir / "p.json", discovery__sql="SELECT id FROM items")
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 1, result.output
+    assert "discovery does not converge" in result.output
+    assert "keys: 1; 2; 3; 4; 5" in result.output
+    committed = val(db, "SELECT count(*) FROM backfill.batches WHERE status = 'done'")
+    assert 1 <= committed <= 10, committed  # of 100
+
+
+def test_rows_arriving_behind_the_cursor_are_applied_in_another_pass(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    """A row that appears in a batch's span after its page was read is found by the check of that
+    span after the batch commits, and a second pass applies it (no whole-table count needed)."""
+    make_items(db, 0)
+    sql(
+        db, "INSERT INTO items (id, grp, val) SELECT g * 10, 0, 'old' FROM generate_series(1, 40) g"
+    )
+    # one batch a second: the producer reads batch 2's page while batch 1 runs, then waits
+    plan = write_plan(workdir / "p.json", batching__size=10, batching__batches_per_minute=60)
+    inserted = threading.Event()
+
+    def insert_into_the_next_span() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                last = val(db, "SELECT last_key FROM backfill.batches WHERE batch_no = 1")
+            except asyncpg.UndefinedTableError:  # the ledger is not there yet
+                last = None
+            if last is not None:
+                time.sleep(0.2)  # batch 2's page (ids 110-200) is read by now; it runs at ~1 s
+                sql(db, "INSERT INTO items (id, grp, val) VALUES ($1, 0, 'late')", int(last[0]) + 5)
+                inserted.set()
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=insert_into_the_next_span)
+    thread.start()
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    thread.join()
+    assert inserted.is_set()
+    assert result.exit_code == 3, result.output
+    assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") == 0
+    results = json.loads(next(workdir.rglob("execution_results.json")).read_text())
+    assert results["totals"]["passes"] == 2
+    assert results["totals"]["remaining"] == 0
+    assert results["totals"]["changed"] == 41
+    assert val(db, "SELECT batch_no FROM backfill.row_images WHERE key = '{105}'") == 5
 
 
 def test_rows_already_at_the_new_value_are_recorded_as_noops(
