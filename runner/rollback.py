@@ -8,13 +8,14 @@ type, so no value can break out of its literal.
 
 from __future__ import annotations
 
+import shutil
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 
 from runner import ledger
@@ -115,21 +116,18 @@ async def selected_batches(
 # -- emitted SQL -------------------------------------------------------------------------------
 
 
-async def _image_lines(
-    conn: asyncpg.Connection, run_id: str, batch_nos: list[int]
-) -> AsyncIterator[str]:
-    """Each image as a VALUES tuple, quoted by the server (`format('%L')`, i.e. quote_nullable)
-    from the text form of its arrays, which casts back to the same text[] exactly."""
-    async with conn.transaction(readonly=True):
-        async for r in conn.cursor(
-            "SELECT format('(%s, %L, %L, %L)', batch_no, key::text, before::text, after::text)"
-            " FROM backfill.row_images"
-            " WHERE run_id = $1 AND op = 'U' AND batch_no = ANY($2) ORDER BY batch_no DESC",
-            run_id,
-            batch_nos,
-            prefetch=10_000,
-        ):
-            yield r[0]
+async def _batch_values(conn: asyncpg.Connection, run_id: str, batch_no: int) -> str | None:
+    """A batch's images as VALUES tuples, quoted by the server (`format('%L')`, i.e.
+    quote_nullable) from the text form of its arrays, which casts back to the same text[]
+    exactly. One batch at a time: memory stays bounded by the batch size on both sides."""
+    value = await conn.fetchval(
+        "SELECT string_agg(format('(%s, %L, %L, %L)', batch_no, key::text, before::text,"
+        " after::text), E',\n') FROM backfill.row_images"
+        " WHERE run_id = $1 AND batch_no = $2 AND op = 'U'",
+        run_id,
+        batch_no,
+    )
+    return str(value) if value is not None else None
 
 
 async def expected_checksum(
@@ -153,22 +151,47 @@ async def emit_rollback_file(
     display_dsn: str,
     batches: tuple[int, int] | None = None,
     since: datetime | None = None,
+    checksum_conn: asyncpg.Connection | None = None,
 ) -> Path:
-    """Write the rollback SQL for the run's batches in this environment, streaming from the ledger."""
+    """Write the rollback SQL for the run's batches in this environment, streaming from the ledger.
+
+    With `checksum_conn` (a second connection to the same database) the expected checksum is
+    computed there while the images are written."""
     shape = RunShape.of(run)
     nos = await selected_batches(conn, run.run_id, batches, since)
-    rows, checksum = await expected_checksum(conn, run.run_id, nos)
     counts = {
-        r["batch_no"]: r["n"]
+        r["batch_no"]: r["changed"]
         for r in await conn.fetch(
-            "SELECT batch_no, count(*) AS n FROM backfill.row_images"
-            " WHERE run_id = $1 AND op = 'U' AND batch_no = ANY($2) GROUP BY batch_no",
+            "SELECT batch_no, changed FROM backfill.batches WHERE run_id = $1 AND batch_no = ANY($2)",
             run.run_id,
             nos,
         )
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
+    body = path.with_name(f".{path.name}.body")
+    totals: list[tuple[int, str | None]] = []
+
+    async def checksum() -> None:
+        totals.append(await expected_checksum(checksum_conn or conn, run.run_id, nos))
+
+    async def write_body() -> None:
+        with body.open("w", encoding="utf-8") as out:
+            for no in nos:
+                if not counts.get(no):
+                    continue
+                values = await _batch_values(conn, run.run_id, no)
+                if values:
+                    out.write(f"INSERT INTO backfill_rollback_images VALUES\n{values};\n")
+
+    if checksum_conn is None:
+        await checksum()
+        await write_body()
+    else:  # the checksum's sort runs on the server while the body streams
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(checksum)
+            tg.start_soon(write_body)
+    rows, checksum_value = totals[0]
     scope = []
     if batches:
         scope.append(f"batches {batches[0]}-{batches[1]}")
@@ -183,8 +206,8 @@ async def emit_rollback_file(
 -- target:       {run.target_table}, columns {", ".join(run.columns)}
 -- generated:    {datetime.now(UTC).isoformat(timespec="seconds")}
 -- scope:        {"; ".join(scope) or "every batch of the run in this environment"}
--- restores:     {rows} row(s) in {len(counts)} batch(es), newest batch first, one transaction each
--- checksum:     {checksum or "(no rows)"}
+-- restores:     {rows} row(s) in {sum(1 for n in nos if counts.get(n))} batch(es), newest batch first, one transaction each
+-- checksum:     {checksum_value or "(no rows)"}
 --   (md5 over the before-images; the verification at the end recomputes it from the table)
 --
 -- Run it:       psql -v ON_ERROR_STOP=1 -d "$DSN_OF_{run.env.upper()}" -f {path.name}
@@ -201,20 +224,9 @@ CREATE TEMP TABLE backfill_rollback_images (
 );
 """
         )
-        chunk: list[str] = []
-
-        def flush() -> None:
-            if chunk:
-                out.write("INSERT INTO backfill_rollback_images VALUES\n")
-                out.write(",\n".join(chunk))
-                out.write(";\n")
-                chunk.clear()
-
-        async for line in _image_lines(conn, run.run_id, nos):
-            chunk.append(line)
-            if len(chunk) >= 1000:
-                flush()
-        flush()
+        with body.open(encoding="utf-8") as images:
+            shutil.copyfileobj(images, out, 1 << 20)
+        body.unlink()
         out.write(
             "CREATE INDEX ON backfill_rollback_images (batch_no);\nANALYZE backfill_rollback_images;\n"
         )
@@ -224,7 +236,7 @@ CREATE TEMP TABLE backfill_rollback_images (
             restore = shape.restore_sql("backfill_rollback_images", f"i.batch_no = {int(no)}")
             out.write(f"\n-- batch {no}: {counts[no]} row(s)\nBEGIN;\n{restore};\nCOMMIT;\n")
         current = shape.current_image()
-        expected = sql_literal(checksum) if checksum else "NULL"
+        expected = sql_literal(checksum_value) if checksum_value else "NULL"
         out.write(
             f"""
 -- Verification: every row should hold its before-image again (conflicts excepted).

@@ -79,22 +79,25 @@ class TargetInfo:
             bounds = ", ".join(f"${i + 2}::text::{k.type}" for i, k in enumerate(self.key))
             where = f"WHERE ({keys}) > ({bounds})"
         order = self.key_order
-        desc = ", ".join(f"page.{k.q} DESC" for k in self.key)
-        as_text = ", ".join(f"page.{k.q}::text" for k in self.key)
         arrays = ", ".join(
             f"array_agg(page.{k.q} ORDER BY {order}) AS k{i}" for i, k in enumerate(self.key)
         )
+        firsts = ", ".join(f"k{i}[1]::text" for i in range(len(self.key)))
+        lasts = ", ".join(f"k{i}[n]::text" for i in range(len(self.key)))
+        # the bounds come from the arrays: a second and third pass over the page would cost
+        # more than half of what reading the page costs
         return f"""
-WITH page AS (
-    SELECT {keys} FROM ({discovery_sql}) AS d
-    {where}
-    ORDER BY {keys}
-    LIMIT $1
-)
-SELECT count(*)::int AS n, {arrays},
-       (SELECT ARRAY[{as_text}] FROM page ORDER BY {order} LIMIT 1) AS first_key,
-       (SELECT ARRAY[{as_text}] FROM page ORDER BY {desc} LIMIT 1) AS last_key
-FROM page"""
+SELECT n, {", ".join(f"k{i}" for i in range(len(self.key)))},
+       ARRAY[{firsts}] AS first_key, ARRAY[{lasts}] AS last_key
+FROM (
+    SELECT count(*)::int AS n, {arrays}
+    FROM (
+        SELECT {keys} FROM ({discovery_sql}) AS d
+        {where}
+        ORDER BY {keys}
+        LIMIT $1
+    ) AS page
+) AS agg"""
 
     def discovery_count_sql(self, discovery_sql: str) -> str:
         keys = ", ".join(f"d.{k.q}" for k in self.key)

@@ -570,7 +570,13 @@ async def _finish(
             "run_totals": dict(totals_all),
         },
     )
-    await emit_rollback_file(conn, run, rollback_path, display_dsn=dbs.display_dsn(env))
+    side = await dbs.connect(env)
+    try:
+        await emit_rollback_file(
+            conn, run, rollback_path, display_dsn=dbs.display_dsn(env), checksum_conn=side
+        )
+    finally:
+        await close_quietly(side)
     summary_path, digest = await render_summary(conn, run, env, stage, dbs.display_dsn(env))
     await ledger.set_report_digest(conn, run_id, stage, digest)
     log.info(
