@@ -144,7 +144,7 @@ async def _apply_once(
     errors: list[dict[str, str]],
     started: datetime,
     fresh: Reconnect,
-) -> asyncpg.Record:
+) -> dict[str, int]:
     # REPEATABLE READ: the capture fixes the snapshot the apply must update (see capture_sql)
     async with conn.transaction(isolation="repeatable_read"):
         await conn.execute(target.capture_sql, *batch.key_arrays)
@@ -157,7 +157,10 @@ async def _apply_once(
                 hint="make the apply one UPDATE statement of the target table",
             )
         counts = await fetch_one(
-            conn, target.finalize_sql, *batch.ledger_args(run_id, attempts, errors, started)
+            conn,
+            target.finalize_sql,
+            *batch.ledger_args(run_id, attempts, errors, started),
+            batch.size,
         )
         reported = int(m.group(2))
         if reported > counts["touched"] or counts["vanished"]:
@@ -179,7 +182,11 @@ async def _apply_once(
             )
         if counts["other_changed"]:
             raise await _undeclared_change(conn, fresh, target, batch, counts)
-        return counts
+        return {
+            "locked": batch.size,
+            "changed": counts["changed"],
+            "noop": batch.size - counts["changed"],
+        }
 
 
 async def _apply_returning(

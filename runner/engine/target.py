@@ -261,7 +261,8 @@ WHERE {self.key_match("t")}"""
         """After the apply: compare, store row images and the batch's ledger row, return the counts.
 
         Params: $1 run, $2 batch_no, $3 stage, $4 first_key, $5 last_key, $6 attempts,
-        $7 errors json, $8 started_at. The join is bounded by the batch's key range: without it the
+        $7 errors json, $8 started_at, $9 batch size. As in the one-statement path, a batch's
+        no-ops are the keys it was given that it did not change. The join is bounded by the batch's key range: without it the
         planner may merge-join from the start of the key index, a cost that grows with progress.
         """
         n = len(self.key)
@@ -284,7 +285,6 @@ agg AS (
     SELECT count(*)::int AS locked,
            count(*) FILTER (WHERE touched)::int AS touched,
            count(*) FILTER (WHERE NOT vanished AND before_enc IS DISTINCT FROM after_enc)::int AS changed,
-           count(*) FILTER (WHERE NOT vanished AND before_enc IS NOT DISTINCT FROM after_enc)::int AS noop,
            count(*) FILTER (WHERE other_changed)::int AS other_changed,
            count(*) FILTER (WHERE vanished)::int AS vanished,
            (array_agg(key_show) FILTER (WHERE vanished OR other_changed))[1:5] AS bad_keys,
@@ -295,9 +295,9 @@ images AS (
     {self._images_insert("$1", "$2")}
 ),
 ledger AS (
-    {self._ledger_insert([f"${i}" for i in range(1, 9)], "agg.locked", "agg.changed", "agg.noop")}
+    {self._ledger_insert([f"${i}" for i in range(1, 9)], "$9::int", "agg.changed", "$9::int - agg.changed")}
 )
-SELECT locked, touched, changed, noop, other_changed, vanished, bad_keys FROM agg"""
+SELECT locked, touched, changed, other_changed, vanished, bad_keys FROM agg"""
 
     def returning_apply_sql(self, apply_sql: str) -> str:
         """The whole batch as one statement (PostgreSQL 18+): the plan's UPDATE as a data-modifying
