@@ -176,7 +176,7 @@ async def emit_rollback_file(
         totals.append(await expected_checksum(checksum_conn or conn, run.run_id, nos))
 
     async def write_body() -> None:
-        with body.open("w", encoding="utf-8") as out:
+        with body.open("w", encoding="utf-8", newline="") as out:
             for no in nos:
                 if not counts.get(no):
                     continue
@@ -197,7 +197,7 @@ async def emit_rollback_file(
         scope.append(f"batches {batches[0]}-{batches[1]}")
     if since:
         scope.append(f"batches committed after {since.isoformat()}")
-    with tmp.open("w", encoding="utf-8") as out:
+    with tmp.open("w", encoding="utf-8", newline="") as out:
         out.write(
             f"""-- backfill rollback
 -- run:          {run.run_id}
@@ -224,7 +224,7 @@ CREATE TEMP TABLE backfill_rollback_images (
 );
 """
         )
-        with body.open(encoding="utf-8") as images:
+        with body.open(encoding="utf-8", newline="") as images:
             shutil.copyfileobj(images, out, 1 << 20)
         body.unlink()
         out.write(

@@ -159,7 +159,8 @@ def test_a_dropped_connection_is_retried_and_nothing_is_applied_twice(
 
 def test_rows_per_second_paces_the_apply(cli: Callable[..., Any], workdir: Path, db: str) -> None:
     make_items(db, 500)
-    plan = write_plan(workdir / "p.json", batching__size=20, batching__rows_per_second=400)
+    # 10 batches a second: a batch's own work (~5 ms) stays well inside its 100 ms on a busy machine
+    plan = write_plan(workdir / "p.json", batching__size=20, batching__rows_per_second=200)
     run_id = run_id_of(cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db)).output)
     starts: list[datetime] = [
         r[0]
@@ -172,7 +173,7 @@ def test_rows_per_second_paces_the_apply(cli: Callable[..., Any], workdir: Path,
     assert len(starts) == 20
     rows_after_first = 19 * 20
     achieved = rows_after_first / (starts[-1] - starts[0]).total_seconds()
-    assert abs(achieved - 400) / 400 < 0.05, achieved
+    assert abs(achieved - 200) / 200 < 0.05, achieved
 
 
 @pytest.mark.slow
