@@ -144,7 +144,8 @@ async def _apply_once(
     errors: list[dict[str, str]],
     started: datetime,
     fresh: Reconnect,
-) -> dict[str, int]:
+) -> int:
+    """Capture, apply, compare and record the batch; returns how many of its rows changed."""
     # REPEATABLE READ: the capture fixes the snapshot the apply must update (see capture_sql)
     async with conn.transaction(isolation="repeatable_read"):
         await conn.execute(target.capture_sql, *batch.key_arrays)
@@ -182,11 +183,7 @@ async def _apply_once(
             )
         if counts["other_changed"]:
             raise await _undeclared_change(conn, fresh, target, batch, counts)
-        return {
-            "locked": batch.size,
-            "changed": counts["changed"],
-            "noop": batch.size - counts["changed"],
-        }
+        return int(counts["changed"])
 
 
 async def _apply_returning(
@@ -199,8 +196,9 @@ async def _apply_returning(
     errors: list[dict[str, str]],
     started: datetime,
     fresh: Reconnect,
-) -> dict[str, int]:
-    """The batch as one statement (TargetInfo.returning_apply_sql), in one transaction."""
+) -> int:
+    """The batch as one statement (TargetInfo.returning_apply_sql), in one transaction.
+    Returns how many of its rows changed (the rest of its keys are no-ops)."""
     async with conn.transaction():
         row = await fetch_one(
             conn,
@@ -219,11 +217,7 @@ async def _apply_returning(
             )
         if row["other_changed"]:
             raise await _undeclared_change(conn, fresh, target, batch, row)
-        return {
-            "locked": batch.size,
-            "changed": row["changed"],
-            "noop": batch.size - row["changed"],
-        }
+        return int(row["changed"])
 
 
 async def _undeclared_change(
@@ -358,7 +352,7 @@ class BatchExecutor:
                         started_at=started_wall,
                     )
                 apply_batch = _apply_returning if self.mode == "returning" else _apply_once
-                counts = await apply_batch(
+                changed = await apply_batch(
                     conn,
                     self.target,
                     self.returning_sql if self.mode == "returning" else self.apply_sql,
@@ -401,9 +395,9 @@ class BatchExecutor:
                 "done",
                 batch.first_key,
                 batch.last_key,
-                selected=counts["locked"],
-                changed=counts["changed"],
-                noop=counts["noop"],
+                selected=batch.size,
+                changed=changed,
+                noop=batch.size - changed,
                 attempts=attempt,
                 errors=errors,
                 started_at=started_wall,

@@ -395,12 +395,17 @@ async def _run_batches(
 
     async def verify(spans: anyio.abc.ObjectReceiveStream[Span], failed: anyio.Event) -> None:
         """Check each committed batch's span behind the workers (ConvergenceCheck)."""
-        check_conn: asyncpg.Connection | None = None
+        checker: ConvergenceCheck | None = None
+
+        async def open_checker() -> ConvergenceCheck:
+            c = await new_conn()
+            await c.execute("SET default_transaction_read_only = on")
+            return ConvergenceCheck(c, target, plan.discovery.sql, run_id)
+
         async with spans:
             try:
                 with anyio.move_on_after(30):  # before the first batch commits, if it can
-                    check_conn = await new_conn()
-                    await check_conn.execute("SET default_transaction_read_only = on")
+                    checker = await open_checker()
             except Exception as exc:
                 log.warning("apply.check_failed", error=str(exc))
             try:
@@ -408,27 +413,24 @@ async def _run_batches(
                     if state.stuck:
                         continue
                     try:
-                        if check_conn is None:
-                            check_conn = await new_conn()
-                            await check_conn.execute("SET default_transaction_read_only = on")
-                        checker = ConvergenceCheck(check_conn, target, plan.discovery.sql, run_id)
+                        checker = checker or await open_checker()
                         result = await checker.check(span)
                     except Exception as exc:  # unverified: the pass ends with a full count
                         state.unverified_spans += 1
                         log.warning(
                             "apply.check_failed", span=[span.after, span.last], error=str(exc)
                         )
-                        if check_conn is not None:
-                            await close_quietly(check_conn)
-                            check_conn = None
+                        if checker is not None:
+                            await close_quietly(checker.conn)
+                            checker = None
                         continue
                     state.remaining_after += result.remaining
                     if result.stuck:
                         state.stuck = result.stuck
                         failed.set()
             finally:
-                if check_conn is not None:
-                    await close_quietly(check_conn)
+                if checker is not None:
+                    await close_quietly(checker.conn)
 
     for pass_no in range(1, b.max_passes + 1):
         state.passes = pass_no
