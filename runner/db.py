@@ -206,8 +206,46 @@ class Databases:
             await close_quietly(conn)
 
 
+# Every setting that changes how a value is written as text (or how text is read back), pinned on
+# every runner connection and at the top of every emitted rollback file: row images, their
+# comparisons and the checksums then mean the same thing in every session, whatever the
+# database's, the role's or the operator's defaults (PGTZ, PGDATESTYLE, PGOPTIONS) say.
+# extra_float_digits = 3 prints the shortest text that reads back as the same float, exactly.
+PINNED_SETTINGS: dict[str, str] = {
+    "extra_float_digits": "3",
+    "DateStyle": "ISO, MDY",
+    "IntervalStyle": "postgres",
+    "TimeZone": "UTC",
+    "bytea_output": "hex",
+    "lc_monetary": "C",
+    "standard_conforming_strings": "on",
+}
+
+_CHECK_PINNED = "SELECT " + ", ".join(
+    f"current_setting('{name}') AS {name.lower()}" for name in PINNED_SETTINGS
+)
+
+
+async def check_pinned(conn: asyncpg.Connection) -> None:
+    """Refuse a connection where the pinned settings did not take (e.g. a pooler that drops
+    startup parameters): images taken there could be inexact."""
+    row = await fetch_one(conn, _CHECK_PINNED)
+    wrong = [
+        f"{name} = {row[name.lower()]!r} (needs {value!r})"
+        for name, value in PINNED_SETTINGS.items()
+        if str(row[name.lower()]).replace(" ", "").lower() != value.replace(" ", "").lower()
+    ]
+    if wrong:
+        raise ConnectionFailed(
+            "the database session ignored settings the runner pins for exact row images: "
+            + "; ".join(wrong),
+            hint="connect directly or through a session-mode pooler that passes startup "
+            "parameters (pgbouncer: add them to ignore_startup_parameters only if it forwards them)",
+        )
+
+
 async def connect(dsn: str, *, what: str, read_only: bool = False) -> asyncpg.Connection:
-    settings = {"application_name": "backfill"}
+    settings = {"application_name": "backfill", **PINNED_SETTINGS}
     if read_only:
         settings["default_transaction_read_only"] = "on"
     try:
@@ -226,6 +264,11 @@ async def connect(dsn: str, *, what: str, read_only: bool = False) -> asyncpg.Co
             f"cannot connect to {what} ({redact_dsn(dsn)}): {message}",
             hint="check the DSN in the plan and that the server is reachable",
         ) from None
+    try:
+        await check_pinned(conn)
+    except BaseException:
+        await close_quietly(conn)
+        raise
     return conn
 
 

@@ -9,12 +9,13 @@ per image.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
+from runner.db import qualified
 from runner.errors import InvalidInput
 
 LEDGER_SCHEMA = "backfill"
@@ -138,6 +139,26 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, sample_no, check_name)
     );
     """,
+    # 2: the target as a quoted-identifier pair and its oid, never a display string to split
+    # (a schema named "my.schema" would otherwise be read as schema "my"); and the schemas of
+    # the target and of its user-defined key/column types, for the rollback file's search_path.
+    # Runs recorded before: filled where exactly one table has that display name.
+    """
+    ALTER TABLE backfill.runs
+        ADD COLUMN target_schema  text,
+        ADD COLUMN target_name    text,
+        ADD COLUMN target_oid     oid,
+        ADD COLUMN search_schemas text[] NOT NULL DEFAULT '{}';
+    UPDATE backfill.runs AS r
+    SET target_schema = m.nspname, target_name = m.relname, target_oid = m.oid,
+        search_schemas = ARRAY[m.nspname]
+    FROM (SELECT n.nspname || '.' || c.relname AS display, min(n.nspname) AS nspname,
+                 min(c.relname) AS relname, min(c.oid) AS oid
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+          WHERE c.relkind IN ('r', 'p')
+          GROUP BY 1 HAVING count(*) = 1) AS m
+    WHERE m.display = r.target_table;
+    """,
 ]
 
 
@@ -188,6 +209,17 @@ class RunRow:
     status: str
     created_at: datetime
     updated_at: datetime
+    target_schema: str | None = None
+    target_name: str | None = None
+    target_oid: int | None = None
+    search_schemas: list[str] = field(default_factory=list)
+
+    @property
+    def quoted_table(self) -> str:
+        """The target as SQL names it (runs recorded before migration 2: their display name)."""
+        if self.target_schema is None or self.target_name is None:
+            return self.target_table
+        return qualified(self.target_schema, self.target_name)
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> RunRow:

@@ -19,12 +19,47 @@ import anyio
 import asyncpg
 
 from runner import ledger
-from runner.db import fetch_one, quote_ident
+from runner.db import PINNED_SETTINGS, fetch_one, qualified, quote_ident
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput
 
 CHECKSUM_ROW = "i.key::text || '=' || coalesce({img}::text, 'NULL')"
 CHECKSUM_ORDER = 'ORDER BY i.key::text COLLATE "C", i.batch_no'
+
+
+def comment_text(value: object) -> str:
+    """A value shown inside a `--` comment: control characters escaped, so a name with a
+    newline in it cannot end the comment and become SQL."""
+    return "".join(
+        ch if ch.isprintable() or ch == " " else ch.encode("unicode_escape").decode("ascii")
+        for ch in str(value)
+    )
+
+
+def session_preamble(search_schemas: list[str]) -> str:
+    """The SETs that make the file's comparisons mean what the runner's did, in any session."""
+    lines = [
+        f"SET {name} = {sql_literal(value)};"
+        for name, value in PINNED_SETTINGS.items()
+        if name != "standard_conforming_strings"
+    ]
+    path = ", ".join(["pg_catalog", *(quote_ident(s) for s in search_schemas), "pg_temp"])
+    return "\n".join([*lines, f"SET search_path = {path};"])
+
+
+def table_check_sql(shape: RunShape, run_id: str) -> str:
+    """A DO block that stops the file unless the table is the one the run changed."""
+    body = f"""BEGIN
+    IF to_regclass({sql_literal(shape.table)}) IS NULL
+       OR to_regclass({sql_literal(shape.table)})::oid <> {int(shape.oid)} THEN
+        RAISE EXCEPTION 'backfill rollback: % is not the table run % changed (oid {int(shape.oid)})',
+            {sql_literal(shape.table)}, {sql_literal(run_id)};
+    END IF;
+END"""
+    tag = "$backfill$"
+    while tag in body:
+        tag = tag[:-1] + "x$"
+    return f"DO {tag} {body} {tag};"
 
 
 def sql_literal(value: str | None) -> str:
@@ -40,18 +75,39 @@ def sql_literal(value: str | None) -> str:
 class RunShape:
     """The target as recorded on the run row: enough to restore without the plan file."""
 
-    table: str
+    table: str  # quoted and qualified
+    oid: int
     key: list[tuple[str, str]]
     columns: list[tuple[str, str]]
+    search_schemas: list[str]
 
     @classmethod
     def of(cls, run: ledger.RunRow) -> RunShape:
-        schema, _, name = run.target_table.partition(".")
+        if run.target_schema is None or run.target_name is None or run.target_oid is None:
+            raise InvalidInput(
+                f"run {run.run_id} recorded its target as {run.target_table!r} before the "
+                "ledger kept the schema and table name apart, and no single table in this "
+                "database has that name now: the runner cannot tell which table to restore",
+                hint="restore from the run's rollback SQL file after checking the table it names",
+            )
         return cls(
-            f"{quote_ident(schema)}.{quote_ident(name)}",
+            qualified(run.target_schema, run.target_name),
+            run.target_oid,
             list(zip(run.key_columns, run.key_types, strict=True)),
             list(zip(run.columns, run.column_types, strict=True)),
+            run.search_schemas or [run.target_schema],
         )
+
+    async def check_table(self, conn: asyncpg.Connection) -> None:
+        """Refuse to restore into any table but the one the run changed (same name, same oid)."""
+        oid = await conn.fetchval("SELECT to_regclass($1)::oid", self.table)
+        if oid != self.oid:
+            raise InvalidInput(
+                f"{self.table} is not the table this run changed (oid {self.oid}, now "
+                f"{'missing' if oid is None else oid}): it was dropped, renamed or created again",
+                hint="nothing was restored; restore by hand from the run's rollback SQL file "
+                "after checking which table holds the run's rows",
+            )
 
     def current_image(self, alias: str = "t") -> str:
         cols = ", ".join(f"{alias}.{quote_ident(c)}::text" for c, _ in self.columns)
@@ -200,25 +256,31 @@ async def emit_rollback_file(
     with tmp.open("w", encoding="utf-8", newline="") as out:
         out.write(
             f"""-- backfill rollback
--- run:          {run.run_id}
--- plan:         {run.plan_name} (digest {run.plan_digest})
--- environment:  {run.env} ({display_dsn})
--- target:       {run.target_table}, columns {", ".join(run.columns)}
+-- run:          {comment_text(run.run_id)}
+-- plan:         {comment_text(run.plan_name)} (digest {run.plan_digest})
+-- environment:  {comment_text(run.env)} ({comment_text(display_dsn)})
+-- target:       {comment_text(shape.table)} (oid {shape.oid}), columns {comment_text(", ".join(run.columns))}
 -- generated:    {datetime.now(UTC).isoformat(timespec="seconds")}
 -- scope:        {"; ".join(scope) or "every batch of the run in this environment"}
 -- restores:     {rows} row(s) in {sum(1 for n in nos if counts.get(n))} batch(es), newest batch first, one transaction each
 -- checksum:     {checksum_value or "(no rows)"}
 --   (md5 over the before-images; the verification at the end recomputes it from the table)
 --
--- Run it:       psql -v ON_ERROR_STOP=1 -d "$DSN_OF_{run.env.upper()}" -f {path.name}
+-- Run it:       psql -X -v ON_ERROR_STOP=1 -d "$DSN_OF_{comment_text(run.env.upper())}" -f {comment_text(path.name)}
 -- Verify:       the last two queries print restored rows, conflicts and the checksum;
 --               checksum_matches is true when every row holds its before-image again.
 -- A row is restored only while it still holds the value this run wrote; rows changed since
 -- are conflicts: left alone and listed at the end. Running the file again is safe.
+-- The SETs below pin how values are written as text, so the comparisons mean the same in your
+-- session as in the runner's (PGTZ, PGDATESTYLE, PGOPTIONS or database defaults do not matter).
 \\set ON_ERROR_STOP on
 SET client_encoding = 'UTF8';
 SET standard_conforming_strings = on;
 SET lock_timeout = '5s';
+{session_preamble(shape.search_schemas)}
+-- The table must be the one the run changed: same name and same oid (a table dropped and
+-- created again, or another table of the same name, stops the file here, before any change).
+{table_check_sql(shape, run.run_id)}
 CREATE TEMP TABLE backfill_rollback_images (
     batch_no integer NOT NULL, key text[] NOT NULL, before text[], after text[]
 );
@@ -365,6 +427,7 @@ async def _restore_batch(
 async def verify(conn: asyncpg.Connection, run: ledger.RunRow, result: RollbackResult) -> None:
     """Recompute the checksum over the rows that were restorable and list recorded conflicts."""
     shape = RunShape.of(run)
+    await shape.check_table(conn)  # the checksum below must be over the table that was restored
     current = shape.current_image()
     nos = result.batches
     row = await fetch_one(
@@ -420,6 +483,7 @@ async def run_rollback(
 ) -> RollbackResult:
     """Restore the selected batches newest first, one transaction each, resumable, then verify."""
     shape = RunShape.of(run)
+    await shape.check_table(conn)
     nos = await selected_batches(conn, run.run_id, batches, since)
     result = RollbackResult(run.run_id, run.env, dry_run, nos)
     t0 = time.perf_counter()

@@ -17,7 +17,8 @@ import asyncpg
 
 from runner.db import fetch_one
 from runner.engine.target import TargetInfo
-from runner.errors import ScopeViolation, WorkFailed
+from runner.errors import InvalidInput, ScopeViolation, WorkFailed
+from runner.ledger import LEDGER_SCHEMA
 
 TRANSIENT = frozenset(
     {"lock_timeout", "deadlock", "serialization", "statement_timeout", "connection_lost"}
@@ -133,6 +134,124 @@ def _describe(exc: BaseException) -> str:
 
 _TAG = re.compile(r"^(\w+)(?: \d+)? (\d+)$")
 
+# Every table this session has written rows of, however it wrote them (its own statements,
+# data-modifying CTEs, triggers, cascades): PostgreSQL's per-backend counters of rows inserted,
+# updated and deleted that are not yet flushed to the shared statistics. They also hold earlier
+# transactions' counts until a flush, and a flush happens only outside a transaction block, so a
+# batch reads them at its start and at its end: the difference is what its transaction wrote.
+# Partitions count towards their root. Temporary tables vanish with the session and system
+# catalogs change with DDL, not data, so neither counts (large objects do). One query, a few
+# function calls per table in the database.
+WRITES_SQL = """
+WITH w AS (
+    SELECT coalesce(pg_partition_root(c.oid), c.oid) AS root,
+           pg_stat_get_xact_tuples_inserted(c.oid) AS ins,
+           pg_stat_get_xact_tuples_updated(c.oid) AS upd,
+           pg_stat_get_xact_tuples_deleted(c.oid) AS del
+    FROM pg_class AS c
+    WHERE c.relkind = 'r' AND c.relpersistence <> 't'
+      AND (c.relnamespace <> 'pg_catalog'::regnamespace OR c.relname LIKE 'pg_largeobject%')
+)
+SELECT w.root::bigint AS oid, n.nspname AS schema, r.relname AS name,
+       sum(w.ins)::bigint AS ins, sum(w.upd)::bigint AS upd, sum(w.del)::bigint AS del
+FROM w JOIN pg_class AS r ON r.oid = w.root JOIN pg_namespace AS n ON n.oid = r.relnamespace
+WHERE w.ins > 0 OR w.upd > 0 OR w.del > 0
+GROUP BY w.root, n.nspname, r.relname
+ORDER BY n.nspname, r.relname"""
+
+
+async def require_write_tracking(conn: asyncpg.Connection) -> None:
+    """The scope guard reads the transaction's write counters, which exist only with track_counts."""
+    if not await conn.fetchval("SELECT current_setting('track_counts')::bool"):
+        raise InvalidInput(
+            "track_counts is off on this database: the scope guard could not see what a batch's "
+            "transaction writes (triggers, data-modifying WITH, cascades), so nothing was applied",
+            hint="turn it on (ALTER SYSTEM SET track_counts = on; SELECT pg_reload_conf()), "
+            "it is on by default",
+        )
+
+
+_LEDGER_WRITES = {"batches": (1, 1), "batch_images": (0, 1)}  # inserts allowed per batch: min, max
+
+
+Writes = dict[int, tuple[str, str, int, int, int]]  # oid → schema, table, ins, upd, del
+
+
+async def read_writes(conn: asyncpg.Connection) -> Writes:
+    return {
+        r["oid"]: (r["schema"], r["name"], r["ins"], r["upd"], r["del"])
+        for r in await conn.fetch(WRITES_SQL)
+    }
+
+
+def unexpected_writes(
+    start: Writes, end: Writes, target: TargetInfo, statement_rows: int
+) -> list[str]:
+    """What the batch's transaction wrote (`end` - `start`) beyond its apply statement's own rows
+    of the target and its ledger rows; each as `schema.table: N inserted, N updated, …`."""
+    found: list[str] = []
+    for oid, (schema, table, *after) in end.items():
+        before = start.get(oid, (schema, table, 0, 0, 0))[2:]
+        ins, upd, dele = (int(a) - int(b) for a, b in zip(after, before, strict=True))
+        if not (ins or upd or dele):
+            continue
+        name = f"{schema}.{table}"
+        if oid == target.oid:
+            what = [f"{ins} inserted" if ins else "", f"{dele} deleted" if dele else ""]
+            if upd > statement_rows:
+                what.append(
+                    f"{upd - statement_rows} updated beyond the {statement_rows} row(s) "
+                    "the apply statement updated"
+                )
+        elif schema == LEDGER_SCHEMA and table in _LEDGER_WRITES:
+            lo, hi = _LEDGER_WRITES[table]
+            what = [
+                f"{ins} inserted" if not lo <= ins <= hi else "",
+                f"{upd} updated" if upd else "",
+                f"{dele} deleted" if dele else "",
+            ]
+        else:
+            what = [
+                f"{n} {op}"
+                for n, op in ((ins, "inserted"), (upd, "updated"), (dele, "deleted"))
+                if n
+            ]
+        what = [w for w in what if w]
+        if what:
+            found.append(f"{name}: {', '.join(what)}")
+    return found
+
+
+async def _check_writes(
+    conn: asyncpg.Connection, target: TargetInfo, batch: Batch, start: Writes, statement_rows: int
+) -> None:
+    """Roll the batch back if its transaction wrote anything outside its scope (invariant 4)."""
+    found = unexpected_writes(start, await read_writes(conn), target, statement_rows)
+    if not found:
+        return
+    keys = await _outside_keys(conn, target, batch)
+    raise ScopeViolation(
+        f"batch {batch.batch_no} (keys {batch.key_range}): the batch's transaction wrote outside "
+        f"the plan's scope — {'; '.join(found)}"
+        + (f" (rows of {target.display} outside the batch: keys {', '.join(keys)})" if keys else "")
+        + "; the batch was rolled back",
+        hint="the apply may only UPDATE target.columns of the batch's rows: look for triggers "
+        f"on {target.display}, data-modifying WITH clauses and cascading foreign keys",
+    )
+
+
+async def _outside_keys(conn: asyncpg.Connection, target: TargetInfo, batch: Batch) -> list[str]:
+    """Diagnosis only, on the way to a rollback: up to 5 target rows this transaction wrote
+    outside the batch. A scan of the table, so bounded by a short timeout."""
+    try:
+        async with conn.transaction():  # a savepoint: a timeout here loses nothing
+            await conn.execute("SET LOCAL statement_timeout = '5s'")
+            return [
+                r["key"] for r in await conn.fetch(target.outside_rows_sql(), *batch.key_arrays)
+            ]
+    except asyncpg.PostgresError:
+        return []
+
 
 async def _apply_once(
     conn: asyncpg.Connection,
@@ -148,6 +267,7 @@ async def _apply_once(
     """Capture, apply, compare and record the batch; returns how many of its rows changed."""
     # REPEATABLE READ: the capture fixes the snapshot the apply must update (see capture_sql)
     async with conn.transaction(isolation="repeatable_read"):
+        start = await read_writes(conn)
         await conn.execute(target.capture_sql, *batch.key_arrays)
         tag = await conn.execute(apply_sql, *batch.key_arrays)
         m = _TAG.match(tag or "")
@@ -181,6 +301,7 @@ async def _apply_once(
                 + "; the batch was rolled back",
                 hint="restrict the apply to the batch's keys (`WHERE id = ANY($1)`) and to the target table",
             )
+        await _check_writes(conn, target, batch, start, reported)
         if counts["other_changed"]:
             raise await _undeclared_change(conn, fresh, target, batch, counts)
         return int(counts["changed"])
@@ -200,6 +321,7 @@ async def _apply_returning(
     """The batch as one statement (TargetInfo.returning_apply_sql), in one transaction.
     Returns how many of its rows changed (the rest of its keys are no-ops)."""
     async with conn.transaction():
+        start = await read_writes(conn)
         row = await fetch_one(
             conn,
             statement,
@@ -208,6 +330,7 @@ async def _apply_returning(
             batch.size,
             target.table,
         )
+        await _check_writes(conn, target, batch, start, int(row["returned"]))
         if row["outside"]:
             raise ScopeViolation(
                 f"batch {batch.batch_no} (keys {batch.key_range}): the apply statement changed "

@@ -13,10 +13,23 @@ from runner.db import fetch_one, qualified, quote_ident
 from runner.errors import InvalidInput
 from runner.plan import Target
 
+# Types outside pg_catalog are named schema-qualified (format_type qualifies only what the
+# session's search_path does not show), so a recorded type means the same type in any session:
+# the rollback file's, an operator's, another role's.
 _ATTRS = """
-SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type,
+SELECT a.attname AS name,
+       CASE WHEN en.nspname IS NULL OR en.nspname = 'pg_catalog'
+            THEN format_type(a.atttypid, a.atttypmod)
+            ELSE format('%I.%I', en.nspname, e.typname) || CASE WHEN ty.typelem <> 0
+                 AND ty.typcategory = 'A' THEN '[]' ELSE '' END
+       END AS type,
+       CASE WHEN en.nspname <> 'pg_catalog' THEN en.nspname END AS type_schema,
        a.attnotnull AS not_null, a.attgenerated <> '' AS generated
 FROM pg_attribute a
+JOIN pg_type ty ON ty.oid = a.atttypid
+LEFT JOIN pg_type e ON e.oid = CASE WHEN ty.typelem <> 0 AND ty.typcategory = 'A'
+                                    THEN ty.typelem ELSE ty.oid END
+LEFT JOIN pg_namespace en ON en.oid = e.typnamespace
 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
@@ -38,6 +51,7 @@ class Column:
     type: str
     not_null: bool = False
     generated: bool = False
+    type_schema: str | None = None  # of a user-defined type (None: pg_catalog)
 
     @property
     def q(self) -> str:
@@ -53,10 +67,22 @@ class TargetInfo:
     key: tuple[Column, ...]
     columns: tuple[Column, ...]
     others: tuple[Column, ...]
+    oid: int = 0
 
     @property
     def table(self) -> str:
+        """The quoted, qualified name: the only form the runner's SQL uses."""
         return qualified(self.schema, self.name)
+
+    @property
+    def search_schemas(self) -> list[str]:
+        """The target's schema and those of its user-defined key and column types: where the
+        operators a rollback compares them with live."""
+        found = [self.schema]
+        for c in (*self.key, *self.columns):
+            if c.type_schema and c.type_schema not in found:
+                found.append(c.type_schema)
+        return found
 
     @property
     def display(self) -> str:
@@ -319,10 +345,14 @@ SELECT locked, touched, changed, other_changed, vanished, bad_keys FROM agg"""
             f"ROW({', '.join(f'{new}.{c.q}' for c in guarded)}))"
         )
         new_keys = ", ".join(f"{new}.{k.q} AS bk{i}" for i, k in enumerate(self.key))
+        # a deleted row has no NEW, an inserted one no OLD: show whichever key it has
+        shown_keys = ", ".join(
+            f"coalesce({new}.{k.q}, {old}.{k.q}) AS sk{i}" for i, k in enumerate(self.key)
+        )
         arrays = ", ".join(f"${i + 1}::{k.type}[]" for i, k in enumerate(self.key))
         batch_cols = ", ".join(f"k{i}" for i in range(n))
         on = " AND ".join(f"a.bk{i} = b.k{i}" for i in range(n))
-        show = self._key_display([f"bk{i}" for i in range(n)])
+        show = self._key_display([f"sk{i}" for i in range(n)])
         # membership through a hash join: `= ANY($1)` per returned row would compare each row
         # with the whole batch (PostgreSQL hashes ANY only for constant arrays)
         return f"""
@@ -331,6 +361,7 @@ WITH applied AS (
 RETURNING WITH (OLD AS {old}, NEW AS {new})
     {new}.tableoid = {p[9]}::text::regclass AS on_target,
     {new_keys},
+    {shown_keys},
     {self._encode([f"{old}.{k.q}" for k in self.key])} AS key_enc,
     {self._image(old)} AS before_enc,
     {self._image(new)} AS after_enc,
@@ -393,7 +424,7 @@ async def resolve_target(conn: asyncpg.Connection, target: Target) -> TargetInfo
     if kind not in ("r", "p"):
         raise InvalidInput(f"target.table: {schema}.{name} is not a table (relkind {kind!r})")
     attrs = {
-        r["name"]: Column(r["name"], r["type"], r["not_null"], r["generated"])
+        r["name"]: Column(r["name"], r["type"], r["not_null"], r["generated"], r["type_schema"])
         for r in await conn.fetch(_ATTRS, oid)
     }
     for field, names in (("key", target.key), ("columns", target.columns)):
@@ -420,4 +451,5 @@ async def resolve_target(conn: asyncpg.Connection, target: Target) -> TargetInfo
         key=tuple(attrs[n] for n in target.key),
         columns=tuple(attrs[n] for n in target.columns),
         others=tuple(c for n, c in attrs.items() if n not in declared and not c.generated),
+        oid=int(oid),
     )

@@ -21,7 +21,13 @@ from runner import events, ledger
 from runner.artifacts import RunDir, new_run_id, write_json
 from runner.db import Databases, close_quietly, fetch_one
 from runner.engine.discovery import ConvergenceCheck, Discovery, Span
-from runner.engine.executor import Batch, BatchExecutor, BatchOutcome, failure_error
+from runner.engine.executor import (
+    Batch,
+    BatchExecutor,
+    BatchOutcome,
+    failure_error,
+    require_write_tracking,
+)
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput, WorkFailed
@@ -166,6 +172,7 @@ async def apply(
     try:
         await ledger.ensure_ledger(conn)
         target = await resolve_target(conn, plan.target)
+        await require_write_tracking(conn)
         run_id = run_id or new_run_id(plan.name)
         run = await ensure_run(conn, loaded, env, run_id, target, operator, create=not plan.is_mini)
         if run.plan_digest != loaded.digest and not plan.is_mini:

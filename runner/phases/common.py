@@ -51,6 +51,13 @@ async def ensure_run(
                 f"run {run_id} belongs to plan {run.plan_name!r}, not {loaded.plan.name!r}",
                 hint="pass the plan the run was started with",
             )
+        if run.target_oid is not None and run.target_oid != target.oid and run.env == env:
+            raise InvalidInput(
+                f"run {run_id} applied to {run.target_table} (oid {run.target_oid}), but "
+                f"{target.table} is now another table (oid {target.oid}): it was dropped and "
+                "created again, or the plan names another table",
+                hint="start a new run for the new table; this run's images belong to the old one",
+            )
         return run
     if not create:
         raise InvalidInput(
@@ -60,8 +67,9 @@ async def ensure_run(
     await conn.execute(
         """
         INSERT INTO backfill.runs (run_id, env, plan_name, plan_digest, plan, target_table,
-                                   key_columns, columns, key_types, column_types, operator)
-        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11)
+                                   key_columns, columns, key_types, column_types, operator,
+                                   target_schema, target_name, target_oid, search_schemas)
+        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
         ON CONFLICT (run_id) DO NOTHING
         """,
         run_id,
@@ -75,6 +83,10 @@ async def ensure_run(
         [k.type for k in target.key],
         [c.type for c in target.columns],
         operator,
+        target.schema,
+        target.name,
+        target.oid,
+        target.search_schemas,
     )
     run = await ledger.get_run(conn, run_id)
     assert run is not None

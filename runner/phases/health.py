@@ -180,7 +180,7 @@ async def health(
             " FROM backfill.batches WHERE run_id = $1 AND status = 'done'",
             run_id,
         )
-        staging_shape = await table_shape(s_conn, staging_run.target_table)
+        staging_shape = await table_shape(s_conn, staging_run.quoted_table)
         staging_decisions = await ledger.decisions(s_conn, run_id)
 
         await ledger.ensure_ledger(conn)
@@ -191,10 +191,10 @@ async def health(
                 ro,
                 "SELECT pg_total_relation_size(to_regclass($1)) AS bytes,"
                 " (SELECT reltuples FROM pg_class WHERE oid = to_regclass($1))::bigint AS rows",
-                target.display,
+                target.table,
             )
-            capacity = await dbhealth.sample(ro, target.display)
-            prod_shape = await table_shape(ro, target.display)
+            capacity = await dbhealth.sample(ro, target.table)
+            prod_shape = await table_shape(ro, target.table)
         await ensure_run(conn, loaded, env, run_id, target, operator, create=True)
         run_dir = RunDir.of(run_id)
         events.attach(run_dir.env(env) / "events.jsonl")

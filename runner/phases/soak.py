@@ -251,7 +251,7 @@ async def soak(
                     outcomes[c.name] = outcome if value is None else f"{outcome}({value:g})"
                     rows.append((run_id, sample_no, c.name, taken, value, outcome, detail))
                 async with ro.transaction(readonly=True):
-                    health = await dbhealth.sample(ro, run.target_table)
+                    health = await dbhealth.sample(ro, run.quoted_table)
                 for name in dbhealth.METRICS:
                     rows.append((run_id, sample_no, name, taken, health[name], "info", ""))
                 observed = time.monotonic() - resumed_at
