@@ -33,12 +33,20 @@ class Discovery:
         self._first = target.discovery_page_sql(discovery_sql, after_cursor=False)
         self._next = target.discovery_page_sql(discovery_sql, after_cursor=True)
 
-    async def page(self, cursor: list[str] | None, limit: int | None = None) -> Page | None:
+    async def page(
+        self,
+        cursor: list[str] | None,
+        limit: int | None = None,
+        *,
+        conn: asyncpg.Connection | None = None,
+    ) -> Page | None:
+        """The next page after `cursor` (on `conn`, when the caller's connection was replaced)."""
         size = limit or self.page_size
+        on = conn or self.conn
         if cursor is None:
-            row = await self.conn.fetchrow(self._first, size)
+            row = await on.fetchrow(self._first, size)
         else:
-            row = await self.conn.fetchrow(self._next, size, *cursor)
+            row = await on.fetchrow(self._next, size, *cursor)
         if row is None or row["n"] == 0:
             return None
         arrays = tuple(row[f"k{i}"] for i in range(len(self.target.key)))

@@ -528,12 +528,21 @@ class BatchExecutor:
             )
 
 
-def failure_error(outcome: BatchOutcome) -> WorkFailed:
-    """The error that stops the phase when a batch fails for good."""
+def failure_error(outcome: BatchOutcome, *, resume: str) -> WorkFailed:
+    """The error that stops the phase when a batch fails for good; `resume` continues the run."""
     cls = ScopeViolation if outcome.error_category == "scope_violation" else WorkFailed
+    keys = f"[{', '.join(outcome.first_key)}] … [{', '.join(outcome.last_key)}]"
+    if outcome.error_category == "connection_lost":
+        return cls(
+            f"batch {outcome.batch_no} (keys {keys}): lost the connection to the database and "
+            f"could not get it back within the retry budget ({outcome.attempts} attempt(s) "
+            f"over {outcome.duration_ms / 1000:.1f} s): {outcome.error}; every committed batch "
+            "is kept, this one was not applied",
+            hint=f"when the database is reachable again, continue: {resume}",
+        )
     retried = f" after {outcome.attempts} attempt(s)" if outcome.attempts > 1 else ""
     return cls(
-        f"batch {outcome.batch_no} (keys [{', '.join(outcome.first_key)}] … "
-        f"[{', '.join(outcome.last_key)}]) failed{retried}: {outcome.error_category}: {outcome.error}",
-        hint="fix the cause, then continue the run with the same command and --run",
+        f"batch {outcome.batch_no} (keys {keys}) failed{retried}: {outcome.error_category}: "
+        f"{outcome.error}",
+        hint=f"fix the cause, then continue the run: {resume}",
     )

@@ -28,6 +28,7 @@ from runner.engine.executor import (
     failure_error,
     require_write_tracking,
 )
+from runner.engine.session import MainSession
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput, WorkFailed
@@ -169,6 +170,7 @@ async def apply(
         return await _dry_run(loaded, dbs, env, stage, cmd)
 
     conn = await dbs.connect(env)
+    session: MainSession | None = None
     try:
         await ledger.ensure_ledger(conn)
         target = await resolve_target(conn, plan.target)
@@ -191,6 +193,9 @@ async def apply(
         events.attach(run_dir.env(env) / "events.jsonl")
         log.info("apply.start", run_id=run_id, env=env, stage=stage, plan_digest=loaded.digest)
 
+        session = MainSession(
+            conn, lambda: _connect_main(dbs, env), run_id, retries=plan.batching.max_retries
+        )
         async with run_lock(conn, run_id):
             if plan.is_mini:
                 stage = await _prod_stage(conn, loaded, run_id, env, cmd)
@@ -200,11 +205,21 @@ async def apply(
                 return await _finished_result(conn, run_id, env, "apply", cmd, loaded)
             await ledger.save_phase(conn, run_id, stage, status="running", result={})
             await ledger.set_run_status(conn, run_id, f"{stage}:running")
-            result = await _run_batches(conn, dbs, loaded, target, run_id, env, stage, progress)
-            return await _finish(conn, dbs, loaded, target, run_id, env, stage, result, cmd)
+            result = await _run_batches(
+                session, dbs, loaded, target, run_id, env, stage, progress, cmd
+            )
+            return await session.run(
+                lambda c: _finish(c, dbs, loaded, target, run_id, env, stage, result, cmd)
+            )
     finally:
         events.detach()
         await close_quietly(conn)
+        if session is not None:
+            await session.close()
+
+
+async def _connect_main(dbs: Databases, env: str) -> asyncpg.Connection:
+    return await dbs.connect(env)
 
 
 async def _prod_stage(
@@ -249,6 +264,34 @@ class _Pass:
     stuck: list[str] = field(default_factory=list)  # keys discovery returns after their batch
 
 
+async def _record_failed(
+    conn: asyncpg.Connection, run_id: str, stage: str, outcome: BatchOutcome
+) -> None:
+    await conn.execute(
+        """INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
+               selected, attempts, errors, started_at, duration_ms)
+           VALUES ($1, $2, $3, 'failed', $4, $5, $6, $7, $8::jsonb, $9, $10)
+           ON CONFLICT DO NOTHING""",
+        run_id,
+        outcome.batch_no,
+        stage,
+        outcome.first_key,
+        outcome.last_key,
+        outcome.selected,
+        outcome.attempts,
+        json.dumps(outcome.errors),
+        outcome.started_at,
+        outcome.duration_ms,
+    )
+
+
+async def _stuck_anywhere(
+    conn: asyncpg.Connection, target: TargetInfo, discovery_sql: str, run_id: str
+) -> list[str]:
+    whole = ConvergenceCheck(conn, target, discovery_sql, run_id)
+    return (await whole.check(Span(None, None, None))).stuck
+
+
 def _raise_if_stuck(state: _Pass) -> None:
     if state.stuck:
         raise WorkFailed(
@@ -260,7 +303,7 @@ def _raise_if_stuck(state: _Pass) -> None:
 
 
 async def _run_batches(
-    conn: asyncpg.Connection,
+    session: MainSession,
     dbs: Databases,
     loaded: LoadedPlan,
     target: TargetInfo,
@@ -268,21 +311,27 @@ async def _run_batches(
     env: str,
     stage: str,
     progress: ProgressCallback | None,
+    cmd: str,
 ) -> _Pass:
     plan = loaded.plan
     b = plan.batching
     state = _Pass()
-    cursor, next_no, state.interrupted_before = await _resume_point(conn, run_id)
+    cursor, next_no, state.interrupted_before = await session.run(
+        lambda c: _resume_point(c, run_id)
+    )
     stop_after: int | None = None
     if stage == "canary":
         assert plan.canary is not None
-        done_in_canary = await conn.fetchval(
-            "SELECT count(*) FROM backfill.batches WHERE run_id = $1 AND stage = 'canary' AND status = 'done'",
-            run_id,
+        done_in_canary = await session.run(
+            lambda c: c.fetchval(
+                "SELECT count(*) FROM backfill.batches WHERE run_id = $1 AND stage = 'canary'"
+                " AND status = 'done'",
+                run_id,
+            )
         )
         stop_after = max(plan.canary.batches - int(done_in_canary), 0)
     t_count = time.perf_counter()
-    state.rows_needing_at_start = await _count(conn, plan.discovery.sql)
+    state.rows_needing_at_start = await session.run(lambda c: _count(c, plan.discovery.sql))
     state.counting_seconds += time.perf_counter() - t_count
     if progress:
         progress(
@@ -296,7 +345,7 @@ async def _run_batches(
             },
         )
     throttle = Throttle(b.batches_per_minute, b.rows_per_second, b.size)
-    discovery = Discovery(conn, target, plan.discovery.sql, b.size)
+    discovery = Discovery(session.conn, target, plan.discovery.sql, b.size)
     run_dir = RunDir.of(run_id)
     batch_dir = run_dir.env(env) / "batches"
     totals: Counter[str] = Counter()
@@ -314,22 +363,7 @@ async def _run_batches(
         state.outcomes.append(outcome)
         write_json(batch_dir / f"batch_{outcome.batch_no:05d}.json", outcome.as_json())
         if outcome.status == "failed":
-            await conn.execute(
-                """INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
-                       selected, attempts, errors, started_at, duration_ms)
-                   VALUES ($1, $2, $3, 'failed', $4, $5, $6, $7, $8::jsonb, $9, $10)
-                   ON CONFLICT DO NOTHING""",
-                run_id,
-                outcome.batch_no,
-                stage,
-                outcome.first_key,
-                outcome.last_key,
-                outcome.selected,
-                outcome.attempts,
-                json.dumps(outcome.errors),
-                outcome.started_at,
-                outcome.duration_ms,
-            )
+            await session.run(lambda c: _record_failed(c, run_id, stage, outcome))
         totals["batches"] += outcome.status == "done"
         totals["changed"] += outcome.changed
         totals["noop"] += outcome.noop
@@ -357,7 +391,9 @@ async def _run_batches(
             while not failed.is_set():
                 if stop_after is not None and dispatched >= stop_after:
                     return
-                page = await discovery.page(position)
+                page = await session.run(
+                    lambda c, after=position: discovery.page(after, conn=c)  # type: ignore[misc]
+                )
                 if page is None:
                     return
                 await throttle.wait(page.size)
@@ -456,17 +492,20 @@ async def _run_batches(
             receive.close()
             span_send.close()
         if state.failure is not None:
-            raise failure_error(state.failure)
+            raise failure_error(
+                state.failure, resume=f"{cmd} apply {loaded.path} --env {env} --run {run_id}"
+            )
         _raise_if_stuck(state)
         if stop_after is not None:
             break
         if state.unverified_spans:
             t_count = time.perf_counter()
-            state.remaining_after = await _count(conn, plan.discovery.sql)
+            state.remaining_after = await session.run(lambda c: _count(c, plan.discovery.sql))
             state.counting_seconds += time.perf_counter() - t_count
             if state.remaining_after:
-                whole = ConvergenceCheck(conn, target, plan.discovery.sql, run_id)
-                state.stuck = (await whole.check(Span(None, None, None))).stuck
+                state.stuck = await session.run(
+                    lambda c: _stuck_anywhere(c, target, plan.discovery.sql, run_id)
+                )
                 _raise_if_stuck(state)
         if state.remaining_after == 0:
             break
