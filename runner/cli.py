@@ -6,6 +6,7 @@ Each command imports its phase when it runs: importing them all costs every comm
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -95,6 +96,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
+    ctx: typer.Context,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Log more and show tracebacks.")
     ] = False,
@@ -103,6 +105,7 @@ def _main(
     ] = False,
 ) -> None:
     _state["verbose"] = verbose
+    _state["command"] = ctx.invoked_subcommand or ""
     _configure_logging(logging.DEBUG if verbose else logging.WARNING)
 
 
@@ -120,9 +123,8 @@ def _run(make: Callable[[], Awaitable[int]]) -> None:
         code = e.exit_code
     except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError) as e:
         err.print(
-            f"error: lost the connection to the database: {events.redact_text(str(e))}\n"
-            "  → every committed batch is kept; when the database is reachable, run the same "
-            "command again (with --run RUN to continue a run)",
+            f"error: lost the connection to the database and could not get it back: "
+            f"{events.redact_text(str(e))}\n  → {_continue_hint()}",
             markup=False,
         )
         code = EXIT_FAILED
@@ -142,7 +144,7 @@ def _run(make: Callable[[], Awaitable[int]]) -> None:
             "interrupted: every committed batch is kept; continue with the same command and --run"
         )
         code = 130
-    except Exception as e:
+    except (Exception, asyncio.CancelledError) as e:
         err.print(
             f"internal error: {type(e).__name__}: {events.redact_text(str(e))}",
             markup=False,
@@ -156,8 +158,25 @@ def _run(make: Callable[[], Awaitable[int]]) -> None:
     raise typer.Exit(code)
 
 
+def _continue_hint() -> str:
+    """How to go on after a lost connection, for the command that was running."""
+    command = _state.get("command", "")
+    if command in ("apply", "soak", "health", "pipeline"):
+        return (
+            "every committed batch and sample is kept; when the database is reachable, run the "
+            "same command again with --run RUN (the run id printed above) to continue the run"
+        )
+    if command == "rollback":
+        return (
+            "every restored batch is kept; when the database is reachable, run the same "
+            "`backfill rollback RUN --env ENV` again: it continues where it stopped"
+        )
+    return "nothing was lost; when the database is reachable, run the same command again"
+
+
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The error an operator should see from a task group: a BackfillError if there is one."""
+    """The error an operator should see from a task group: a BackfillError if there is one,
+    else the first that is not a cancellation (a sibling's failure cancels the others)."""
     leaves: list[BaseException] = []
 
     def walk(g: BaseExceptionGroup[BaseException]) -> None:
@@ -165,7 +184,11 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
             walk(e) if isinstance(e, BaseExceptionGroup) else leaves.append(e)
 
     walk(group)
-    return next((e for e in leaves if isinstance(e, BackfillError)), leaves[0])
+    cancelled = asyncio.CancelledError
+    return next(
+        (e for e in leaves if isinstance(e, BackfillError)),
+        next((e for e in leaves if not isinstance(e, cancelled)), leaves[0]),
+    )
 
 
 def _load(path: Path) -> LoadedPlan:

@@ -200,9 +200,9 @@ async def apply(
             if plan.is_mini:
                 stage = await _prod_stage(conn, loaded, run_id, env, cmd)
                 if stage == "finished":
-                    return await _finished_result(conn, run_id, env, "rest", cmd, loaded)
+                    return await _finished_result(conn, dbs, run_id, env, "rest", cmd, loaded)
             elif (row := await ledger.get_phase(conn, run_id, "apply")) and row.finished_at:
-                return await _finished_result(conn, run_id, env, "apply", cmd, loaded)
+                return await _finished_result(conn, dbs, run_id, env, "apply", cmd, loaded)
             await ledger.save_phase(conn, run_id, stage, status="running", result={})
             await ledger.set_run_status(conn, run_id, f"{stage}:running")
             result = await _run_batches(
@@ -598,35 +598,7 @@ async def _finish(
         conn, run_id, stage, status="finished", result=result, criteria=criteria, finished=True
     )
     await ledger.set_run_status(conn, run_id, f"{stage}:finished")
-    totals_all = await fetch_one(
-        conn,
-        "SELECT count(*) FILTER (WHERE status = 'done') AS batches, coalesce(sum(changed), 0) AS changed,"
-        " coalesce(sum(noop), 0) AS noop FROM backfill.batches WHERE run_id = $1",
-        run_id,
-    )
-    write_json(
-        run_dir.env(env) / "execution_results.json"
-        if stage == "apply"
-        else run_dir.env(env) / f"{stage}_execution_results.json",
-        {
-            **result,
-            "run_id": run_id,
-            "stage": stage,
-            "errors_by_category": dict(
-                Counter(e["category"] for o in state.outcomes for e in o.errors)
-            ),
-            "run_totals": dict(totals_all),
-        },
-    )
-    side = await dbs.connect(env)
-    try:
-        await emit_rollback_file(
-            conn, run, rollback_path, display_dsn=dbs.display_dsn(env), checksum_conn=side
-        )
-    finally:
-        await close_quietly(side)
-    summary_path, digest = await render_summary(conn, run, env, stage, dbs.display_dsn(env))
-    await ledger.set_report_digest(conn, run_id, stage, digest)
+    summary_path = await _write_artifacts(conn, dbs, run, env, stage, result)
     log.info(
         "apply.finished",
         run_id=run_id,
@@ -649,12 +621,89 @@ async def _finish(
     )
 
 
+def _results_path(run_id: str, env: str, stage: str) -> Path:
+    name = "execution_results.json" if stage == "apply" else f"{stage}_execution_results.json"
+    return RunDir.of(run_id).env(env) / name
+
+
+async def _write_artifacts(
+    conn: asyncpg.Connection,
+    dbs: Databases,
+    run: ledger.RunRow,
+    env: str,
+    stage: str,
+    result: dict[str, Any],
+) -> Path:
+    """The execution results, the rollback file and the summary of a finished stage, from its
+    ledger rows; records the summary's digest for the gate. Returns the summary's path."""
+    run_id = run.run_id
+    run_dir = RunDir.of(run_id)
+    totals_all = await fetch_one(
+        conn,
+        "SELECT count(*) FILTER (WHERE status = 'done') AS batches, coalesce(sum(changed), 0) AS changed,"
+        " coalesce(sum(noop), 0) AS noop FROM backfill.batches WHERE run_id = $1",
+        run_id,
+    )
+    errors = await conn.fetch(
+        "SELECT e->>'category' AS category, count(*)::int AS n FROM backfill.batches AS b,"
+        " jsonb_array_elements(b.errors) AS e WHERE b.run_id = $1 AND b.stage = $2"
+        " GROUP BY 1 ORDER BY 1",
+        run_id,
+        stage,
+    )
+    write_json(
+        _results_path(run_id, env, stage),
+        {
+            **result,
+            "run_id": run_id,
+            "stage": stage,
+            "errors_by_category": {r["category"]: r["n"] for r in errors},
+            "run_totals": dict(totals_all),
+        },
+    )
+    side = await dbs.connect(env)
+    try:
+        await emit_rollback_file(
+            conn,
+            run,
+            run_dir.env(env) / result["rollback_file"],
+            display_dsn=dbs.display_dsn(env),
+            checksum_conn=side,
+        )
+    finally:
+        await close_quietly(side)
+    summary_path, digest = await render_summary(conn, run, env, stage, dbs.display_dsn(env))
+    await ledger.set_report_digest(conn, run_id, stage, digest)
+    return summary_path
+
+
 async def _finished_result(
-    conn: asyncpg.Connection, run_id: str, env: str, stage: str, cmd: str, loaded: LoadedPlan
+    conn: asyncpg.Connection,
+    dbs: Databases,
+    run_id: str,
+    env: str,
+    stage: str,
+    cmd: str,
+    loaded: LoadedPlan,
 ) -> ApplyResult:
-    """Re-running a finished apply is a no-op: say where things stand."""
+    """Re-running a finished apply is a no-op: say where things stand. A command killed after
+    the stage was recorded finished but before its files were written left them missing: they
+    are written now from the ledger, so the gate has a report to approve."""
     row = await ledger.get_phase(conn, run_id, stage)
     assert row is not None
+    run = await ledger.get_run(conn, run_id)
+    assert run is not None
+    run_dir = RunDir.of(run_id).env(env)
+    artifacts = [
+        run_dir / summary_name(stage),
+        run_dir / str(row.result.get("rollback_file", "")),
+        _results_path(run_id, env, stage),
+    ]
+    if row.report_digest is None or not all(p.is_file() for p in artifacts):
+        log.info("apply.artifacts_restored", run_id=run_id, stage=stage)
+        await _write_artifacts(conn, dbs, run, env, stage, row.result)
+        row = await ledger.get_phase(conn, run_id, stage)
+        assert row is not None
     gate = None if stage == "rest" else gate_name(stage, env)
     if gate:
         state = await gate_state(conn, run_id, stage, gate, loaded.digest)
