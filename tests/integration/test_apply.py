@@ -387,7 +387,10 @@ def test_failing_batch_stops_with_exit_1_and_the_run_continues_after_the_fix(
     failed = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert failed.exit_code == 1, failed.output
     assert "batch 3 (keys [251] … [374]) failed: constraint_violation" in failed.output
-    assert f"continue the run: backfill apply {plan} --env staging --run {run_id_of(failed.output)}" in " ".join(failed.output.split())
+    assert (
+        f"continue the run: backfill apply {plan} --env staging --run {run_id_of(failed.output)}"
+        in " ".join(failed.output.split())
+    )
     run_id = run_id_of(failed.output)
     assert val(db, "SELECT count(*) FROM backfill.batches WHERE status = 'done'") == 2
     sql(db, "UPDATE items SET note = 'fixed' WHERE id = 251")
