@@ -468,6 +468,8 @@ def test_a_row_changed_between_capture_and_apply_is_imaged_as_it_was_replaced(
     writer.wait(timeout=30)
     assert result.exit_code == 3, result.output
     errors = json.loads(val(db, "SELECT errors FROM backfill.batches WHERE batch_no = 1"))
+    if int(val(db, "SHOW server_version_num")) < 180000:  # no one-statement path before 18
+        retries = ["serialization"]
     assert [e["category"] for e in errors] == retries
     assert val(db, "SELECT before FROM backfill.row_images WHERE key = '{2}'")[0] == "app wrote"
     assert val(db, "SELECT val FROM items WHERE id = 2") == "new"
