@@ -358,3 +358,34 @@ async def record_decision(conn: asyncpg.Connection, run_id: str, d: Decision) ->
         d.report_digest,
         d.criteria,
     )
+
+
+async def record_failed_batch(
+    conn: asyncpg.Connection,
+    run_id: str,
+    stage: str,
+    batch_no: int,
+    keys: tuple[list[str], list[str]],
+    selected: int,
+    attempts: int,
+    errors: list[dict[str, str]],
+    started_at: datetime,
+    duration_ms: float,
+) -> None:
+    """A batch that failed for good: its row says what was tried (a done row is never replaced)."""
+    await conn.execute(
+        """INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
+               selected, attempts, errors, started_at, duration_ms)
+           VALUES ($1, $2, $3, 'failed', $4, $5, $6, $7, $8::jsonb, $9, $10)
+           ON CONFLICT DO NOTHING""",
+        run_id,
+        batch_no,
+        stage,
+        keys[0],
+        keys[1],
+        selected,
+        attempts,
+        json.dumps(errors),
+        started_at,
+        duration_ms,
+    )

@@ -25,9 +25,13 @@ class Discovery:
     """Pages of keys that still need the backfill, in key order, strictly after a cursor."""
 
     def __init__(
-        self, conn: asyncpg.Connection, target: TargetInfo, discovery_sql: str, page_size: int
+        self,
+        conn: asyncpg.Connection | None,
+        target: TargetInfo,
+        discovery_sql: str,
+        page_size: int,
     ) -> None:
-        self.conn = conn
+        self.conn = conn  # None: every call passes its connection
         self.target = target
         self.page_size = page_size
         self._first = target.discovery_page_sql(discovery_sql, after_cursor=False)
@@ -43,6 +47,7 @@ class Discovery:
         """The next page after `cursor` (on `conn`, when the caller's connection was replaced)."""
         size = limit or self.page_size
         on = conn or self.conn
+        assert on is not None, "Discovery.page needs a connection"
         if cursor is None:
             row = await on.fetchrow(self._first, size)
         else:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections import Counter
@@ -11,27 +10,19 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.abc
 import asyncpg
 import structlog
-from anyio.streams.memory import MemoryObjectSendStream
 
 from runner import events, ledger
 from runner.artifacts import RunDir, new_run_id, write_json
 from runner.db import Databases, close_quietly, fetch_one
-from runner.engine.discovery import ConvergenceCheck, Discovery, Span
-from runner.engine.executor import (
-    Batch,
-    BatchExecutor,
-    BatchOutcome,
-    failure_error,
-    require_write_tracking,
-)
+from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
+from runner.engine.discovery import Discovery
+from runner.engine.executor import BatchExecutor, BatchOutcome, require_write_tracking
 from runner.engine.session import MainSession
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
-from runner.errors import InvalidInput, WorkFailed
+from runner.errors import InvalidInput
 from runner.gates import gate_name
 from runner.phases.apply_summary import render_summary, summary_name
 from runner.phases.common import (
@@ -247,61 +238,6 @@ async def _prod_stage(
     return "finished" if rest is not None and rest.finished_at else "rest"
 
 
-@dataclass
-class _Pass:
-    outcomes: list[BatchOutcome] = field(default_factory=list)
-    failure: BatchOutcome | None = None
-    started: float = field(default_factory=time.perf_counter)
-    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    passes: int = 0
-    interrupted_before: int = 0
-    remaining_after: int = 0
-    rows_needing_at_start: int = 0
-    batch_mode: str = ""
-    batch_mode_reason: str = ""
-    counting_seconds: float = 0.0  # whole-table discovery counts: before the run (and see below)
-    unverified_spans: int = 0  # spans whose convergence check failed: the pass ends with a count
-    stuck: list[str] = field(default_factory=list)  # keys discovery returns after their batch
-
-
-async def _record_failed(
-    conn: asyncpg.Connection, run_id: str, stage: str, outcome: BatchOutcome
-) -> None:
-    await conn.execute(
-        """INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
-               selected, attempts, errors, started_at, duration_ms)
-           VALUES ($1, $2, $3, 'failed', $4, $5, $6, $7, $8::jsonb, $9, $10)
-           ON CONFLICT DO NOTHING""",
-        run_id,
-        outcome.batch_no,
-        stage,
-        outcome.first_key,
-        outcome.last_key,
-        outcome.selected,
-        outcome.attempts,
-        json.dumps(outcome.errors),
-        outcome.started_at,
-        outcome.duration_ms,
-    )
-
-
-async def _stuck_anywhere(
-    conn: asyncpg.Connection, target: TargetInfo, discovery_sql: str, run_id: str
-) -> list[str]:
-    whole = ConvergenceCheck(conn, target, discovery_sql, run_id)
-    return (await whole.check(Span(None, None, None))).stuck
-
-
-def _raise_if_stuck(state: _Pass) -> None:
-    if state.stuck:
-        raise WorkFailed(
-            f"discovery does not converge: it still returns rows this run already applied "
-            f"(keys: {'; '.join(state.stuck)}); stopped instead of applying them again",
-            hint="make the discovery query exclude rows the apply has done (e.g. "
-            "`WHERE col IS DISTINCT FROM <new value>`), then continue with --run",
-        )
-
-
 async def _run_batches(
     session: MainSession,
     dbs: Databases,
@@ -312,10 +248,12 @@ async def _run_batches(
     stage: str,
     progress: ProgressCallback | None,
     cmd: str,
-) -> _Pass:
+) -> RunState:
+    """Set up the batch machine for this stage (resume point, canary stop, recording) and run it."""
     plan = loaded.plan
     b = plan.batching
-    state = _Pass()
+    source = KeysetSource(target, plan.discovery.sql, b.size)
+    state = RunState()
     cursor, next_no, state.interrupted_before = await session.run(
         lambda c: _resume_point(c, run_id)
     )
@@ -331,7 +269,7 @@ async def _run_batches(
         )
         stop_after = max(plan.canary.batches - int(done_in_canary), 0)
     t_count = time.perf_counter()
-    state.rows_needing_at_start = await session.run(lambda c: _count(c, plan.discovery.sql))
+    state.rows_needing_at_start = await session.run(source.count)
     state.counting_seconds += time.perf_counter() - t_count
     if progress:
         progress(
@@ -344,10 +282,7 @@ async def _run_batches(
                 "stage": stage,
             },
         )
-    throttle = Throttle(b.batches_per_minute, b.rows_per_second, b.size)
-    discovery = Discovery(session.conn, target, plan.discovery.sql, b.size)
-    run_dir = RunDir.of(run_id)
-    batch_dir = run_dir.env(env) / "batches"
+    batch_dir = RunDir.of(run_id).env(env) / "batches"
     totals: Counter[str] = Counter()
 
     async def new_conn() -> asyncpg.Connection:
@@ -360,157 +295,49 @@ async def _run_batches(
         return c
 
     async def record(outcome: BatchOutcome) -> None:
-        state.outcomes.append(outcome)
         write_json(batch_dir / f"batch_{outcome.batch_no:05d}.json", outcome.as_json())
         if outcome.status == "failed":
-            await session.run(lambda c: _record_failed(c, run_id, stage, outcome))
+            await session.run(
+                lambda c: ledger.record_failed_batch(
+                    c,
+                    run_id,
+                    stage,
+                    outcome.batch_no,
+                    (outcome.first_key, outcome.last_key),
+                    outcome.selected,
+                    outcome.attempts,
+                    outcome.errors,
+                    outcome.started_at,
+                    outcome.duration_ms,
+                )
+            )
         totals["batches"] += outcome.status == "done"
         totals["changed"] += outcome.changed
         totals["noop"] += outcome.noop
-        log.info(
-            "batch." + outcome.status,
-            batch=outcome.batch_no,
-            changed=outcome.changed,
-            noop=outcome.noop,
-            attempts=outcome.attempts,
-            ms=round(outcome.duration_ms, 1),
-            error_category=outcome.error_category,
-            error=outcome.error,
-        )
+        log.info("batch." + outcome.status, **describe(outcome))
         if progress:
             progress("batch", {"outcome": outcome, "totals": dict(totals)})
 
-    dispatched = 0
-
-    async def produce(
-        send: anyio.abc.ObjectSendStream[Batch], failed: anyio.Event, start: list[str] | None
-    ) -> None:
-        nonlocal next_no, dispatched
-        position = start
-        async with send:
-            while not failed.is_set():
-                if stop_after is not None and dispatched >= stop_after:
-                    return
-                page = await session.run(
-                    lambda c, after=position: discovery.page(after, conn=c)  # type: ignore[misc]
-                )
-                if page is None:
-                    return
-                await throttle.wait(page.size)
-                if failed.is_set():
-                    return
-                batch = Batch(
-                    next_no, stage, page.key_arrays, page.first_key, page.last_key, position
-                )
-                try:
-                    await send.send(batch)
-                except anyio.BrokenResourceError:  # every worker stopped after a failure
-                    return
-                next_no += 1
-                dispatched += 1
-                position = page.last_key
-
-    async def work(
-        batches: anyio.abc.ObjectReceiveStream[Batch],
-        spans: MemoryObjectSendStream[Span],
-        failed: anyio.Event,
-    ) -> None:
-        executor = BatchExecutor(
+    machine = BatchRun(
+        session,
+        source,
+        Throttle(b.batches_per_minute, b.rows_per_second, b.size),
+        RunSettings(
+            run_id=run_id,
+            stage=stage,
+            workers=b.workers,
+            max_passes=b.max_passes,
+            stop_after=stop_after,
+            resume=f"{cmd} apply {loaded.path} --env {env} --run {run_id}",
+        ),
+        new_executor=lambda: BatchExecutor(
             target, plan.apply.sql, run_id, new_conn, max_retries=b.max_retries
-        )
-        try:
-            async with batches, spans:
-                async for batch in batches:
-                    if failed.is_set():  # finish what runs, start nothing new
-                        break
-                    outcome = await executor.run(batch)
-                    state.batch_mode = executor.mode or state.batch_mode
-                    state.batch_mode_reason = executor.mode_reason or state.batch_mode_reason
-                    await record(outcome)
-                    if outcome.status == "failed":
-                        if state.failure is None:
-                            state.failure = outcome
-                            failed.set()
-                    else:
-                        spans.send_nowait(Span(batch.after_key, batch.last_key, batch.key_arrays))
-        finally:
-            await executor.close()
-
-    async def verify(spans: anyio.abc.ObjectReceiveStream[Span], failed: anyio.Event) -> None:
-        """Check each committed batch's span behind the workers (ConvergenceCheck)."""
-        checker: ConvergenceCheck | None = None
-
-        async def open_checker() -> ConvergenceCheck:
-            c = await new_conn()
-            await c.execute("SET default_transaction_read_only = on")
-            return ConvergenceCheck(c, target, plan.discovery.sql, run_id)
-
-        async with spans:
-            try:
-                with anyio.move_on_after(30):  # before the first batch commits, if it can
-                    checker = await open_checker()
-            except Exception as exc:
-                log.warning("apply.check_failed", error=str(exc))
-            try:
-                async for span in spans:
-                    if state.stuck:
-                        continue
-                    try:
-                        checker = checker or await open_checker()
-                        result = await checker.check(span)
-                    except Exception as exc:  # unverified: the pass ends with a full count
-                        state.unverified_spans += 1
-                        log.warning(
-                            "apply.check_failed", span=[span.after, span.last], error=str(exc)
-                        )
-                        if checker is not None:
-                            await close_quietly(checker.conn)
-                            checker = None
-                        continue
-                    state.remaining_after += result.remaining
-                    if result.stuck:
-                        state.stuck = result.stuck
-                        failed.set()
-            finally:
-                if checker is not None:
-                    await close_quietly(checker.conn)
-
-    for pass_no in range(1, b.max_passes + 1):
-        state.passes = pass_no
-        state.remaining_after = state.unverified_spans = 0
-        start = cursor if pass_no == 1 else None
-        send, receive = anyio.create_memory_object_stream[Batch](0)
-        span_send, span_receive = anyio.create_memory_object_stream[Span](math.inf)
-        if start is not None:  # a continued run: what earlier commands committed is checked too
-            span_send.send_nowait(Span(None, start, None))
-        failed = anyio.Event()
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(produce, send, failed, start)
-            for _ in range(b.workers):
-                tg.start_soon(work, receive.clone(), span_send.clone(), failed)
-            tg.start_soon(verify, span_receive, failed)
-            receive.close()
-            span_send.close()
-        if state.failure is not None:
-            raise failure_error(
-                state.failure, resume=f"{cmd} apply {loaded.path} --env {env} --run {run_id}"
-            )
-        _raise_if_stuck(state)
-        if stop_after is not None:
-            break
-        if state.unverified_spans:
-            t_count = time.perf_counter()
-            state.remaining_after = await session.run(lambda c: _count(c, plan.discovery.sql))
-            state.counting_seconds += time.perf_counter() - t_count
-            if state.remaining_after:
-                state.stuck = await session.run(
-                    lambda c: _stuck_anywhere(c, target, plan.discovery.sql, run_id)
-                )
-                _raise_if_stuck(state)
-        if state.remaining_after == 0:
-            break
-        log.info("apply.new_rows", remaining=state.remaining_after, next_pass=pass_no + 1)
-    return state
+        ),
+        checker_connection=new_conn,
+        record=record,
+        state=state,
+    )
+    return await machine.run(cursor, next_no)
 
 
 async def _finish(
@@ -521,7 +348,7 @@ async def _finish(
     run_id: str,
     env: str,
     stage: str,
-    state: _Pass,
+    state: RunState,
     cmd: str,
 ) -> ApplyResult:
     plan = loaded.plan

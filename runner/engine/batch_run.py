@@ -1,0 +1,304 @@
+"""The batch machine: a producer pages a batch source, workers apply the batches, a verifier checks
+each committed span behind them; passes until the source is dry; an optional stop after N batches
+(the canary).
+
+Ordering rules it keeps (and tests pin):
+- a batch is dispatched only after the throttle allows it, and never after a failure;
+- after a failure, in-flight batches finish and no new one starts; the first failure is the one
+  reported;
+- a span is checked only after its batch committed; a check that finds a key its batch was given
+  means the source does not converge: the run stops after that batch, not after a pass;
+- a pass whose spans could not all be checked ends with a whole count before deciding on another.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import anyio
+import anyio.abc
+import asyncpg
+import structlog
+from anyio.streams.memory import MemoryObjectSendStream
+
+from runner.db import close_quietly
+from runner.engine.discovery import ConvergenceCheck, Discovery, Page, Span
+from runner.engine.executor import Batch, BatchExecutor, BatchOutcome, Reconnect, failure_error
+from runner.engine.session import MainSession
+from runner.engine.target import TargetInfo
+from runner.engine.throttle import Throttle
+from runner.errors import WorkFailed
+
+log = structlog.get_logger("backfill.apply")
+
+
+class BatchSource(Protocol):
+    """Where batches come from: pages of keys after a cursor, in key order, and the checks that
+    tell whether a committed span still needs work."""
+
+    async def next_page(self, conn: asyncpg.Connection, after: list[str] | None) -> Page | None:
+        """The next page strictly after `after` (None: from the start), or None when dry."""
+
+    async def count(self, conn: asyncpg.Connection) -> int:
+        """How many rows still need the backfill, over the whole table."""
+
+    def convergence(self, conn: asyncpg.Connection, run_id: str) -> ConvergenceCheck:
+        """A checker, on its own read-only connection, for the spans of committed batches."""
+
+
+class KeysetSource:
+    """Today's batch source: keyset pages of the plan's discovery query."""
+
+    def __init__(self, target: TargetInfo, discovery_sql: str, page_size: int) -> None:
+        self.target = target
+        self.discovery_sql = discovery_sql
+        self._pages = Discovery(None, target, discovery_sql, page_size)
+
+    async def next_page(self, conn: asyncpg.Connection, after: list[str] | None) -> Page | None:
+        return await self._pages.page(after, conn=conn)
+
+    async def count(self, conn: asyncpg.Connection) -> int:
+        return int(await conn.fetchval(f"SELECT count(*) FROM ({self.discovery_sql}) AS d"))
+
+    def convergence(self, conn: asyncpg.Connection, run_id: str) -> ConvergenceCheck:
+        return ConvergenceCheck(conn, self.target, self.discovery_sql, run_id)
+
+
+@dataclass
+class RunState:
+    """What the machine did: read by the phase for its summary and results."""
+
+    outcomes: list[BatchOutcome] = field(default_factory=list)
+    failure: BatchOutcome | None = None
+    started: float = field(default_factory=time.perf_counter)
+    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    passes: int = 0
+    interrupted_before: int = 0
+    remaining_after: int = 0
+    rows_needing_at_start: int = 0
+    batch_mode: str = ""
+    batch_mode_reason: str = ""
+    counting_seconds: float = 0.0  # whole-table discovery counts: before the run (and see below)
+    unverified_spans: int = 0  # spans whose convergence check failed: the pass ends with a count
+    stuck: list[str] = field(default_factory=list)  # keys discovery returns after their batch
+    dispatched: int = 0
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    run_id: str
+    stage: str
+    workers: int
+    max_passes: int
+    stop_after: int | None  # batches still to dispatch (the canary), None: until dry
+    resume: str  # the command that continues the run, for error messages
+
+
+Recorder = Callable[[BatchOutcome], Awaitable[None]]
+
+
+class BatchRun:
+    """One apply's batches, from a resume point to a dry source (or the canary's last batch)."""
+
+    def __init__(
+        self,
+        session: MainSession,
+        source: BatchSource,
+        throttle: Throttle,
+        settings: RunSettings,
+        *,
+        new_executor: Callable[[], BatchExecutor],
+        checker_connection: Reconnect,
+        record: Recorder,
+        state: RunState | None = None,
+    ) -> None:
+        self.session = session
+        self.source = source
+        self.throttle = throttle
+        self.settings = settings
+        self.new_executor = new_executor
+        self.checker_connection = checker_connection
+        self.record = record
+        self.state = state or RunState()
+        self.next_no = 1
+
+    async def run(self, cursor: list[str] | None, next_no: int) -> RunState:
+        """Passes until the source is dry (or `max_passes`); raises on a failed batch and on a
+        source that does not converge."""
+        self.next_no = next_no
+        state = self.state
+        for pass_no in range(1, self.settings.max_passes + 1):
+            state.passes = pass_no
+            state.remaining_after = state.unverified_spans = 0
+            await self._one_pass(cursor if pass_no == 1 else None)
+            if state.failure is not None:
+                raise failure_error(state.failure, resume=self.settings.resume)
+            self._raise_if_stuck()
+            if self.settings.stop_after is not None:
+                break
+            if state.unverified_spans:
+                await self._count_whole()
+            if state.remaining_after == 0:
+                break
+            log.info("apply.new_rows", remaining=state.remaining_after, next_pass=pass_no + 1)
+        return state
+
+    async def _one_pass(self, start: list[str] | None) -> None:
+        send, receive = anyio.create_memory_object_stream[Batch](0)
+        span_send, span_receive = anyio.create_memory_object_stream[Span](math.inf)
+        if start is not None:  # a continued run: what earlier commands committed is checked too
+            span_send.send_nowait(Span(None, start, None))
+        failed = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._produce, send, failed, start)
+            for _ in range(self.settings.workers):
+                tg.start_soon(self._work, receive.clone(), span_send.clone(), failed)
+            tg.start_soon(self._verify, span_receive, failed)
+            receive.close()
+            span_send.close()
+
+    async def _count_whole(self) -> None:
+        """Some spans went unchecked: count the whole table, and look for applied keys in it."""
+        state = self.state
+        t0 = time.perf_counter()
+        state.remaining_after = await self.session.run(self.source.count)
+        state.counting_seconds += time.perf_counter() - t0
+        if state.remaining_after:
+            whole = Span(None, None, None)
+            found = await self.session.run(
+                lambda c: self.source.convergence(c, self.settings.run_id).check(whole)
+            )
+            state.stuck = found.stuck
+            self._raise_if_stuck()
+
+    def _raise_if_stuck(self) -> None:
+        if self.state.stuck:
+            raise WorkFailed(
+                "discovery does not converge: it still returns rows this run already applied "
+                f"(keys: {'; '.join(self.state.stuck)}); stopped instead of applying them again",
+                hint="make the discovery query exclude rows the apply has done (e.g. "
+                "`WHERE col IS DISTINCT FROM <new value>`), then continue: " + self.settings.resume,
+            )
+
+    def _may_dispatch(self, failed: anyio.Event) -> bool:
+        stop_after = self.settings.stop_after
+        return not failed.is_set() and (stop_after is None or self.state.dispatched < stop_after)
+
+    async def _produce(
+        self,
+        send: anyio.abc.ObjectSendStream[Batch],
+        failed: anyio.Event,
+        start: list[str] | None,
+    ) -> None:
+        position = start
+        async with send:
+            while self._may_dispatch(failed):
+                page = await self.session.run(
+                    lambda c, after=position: self.source.next_page(c, after)  # type: ignore[misc]
+                )
+                if page is None:
+                    return
+                await self.throttle.wait(page.size)
+                if failed.is_set():
+                    return
+                batch = Batch(
+                    self.next_no,
+                    self.settings.stage,
+                    page.key_arrays,
+                    page.first_key,
+                    page.last_key,
+                    position,
+                )
+                try:
+                    await send.send(batch)
+                except anyio.BrokenResourceError:  # every worker stopped after a failure
+                    return
+                self.next_no += 1
+                self.state.dispatched += 1
+                position = page.last_key
+
+    async def _work(
+        self,
+        batches: anyio.abc.ObjectReceiveStream[Batch],
+        spans: MemoryObjectSendStream[Span],
+        failed: anyio.Event,
+    ) -> None:
+        executor = self.new_executor()
+        state = self.state
+        try:
+            async with batches, spans:
+                async for batch in batches:
+                    if failed.is_set():  # finish what runs, start nothing new
+                        break
+                    outcome = await executor.run(batch)
+                    state.batch_mode = executor.mode or state.batch_mode
+                    state.batch_mode_reason = executor.mode_reason or state.batch_mode_reason
+                    state.outcomes.append(outcome)
+                    await self.record(outcome)
+                    if outcome.status == "failed":
+                        if state.failure is None:
+                            state.failure = outcome
+                            failed.set()
+                    else:
+                        spans.send_nowait(Span(batch.after_key, batch.last_key, batch.key_arrays))
+        finally:
+            await executor.close()
+
+    async def _open_checker(self) -> ConvergenceCheck:
+        conn = await self.checker_connection()
+        await conn.execute("SET default_transaction_read_only = on")
+        return self.source.convergence(conn, self.settings.run_id)
+
+    async def _verify(
+        self, spans: anyio.abc.ObjectReceiveStream[Span], failed: anyio.Event
+    ) -> None:
+        """Check each committed batch's span behind the workers (ConvergenceCheck)."""
+        checker: ConvergenceCheck | None = None
+        state = self.state
+        async with spans:
+            try:
+                with anyio.move_on_after(30):  # before the first batch commits, if it can
+                    checker = await self._open_checker()
+            except Exception as exc:
+                log.warning("apply.check_failed", error=str(exc))
+            try:
+                async for span in spans:
+                    if state.stuck:
+                        continue
+                    try:
+                        checker = checker or await self._open_checker()
+                        result = await checker.check(span)
+                    except Exception as exc:  # unverified: the pass ends with a full count
+                        state.unverified_spans += 1
+                        log.warning(
+                            "apply.check_failed", span=[span.after, span.last], error=str(exc)
+                        )
+                        if checker is not None:
+                            await close_quietly(checker.conn)
+                            checker = None
+                        continue
+                    state.remaining_after += result.remaining
+                    if result.stuck:
+                        state.stuck = result.stuck
+                        failed.set()
+            finally:
+                if checker is not None:
+                    await close_quietly(checker.conn)
+
+
+def describe(outcome: BatchOutcome) -> dict[str, Any]:
+    """The fields of a batch's log line."""
+    return {
+        "batch": outcome.batch_no,
+        "changed": outcome.changed,
+        "noop": outcome.noop,
+        "attempts": outcome.attempts,
+        "ms": round(outcome.duration_ms, 1),
+        "error_category": outcome.error_category,
+        "error": outcome.error,
+    }
