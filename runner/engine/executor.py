@@ -16,7 +16,7 @@ import anyio
 import asyncpg
 
 from runner.db import fetch_one
-from runner.engine.target import TargetInfo
+from runner.engine.target import BatchStatement, TargetInfo
 from runner.errors import InvalidInput, ScopeViolation, WorkFailed
 from runner.ledger import LEDGER_SCHEMA
 
@@ -44,20 +44,33 @@ class Batch:
     def key_range(self) -> str:
         return f"[{', '.join(self.first_key)}] … [{', '.join(self.last_key)}]"
 
-    def ledger_args(
-        self, run_id: str, attempts: int, errors: list[dict[str, str]], started: datetime
-    ) -> tuple[Any, ...]:
-        """The batch's ledger-row parameters, in the order both batch statements take them."""
-        return (
-            run_id,
-            self.batch_no,
-            self.stage,
-            self.first_key,
-            self.last_key,
-            attempts,
-            json.dumps(errors),
-            started,
-        )
+
+@dataclass(frozen=True)
+class BatchContext:
+    """One attempt at a batch: everything its statements bind, by parameter name
+    (BatchStatement.bind places them; target.LEDGER_PARAMS names the ledger row's)."""
+
+    batch: Batch
+    run_id: str
+    attempts: int
+    errors: list[dict[str, str]]
+    started: datetime
+
+    def values(self, target: TargetInfo) -> dict[str, Any]:
+        b = self.batch
+        return {
+            **{f"k{i}": keys for i, keys in enumerate(b.key_arrays)},
+            "run_id": self.run_id,
+            "batch_no": b.batch_no,
+            "stage": b.stage,
+            "first_key": b.first_key,
+            "last_key": b.last_key,
+            "attempts": self.attempts,
+            "errors": json.dumps(self.errors),
+            "started_at": self.started,
+            "batch_size": b.size,
+            "target": target.table,
+        }
 
 
 @dataclass
@@ -256,20 +269,18 @@ async def _outside_keys(conn: asyncpg.Connection, target: TargetInfo, batch: Bat
 async def _apply_once(
     conn: asyncpg.Connection,
     target: TargetInfo,
-    apply_sql: str,
-    run_id: str,
-    batch: Batch,
-    attempts: int,
-    errors: list[dict[str, str]],
-    started: datetime,
+    apply: BatchStatement,
+    ctx: BatchContext,
     fresh: Reconnect,
 ) -> int:
     """Capture, apply, compare and record the batch; returns how many of its rows changed."""
-    # REPEATABLE READ: the capture fixes the snapshot the apply must update (see capture_sql)
+    batch = ctx.batch
+    values = ctx.values(target)
+    # REPEATABLE READ: the capture fixes the snapshot the apply must update (see capture)
     async with conn.transaction(isolation="repeatable_read"):
         start = await read_writes(conn)
-        await conn.execute(target.capture_sql, *batch.key_arrays)
-        tag = await conn.execute(apply_sql, *batch.key_arrays)
+        await conn.execute(target.capture.sql, *target.capture.bind(values))
+        tag = await conn.execute(apply.sql, *apply.bind(values))
         m = _TAG.match(tag or "")
         if not m or m.group(1) != "UPDATE":
             raise ScopeViolation(
@@ -277,12 +288,8 @@ async def _apply_once(
                 f"{tag!r}, but only an UPDATE of {target.display} is supported; rolled back",
                 hint="make the apply one UPDATE statement of the target table",
             )
-        counts = await fetch_one(
-            conn,
-            target.finalize_sql,
-            *batch.ledger_args(run_id, attempts, errors, started),
-            batch.size,
-        )
+        finalize = target.finalize
+        counts = await fetch_one(conn, finalize.sql, *finalize.bind(values))
         reported = int(m.group(2))
         if reported > counts["touched"] or counts["vanished"]:
             outside = [
@@ -310,26 +317,16 @@ async def _apply_once(
 async def _apply_returning(
     conn: asyncpg.Connection,
     target: TargetInfo,
-    statement: str,
-    run_id: str,
-    batch: Batch,
-    attempts: int,
-    errors: list[dict[str, str]],
-    started: datetime,
+    statement: BatchStatement,
+    ctx: BatchContext,
     fresh: Reconnect,
 ) -> int:
-    """The batch as one statement (TargetInfo.returning_apply_sql), in one transaction.
+    """The batch as one statement (TargetInfo.returning_apply), in one transaction.
     Returns how many of its rows changed (the rest of its keys are no-ops)."""
+    batch = ctx.batch
     async with conn.transaction():
         start = await read_writes(conn)
-        row = await fetch_one(
-            conn,
-            statement,
-            *batch.key_arrays,
-            *batch.ledger_args(run_id, attempts, errors, started),
-            batch.size,
-            target.table,
-        )
+        row = await fetch_one(conn, statement.sql, *statement.bind(ctx.values(target)))
         await _check_writes(conn, target, batch, start, int(row["returned"]))
         if row["outside"]:
             raise ScopeViolation(
@@ -428,7 +425,8 @@ class BatchExecutor:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self.conn: asyncpg.Connection | None = None
-        self.returning_sql = target.returning_apply_sql(apply_sql)
+        self.returning = target.returning_apply(apply_sql)
+        self.apply = BatchStatement(apply_sql, target.key_params)
         self.mode: str | None = None  # "returning" (one statement) or "capture" (three)
         self.mode_reason = ""
 
@@ -444,7 +442,7 @@ class BatchExecutor:
         """One statement per batch where the server and the apply allow it (RETURNING OLD/NEW,
         PostgreSQL 18+); otherwise capture, apply and compare as three statements."""
         try:
-            await conn.prepare(self.returning_sql)
+            await conn.prepare(self.returning.sql)
         except asyncpg.PostgresError as e:
             self.mode, self.mode_reason = "capture", " ".join(str(e).split())
         else:
@@ -474,18 +472,13 @@ class BatchExecutor:
                         errors=errors,
                         started_at=started_wall,
                     )
-                apply_batch = _apply_returning if self.mode == "returning" else _apply_once
-                changed = await apply_batch(
-                    conn,
-                    self.target,
-                    self.returning_sql if self.mode == "returning" else self.apply_sql,
-                    self.run_id,
-                    batch,
-                    attempt,
-                    errors,
-                    started_wall,
-                    self.reconnect,
-                )
+                ctx = BatchContext(batch, self.run_id, attempt, errors, started_wall)
+                if self.mode == "returning":
+                    changed = await _apply_returning(
+                        conn, self.target, self.returning, ctx, self.reconnect
+                    )
+                else:
+                    changed = await _apply_once(conn, self.target, self.apply, ctx, self.reconnect)
             except Exception as exc:
                 category = classify(exc)
                 errors.append(

@@ -5,7 +5,10 @@ Every identifier passes through `quote_ident`; values always travel as parameter
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
 
 import asyncpg
 
@@ -43,6 +46,37 @@ WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS 
   AND i.indisvalid
 GROUP BY i.indexrelid
 """
+
+
+# The parameters every batch statement that writes the ledger row takes, by name: the SQL builders
+# below place them ($n) and BatchStatement.bind supplies them, from the same tuple, so the order
+# is one contract in code (values: executor.BatchContext.values).
+LEDGER_PARAMS = (
+    "run_id",
+    "batch_no",
+    "stage",
+    "first_key",
+    "last_key",
+    "attempts",
+    "errors",
+    "started_at",
+    "batch_size",
+)
+
+
+@dataclass(frozen=True)
+class BatchStatement:
+    """A statement of the batch transaction and the names of its parameters, in $1…$n order."""
+
+    sql: str
+    params: tuple[str, ...]
+
+    def bind(self, values: Mapping[str, Any]) -> tuple[Any, ...]:
+        return tuple(values[name] for name in self.params)
+
+
+def _refs(params: tuple[str, ...]) -> dict[str, str]:
+    return {name: f"${i}" for i, name in enumerate(params, start=1)}
 
 
 @dataclass(frozen=True)
@@ -87,6 +121,11 @@ class TargetInfo:
     @property
     def display(self) -> str:
         return f"{self.schema}.{self.name}"
+
+    @property
+    def key_params(self) -> tuple[str, ...]:
+        """The batch's key arrays, always $1…$n: the plan's apply statement is written so."""
+        return tuple(f"k{i}" for i in range(len(self.key)))
 
     @property
     def key_order(self) -> str:
@@ -193,11 +232,11 @@ LIMIT 5"""
         arrays = ", ".join(f"${i + 1}::{k.type}[]" for i, k in enumerate(self.key))
         return f"({cols}) IN (SELECT * FROM unnest({arrays}))"
 
-    def key_range(self, alias: str) -> str:
-        """`alias`'s key lies within the batch's first and last key ($4, $5: text arrays)."""
+    def key_range(self, alias: str, first: str, last: str) -> str:
+        """`alias`'s key lies within the batch's first and last key (`first`, `last`: text[])."""
         cols = ", ".join(f"{alias}.{k.q}" for k in self.key)
-        lo = ", ".join(f"($4::text[])[{i + 1}]::{k.type}" for i, k in enumerate(self.key))
-        hi = ", ".join(f"($5::text[])[{i + 1}]::{k.type}" for i, k in enumerate(self.key))
+        lo = ", ".join(f"({first}::text[])[{i + 1}]::{k.type}" for i, k in enumerate(self.key))
+        hi = ", ".join(f"({last}::text[])[{i + 1}]::{k.type}" for i, k in enumerate(self.key))
         return f"({cols}) >= ({lo}) AND ({cols}) <= ({hi})"
 
     def _others_unchanged(self, before: str, after: str) -> str:
@@ -235,8 +274,8 @@ LIMIT 5"""
             f"CREATE TEMP TABLE backfill_before ({', '.join(cols)}) ON COMMIT DELETE ROWS"
         )
 
-    @property
-    def capture_sql(self) -> str:
+    @cached_property
+    def capture(self) -> BatchStatement:
         """Keep the batch's before-images: declared columns as text, the rest as typed copies for
         the scope guard.
 
@@ -248,11 +287,12 @@ LIMIT 5"""
         cols = (
             [f"t.{k.q}" for k in self.key] + [self._image("t")] + [f"t.{c.q}" for c in self.others]
         )
-        return f"""
+        sql = f"""
 INSERT INTO pg_temp.backfill_before
 SELECT {", ".join(cols)}
 FROM {self.table} AS t
 WHERE {self.key_match("t")}"""
+        return BatchStatement(sql, self.key_params)
 
     @staticmethod
     def _image_aggs(changed: str, where: str = "true") -> str:
@@ -273,28 +313,29 @@ WHERE {self.key_match("t")}"""
     FROM agg WHERE img_ops IS NOT NULL"""
 
     @staticmethod
-    def _ledger_insert(p: list[str], selected: str, changed: str, noop: str) -> str:
-        """The batch's ledger row; `p` are the params run, batch_no, stage, first_key,
-        last_key, attempts, errors json, started_at (Batch.ledger_args, in that order)."""
+    def _ledger_insert(p: Mapping[str, str]) -> str:
+        """The batch's ledger row, from `agg`; `p` places the LEDGER_PARAMS. A batch's no-ops
+        are the keys it was given that it did not change."""
+        size = f"{p['batch_size']}::int"
         return f"""INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
                                   selected, changed, noop, attempts, errors, started_at, duration_ms)
-    SELECT {p[0]}, {p[1]}, {p[2]}, 'done', {p[3]}, {p[4]}, {selected}, {changed}, {noop},
-           {p[5]}, {p[6]}::jsonb, {p[7]}, extract(epoch FROM clock_timestamp() - {p[7]}) * 1000
+    SELECT {p["run_id"]}, {p["batch_no"]}, {p["stage"]}, 'done', {p["first_key"]}, {p["last_key"]},
+           {size}, agg.changed, {size} - agg.changed, {p["attempts"]}, {p["errors"]}::jsonb,
+           {p["started_at"]}, extract(epoch FROM clock_timestamp() - {p["started_at"]}) * 1000
     FROM agg"""
 
-    @property
-    def finalize_sql(self) -> str:
+    @cached_property
+    def finalize(self) -> BatchStatement:
         """After the apply: compare, store row images and the batch's ledger row, return the counts.
 
-        Params: $1 run, $2 batch_no, $3 stage, $4 first_key, $5 last_key, $6 attempts,
-        $7 errors json, $8 started_at, $9 batch size. As in the one-statement path, a batch's
-        no-ops are the keys it was given that it did not change. The join is bounded by the batch's key range: without it the
-        planner may merge-join from the start of the key index, a cost that grows with progress.
+        The join is bounded by the batch's key range: without it the planner may merge-join from
+        the start of the key index, a cost that grows with progress.
         """
+        p = _refs(LEDGER_PARAMS)
         n = len(self.key)
         join = " AND ".join(f"t.{k.q} = b.k{i}" for i, k in enumerate(self.key))
         bkeys = [f"b.k{i}" for i in range(n)]
-        return f"""
+        sql = f"""
 WITH me AS (SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text AS xid),
 cur AS (
     SELECT {self._encode(bkeys)} AS key_enc,
@@ -305,7 +346,7 @@ cur AS (
            coalesce(t.xmin::text = me.xid, false) AS touched,
            t.ctid IS NULL AS vanished
     FROM pg_temp.backfill_before AS b CROSS JOIN me
-    LEFT JOIN {self.table} AS t ON {join} AND {self.key_range("t")}
+    LEFT JOIN {self.table} AS t ON {join} AND {self.key_range("t", p["first_key"], p["last_key"])}
 ),
 agg AS (
     SELECT count(*)::int AS locked,
@@ -318,26 +359,27 @@ agg AS (
     FROM cur
 ),
 images AS (
-    {self._images_insert("$1", "$2")}
+    {self._images_insert(p["run_id"], p["batch_no"])}
 ),
 ledger AS (
-    {self._ledger_insert([f"${i}" for i in range(1, 9)], "$9::int", "agg.changed", "$9::int - agg.changed")}
+    {self._ledger_insert(p)}
 )
 SELECT locked, touched, changed, other_changed, vanished, bad_keys FROM agg"""
+        return BatchStatement(sql, LEDGER_PARAMS)
 
-    def returning_apply_sql(self, apply_sql: str) -> str:
+    def returning_apply(self, apply_sql: str) -> BatchStatement:
         """The whole batch as one statement (PostgreSQL 18+): the plan's UPDATE as a data-modifying
         CTE whose `RETURNING OLD/NEW` gives the exact version it replaced, the after-image, the
         undeclared columns (key included) compared bytewise and the table it changed; then the
         row images and the batch's ledger row.
 
-        `$1…$n` stay the plan's key arrays; then $n+1 run, +2 batch_no, +3 stage, +4 first_key,
-        +5 last_key, +6 attempts, +7 errors json, +8 started_at, +9 batch size, +10 the target.
-        Preparing it fails for applies it cannot wrap (their own RETURNING, a data-modifying WITH,
-        an older server): the executor then uses capture_sql + finalize_sql.
+        `$1…$n` stay the plan's key arrays; the LEDGER_PARAMS and the target follow. Preparing it
+        fails for applies it cannot wrap (their own RETURNING, a data-modifying WITH, an older
+        server): the executor then uses capture + the plan's statement + finalize.
         """
         n = len(self.key)
-        p = [f"${n + i}" for i in range(1, 11)]
+        params = (*self.key_params, *LEDGER_PARAMS, "target")
+        p = _refs(params)
         old, new = "backfill_old", "backfill_new"
         guarded = list(self.others) + list(self.key)
         same = (
@@ -355,11 +397,11 @@ SELECT locked, touched, changed, other_changed, vanished, bad_keys FROM agg"""
         show = self._key_display([f"sk{i}" for i in range(n)])
         # membership through a hash join: `= ANY($1)` per returned row would compare each row
         # with the whole batch (PostgreSQL hashes ANY only for constant arrays)
-        return f"""
+        sql = f"""
 WITH applied AS (
 {apply_sql}
 RETURNING WITH (OLD AS {old}, NEW AS {new})
-    {new}.tableoid = {p[9]}::text::regclass AS on_target,
+    {new}.tableoid = {p["target"]}::text::regclass AS on_target,
     {new_keys},
     {shown_keys},
     {self._encode([f"{old}.{k.q}" for k in self.key])} AS key_enc,
@@ -384,12 +426,13 @@ agg AS (
     FROM checked
 ),
 images AS (
-    {self._images_insert(p[0], p[1])}
+    {self._images_insert(p["run_id"], p["batch_no"])}
 ),
 ledger AS (
-    {self._ledger_insert(p, f"{p[8]}::int", "agg.changed", f"{p[8]}::int - agg.changed")}
+    {self._ledger_insert(p)}
 )
 SELECT returned, outside, changed, other_changed, outside_keys, bad_keys FROM agg"""
+        return BatchStatement(sql, params)
 
     def outside_rows_sql(self) -> str:
         """Diagnosis only (after a scope violation): rows of the table this transaction touched

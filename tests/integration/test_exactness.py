@@ -17,8 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
+from runner.db import PINNED_SETTINGS
 from tests.conftest import make_items, psql_binary, run, sql, val, write_plan
 from tests.integration.test_apply import env_for, run_id_of
 
@@ -30,14 +32,25 @@ def snapshot(db: str, table: str) -> None:
 
 
 def differing(db: str, table: str, key: str = "id") -> int:
-    """Rows of `table` that are not bytewise the ones in the snapshot (missing ones included)."""
-    return int(
-        val(
-            db,
-            f"SELECT count(*) FROM {table} AS cur_row FULL JOIN snap AS snap_row USING ({key}) "
-            "WHERE cur_row IS NULL OR snap_row IS NULL OR NOT record_image_eq(cur_row, snap_row)",
-        )
-    )
+    """Rows of `table` that are not the ones in the snapshot (missing ones included): bytewise
+    different, unless only a NaN's bits differ (PostgreSQL prints and compares every NaN alike,
+    so a NaN is restored as the canonical one). Text is compared under exact settings only."""
+
+    async def go() -> int:
+        conn = await asyncpg.connect(db, server_settings=PINNED_SETTINGS)
+        try:
+            return int(
+                await conn.fetchval(
+                    f"SELECT count(*) FROM {table} AS cur_row FULL JOIN snap AS snap_row "
+                    f"USING ({key}) WHERE cur_row IS NULL OR snap_row IS NULL "
+                    "OR NOT record_image_eq(cur_row, snap_row) AND (cur_row::text <> snap_row::text "
+                    "OR cur_row IS DISTINCT FROM snap_row)"
+                )
+            )
+        finally:
+            await conn.close()
+
+    return int(run(go))
 
 
 def set_on_database(db: str, **settings: str) -> None:
