@@ -391,6 +391,11 @@ def _print_apply(result: Any) -> int:
             out.print("  EXPLAIN of the first batch:", markup=False)
             for line in d["explain_first_batch"]:
                 out.print(f"    {line}", markup=False)
+        out.print("  each batch runs, in one transaction:", markup=False)
+        for step in d["batch_statements"]:
+            out.print(f"  -- {step['what']}", markup=False)
+            for line in step["sql"].splitlines():
+                out.print(f"    {line}", markup=False)
         return EXIT_DONE
     t = result.totals
     out.print(f"{result.stage} on {result.env}: run {result.run_id}", markup=False)

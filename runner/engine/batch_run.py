@@ -30,7 +30,7 @@ from runner.db import close_quietly
 from runner.engine.discovery import ConvergenceCheck, Discovery, Page, Span
 from runner.engine.executor import Batch, BatchExecutor, BatchOutcome, Reconnect, failure_error
 from runner.engine.session import MainSession
-from runner.engine.target import TargetInfo
+from runner.engine.target import TargetInfo, as_subquery
 from runner.engine.throttle import Throttle
 from runner.errors import WorkFailed
 
@@ -63,7 +63,9 @@ class KeysetSource:
         return await self._pages.page(after, conn=conn)
 
     async def count(self, conn: asyncpg.Connection) -> int:
-        return int(await conn.fetchval(f"SELECT count(*) FROM ({self.discovery_sql}) AS d"))
+        return int(
+            await conn.fetchval(f"SELECT count(*) FROM {as_subquery(self.discovery_sql)} AS d")
+        )
 
     def convergence(self, conn: asyncpg.Connection, run_id: str) -> ConvergenceCheck:
         return ConvergenceCheck(conn, self.target, self.discovery_sql, run_id)

@@ -75,6 +75,16 @@ class BatchStatement:
         return tuple(values[name] for name in self.params)
 
 
+def plain_statement(sql: str) -> str:
+    """A plan's statement ready to be wrapped: no trailing `;`, and a final newline so that a
+    closing `-- comment` cannot swallow what the runner writes after it."""
+    return sql.rstrip().rstrip(";").rstrip() + "\n"
+
+
+def as_subquery(sql: str) -> str:
+    return f"({plain_statement(sql)})"
+
+
 def _refs(params: tuple[str, ...]) -> dict[str, str]:
     return {name: f"${i}" for i, name in enumerate(params, start=1)}
 
@@ -157,7 +167,7 @@ SELECT n, {", ".join(f"k{i}" for i in range(len(self.key)))},
 FROM (
     SELECT count(*)::int AS n, {arrays}
     FROM (
-        SELECT {keys} FROM ({discovery_sql}) AS d
+        SELECT {keys} FROM {as_subquery(discovery_sql)} AS d
         {where}
         ORDER BY {keys}
         LIMIT $1
@@ -169,10 +179,10 @@ FROM (
         as_text = ", ".join(f"d.{k.q}::text" for k in self.key)
         return f"""
 SELECT count(*)::bigint AS n,
-       (SELECT ARRAY[{as_text}] FROM ({discovery_sql}) AS d ORDER BY {keys} LIMIT 1) AS first_key,
-       (SELECT ARRAY[{as_text}] FROM ({discovery_sql}) AS d
+       (SELECT ARRAY[{as_text}] FROM {as_subquery(discovery_sql)} AS d ORDER BY {keys} LIMIT 1) AS first_key,
+       (SELECT ARRAY[{as_text}] FROM {as_subquery(discovery_sql)} AS d
         ORDER BY {", ".join(f"d.{k.q} DESC" for k in self.key)} LIMIT 1) AS last_key
-FROM ({discovery_sql}) AS d"""
+FROM {as_subquery(discovery_sql)} AS d"""
 
     def _in_range(self, alias: str, lo: str | None, hi: str | None) -> str:
         """`alias`'s key lies in (lo, hi]; lo and hi are text[] parameters, None is unbounded."""
@@ -196,7 +206,7 @@ FROM ({discovery_sql}) AS d"""
         """How many rows discovery returns with a key in (lower, upper]: the bounds that are
         given, as text[] parameters $1 (and $2)."""
         lo, hi = self._bounds(1, lower, upper)
-        return f"SELECT count(*)::bigint FROM ({discovery_sql}) AS d WHERE {self._in_range('d', lo, hi)}"
+        return f"SELECT count(*)::bigint FROM {as_subquery(discovery_sql)} AS d WHERE {self._in_range('d', lo, hi)}"
 
     def rediscovered_sql(
         self, discovery_sql: str, *, of_batch: bool, lower: bool, upper: bool
@@ -215,7 +225,7 @@ FROM ({discovery_sql}) AS d"""
         else:
             done = f"backfill.row_images r ON r.run_id = $1 AND r.key = ARRAY[{as_text}]::text[]"
         return f"""
-WITH p AS (SELECT {keys} FROM ({discovery_sql}) AS d WHERE {self._in_range("d", lo, hi)})
+WITH p AS (SELECT {keys} FROM {as_subquery(discovery_sql)} AS d WHERE {self._in_range("d", lo, hi)})
 SELECT concat_ws(', ', {as_text}) AS key
 FROM p JOIN {done}
 ORDER BY {", ".join(f"p.{k.q}" for k in self.key)}
@@ -399,8 +409,7 @@ SELECT locked, touched, changed, other_changed, vanished, bad_keys FROM agg"""
         # with the whole batch (PostgreSQL hashes ANY only for constant arrays)
         sql = f"""
 WITH applied AS (
-{apply_sql}
-RETURNING WITH (OLD AS {old}, NEW AS {new})
+{plain_statement(apply_sql)}RETURNING WITH (OLD AS {old}, NEW AS {new})
     {new}.tableoid = {p["target"]}::text::regclass AS on_target,
     {new_keys},
     {shown_keys},

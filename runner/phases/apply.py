@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunStat
 from runner.engine.discovery import Discovery
 from runner.engine.executor import BatchExecutor, BatchOutcome, require_write_tracking
 from runner.engine.session import MainSession
-from runner.engine.target import TargetInfo, resolve_target
+from runner.engine.target import TargetInfo, as_subquery, resolve_target
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput
 from runner.gates import gate_name
@@ -96,7 +97,7 @@ async def _resume_point(conn: asyncpg.Connection, run_id: str) -> tuple[list[str
 
 
 async def _count(conn: asyncpg.Connection, discovery_sql: str) -> int:
-    return int(await conn.fetchval(f"SELECT count(*) FROM ({discovery_sql}) AS d"))
+    return int(await conn.fetchval(f"SELECT count(*) FROM {as_subquery(discovery_sql)} AS d"))
 
 
 async def _dry_run(
@@ -110,8 +111,10 @@ async def _dry_run(
         explain: list[str] = []
         if page is not None:
             explain = [
-                r[0] for r in await conn.fetch("EXPLAIN " + plan.apply.sql, *page.key_arrays)
+                elide_arrays(r[0])
+                for r in await conn.fetch("EXPLAIN " + plan.apply.sql, *page.key_arrays)
             ]
+        statements = await batch_statements(conn, target, plan.apply.sql)
     batches = math.ceil(needing / plan.batching.size)
     throttle = Throttle(
         plan.batching.batches_per_minute, plan.batching.rows_per_second, plan.batching.size
@@ -127,6 +130,7 @@ async def _dry_run(
         "estimated_seconds_at_rate": floor if throttle.limited else None,
         "first_batch_keys": [page.first_key, page.last_key] if page else None,
         "explain_first_batch": explain,
+        "batch_statements": statements,
     }
     return ApplyResult(
         "(dry run)",
@@ -137,6 +141,59 @@ async def _dry_run(
         f"{cmd} apply {loaded.path} --env {env}",
         dry_run=info,
     )
+
+
+_LONG_ARRAY = re.compile(r"'\{([^'{}]*)\}'")
+
+
+def elide_arrays(text: str, keep: int = 3) -> str:
+    """An EXPLAIN line with long array literals (a batch's keys) shortened to their first items."""
+
+    def short(m: re.Match[str]) -> str:
+        items = m.group(1).split(",")
+        if len(items) <= keep + 1:
+            return m.group(0)
+        return "'{" + ",".join(items[:keep]) + f",… {len(items) - keep} more}}'"
+
+    return _LONG_ARRAY.sub(short, text)
+
+
+async def batch_statements(
+    conn: asyncpg.Connection, target: TargetInfo, apply_sql: str
+) -> list[dict[str, str]]:
+    """The statements one batch's transaction will run here, in order, with what binds them
+    (a dry run's offline view, as alembic's --sql prints a migration)."""
+    keys = ", ".join(
+        f"${i + 1} = the batch's {k.name} keys ({k.type}[])" for i, k in enumerate(target.key)
+    )
+    one = target.returning_apply(apply_sql)
+    try:
+        await conn.prepare(one.sql)
+    except asyncpg.PostgresError as e:
+        reason = " ".join(str(e).split())
+        capture = target.capture
+        finalize = target.finalize
+        return [
+            {"what": f"capture path ({reason}); BEGIN ISOLATION LEVEL REPEATABLE READ", "sql": ""},
+            {"what": f"1. before-images of the batch's rows; {keys}", "sql": capture.sql.strip()},
+            {"what": f"2. the plan's apply; {keys}", "sql": apply_sql.strip()},
+            {
+                "what": "3. compare, images, ledger row; binds " + ", ".join(finalize.params),
+                "sql": finalize.sql.strip(),
+            },
+            {
+                "what": "4. the scope guard: the transaction's write counters, then COMMIT",
+                "sql": "",
+            },
+        ]
+    return [
+        {
+            "what": f"one statement (RETURNING OLD/NEW); {keys}; then binds "
+            + ", ".join(one.params[len(target.key) :]),
+            "sql": one.sql.strip(),
+        },
+        {"what": "then the scope guard: the transaction's write counters, then COMMIT", "sql": ""},
+    ]
 
 
 async def apply(

@@ -425,6 +425,11 @@ def test_dry_run_counts_estimates_explains_and_writes_nothing(
     assert "batches: 8 of 100" in result.output
     assert "at least 7 s" in result.output
     assert "Update on items" in result.output
+    assert "each batch runs, in one transaction:" in result.output
+    assert "$1 = the batch's id keys (bigint[])" in result.output
+    assert "INSERT INTO backfill.batches" in result.output  # the ledger row, in the batch
+    # the EXPLAIN shows the first keys of the batch, not all 100
+    assert re.search(r"'\{1,2,3,… \d+ more\}'", result.output), result.output
     assert val(db, "SELECT count(*) FROM items WHERE val = 'new'") == 200
     assert val(db, "SELECT to_regnamespace('backfill')") is None
     assert not (workdir / "backfill_logs").exists()
@@ -490,3 +495,20 @@ def test_a_discovery_that_fails_at_run_time_is_a_clear_error_not_a_crash(
     assert "internal error" not in result.output
     # the count before the run reads all of discovery, so it fails before any batch changes a row
     assert val(db, "SELECT count(*) FROM items WHERE val = 'new'") == 60
+
+
+def test_a_discovery_and_an_apply_ending_in_a_comment_run(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 200)
+    plan = write_plan(
+        workdir / "p.json",
+        discovery__sql="SELECT id FROM items WHERE val IS DISTINCT FROM 'new' -- rows still old",
+        apply__sql="UPDATE items SET val = 'new' WHERE id = ANY($1) -- set them",
+        target__columns=["val"],
+    )
+    checked = cli("validate", str(plan), "--env", "staging", env=env_for(db))
+    assert checked.exit_code == 0, checked.output
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    assert val(db, "SELECT count(*) FROM items WHERE val <> 'new'") == 0
