@@ -248,25 +248,66 @@ async def emit_rollback_file(
             tg.start_soon(checksum)
             tg.start_soon(write_body)
     rows, checksum_value = totals[0]
+    header = _file_header(
+        run,
+        shape,
+        path.name,
+        display_dsn,
+        scope=_scope_text(batches, since),
+        rows=rows,
+        batches=sum(1 for n in nos if counts.get(n)),
+        checksum=checksum_value,
+    )
+    with tmp.open("w", encoding="utf-8", newline="") as out:
+        out.write(header)
+        with body.open(encoding="utf-8", newline="") as images:
+            shutil.copyfileobj(images, out, 1 << 20)
+        body.unlink()
+        out.write(
+            "CREATE INDEX ON backfill_rollback_images (batch_no);\nANALYZE backfill_rollback_images;\n"
+        )
+        for no in nos:
+            if counts.get(no):
+                restore = shape.restore_sql("backfill_rollback_images", f"i.batch_no = {int(no)}")
+                out.write(f"\n-- batch {no}: {counts[no]} row(s)\nBEGIN;\n{restore};\nCOMMIT;\n")
+        out.write(_file_verification(shape, checksum_value))
+    tmp.replace(path)
+    return path
+
+
+def _scope_text(batches: tuple[int, int] | None, since: datetime | None) -> str:
     scope = []
     if batches:
         scope.append(f"batches {batches[0]}-{batches[1]}")
     if since:
         scope.append(f"batches committed after {since.isoformat()}")
-    with tmp.open("w", encoding="utf-8", newline="") as out:
-        out.write(
-            f"""-- backfill rollback
+    return "; ".join(scope) or "every batch of the run in this environment"
+
+
+def _file_header(
+    run: ledger.RunRow,
+    shape: RunShape,
+    name: str,
+    display_dsn: str,
+    *,
+    scope: str,
+    rows: int,
+    batches: int,
+    checksum: str | None,
+) -> str:
+    """What the file is, how to run it, the session it pins, the table check, the images table."""
+    return f"""-- backfill rollback
 -- run:          {comment_text(run.run_id)}
 -- plan:         {comment_text(run.plan_name)} (digest {run.plan_digest})
 -- environment:  {comment_text(run.env)} ({comment_text(display_dsn)})
 -- target:       {comment_text(shape.table)} (oid {shape.oid}), columns {comment_text(", ".join(run.columns))}
 -- generated:    {datetime.now(UTC).isoformat(timespec="seconds")}
--- scope:        {"; ".join(scope) or "every batch of the run in this environment"}
--- restores:     {rows} row(s) in {sum(1 for n in nos if counts.get(n))} batch(es), newest batch first, one transaction each
--- checksum:     {checksum_value or "(no rows)"}
+-- scope:        {scope}
+-- restores:     {rows} row(s) in {batches} batch(es), newest batch first, one transaction each
+-- checksum:     {checksum or "(no rows)"}
 --   (md5 over the before-images; the verification at the end recomputes it from the table)
 --
--- Run it:       psql -X -v ON_ERROR_STOP=1 -d "$DSN_OF_{comment_text(run.env.upper())}" -f {comment_text(path.name)}
+-- Run it:       psql -X -v ON_ERROR_STOP=1 -d "$DSN_OF_{comment_text(run.env.upper())}" -f {comment_text(name)}
 -- Verify:       the last two queries print restored rows, conflicts and the checksum;
 --               checksum_matches is true when every row holds its before-image again.
 -- A row is restored only while it still holds the value this run wrote; rows changed since
@@ -285,22 +326,13 @@ CREATE TEMP TABLE backfill_rollback_images (
     batch_no integer NOT NULL, key text[] NOT NULL, before text[], after text[]
 );
 """
-        )
-        with body.open(encoding="utf-8", newline="") as images:
-            shutil.copyfileobj(images, out, 1 << 20)
-        body.unlink()
-        out.write(
-            "CREATE INDEX ON backfill_rollback_images (batch_no);\nANALYZE backfill_rollback_images;\n"
-        )
-        for no in nos:
-            if not counts.get(no):
-                continue
-            restore = shape.restore_sql("backfill_rollback_images", f"i.batch_no = {int(no)}")
-            out.write(f"\n-- batch {no}: {counts[no]} row(s)\nBEGIN;\n{restore};\nCOMMIT;\n")
-        current = shape.current_image()
-        expected = sql_literal(checksum_value) if checksum_value else "NULL"
-        out.write(
-            f"""
+
+
+def _file_verification(shape: RunShape, checksum: str | None) -> str:
+    """The file's last two queries: the verification with its checksum, and the conflicts."""
+    current = shape.current_image()
+    expected = sql_literal(checksum) if checksum else "NULL"
+    return f"""
 -- Verification: every row should hold its before-image again (conflicts excepted).
 SELECT count(*) AS rows_in_rollback,
        count(*) FILTER (WHERE v.cur IS NOT DISTINCT FROM v.before) AS rows_at_before_image,
@@ -319,9 +351,6 @@ FROM backfill_rollback_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()
 WHERE {current} IS DISTINCT FROM i.before
 ORDER BY i.batch_no DESC, i.key::text COLLATE "C";
 """
-        )
-    tmp.replace(path)
-    return path
 
 
 # -- executed rollback -------------------------------------------------------------------------
