@@ -694,13 +694,29 @@ def rollback(
         typer.Option("--since", help="Only batches committed after this time (ISO 8601)."),
     ] = None,
     plan: PlanOpt = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            max=32,
+            help="Connections restoring batches side by side (default: the plan's batching.workers).",
+        ),
+    ] = None,
 ) -> None:
     """Undo a run in one environment: emit SQL for psql, or restore batched and verified."""
     from runner.phases.undo import undo
 
     async def go() -> int:
         result = await undo(
-            run, env, dry_run=dry_run, emit=emit, batches=batches, since=since, plan_path=plan
+            run,
+            env,
+            dry_run=dry_run,
+            emit=emit,
+            batches=batches,
+            since=since,
+            plan_path=plan,
+            workers=workers,
         )
         for line in result.lines:
             out.print(line, markup=False)

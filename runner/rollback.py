@@ -8,8 +8,10 @@ type, so no value can break out of its literal.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -371,7 +373,10 @@ class RollbackResult:
     actual_checksum: str | None = None
     unverified: int = 0
     elapsed_seconds: float = 0.0
+    verify_seconds: float = 0.0
     batches_this_command: int = 0
+    workers: int = 1
+    note: str = ""
 
     @property
     def verified(self) -> bool:
@@ -509,8 +514,14 @@ async def run_rollback(
     since: datetime | None,
     batches_per_minute: float | None,
     on_batch: Any = None,
+    workers: int = 1,
+    connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
 ) -> RollbackResult:
-    """Restore the selected batches newest first, one transaction each, resumable, then verify."""
+    """Restore the selected batches newest first, one transaction each, resumable, then verify.
+
+    With `workers` > 1 (and `connect` to open their connections) batches are restored side by
+    side: each is its own transaction on rows no other batch has, so the order does not matter,
+    unless a key is in several batches (then one worker, in order)."""
     shape = RunShape.of(run)
     await shape.check_table(conn)
     nos = await selected_batches(conn, run.run_id, batches, since)
@@ -545,14 +556,35 @@ async def run_rollback(
         result.elapsed_seconds = time.perf_counter() - t0
         return result
     throttle = Throttle(batches_per_minute, None, 1)
-    for no in nos:
-        await throttle.wait(1)
-        restored, conflicts, already = await _restore_batch(conn, shape, run.run_id, no)
-        result.restored += restored
-        result.already += already
-        result.batches_this_command += 1 if restored or conflicts or already else 0
-        if on_batch:
-            on_batch(no, restored, conflicts)
+    if workers > 1 and await _keys_in_several_batches(conn, run.run_id, nos):
+        result.note = (
+            "a key was changed by more than one batch of this run: restored one batch at a time, "
+            "newest first, so the earliest before-image is the one left"
+        )
+        workers = 1
+    result.workers = workers
+    pending = iter(nos)  # newest first; the workers share it
+
+    async def restore_from(c: asyncpg.Connection) -> None:
+        for no in pending:
+            await throttle.wait(1)
+            restored, conflicts, already = await _restore_batch(c, shape, run.run_id, no)
+            result.batches_this_command += 1 if restored or conflicts or already else 0
+            if on_batch:
+                on_batch(no, restored, conflicts)
+
+    if workers == 1 or connect is None:
+        await restore_from(conn)
+    else:
+        extra = [await connect() for _ in range(workers - 1)]
+        try:
+            async with anyio.create_task_group() as tg:
+                for c in (conn, *extra):
+                    tg.start_soon(restore_from, c)
+        finally:
+            for c in extra:
+                with contextlib.suppress(Exception):
+                    await c.close(timeout=5)
     totals = await fetch_one(
         conn,
         "SELECT coalesce(sum(restored), 0) AS restored, coalesce(sum(already), 0) AS already"
@@ -561,6 +593,22 @@ async def run_rollback(
         nos,
     )
     result.restored, result.already = int(totals["restored"]), int(totals["already"])
+    t_verify = time.perf_counter()
     await verify(conn, run, result)
+    result.verify_seconds = time.perf_counter() - t_verify
     result.elapsed_seconds = time.perf_counter() - t0
     return result
+
+
+async def _keys_in_several_batches(conn: asyncpg.Connection, run_id: str, nos: list[int]) -> bool:
+    """Whether some key was changed by two batches (a row changed back and applied again in a
+    later pass): then the batches must be restored in order, not side by side."""
+    return bool(
+        await conn.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM backfill.batch_images AS i, unnest(i.ops, i.keys) AS u(op, key)
+                              WHERE i.run_id = $1 AND i.batch_no = ANY($2) AND u.op = 'U'
+                              GROUP BY u.key HAVING count(*) > 1)""",
+            run_id,
+            nos,
+        )
+    )

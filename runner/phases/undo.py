@@ -37,6 +37,7 @@ async def undo(
     batches: str | None,
     since: datetime | None,
     plan_path: Path | None,
+    workers: int | None = None,
 ) -> UndoOutcome:
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
@@ -81,6 +82,8 @@ async def undo(
                 batches=span,
                 since=since,
                 batches_per_minute=bpm,
+                workers=workers or int((run.plan.get("batching") or {}).get("workers") or 1),
+                connect=lambda: dbs.connect(env),
                 on_batch=lambda no, r, c: log.info(
                     "rollback.batch", batch=no, restored=r, conflicts=c
                 ),
@@ -114,6 +117,12 @@ async def undo(
             f"  checksum {'verified' if result.verified else 'NOT verified'} "
             f"({result.actual_checksum} vs expected {result.expected_checksum})"
         )
+        lines.append(
+            f"  {result.elapsed_seconds:.1f} s with {result.workers} worker(s), of which "
+            f"verification {result.verify_seconds:.1f} s"
+        )
+        if result.note:
+            lines.append(f"  note: {result.note}")
     lines.append(f"  report: {path}")
     ok = dry_run or result.verified
     return UndoOutcome(EXIT_DONE if ok else EXIT_FAILED, lines, result, path)
