@@ -9,6 +9,7 @@ type, so no value can break out of its literal.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import time
 from collections.abc import Awaitable, Callable
@@ -134,6 +135,46 @@ class RunShape:
             f"WHERE {batch_filter} AND {self.join()}\n"
             f"  AND ARRAY[{plain}]::text[] IS NOT DISTINCT FROM i.after"
         )
+
+    # The same, over batch_images' own encoding (what the capture wrote: a value's own text when
+    # the key or the image has one column, else the text of a text[]): no per-row arrays built.
+
+    @staticmethod
+    def images_of(where: str) -> str:
+        """A batch's changed rows as (batch_no, key, before, after), encoded, from batch_images."""
+        return (
+            "SELECT i.batch_no, u.key, u.before, u.after FROM backfill.batch_images AS i "
+            "CROSS JOIN LATERAL unnest(i.ops, i.keys, i.befores, i.afters) "
+            f"AS u(op, key, before, after) WHERE {where} AND u.op = 'U'"
+        )
+
+    def enc_join(self, img: str = "img", alias: str = "t") -> str:
+        if len(self.key) == 1:
+            k, t = self.key[0]
+            return f"{alias}.{quote_ident(k)} = {img}.key::{t}"
+        return " AND ".join(
+            f"{alias}.{quote_ident(k)} = ({img}.key::text[])[{n}]::{t}"
+            for n, (k, t) in enumerate(self.key, start=1)
+        )
+
+    def enc_current(self, alias: str = "t") -> str:
+        """The row's image now, encoded as the capture encoded it (compare with before/after)."""
+        cols = [f"{alias}.{quote_ident(c)}::text" for c, _ in self.columns]
+        return cols[0] if len(cols) == 1 else f"ARRAY[{', '.join(cols)}]::text[]::text"
+
+    def enc_set(self, img: str = "img") -> str:
+        if len(self.columns) == 1:
+            c, t = self.columns[0]
+            return f"{quote_ident(c)} = {img}.before::{t}"
+        return ", ".join(
+            f"{quote_ident(c)} = ({img}.before::text[])[{n}]::{t}"
+            for n, (c, t) in enumerate(self.columns, start=1)
+        )
+
+    def as_text_array(self, expr: str, *, key: bool) -> str:
+        """An encoded key or image as the text[] the conflict table and reports show."""
+        width = len(self.key if key else self.columns)
+        return f"ARRAY[{expr}]::text[]" if width == 1 else f"{expr}::text[]"
 
 
 # -- selection ---------------------------------------------------------------------------------
@@ -413,7 +454,44 @@ async def _classify(
 async def _restore_batch(
     conn: asyncpg.Connection, shape: RunShape, run_id: str, no: int
 ) -> tuple[int, int, int]:
-    current = shape.current_image()
+    """One batch in one statement: restore the rows still at the run's after-image, record the
+    rest as conflicts (rows neither restored nor already at their before-image), and the batch.
+    The UPDATE re-checks each row's current image itself, so a row changed meanwhile is left
+    alone, never overwritten."""
+    cur = shape.enc_current("t")
+    statement = f"""
+WITH img AS ({shape.images_of("i.run_id = $1 AND i.batch_no = $2")}),
+now_ AS (
+    SELECT img.key, img.before, img.after, t.ctid IS NOT NULL AS present, {cur} AS cur
+    FROM img LEFT JOIN {shape.table} AS t ON {shape.enc_join("img", "t")}
+),
+restored AS (
+    UPDATE {shape.table} AS t SET {shape.enc_set("img")}
+    FROM img
+    WHERE {shape.enc_join("img", "t")}
+      AND {cur} IS NOT DISTINCT FROM img.after AND {cur} IS DISTINCT FROM img.before
+    RETURNING img.key
+),
+conflicts AS (
+    INSERT INTO backfill.rollback_conflicts (run_id, batch_no, key, expected, current)
+    SELECT $1, $2, {shape.as_text_array("n.key", key=True)},
+           {shape.as_text_array("n.after", key=False)},
+           CASE WHEN n.present THEN {shape.as_text_array("n.cur", key=False)} END
+    FROM now_ AS n LEFT JOIN restored AS r ON r.key = n.key
+    WHERE r.key IS NULL AND NOT (n.present AND n.cur IS NOT DISTINCT FROM n.before)
+    RETURNING 1
+),
+counts AS (
+    SELECT (SELECT count(*) FROM restored)::int AS restored,
+           (SELECT count(*) FROM conflicts)::int AS conflicts,
+           (SELECT count(*) FROM now_ WHERE present AND cur IS NOT DISTINCT FROM before)::int
+               AS already
+),
+recorded AS (
+    INSERT INTO backfill.rollback_batches (run_id, batch_no, restored, conflicts, already)
+    SELECT $1, $2, restored, conflicts, already FROM counts
+)
+SELECT restored, conflicts, already FROM counts"""
     async with conn.transaction():
         if await conn.fetchval(
             "SELECT 1 FROM backfill.rollback_batches WHERE run_id = $1 AND batch_no = $2",
@@ -421,73 +499,70 @@ async def _restore_batch(
             no,
         ):
             return 0, 0, 0
-        tag = await conn.execute(
-            shape.restore_sql(
-                "backfill.row_images", "i.run_id = $1 AND i.batch_no = $2 AND i.op = 'U'"
-            ),
-            run_id,
-            no,
-        )
-        restored = int(tag.split()[-1])
-        row = await fetch_one(
-            conn,
-            f"""
-            WITH v AS (
-                SELECT i.key, i.before, i.after, {current} AS cur
-                FROM backfill.row_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
-                WHERE i.run_id = $1 AND i.batch_no = $2 AND i.op = 'U'
-            ), c AS (
-                INSERT INTO backfill.rollback_conflicts (run_id, batch_no, key, expected, current)
-                SELECT $1, $2, key, after, cur FROM v WHERE cur IS DISTINCT FROM before
-                RETURNING 1
-            )
-            SELECT (SELECT count(*) FROM v WHERE cur IS NOT DISTINCT FROM before)::int AS at_before,
-                   (SELECT count(*) FROM c)::int AS conflicts""",
-            run_id,
-            no,
-        )
-        await conn.execute(
-            "INSERT INTO backfill.rollback_batches (run_id, batch_no, restored, conflicts, already)"
-            " VALUES ($1, $2, $3, $4, $5)",
-            run_id,
-            no,
-            restored,
-            row["conflicts"],
-            row["at_before"] - restored,
-        )
-        return restored, row["conflicts"], row["at_before"] - restored
+        row = await fetch_one(conn, statement, run_id, no)
+        return int(row["restored"]), int(row["conflicts"]), int(row["already"])
 
 
-async def verify(conn: asyncpg.Connection, run: ledger.RunRow, result: RollbackResult) -> None:
-    """Recompute the checksum over the rows that were restorable and list recorded conflicts."""
+def _verify_batch_sql(shape: RunShape) -> str:
+    """One batch's verification: its rows' checksums over the before-images and over the table
+    now (rows recorded as conflicts excepted), and how many rows are not at their before-image."""
+    cur = shape.enc_current("t")
+    line = "img.key || '=' || {}"
+    return f"""
+WITH img AS ({shape.images_of("i.run_id = $1 AND i.batch_no = $2")}),
+c AS (SELECT DISTINCT key FROM backfill.rollback_conflicts WHERE run_id = $1 AND batch_no = $2),
+v AS (
+    SELECT img.key, img.before, t.ctid IS NOT NULL AS present, {cur} AS cur,
+           c.key IS NOT NULL AS conflict
+    FROM img LEFT JOIN {shape.table} AS t ON {shape.enc_join("img", "t")}
+    LEFT JOIN c ON c.key = {shape.as_text_array("img.key", key=True)}
+)
+SELECT md5(string_agg({line.format("coalesce(img.before, 'NULL')")}, '|'
+                      ORDER BY img.key COLLATE "C") FILTER (WHERE NOT conflict)) AS expected,
+       md5(string_agg({line.format("CASE WHEN present THEN coalesce(cur, 'NULL') ELSE '(missing)' END")},
+                      '|' ORDER BY img.key COLLATE "C") FILTER (WHERE NOT conflict)) AS actual,
+       count(*) FILTER (WHERE NOT conflict
+                        AND NOT (present AND cur IS NOT DISTINCT FROM before))::int AS unverified,
+       count(*) FILTER (WHERE conflict)::int AS conflicts
+FROM v AS img"""
+
+
+async def _verify_batches(
+    conns: list[asyncpg.Connection], shape: RunShape, run_id: str, nos: list[int]
+) -> dict[int, asyncpg.Record]:
+    """Every batch verified against the table as it is now, side by side on `conns`."""
+    statement = _verify_batch_sql(shape)
+    found: dict[int, asyncpg.Record] = {}
+    pending = iter(nos)
+
+    async def verify_from(c: asyncpg.Connection) -> None:
+        for no in pending:
+            found[no] = await fetch_one(c, statement, run_id, no)
+
+    async with anyio.create_task_group() as tg:
+        for c in conns:
+            tg.start_soon(verify_from, c)
+    return found
+
+
+def _combined(parts: list[str | None]) -> str:
+    return hashlib.md5("|".join(p or "" for p in parts).encode()).hexdigest()
+
+
+async def verify(
+    conns: list[asyncpg.Connection], run: ledger.RunRow, result: RollbackResult
+) -> None:
+    """Recompute the checksums over the rows that were restorable, batch by batch, and list the
+    recorded conflicts. The checksum of the run is the md5 of its batches' in batch order."""
     shape = RunShape.of(run)
-    await shape.check_table(conn)  # the checksum below must be over the table that was restored
-    current = shape.current_image()
-    nos = result.batches
-    row = await fetch_one(
-        conn,
-        f"""
-        WITH v AS (
-            SELECT i.batch_no, i.key, i.before, {current} AS cur,
-                   EXISTS (SELECT 1 FROM backfill.rollback_conflicts AS c
-                           WHERE c.run_id = i.run_id AND c.batch_no = i.batch_no AND c.key = i.key)
-                       AS conflict
-            FROM backfill.row_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
-            WHERE i.run_id = $1 AND i.op = 'U' AND i.batch_no = ANY($2)
-        )
-        SELECT md5(string_agg(i.key::text || '=' || coalesce(i.before::text, 'NULL'), '|'
-                              {CHECKSUM_ORDER}) FILTER (WHERE NOT conflict)) AS expected,
-               md5(string_agg(i.key::text || '=' || coalesce(i.cur::text, 'NULL'), '|'
-                              {CHECKSUM_ORDER}) FILTER (WHERE NOT conflict)) AS actual,
-               count(*) FILTER (WHERE NOT conflict AND cur IS DISTINCT FROM before) AS unverified,
-               count(*) FILTER (WHERE conflict) AS conflicts
-        FROM v AS i""",
-        run.run_id,
-        nos,
-    )
-    result.expected_checksum, result.actual_checksum = row["expected"], row["actual"]
-    result.unverified = int(row["unverified"])
-    result.conflicts = int(row["conflicts"])
+    conn = conns[0]
+    await shape.check_table(conn)  # the checksums below must be over the table that was restored
+    nos = sorted(result.batches)
+    found = await _verify_batches(conns, shape, run.run_id, nos)
+    result.expected_checksum = _combined([found[n]["expected"] for n in nos])
+    result.actual_checksum = _combined([found[n]["actual"] for n in nos])
+    result.unverified = sum(int(found[n]["unverified"]) for n in nos)
+    result.conflicts = sum(int(found[n]["conflicts"]) for n in nos)
     result.conflict_rows = [
         {
             "batch_no": r["batch_no"],
@@ -573,29 +648,27 @@ async def run_rollback(
             if on_batch:
                 on_batch(no, restored, conflicts)
 
-    if workers == 1 or connect is None:
-        await restore_from(conn)
-    else:
-        extra = [await connect() for _ in range(workers - 1)]
-        try:
-            async with anyio.create_task_group() as tg:
-                for c in (conn, *extra):
-                    tg.start_soon(restore_from, c)
-        finally:
-            for c in extra:
-                with contextlib.suppress(Exception):
-                    await c.close(timeout=5)
-    totals = await fetch_one(
-        conn,
-        "SELECT coalesce(sum(restored), 0) AS restored, coalesce(sum(already), 0) AS already"
-        " FROM backfill.rollback_batches WHERE run_id = $1 AND batch_no = ANY($2)",
-        run.run_id,
-        nos,
-    )
-    result.restored, result.already = int(totals["restored"]), int(totals["already"])
-    t_verify = time.perf_counter()
-    await verify(conn, run, result)
-    result.verify_seconds = time.perf_counter() - t_verify
+    extra = [await connect() for _ in range(workers - 1)] if connect is not None else []
+    conns = [conn, *extra]
+    try:
+        async with anyio.create_task_group() as tg:
+            for c in conns:
+                tg.start_soon(restore_from, c)
+        totals = await fetch_one(
+            conn,
+            "SELECT coalesce(sum(restored), 0) AS restored, coalesce(sum(already), 0) AS already"
+            " FROM backfill.rollback_batches WHERE run_id = $1 AND batch_no = ANY($2)",
+            run.run_id,
+            nos,
+        )
+        result.restored, result.already = int(totals["restored"]), int(totals["already"])
+        t_verify = time.perf_counter()
+        await verify(conns, run, result)
+        result.verify_seconds = time.perf_counter() - t_verify
+    finally:
+        for c in extra:
+            with contextlib.suppress(Exception):
+                await c.close(timeout=5)
     result.elapsed_seconds = time.perf_counter() - t0
     return result
 
