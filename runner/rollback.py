@@ -455,12 +455,12 @@ async def _restore_batch(
     conn: asyncpg.Connection, shape: RunShape, run_id: str, no: int
 ) -> tuple[int, int, int]:
     """One batch in one statement: restore the rows still at the run's after-image, record the
-    rest as conflicts (rows neither restored nor already at their before-image), and the batch.
-    The UPDATE re-checks each row's current image itself, so a row changed meanwhile is left
-    alone, never overwritten."""
+    rows at neither image (or gone) as conflicts, and record the batch. The UPDATE re-checks
+    each row's current image itself, so a row changed meanwhile is left alone, never
+    overwritten; the verification then finds it not restored."""
     cur = shape.enc_current("t")
     statement = f"""
-WITH img AS ({shape.images_of("i.run_id = $1 AND i.batch_no = $2")}),
+WITH img AS MATERIALIZED ({shape.images_of("i.run_id = $1 AND i.batch_no = $2")}),
 now_ AS (
     SELECT img.key, img.before, img.after, t.ctid IS NOT NULL AS present, {cur} AS cur
     FROM img LEFT JOIN {shape.table} AS t ON {shape.enc_join("img", "t")}
@@ -470,15 +470,16 @@ restored AS (
     FROM img
     WHERE {shape.enc_join("img", "t")}
       AND {cur} IS NOT DISTINCT FROM img.after AND {cur} IS DISTINCT FROM img.before
-    RETURNING img.key
+    RETURNING 1
 ),
 conflicts AS (
     INSERT INTO backfill.rollback_conflicts (run_id, batch_no, key, expected, current)
     SELECT $1, $2, {shape.as_text_array("n.key", key=True)},
            {shape.as_text_array("n.after", key=False)},
            CASE WHEN n.present THEN {shape.as_text_array("n.cur", key=False)} END
-    FROM now_ AS n LEFT JOIN restored AS r ON r.key = n.key
-    WHERE r.key IS NULL AND NOT (n.present AND n.cur IS NOT DISTINCT FROM n.before)
+    FROM now_ AS n
+    WHERE NOT n.present
+       OR (n.cur IS DISTINCT FROM n.after AND n.cur IS DISTINCT FROM n.before)
     RETURNING 1
 ),
 counts AS (
