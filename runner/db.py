@@ -17,6 +17,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 import psutil  # type: ignore[import-untyped]
 
+from runner import redact
 from runner.errors import ConnectionFailed, InvalidInput
 from runner.plan import Plan
 
@@ -37,14 +38,7 @@ def qualified(schema: str, name: str) -> str:
 
 def redact_dsn(dsn: str) -> str:
     """The DSN with its password replaced by `***` (URL and key=value forms)."""
-    if "://" in dsn:
-        parts = urlsplit(dsn)
-        if parts.password:
-            userinfo = f"{parts.username or ''}:***"
-            host = parts.netloc.rsplit("@", 1)[1]
-            dsn = urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
-        return re.sub(r"(?i)(password=)[^&]*", r"\1***", dsn)
-    return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+    return redact.redact_dsn(dsn)
 
 
 def home_dir() -> Path:
@@ -250,7 +244,4 @@ def dsn_with_database(dsn: str, database: str) -> str:
 
 def redact_all(text: str, secrets: Iterable[str]) -> str:
     """Replace every secret value and every DSN password in free text."""
-    for s in sorted(secrets, key=len, reverse=True):
-        if len(s) >= 4:
-            text = text.replace(s, redact_dsn(s) if "://" in s else "***")
-    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]+@", r"\1***@", text)
+    return redact.redact_all(text, secrets)

@@ -29,6 +29,7 @@ from runner.gates import gate_name
 from runner.phases.apply_summary import render_summary, summary_name
 from runner.phases.common import (
     ProgressCallback,
+    bound_values,
     command_prefix,
     ensure_run,
     gate_state,
@@ -206,7 +207,9 @@ async def _prod_stage(
     """Which prod stage is next (canary, rest, finished), after checking the gates before it."""
     plan = loaded.plan
     assert plan.parent is not None
-    health = await gate_state(conn, run_id, "health", gate_name("health", env), plan.parent.digest)
+    health = await gate_state(
+        conn, run_id, "health", gate_name("health", env), plan.parent.digest, loaded
+    )
     require_open(health, run_id=run_id, before="the prod apply", cmd=cmd)
     health_row = await ledger.get_phase(conn, run_id, "health")
     recorded = health_row.result.get("mini_plan_digest") if health_row else None
@@ -219,7 +222,9 @@ async def _prod_stage(
     canary = await ledger.get_phase(conn, run_id, "canary")
     if canary is None or canary.finished_at is None:
         return "canary"
-    state = await gate_state(conn, run_id, "canary", gate_name("canary", env), loaded.digest)
+    state = await gate_state(
+        conn, run_id, "canary", gate_name("canary", env), loaded.digest, loaded
+    )
     require_open(state, run_id=run_id, before="the prod rollout after the canary", cmd=cmd)
     rest = await ledger.get_phase(conn, run_id, "rest")
     return "finished" if rest is not None and rest.finished_at else "rest"
@@ -513,6 +518,7 @@ async def _finish(
             "path": str(loaded.path),
             "description": plan.plan.description,
             "owner": plan.plan.owner,
+            **await bound_values(conn, loaded),
         },
         "env": env,
         "dsn": dbs.display_dsn(env),
@@ -611,7 +617,7 @@ async def _finished_result(
     assert row is not None
     gate = None if stage == "rest" else gate_name(stage, env)
     if gate:
-        state = await gate_state(conn, run_id, stage, gate, loaded.digest)
+        state = await gate_state(conn, run_id, stage, gate, loaded.digest, loaded)
         status = "done" if state.is_open else "halted"
         next_command = (
             f"{cmd} pipeline {loaded.path} --run {run_id}"

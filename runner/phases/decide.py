@@ -8,9 +8,9 @@ from typing import Literal
 from runner import ledger
 from runner.artifacts import RunDir
 from runner.db import Databases
-from runner.errors import InvalidInput
-from runner.gates import check_decision, new_decision, text_digest
-from runner.phases.common import command_prefix
+from runner.errors import InvalidInput, NoGo
+from runner.gates import check_decision, new_decision, text_digest, variable_changes
+from runner.phases.common import command_prefix, integrity_problem, rollback_note
 from runner.plan import LoadedPlan, load_plan
 
 # gate phase → which plan the gate's decision binds to
@@ -68,13 +68,35 @@ async def decide(
                 f"gate {gate}: the {phase} phase of run {run_id} has not finished in {env!r}",
                 hint=f"see `{command_prefix()} status {run_id}`",
             )
-        ran_with = row.result.get("plan", {}).get("digest")
+        key = await ledger.digest_key(conn)
+        ran = row.result.get("plan", {})
+        secrets_now = loaded.secret_fingerprints(key)
+        changes = variable_changes(
+            ran.get("variables", {}),
+            loaded.plain_values,
+            ran.get("secret_fingerprints", {}),
+            secrets_now,
+        )
+        if changes:
+            raise InvalidInput(
+                f"gate {gate}: the {phase} phase ran with other variable values than yours: "
+                + "; ".join(c.replace("was approved", "ran") for c in changes),
+                hint="a decision binds the values the phase ran with (the report shows them): "
+                "set the same values, or re-run the phase with yours",
+            )
+        ran_with = ran.get("digest")
         if ran_with != loaded.digest:
             raise InvalidInput(
                 f"gate {gate}: {loaded.path} has changed since the {phase} phase ran "
                 f"(digest then {str(ran_with)[:12]}, now {loaded.digest[:12]})",
                 hint="a decision binds to the plan that was run: restore it, or re-run the phase",
             )
+        for problem in (await rollback_note(conn, run_id), await integrity_problem(conn, run_id)):
+            if problem is not None:
+                raise NoGo(
+                    f"gate {gate}: no decision is possible: {problem}",
+                    hint="this run stops here; to go on, start a new run and review it",
+                )
         report = run_dir.root / env / row.result["report_file"]
         try:
             on_disk = text_digest(report.read_text(encoding="utf-8"))
@@ -98,20 +120,37 @@ async def decide(
             note=note,
             override=override,
         )
-        await ledger.record_decision(
-            conn,
-            run_id,
-            new_decision(
-                gate,
-                decision,
-                actor,
-                note,
-                override,
-                loaded.digest,
-                on_disk,
-                row.criteria or "",
-            ),
-        )
+        async with conn.transaction():
+            await ledger.decision_lock(conn, run_id)
+            rejected = [
+                d for d in await ledger.decisions(conn, run_id, gate) if d.decision == "reject"
+            ]
+            if rejected:
+                r = rejected[0]
+                raise NoGo(
+                    f"gate {gate} of run {run_id} was rejected by {r.actor} at "
+                    f"{r.decided_at:%Y-%m-%d %H:%M:%S %Z}"
+                    + (f" ({r.note})" if r.note else "")
+                    + ": a reject is final for the run",
+                    hint="to go on, start a new run; it is reviewed from its own reports",
+                )
+            await ledger.record_decision(
+                conn,
+                run_id,
+                new_decision(
+                    gate,
+                    decision,
+                    actor,
+                    note,
+                    override,
+                    loaded.digest,
+                    on_disk,
+                    row.criteria or "",
+                    variables=loaded.plain_values,
+                    secret_hashes=secrets_now,
+                    phase_seal=row.seal,
+                ),
+            )
     cmd = command_prefix()
     if decision == "reject":
         return f"the rollout of run {run_id} stops here; to undo: {cmd} rollback {run_id} --env {env} --dry-run"

@@ -22,6 +22,7 @@ from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput
 from runner.gates import gate_name, text_digest
 from runner.phases.common import (
+    bound_values,
     command_prefix,
     ensure_run,
     gate_state,
@@ -170,7 +171,9 @@ async def health(
     conn = await dbs.connect(env)
     ro = await dbs.connect(env, read_only=True)
     try:
-        state = await gate_state(s_conn, run_id, "soak", gate_name("soak", staging), loaded.digest)
+        state = await gate_state(
+            s_conn, run_id, "soak", gate_name("soak", staging), loaded.digest, loaded
+        )
         require_open(state, run_id=run_id, before="the prod health check", cmd=cmd)
         staging_run = await ledger.get_run(s_conn, run_id)
         assert staging_run is not None
@@ -260,7 +263,11 @@ async def health(
                 envs={env: dbs.display_dsn(env)},
             )
             result = {
-                "plan": {"name": plan.name, "digest": loaded.digest},
+                "plan": {
+                    "name": plan.name,
+                    "digest": loaded.digest,
+                    **await bound_values(conn, loaded),
+                },
                 "operator": operator,
                 "env": env,
                 "staging_env": staging,

@@ -50,7 +50,9 @@ async def read_steps(loaded: LoadedPlan, dbs: Databases, run_id: str) -> list[St
                 gate = (
                     None
                     if phase == "rest"
-                    else await gate_state(conn, run_id, phase, gate_name(phase, env), digest)
+                    else await gate_state(
+                        conn, run_id, phase, gate_name(phase, env), digest, loaded
+                    )
                 )
                 steps.append(Step(phase, env, finished, gate))
     return steps

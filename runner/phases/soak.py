@@ -28,6 +28,7 @@ from runner.errors import InvalidInput
 from runner.gates import gate_name, text_digest
 from runner.phases.common import (
     ProgressCallback,
+    bound_values,
     command_prefix,
     gate_state,
     overrides_note,
@@ -174,7 +175,9 @@ async def soak(
                 f"run {run_id} has no apply in environment {env!r}",
                 hint="soak the environment the run was applied to",
             )
-        state = await gate_state(conn, run_id, "apply", gate_name("apply", env), loaded.digest)
+        state = await gate_state(
+            conn, run_id, "apply", gate_name("apply", env), loaded.digest, loaded
+        )
         require_open(state, run_id=run_id, before="the soak", cmd=cmd)
         run_dir = RunDir.of(run_id)
         events.attach(run_dir.env(env) / "events.jsonl")
@@ -211,7 +214,11 @@ async def soak(
                         streaks[r["check_name"]] + 1 if r["outcome"] == "error" else 0
                     )
             base = {
-                "plan": {"name": plan.name, "digest": loaded.digest},
+                "plan": {
+                    "name": plan.name,
+                    "digest": loaded.digest,
+                    **await bound_values(conn, loaded),
+                },
                 "operator": operator,
                 "window_start": window_start.isoformat(),
                 "baselines": baselines,

@@ -1,0 +1,198 @@
+"""Invariant 6: an approval binds what was reviewed — plan text, variable values, the sealed phase
+result — a reject is final, and decisions edited or inserted behind backfill's back open nothing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import make_items, sql, val, write_plan
+from tests.integration.test_apply import run_id_of
+
+TAGGED = {
+    "discovery__sql": "SELECT id FROM items WHERE val IS DISTINCT FROM '${TAG:-v2}'",
+    "apply__sql": "UPDATE items SET val = '${TAG:-v2}' /* ${SECRET_NOTE:-quiet-note} */ "
+    "WHERE id = ANY($1) AND val IS DISTINCT FROM '${TAG:-v2}'",
+    "soak__checks": [
+        {
+            "name": "all_tagged",
+            "sql": "SELECT count(*) FROM items WHERE val IS DISTINCT FROM '${TAG:-v2}'",
+            "pass_if": "== 0",
+        }
+    ],
+}
+
+
+def _applied(cli: Callable[..., Any], plan: Path, env: dict[str, str]) -> str:
+    applied = cli("apply", str(plan), "-e", "staging", "-q", env=env)
+    assert applied.exit_code == 3, applied.output
+    return run_id_of(applied.output)
+
+
+def test_a_variable_changed_after_approval_closes_the_gate_naming_it(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 200)
+    env = {"STAGING_DSN": db, "PROD_DSN": db, "SECRET_NOTE": "hush-hush-9731"}
+    plan = write_plan(workdir / "p.json", **TAGGED)
+    run_id = _applied(cli, plan, env)
+    summary = next((workdir / "backfill_logs").rglob("backfill_summary.md")).read_text()
+    assert "`TAG` = v2" in summary  # the reviewer sees the value that ran
+    assert "secret: `SECRET_NOTE`" in summary
+    assert "hush-hush-9731" not in summary
+    assert (
+        cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env).exit_code == 0
+    )
+
+    evil = cli("pipeline", str(plan), "--run", run_id, "-q", env={**env, "TAG": "EVIL"})
+    assert evil.exit_code == 3, evil.output
+    assert "variable TAG is 'EVIL', but 'v2' was approved" in evil.output
+    assert val(db, "SELECT count(*) FROM items WHERE val = 'EVIL'") == 0
+
+    other_secret = cli(
+        "soak",
+        str(plan),
+        "-e",
+        "staging",
+        "--run",
+        run_id,
+        env={**env, "SECRET_NOTE": "other-value-5512"},
+    )
+    assert other_secret.exit_code == 3, other_secret.output
+    assert "secret variable SECRET_NOTE has a different value" in other_secret.output
+    assert "other-value-5512" not in other_secret.output
+    assert "hush-hush-9731" not in other_secret.output
+
+    same = cli("soak", str(plan), "-e", "staging", "--run", run_id, "--duration", "1s", env=env)
+    assert same.exit_code == 3, same.output
+    assert "verdict PASS" in same.output
+
+
+def test_an_approver_with_other_variable_values_is_told_which(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 100)
+    env = {"STAGING_DSN": db, "PROD_DSN": db}
+    plan = write_plan(workdir / "p.json", **TAGGED)
+    run_id = _applied(cli, plan, env)
+    refused = cli(
+        "approve", run_id, "--gate", "apply-staging", "--as", "alice", env={**env, "TAG": "v3"}
+    )
+    assert refused.exit_code == 2, refused.output
+    assert "variable TAG is 'v3', but 'v2' ran" in refused.output
+    assert val(db, "SELECT count(*) FROM backfill.gate_decisions") == 0
+
+
+def test_a_reject_is_final_for_the_run(cli: Callable[..., Any], workdir: Path, db: str) -> None:
+    make_items(db, 100)
+    env = {"STAGING_DSN": db, "PROD_DSN": db}
+    plan = write_plan(workdir / "p.json")
+    run_id = _applied(cli, plan, env)
+    gate = ("--gate", "apply-staging")
+    assert cli("reject", run_id, *gate, "--as", "bob", "--note", "no", env=env).exit_code == 0
+    again = cli("approve", run_id, *gate, "--as", "alice", env=env)
+    assert again.exit_code == 4, again.output
+    assert "a reject is final for the run" in again.output
+    soak = cli("soak", str(plan), "-e", "staging", "--run", run_id, env=env)
+    assert soak.exit_code == 4, soak.output
+    assert "gate apply-staging is rejected" in soak.output
+    assert "start a new run" in soak.output
+    assert val(db, "SELECT count(*) FROM backfill.gate_decisions WHERE decision = 'approve'") == 0
+
+
+def test_an_approve_racing_a_reject_leaves_the_gate_rejected(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 100)
+    env = {"STAGING_DSN": db, "PROD_DSN": db}
+    plan = write_plan(workdir / "p.json")
+    run_id = _applied(cli, plan, env)
+    full = {
+        **os.environ,
+        **env,
+        "BACKFILL_LOGS": str(workdir / "backfill_logs"),
+        "BACKFILL_ACTOR": "operator",
+    }
+    base = [sys.executable, "-m", "runner"]
+    procs = [
+        subprocess.Popen(
+            [*base, verb, run_id, "--gate", "apply-staging", "--as", who, "--note", "race"],
+            cwd=workdir,
+            env=full,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for verb, who in (("approve", "alice"), ("reject", "bob"))
+    ]
+    for p in procs:
+        p.communicate(timeout=120)
+    status = cli("status", run_id, env=env)
+    assert "gate apply-staging: rejected" in status.output, status.output
+    assert cli("soak", str(plan), "-e", "staging", "--run", run_id, env=env).exit_code == 4
+
+
+def test_decisions_inserted_or_edited_in_the_ledger_open_nothing(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 100)
+    env = {"STAGING_DSN": db, "PROD_DSN": db}
+    plan = write_plan(workdir / "p.json")
+    run_id = _applied(cli, plan, env)
+    soak = ("soak", str(plan), "-e", "staging", "--run", run_id, "--duration", "1s")
+
+    # a hand-inserted approval, copying the digests of the phase
+    sql(
+        db,
+        """INSERT INTO backfill.gate_decisions (run_id, gate, decision, actor, plan_digest,
+                                                report_digest, criteria)
+           SELECT run_id, 'apply-staging', 'approve', 'alice', result->'plan'->>'digest',
+                  report_digest, criteria FROM backfill.phases WHERE run_id = $1""",
+        run_id,
+    )
+    forged = cli(*soak, env=env)
+    assert forged.exit_code == 4, forged.output
+    assert "changed outside backfill" in forged.output
+    assert val(db, "SELECT count(*) FROM backfill.phases WHERE phase = 'soak'") == 0
+
+
+def test_a_reject_edited_into_an_approval_opens_nothing(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 100)
+    env = {"STAGING_DSN": db, "PROD_DSN": db}
+    plan = write_plan(workdir / "p.json")
+    run_id = _applied(cli, plan, env)
+    assert (
+        cli("reject", run_id, "--gate", "apply-staging", "--as", "bob", "--note", "no", env=env)
+    ).exit_code == 0
+    sql(db, "UPDATE backfill.gate_decisions SET decision = 'approve', actor = 'alice'")
+    refused = cli("soak", str(plan), "-e", "staging", "--run", run_id, env=env)
+    assert refused.exit_code == 4, refused.output
+    assert "decision #1 (approve of apply-staging by alice) does not verify" in refused.output
+
+
+def test_failed_criteria_edited_to_pass_need_the_override_anyway(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 100)
+    env = {"STAGING_DSN": db, "PROD_DSN": db}
+    plan = write_plan(
+        workdir / "p.json",
+        soak__checks=[{"name": "never", "sql": "SELECT 1", "pass_if": "== 0"}],
+    )
+    run_id = _applied(cli, plan, env)
+    assert (
+        cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env).exit_code == 0
+    )
+    soaked = cli("soak", str(plan), "-e", "staging", "--run", run_id, "--duration", "1s", env=env)
+    assert soaked.exit_code == 4, soaked.output
+    sql(db, "UPDATE backfill.phases SET criteria = 'pass' WHERE phase = 'soak'")
+    approve = cli("approve", run_id, "--gate", "soak-staging", "--as", "alice", env=env)
+    assert approve.exit_code == 4, approve.output
+    assert "the ledger's record of the soak phase was changed outside backfill" in approve.output
+    health = cli("health", str(plan), "-e", "prod", "--run", run_id, env=env)
+    assert health.exit_code == 4, health.output
