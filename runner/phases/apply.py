@@ -24,7 +24,7 @@ from runner.engine.discovery import ConvergenceCheck, Discovery, Span
 from runner.engine.executor import Batch, BatchExecutor, BatchOutcome, failure_error
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
-from runner.errors import InvalidInput, WorkFailed
+from runner.errors import InvalidInput, NoGo, WorkFailed
 from runner.gates import gate_name
 from runner.phases.apply_summary import render_summary, summary_name
 from runner.phases.common import (
@@ -34,6 +34,7 @@ from runner.phases.common import (
     ensure_run,
     gate_state,
     require_open,
+    rollback_note,
     run_lock,
 )
 from runner.plan import LoadedPlan
@@ -186,6 +187,11 @@ async def apply(
         log.info("apply.start", run_id=run_id, env=env, stage=stage, plan_digest=loaded.digest)
 
         async with run_lock(conn, run_id):
+            if (rolled_back := await rollback_note(conn, run_id)) is not None:
+                raise NoGo(
+                    f"the {stage} of run {run_id} cannot go on: {rolled_back}",
+                    hint=f"start a new run: {cmd} apply {loaded.path} --env {env}",
+                )
             if plan.is_mini:
                 stage = await _prod_stage(conn, loaded, run_id, env, cmd)
                 if stage == "finished":

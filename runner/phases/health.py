@@ -19,8 +19,9 @@ from runner.db import Databases, close_quietly, fetch_one
 from runner.engine import dbhealth
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
-from runner.errors import InvalidInput
+from runner.errors import InvalidInput, NoGo
 from runner.gates import gate_name, text_digest
+from runner.phases.apply_summary import rollbacks
 from runner.phases.common import (
     bound_values,
     command_prefix,
@@ -28,6 +29,7 @@ from runner.phases.common import (
     gate_state,
     overrides_note,
     require_open,
+    rollback_note,
     run_lock,
 )
 from runner.plan import LoadedPlan, validate_raw
@@ -187,6 +189,11 @@ async def health(
         staging_decisions = await ledger.decisions(s_conn, run_id)
 
         await ledger.ensure_ledger(conn)
+        if (rolled_back := await rollback_note(conn, run_id)) is not None:
+            raise NoGo(
+                f"the prod health check of run {run_id} cannot run: {rolled_back}",
+                hint="start a new run",
+            )
         async with ro.transaction(readonly=True):
             target: TargetInfo = await resolve_target(ro, plan.target)
             needing = await fetch_one(ro, target.discovery_count_sql(plan.discovery.sql))
@@ -361,6 +368,7 @@ async def render_health(conn: asyncpg.Connection, run_id: str, env: str) -> tupl
             "r": r,
             "gate": gate_name("health", env),
             "mini_plan_json": json.dumps(r["mini_plan"], indent=2),
+            "rolled_back": await rollbacks(conn, run_id),
             "started_at": row.started_at,
             "finished_at": row.finished_at,
         },

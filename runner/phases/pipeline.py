@@ -24,6 +24,8 @@ from runner.phases.decide import decide, plan_for
 from runner.plan import LoadedPlan, load_plan
 from runner.rollback import emit_rollback_file
 
+STOPPED = ("no-go", "rejected", "rolled-back", "tampered")  # gates no approval opens
+
 
 @dataclass(frozen=True)
 class Step:
@@ -39,6 +41,7 @@ async def read_steps(loaded: LoadedPlan, dbs: Databases, run_id: str) -> list[St
     staging, prod = plan.pipeline.staging, plan.pipeline.prod
     mini_digest: str | None = None
     steps: list[Step] = []
+    stopped: GateState | None = None  # a gate no later gate can pass (rolled back, tampered)
     for env, phases in ((staging, ("apply", "soak")), (prod, ("health", "canary", "rest"))):
         async with dbs.connection(env) as conn:
             for phase in phases:
@@ -54,6 +57,10 @@ async def read_steps(loaded: LoadedPlan, dbs: Databases, run_id: str) -> list[St
                         conn, run_id, phase, gate_name(phase, env), digest, loaded
                     )
                 )
+                if gate is not None and stopped is not None:
+                    gate = GateState(gate.gate, stopped.status, stopped.reason, gate.criteria)
+                elif gate is not None and gate.status in ("rolled-back", "tampered"):
+                    stopped = gate
                 steps.append(Step(phase, env, finished, gate))
     return steps
 
@@ -97,7 +104,7 @@ async def run_pipeline(
                 return EXIT_DONE
             if step.finished and step.gate is not None:
                 g = step.gate
-                if g.status in ("no-go", "rejected"):
+                if g.status in STOPPED:
                     say(f"gate {g.gate} is {g.status}: {g.reason}")
                     return EXIT_NO_GO
                 if auto_approver is not None:
@@ -186,14 +193,25 @@ async def describe_run(run_id: str, plan_path: Path | None) -> tuple[str, int]:
             async with dbs.connection(env) as conn:
                 for d in await ledger.decisions(conn, run_id):
                     extra = " OVERRIDE" if d.override else ""
+                    login = f" (database login {d.db_user})" if d.db_user else ""
                     lines.append(
-                        f"  decision: {d.gate} {d.decision}{extra} by {d.actor} at "
+                        f"  decision: {d.gate} {d.decision}{extra} by {d.actor}{login} at "
                         f"{d.decided_at:%Y-%m-%d %H:%M:%S}" + (f" — {d.note}" if d.note else "")
+                    )
+                for e in await ledger.run_events(conn, run_id):
+                    lines.append(
+                        f"  ROLLED BACK in {e.env} at {e.at:%Y-%m-%d %H:%M:%S} by {e.actor}"
+                        + (f" (batches {e.detail['batches']})" if e.detail.get("batches") else "")
+                        + (f" (since {e.detail['since']})" if e.detail.get("since") else "")
                     )
     nxt = next((s for s in steps if not s.finished or (s.gate and not s.gate.is_open)), None)
     if nxt is None:
         lines.append("next: nothing — the rollout is complete")
-    elif nxt.finished and nxt.gate is not None and nxt.gate.status in ("no-go", "rejected"):
+    elif nxt.gate is not None and nxt.gate.status == "rolled-back":
+        lines.append(
+            f"next: nothing — {nxt.gate.reason}; start a new run: {cmd} pipeline {loaded.path}"
+        )
+    elif nxt.finished and nxt.gate is not None and nxt.gate.status in STOPPED:
         lines.append(
             f"next: no-go at {nxt.gate.gate}; to undo: {cmd} rollback {run_id} --env {nxt.env} --dry-run"
         )
@@ -240,7 +258,8 @@ async def rerender(run_id: str, plan_path: Path | None) -> list[Path]:
                             )
                         )
                     written.append(path)
-                    _check_same(row.report_digest, digest, path)
+                    if not await ledger.run_events(conn, run_id):  # a rollback adds a banner
+                        _check_same(row.report_digest, digest, path)
     if not written:
         raise InvalidInput(f"run {run_id} has no finished phase to render")
     return written

@@ -26,6 +26,7 @@ from runner.db import Databases, close_quietly
 from runner.engine import dbhealth
 from runner.errors import InvalidInput
 from runner.gates import gate_name, text_digest
+from runner.phases.apply_summary import rollbacks
 from runner.phases.common import (
     ProgressCallback,
     bound_values,
@@ -439,6 +440,7 @@ async def render_soak(
             "health": health,
             "gate": gate_name("soak", env),
             "overrides": overrides_note(decisions),
+            "rolled_back": await rollbacks(conn, run.run_id),
             "started_at": row.started_at,
             "finished_at": row.finished_at,
         },

@@ -12,7 +12,7 @@ from runner import events, ledger
 from runner.artifacts import RunDir, write_text
 from runner.db import Databases
 from runner.errors import EXIT_DONE, EXIT_FAILED, InvalidInput
-from runner.phases.common import command_prefix, run_lock
+from runner.phases.common import command_prefix, operator_name, run_lock
 from runner.phases.decide import plan_for
 from runner.reports import render
 from runner.rollback import RollbackResult, emit_rollback_file, parse_batch_range, run_rollback
@@ -73,6 +73,17 @@ async def undo(
             )
         events.attach(run_dir.env(env) / "events.jsonl")
         async with run_lock(conn, run_id):
+            if not dry_run:
+                # recorded before the first row is restored: a rollback stopped half-way has
+                # changed the data too, and the run must not go forward on it
+                await ledger.record_event(
+                    conn,
+                    run_id,
+                    env,
+                    "rollback",
+                    operator_name(),
+                    {"batches": batches, "since": since.isoformat() if since else None},
+                )
             bpm = (run.plan.get("batching") or {}).get("batches_per_minute")
             result = await run_rollback(
                 conn,
@@ -115,5 +126,10 @@ async def undo(
             f"({result.actual_checksum} vs expected {result.expected_checksum})"
         )
     lines.append(f"  report: {path}")
+    if not dry_run:
+        lines.append(
+            f"  run {run_id} is recorded as rolled back in {env}: its later phases and gates "
+            "there refuse to go forward; start a new run to try again"
+        )
     ok = dry_run or result.verified
     return UndoOutcome(EXIT_DONE if ok else EXIT_FAILED, lines, result, path)

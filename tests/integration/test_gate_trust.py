@@ -196,3 +196,45 @@ def test_failed_criteria_edited_to_pass_need_the_override_anyway(
     assert "the ledger's record of the soak phase was changed outside backfill" in approve.output
     health = cli("health", str(plan), "-e", "prod", "--run", run_id, env=env)
     assert health.exit_code == 4, health.output
+
+
+def test_a_rolled_back_run_does_not_go_forward_and_every_report_says_so(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 200)
+    env = {"STAGING_DSN": db, "PROD_DSN": db}
+    plan = write_plan(workdir / "p.json")
+    run_id = _applied(cli, plan, env)
+    assert (
+        cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env).exit_code == 0
+    )
+    soaked = cli("soak", str(plan), "-e", "staging", "--run", run_id, "--duration", "1s", env=env)
+    assert soaked.exit_code == 3, soaked.output
+
+    undone = cli("rollback", run_id, "-e", "staging", env=env)
+    assert undone.exit_code == 0, undone.output
+    assert "recorded as rolled back in staging" in undone.output
+    assert val(db, "SELECT count(*) FROM items WHERE val = 'new'") == 40  # the original 'new's
+
+    approve = cli("approve", run_id, "--gate", "soak-staging", "--as", "alice", env=env)
+    assert approve.exit_code == 4, approve.output
+    assert "was rolled back in staging" in approve.output
+    for args in (
+        ("health", str(plan), "-e", "prod", "--run", run_id),
+        ("pipeline", str(plan), "--run", run_id, "-q"),
+        ("apply", str(plan), "-e", "staging", "--run", run_id, "-q"),
+    ):
+        refused = cli(*args, env=env)
+        assert refused.exit_code == 4, (args, refused.output)
+        assert "rolled back" in refused.output
+    assert val(db, "SELECT count(*) FROM items WHERE val = 'new'") == 40
+    assert val(db, "SELECT count(*) FROM backfill.gate_decisions") == 1
+
+    status = cli("status", run_id, env=env)
+    assert "ROLLED BACK in staging" in status.output, status.output
+    assert "gate soak-staging: rolled-back" in status.output
+    rendered = cli("report", run_id, env=env)
+    assert rendered.exit_code == 0, rendered.output
+    logs = workdir / "backfill_logs"
+    for name in ("backfill_summary.md", "staging_observability.md"):
+        assert "**Rolled back**: in `staging`" in next(logs.rglob(name)).read_text(), name
