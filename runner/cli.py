@@ -46,8 +46,38 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _RedactingStream:
+    """stdout or stderr as they are at write time, through the one redaction point: nothing this
+    process prints (messages, tables, tracebacks) can carry a registered secret."""
+
+    def __init__(self, name: Literal["stdout", "stderr"]) -> None:
+        self.name = name
+
+    @property
+    def _stream(self) -> Any:
+        return getattr(sys, self.name)
+
+    def write(self, text: str) -> int:
+        return int(self._stream.write(events.redact_text(text)))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
+
+    def fileno(self) -> int:
+        return int(self._stream.fileno())
+
+    @property
+    def encoding(self) -> str:
+        return str(getattr(self._stream, "encoding", None) or "utf-8")
+
+
+out = Console(file=_RedactingStream("stdout"), highlight=False, soft_wrap=True)  # type: ignore[arg-type]
+err = Console(file=_RedactingStream("stderr"), highlight=False, soft_wrap=True)  # type: ignore[arg-type]
 _state: dict[str, Any] = {"verbose": False, "quiet": False}
 
 PlanArg = Annotated[
@@ -116,7 +146,7 @@ def _run(make: Callable[[], Awaitable[int]]) -> None:
     except BackfillError as e:
         err.print(f"error: {events.redact_text(str(e))}", markup=False)
         if _state["verbose"]:
-            err.print(traceback.format_exc(), markup=False)
+            err.print(events.redact_text(traceback.format_exc()), markup=False)
         code = e.exit_code
     except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError) as e:
         err.print(
@@ -135,7 +165,7 @@ def _run(make: Callable[[], Awaitable[int]]) -> None:
             markup=False,
         )
         if _state["verbose"]:
-            err.print(traceback.format_exc(), markup=False)
+            err.print(events.redact_text(traceback.format_exc()), markup=False)
         code = EXIT_FAILED
     except KeyboardInterrupt:
         err.print(
@@ -149,7 +179,7 @@ def _run(make: Callable[[], Awaitable[int]]) -> None:
         )
         err.print("run again with -v for the traceback, and report it", markup=False)
         if _state["verbose"]:
-            err.print(traceback.format_exc(), markup=False)
+            err.print(events.redact_text(traceback.format_exc()), markup=False)
         code = EXIT_FAILED
     finally:
         events.detach()

@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from runner import redact
 from runner.errors import InvalidInput
 
 LEDGER_SCHEMA = "backfill"
@@ -320,7 +321,7 @@ async def save_phase(
         phase,
         status,
         criteria,
-        json.dumps(result, default=str),
+        json.dumps(redact.redact_value(result), default=str),
         report_digest,
         finished,
     )

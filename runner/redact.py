@@ -18,7 +18,7 @@ MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary words and digits eve
 # holding `@ / : #` is masked whole, whatever a URL parser would make of it
 _URL_PASSWORD = re.compile(r"(?i)\b(postgres(?:ql)?://[^:/@\s]*:)[^\s]*@")
 _QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&\s]*")
-_KV_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)")
+_KV_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.|'')*'|\S+)")
 
 
 def dsn_password(dsn: str) -> str | None:

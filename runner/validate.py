@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from runner import redact
 from runner.db import Databases
 from runner.engine.target import TargetInfo, resolve_target
 from runner.errors import InvalidInput
@@ -75,8 +76,10 @@ async def _check_sql(
             Finding(
                 where,
                 False,
-                f"{e.__class__.__name__.removesuffix('Error')}: "
-                f"{' '.join(str(e).split())}{_position(sql, e)}",
+                redact.redact_text(
+                    f"{e.__class__.__name__.removesuffix('Error')}: "
+                    f"{' '.join(str(e).split())}{_position(sql, e)}"
+                ),
             )
         )
         return None

@@ -17,7 +17,7 @@ import asyncpg
 import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
-from runner import events, ledger
+from runner import events, ledger, redact
 from runner.artifacts import RunDir, new_run_id, write_json
 from runner.db import Databases, close_quietly, fetch_one
 from runner.engine.discovery import ConvergenceCheck, Discovery, Span
@@ -315,6 +315,17 @@ async def _run_batches(
         return c
 
     async def record(outcome: BatchOutcome) -> None:
+        # database errors quote values, and values may be secrets: redacted before any write
+        outcome.errors = redact.redact_value(outcome.errors)
+        outcome.error = None if outcome.error is None else redact.redact_text(outcome.error)
+        if outcome.status == "done" and outcome.errors:
+            # the executor recorded a retried batch's earlier errors as it committed
+            await conn.execute(
+                "UPDATE backfill.batches SET errors = $3::jsonb WHERE run_id = $1 AND batch_no = $2",
+                run_id,
+                outcome.batch_no,
+                json.dumps(outcome.errors),
+            )
         state.outcomes.append(outcome)
         write_json(batch_dir / f"batch_{outcome.batch_no:05d}.json", outcome.as_json())
         if outcome.status == "failed":

@@ -20,7 +20,7 @@ import anyio
 import asyncpg
 import structlog
 
-from runner import events, ledger
+from runner import events, ledger, redact
 from runner.artifacts import RunDir, write_text
 from runner.db import Databases, close_quietly
 from runner.engine import dbhealth
@@ -254,6 +254,7 @@ async def soak(
                         outcome, detail = "error", f"connection: {e}"
                         await close_quietly(ro)
                         ro = await dbs.connect(env, read_only=True)
+                    detail = redact.redact_text(detail)  # errors quote values: secrets too
                     counts[c.name][outcome] += 1
                     streaks[c.name] = streaks[c.name] + 1 if outcome == "error" else 0
                     outcomes[c.name] = outcome if value is None else f"{outcome}({value:g})"
