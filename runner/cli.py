@@ -198,6 +198,16 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return next((e for e in leaves if isinstance(e, BackfillError)), leaves[0])
 
 
+def _run_flag(run: str | None) -> str | None:
+    """`--run`, refusing an empty BACKFILL_RUN (click reads it as unset) instead of a new run."""
+    if run is None and os.environ.get("BACKFILL_RUN") == "":
+        raise InvalidInput(
+            "BACKFILL_RUN is set but empty",
+            hint="unset it to start a new run, or set it to the run id to continue",
+        )
+    return run
+
+
 def _load(path: Path) -> LoadedPlan:
     loaded = load_plan(path)
     events.add_secrets(loaded.secrets)
@@ -441,7 +451,7 @@ def apply(
                     loaded,
                     dbs,
                     env=env,
-                    run_id=run,
+                    run_id=_run_flag(run),
                     dry_run=dry_run,
                     operator=operator_name(),
                     progress=view,
@@ -666,7 +676,7 @@ def pipeline(
         try:
             outcome = await run_pipeline(
                 loaded,
-                run_id=run,
+                run_id=_run_flag(run),
                 operator=operator_name(),
                 progress=view,
                 say=lambda s: out.print(s, markup=False),

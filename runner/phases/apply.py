@@ -18,7 +18,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
 from runner import events, ledger, redact
-from runner.artifacts import RunDir, new_run_id, write_json
+from runner.artifacts import RunDir, check_run_id, new_run_id, write_json
 from runner.db import Databases, close_quietly, fetch_one
 from runner.engine.discovery import ConvergenceCheck, Discovery, Span
 from runner.engine.executor import Batch, BatchExecutor, BatchOutcome, failure_error
@@ -39,6 +39,7 @@ from runner.phases.common import (
 )
 from runner.plan import LoadedPlan
 from runner.rollback import emit_rollback_file
+from runner.validate import refuse_unfit, validate_env
 
 log = structlog.get_logger("backfill.apply")
 
@@ -161,13 +162,17 @@ async def apply(
         raise InvalidInput(
             "a mini plan continues a run: pass --run RUN (the run its health check belongs to)"
         )
+    if run_id is not None:  # before anything is written, even the ledger schema
+        check_run_id(run_id, plan.parent.name if plan.parent else plan.name)
+    # the discovery and apply must fit the database before a run, or the ledger, is created
+    refuse_unfit(await validate_env(loaded, dbs, env, with_checks=False), str(loaded.path))
     if dry_run:
         return await _dry_run(loaded, dbs, env, stage, cmd)
 
     conn = await dbs.connect(env)
     try:
-        await ledger.ensure_ledger(conn)
         target = await resolve_target(conn, plan.target)
+        await ledger.ensure_ledger(conn)
         run_id = run_id or new_run_id(plan.name)
         run = await ensure_run(conn, loaded, env, run_id, target, operator, create=not plan.is_mini)
         if run.plan_digest != loaded.digest and not plan.is_mini:

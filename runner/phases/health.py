@@ -14,7 +14,7 @@ import asyncpg
 import structlog
 
 from runner import events, ledger
-from runner.artifacts import RunDir, write_json, write_text
+from runner.artifacts import RunDir, check_run_id, write_json, write_text
 from runner.db import Databases, close_quietly, fetch_one
 from runner.engine import dbhealth
 from runner.engine.target import TargetInfo, resolve_target
@@ -34,6 +34,7 @@ from runner.phases.common import (
 )
 from runner.plan import LoadedPlan, validate_raw
 from runner.reports import render
+from runner.validate import refuse_unfit, validate_env
 
 log = structlog.get_logger("backfill.health")
 REPORT = "prod_health_check.md"
@@ -169,6 +170,7 @@ async def health(
         )
     staging = plan.pipeline.staging
     gate = gate_name("health", env)
+    check_run_id(run_id, plan.name)
     s_conn = await dbs.connect(staging, read_only=True)
     conn = await dbs.connect(env)
     ro = await dbs.connect(env, read_only=True)
@@ -188,12 +190,13 @@ async def health(
         staging_shape = await table_shape(s_conn, staging_run.target_table)
         staging_decisions = await ledger.decisions(s_conn, run_id)
 
-        await ledger.ensure_ledger(conn)
+        refuse_unfit(await validate_env(loaded, dbs, env, with_checks=False), str(loaded.path))
         if (rolled_back := await rollback_note(conn, run_id)) is not None:
             raise NoGo(
                 f"the prod health check of run {run_id} cannot run: {rolled_back}",
                 hint="start a new run",
             )
+        await ledger.ensure_ledger(conn)
         async with ro.transaction(readonly=True):
             target: TargetInfo = await resolve_target(ro, plan.target)
             needing = await fetch_one(ro, target.discovery_count_sql(plan.discovery.sql))

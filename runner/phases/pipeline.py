@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import ledger
-from runner.artifacts import RunDir, list_runs
+from runner.artifacts import RunDir, check_run_id, list_runs
 from runner.db import Databases
 from runner.errors import EXIT_DONE, EXIT_GATE_WAITING, EXIT_NO_GO, InvalidInput
 from runner.gates import GateState, gate_name
@@ -83,6 +83,8 @@ async def run_pipeline(
     """Run phases until a gate waits (exit 3), a gate says no (exit 4) or the rollout is done (0)."""
     plan = loaded.plan
     cmd = command_prefix()
+    if run_id is not None:
+        check_run_id(run_id, plan.name)
     async with Databases(plan) as dbs:
         while True:
             if run_id is None:

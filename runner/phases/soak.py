@@ -21,7 +21,7 @@ import asyncpg
 import structlog
 
 from runner import events, ledger, redact
-from runner.artifacts import RunDir, write_text
+from runner.artifacts import RunDir, check_run_id, write_text
 from runner.db import Databases, close_quietly
 from runner.engine import dbhealth
 from runner.errors import InvalidInput
@@ -166,16 +166,17 @@ async def soak(
             "the plan has no soak checks: add [[soak.checks]] entries", hint="see plans/README.md"
         )
     gate = gate_name("soak", env)
+    check_run_id(run_id, plan.name)
     conn = await dbs.connect(env)
     ro = await dbs.connect(env, read_only=True)
     try:
-        await ledger.ensure_ledger(conn)
         run = await ledger.get_run(conn, run_id)
         if run is None:
             raise InvalidInput(
                 f"run {run_id} has no apply in environment {env!r}",
                 hint="soak the environment the run was applied to",
             )
+        await ledger.ensure_ledger(conn)
         state = await gate_state(
             conn, run_id, "apply", gate_name("apply", env), loaded.digest, loaded
         )
