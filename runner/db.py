@@ -18,7 +18,7 @@ import asyncpg
 import psutil  # type: ignore[import-untyped]
 
 from runner import redact
-from runner.errors import ConnectionFailed, InvalidInput
+from runner.errors import BackfillError, ConnectionFailed, InvalidInput
 from runner.plan import Plan
 
 EMBEDDED = "embedded"
@@ -187,7 +187,12 @@ class Databases:
         return self._embedded.uri(env)
 
     async def connect(self, env: str, *, read_only: bool = False) -> asyncpg.Connection:
-        return await connect(await self.dsn(env), what=f"environment {env!r}", read_only=read_only)
+        try:
+            return await connect(
+                await self.dsn(env), what=f"environment {env!r}", read_only=read_only
+            )
+        except ConnectionFailed as e:
+            raise classify_connect_error(e) from None
 
     @contextlib.asynccontextmanager
     async def connection(
@@ -221,6 +226,36 @@ async def connect(dsn: str, *, what: str, read_only: bool = False) -> asyncpg.Co
             hint="check the DSN in the plan and that the server is reachable",
         ) from None
     return conn
+
+
+def classify_connect_error(e: ConnectionFailed) -> BackfillError:
+    """Invalid input (exit 2) when the DSN itself is wrong — its form, the login, the database —
+    and a failure of the work (exit 1) only when the server cannot be reached."""
+    cause = e.__context__
+    if isinstance(
+        cause,
+        asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError,
+    ):
+        return InvalidInput(
+            f"{e.message} — the server refused the login",
+            hint="check the user and password of this environment's DSN",
+        )
+    if isinstance(cause, asyncpg.InvalidCatalogNameError):
+        return InvalidInput(
+            f"{e.message} — no such database on that server",
+            hint="check the database name of this environment's DSN",
+        )
+    if isinstance(cause, ValueError) and not isinstance(cause, OSError):
+        return InvalidInput(
+            f"{e.message} — the DSN cannot be read",
+            hint="write postgresql://user@host:5432/dbname, `host=… dbname=…` or `embedded`",
+        )
+    if isinstance(cause, OSError):
+        return ConnectionFailed(
+            f"{e.message} — the server is unreachable (nothing answered at that host and port)",
+            hint="check the host and port, that the server runs, and the network between",
+        )
+    return e
 
 
 async def fetch_one(conn: asyncpg.Connection, query: str, *args: Any) -> asyncpg.Record:

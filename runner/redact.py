@@ -16,7 +16,7 @@ MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary words and digits eve
 
 # scheme://user:password@host — the password runs to the *last* `@` of the word, so a password
 # holding `@ / : #` is masked whole, whatever a URL parser would make of it
-_URL_PASSWORD = re.compile(r"(?i)\b(postgres(?:ql)?://[^:/@\s]*:)[^\s]*@")
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*:)[^\s]*@")
 _QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&\s]*")
 _KV_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.|'')*'|\S+)")
 

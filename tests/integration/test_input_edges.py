@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -109,3 +110,49 @@ def test_validate_env_refuses_an_apply_that_is_not_an_update_of_the_target_and_t
     result = cli("validate", str(plan), "-e", "staging", env={"STAGING_DSN": db, "PROD_DSN": db})
     assert result.exit_code == 2, result.output
     assert needle in result.output
+
+
+def _with(dsn: str, *, user: str | None = None, database: str | None = None) -> str:
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if user is not None:
+        netloc = f"{user}@{netloc.rsplit('@', 1)[-1]}"
+    path = f"/{database}" if database is not None else parts.path
+    return urlunsplit(parts._replace(netloc=netloc, path=path))
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "needle"),
+    [
+        ({"user": "nobody_here"}, 2, "the server refused the login"),
+        ({"database": "no_such_db"}, 2, "no such database on that server"),
+    ],
+    ids=["unknown-login", "missing-database"],
+)
+def test_a_wrong_login_or_database_is_invalid_input(
+    cli: Callable[..., Any],
+    workdir: Path,
+    db: str,
+    change: dict[str, str],
+    code: int,
+    needle: str,
+) -> None:
+    plan = write_plan(workdir / "p.json")
+    dsn = _with(db, **change)
+    result = cli(
+        "apply", str(plan), "-e", "staging", "-q", env={"STAGING_DSN": dsn, "PROD_DSN": dsn}
+    )
+    assert result.exit_code == code, result.output
+    assert needle in result.output
+    assert "cannot connect to environment 'staging'" in result.output
+
+
+def test_an_unreachable_server_says_so(cli: Callable[..., Any], workdir: Path) -> None:
+    plan = write_plan(workdir / "p.json")
+    dsn = "postgresql://someone:s3cr3tpass@127.0.0.1:1/nope"
+    result = cli(
+        "apply", str(plan), "-e", "staging", "-q", env={"STAGING_DSN": dsn, "PROD_DSN": dsn}
+    )
+    assert result.exit_code == 1, result.output
+    assert "the server is unreachable" in result.output
+    assert "s3cr3tpass" not in result.output
