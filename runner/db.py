@@ -135,6 +135,7 @@ class Databases:
 
     def __init__(self, plan: Plan) -> None:
         self._dsns = {name: env.dsn for name, env in plan.environments.items()}
+        self._read_roles = {name: env.read_role for name, env in plan.environments.items()}
         self._embedded: EmbeddedServer | None = None
         self._home: Path | None = None
         self._created: set[str] = set()
@@ -188,11 +189,22 @@ class Databases:
 
     async def connect(self, env: str, *, read_only: bool = False) -> asyncpg.Connection:
         try:
-            return await connect(
+            conn = await connect(
                 await self.dsn(env), what=f"environment {env!r}", read_only=read_only
             )
         except ConnectionFailed as e:
             raise classify_connect_error(e) from None
+        role = self._read_roles.get(env)
+        if read_only and role:
+            try:
+                await conn.execute(f"SET ROLE {quote_ident(role)}")
+            except asyncpg.PostgresError as e:
+                await close_quietly(conn)
+                raise InvalidInput(
+                    f"environments.{env}.read_role: cannot SET ROLE {role}: {e}",
+                    hint=f"GRANT {role} TO the DSN's user, or remove read_role",
+                ) from None
+        return conn
 
     @contextlib.asynccontextmanager
     async def connection(

@@ -174,6 +174,8 @@ class PlanMeta(_Model):
 class Environment(_Model):
     dsn: NonEmpty
     """A libpq URL, or `embedded` for the runner's own PostgreSQL server."""
+    read_role: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+    """A role with only read privileges: discovery, checks and health run under it (SET ROLE)."""
 
     @field_validator("dsn")
     @classmethod

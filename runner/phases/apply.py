@@ -20,7 +20,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from runner import events, ledger, redact
 from runner.artifacts import RunDir, check_run_id, new_run_id, write_json
 from runner.db import Databases, close_quietly, fetch_one
-from runner.engine.discovery import ConvergenceCheck, Discovery, Span
+from runner.engine.discovery import ConvergenceCheck, Discovery, Span, read_only
 from runner.engine.executor import Batch, BatchExecutor, BatchOutcome, failure_error
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
@@ -101,7 +101,9 @@ async def _resume_point(conn: asyncpg.Connection, run_id: str) -> tuple[list[str
 
 
 async def _count(conn: asyncpg.Connection, discovery_sql: str) -> int:
-    return int(await conn.fetchval(f"SELECT count(*) FROM ({discovery_sql}) AS d"))
+    """How many rows discovery returns, in a READ ONLY transaction (invariant 5)."""
+    async with read_only(conn):
+        return int(await conn.fetchval(f"SELECT count(*) FROM ({discovery_sql}) AS d"))
 
 
 async def _dry_run(
@@ -278,6 +280,26 @@ async def _run_batches(
     stage: str,
     progress: ProgressCallback | None,
 ) -> _Pass:
+    # discovery reads on its own read-only connection (and the plan's read_role, if any):
+    # a discovery that calls a writing function fails instead of writing outside any batch
+    reader = await dbs.connect(env, read_only=True)
+    try:
+        return await _run_passes(conn, reader, dbs, loaded, target, run_id, env, stage, progress)
+    finally:
+        await close_quietly(reader)
+
+
+async def _run_passes(
+    conn: asyncpg.Connection,
+    reader: asyncpg.Connection,
+    dbs: Databases,
+    loaded: LoadedPlan,
+    target: TargetInfo,
+    run_id: str,
+    env: str,
+    stage: str,
+    progress: ProgressCallback | None,
+) -> _Pass:
     plan = loaded.plan
     b = plan.batching
     state = _Pass()
@@ -291,7 +313,7 @@ async def _run_batches(
         )
         stop_after = max(plan.canary.batches - int(done_in_canary), 0)
     t_count = time.perf_counter()
-    state.rows_needing_at_start = await _count(conn, plan.discovery.sql)
+    state.rows_needing_at_start = await _count(reader, plan.discovery.sql)
     state.counting_seconds += time.perf_counter() - t_count
     if progress:
         progress(
@@ -305,7 +327,7 @@ async def _run_batches(
             },
         )
     throttle = Throttle(b.batches_per_minute, b.rows_per_second, b.size)
-    discovery = Discovery(conn, target, plan.discovery.sql, b.size)
+    discovery = Discovery(reader, target, plan.discovery.sql, b.size)
     run_dir = RunDir.of(run_id)
     batch_dir = run_dir.env(env) / "batches"
     totals: Counter[str] = Counter()
@@ -425,8 +447,11 @@ async def _run_batches(
         checker: ConvergenceCheck | None = None
 
         async def open_checker() -> ConvergenceCheck:
-            c = await new_conn()
-            await c.execute("SET default_transaction_read_only = on")
+            c = await dbs.connect(env, read_only=True)
+            await c.execute(
+                "SELECT set_config('statement_timeout', $1, false)",
+                f"{int(b.statement_timeout * 1000)}ms",
+            )
             return ConvergenceCheck(c, target, plan.discovery.sql, run_id)
 
         async with spans:
@@ -482,10 +507,10 @@ async def _run_batches(
             break
         if state.unverified_spans:
             t_count = time.perf_counter()
-            state.remaining_after = await _count(conn, plan.discovery.sql)
+            state.remaining_after = await _count(reader, plan.discovery.sql)
             state.counting_seconds += time.perf_counter() - t_count
             if state.remaining_after:
-                whole = ConvergenceCheck(conn, target, plan.discovery.sql, run_id)
+                whole = ConvergenceCheck(reader, target, plan.discovery.sql, run_id)
                 state.stuck = (await whole.check(Span(None, None, None))).stuck
                 _raise_if_stuck(state)
         if state.remaining_after == 0:
