@@ -480,7 +480,8 @@ def _decide(
         )
         verb = "approved" if decision == "approve" else "rejected"
         out.print(
-            f"gate {gate} of run {run}: {verb} by {actor}" + (" (override)" if override else ""),
+            f"gate {gate} of run {run}: {verb} by {actor or 'your database login'}"
+            + (" (override)" if override else ""),
             markup=False,
         )
         out.print(f"next: {state}", markup=False)
@@ -492,7 +493,10 @@ def _decide(
 ActorOpt = Annotated[
     str,
     typer.Option(
-        "--as", help="Who decides (must be in gates.approvers).", envvar="BACKFILL_APPROVER"
+        "--as",
+        help="Who decides (must be in gates.approvers). With gates.identity = 'database', "
+        "your database login (BACKFILL_APPROVER_DSN) decides and --as may be left out.",
+        envvar="BACKFILL_APPROVER",
     ),
 ]
 GateOpt = Annotated[
@@ -513,7 +517,7 @@ PlanOpt = Annotated[
 def approve(
     run: Annotated[str, typer.Argument(help="The run id.")],
     gate: GateOpt,
-    actor: ActorOpt,
+    actor: ActorOpt = "",
     note: NoteOpt = "",
     override: Annotated[
         bool, typer.Option("--override", help="Open a gate whose criteria failed (needs --note).")
@@ -528,7 +532,7 @@ def approve(
 def reject(
     run: Annotated[str, typer.Argument(help="The run id.")],
     gate: GateOpt,
-    actor: ActorOpt,
+    actor: ActorOpt = "",
     note: NoteOpt = "",
     plan: PlanOpt = None,
 ) -> None:

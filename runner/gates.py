@@ -63,6 +63,18 @@ def variable_changes(
     return changes
 
 
+def counts(d: Decision, policy: Gates | None, operator: str | None) -> bool:
+    """Whether a recorded decision is one the plan's gate policy allows. A row `backfill approve`
+    would have refused (an outsider, self-approval, another login's name) is not a decision."""
+    if policy is None:
+        return True
+    if policy.approvers and d.actor not in policy.approvers:
+        return False
+    if operator is not None and d.actor == operator and not policy.allow_self_approval:
+        return False
+    return policy.identity != "database" or d.db_user == d.actor
+
+
 def evaluate(
     gate: str,
     criteria: str | None,
@@ -75,6 +87,8 @@ def evaluate(
     phase_seal: str | None = None,
     tampered: str | None = None,
     rolled_back: str | None = None,
+    policy: Gates | None = None,
+    operator: str | None = None,
 ) -> GateState:
     """The gate's state from the phase's criteria, its decisions and what is current now.
 
@@ -86,7 +100,7 @@ def evaluate(
         return GateState(gate, "rolled-back", rolled_back, criteria)
     if criteria is None:
         return GateState(gate, "not-reached", "the phase before this gate has not finished", None)
-    mine = [d for d in decisions if d.gate == gate]
+    mine = [d for d in decisions if d.gate == gate and counts(d, policy, operator)]
     reject = next((d for d in mine if d.decision == "reject"), None)
     if reject is not None:
         why = f"rejected by {reject.actor}" + (f": {reject.note}" if reject.note else "")

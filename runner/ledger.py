@@ -164,6 +164,23 @@ MIGRATIONS: list[str] = [
         ADD COLUMN prev_hash     text NOT NULL DEFAULT '',
         ADD COLUMN chain_hash    text NOT NULL DEFAULT '';
     ALTER TABLE backfill.phases ADD COLUMN seal text NOT NULL DEFAULT '';
+    -- who recorded a decision is the database's word, not the client's; decisions are
+    -- append-only. The table's owner can still disable this: see SECURITY.md for the setup
+    -- where the owner is neither the runner's nor an approver's login.
+    CREATE FUNCTION backfill.decision_identity() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP <> 'INSERT' THEN
+            RAISE EXCEPTION 'backfill.gate_decisions is append-only: % refused', TG_OP
+                USING HINT = 'a decision is never changed or removed; a reject is final';
+        END IF;
+        NEW.db_user := session_user;
+        NEW.decided_at := now();
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER decision_identity BEFORE INSERT OR UPDATE OR DELETE
+        ON backfill.gate_decisions FOR EACH ROW EXECUTE FUNCTION backfill.decision_identity();
+    CREATE TRIGGER decision_no_truncate BEFORE TRUNCATE
+        ON backfill.gate_decisions FOR EACH STATEMENT EXECUTE FUNCTION backfill.decision_identity();
     CREATE TABLE backfill.run_events (
         id      bigserial PRIMARY KEY,
         run_id  text NOT NULL REFERENCES backfill.runs,
@@ -321,10 +338,17 @@ async def save_phase(
         phase,
         status,
         criteria,
-        json.dumps(redact.redact_value(result), default=str),
+        json.dumps(_redacted_result(result), default=str),
         report_digest,
         finished,
     )
+
+
+def _redacted_result(result: dict[str, Any]) -> dict[str, Any]:
+    """A phase result as the ledger keeps it: through the redaction point, except the mini plan,
+    which is the plan file's own uninterpolated text (its digest must survive)."""
+    kept = {k: v for k, v in result.items() if k == "mini_plan"}
+    return {**redact.redact_value({k: v for k, v in result.items() if k != "mini_plan"}), **kept}
 
 
 async def set_report_digest(conn: asyncpg.Connection, run_id: str, phase: str, digest: str) -> None:

@@ -12,7 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -348,6 +348,19 @@ class Health(_Model):
 class Gates(_Model):
     approvers: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     allow_self_approval: bool = False
+    identity: Literal["declared", "database"] = "declared"
+    """`declared`: `--as NAME` names the approver. `database`: the approver is the database
+    login that recorded the decision (BACKFILL_APPROVER_DSN), and the runner's login must be
+    unable to write decisions (SECURITY.md)."""
+
+    @model_validator(mode="after")
+    def _named_approvers(self) -> Gates:
+        if self.identity == "database" and not self.approvers:
+            raise ValueError(
+                "gates.identity = 'database' needs gates.approvers: the database logins "
+                "that may decide"
+            )
+        return self
 
 
 class Variables(_Model):
@@ -627,7 +640,8 @@ def validate_raw(
         )
         for name, (value, from_default) in sorted(uses.values.items())
     )
-    secrets = frozenset(v.value for v in variables if v.secret and v.value)
+    # a default is written in the plan for anyone to read: only values from outside are secret
+    secrets = frozenset(v.value for v in variables if v.secret and v.value and not v.from_default)
     redact.register(secrets)  # before anything below can print a value
     try:
         plan = Plan.model_validate(data)

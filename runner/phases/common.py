@@ -144,6 +144,31 @@ async def rollback_note(conn: asyncpg.Connection, run_id: str) -> str | None:
     )
 
 
+_CAN_WRITE_DECISIONS = """
+SELECT r.rolsuper
+    OR pg_has_role(session_user, c.relowner, 'USAGE')
+    OR has_table_privilege(session_user, c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE')
+FROM pg_class c, pg_roles r
+WHERE c.oid = to_regclass('backfill.gate_decisions') AND r.rolname = session_user
+"""
+
+
+async def refuse_forgeable_ledger(conn: asyncpg.Connection) -> None:
+    """With gates.identity = 'database', a gate trusts decisions only if the login running the
+    phases cannot write them: not a superuser, not the owner, no write privilege."""
+    if await conn.fetchval("SELECT to_regclass('backfill.gate_decisions') IS NULL"):
+        return
+    if await conn.fetchval(_CAN_WRITE_DECISIONS):
+        who = await conn.fetchval("SELECT session_user")
+        raise InvalidInput(
+            f"gates.identity = 'database', but this login ({who}) can write "
+            "backfill.gate_decisions (superuser, owner, or a write privilege), so it could "
+            "forge an approval",
+            hint="run phases with a login that may only read that table; SECURITY.md shows "
+            "the setup",
+        )
+
+
 async def gate_state(
     conn: asyncpg.Connection,
     run_id: str,
@@ -153,6 +178,8 @@ async def gate_state(
     bound: LoadedPlan | None = None,
 ) -> GateState:
     """The gate after `phase`, evaluated against what would run now: `bound`'s variables."""
+    if bound is not None and bound.plan.gates.identity == "database":
+        await refuse_forgeable_ledger(conn)
     row = await ledger.get_phase(conn, run_id, phase)
     criteria = row.criteria if row and row.finished_at else None
     secrets: dict[str, str] = {}
@@ -171,6 +198,8 @@ async def gate_state(
         phase_seal=row.seal if row and row.finished_at else None,
         tampered=await integrity_problem(conn, run_id),
         rolled_back=await rollback_note(conn, run_id),
+        policy=bound.plan.gates if bound is not None else None,
+        operator=str(row.result.get("operator", "")) if row else None,
     )
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
-from runner import ledger
+import asyncpg
+
+from runner import ledger, redact
 from runner.artifacts import RunDir
-from runner.db import Databases
-from runner.errors import InvalidInput, NoGo
+from runner.db import Databases, classify_connect_error, close_quietly, connect
+from runner.errors import ConnectionFailed, InvalidInput, NoGo
 from runner.gates import check_decision, new_decision, text_digest, variable_changes
 from runner.phases.common import command_prefix, integrity_problem, rollback_note
 from runner.plan import LoadedPlan, load_plan
@@ -38,6 +43,34 @@ def plan_for(run_id: str, key: str, override: Path | None) -> LoadedPlan:
     return load_plan(manifest[key])
 
 
+@contextlib.asynccontextmanager
+async def _decision_connection(
+    loaded: LoadedPlan, dbs: Databases, env: str
+) -> AsyncIterator[asyncpg.Connection]:
+    """The connection a decision is recorded through: the approver's own login when the plan's
+    gates.identity is 'database' (so PostgreSQL, not a flag, says who decided)."""
+    if loaded.plan.gates.identity != "database":
+        async with dbs.connection(env) as conn:
+            yield conn
+        return
+    dsn = os.environ.get("BACKFILL_APPROVER_DSN", "")
+    if not dsn:
+        raise InvalidInput(
+            "gates.identity = 'database': a decision is recorded through your own database login",
+            hint=f"set BACKFILL_APPROVER_DSN to {env}'s database with your login, e.g. "
+            "postgresql://alice@db.example.com/app",
+        )
+    redact.register({dsn})
+    try:
+        conn = await connect(dsn, what="your approver login (BACKFILL_APPROVER_DSN)")
+    except ConnectionFailed as e:
+        raise classify_connect_error(e) from None
+    try:
+        yield conn
+    finally:
+        await close_quietly(conn)
+
+
 def split_gate(gate: str) -> tuple[str, str]:
     phase, _, env = gate.partition("-")
     if phase not in GATE_PHASES or not env:
@@ -61,7 +94,16 @@ async def decide(
     phase, env = split_gate(gate)
     loaded = plan_for(run_id, GATE_PHASES[phase], plan_path)
     run_dir = RunDir.of(run_id)
-    async with Databases(loaded.plan) as dbs, dbs.connection(env) as conn:
+    async with Databases(loaded.plan) as dbs, _decision_connection(loaded, dbs, env) as conn:
+        if loaded.plan.gates.identity == "database":
+            login = str(await conn.fetchval("SELECT session_user"))
+            if actor and actor != login:
+                raise InvalidInput(
+                    f"--as {actor}, but you are logged in as {login}: with gates.identity = "
+                    "'database' the approver is the database login that records the decision",
+                    hint="set BACKFILL_APPROVER_DSN to your own login, and leave out --as",
+                )
+            actor = login
         row = await ledger.get_phase(conn, run_id, phase)
         if row is None or row.finished_at is None:
             raise InvalidInput(

@@ -10,8 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+import pytest
+
 from tests.conftest import make_items, sql, val, write_plan
 from tests.integration.test_apply import run_id_of
+from tests.integration.test_input_edges import _with
 
 TAGGED = {
     "discovery__sql": "SELECT id FROM items WHERE val IS DISTINCT FROM '${TAG:-v2}'",
@@ -169,7 +173,14 @@ def test_a_reject_edited_into_an_approval_opens_nothing(
     assert (
         cli("reject", run_id, "--gate", "apply-staging", "--as", "bob", "--note", "no", env=env)
     ).exit_code == 0
-    sql(db, "UPDATE backfill.gate_decisions SET decision = 'approve', actor = 'alice'")
+    with pytest.raises(asyncpg.RaiseError, match="append-only"):
+        sql(db, "UPDATE backfill.gate_decisions SET decision = 'approve', actor = 'alice'")
+    # the table's owner can switch the guard off; the chain still tells
+    sql(
+        db,
+        "ALTER TABLE backfill.gate_decisions DISABLE TRIGGER decision_identity;"
+        " UPDATE backfill.gate_decisions SET decision = 'approve', actor = 'alice'",
+    )
     refused = cli("soak", str(plan), "-e", "staging", "--run", run_id, env=env)
     assert refused.exit_code == 4, refused.output
     assert "decision #1 (approve of apply-staging by alice) does not verify" in refused.output
@@ -238,3 +249,91 @@ def test_a_rolled_back_run_does_not_go_forward_and_every_report_says_so(
     logs = workdir / "backfill_logs"
     for name in ("backfill_summary.md", "staging_observability.md"):
         assert "**Rolled back**: in `staging`" in next(logs.rglob(name)).read_text(), name
+
+
+def test_with_database_identity_only_an_approvers_own_login_can_open_a_gate(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 100)
+    tag = db.rsplit("/", 1)[-1].split("?", maxsplit=1)[0][-8:]
+    runner, alice, bob, approvers = (f"{n}_{tag}" for n in ("runner", "alice", "bob", "approvers"))
+    sql(
+        db,
+        f"CREATE ROLE {runner} LOGIN; CREATE ROLE {approvers} NOLOGIN;"
+        f" CREATE ROLE {alice} LOGIN IN ROLE {approvers}; CREATE ROLE {bob} LOGIN IN ROLE {approvers};"
+        f" GRANT SELECT, UPDATE ON items TO {runner}",
+    )
+    admin_env = {"STAGING_DSN": db, "PROD_DSN": db}
+    env = {"STAGING_DSN": _with(db, user=runner), "PROD_DSN": _with(db, user=runner)}
+    plan = write_plan(workdir / "p.json", gates={"approvers": [alice, bob], "identity": "database"})
+    try:
+        assert cli("init", str(plan), "-e", "staging", env=admin_env).exit_code == 0
+        sql(
+            db,
+            f"GRANT USAGE ON SCHEMA backfill TO {runner}, {approvers};"
+            f" GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA backfill TO {runner};"
+            f" REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON backfill.gate_decisions FROM {runner};"
+            f" GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA backfill TO {runner};"
+            f" GRANT SELECT ON ALL TABLES IN SCHEMA backfill TO {approvers};"
+            f" GRANT INSERT ON backfill.gate_decisions TO {approvers};"
+            f" GRANT USAGE ON SEQUENCE backfill.gate_decisions_id_seq TO {approvers}",
+        )
+        run_id = _applied(cli, plan, env)
+        gate = ("--gate", "apply-staging")
+
+        # the runner's login cannot record a decision, through backfill or by hand
+        as_runner = cli(
+            "approve", run_id, *gate, env={**env, "BACKFILL_APPROVER_DSN": env["STAGING_DSN"]}
+        )
+        assert as_runner.exit_code != 0, as_runner.output
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            sql(
+                env["STAGING_DSN"],
+                "INSERT INTO backfill.gate_decisions (run_id, gate, decision, actor, plan_digest,"
+                " report_digest, criteria) VALUES ($1, 'apply-staging', 'approve', $2, '', '', 'pass')",
+                run_id,
+                alice,
+            )
+        # an approver's login cannot decide in another's name
+        alice_env = {**env, "BACKFILL_APPROVER_DSN": _with(db, user=alice)}
+        posing = cli("approve", run_id, *gate, "--as", bob, env=alice_env)
+        assert posing.exit_code == 2, posing.output
+        assert f"but you are logged in as {alice}" in posing.output
+        sql(
+            _with(db, user=alice),
+            "INSERT INTO backfill.gate_decisions (run_id, gate, decision, actor, plan_digest,"
+            " report_digest, criteria, db_user) VALUES ($1, 'apply-staging', 'approve', $2, '', '', 'pass', $2)",
+            run_id,
+            bob,
+        )
+        assert val(db, "SELECT db_user FROM backfill.gate_decisions") == alice  # PostgreSQL's word
+        waiting = cli("soak", str(plan), "-e", "staging", "--run", run_id, env=env)
+        assert waiting.exit_code in (3, 4), (
+            waiting.output
+        )  # bob's name on alice's row opens nothing
+        sql(
+            db,
+            "ALTER TABLE backfill.gate_decisions DISABLE TRIGGER decision_identity;"
+            " DELETE FROM backfill.gate_decisions;"
+            " ALTER TABLE backfill.gate_decisions ENABLE TRIGGER decision_identity",
+        )
+
+        approved = cli("approve", run_id, *gate, env=alice_env)
+        assert approved.exit_code == 0, approved.output
+        soaked = cli(
+            "soak", str(plan), "-e", "staging", "--run", run_id, "--duration", "1s", env=env
+        )
+        assert soaked.exit_code == 3, soaked.output
+        assert "verdict PASS" in soaked.output
+
+        # a runner login that could write decisions is refused: it could forge them
+        sql(db, f"GRANT INSERT ON backfill.gate_decisions TO {runner}")
+        forgeable = cli("pipeline", str(plan), "--run", run_id, "-q", env=env)
+        assert forgeable.exit_code == 2, forgeable.output
+        assert "could forge an approval" in forgeable.output
+    finally:
+        sql(
+            db,
+            f"DROP OWNED BY {runner}, {alice}, {bob}, {approvers};"
+            f" DROP ROLE {alice}; DROP ROLE {bob}; DROP ROLE {approvers}; DROP ROLE {runner}",
+        )
