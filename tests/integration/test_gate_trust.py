@@ -337,3 +337,37 @@ def test_with_database_identity_only_an_approvers_own_login_can_open_a_gate(
             f"DROP OWNED BY {runner}, {alice}, {bob}, {approvers};"
             f" DROP ROLE {alice}; DROP ROLE {bob}; DROP ROLE {approvers}; DROP ROLE {runner}",
         )
+
+
+def test_an_approved_rollout_cannot_reach_the_prod_canary_with_another_variable_value(
+    cli: Callable[..., Any], workdir: Path, make_db: Callable[[], str]
+) -> None:
+    staging, prod = make_db(), make_db()
+    make_items(staging, 200)
+    make_items(prod, 300)
+    env = {"STAGING_DSN": staging, "PROD_DSN": prod}
+    plan = write_plan(workdir / "p.json", soak__duration="1s", **TAGGED)
+    run_id = _applied(cli, plan, env)
+    for gate, phase in (
+        ("apply-staging", ("soak", str(plan), "-e", "staging", "--run", run_id)),
+        ("soak-staging", ("health", str(plan), "-e", "prod", "--run", run_id)),
+    ):
+        assert cli("approve", run_id, "--gate", gate, "--as", "alice", env=env).exit_code == 0
+        assert cli(*phase, env=env).exit_code == 3
+    assert cli("approve", run_id, "--gate", "health-prod", "--as", "alice", env=env).exit_code == 0
+    health_md = next((workdir / "backfill_logs").rglob("prod_health_check.md")).read_text()
+    assert "`TAG` = v2" in health_md
+
+    evil = {**env, "TAG": "EVIL"}
+    piped = cli("pipeline", str(plan), "--run", run_id, "-q", env=evil)
+    assert piped.exit_code == 3, piped.output
+    assert "variable TAG is 'EVIL', but 'v2' was approved" in piped.output
+    mini = next((workdir / "backfill_logs").rglob("prod_mini_backfill_plan.json"))
+    direct = cli("apply", str(mini), "-e", "prod", "--run", run_id, "-q", env=evil)
+    assert direct.exit_code == 3, direct.output
+    assert "variable TAG is 'EVIL'" in direct.output
+    assert val(prod, "SELECT count(*) FROM items WHERE val = 'EVIL'") == 0
+
+    canary = cli("pipeline", str(plan), "--run", run_id, "-q", env=env)
+    assert canary.exit_code == 3, canary.output
+    assert val(prod, "SELECT count(*) FROM items WHERE val = 'v2'") > 0
