@@ -32,7 +32,7 @@ def test_sigkill_at_random_moments_then_resume_ends_exactly_once(workdir: Path, 
     plan = write_plan(
         workdir / "p.json",
         apply__sql="UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
-        "AND val IS DISTINCT FROM 'new' AND pg_sleep(0.002) IS NOT NULL",
+        "AND val IS DISTINCT FROM 'new' AND pg_sleep(0.005) IS NOT NULL",
         batching__size=20,
         batching__workers=2,
         batching__lock_timeout="5s",
