@@ -102,7 +102,12 @@ async def _apply_problem(conn: asyncpg.Connection, sql: str, target: TargetInfo)
             f"the apply is a {first.upper() or 'blank'} statement: it must be one UPDATE of "
             f"{target.display}"
         )
-    updated = _UPDATED.findall(code)
+    updated = [
+        m.group(1)
+        for m in _UPDATED.finditer(code)
+        # a row-locking clause (FOR UPDATE, FOR NO KEY UPDATE) is not an UPDATE statement
+        if not re.search(r"\bfor\s+(?:no\s+key\s+)?$", code[: m.start()], re.IGNORECASE)
+    ]
     if not updated:
         return f"the apply does not UPDATE anything: it must be one UPDATE of {target.display}"
     for name in updated:

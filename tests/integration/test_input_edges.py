@@ -156,3 +156,17 @@ def test_an_unreachable_server_says_so(cli: Callable[..., Any], workdir: Path) -
     assert result.exit_code == 1, result.output
     assert "the server is unreachable" in result.output
     assert "s3cr3tpass" not in result.output
+
+
+def test_a_row_locking_subquery_in_the_apply_is_not_mistaken_for_an_update(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 20)
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql="UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id IN "
+        "(SELECT id FROM items WHERE id = ANY($1) FOR NO KEY UPDATE OF items SKIP LOCKED) "
+        "AND val IS DISTINCT FROM 'new'",
+    )
+    result = cli("validate", str(plan), "-e", "staging", env={"STAGING_DSN": db, "PROD_DSN": db})
+    assert result.exit_code == 0, result.output
