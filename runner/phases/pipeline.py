@@ -182,6 +182,10 @@ async def describe_run(run_id: str, plan_path: Path | None) -> tuple[str, int]:
     loaded = plan_for(run_id, "plan_path", plan_path)
     cmd = command_prefix()
     lines = [f"run {run_id} — plan {loaded.plan.name} (digest {loaded.digest[:12]})"]
+    if loaded.plain_values or loaded.secret_fingerprints(b""):
+        shown = [f"{k}={v!r}" for k, v in loaded.plain_values.items()]
+        shown += [f"{k}=(secret)" for k in loaded.secret_fingerprints(b"")]
+        lines.append(f"  variables now: {', '.join(shown)}")
     async with Databases(loaded.plan) as dbs:
         steps = await read_steps(loaded, dbs, run_id)
         for s in steps:

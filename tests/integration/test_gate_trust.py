@@ -51,6 +51,10 @@ def test_a_variable_changed_after_approval_closes_the_gate_naming_it(
     assert (
         cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env).exit_code == 0
     )
+    status = cli("status", run_id, env={**env, "TAG": "EVIL"})
+    assert "variables now: TAG='EVIL', SECRET_NOTE=(secret)" in status.output, status.output
+    assert "gate apply-staging: closed — variable TAG is 'EVIL'" in status.output
+    assert "hush-hush-9731" not in status.output
 
     evil = cli("pipeline", str(plan), "--run", run_id, "-q", env={**env, "TAG": "EVIL"})
     assert evil.exit_code == 3, evil.output
