@@ -375,3 +375,30 @@ def test_an_approved_rollout_cannot_reach_the_prod_canary_with_another_variable_
     canary = cli("pipeline", str(plan), "--run", run_id, "-q", env=env)
     assert canary.exit_code == 3, canary.output
     assert val(prod, "SELECT count(*) FROM items WHERE val = 'v2'") > 0
+
+
+def test_a_staging_rollback_stops_the_prod_apply_of_the_run_too(
+    cli: Callable[..., Any], workdir: Path, make_db: Callable[[], str]
+) -> None:
+    staging, prod = make_db(), make_db()
+    make_items(staging, 200)
+    make_items(prod, 300)
+    env = {"STAGING_DSN": staging, "PROD_DSN": prod}
+    plan = write_plan(workdir / "p.json", soak__duration="1s")
+    run_id = _applied(cli, plan, env)
+    for gate, phase in (
+        ("apply-staging", ("soak", str(plan), "-e", "staging", "--run", run_id)),
+        ("soak-staging", ("health", str(plan), "-e", "prod", "--run", run_id)),
+    ):
+        assert cli("approve", run_id, "--gate", gate, "--as", "alice", env=env).exit_code == 0
+        assert cli(*phase, env=env).exit_code == 3
+    assert cli("approve", run_id, "--gate", "health-prod", "--as", "alice", env=env).exit_code == 0
+    prod_before = val(prod, "SELECT count(*) FROM items WHERE val = 'new'")
+
+    assert cli("rollback", run_id, "-e", "staging", env=env).exit_code == 0
+    mini = next((workdir / "backfill_logs").rglob("prod_mini_backfill_plan.json"))
+    direct = cli("apply", str(mini), "-e", "prod", "--run", run_id, "-q", env=env)
+    assert direct.exit_code == 4, direct.output
+    assert "was rolled back in staging" in direct.output
+    assert cli("pipeline", str(plan), "--run", run_id, "-q", env=env).exit_code == 4
+    assert val(prod, "SELECT count(*) FROM items WHERE val = 'new'") == prod_before
