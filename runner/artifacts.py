@@ -28,13 +28,23 @@ _RUN_ID = re.compile(r"^\d{8}T\d{6}Z-(?P<plan>[A-Za-z0-9][A-Za-z0-9_.-]*)-[0-9a-
 
 
 def plan_name_of(run_id: str) -> str:
-    m = _RUN_ID.match(run_id)
+    m = _RUN_ID.fullmatch(run_id)
     if not m:
         raise InvalidInput(
             f"{run_id!r} is not a run id",
             hint="run ids look like 20261122T101500Z-<plan>-3fa2; `backfill status` lists them",
         )
     return m.group("plan")
+
+
+def check_run_id(run_id: str, plan_name: str) -> str:
+    """Refuse a run id that is malformed or names another plan, before anything is written."""
+    if plan_name_of(run_id) != plan_name:
+        raise InvalidInput(
+            f"run {run_id} belongs to plan {plan_name_of(run_id)!r}, not {plan_name!r}",
+            hint="pass the plan the run was started with, or start a new run without --run",
+        )
+    return run_id
 
 
 @dataclass(frozen=True)

@@ -47,8 +47,38 @@ app = typer.Typer(
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
 )
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _RedactingStream:
+    """stdout or stderr as they are at write time, through the one redaction point: nothing this
+    process prints (messages, tables, tracebacks) can carry a registered secret."""
+
+    def __init__(self, name: Literal["stdout", "stderr"]) -> None:
+        self.name = name
+
+    @property
+    def _stream(self) -> Any:
+        return getattr(sys, self.name)
+
+    def write(self, text: str) -> int:
+        return int(self._stream.write(events.redact_text(text)))
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def isatty(self) -> bool:
+        return bool(self._stream.isatty())
+
+    def fileno(self) -> int:
+        return int(self._stream.fileno())
+
+    @property
+    def encoding(self) -> str:
+        return str(getattr(self._stream, "encoding", None) or "utf-8")
+
+
+out = Console(file=_RedactingStream("stdout"), highlight=False, soft_wrap=True)  # type: ignore[arg-type]
+err = Console(file=_RedactingStream("stderr"), highlight=False, soft_wrap=True)  # type: ignore[arg-type]
 _state: dict[str, Any] = {"verbose": False, "quiet": False}
 
 PlanArg = Annotated[
@@ -119,7 +149,7 @@ def _run(make: Callable[[], Awaitable[int]]) -> None:
     except BackfillError as e:
         err.print(f"error: {events.redact_text(str(e))}", markup=False)
         if _state["verbose"]:
-            err.print(traceback.format_exc(), markup=False)
+            err.print(events.redact_text(traceback.format_exc()), markup=False)
         code = e.exit_code
     except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, ConnectionError, OSError) as e:
         err.print(
@@ -137,7 +167,7 @@ def _run(make: Callable[[], Awaitable[int]]) -> None:
             markup=False,
         )
         if _state["verbose"]:
-            err.print(traceback.format_exc(), markup=False)
+            err.print(events.redact_text(traceback.format_exc()), markup=False)
         code = EXIT_FAILED
     except KeyboardInterrupt:
         err.print(
@@ -151,7 +181,7 @@ def _run(make: Callable[[], Awaitable[int]]) -> None:
         )
         err.print("run again with -v for the traceback, and report it", markup=False)
         if _state["verbose"]:
-            err.print(traceback.format_exc(), markup=False)
+            err.print(events.redact_text(traceback.format_exc()), markup=False)
         code = EXIT_FAILED
     finally:
         events.detach()
@@ -189,6 +219,16 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
         (e for e in leaves if isinstance(e, BackfillError)),
         next((e for e in leaves if not isinstance(e, cancelled)), leaves[0]),
     )
+
+
+def _run_flag(run: str | None) -> str | None:
+    """`--run`, refusing an empty BACKFILL_RUN (click reads it as unset) instead of a new run."""
+    if run is None and os.environ.get("BACKFILL_RUN") == "":
+        raise InvalidInput(
+            "BACKFILL_RUN is set but empty",
+            hint="unset it to start a new run, or set it to the run id to continue",
+        )
+    return run
 
 
 def _load(path: Path) -> LoadedPlan:
@@ -274,7 +314,7 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Check a plan file, and with --env its SQL against the database, changing nothing."""
-    from runner.validate import validate_env
+    from runner.phases.validate import validate_env
 
     async def go() -> int:
         loaded = _load(plan)
@@ -439,7 +479,7 @@ def apply(
                     loaded,
                     dbs,
                     env=env,
-                    run_id=run,
+                    run_id=_run_flag(run),
                     dry_run=dry_run,
                     operator=operator_name(),
                     progress=view,
@@ -468,7 +508,8 @@ def _decide(
         )
         verb = "approved" if decision == "approve" else "rejected"
         out.print(
-            f"gate {gate} of run {run}: {verb} by {actor}" + (" (override)" if override else ""),
+            f"gate {gate} of run {run}: {verb} by {actor or 'your database login'}"
+            + (" (override)" if override else ""),
             markup=False,
         )
         out.print(f"next: {state}", markup=False)
@@ -480,7 +521,10 @@ def _decide(
 ActorOpt = Annotated[
     str,
     typer.Option(
-        "--as", help="Who decides (must be in gates.approvers).", envvar="BACKFILL_APPROVER"
+        "--as",
+        help="Who decides (must be in gates.approvers). With gates.identity = 'database', "
+        "your database login (BACKFILL_APPROVER_DSN) decides and --as may be left out.",
+        envvar="BACKFILL_APPROVER",
     ),
 ]
 GateOpt = Annotated[
@@ -501,7 +545,7 @@ PlanOpt = Annotated[
 def approve(
     run: Annotated[str, typer.Argument(help="The run id.")],
     gate: GateOpt,
-    actor: ActorOpt,
+    actor: ActorOpt = "",
     note: NoteOpt = "",
     override: Annotated[
         bool, typer.Option("--override", help="Open a gate whose criteria failed (needs --note).")
@@ -516,7 +560,7 @@ def approve(
 def reject(
     run: Annotated[str, typer.Argument(help="The run id.")],
     gate: GateOpt,
-    actor: ActorOpt,
+    actor: ActorOpt = "",
     note: NoteOpt = "",
     plan: PlanOpt = None,
 ) -> None:
@@ -664,7 +708,7 @@ def pipeline(
         try:
             outcome = await run_pipeline(
                 loaded,
-                run_id=run,
+                run_id=_run_flag(run),
                 operator=operator_name(),
                 progress=view,
                 say=lambda s: out.print(s, markup=False),

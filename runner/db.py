@@ -17,7 +17,8 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 import psutil  # type: ignore[import-untyped]
 
-from runner.errors import ConnectionFailed, InvalidInput
+from runner import redact
+from runner.errors import BackfillError, ConnectionFailed, InvalidInput
 from runner.plan import Plan
 
 EMBEDDED = "embedded"
@@ -37,14 +38,7 @@ def qualified(schema: str, name: str) -> str:
 
 def redact_dsn(dsn: str) -> str:
     """The DSN with its password replaced by `***` (URL and key=value forms)."""
-    if "://" in dsn:
-        parts = urlsplit(dsn)
-        if parts.password:
-            userinfo = f"{parts.username or ''}:***"
-            host = parts.netloc.rsplit("@", 1)[1]
-            dsn = urlunsplit(parts._replace(netloc=f"{userinfo}@{host}"))
-        return re.sub(r"(?i)(password=)[^&]*", r"\1***", dsn)
-    return re.sub(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", dsn)
+    return redact.redact_dsn(dsn)
 
 
 def home_dir() -> Path:
@@ -141,6 +135,7 @@ class Databases:
 
     def __init__(self, plan: Plan) -> None:
         self._dsns = {name: env.dsn for name, env in plan.environments.items()}
+        self._read_roles = {name: env.read_role for name, env in plan.environments.items()}
         self._embedded: EmbeddedServer | None = None
         self._home: Path | None = None
         self._created: set[str] = set()
@@ -193,7 +188,23 @@ class Databases:
         return self._embedded.uri(env)
 
     async def connect(self, env: str, *, read_only: bool = False) -> asyncpg.Connection:
-        return await connect(await self.dsn(env), what=f"environment {env!r}", read_only=read_only)
+        try:
+            conn = await connect(
+                await self.dsn(env), what=f"environment {env!r}", read_only=read_only
+            )
+        except ConnectionFailed as e:
+            raise classify_connect_error(e) from None
+        role = self._read_roles.get(env)
+        if read_only and role:
+            try:
+                await conn.execute(f"SET ROLE {quote_ident(role)}")
+            except asyncpg.PostgresError as e:
+                await close_quietly(conn)
+                raise InvalidInput(
+                    f"environments.{env}.read_role: cannot SET ROLE {role}: {e}",
+                    hint=f"GRANT {role} TO the DSN's user, or remove read_role",
+                ) from None
+        return conn
 
     @contextlib.asynccontextmanager
     async def connection(
@@ -272,6 +283,36 @@ async def connect(dsn: str, *, what: str, read_only: bool = False) -> asyncpg.Co
     return conn
 
 
+def classify_connect_error(e: ConnectionFailed) -> BackfillError:
+    """Invalid input (exit 2) when the DSN itself is wrong — its form, the login, the database —
+    and a failure of the work (exit 1) only when the server cannot be reached."""
+    cause = e.__context__
+    if isinstance(
+        cause,
+        asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError,
+    ):
+        return InvalidInput(
+            f"{e.message} — the server refused the login",
+            hint="check the user and password of this environment's DSN",
+        )
+    if isinstance(cause, asyncpg.InvalidCatalogNameError):
+        return InvalidInput(
+            f"{e.message} — no such database on that server",
+            hint="check the database name of this environment's DSN",
+        )
+    if isinstance(cause, ValueError) and not isinstance(cause, OSError):
+        return InvalidInput(
+            f"{e.message} — the DSN cannot be read",
+            hint="write postgresql://user@host:5432/dbname, `host=… dbname=…` or `embedded`",
+        )
+    if isinstance(cause, OSError):
+        return ConnectionFailed(
+            f"{e.message} — the server is unreachable (nothing answered at that host and port)",
+            hint="check the host and port, that the server runs, and the network between",
+        )
+    return e
+
+
 async def fetch_one(conn: asyncpg.Connection, query: str, *args: Any) -> asyncpg.Record:
     """fetchrow for queries that always return a row (aggregates, catalog lookups by oid)."""
     row = await conn.fetchrow(query, *args)
@@ -293,7 +334,4 @@ def dsn_with_database(dsn: str, database: str) -> str:
 
 def redact_all(text: str, secrets: Iterable[str]) -> str:
     """Replace every secret value and every DSN password in free text."""
-    for s in sorted(secrets, key=len, reverse=True):
-        if len(s) >= 4:
-            text = text.replace(s, redact_dsn(s) if "://" in s else "***")
-    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]+@", r"\1***@", text)
+    return redact.redact_all(text, secrets)

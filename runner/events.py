@@ -7,9 +7,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any, TextIO
 
-from runner.db import redact_all
-
-_secrets: set[str] = set()
+from runner import redact as _redact
 
 
 class _Sink:
@@ -22,12 +20,12 @@ _sink = _Sink()
 
 
 def add_secrets(values: set[str] | frozenset[str]) -> None:
-    _secrets.update(values)
+    _redact.register(values)
 
 
 def redact_text(text: str) -> str:
     """Free text with every known secret and DSN password replaced."""
-    return redact_all(text, _secrets)
+    return _redact.redact_text(text)
 
 
 def attach(path: Path) -> None:
@@ -46,8 +44,7 @@ def detach() -> None:
 def redact(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """structlog processor: no DSN password or secret plan value leaves the process."""
     for k, v in list(event.items()):
-        if isinstance(v, str):
-            event[k] = redact_all(v, _secrets)
+        event[k] = _redact.redact_value(v)
     return event
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Literal
@@ -13,7 +13,9 @@ from runner.ledger import Decision
 from runner.plan import Gates
 
 Criteria = Literal["pass", "fail", "inconclusive"]
-GateStatus = Literal["open", "waiting", "rejected", "no-go", "closed", "not-reached"]
+GateStatus = Literal[
+    "open", "waiting", "rejected", "no-go", "closed", "not-reached", "rolled-back", "tampered"
+]
 
 # The gate after each phase, in pipeline order: (phase key in the ledger, gate name).
 PIPELINE_GATES = ("apply", "soak", "health", "canary")
@@ -40,25 +42,88 @@ class GateState:
         return self.status == "open"
 
 
+def variable_changes(
+    approved: Mapping[str, str],
+    now: Mapping[str, str],
+    approved_secrets: Mapping[str, str],
+    now_secrets: Mapping[str, str],
+) -> list[str]:
+    """Each variable whose value differs from the one approved, in words (never a secret's value).
+    Only names both sides use count: a variable the current plan does not use changes nothing."""
+    changes = [
+        f"variable {name} is {now[name]!r}, but {approved[name]!r} was approved"
+        for name in sorted(set(approved) & set(now))
+        if approved[name] != now[name]
+    ]
+    changes += [
+        f"secret variable {name} has a different value than the one approved"
+        for name in sorted(set(approved_secrets) & set(now_secrets))
+        if approved_secrets[name] != now_secrets[name]
+    ]
+    return changes
+
+
+def counts(d: Decision, policy: Gates | None, operator: str | None) -> bool:
+    """Whether a recorded decision is one the plan's gate policy allows. A row `backfill approve`
+    would have refused (an outsider, self-approval, another login's name) is not a decision."""
+    if policy is None:
+        return True
+    if policy.approvers and d.actor not in policy.approvers:
+        return False
+    if operator is not None and d.actor == operator and not policy.allow_self_approval:
+        return False
+    return policy.identity != "database" or d.db_user == d.actor
+
+
 def evaluate(
     gate: str,
     criteria: str | None,
     decisions: Sequence[Decision],
     plan_digest: str,
     report_digest: str | None,
+    *,
+    variables: Mapping[str, str] | None = None,
+    secret_hashes: Mapping[str, str] | None = None,
+    phase_seal: str | None = None,
+    tampered: str | None = None,
+    rolled_back: str | None = None,
+    policy: Gates | None = None,
+    operator: str | None = None,
 ) -> GateState:
-    """The gate's state from the phase's criteria, its latest decision and what is current now."""
+    """The gate's state from the phase's criteria, its decisions and what is current now.
+
+    A reject is final whatever came before or after it; an approval counts only while the plan,
+    its variables, the report and the phase's sealed result are the ones it approved."""
+    if tampered is not None:
+        return GateState(gate, "tampered", tampered, criteria)
+    if rolled_back is not None:
+        return GateState(gate, "rolled-back", rolled_back, criteria)
     if criteria is None:
         return GateState(gate, "not-reached", "the phase before this gate has not finished", None)
-    mine = [d for d in decisions if d.gate == gate]
+    mine = [d for d in decisions if d.gate == gate and counts(d, policy, operator)]
+    reject = next((d for d in mine if d.decision == "reject"), None)
+    if reject is not None:
+        why = f"rejected by {reject.actor}" + (f": {reject.note}" if reject.note else "")
+        return GateState(
+            gate, "rejected", why + " (a reject is final for this run)", criteria, reject
+        )
     if not mine:
         if criteria == "fail":
             return GateState(gate, "no-go", "the phase's criteria failed", criteria)
         return GateState(gate, "waiting", "waiting for a decision (approve or reject)", criteria)
     last = mine[-1]
-    if last.decision == "reject":
-        why = f"rejected by {last.actor}" + (f": {last.note}" if last.note else "")
-        return GateState(gate, "rejected", why, criteria, last)
+    changes = variable_changes(
+        last.variables, variables or {}, last.secret_hashes, secret_hashes or {}
+    )
+    if changes:
+        return GateState(
+            gate,
+            "closed",
+            f"{'; '.join(changes)} (approved by {last.actor}): what would run is not what was "
+            "approved; run with the approved values, or start a new run and have it reviewed",
+            criteria,
+            last,
+        )
     if last.plan_digest != plan_digest:
         return GateState(
             gate,
@@ -73,6 +138,14 @@ def evaluate(
             gate,
             "closed",
             "the report changed after it was approved: review it and approve again",
+            criteria,
+            last,
+        )
+    if phase_seal is not None and last.phase_seal != phase_seal:
+        return GateState(
+            gate,
+            "closed",
+            f"the phase's recorded result is not the one {last.actor} approved",
             criteria,
             last,
         )
@@ -136,6 +209,10 @@ def new_decision(
     plan_digest: str,
     report_digest: str,
     criteria: str,
+    *,
+    variables: Mapping[str, str] | None = None,
+    secret_hashes: Mapping[str, str] | None = None,
+    phase_seal: str = "",
 ) -> Decision:
     return Decision(
         gate=gate,
@@ -147,4 +224,7 @@ def new_decision(
         report_digest=report_digest,
         criteria=criteria,
         decided_at=datetime.now(UTC),
+        variables=dict(variables or {}),
+        secret_hashes=dict(secret_hashes or {}),
+        phase_seal=phase_seal,
     )

@@ -8,6 +8,8 @@ per image.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -15,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from runner import redact
 from runner.db import qualified
 from runner.errors import InvalidInput
 
@@ -159,6 +162,57 @@ MIGRATIONS: list[str] = [
           GROUP BY 1 HAVING count(*) = 1) AS m
     WHERE m.display = r.target_table;
     """,
+    # 3: gates you can trust (issue #17). Independent of other migrations: it only adds columns
+    # to gate_decisions and phases and adds tables.
+    # - a decision names the plain variable values and the keyed hashes of the secret ones it
+    #   approved, the database login that recorded it, and is chained (HMAC under this ledger's
+    #   key) to the decision before it and to the seal of the phase result it decides on;
+    # - a finished phase's result is sealed the same way, so an edit of criteria or result shows;
+    # - run_events records what happened to a run besides its phases (a rollback);
+    # - digest_key is this ledger's random key for those HMACs and for secret fingerprints.
+    """
+    CREATE TABLE backfill.digest_key (
+        one  boolean PRIMARY KEY DEFAULT true CHECK (one),
+        key  bytea NOT NULL
+    );
+    INSERT INTO backfill.digest_key (key) VALUES (decode(
+        replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', ''), 'hex'));
+    ALTER TABLE backfill.gate_decisions
+        ADD COLUMN variables     jsonb NOT NULL DEFAULT '{}',
+        ADD COLUMN secret_hashes jsonb NOT NULL DEFAULT '{}',
+        ADD COLUMN db_user       text NOT NULL DEFAULT session_user,
+        ADD COLUMN phase_seal    text NOT NULL DEFAULT '',
+        ADD COLUMN prev_hash     text NOT NULL DEFAULT '',
+        ADD COLUMN chain_hash    text NOT NULL DEFAULT '';
+    ALTER TABLE backfill.phases ADD COLUMN seal text NOT NULL DEFAULT '';
+    -- who recorded a decision is the database's word, not the client's; decisions are
+    -- append-only. The table's owner can still disable this: see SECURITY.md for the setup
+    -- where the owner is neither the runner's nor an approver's login.
+    CREATE FUNCTION backfill.decision_identity() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP <> 'INSERT' THEN
+            RAISE EXCEPTION 'backfill.gate_decisions is append-only: % refused', TG_OP
+                USING HINT = 'a decision is never changed or removed; a reject is final';
+        END IF;
+        NEW.db_user := session_user;
+        NEW.decided_at := now();
+        RETURN NEW;
+    END $$;
+    CREATE TRIGGER decision_identity BEFORE INSERT OR UPDATE OR DELETE
+        ON backfill.gate_decisions FOR EACH ROW EXECUTE FUNCTION backfill.decision_identity();
+    CREATE TRIGGER decision_no_truncate BEFORE TRUNCATE
+        ON backfill.gate_decisions FOR EACH STATEMENT EXECUTE FUNCTION backfill.decision_identity();
+    CREATE TABLE backfill.run_events (
+        id      bigserial PRIMARY KEY,
+        run_id  text NOT NULL REFERENCES backfill.runs,
+        env     text NOT NULL,
+        kind    text NOT NULL CHECK (kind IN ('rollback')),
+        actor   text NOT NULL,
+        db_user text NOT NULL DEFAULT session_user,
+        detail  jsonb NOT NULL DEFAULT '{}',
+        at      timestamptz NOT NULL DEFAULT now()
+    );
+    """,
 ]
 
 
@@ -251,12 +305,27 @@ class PhaseRow:
     report_digest: str | None
     started_at: datetime
     finished_at: datetime | None
+    seal: str = ""
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> PhaseRow:
         d = dict(row)
         d["result"] = json.loads(d["result"])
-        return cls(**d)
+        return cls(**{k: v for k, v in d.items() if k in _PHASE_FIELDS})
+
+    def sealed_content(self) -> dict[str, Any]:
+        """What the seal covers: everything a gate decides on."""
+        return {
+            "run_id": self.run_id,
+            "phase": self.phase,
+            "status": self.status,
+            "criteria": self.criteria,
+            "result": self.result,
+            "report_digest": self.report_digest,
+        }
+
+
+_PHASE_FIELDS = frozenset(PhaseRow.__dataclass_fields__)
 
 
 async def get_phase(conn: asyncpg.Connection, run_id: str, phase: str) -> PhaseRow | None:
@@ -266,6 +335,15 @@ async def get_phase(conn: asyncpg.Connection, run_id: str, phase: str) -> PhaseR
         "SELECT * FROM backfill.phases WHERE run_id = $1 AND phase = $2", run_id, phase
     )
     return PhaseRow.from_row(row) if row else None
+
+
+async def phases(conn: asyncpg.Connection, run_id: str) -> list[PhaseRow]:
+    if await schema_version(conn) == 0:
+        return []
+    rows = await conn.fetch(
+        "SELECT * FROM backfill.phases WHERE run_id = $1 ORDER BY started_at", run_id
+    )
+    return [PhaseRow.from_row(r) for r in rows]
 
 
 async def save_phase(
@@ -292,19 +370,48 @@ async def save_phase(
         phase,
         status,
         criteria,
-        json.dumps(result, default=str),
+        json.dumps(_redacted_result(result), default=str),
         report_digest,
         finished,
     )
 
 
+def _redacted_result(result: dict[str, Any]) -> dict[str, Any]:
+    """A phase result as the ledger keeps it: through the redaction point, except the mini plan,
+    which is the plan file's own uninterpolated text (its digest must survive)."""
+    kept = {k: v for k, v in result.items() if k == "mini_plan"}
+    return {**redact.redact_value({k: v for k, v in result.items() if k != "mini_plan"}), **kept}
+
+
 async def set_report_digest(conn: asyncpg.Connection, run_id: str, phase: str, digest: str) -> None:
+    """Record the digest of the phase's report and seal the finished phase (invariant 6)."""
     await conn.execute(
         "UPDATE backfill.phases SET report_digest = $3 WHERE run_id = $1 AND phase = $2",
         run_id,
         phase,
         digest,
     )
+    row = await get_phase(conn, run_id, phase)
+    if row is not None and row.finished_at is not None:
+        await conn.execute(
+            "UPDATE backfill.phases SET seal = $3 WHERE run_id = $1 AND phase = $2",
+            run_id,
+            phase,
+            mac(await digest_key(conn), row.sealed_content()),
+        )
+
+
+async def digest_key(conn: asyncpg.Connection) -> bytes:
+    """This ledger's random key for seals, decision chains and secret fingerprints."""
+    key = await conn.fetchval("SELECT key FROM backfill.digest_key")
+    if key is None:
+        raise InvalidInput("the ledger has no digest key: run `backfill init` to migrate it")
+    return bytes(key)
+
+
+def mac(key: bytes, content: Any) -> str:
+    canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    return hmac.new(key, canonical.encode(), hashlib.sha256).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -318,13 +425,43 @@ class Decision:
     report_digest: str
     criteria: str
     decided_at: datetime
+    variables: dict[str, str] = field(default_factory=dict)
+    secret_hashes: dict[str, str] = field(default_factory=dict)
+    db_user: str = ""
+    phase_seal: str = ""
+    prev_hash: str = ""
+    chain_hash: str = ""
+    id: int = 0
+    run_id: str = ""
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> Decision:
         d = dict(row)
-        d.pop("id")
-        d.pop("run_id")
-        return cls(**d)
+        for k in ("variables", "secret_hashes"):
+            d[k] = json.loads(d[k]) if isinstance(d.get(k), str) else dict(d.get(k) or {})
+        return cls(**{k: v for k, v in d.items() if k in _DECISION_FIELDS})
+
+    def chained_content(self) -> dict[str, Any]:
+        """What a decision's chain hash covers: everything but its own id, time and hash."""
+        return {
+            "run_id": self.run_id,
+            "gate": self.gate,
+            "decision": self.decision,
+            "actor": self.actor,
+            "note": self.note,
+            "override": self.override,
+            "plan_digest": self.plan_digest,
+            "report_digest": self.report_digest,
+            "criteria": self.criteria,
+            "variables": self.variables,
+            "secret_hashes": self.secret_hashes,
+            "db_user": self.db_user,
+            "phase_seal": self.phase_seal,
+            "prev_hash": self.prev_hash,
+        }
+
+
+_DECISION_FIELDS = frozenset(Decision.__dataclass_fields__)
 
 
 async def decisions(
@@ -342,11 +479,25 @@ async def decisions(
 
 
 async def record_decision(conn: asyncpg.Connection, run_id: str, d: Decision) -> None:
+    """Append a decision, chained to the run's previous one. Call inside `decision_lock`."""
+    key = await digest_key(conn)
+    prev = await conn.fetchval(
+        "SELECT chain_hash FROM backfill.gate_decisions WHERE run_id = $1 ORDER BY id DESC LIMIT 1",
+        run_id,
+    )
+    db_user = str(await conn.fetchval("SELECT session_user"))
+    chained = {
+        **d.chained_content(),
+        "run_id": run_id,
+        "db_user": db_user,
+        "prev_hash": prev or "",
+    }
     await conn.execute(
         """
         INSERT INTO backfill.gate_decisions
-            (run_id, gate, decision, actor, note, override, plan_digest, report_digest, criteria)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+            (run_id, gate, decision, actor, note, override, plan_digest, report_digest, criteria,
+             variables, secret_hashes, phase_seal, prev_hash, chain_hash)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10::jsonb, $11::jsonb, $12, $13, $14)
         """,
         run_id,
         d.gate,
@@ -357,6 +508,11 @@ async def record_decision(conn: asyncpg.Connection, run_id: str, d: Decision) ->
         d.plan_digest,
         d.report_digest,
         d.criteria,
+        json.dumps(d.variables),
+        json.dumps(d.secret_hashes),
+        d.phase_seal,
+        prev or "",
+        mac(key, chained),
     )
 
 
@@ -389,3 +545,63 @@ async def record_failed_batch(
         started_at,
         duration_ms,
     )
+
+
+async def decision_lock(conn: asyncpg.Connection, run_id: str) -> None:
+    """Serialise decisions on a run (inside a transaction), so the chain never forks and an
+    approve racing a reject sees it."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(hashtext('backfill-decision'), hashtext($1))", run_id
+    )
+
+
+def broken_link(key: bytes, chain: list[Decision]) -> Decision | None:
+    """The first decision (in id order) whose chain hash does not verify, or None."""
+    prev = ""
+    for d in chain:
+        if d.prev_hash != prev or not hmac.compare_digest(
+            mac(key, d.chained_content()), d.chain_hash
+        ):
+            return d
+        prev = d.chain_hash
+    return None
+
+
+def seal_holds(key: bytes, row: PhaseRow) -> bool:
+    return bool(row.seal) and hmac.compare_digest(mac(key, row.sealed_content()), row.seal)
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    run_id: str
+    env: str
+    kind: str
+    actor: str
+    db_user: str
+    detail: dict[str, Any]
+    at: datetime
+
+
+async def record_event(
+    conn: asyncpg.Connection, run_id: str, env: str, kind: str, actor: str, detail: dict[str, Any]
+) -> None:
+    await conn.execute(
+        "INSERT INTO backfill.run_events (run_id, env, kind, actor, detail)"
+        " VALUES ($1, $2, $3, $4, $5::jsonb)",
+        run_id,
+        env,
+        kind,
+        actor,
+        json.dumps(detail, default=str),
+    )
+
+
+async def run_events(conn: asyncpg.Connection, run_id: str) -> list[RunEvent]:
+    if not await conn.fetchval("SELECT to_regclass('backfill.run_events') IS NOT NULL"):
+        return []
+    rows = await conn.fetch(
+        "SELECT run_id, env, kind, actor, db_user, detail, at FROM backfill.run_events"
+        " WHERE run_id = $1 ORDER BY id",
+        run_id,
+    )
+    return [RunEvent(**{**dict(r), "detail": json.loads(r["detail"])}) for r in rows]

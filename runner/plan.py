@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import math
 import os
@@ -11,7 +12,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -23,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from runner import redact
 from runner.errors import PlanError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -41,10 +43,25 @@ def parse_duration(value: object) -> float:
         raise ValueError(f"expected a duration such as 30s, 5m or 6h, got {value!r}")
     if not math.isfinite(seconds) or seconds <= 0:
         raise ValueError("a duration must be greater than zero")
+    if seconds > MAX_DURATION:
+        raise ValueError("a duration must be at most 30d")
+    return seconds
+
+
+MAX_DURATION = 30 * 86400.0
+MAX_TIMEOUT = 86400.0
+
+
+def _timeout(value: object) -> float:
+    seconds = parse_duration(value)
+    if seconds > MAX_TIMEOUT:
+        raise ValueError("a timeout must be at most 1d (PostgreSQL counts it in int milliseconds)")
     return seconds
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+Timeout = Annotated[float, BeforeValidator(_timeout)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
 
 
 def _as_list(value: object) -> object:
@@ -107,6 +124,39 @@ def parse_condition(text: str) -> Condition:
     return Condition(text.strip(), "between", lo, hi)
 
 
+_SQL_NOISE = re.compile(
+    r"--[^\n]*|/\*.*?\*/|'(?:[^']|'')*'|(?P<dq>\$[A-Za-z_][A-Za-z0-9_]*\$|\$\$).*?(?P=dq)",
+    re.DOTALL,
+)
+
+
+def sql_code(sql: str) -> str:
+    """The SQL with comments and string literals blanked out: what PostgreSQL will execute."""
+    return _SQL_NOISE.sub(" ", sql)
+
+
+# Side effects a READ ONLY transaction does not block (signals, notifications, session settings,
+# advisory locks, server administration, other connections): discovery and checks may not call them.
+_SIDE_EFFECTS = re.compile(
+    r"\b(pg_notify|pg_terminate_backend|pg_cancel_backend|set_config|pg_advisory_\w+|"
+    r"pg_try_advisory_\w+|dblink\w*|pg_reload_conf|pg_rotate_logfile\w*|pg_switch_wal|"
+    r"pg_create_restore_point|pg_promote|pg_stat_reset\w*|pg_log_backend_memory_contexts|"
+    r"pg_logical_emit_message|lo_\w+|pg_file_\w+|pg_signal_backend|pg_replication_origin_\w+)"
+    r"\s*\(",
+    re.IGNORECASE,
+)
+
+
+def refuse_side_effects(sql: str, what: str) -> str:
+    code = sql_code(sql).replace('"', "")
+    if m := _SIDE_EFFECTS.search(code):
+        raise ValueError(
+            f"{what} calls {m.group(1)}(), a side effect that a READ ONLY transaction does not "
+            "block: discovery and soak checks may only read"
+        )
+    return sql
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
 
@@ -124,6 +174,22 @@ class PlanMeta(_Model):
 class Environment(_Model):
     dsn: NonEmpty
     """A libpq URL, or `embedded` for the runner's own PostgreSQL server."""
+    read_role: Annotated[str, Field(min_length=1, max_length=63)] | None = None
+    """A role with only read privileges: discovery, checks and health run under it (SET ROLE)."""
+
+    @field_validator("dsn")
+    @classmethod
+    def _libpq(cls, dsn: str) -> str:
+        scheme = dsn.split("://", 1)[0].lower() if "://" in dsn else None
+        if dsn == "embedded" or scheme in ("postgres", "postgresql"):
+            return dsn
+        if scheme is None and re.match(r"^\s*\w+\s*=", dsn):
+            return dsn  # libpq key=value form: host=… dbname=…
+        what = f"a {scheme}:// URL" if scheme else "neither a URL nor key=value pairs"
+        raise ValueError(
+            f"this is {what}: write a PostgreSQL DSN (postgresql://user@host:5432/db or "
+            "`host=… dbname=…`) or `embedded`"
+        )
 
 
 class Target(_Model):
@@ -157,7 +223,7 @@ class Discovery(_Model):
             raise ValueError("discovery must not use OFFSET: the runner pages by key (keyset)")
         if sql.rstrip().endswith(";"):
             raise ValueError("discovery is wrapped by the runner: remove the trailing `;`")
-        return sql
+        return refuse_side_effects(sql, "discovery")
 
 
 class Apply(_Model):
@@ -166,27 +232,50 @@ class Apply(_Model):
     @field_validator("sql")
     @classmethod
     def _uses_keys(cls, sql: str) -> str:
-        if "$1" not in sql:
+        if not re.search(r"\$1(?!\d)", sql_code(sql)):
             raise ValueError(
                 "the apply statement must use the batch's keys: `$1` is the array of key values "
-                "(one array per key column: $1, $2, …), e.g. `WHERE id = ANY($1)`"
+                "(one array per key column: $1, $2, …), e.g. `WHERE id = ANY($1)`; a `$1` in a "
+                "comment or a string does not count"
             )
         if sql.rstrip().endswith(";"):
             sql = sql.rstrip()[:-1]
-        if ";" in sql.replace("';'", ""):
+        if ";" in sql_code(sql):
             raise ValueError("the apply must be one statement (found `;` inside it)")
         return sql
 
 
 class Batching(_Model):
     size: Annotated[int, Field(gt=0, le=1_000_000)] = 1000
-    batches_per_minute: Annotated[float, Field(gt=0)] | None = None
-    rows_per_second: Annotated[float, Field(gt=0)] | None = None
+    batches_per_minute: Annotated[float, Field(gt=0, le=60_000, allow_inf_nan=False)] | None = None
+    rows_per_second: Annotated[float, Field(gt=0, le=100_000_000, allow_inf_nan=False)] | None = (
+        None
+    )
     workers: Annotated[int, Field(ge=1, le=32)] = 1
-    lock_timeout: Duration = 2.0
-    statement_timeout: Duration = 60.0
+    lock_timeout: Timeout = 2.0
+    statement_timeout: Timeout = 60.0
     max_retries: Annotated[int, Field(ge=0, le=100)] = 5
     max_passes: Annotated[int, Field(ge=1, le=100)] = 5
+
+    @model_validator(mode="after")
+    def _pace_can_finish(self) -> Batching:
+        """A pace slower than one batch a day is a typo, not a plan: it would wait for ever."""
+        day = 86400.0
+        if self.batches_per_minute is not None and 60 / self.batches_per_minute > day:
+            raise ValueError(
+                f"batching.batches_per_minute = {self.batches_per_minute:g} waits "
+                f"{60 / self.batches_per_minute / day:,.3g} days between batches; the slowest pace "
+                f"allowed is one batch a day ({1 / 1440:.6f})"
+            )
+        if self.rows_per_second is not None and self.size / self.rows_per_second > day:
+            floor = self.size / day
+            raise ValueError(
+                f"batching.rows_per_second = {self.rows_per_second:g} waits "
+                f"{self.size / self.rows_per_second / day:,.3g} days for one batch of {self.size}; "
+                f"the slowest pace allowed is one batch a day (rows_per_second >= {floor:.6g} "
+                "for this batch size)"
+            )
+        return self
 
 
 class Check(_Model):
@@ -194,13 +283,18 @@ class Check(_Model):
     sql: NonEmpty
     description: str = ""
     pass_if: str | None = None
-    baseline: float | None = None
+    baseline: Finite | None = None
     baseline_sql: str | None = None
     max_drop: Annotated[float, Field(ge=0, le=1)] | None = None
-    tolerance: Annotated[float, Field(ge=0)] | None = None
+    tolerance: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
     failure_limit: Annotated[int, Field(ge=0)] = 0
     inconclusive_limit: Annotated[int, Field(ge=0)] = 0
     consecutive_error_limit: Annotated[int, Field(ge=0)] = 3
+
+    @field_validator("sql", "baseline_sql")
+    @classmethod
+    def _reads_only(cls, sql: str | None) -> str | None:
+        return None if sql is None else refuse_side_effects(sql, "the check")
 
     @field_validator("pass_if")
     @classmethod
@@ -230,7 +324,7 @@ class Check(_Model):
 class Soak(_Model):
     duration: Duration = 6 * 3600.0
     interval: Duration = 300.0
-    statement_timeout: Duration = 30.0
+    statement_timeout: Timeout = 30.0
     checks: list[Check] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -247,13 +341,33 @@ class Soak(_Model):
 class Health(_Model):
     canary_percent: Annotated[float, Field(gt=0, le=100)] = 5.0
     max_connection_use: Annotated[float, Field(gt=0, le=1)] = 0.8
-    target_batch_seconds: Duration = 1.0
+    target_batch_seconds: Timeout = 1.0
     max_long_transaction: Duration = 300.0
 
 
 class Gates(_Model):
     approvers: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     allow_self_approval: bool = False
+    identity: Literal["declared", "database"] = "declared"
+    """`declared`: `--as NAME` names the approver. `database`: the approver is the database
+    login that recorded the decision (BACKFILL_APPROVER_DSN), and the runner's login must be
+    unable to write decisions (SECURITY.md)."""
+
+    @model_validator(mode="after")
+    def _named_approvers(self) -> Gates:
+        if self.identity == "database" and not self.approvers:
+            raise ValueError(
+                "gates.identity = 'database' needs gates.approvers: the database logins "
+                "that may decide"
+            )
+        return self
+
+
+class Variables(_Model):
+    secret: list[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]] = Field(
+        default_factory=list
+    )
+    """Names of `${VAR}`s whose values are secrets (besides `SECRET_*` and those in DSNs)."""
 
 
 class Pipeline(_Model):
@@ -282,6 +396,7 @@ class Plan(_Model):
     health: Health = Field(default_factory=Health)
     gates: Gates = Field(default_factory=Gates)
     pipeline: Pipeline = Field(default_factory=Pipeline)
+    variables: Variables = Field(default_factory=Variables)
     canary: Canary | None = None
     parent: Parent | None = None
 
@@ -316,20 +431,77 @@ class Plan(_Model):
 
 
 @dataclass(frozen=True)
+class Variable:
+    """One `${VAR}` of a plan: its value now, whether it is secret, and where it is used."""
+
+    name: str
+    value: str
+    secret: bool
+    from_default: bool
+    fields: tuple[str, ...]
+
+    @property
+    def in_dsn_only(self) -> bool:
+        return all(f.startswith("environments.") and f.endswith(".dsn") for f in self.fields)
+
+    @property
+    def bound(self) -> bool:
+        """Whether approvals bind its value. A DSN says where the plan runs, not what runs there:
+        the run and its decisions live in that database's ledger, so another DSN finds no run."""
+        return not self.in_dsn_only
+
+
+@dataclass(frozen=True)
 class LoadedPlan:
-    """A validated plan with where it came from, its raw (uninterpolated) data and its digest."""
+    """A validated plan with where it came from, its raw (uninterpolated) data and its digest.
+
+    `digest` binds the plan's text *and* the values of its plain variables; secret variables are
+    bound by keyed hashes (`secret_fingerprints`) that each ledger's key makes unguessable."""
 
     path: Path
     plan: Plan
     raw: dict[str, Any]
     digest: str
     secrets: frozenset[str]
+    text_digest: str = ""
+    variables: tuple[Variable, ...] = ()
+
+    @property
+    def plain_values(self) -> dict[str, str]:
+        """The bound non-secret variables and their values: shown in reports, bound by approvals."""
+        return {v.name: v.value for v in self.variables if v.bound and not v.secret}
+
+    def secret_fingerprints(self, key: bytes) -> dict[str, str]:
+        """HMAC-SHA256 of each bound secret variable's value under a ledger's key: comparable,
+        never reversible by whoever reads a report or a decision."""
+        return {
+            v.name: hmac.new(key, v.value.encode(), hashlib.sha256).hexdigest()
+            for v in self.variables
+            if v.bound and v.secret
+        }
 
 
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+MAX_PLAN_BYTES = 1_000_000
+_MAX_PROBLEMS = 20
+_MAX_SHOWN = 120
 
 
-def interpolate(value: str, env: Mapping[str, str], where: str) -> tuple[str, set[str]]:
+@dataclass
+class _Uses:
+    """What interpolation found: each variable's value, whether it was a default, where used."""
+
+    values: dict[str, tuple[str, bool]]
+    fields: dict[str, list[str]]
+
+    def add(self, name: str, value: str, from_default: bool, where: str) -> None:
+        self.values[name] = (value, from_default)
+        self.fields.setdefault(name, []).append(where)
+
+
+def interpolate(
+    value: str, env: Mapping[str, str], where: str, uses: _Uses | None = None, file: str = ""
+) -> tuple[str, set[str]]:
     """Replace `${VAR}` and `${VAR:-default}`; returns the text and the values that came from vars."""
     used: set[str] = set()
 
@@ -337,29 +509,33 @@ def interpolate(value: str, env: Mapping[str, str], where: str) -> tuple[str, se
         name, default = m.group(1), m.group(2)
         if name in env:
             used.add(env[name])
+            if uses is not None:
+                uses.add(name, env[name], False, where)
             return env[name]
         if default is not None:
+            if uses is not None:
+                uses.add(name, default, True, where)
             return default
         raise PlanError(
-            f"{where}: environment variable ${{{name}}} is not set",
+            f"{file}{where}: environment variable ${{{name}}} is not set",
             hint=f"export {name}=… or write ${{{name}:-default}} in the plan",
         )
 
     return _VAR.sub(sub, value), used
 
 
-def _interpolate_tree(node: Any, env: Mapping[str, str], path: str, found: set[str]) -> Any:
+def _interpolate_tree(
+    node: Any, env: Mapping[str, str], path: str, uses: _Uses, file: str = ""
+) -> Any:
     if isinstance(node, str):
-        text, used = interpolate(node, env, path)
-        found.update(u for u in used if u)
-        return text
+        return interpolate(node, env, path, uses, file)[0]
     if isinstance(node, dict):
         return {
-            k: _interpolate_tree(v, env, f"{path}.{k}" if path else k, found)
+            k: _interpolate_tree(v, env, f"{path}.{k}" if path else k, uses, file)
             for k, v in node.items()
         }
     if isinstance(node, list):
-        return [_interpolate_tree(v, env, f"{path}[{i}]", found) for i, v in enumerate(node)]
+        return [_interpolate_tree(v, env, f"{path}[{i}]", uses, file) for i, v in enumerate(node)]
     return node
 
 
@@ -369,36 +545,66 @@ def canonical_digest(raw: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _shown(value: object) -> str:
+    text = redact.redact_text(repr(value))
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + f"… ({len(text):,} characters)"
+
+
 def _format_validation_error(path: Path, err: ValidationError) -> str:
     lines = [f"{path}: the plan is not valid ({err.error_count()} problem(s))"]
-    for e in err.errors():
+    for e in err.errors()[:_MAX_PROBLEMS]:
         loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
+        msg = redact.redact_text(e["msg"].removeprefix("Value error, "))
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check its spelling; see plans/README.md for the fields)"
         elif e["type"] == "missing":
             msg = "required field is missing"
         got = e.get("input")
-        shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  - {loc}: {msg}{shown}")
+        shown = (
+            ""
+            if e["type"] in ("missing",) or isinstance(got, dict | list)
+            else f" (got {_shown(got)})"
+        )
+        lines.append(f"  - {loc[:_MAX_SHOWN]}: {msg}{shown}")
+    if err.error_count() > _MAX_PROBLEMS:
+        lines.append(f"  … and {err.error_count() - _MAX_PROBLEMS} more")
     return "\n".join(lines)
 
 
 def read_raw(path: Path) -> dict[str, Any]:
     try:
-        text = path.read_text(encoding="utf-8")
+        size = path.stat().st_size
+        if size > MAX_PLAN_BYTES:
+            raise PlanError(
+                f"{path}: the plan file is {size:,} bytes; a plan may be at most "
+                f"{MAX_PLAN_BYTES:,} bytes",
+                hint="check that this is the plan file; keep large data out of plans",
+            )
+        data = path.read_bytes()
     except FileNotFoundError:
         raise PlanError(f"{path}: no such plan file", hint="check the path") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise PlanError(f"{path}: cannot read the plan file: {e}") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise PlanError(
+            f"{path}: the file starts with a UTF-8 byte-order mark (BOM), which TOML and JSON "
+            "do not allow",
+            hint="save the file as UTF-8 without BOM",
+        )
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PlanError(
+            f"{path}: not UTF-8 text (byte {e.start}): {e.reason}", hint="save it as UTF-8"
+        ) from None
     try:
         if path.suffix == ".toml":
             return tomllib.loads(text)
         if path.suffix == ".json":
-            data = json.loads(text)
-            if not isinstance(data, dict):
+            data_ = json.loads(text)
+            if not isinstance(data_, dict):
                 raise PlanError(f"{path}: a JSON plan must be an object at the top level")
-            return data
+            return data_
     except tomllib.TOMLDecodeError as e:
         raise PlanError(f"{path}: TOML syntax error: {e}") from None
     except json.JSONDecodeError as e:
@@ -408,16 +614,43 @@ def read_raw(path: Path) -> dict[str, Any]:
     raise PlanError(f"{path}: a plan file must end in .toml or .json")
 
 
+def _declared_secret(raw: Mapping[str, Any]) -> set[str]:
+    section = raw.get("variables")
+    names = section.get("secret") if isinstance(section, dict) else None
+    return {n for n in names if isinstance(n, str)} if isinstance(names, list) else set()
+
+
 def validate_raw(
     path: Path, raw: dict[str, Any], env: Mapping[str, str] | None = None
 ) -> LoadedPlan:
-    secrets: set[str] = set()
-    data = _interpolate_tree(raw, os.environ if env is None else env, "", secrets)
+    uses = _Uses({}, {})
+    data = _interpolate_tree(raw, os.environ if env is None else env, "", uses, f"{path}: ")
+    declared = _declared_secret(raw)
+    variables = tuple(
+        Variable(
+            name,
+            value,
+            secret=(
+                name in declared
+                or name.startswith("SECRET_")
+                or any(f.startswith("environments.") for f in uses.fields[name])
+            ),
+            from_default=from_default,
+            fields=tuple(uses.fields[name]),
+        )
+        for name, (value, from_default) in sorted(uses.values.items())
+    )
+    # a default is written in the plan for anyone to read: only values from outside are secret
+    secrets = frozenset(v.value for v in variables if v.secret and v.value and not v.from_default)
+    redact.register(secrets)  # before anything below can print a value
     try:
         plan = Plan.model_validate(data)
     except ValidationError as e:
         raise PlanError(_format_validation_error(path, e)) from None
-    return LoadedPlan(path, plan, raw, canonical_digest(raw), frozenset(secrets))
+    text = canonical_digest(raw)
+    plain = {v.name: v.value for v in variables if v.bound and not v.secret}
+    digest = canonical_digest({"plan": text, "variables": plain}) if plain else text
+    return LoadedPlan(path, plan, raw, digest, secrets, text, variables)
 
 
 def load_plan(path: str | Path, env: Mapping[str, str] | None = None) -> LoadedPlan:

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
 
 from runner.engine.target import TargetInfo
+
+
+@contextlib.asynccontextmanager
+async def read_only(conn: asyncpg.Connection) -> AsyncIterator[None]:
+    """An explicit READ ONLY transaction (invariant 5), whatever the session's defaults say —
+    a query cannot switch it to read-write. Inside a caller's transaction, that one holds."""
+    if conn.is_in_transaction():
+        yield
+        return
+    async with conn.transaction(readonly=True):
+        yield
 
 
 @dataclass(frozen=True)
@@ -48,10 +61,11 @@ class Discovery:
         size = limit or self.page_size
         on = conn or self.conn
         assert on is not None, "Discovery.page needs a connection"
-        if cursor is None:
-            row = await on.fetchrow(self._first, size)
-        else:
-            row = await on.fetchrow(self._next, size, *cursor)
+        async with read_only(on):
+            if cursor is None:
+                row = await on.fetchrow(self._first, size)
+            else:
+                row = await on.fetchrow(self._next, size, *cursor)
         if row is None or row["n"] == 0:
             return None
         arrays = tuple(row[f"k{i}"] for i in range(len(self.target.key)))
@@ -92,6 +106,10 @@ class ConvergenceCheck:
         self.run_id = run_id
 
     async def check(self, span: Span) -> SpanCheck:
+        async with read_only(self.conn):
+            return await self._check(span)
+
+    async def _check(self, span: Span) -> SpanCheck:
         lower, upper = span.after is not None, span.last is not None
         bounds = [b for b in (span.after, span.last) if b is not None]
         count_sql = self.target.range_count_sql(self.discovery_sql, lower=lower, upper=upper)

@@ -19,6 +19,7 @@ from runner.db import fetch_one
 from runner.engine.target import BatchStatement, TargetInfo
 from runner.errors import InvalidInput, ScopeViolation, WorkFailed
 from runner.ledger import LEDGER_SCHEMA
+from runner.redact import redact_text
 
 TRANSIENT = frozenset(
     {"lock_timeout", "deadlock", "serialization", "statement_timeout", "connection_lost"}
@@ -140,9 +141,11 @@ def classify(exc: BaseException) -> str:
 
 
 def _describe(exc: BaseException) -> str:
+    """The error as recorded everywhere (ledger, batch files, logs): database errors quote
+    values, and values may be secrets, so it is redacted here, before any write."""
     text = str(exc).strip() or type(exc).__name__
     detail = getattr(exc, "detail", None)
-    return f"{text} ({detail})" if detail else text
+    return redact_text(f"{text} ({detail})" if detail else text)
 
 
 _TAG = re.compile(r"^(\w+)(?: \d+)? (\d+)$")

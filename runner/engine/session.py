@@ -23,8 +23,9 @@ class MainSession:
     """One connection, one caller at a time (asyncpg allows one operation per connection).
 
     A lost connection (a restart, a failover, a terminated backend) is re-opened with backoff
-    for up to `retries` attempts; the run lock goes with the old connection, so it is taken
-    again first, and if another process holds it by then, the phase stops rather than share.
+    for up to `retries` attempts; the run lock (when this connection holds it) goes with the old
+    connection, so it is taken again first, and if another process holds it by then, the phase
+    stops rather than share.
     """
 
     def __init__(
@@ -34,6 +35,7 @@ class MainSession:
         run_id: str,
         *,
         retries: int,
+        holds_run_lock: bool = True,
         backoff_base: float = 0.5,
         backoff_cap: float = 10.0,
     ) -> None:
@@ -41,6 +43,7 @@ class MainSession:
         self._reopen = reopen
         self.run_id = run_id
         self.retries = retries
+        self.holds_run_lock = holds_run_lock
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self._lock = anyio.Lock()
@@ -67,7 +70,7 @@ class MainSession:
             conn = await self._reopen()
         except Exception:
             return  # the next call fails on the closed connection and counts another attempt
-        if not await conn.fetchval(_TRY_LOCK, self.run_id):
+        if self.holds_run_lock and not await conn.fetchval(_TRY_LOCK, self.run_id):
             await conn.close()
             raise WorkFailed(
                 f"run {self.run_id}: the connection to the database was lost, and another "

@@ -15,25 +15,28 @@ import asyncpg
 import structlog
 
 from runner import events, ledger
-from runner.artifacts import RunDir, new_run_id, write_json
+from runner.artifacts import RunDir, check_run_id, new_run_id, write_json
 from runner.db import Databases, close_quietly, fetch_one
 from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
-from runner.engine.discovery import Discovery
+from runner.engine.discovery import Discovery, read_only
 from runner.engine.executor import BatchExecutor, BatchOutcome, require_write_tracking
 from runner.engine.session import MainSession
 from runner.engine.target import TargetInfo, as_subquery, resolve_target
 from runner.engine.throttle import Throttle
-from runner.errors import InvalidInput
+from runner.errors import InvalidInput, NoGo
 from runner.gates import gate_name
 from runner.phases.apply_summary import render_summary, summary_name
 from runner.phases.common import (
     ProgressCallback,
+    bound_values,
     command_prefix,
     ensure_run,
     gate_state,
     require_open,
+    rollback_note,
     run_lock,
 )
+from runner.phases.validate import refuse_unfit, validate_env
 from runner.plan import LoadedPlan
 from runner.rollback import emit_rollback_file
 
@@ -97,7 +100,9 @@ async def _resume_point(conn: asyncpg.Connection, run_id: str) -> tuple[list[str
 
 
 async def _count(conn: asyncpg.Connection, discovery_sql: str) -> int:
-    return int(await conn.fetchval(f"SELECT count(*) FROM {as_subquery(discovery_sql)} AS d"))
+    """How many rows discovery returns, in a READ ONLY transaction (invariant 5)."""
+    async with read_only(conn):
+        return int(await conn.fetchval(f"SELECT count(*) FROM {as_subquery(discovery_sql)} AS d"))
 
 
 async def _dry_run(
@@ -214,15 +219,19 @@ async def apply(
         raise InvalidInput(
             "a mini plan continues a run: pass --run RUN (the run its health check belongs to)"
         )
+    if run_id is not None:  # before anything is written, even the ledger schema
+        check_run_id(run_id, plan.parent.name if plan.parent else plan.name)
+    # the discovery and apply must fit the database before a run, or the ledger, is created
+    refuse_unfit(await validate_env(loaded, dbs, env, with_checks=False), str(loaded.path))
     if dry_run:
         return await _dry_run(loaded, dbs, env, stage, cmd)
 
     conn = await dbs.connect(env)
     session: MainSession | None = None
     try:
-        await ledger.ensure_ledger(conn)
         target = await resolve_target(conn, plan.target)
         await require_write_tracking(conn)
+        await ledger.ensure_ledger(conn)
         run_id = run_id or new_run_id(plan.name)
         run = await ensure_run(conn, loaded, env, run_id, target, operator, create=not plan.is_mini)
         if run.plan_digest != loaded.digest and not plan.is_mini:
@@ -245,6 +254,11 @@ async def apply(
             conn, lambda: _connect_main(dbs, env), run_id, retries=plan.batching.max_retries
         )
         async with run_lock(conn, run_id):
+            if (rolled_back := await rollback_note(conn, run_id)) is not None:
+                raise NoGo(
+                    f"the {stage} of run {run_id} cannot go on: {rolled_back}",
+                    hint=f"start a new run: {cmd} apply {loaded.path} --env {env}",
+                )
             if plan.is_mini:
                 stage = await _prod_stage(conn, loaded, run_id, env, cmd)
                 if stage == "finished":
@@ -276,7 +290,9 @@ async def _prod_stage(
     """Which prod stage is next (canary, rest, finished), after checking the gates before it."""
     plan = loaded.plan
     assert plan.parent is not None
-    health = await gate_state(conn, run_id, "health", gate_name("health", env), plan.parent.digest)
+    health = await gate_state(
+        conn, run_id, "health", gate_name("health", env), plan.parent.digest, loaded
+    )
     require_open(health, run_id=run_id, before="the prod apply", cmd=cmd)
     health_row = await ledger.get_phase(conn, run_id, "health")
     recorded = health_row.result.get("mini_plan_digest") if health_row else None
@@ -289,7 +305,9 @@ async def _prod_stage(
     canary = await ledger.get_phase(conn, run_id, "canary")
     if canary is None or canary.finished_at is None:
         return "canary"
-    state = await gate_state(conn, run_id, "canary", gate_name("canary", env), loaded.digest)
+    state = await gate_state(
+        conn, run_id, "canary", gate_name("canary", env), loaded.digest, loaded
+    )
     require_open(state, run_id=run_id, before="the prod rollout after the canary", cmd=cmd)
     rest = await ledger.get_phase(conn, run_id, "rest")
     return "finished" if rest is not None and rest.finished_at else "rest"
@@ -306,7 +324,35 @@ async def _run_batches(
     progress: ProgressCallback | None,
     cmd: str,
 ) -> RunState:
-    """Set up the batch machine for this stage (resume point, canary stop, recording) and run it."""
+    """Set up the batch machine for this stage (resume point, canary stop, recording) and run it.
+
+    Discovery reads on its own read-only connection (under the plan's read_role, if any): a
+    discovery that calls a writing function fails instead of writing outside any batch."""
+    reader = MainSession(
+        await dbs.connect(env, read_only=True),
+        lambda: dbs.connect(env, read_only=True),
+        run_id,
+        retries=loaded.plan.batching.max_retries,
+        holds_run_lock=False,
+    )
+    try:
+        return await _machine_for(session, reader, dbs, loaded, target, env, stage, progress, cmd)
+    finally:
+        await reader.close()
+
+
+async def _machine_for(
+    session: MainSession,
+    reader: MainSession,
+    dbs: Databases,
+    loaded: LoadedPlan,
+    target: TargetInfo,
+    env: str,
+    stage: str,
+    progress: ProgressCallback | None,
+    cmd: str,
+) -> RunState:
+    run_id = session.run_id
     plan = loaded.plan
     b = plan.batching
     source = KeysetSource(target, plan.discovery.sql, b.size)
@@ -326,7 +372,7 @@ async def _run_batches(
         )
         stop_after = max(plan.canary.batches - int(done_in_canary), 0)
     t_count = time.perf_counter()
-    state.rows_needing_at_start = await session.run(source.count)
+    state.rows_needing_at_start = await reader.run(source.count)
     state.counting_seconds += time.perf_counter() - t_count
     if progress:
         progress(
@@ -351,7 +397,16 @@ async def _run_batches(
         )
         return c
 
+    async def checker_connection() -> asyncpg.Connection:
+        c = await dbs.connect(env, read_only=True)
+        await c.execute(
+            "SELECT set_config('statement_timeout', $1, false)",
+            f"{int(b.statement_timeout * 1000)}ms",
+        )
+        return c
+
     async def record(outcome: BatchOutcome) -> None:
+        # the executor redacts database errors (they quote values) before writing them anywhere
         write_json(batch_dir / f"batch_{outcome.batch_no:05d}.json", outcome.as_json())
         if outcome.status == "failed":
             await session.run(
@@ -376,7 +431,7 @@ async def _run_batches(
             progress("batch", {"outcome": outcome, "totals": dict(totals)})
 
     machine = BatchRun(
-        session,
+        reader,
         source,
         Throttle(b.batches_per_minute, b.rows_per_second, b.size),
         RunSettings(
@@ -390,7 +445,7 @@ async def _run_batches(
         new_executor=lambda: BatchExecutor(
             target, plan.apply.sql, run_id, new_conn, max_retries=b.max_retries
         ),
-        checker_connection=new_conn,
+        checker_connection=checker_connection,
         record=record,
         state=state,
     )
@@ -443,6 +498,7 @@ async def _finish(
             "path": str(loaded.path),
             "description": plan.plan.description,
             "owner": plan.plan.owner,
+            **await bound_values(conn, loaded),
         },
         "env": env,
         "dsn": dbs.display_dsn(env),
@@ -590,7 +646,7 @@ async def _finished_result(
         assert row is not None
     gate = None if stage == "rest" else gate_name(stage, env)
     if gate:
-        state = await gate_state(conn, run_id, stage, gate, loaded.digest)
+        state = await gate_state(conn, run_id, stage, gate, loaded.digest, loaded)
         status = "done" if state.is_open else "halted"
         next_command = (
             f"{cmd} pipeline {loaded.path} --run {run_id}"

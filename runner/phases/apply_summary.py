@@ -121,9 +121,15 @@ async def apply_context(
         "chart": _throughput(outcomes),
         "gate": gate,
         "overrides": await _overrides_so_far(conn, run.run_id, stage, decisions),
+        "rolled_back": await rollbacks(conn, run.run_id),
         "started_at": row.started_at,
         "finished_at": row.finished_at,
     }
+
+
+async def rollbacks(conn: asyncpg.Connection, run_id: str) -> list[ledger.RunEvent]:
+    """The run's rollbacks in this environment: every later report shows them."""
+    return [e for e in await ledger.run_events(conn, run_id) if e.kind == "rollback"]
 
 
 async def render_summary(

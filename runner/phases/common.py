@@ -118,18 +118,112 @@ async def run_lock(
             )
 
 
+async def integrity_problem(conn: asyncpg.Connection, run_id: str) -> str | None:
+    """Why this ledger's gate records of the run cannot be trusted, or None when every decision's
+    chain hash and every finished phase's seal verify under the ledger's key."""
+    if not await conn.fetchval("SELECT to_regclass('backfill.digest_key') IS NOT NULL"):
+        return None
+    key = await ledger.digest_key(conn)
+    broken = ledger.broken_link(key, await ledger.decisions(conn, run_id))
+    if broken is not None:
+        return (
+            f"the ledger's decisions were changed outside backfill: decision #{broken.id} "
+            f"({broken.decision} of {broken.gate} by {broken.actor}) does not verify against "
+            "the chain of decisions"
+        )
+    for row in await ledger.phases(conn, run_id):
+        if (
+            row.finished_at is not None
+            and (row.report_digest or row.seal)
+            and not ledger.seal_holds(key, row)
+        ):
+            return (
+                f"the ledger's record of the {row.phase} phase was changed outside backfill "
+                "(its criteria or result no longer match the seal written when it finished)"
+            )
+    return None
+
+
+async def rollback_note(conn: asyncpg.Connection, run_id: str) -> str | None:
+    """Why the run cannot go forward in this environment after a rollback, or None."""
+    events = [e for e in await ledger.run_events(conn, run_id) if e.kind == "rollback"]
+    if not events:
+        return None
+    e = events[0]
+    return (
+        f"run {run_id} was rolled back in {e.env} at {e.at:%Y-%m-%d %H:%M:%S %Z} by {e.actor}: "
+        "a rolled-back run does not go forward"
+    )
+
+
+_CAN_WRITE_DECISIONS = """
+SELECT r.rolsuper
+    OR pg_has_role(session_user, c.relowner, 'USAGE')
+    OR has_table_privilege(session_user, c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE')
+FROM pg_class c, pg_roles r
+WHERE c.oid = to_regclass('backfill.gate_decisions') AND r.rolname = session_user
+"""
+
+
+async def refuse_forgeable_ledger(conn: asyncpg.Connection) -> None:
+    """With gates.identity = 'database', a gate trusts decisions only if the login running the
+    phases cannot write them: not a superuser, not the owner, no write privilege."""
+    if await conn.fetchval("SELECT to_regclass('backfill.gate_decisions') IS NULL"):
+        return
+    if await conn.fetchval(_CAN_WRITE_DECISIONS):
+        who = await conn.fetchval("SELECT session_user")
+        raise InvalidInput(
+            f"gates.identity = 'database', but this login ({who}) can write "
+            "backfill.gate_decisions (superuser, owner, or a write privilege), so it could "
+            "forge an approval",
+            hint="run phases with a login that may only read that table; SECURITY.md shows "
+            "the setup",
+        )
+
+
 async def gate_state(
-    conn: asyncpg.Connection, run_id: str, phase: str, gate: str, plan_digest: str
+    conn: asyncpg.Connection,
+    run_id: str,
+    phase: str,
+    gate: str,
+    plan_digest: str,
+    bound: LoadedPlan | None = None,
 ) -> GateState:
+    """The gate after `phase`, evaluated against what would run now: `bound`'s variables."""
+    if bound is not None and bound.plan.gates.identity == "database":
+        await refuse_forgeable_ledger(conn)
     row = await ledger.get_phase(conn, run_id, phase)
     criteria = row.criteria if row and row.finished_at else None
+    secrets: dict[str, str] = {}
+    if bound is not None and await conn.fetchval(
+        "SELECT to_regclass('backfill.digest_key') IS NOT NULL"
+    ):
+        secrets = bound.secret_fingerprints(await ledger.digest_key(conn))
     return evaluate(
         gate,
         criteria,
         await ledger.decisions(conn, run_id, gate),
         plan_digest,
         row.report_digest if row else None,
+        variables=bound.plain_values if bound is not None else None,
+        secret_hashes=secrets,
+        phase_seal=row.seal if row and row.finished_at else None,
+        tampered=await integrity_problem(conn, run_id),
+        rolled_back=await rollback_note(conn, run_id),
+        policy=bound.plan.gates if bound is not None else None,
+        operator=str(row.result.get("operator", "")) if row else None,
     )
+
+
+async def bound_values(conn: asyncpg.Connection, loaded: LoadedPlan) -> dict[str, Any]:
+    """What a phase ran with besides the plan's text, for its result and reports: the plain
+    variables' values, and the secret ones as names and keyed hashes (never their values)."""
+    key = await ledger.digest_key(conn)
+    return {
+        "variables": loaded.plain_values,
+        "secret_variables": sorted(loaded.secret_fingerprints(key)),
+        "secret_fingerprints": loaded.secret_fingerprints(key),
+    }
 
 
 def require_open(state: GateState, *, run_id: str, before: str, cmd: str) -> None:
@@ -138,7 +232,15 @@ def require_open(state: GateState, *, run_id: str, before: str, cmd: str) -> Non
         return
     approve = f"{cmd} approve {run_id} --gate {state.gate} --as <approver>"
     message = f"{before} cannot start: gate {state.gate} is {state.status}: {state.reason}"
-    if state.status in ("no-go", "rejected"):
+    if state.status in ("rejected", "rolled-back"):
+        raise NoGo(message, hint="this run stops here; to go on, start a new run and review it")
+    if state.status == "tampered":
+        raise NoGo(
+            message,
+            hint="the ledger's gate records were edited outside backfill: investigate (see "
+            "SECURITY.md); this run cannot go forward, start a new run",
+        )
+    if state.status == "no-go":
         raise NoGo(message, hint="fix the cause and re-run the phase before this gate")
     if state.status == "not-reached":
         raise GateClosed(

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Literal
 
-from runner import ledger
+import asyncpg
+
+from runner import ledger, redact
 from runner.artifacts import RunDir
-from runner.db import Databases
-from runner.errors import InvalidInput
-from runner.gates import check_decision, new_decision, text_digest
-from runner.phases.common import command_prefix
+from runner.db import Databases, classify_connect_error, close_quietly, connect
+from runner.errors import ConnectionFailed, InvalidInput, NoGo
+from runner.gates import check_decision, new_decision, text_digest, variable_changes
+from runner.phases.common import command_prefix, integrity_problem, rollback_note
 from runner.plan import LoadedPlan, load_plan
 
 # gate phase → which plan the gate's decision binds to
@@ -38,6 +43,34 @@ def plan_for(run_id: str, key: str, override: Path | None) -> LoadedPlan:
     return load_plan(manifest[key])
 
 
+@contextlib.asynccontextmanager
+async def _decision_connection(
+    loaded: LoadedPlan, dbs: Databases, env: str
+) -> AsyncIterator[asyncpg.Connection]:
+    """The connection a decision is recorded through: the approver's own login when the plan's
+    gates.identity is 'database' (so PostgreSQL, not a flag, says who decided)."""
+    if loaded.plan.gates.identity != "database":
+        async with dbs.connection(env) as conn:
+            yield conn
+        return
+    dsn = os.environ.get("BACKFILL_APPROVER_DSN", "")
+    if not dsn:
+        raise InvalidInput(
+            "gates.identity = 'database': a decision is recorded through your own database login",
+            hint=f"set BACKFILL_APPROVER_DSN to {env}'s database with your login, e.g. "
+            "postgresql://alice@db.example.com/app",
+        )
+    redact.register({dsn})
+    try:
+        conn = await connect(dsn, what="your approver login (BACKFILL_APPROVER_DSN)")
+    except ConnectionFailed as e:
+        raise classify_connect_error(e) from None
+    try:
+        yield conn
+    finally:
+        await close_quietly(conn)
+
+
 def split_gate(gate: str) -> tuple[str, str]:
     phase, _, env = gate.partition("-")
     if phase not in GATE_PHASES or not env:
@@ -61,20 +94,51 @@ async def decide(
     phase, env = split_gate(gate)
     loaded = plan_for(run_id, GATE_PHASES[phase], plan_path)
     run_dir = RunDir.of(run_id)
-    async with Databases(loaded.plan) as dbs, dbs.connection(env) as conn:
+    async with Databases(loaded.plan) as dbs, _decision_connection(loaded, dbs, env) as conn:
+        if loaded.plan.gates.identity == "database":
+            login = str(await conn.fetchval("SELECT session_user"))
+            if actor and actor != login:
+                raise InvalidInput(
+                    f"--as {actor}, but you are logged in as {login}: with gates.identity = "
+                    "'database' the approver is the database login that records the decision",
+                    hint="set BACKFILL_APPROVER_DSN to your own login, and leave out --as",
+                )
+            actor = login
         row = await ledger.get_phase(conn, run_id, phase)
         if row is None or row.finished_at is None:
             raise InvalidInput(
                 f"gate {gate}: the {phase} phase of run {run_id} has not finished in {env!r}",
                 hint=f"see `{command_prefix()} status {run_id}`",
             )
-        ran_with = row.result.get("plan", {}).get("digest")
+        key = await ledger.digest_key(conn)
+        ran = row.result.get("plan", {})
+        secrets_now = loaded.secret_fingerprints(key)
+        changes = variable_changes(
+            ran.get("variables", {}),
+            loaded.plain_values,
+            ran.get("secret_fingerprints", {}),
+            secrets_now,
+        )
+        if changes:
+            raise InvalidInput(
+                f"gate {gate}: the {phase} phase ran with other variable values than yours: "
+                + "; ".join(c.replace("was approved", "ran") for c in changes),
+                hint="a decision binds the values the phase ran with (the report shows them): "
+                "set the same values, or re-run the phase with yours",
+            )
+        ran_with = ran.get("digest")
         if ran_with != loaded.digest:
             raise InvalidInput(
                 f"gate {gate}: {loaded.path} has changed since the {phase} phase ran "
                 f"(digest then {str(ran_with)[:12]}, now {loaded.digest[:12]})",
                 hint="a decision binds to the plan that was run: restore it, or re-run the phase",
             )
+        for problem in (await rollback_note(conn, run_id), await integrity_problem(conn, run_id)):
+            if problem is not None:
+                raise NoGo(
+                    f"gate {gate}: no decision is possible: {problem}",
+                    hint="this run stops here; to go on, start a new run and review it",
+                )
         report = run_dir.root / env / row.result["report_file"]
         try:
             on_disk = text_digest(report.read_text(encoding="utf-8"))
@@ -98,20 +162,37 @@ async def decide(
             note=note,
             override=override,
         )
-        await ledger.record_decision(
-            conn,
-            run_id,
-            new_decision(
-                gate,
-                decision,
-                actor,
-                note,
-                override,
-                loaded.digest,
-                on_disk,
-                row.criteria or "",
-            ),
-        )
+        async with conn.transaction():
+            await ledger.decision_lock(conn, run_id)
+            rejected = [
+                d for d in await ledger.decisions(conn, run_id, gate) if d.decision == "reject"
+            ]
+            if rejected:
+                r = rejected[0]
+                raise NoGo(
+                    f"gate {gate} of run {run_id} was rejected by {r.actor} at "
+                    f"{r.decided_at:%Y-%m-%d %H:%M:%S %Z}"
+                    + (f" ({r.note})" if r.note else "")
+                    + ": a reject is final for the run",
+                    hint="to go on, start a new run; it is reviewed from its own reports",
+                )
+            await ledger.record_decision(
+                conn,
+                run_id,
+                new_decision(
+                    gate,
+                    decision,
+                    actor,
+                    note,
+                    override,
+                    loaded.digest,
+                    on_disk,
+                    row.criteria or "",
+                    variables=loaded.plain_values,
+                    secret_hashes=secrets_now,
+                    phase_seal=row.seal,
+                ),
+            )
     cmd = command_prefix()
     if decision == "reject":
         return f"the rollout of run {run_id} stops here; to undo: {cmd} rollback {run_id} --env {env} --dry-run"

@@ -14,21 +14,25 @@ import asyncpg
 import structlog
 
 from runner import events, ledger
-from runner.artifacts import RunDir, write_json, write_text
+from runner.artifacts import RunDir, check_run_id, write_json, write_text
 from runner.db import Databases, close_quietly, fetch_one
 from runner.engine import dbhealth
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
-from runner.errors import InvalidInput
+from runner.errors import InvalidInput, NoGo
 from runner.gates import gate_name, text_digest
+from runner.phases.apply_summary import rollbacks
 from runner.phases.common import (
+    bound_values,
     command_prefix,
     ensure_run,
     gate_state,
     overrides_note,
     require_open,
+    rollback_note,
     run_lock,
 )
+from runner.phases.validate import refuse_unfit, validate_env
 from runner.plan import LoadedPlan, validate_raw
 from runner.reports import render
 
@@ -166,11 +170,14 @@ async def health(
         )
     staging = plan.pipeline.staging
     gate = gate_name("health", env)
+    check_run_id(run_id, plan.name)
     s_conn = await dbs.connect(staging, read_only=True)
     conn = await dbs.connect(env)
     ro = await dbs.connect(env, read_only=True)
     try:
-        state = await gate_state(s_conn, run_id, "soak", gate_name("soak", staging), loaded.digest)
+        state = await gate_state(
+            s_conn, run_id, "soak", gate_name("soak", staging), loaded.digest, loaded
+        )
         require_open(state, run_id=run_id, before="the prod health check", cmd=cmd)
         staging_run = await ledger.get_run(s_conn, run_id)
         assert staging_run is not None
@@ -183,6 +190,12 @@ async def health(
         staging_shape = await table_shape(s_conn, staging_run.quoted_table)
         staging_decisions = await ledger.decisions(s_conn, run_id)
 
+        refuse_unfit(await validate_env(loaded, dbs, env, with_checks=False), str(loaded.path))
+        if (rolled_back := await rollback_note(conn, run_id)) is not None:
+            raise NoGo(
+                f"the prod health check of run {run_id} cannot run: {rolled_back}",
+                hint="start a new run",
+            )
         await ledger.ensure_ledger(conn)
         async with ro.transaction(readonly=True):
             target: TargetInfo = await resolve_target(ro, plan.target)
@@ -260,7 +273,11 @@ async def health(
                 envs={env: dbs.display_dsn(env)},
             )
             result = {
-                "plan": {"name": plan.name, "digest": loaded.digest},
+                "plan": {
+                    "name": plan.name,
+                    "digest": loaded.digest,
+                    **await bound_values(conn, loaded),
+                },
                 "operator": operator,
                 "env": env,
                 "staging_env": staging,
@@ -354,6 +371,7 @@ async def render_health(conn: asyncpg.Connection, run_id: str, env: str) -> tupl
             "r": r,
             "gate": gate_name("health", env),
             "mini_plan_json": json.dumps(r["mini_plan"], indent=2),
+            "rolled_back": await rollbacks(conn, run_id),
             "started_at": row.started_at,
             "finished_at": row.finished_at,
         },

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from runner import ledger
-from runner.artifacts import RunDir, list_runs
+from runner.artifacts import RunDir, check_run_id, list_runs
 from runner.db import Databases
 from runner.errors import EXIT_DONE, EXIT_GATE_WAITING, EXIT_NO_GO, InvalidInput
 from runner.gates import GateState, gate_name
@@ -23,6 +23,8 @@ from runner.phases.common import ProgressCallback, command_prefix, gate_state
 from runner.phases.decide import decide, plan_for
 from runner.plan import LoadedPlan, load_plan
 from runner.rollback import emit_rollback_file
+
+STOPPED = ("no-go", "rejected", "rolled-back", "tampered")  # gates no approval opens
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ async def read_steps(loaded: LoadedPlan, dbs: Databases, run_id: str) -> list[St
     staging, prod = plan.pipeline.staging, plan.pipeline.prod
     mini_digest: str | None = None
     steps: list[Step] = []
+    stopped: GateState | None = None  # a gate no later gate can pass (rolled back, tampered)
     for env, phases in ((staging, ("apply", "soak")), (prod, ("health", "canary", "rest"))):
         async with dbs.connection(env) as conn:
             for phase in phases:
@@ -50,8 +53,14 @@ async def read_steps(loaded: LoadedPlan, dbs: Databases, run_id: str) -> list[St
                 gate = (
                     None
                     if phase == "rest"
-                    else await gate_state(conn, run_id, phase, gate_name(phase, env), digest)
+                    else await gate_state(
+                        conn, run_id, phase, gate_name(phase, env), digest, loaded
+                    )
                 )
+                if gate is not None and stopped is not None:
+                    gate = GateState(gate.gate, stopped.status, stopped.reason, gate.criteria)
+                elif gate is not None and gate.status in ("rolled-back", "tampered"):
+                    stopped = gate
                 steps.append(Step(phase, env, finished, gate))
     return steps
 
@@ -74,6 +83,8 @@ async def run_pipeline(
     """Run phases until a gate waits (exit 3), a gate says no (exit 4) or the rollout is done (0)."""
     plan = loaded.plan
     cmd = command_prefix()
+    if run_id is not None:
+        check_run_id(run_id, plan.name)
     async with Databases(plan) as dbs:
         while True:
             if run_id is None:
@@ -95,7 +106,7 @@ async def run_pipeline(
                 return EXIT_DONE
             if step.finished and step.gate is not None:
                 g = step.gate
-                if g.status in ("no-go", "rejected"):
+                if g.status in STOPPED:
                     say(f"gate {g.gate} is {g.status}: {g.reason}")
                     return EXIT_NO_GO
                 if auto_approver is not None:
@@ -171,6 +182,10 @@ async def describe_run(run_id: str, plan_path: Path | None) -> tuple[str, int]:
     loaded = plan_for(run_id, "plan_path", plan_path)
     cmd = command_prefix()
     lines = [f"run {run_id} — plan {loaded.plan.name} (digest {loaded.digest[:12]})"]
+    if loaded.plain_values or loaded.secret_fingerprints(b""):
+        shown = [f"{k}={v!r}" for k, v in loaded.plain_values.items()]
+        shown += [f"{k}=(secret)" for k in loaded.secret_fingerprints(b"")]
+        lines.append(f"  variables now: {', '.join(shown)}")
     async with Databases(loaded.plan) as dbs:
         steps = await read_steps(loaded, dbs, run_id)
         for s in steps:
@@ -184,14 +199,25 @@ async def describe_run(run_id: str, plan_path: Path | None) -> tuple[str, int]:
             async with dbs.connection(env) as conn:
                 for d in await ledger.decisions(conn, run_id):
                     extra = " OVERRIDE" if d.override else ""
+                    login = f" (database login {d.db_user})" if d.db_user else ""
                     lines.append(
-                        f"  decision: {d.gate} {d.decision}{extra} by {d.actor} at "
+                        f"  decision: {d.gate} {d.decision}{extra} by {d.actor}{login} at "
                         f"{d.decided_at:%Y-%m-%d %H:%M:%S}" + (f" — {d.note}" if d.note else "")
+                    )
+                for e in await ledger.run_events(conn, run_id):
+                    lines.append(
+                        f"  ROLLED BACK in {e.env} at {e.at:%Y-%m-%d %H:%M:%S} by {e.actor}"
+                        + (f" (batches {e.detail['batches']})" if e.detail.get("batches") else "")
+                        + (f" (since {e.detail['since']})" if e.detail.get("since") else "")
                     )
     nxt = next((s for s in steps if not s.finished or (s.gate and not s.gate.is_open)), None)
     if nxt is None:
         lines.append("next: nothing — the rollout is complete")
-    elif nxt.finished and nxt.gate is not None and nxt.gate.status in ("no-go", "rejected"):
+    elif nxt.gate is not None and nxt.gate.status == "rolled-back":
+        lines.append(
+            f"next: nothing — {nxt.gate.reason}; start a new run: {cmd} pipeline {loaded.path}"
+        )
+    elif nxt.finished and nxt.gate is not None and nxt.gate.status in STOPPED:
         lines.append(
             f"next: no-go at {nxt.gate.gate}; to undo: {cmd} rollback {run_id} --env {nxt.env} --dry-run"
         )
@@ -238,7 +264,8 @@ async def rerender(run_id: str, plan_path: Path | None) -> list[Path]:
                             )
                         )
                     written.append(path)
-                    _check_same(row.report_digest, digest, path)
+                    if not await ledger.run_events(conn, run_id):  # a rollback adds a banner
+                        _check_same(row.report_digest, digest, path)
     if not written:
         raise InvalidInput(f"run {run_id} has no finished phase to render")
     return written

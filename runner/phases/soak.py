@@ -20,14 +20,16 @@ import anyio
 import asyncpg
 import structlog
 
-from runner import events, ledger
-from runner.artifacts import RunDir, write_text
+from runner import events, ledger, redact
+from runner.artifacts import RunDir, check_run_id, write_text
 from runner.db import Databases, close_quietly
 from runner.engine import dbhealth
 from runner.errors import InvalidInput
 from runner.gates import gate_name, text_digest
+from runner.phases.apply_summary import rollbacks
 from runner.phases.common import (
     ProgressCallback,
+    bound_values,
     command_prefix,
     gate_state,
     overrides_note,
@@ -164,17 +166,20 @@ async def soak(
             "the plan has no soak checks: add [[soak.checks]] entries", hint="see plans/README.md"
         )
     gate = gate_name("soak", env)
+    check_run_id(run_id, plan.name)
     conn = await dbs.connect(env)
     ro = await dbs.connect(env, read_only=True)
     try:
-        await ledger.ensure_ledger(conn)
         run = await ledger.get_run(conn, run_id)
         if run is None:
             raise InvalidInput(
                 f"run {run_id} has no apply in environment {env!r}",
                 hint="soak the environment the run was applied to",
             )
-        state = await gate_state(conn, run_id, "apply", gate_name("apply", env), loaded.digest)
+        await ledger.ensure_ledger(conn)
+        state = await gate_state(
+            conn, run_id, "apply", gate_name("apply", env), loaded.digest, loaded
+        )
         require_open(state, run_id=run_id, before="the soak", cmd=cmd)
         run_dir = RunDir.of(run_id)
         events.attach(run_dir.env(env) / "events.jsonl")
@@ -211,7 +216,11 @@ async def soak(
                         streaks[r["check_name"]] + 1 if r["outcome"] == "error" else 0
                     )
             base = {
-                "plan": {"name": plan.name, "digest": loaded.digest},
+                "plan": {
+                    "name": plan.name,
+                    "digest": loaded.digest,
+                    **await bound_values(conn, loaded),
+                },
                 "operator": operator,
                 "window_start": window_start.isoformat(),
                 "baselines": baselines,
@@ -246,6 +255,7 @@ async def soak(
                         outcome, detail = "error", f"connection: {e}"
                         await close_quietly(ro)
                         ro = await dbs.connect(env, read_only=True)
+                    detail = redact.redact_text(detail)  # errors quote values: secrets too
                     counts[c.name][outcome] += 1
                     streaks[c.name] = streaks[c.name] + 1 if outcome == "error" else 0
                     outcomes[c.name] = outcome if value is None else f"{outcome}({value:g})"
@@ -432,6 +442,7 @@ async def render_soak(
             "health": health,
             "gate": gate_name("soak", env),
             "overrides": overrides_note(decisions),
+            "rolled_back": await rollbacks(conn, run.run_id),
             "started_at": row.started_at,
             "finished_at": row.finished_at,
         },

@@ -6,14 +6,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
 import structlog
 
 from runner import events, ledger
 from runner.artifacts import RunDir, write_text
 from runner.db import Databases
-from runner.errors import EXIT_DONE, EXIT_FAILED, InvalidInput
-from runner.phases.common import command_prefix, run_lock
+from runner.errors import EXIT_DONE, EXIT_FAILED, BackfillError, InvalidInput
+from runner.phases.common import command_prefix, operator_name, run_lock
 from runner.phases.decide import plan_for
+from runner.plan import LoadedPlan
 from runner.reports import render
 from runner.rollback import RollbackResult, emit_rollback_file, parse_batch_range, run_rollback
 
@@ -26,6 +28,28 @@ class UndoOutcome:
     lines: list[str] = field(default_factory=list)
     result: RollbackResult | None = None
     path: Path | None = None
+
+
+async def _tell_later_stages(loaded: LoadedPlan, dbs: Databases, run_id: str, env: str) -> None:
+    """A staging rollback is also recorded in the prod ledger, when the run reached it: the prod
+    apply reads only prod's ledger, and must not go on from a staging rehearsal that was undone."""
+    plan = loaded.plan
+    if plan.is_mini or env != plan.pipeline.staging or plan.pipeline.prod not in plan.environments:
+        return
+    try:
+        async with dbs.connection(plan.pipeline.prod) as prod:
+            if await ledger.get_run(prod, run_id) is None:
+                return  # the run never reached prod; its gates there stay not-reached
+            await ledger.ensure_ledger(prod)
+            await ledger.record_event(prod, run_id, env, "rollback", operator_name(), {})
+    except (BackfillError, OSError, asyncpg.PostgresError) as e:
+        log.warning(
+            "rollback.prod_not_told",
+            run_id=run_id,
+            error=str(e),
+            hint="the prod ledger does not know of this rollback: do not approve or run prod "
+            "phases of this run",
+        )
 
 
 async def undo(
@@ -74,6 +98,18 @@ async def undo(
             )
         events.attach(run_dir.env(env) / "events.jsonl")
         async with run_lock(conn, run_id):
+            if not dry_run:
+                # recorded before the first row is restored: a rollback stopped half-way has
+                # changed the data too, and the run must not go forward on it
+                await ledger.record_event(
+                    conn,
+                    run_id,
+                    env,
+                    "rollback",
+                    operator_name(),
+                    {"batches": batches, "since": since.isoformat() if since else None},
+                )
+                await _tell_later_stages(loaded, dbs, run_id, env)
             bpm = (run.plan.get("batching") or {}).get("batches_per_minute")
             result = await run_rollback(
                 conn,
@@ -124,5 +160,10 @@ async def undo(
         if result.note:
             lines.append(f"  note: {result.note}")
     lines.append(f"  report: {path}")
+    if not dry_run:
+        lines.append(
+            f"  run {run_id} is recorded as rolled back in {env}: its later phases and gates "
+            "there refuse to go forward; start a new run to try again"
+        )
     ok = dry_run or result.verified
     return UndoOutcome(EXIT_DONE if ok else EXIT_FAILED, lines, result, path)

@@ -191,9 +191,10 @@ def test_apply_of_another_table_is_caught(cli: Callable[..., Any], workdir: Path
     )
     plan = write_plan(workdir / "p.json", apply__sql="UPDATE other SET v = 'y' WHERE id = ANY($1)")
     result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
-    assert result.exit_code == 1
-    assert "scope_violation" in result.output
+    assert result.exit_code == 2  # refused before the run: the statement names another table
+    assert "the apply updates other, not the target table public.items" in result.output
     assert val(db, "SELECT count(*) FROM other WHERE v = 'y'") == 0
+    assert val(db, "SELECT to_regnamespace('backfill')") is None
 
 
 def test_discovery_that_does_not_converge_is_stopped_not_looped(

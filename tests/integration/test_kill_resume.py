@@ -32,7 +32,7 @@ def test_sigkill_at_random_moments_then_resume_ends_exactly_once(workdir: Path, 
     plan = write_plan(
         workdir / "p.json",
         apply__sql="UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
-        "AND val IS DISTINCT FROM 'new' AND pg_sleep(0.004) IS NOT NULL",
+        "AND val IS DISTINCT FROM 'new' AND pg_sleep(0.005) IS NOT NULL",
         batching__size=20,
         batching__workers=2,
         batching__lock_timeout="5s",
@@ -69,8 +69,8 @@ def test_sigkill_at_random_moments_then_resume_ends_exactly_once(workdir: Path, 
             break
     assert run_id is not None
     # enough kills to have landed at many moments (a fast machine finishes sooner; each
-    # batch sleeps 80 ms so that 150 batches outlast several kill cycles even there)
-    assert kills >= 6
+    # batch sleeps 100 ms so that 150 batches outlast several kill cycles even there)
+    assert kills >= 8
     in_flight_seen = val(db, "SELECT count(*) FROM backfill.batches WHERE run_id = $1", run_id)
     assert in_flight_seen < 120, "the runs were killed too late to test anything"
     final = subprocess.run(

@@ -43,12 +43,52 @@ def test_changed_report_closes_an_approved_gate() -> None:
     assert "report changed" in state.reason
 
 
-def test_latest_decision_wins() -> None:
-    assert (
-        evaluate("apply-staging", "pass", [decision(), decision("reject")], PLAN, REPORT).status
-        == "rejected"
+def test_a_reject_is_final_whatever_comes_before_or_after_it() -> None:
+    for order in ([decision(), decision("reject")], [decision("reject"), decision()]):
+        state = evaluate("apply-staging", "pass", order, PLAN, REPORT)
+        assert state.status == "rejected"
+        assert "final" in state.reason
+
+
+def test_a_changed_variable_closes_the_gate_naming_it_but_not_a_secret_value() -> None:
+    approved = Decision(
+        "apply-staging",
+        "approve",
+        "alice",
+        "",
+        False,
+        PLAN,
+        REPORT,
+        "pass",
+        datetime.now(UTC),
+        variables={"TAG": "v2"},
+        secret_hashes={"SECRET_TOKEN": "a" * 64},
     )
-    assert evaluate("apply-staging", "pass", [decision("reject"), decision()], PLAN, REPORT).is_open
+    same = evaluate(
+        "apply-staging",
+        "pass",
+        [approved],
+        PLAN,
+        REPORT,
+        variables={"TAG": "v2"},
+        secret_hashes={"SECRET_TOKEN": "a" * 64},
+    )
+    assert same.is_open
+    tag = evaluate("apply-staging", "pass", [approved], PLAN, REPORT, variables={"TAG": "EVIL"})
+    assert tag.status == "closed"
+    assert "variable TAG is 'EVIL', but 'v2' was approved" in tag.reason
+    secret = evaluate(
+        "apply-staging",
+        "pass",
+        [approved],
+        PLAN,
+        REPORT,
+        variables={"TAG": "v2"},
+        secret_hashes={"SECRET_TOKEN": "b" * 64},
+    )
+    assert secret.status == "closed"
+    assert "secret variable SECRET_TOKEN has a different value" in secret.reason
+    assert "b" * 64 not in secret.reason
 
 
 def test_failed_criteria_need_an_override() -> None:

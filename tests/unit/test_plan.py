@@ -187,3 +187,121 @@ def test_durations(text: Any, seconds: float) -> None:
 )
 def test_conditions(cond: str, value: float, holds: bool) -> None:
     assert parse_condition(cond).holds(value) is holds
+
+
+ABSURD: list[tuple[str, dict[str, Any], list[str]]] = [
+    (
+        "infinite pace",
+        {"batching__batches_per_minute": float("inf")},
+        ["batching.batches_per_minute", "finite number"],
+    ),
+    (
+        "a pace that never finishes a batch",
+        {"batching__rows_per_second": 1e-12},
+        ["batching.rows_per_second = 1e-12", "one batch a day", "rows_per_second >= 0.00115741"],
+    ),
+    (
+        "a batch a year",
+        {"batching__batches_per_minute": 1e-6},
+        ["batching.batches_per_minute = 1e-06", "one batch a day"],
+    ),
+    (
+        "NaN baseline",
+        {
+            "soak__checks": [
+                {"name": "c", "sql": "SELECT 1", "baseline": float("nan"), "max_drop": 0.1}
+            ]
+        },
+        ["soak.checks.0.baseline", "finite number"],
+    ),
+    (
+        "timeout beyond a day",
+        {"batching__statement_timeout": "30d"},
+        ["batching.statement_timeout", "at most 1d"],
+    ),
+    ("soak for a century", {"soak__duration": "36500d"}, ["soak.duration", "at most 30d"]),
+    (
+        "$1 only in a comment",
+        {"apply__sql": "UPDATE items SET val = 'new' -- WHERE id = ANY($1)"},
+        ["apply.sql", "a `$1` in a comment or a string does not count"],
+    ),
+    (
+        "$1 only in a string",
+        {"apply__sql": "UPDATE items SET val = '$1'"},
+        ["apply.sql", "must use the batch's keys"],
+    ),
+    (
+        "a check that notifies",
+        {
+            "soak__checks": [
+                {"name": "c", "sql": "SELECT pg_notify('x', 'y') IS NULL", "pass_if": "is true"}
+            ]
+        },
+        ["soak.checks.0.sql", "pg_notify()", "READ ONLY transaction does not block"],
+    ),
+    (
+        "a discovery that terminates sessions",
+        {"discovery__sql": 'SELECT id FROM items WHERE pg_catalog."pg_terminate_backend"(42)'},
+        ["discovery.sql", "pg_terminate_backend()"],
+    ),
+    (
+        "a mysql DSN",
+        {"environments__staging__dsn": "mysql://u:pw@h/db"},
+        ["environments.staging.dsn", "mysql:// URL"],
+    ),
+    (
+        "a garbage DSN",
+        {"environments__staging__dsn": "not a dsn"},
+        ["environments.staging.dsn", "neither a URL nor key=value"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("case", "over", "needles"), ABSURD, ids=[c[0] for c in ABSURD])
+def test_absurd_values_and_unsafe_sql_are_refused_with_exit_2(
+    cli: Callable[..., Any], workdir: Path, case: str, over: dict[str, Any], needles: list[str]
+) -> None:
+    path = write_plan(workdir / "bad.json", **over)
+    result = cli("validate", str(path), env=GOOD_ENV)
+    assert result.exit_code == 2, result.output
+    for needle in needles:
+        assert needle in result.output, f"{case}: {needle!r} not in {result.output!r}"
+    assert "pw@" not in result.output
+
+
+def test_an_unset_variable_names_the_plan_file(cli: Callable[..., Any], workdir: Path) -> None:
+    path = write_plan(workdir / "p.json")
+    result = cli("validate", str(path), env={"STAGING_DSN": "embedded", "PROD_DSN": None})
+    assert result.exit_code == 2
+    assert f"{path}: environments.prod.dsn: environment variable ${{PROD_DSN}} is not set" in (
+        result.output.replace("\n", "")
+    )
+
+
+def test_a_byte_order_mark_is_named(cli: Callable[..., Any], workdir: Path) -> None:
+    path = workdir / "bom.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b"[plan]\nname = 'x'\n")
+    result = cli("validate", str(path))
+    assert result.exit_code == 2
+    assert "byte-order mark (BOM)" in result.output
+    assert "without BOM" in result.output
+
+
+def test_a_huge_plan_gets_a_short_error(cli: Callable[..., Any], workdir: Path) -> None:
+    path = workdir / "huge.json"
+    plan = plan_dict()
+    plan["plan"]["description"] = "x" * 10_000_000
+    path.write_text(json.dumps(plan))
+    result = cli("validate", str(path))
+    assert result.exit_code == 2
+    assert "a plan may be at most 1,000,000 bytes" in result.output
+    assert len(result.output) < 1000
+    many = workdir / "many.json"
+    bad = plan_dict()
+    bad["gates"]["approvers"] = [""] * 5000
+    bad["plan"]["owner"] = ["y" * 100_000]
+    many.write_text(json.dumps(bad))
+    result = cli("validate", str(many), env=GOOD_ENV)
+    assert result.exit_code == 2
+    assert "more" in result.output
+    assert len(result.output) < 5000

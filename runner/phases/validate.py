@@ -6,15 +6,23 @@ executed, so SQL typos and type mismatches surface before a single row is touche
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import asyncpg
 
+from runner import redact
 from runner.db import Databases
 from runner.engine.target import TargetInfo, resolve_target
 from runner.errors import InvalidInput
 from runner.phases.soak import wrap_check
-from runner.plan import LoadedPlan
+from runner.plan import LoadedPlan, sql_code
+
+_UPDATED = re.compile(
+    r"\bupdate\s+(?:only\s+)?((?:\"(?:[^\"]|\"\")+\"|[\w$]+)(?:\s*\.\s*(?:\"(?:[^\"]|\"\")+\"|[\w$]+))?)",
+    re.IGNORECASE,
+)
+_CHECK_TYPES = frozenset({"int2", "int4", "int8", "float4", "float8", "numeric", "bool", "oid"})
 
 
 @dataclass
@@ -75,15 +83,64 @@ async def _check_sql(
             Finding(
                 where,
                 False,
-                f"{e.__class__.__name__.removesuffix('Error')}: "
-                f"{' '.join(str(e).split())}{_position(sql, e)}",
+                redact.redact_text(
+                    f"{e.__class__.__name__.removesuffix('Error')}: "
+                    f"{' '.join(str(e).split())}{_position(sql, e)}"
+                ),
             )
         )
         return None
     return types
 
 
-async def validate_env(loaded: LoadedPlan, dbs: Databases, env: str) -> EnvValidation:
+async def _apply_problem(conn: asyncpg.Connection, sql: str, target: TargetInfo) -> str | None:
+    """Why the apply is not one UPDATE of the target table, or None."""
+    code = sql_code(sql).strip()
+    first = code.split(None, 1)[0].lower() if code else ""
+    if first not in ("update", "with"):
+        return (
+            f"the apply is a {first.upper() or 'blank'} statement: it must be one UPDATE of "
+            f"{target.display}"
+        )
+    updated = [
+        m.group(1)
+        for m in _UPDATED.finditer(code)
+        # a row-locking clause (FOR UPDATE, FOR NO KEY UPDATE) is not an UPDATE statement
+        if not re.search(r"\bfor\s+(?:no\s+key\s+)?$", code[: m.start()], re.IGNORECASE)
+    ]
+    if not updated:
+        return f"the apply does not UPDATE anything: it must be one UPDATE of {target.display}"
+    for name in updated:
+        same = await conn.fetchval(
+            "SELECT to_regclass($1) IS NOT DISTINCT FROM to_regclass($2)", name, target.table
+        )
+        if not same:
+            return (
+                f"the apply updates {' '.join(name.split())}, not the target table "
+                f"{target.display}: a backfill changes only its target"
+            )
+    return None
+
+
+async def _check_value_type(conn: asyncpg.Connection, sql: str) -> str | None:
+    """Why the check's value (first column) is not a number or boolean, or None."""
+    stmt = await conn.prepare(wrap_check(sql))
+    attrs = stmt.get_attributes()
+    if not attrs:
+        return "the check returns no column: it must return one number or boolean"
+    kind = attrs[0].type.name
+    if kind not in _CHECK_TYPES:
+        return (
+            f"the check's first column is of type {kind}: it must be a number or a boolean "
+            "(e.g. `SELECT count(*) …`)"
+        )
+    return None
+
+
+async def validate_env(
+    loaded: LoadedPlan, dbs: Databases, env: str, *, with_checks: bool = True
+) -> EnvValidation:
+    """Every finding about the plan in `env`; nothing is written (one READ ONLY transaction)."""
     plan = loaded.plan
     plan.env(env)
     report = EnvValidation(env, dbs.display_dsn(env))
@@ -128,6 +185,8 @@ async def validate_env(loaded: LoadedPlan, dbs: Databases, env: str) -> EnvValid
                         problems.append(
                             f"${i} is {got}, but the runner passes {want}: write ${i}::{want}"
                         )
+                if (kind := await _apply_problem(conn, plan.apply.sql, target)) is not None:
+                    problems.insert(0, kind)
                 report.findings.append(
                     Finding(
                         "apply.sql",
@@ -135,13 +194,28 @@ async def validate_env(loaded: LoadedPlan, dbs: Databases, env: str) -> EnvValid
                         "; ".join(problems) or f"prepares with parameters ({', '.join(types)})",
                     )
                 )
-            for check in plan.soak.checks:
+            for check in plan.soak.checks if with_checks else []:
                 for where, sql in (
                     (f"soak.checks.{check.name}.sql", check.sql),
                     (f"soak.checks.{check.name}.baseline_sql", check.baseline_sql),
                 ):
                     if sql and await _check_sql(conn, report, where, wrap_check(sql)) is not None:
-                        report.findings.append(Finding(where, True, "prepares"))
+                        async with conn.transaction():
+                            wrong = await _check_value_type(conn, sql)
+                        report.findings.append(
+                            Finding(where, wrong is None, wrong or "prepares; returns a number")
+                        )
         finally:
             await tx.rollback()
     return report
+
+
+def refuse_unfit(report: EnvValidation, path: str) -> None:
+    """Before a phase writes anything: the plan's statements must fit the database."""
+    bad = [f for f in report.findings if not f.ok]
+    if bad:
+        raise InvalidInput(
+            f"{path}: the plan does not fit environment {report.env!r}; nothing was written:\n"
+            + "\n".join(f"  - {f.where}: {f.message}" for f in bad),
+            hint=f"`backfill validate {path} --env {report.env}` checks it without running",
+        )
