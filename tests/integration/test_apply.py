@@ -277,6 +277,7 @@ def test_rows_already_at_the_new_value_are_recorded_as_noops(
         "(SELECT 1 FROM backfill.batches WHERE status = 'done')",
         apply__sql="UPDATE items SET val = 'new' WHERE id = ANY($1)",
     )
+    assert cli("init", str(plan), "--env", "staging", env=env_for(db)).exit_code == 0
     run_id = run_id_of(cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db)).output)
     assert ledger_totals(db, run_id) == {"batches": 1, "changed": 80, "noop": 20}
     assert (

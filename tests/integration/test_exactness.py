@@ -229,11 +229,14 @@ TRIGGERS = {
         "public.items: ",
         "updated beyond the",
     ),
-    "data-modifying-with": (
-        "CREATE TABLE other (id bigint PRIMARY KEY, v text); "
-        "INSERT INTO other SELECT g, 'x' FROM generate_series(1, 300) g",
-        "WITH o AS (UPDATE other SET v = 'y' WHERE id = ANY($1)) "
-        "UPDATE items SET val = 'new' WHERE id = ANY($1) AND val IS DISTINCT FROM 'new'",
+    # a write the plan's text does not show (validation refuses a visible one up front)
+    "function-writing-another-table": (
+        """CREATE TABLE other (id bigint PRIMARY KEY, v text);
+        INSERT INTO other SELECT g, 'x' FROM generate_series(1, 300) g;
+        CREATE FUNCTION touch_other(k bigint) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN UPDATE other SET v = 'y' WHERE id = k; RETURN true; END $$""",
+        "UPDATE items SET val = 'new' WHERE id = ANY($1) AND val IS DISTINCT FROM 'new' "
+        "AND touch_other(id)",
         "public.other: ",
         "updated",
     ),
@@ -264,27 +267,56 @@ def test_writes_by_triggers_and_ctes_are_scope_violations_naming_table_and_count
     assert differing(db, "items") == 0
     if case == "audit-trigger":
         assert val(db, "SELECT count(*) FROM audit") == 0
-    if case == "data-modifying-with":
+    if case == "function-writing-another-table":
         assert val(db, "SELECT count(*) FROM other WHERE v <> 'x'") == 0
     assert val(db, "SELECT count(*) FROM backfill.batches WHERE status = 'done'") == 0
     assert val(db, "SELECT count(*) FROM backfill.row_images") == 0
 
 
+def test_a_delete_or_another_tables_update_in_the_plan_is_refused_before_anything_runs(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 300)
+    sql(db, "CREATE TABLE other (id bigint PRIMARY KEY, v text)")
+    for apply_sql, said in (
+        ("DELETE FROM items WHERE id = ANY($1)", "DELETE"),
+        (
+            "WITH o AS (UPDATE other SET v = 'y' WHERE id = ANY($1)) "
+            "UPDATE items SET val = 'new' WHERE id = ANY($1)",
+            "other",
+        ),
+    ):
+        plan = write_plan(workdir / "p.json", apply__sql=apply_sql)
+        result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+        assert result.exit_code == 2, result.output
+        assert said in result.output
+    assert val(db, "SELECT to_regnamespace('backfill')") is None  # nothing was written
+
+
 @pytest.mark.parametrize("suffix", ["", " RETURNING id"], ids=["one-statement", "capture"])
-def test_a_delete_apply_is_refused_naming_the_operation_and_real_keys(
+def test_a_delete_hidden_in_a_function_is_a_violation_naming_the_operation(
     cli: Callable[..., Any], workdir: Path, db: str, suffix: str
 ) -> None:
     make_items(db, 300)
+    sql(
+        db,
+        """CREATE FUNCTION drop_row(k bigint) RETURNS boolean LANGUAGE plpgsql AS $$
+        BEGIN DELETE FROM items WHERE id = k + 1000; RETURN true; END $$;
+        INSERT INTO items (id, grp, val) SELECT g + 1000, 0, 'x' FROM generate_series(1, 300) g""",
+    )
     plan = write_plan(
-        workdir / "p.json", apply__sql="DELETE FROM items WHERE id = ANY($1)" + suffix
+        workdir / "p.json",
+        discovery__sql="SELECT id FROM items WHERE id <= 300 AND val IS DISTINCT FROM 'new'",
+        apply__sql="UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
+        "AND drop_row(id)" + suffix,
     )
     result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     out = " ".join(result.output.split())
     assert result.exit_code == 1, result.output
-    assert "DELETE" in out or "deleted" in out, out
+    assert "public.items: " in out
+    assert "deleted" in out
     assert ", , " not in out, out
-    assert "keys: )" not in out, out
-    assert val(db, "SELECT count(*) FROM items") == 300
+    assert val(db, "SELECT count(*) FROM items") == 600
 
 
 # -- 4. a schema whose name has a dot ------------------------------------------------------------
