@@ -11,18 +11,14 @@ from typing import Literal
 from runner.errors import InvalidInput, NoGo
 from runner.ledger import Decision
 from runner.plan import Gates
+from runner.rollout import GATED
 
 Criteria = Literal["pass", "fail", "inconclusive"]
 GateStatus = Literal[
     "open", "waiting", "rejected", "no-go", "closed", "not-reached", "rolled-back", "tampered"
 ]
 
-# The gate after each phase, in pipeline order: (phase key in the ledger, gate name).
-PIPELINE_GATES = ("apply", "soak", "health", "canary")
-
-
-def gate_name(phase: str, env: str) -> str:
-    return f"{phase}-{env}"
+PIPELINE_GATES = GATED  # the gate after each gated phase, in rollout order (runner.rollout)
 
 
 def text_digest(text: str) -> str:

@@ -605,3 +605,35 @@ async def run_events(conn: asyncpg.Connection, run_id: str) -> list[RunEvent]:
         run_id,
     )
     return [RunEvent(**{**dict(r), "detail": json.loads(r["detail"])}) for r in rows]
+
+
+async def run_is_locked(conn: asyncpg.Connection, run_id: str) -> bool:
+    """Whether a backfill process holds the run now (phases.common.run_lock's advisory lock)."""
+    return bool(
+        await conn.fetchval(
+            """SELECT EXISTS (
+                   SELECT 1 FROM pg_locks
+                   WHERE locktype = 'advisory' AND objsubid = 2 AND granted
+                     AND classid::bigint = (hashtext('backfill-run')::bigint & 4294967295)
+                     AND objid::bigint = (hashtext($1)::bigint & 4294967295))""",
+            run_id,
+        )
+    )
+
+
+async def phase_progress(conn: asyncpg.Connection, run_id: str, phase: str) -> str:
+    """What an unfinished phase has committed so far, in words ('' for nothing)."""
+    if phase == "soak":
+        n = await conn.fetchval(
+            "SELECT count(DISTINCT sample_no) FROM backfill.soak_samples WHERE run_id = $1", run_id
+        )
+        return f"{n} sample(s)" if n else ""
+    row = await conn.fetchrow(
+        "SELECT count(*) AS batches, coalesce(sum(changed), 0) AS changed FROM backfill.batches"
+        " WHERE run_id = $1 AND stage = $2 AND status = 'done'",
+        run_id,
+        phase,
+    )
+    if row is None or not row["batches"]:
+        return ""
+    return f"{row['batches']} batch(es) committed, {row['changed']} row(s) changed"

@@ -24,7 +24,6 @@ from runner.engine.session import MainSession
 from runner.engine.target import TargetInfo, as_subquery, resolve_target
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput, NoGo
-from runner.gates import gate_name
 from runner.phases.apply_summary import render_summary, summary_name
 from runner.phases.common import (
     ProgressCallback,
@@ -39,6 +38,7 @@ from runner.phases.common import (
 from runner.phases.validate import refuse_unfit, validate_env
 from runner.plan import LoadedPlan
 from runner.rollback import emit_rollback_file
+from runner.rollout import gate_name
 
 log = structlog.get_logger("backfill.apply")
 

@@ -12,11 +12,12 @@ from typing import Any
 
 import asyncpg
 
-from runner import ledger
+from runner import ledger, rollout
 from runner.artifacts import RunDir, write_text
-from runner.gates import gate_name, text_digest
+from runner.gates import text_digest
 from runner.phases.common import overrides_note
 from runner.reports import render
+from runner.rollout import gate_name
 
 
 async def _overrides_so_far(
@@ -32,7 +33,7 @@ async def _overrides_so_far(
 
 
 def summary_name(stage: str) -> str:
-    return "backfill_summary.md" if stage == "apply" else f"{stage}_summary.md"
+    return rollout.phase(stage).report
 
 
 def _throughput(outcomes: list[dict[str, Any]], buckets: int = 24) -> dict[str, Any]:

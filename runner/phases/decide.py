@@ -17,14 +17,10 @@ from runner.errors import ConnectionFailed, InvalidInput, NoGo
 from runner.gates import check_decision, new_decision, text_digest, variable_changes
 from runner.phases.common import command_prefix, integrity_problem, rollback_note
 from runner.plan import LoadedPlan, load_plan
+from runner.rollout import ROLLOUT
 
 # gate phase → which plan the gate's decision binds to
-GATE_PHASES = {
-    "apply": "plan_path",
-    "soak": "plan_path",
-    "health": "plan_path",
-    "canary": "mini_plan_path",
-}
+GATE_PHASES = {p.name: p.plan_key for p in ROLLOUT if p.gated}  # phase → the plan it ran from
 
 
 def plan_for(run_id: str, key: str, override: Path | None) -> LoadedPlan:
@@ -76,7 +72,7 @@ def split_gate(gate: str) -> tuple[str, str]:
     if phase not in GATE_PHASES or not env:
         raise InvalidInput(
             f"--gate {gate!r} is not a gate",
-            hint="gates are named <phase>-<env>: apply-staging, soak-staging, health-prod, canary-prod",
+            hint="gates are named <phase>-<env>: " + ", ".join(f"{p}-<env>" for p in GATE_PHASES),
         )
     return phase, env
 

@@ -13,14 +13,14 @@ from typing import Any
 import asyncpg
 import structlog
 
-from runner import events, ledger
+from runner import events, ledger, rollout
 from runner.artifacts import RunDir, check_run_id, write_json, write_text
 from runner.db import Databases, close_quietly, fetch_one
 from runner.engine import dbhealth
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput, NoGo
-from runner.gates import gate_name, text_digest
+from runner.gates import text_digest
 from runner.phases.apply_summary import rollbacks
 from runner.phases.common import (
     bound_values,
@@ -35,9 +35,10 @@ from runner.phases.common import (
 from runner.phases.validate import refuse_unfit, validate_env
 from runner.plan import LoadedPlan, validate_raw
 from runner.reports import render
+from runner.rollout import gate_name
 
 log = structlog.get_logger("backfill.health")
-REPORT = "prod_health_check.md"
+REPORT = rollout.phase("health").report
 MINI_PLAN = "prod_mini_backfill_plan.json"
 
 _SHAPE_SQL = """

@@ -5,16 +5,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from runner import ledger
+from runner import ledger, rollout
 from runner.artifacts import RunDir, check_run_id, list_runs
 from runner.db import Databases
 from runner.errors import EXIT_DONE, EXIT_GATE_WAITING, EXIT_NO_GO, InvalidInput
-from runner.gates import GateState, gate_name
+from runner.gates import GateState
 from runner.phases import apply as apply_phase
 from runner.phases import health as health_phase
 from runner.phases import soak as soak_phase
@@ -23,6 +23,7 @@ from runner.phases.common import ProgressCallback, command_prefix, gate_state
 from runner.phases.decide import decide, plan_for
 from runner.plan import LoadedPlan, load_plan
 from runner.rollback import emit_rollback_file
+from runner.rollout import gate_name
 
 STOPPED = ("no-go", "rejected", "rolled-back", "tampered")  # gates no approval opens
 
@@ -33,18 +34,22 @@ class Step:
     env: str
     finished: bool
     gate: GateState | None
+    state: str = "not run"  # finished | not run | running now | interrupted (what is kept)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.state.startswith("interrupted")
 
 
 async def read_steps(loaded: LoadedPlan, dbs: Databases, run_id: str) -> list[Step]:
     """The rollout's steps in order, from the staging and prod ledgers."""
-    plan = loaded.plan
-    staging, prod = plan.pipeline.staging, plan.pipeline.prod
     mini_digest: str | None = None
     steps: list[Step] = []
     stopped: GateState | None = None  # a gate no later gate can pass (rolled back, tampered)
-    for env, phases in ((staging, ("apply", "soak")), (prod, ("health", "canary", "rest"))):
+    for env, specs in rollout.by_environment(loaded.plan.pipeline):
         async with dbs.connection(env) as conn:
-            for phase in phases:
+            for spec in specs:
+                phase = spec.name
                 row = await ledger.get_phase(conn, run_id, phase)
                 finished = row is not None and row.finished_at is not None
                 if phase == "health" and row is not None:
@@ -52,7 +57,7 @@ async def read_steps(loaded: LoadedPlan, dbs: Databases, run_id: str) -> list[St
                 digest = mini_digest if phase == "canary" and mini_digest else loaded.digest
                 gate = (
                     None
-                    if phase == "rest"
+                    if not spec.gated
                     else await gate_state(
                         conn, run_id, phase, gate_name(phase, env), digest, loaded
                     )
@@ -61,8 +66,20 @@ async def read_steps(loaded: LoadedPlan, dbs: Databases, run_id: str) -> list[St
                     gate = GateState(gate.gate, stopped.status, stopped.reason, gate.criteria)
                 elif gate is not None and gate.status in ("rolled-back", "tampered"):
                     stopped = gate
-                steps.append(Step(phase, env, finished, gate))
+                state = "finished" if finished else "not run"
+                if row is not None and not finished:
+                    state = await _unfinished_state(conn, run_id, phase)
+                steps.append(Step(phase, env, finished, gate, state))
     return steps
+
+
+async def _unfinished_state(conn: Any, run_id: str, phase: str) -> str:
+    """A phase that started and did not finish: running in a process now, or interrupted (a
+    Ctrl-C, a kill, a lost connection), and what it kept."""
+    if await ledger.run_is_locked(conn, run_id):
+        return "running now"
+    progress = await ledger.phase_progress(conn, run_id, phase)
+    return f"interrupted ({progress} kept)" if progress else "interrupted (nothing kept yet)"
 
 
 def _mini_plan(run_id: str, env: str) -> Path:
@@ -130,48 +147,71 @@ async def run_pipeline(
                 )
                 return EXIT_GATE_WAITING
             say(f"phase: {step.phase} on {step.env}")
-            if step.phase == "apply":
-                await apply_phase.apply(
-                    loaded, dbs, env=step.env, run_id=run_id, operator=operator, progress=progress
-                )
-            elif step.phase == "soak":
-                s = await soak_phase.soak(
-                    loaded,
-                    dbs,
-                    env=step.env,
-                    run_id=run_id,
-                    duration=soak_duration,
-                    interval=soak_interval,
-                    operator=operator,
-                )
-                say(f"  soak verdict {s.verdict}: {s.report_path}")
-            elif step.phase == "health":
-                h = await health_phase.health(
-                    loaded, dbs, env=step.env, run_id=run_id, operator=operator
-                )
-                say(f"  health verdict {h.verdict}: {h.report_path}; mini plan {h.mini_plan_path}")
-            else:
-                # the mini plan's environment is the parent plan's, so the same connections serve
-                mini = load_plan(_mini_plan(run_id, step.env))
-                r = await apply_phase.apply(
-                    mini, dbs, env=step.env, run_id=run_id, operator=operator, progress=progress
-                )
-                say(
-                    f"  {r.stage}: {r.totals.get('changed', 0):,} row(s) changed; summary {r.summary_path}"
-                )
+            ctx = PhaseRun(
+                loaded, dbs, step.env, run_id, operator, progress, say, soak_duration, soak_interval
+            )
+            await RUNNERS[rollout.phase(step.phase).runs](ctx)
 
 
-_REPORTS = {
-    "apply": "backfill_summary.md",
-    "soak": soak_phase.REPORT,
-    "health": health_phase.REPORT,
-    "canary": "canary_summary.md",
-    "rest": "rest_summary.md",
+@dataclass(frozen=True)
+class PhaseRun:
+    """What the pipeline hands the phase it runs next."""
+
+    loaded: LoadedPlan
+    dbs: Databases
+    env: str
+    run_id: str
+    operator: str
+    progress: ProgressCallback | None
+    say: Callable[[str], None]
+    soak_duration: float | None
+    soak_interval: float | None
+
+
+async def _run_apply(r: PhaseRun) -> None:
+    await apply_phase.apply(
+        r.loaded, r.dbs, env=r.env, run_id=r.run_id, operator=r.operator, progress=r.progress
+    )
+
+
+async def _run_soak(r: PhaseRun) -> None:
+    s = await soak_phase.soak(
+        r.loaded,
+        r.dbs,
+        env=r.env,
+        run_id=r.run_id,
+        duration=r.soak_duration,
+        interval=r.soak_interval,
+        operator=r.operator,
+    )
+    r.say(f"  soak verdict {s.verdict}: {s.report_path}")
+
+
+async def _run_health(r: PhaseRun) -> None:
+    h = await health_phase.health(r.loaded, r.dbs, env=r.env, run_id=r.run_id, operator=r.operator)
+    r.say(f"  health verdict {h.verdict}: {h.report_path}; mini plan {h.mini_plan_path}")
+
+
+async def _run_mini_apply(r: PhaseRun) -> None:
+    # the mini plan's environment is the parent plan's, so the same connections serve
+    mini = load_plan(_mini_plan(r.run_id, r.env))
+    a = await apply_phase.apply(
+        mini, r.dbs, env=r.env, run_id=r.run_id, operator=r.operator, progress=r.progress
+    )
+    r.say(f"  {a.stage}: {a.totals.get('changed', 0):,} row(s) changed; summary {a.summary_path}")
+
+
+# what runs each phase of the rollout (runner.rollout.PhaseSpec.runs)
+RUNNERS: dict[str, Callable[[PhaseRun], Awaitable[None]]] = {
+    "apply": _run_apply,
+    "soak": _run_soak,
+    "health": _run_health,
+    "mini-apply": _run_mini_apply,
 }
 
 
 def _report_of(run_id: str, step: Step) -> Path:
-    return RunDir.of(run_id).root / step.env / _REPORTS[step.phase]
+    return RunDir.of(run_id).root / step.env / rollout.phase(step.phase).report
 
 
 def list_run_rows() -> list[dict[str, Any]]:
@@ -192,9 +232,7 @@ async def describe_run(run_id: str, plan_path: Path | None) -> tuple[str, int]:
             gate = (
                 "" if s.gate is None else f"  gate {s.gate.gate}: {s.gate.status} — {s.gate.reason}"
             )
-            lines.append(
-                f"  {s.phase:<7} on {s.env:<8} {'finished' if s.finished else 'not run':<9}{gate}"
-            )
+            lines.append(f"  {s.phase:<7} on {s.env:<8} {s.state:<9}{gate}")
         for env in (loaded.plan.pipeline.staging, loaded.plan.pipeline.prod):
             async with dbs.connection(env) as conn:
                 for d in await ledger.decisions(conn, run_id):
@@ -226,6 +264,11 @@ async def describe_run(run_id: str, plan_path: Path | None) -> tuple[str, int]:
             f"next: review {_report_of(run_id, nxt)}, then "
             f"{cmd} approve {run_id} --gate {nxt.gate.gate} --as <approver>"
         )
+    elif nxt.interrupted:
+        lines.append(
+            f"next: continue the interrupted {nxt.phase}: {cmd} pipeline {loaded.path} --run {run_id}"
+            " (it resumes where it stopped; nothing committed is applied twice)"
+        )
     else:
         lines.append(f"next: {cmd} pipeline {loaded.path} --run {run_id}")
     return "\n".join(lines), EXIT_DONE
@@ -235,14 +278,13 @@ async def rerender(run_id: str, plan_path: Path | None) -> list[Path]:
     """Every report, the mini plan and the rollback SQL, re-rendered from the ledgers."""
     loaded = plan_for(run_id, "plan_path", plan_path)
     written: list[Path] = []
-    staging, prod = loaded.plan.pipeline.staging, loaded.plan.pipeline.prod
     async with Databases(loaded.plan) as dbs:
-        for env, stages in ((staging, ("apply", "soak")), (prod, ("health", "canary", "rest"))):
+        for env, specs in rollout.by_environment(loaded.plan.pipeline):
             async with dbs.connection(env) as conn:
                 run = await ledger.get_run(conn, run_id)
                 if run is None:
                     continue
-                for stage in stages:
+                for stage in (spec.name for spec in specs):
                     row = await ledger.get_phase(conn, run_id, stage)
                     if row is None or row.finished_at is None:
                         continue

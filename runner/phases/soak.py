@@ -20,12 +20,12 @@ import anyio
 import asyncpg
 import structlog
 
-from runner import events, ledger, redact
+from runner import events, ledger, redact, rollout
 from runner.artifacts import RunDir, check_run_id, write_text
 from runner.db import Databases, close_quietly
 from runner.engine import dbhealth
 from runner.errors import InvalidInput
-from runner.gates import gate_name, text_digest
+from runner.gates import text_digest
 from runner.phases.apply_summary import rollbacks
 from runner.phases.common import (
     ProgressCallback,
@@ -38,9 +38,10 @@ from runner.phases.common import (
 )
 from runner.plan import Check, LoadedPlan
 from runner.reports import render
+from runner.rollout import gate_name
 
 log = structlog.get_logger("backfill.soak")
-REPORT = "staging_observability.md"
+REPORT = rollout.phase("soak").report
 
 
 @dataclass

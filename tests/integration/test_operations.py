@@ -203,3 +203,43 @@ def test_demo_apply_is_undone_exactly_by_psql_and_by_the_runner(
     assert undone.exit_code == 0, undone.output
     assert "checksum verified" in undone.output
     assert val(db, CHECKSUM.format(table="profiles")) == before
+
+
+@pytest.mark.slow
+def test_status_after_ctrl_c_says_interrupted_what_was_kept_and_how_to_continue(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 2000)
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql="UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
+        "AND val IS DISTINCT FROM 'new' AND pg_sleep(0.005) IS NOT NULL",
+        batching__size=20,
+    )
+    env = {**os.environ, **env_for(db), "BACKFILL_LOGS": str(workdir / "backfill_logs")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "apply", str(plan), "--env", "staging", "--quiet"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        if val(db, "SELECT to_regclass('backfill.batches') IS NOT NULL") and val(
+            db, "SELECT count(*) FROM backfill.batches WHERE status = 'done'"
+        ):
+            break
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0, out
+    run_id = val(db, "SELECT run_id FROM backfill.runs")
+    committed = val(db, "SELECT count(*) FROM backfill.batches WHERE status = 'done'")
+    assert 0 < committed < 100
+    status = cli("status", run_id, env=env_for(db))
+    assert status.exit_code == 0, status.output
+    text = " ".join(status.output.split())
+    assert f"apply on staging interrupted ({committed} batch(es) committed" in text, text
+    assert f"next: continue the interrupted apply: backfill pipeline {plan} --run {run_id}" in text

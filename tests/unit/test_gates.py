@@ -128,3 +128,20 @@ def test_decision_policy() -> None:
         _check(criteria="fail", override=True)
     _check(criteria="fail", override=True, note="known flaky check, see INC-42")
     _check(decision="reject", criteria="fail")
+
+
+def test_the_rollout_table_is_the_one_source_of_phases_gates_and_reports() -> None:
+    from runner import rollout
+    from runner.phases.decide import GATE_PHASES
+    from runner.phases.pipeline import RUNNERS
+    from runner.plan import Pipeline
+
+    assert [p.name for p in rollout.ROLLOUT] == ["apply", "soak", "health", "canary", "rest"]
+    assert all(p.runs in RUNNERS for p in rollout.ROLLOUT)
+    assert list(GATE_PHASES) == list(rollout.GATED) == ["apply", "soak", "health", "canary"]
+    assert len({p.report for p in rollout.ROLLOUT}) == len(rollout.ROLLOUT)
+    grouped = rollout.by_environment(Pipeline(staging="stg", prod="prd"))
+    assert [(env, [p.name for p in specs]) for env, specs in grouped] == [
+        ("stg", ["apply", "soak"]),
+        ("prd", ["health", "canary", "rest"]),
+    ]
