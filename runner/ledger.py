@@ -637,3 +637,310 @@ async def phase_progress(conn: asyncpg.Connection, run_id: str, phase: str) -> s
     if row is None or not row["batches"]:
         return ""
     return f"{row['batches']} batch(es) committed, {row['changed']} row(s) changed"
+
+
+# -- batches -----------------------------------------------------------------------------------
+
+
+async def batch_committed(conn: asyncpg.Connection, run_id: str, batch_no: int) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT 1 FROM backfill.batches WHERE run_id = $1 AND batch_no = $2 AND status = 'done'",
+            run_id,
+            batch_no,
+        )
+    )
+
+
+async def batch_states(conn: asyncpg.Connection, run_id: str) -> list[asyncpg.Record]:
+    """Every batch row of the run (batch_no, status, last_key), in batch order."""
+    return list(
+        await conn.fetch(
+            "SELECT batch_no, status, last_key FROM backfill.batches WHERE run_id = $1"
+            " ORDER BY batch_no",
+            run_id,
+        )
+    )
+
+
+async def committed_batches(conn: asyncpg.Connection, run_id: str, stage: str) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) FROM backfill.batches WHERE run_id = $1 AND stage = $2"
+            " AND status = 'done'",
+            run_id,
+            stage,
+        )
+    )
+
+
+async def stage_batches(conn: asyncpg.Connection, run_id: str, stage: str) -> list[dict[str, Any]]:
+    return [
+        dict(r)
+        for r in await conn.fetch(
+            "SELECT * FROM backfill.batches WHERE run_id = $1 AND stage = $2 ORDER BY batch_no",
+            run_id,
+            stage,
+        )
+    ]
+
+
+async def run_totals(conn: asyncpg.Connection, run_id: str) -> dict[str, int]:
+    row = await conn.fetchrow(
+        "SELECT count(*) FILTER (WHERE status = 'done') AS batches,"
+        " coalesce(sum(changed), 0) AS changed, coalesce(sum(noop), 0) AS noop"
+        " FROM backfill.batches WHERE run_id = $1",
+        run_id,
+    )
+    return {k: int(v) for k, v in dict(row or {}).items()}
+
+
+async def errors_by_category(conn: asyncpg.Connection, run_id: str, stage: str) -> dict[str, int]:
+    rows = await conn.fetch(
+        "SELECT e->>'category' AS category, count(*)::int AS n FROM backfill.batches AS b,"
+        " jsonb_array_elements(b.errors) AS e WHERE b.run_id = $1 AND b.stage = $2"
+        " GROUP BY 1 ORDER BY 1",
+        run_id,
+        stage,
+    )
+    return {r["category"]: r["n"] for r in rows}
+
+
+async def batch_timing(conn: asyncpg.Connection, run_id: str) -> asyncpg.Record | None:
+    """Average duration and rows of the run's committed batches (health's batch-size tuning)."""
+    return await conn.fetchrow(
+        "SELECT avg(duration_ms) AS ms, avg(changed + noop) AS rows, count(*) AS n"
+        " FROM backfill.batches WHERE run_id = $1 AND status = 'done'",
+        run_id,
+    )
+
+
+# -- soak samples --------------------------------------------------------------------------------
+
+
+async def last_sample_no(conn: asyncpg.Connection, run_id: str) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT coalesce(max(sample_no), 0) FROM backfill.soak_samples WHERE run_id = $1",
+            run_id,
+        )
+    )
+
+
+async def sample_outcomes(conn: asyncpg.Connection, run_id: str) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            "SELECT check_name, outcome FROM backfill.soak_samples WHERE run_id = $1"
+            " ORDER BY sample_no",
+            run_id,
+        )
+    )
+
+
+async def insert_samples(conn: asyncpg.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """(run_id, sample_no, check_name, sampled_at, value, outcome, detail) rows; a sample that
+    is already recorded is kept as it was."""
+    await conn.executemany(
+        "INSERT INTO backfill.soak_samples VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        " ON CONFLICT DO NOTHING",
+        rows,
+    )
+
+
+async def samples(conn: asyncpg.Connection, run_id: str) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            "SELECT * FROM backfill.soak_samples WHERE run_id = $1 ORDER BY sample_no, check_name",
+            run_id,
+        )
+    )
+
+
+# -- runs and who may write decisions --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewRun:
+    """A run's row as a phase creates it: the plan and the target as resolved in this database."""
+
+    run_id: str
+    env: str
+    plan_name: str
+    plan_digest: str
+    plan: dict[str, Any]
+    target_table: str
+    key_columns: list[str]
+    columns: list[str]
+    key_types: list[str]
+    column_types: list[str]
+    operator: str
+    target_schema: str
+    target_name: str
+    target_oid: int
+    search_schemas: list[str]
+
+
+async def insert_run(conn: asyncpg.Connection, run: NewRun) -> None:
+    """The run's row, unless another process created it first."""
+    await conn.execute(
+        """
+        INSERT INTO backfill.runs (run_id, env, plan_name, plan_digest, plan, target_table,
+                                   key_columns, columns, key_types, column_types, operator,
+                                   target_schema, target_name, target_oid, search_schemas)
+        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+        ON CONFLICT (run_id) DO NOTHING
+        """,
+        run.run_id,
+        run.env,
+        run.plan_name,
+        run.plan_digest,
+        json.dumps(run.plan),
+        run.target_table,
+        run.key_columns,
+        run.columns,
+        run.key_types,
+        run.column_types,
+        run.operator,
+        run.target_schema,
+        run.target_name,
+        run.target_oid,
+        run.search_schemas,
+    )
+
+
+async def login_can_write_decisions(conn: asyncpg.Connection) -> bool:
+    """Whether this login could write gate decisions (superuser, owner, or a write privilege);
+    False where the ledger has no decisions table yet."""
+    return bool(
+        await conn.fetchval(
+            """SELECT r.rolsuper
+                   OR pg_has_role(session_user, c.relowner, 'USAGE')
+                   OR has_table_privilege(session_user, c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE')
+               FROM pg_class c, pg_roles r
+               WHERE c.oid = to_regclass('backfill.gate_decisions') AND r.rolname = session_user"""
+        )
+    )
+
+
+# -- row images and rollbacks ---------------------------------------------------------------------
+
+# one line of a rollback checksum: the row's key and an image (`img`), both as text[] text
+CHECKSUM_ROW = "i.key::text || '=' || coalesce({img}::text, 'NULL')"
+
+
+async def done_batches(
+    conn: asyncpg.Connection, run_id: str, batches: tuple[int, int] | None, since: datetime | None
+) -> list[int]:
+    """The run's committed batches, newest first, within `batches` (A-B) and after `since`."""
+    rows = await conn.fetch(
+        """SELECT batch_no FROM backfill.batches
+           WHERE run_id = $1 AND status = 'done'
+             AND ($2::int IS NULL OR batch_no BETWEEN $2 AND $3)
+             AND ($4::timestamptz IS NULL OR committed_at > $4)
+           ORDER BY batch_no DESC""",
+        run_id,
+        batches[0] if batches else None,
+        batches[1] if batches else None,
+        since,
+    )
+    return [r["batch_no"] for r in rows]
+
+
+async def changed_per_batch(
+    conn: asyncpg.Connection, run_id: str, batch_nos: list[int]
+) -> dict[int, int]:
+    return {
+        r["batch_no"]: r["changed"]
+        for r in await conn.fetch(
+            "SELECT batch_no, changed FROM backfill.batches WHERE run_id = $1 AND batch_no = ANY($2)",
+            run_id,
+            batch_nos,
+        )
+    }
+
+
+async def image_values(conn: asyncpg.Connection, run_id: str, batch_no: int) -> str | None:
+    """A batch's changed rows as SQL VALUES tuples (batch_no, key, before, after), quoted by the
+    server (`format('%L')`, i.e. quote_nullable) from the text form of their arrays, which casts
+    back to the same text[] exactly. One batch at a time: memory stays bounded."""
+    value = await conn.fetchval(
+        "SELECT string_agg(format('(%s, %L, %L, %L)', batch_no, key::text, before::text,"
+        " after::text), E',\n') FROM backfill.row_images"
+        " WHERE run_id = $1 AND batch_no = $2 AND op = 'U'",
+        run_id,
+        batch_no,
+    )
+    return str(value) if value is not None else None
+
+
+async def images_checksum(
+    conn: asyncpg.Connection, run_id: str, batch_nos: list[int]
+) -> tuple[int, str | None]:
+    """How many changed rows the batches hold and the md5 over their before-images, as the
+    rollback file's verification recomputes it from the table."""
+    row = await conn.fetchrow(
+        f"""SELECT count(*) AS n, md5(string_agg({CHECKSUM_ROW.format(img="i.before")}, '|'
+                                   ORDER BY i.key::text COLLATE "C", i.batch_no))
+            FROM backfill.row_images AS i
+            WHERE i.run_id = $1 AND i.op = 'U' AND i.batch_no = ANY($2)""",
+        run_id,
+        batch_nos,
+    )
+    assert row is not None  # an aggregate: always one row
+    return int(row[0]), row[1]
+
+
+async def keys_in_several_batches(
+    conn: asyncpg.Connection, run_id: str, batch_nos: list[int]
+) -> bool:
+    """Whether some key was changed by two batches (a row changed back and applied again in a
+    later pass): then those batches must be restored in order, not side by side."""
+    return bool(
+        await conn.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM backfill.batch_images AS i,
+                                   unnest(i.ops, i.keys) AS u(op, key)
+                              WHERE i.run_id = $1 AND i.batch_no = ANY($2) AND u.op = 'U'
+                              GROUP BY u.key HAVING count(*) > 1)""",
+            run_id,
+            batch_nos,
+        )
+    )
+
+
+async def batch_rolled_back(conn: asyncpg.Connection, run_id: str, batch_no: int) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT 1 FROM backfill.rollback_batches WHERE run_id = $1 AND batch_no = $2",
+            run_id,
+            batch_no,
+        )
+    )
+
+
+async def rollback_totals(
+    conn: asyncpg.Connection, run_id: str, batch_nos: list[int]
+) -> tuple[int, int]:
+    """(restored, already at their before-image) over the batches' recorded rollbacks."""
+    row = await conn.fetchrow(
+        "SELECT coalesce(sum(restored), 0) AS restored, coalesce(sum(already), 0) AS already"
+        " FROM backfill.rollback_batches WHERE run_id = $1 AND batch_no = ANY($2)",
+        run_id,
+        batch_nos,
+    )
+    assert row is not None
+    return int(row["restored"]), int(row["already"])
+
+
+async def rollback_conflicts(
+    conn: asyncpg.Connection, run_id: str, batch_nos: list[int], limit: int = 200
+) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            "SELECT DISTINCT ON (batch_no, key) batch_no, key, expected, current"
+            " FROM backfill.rollback_conflicts WHERE run_id = $1 AND batch_no = ANY($2)"
+            " ORDER BY batch_no DESC, key LIMIT $3",
+            run_id,
+            batch_nos,
+            limit,
+        )
+    )

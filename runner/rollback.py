@@ -26,8 +26,7 @@ from runner.db import PINNED_SETTINGS, fetch_one, qualified, quote_ident
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput
 
-CHECKSUM_ROW = "i.key::text || '=' || coalesce({img}::text, 'NULL')"
-CHECKSUM_ORDER = 'ORDER BY i.key::text COLLATE "C", i.batch_no'
+CHECKSUM_ROW = ledger.CHECKSUM_ROW
 
 
 def comment_text(value: object) -> str:
@@ -195,51 +194,7 @@ def parse_batch_range(text: str | None) -> tuple[int, int] | None:
     return lo, hi
 
 
-async def selected_batches(
-    conn: asyncpg.Connection, run_id: str, batches: tuple[int, int] | None, since: datetime | None
-) -> list[int]:
-    rows = await conn.fetch(
-        """SELECT batch_no FROM backfill.batches
-           WHERE run_id = $1 AND status = 'done'
-             AND ($2::int IS NULL OR batch_no BETWEEN $2 AND $3)
-             AND ($4::timestamptz IS NULL OR committed_at > $4)
-           ORDER BY batch_no DESC""",
-        run_id,
-        batches[0] if batches else None,
-        batches[1] if batches else None,
-        since,
-    )
-    return [r["batch_no"] for r in rows]
-
-
 # -- emitted SQL -------------------------------------------------------------------------------
-
-
-async def _batch_values(conn: asyncpg.Connection, run_id: str, batch_no: int) -> str | None:
-    """A batch's images as VALUES tuples, quoted by the server (`format('%L')`, i.e.
-    quote_nullable) from the text form of its arrays, which casts back to the same text[]
-    exactly. One batch at a time: memory stays bounded by the batch size on both sides."""
-    value = await conn.fetchval(
-        "SELECT string_agg(format('(%s, %L, %L, %L)', batch_no, key::text, before::text,"
-        " after::text), E',\n') FROM backfill.row_images"
-        " WHERE run_id = $1 AND batch_no = $2 AND op = 'U'",
-        run_id,
-        batch_no,
-    )
-    return str(value) if value is not None else None
-
-
-async def expected_checksum(
-    conn: asyncpg.Connection, run_id: str, batch_nos: list[int]
-) -> tuple[int, str | None]:
-    row = await fetch_one(
-        conn,
-        f"""SELECT count(*) AS n, md5(string_agg({CHECKSUM_ROW.format(img="i.before")}, '|' {CHECKSUM_ORDER}))
-            FROM backfill.row_images AS i WHERE i.run_id = $1 AND i.op = 'U' AND i.batch_no = ANY($2)""",
-        run_id,
-        batch_nos,
-    )
-    return int(row[0]), row[1]
 
 
 async def emit_rollback_file(
@@ -257,29 +212,22 @@ async def emit_rollback_file(
     With `checksum_conn` (a second connection to the same database) the expected checksum is
     computed there while the images are written."""
     shape = RunShape.of(run)
-    nos = await selected_batches(conn, run.run_id, batches, since)
-    counts = {
-        r["batch_no"]: r["changed"]
-        for r in await conn.fetch(
-            "SELECT batch_no, changed FROM backfill.batches WHERE run_id = $1 AND batch_no = ANY($2)",
-            run.run_id,
-            nos,
-        )
-    }
+    nos = await ledger.done_batches(conn, run.run_id, batches, since)
+    counts = await ledger.changed_per_batch(conn, run.run_id, nos)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     body = path.with_name(f".{path.name}.body")
     totals: list[tuple[int, str | None]] = []
 
     async def checksum() -> None:
-        totals.append(await expected_checksum(checksum_conn or conn, run.run_id, nos))
+        totals.append(await ledger.images_checksum(checksum_conn or conn, run.run_id, nos))
 
     async def write_body() -> None:
         with body.open("w", encoding="utf-8", newline="") as out:
             for no in nos:
                 if not counts.get(no):
                     continue
-                values = await _batch_values(conn, run.run_id, no)
+                values = await ledger.image_values(conn, run.run_id, no)
                 if values:
                     out.write(f"INSERT INTO backfill_rollback_images VALUES\n{values};\n")
 
@@ -494,11 +442,7 @@ recorded AS (
 )
 SELECT restored, conflicts, already FROM counts"""
     async with conn.transaction():
-        if await conn.fetchval(
-            "SELECT 1 FROM backfill.rollback_batches WHERE run_id = $1 AND batch_no = $2",
-            run_id,
-            no,
-        ):
+        if await ledger.batch_rolled_back(conn, run_id, no):
             return 0, 0, 0
         row = await fetch_one(conn, statement, run_id, no)
         return int(row["restored"]), int(row["conflicts"]), int(row["already"])
@@ -571,13 +515,7 @@ async def verify(
             "expected": r["expected"],
             "current": r["current"],
         }
-        for r in await conn.fetch(
-            "SELECT DISTINCT ON (batch_no, key) batch_no, key, expected, current"
-            " FROM backfill.rollback_conflicts WHERE run_id = $1 AND batch_no = ANY($2)"
-            " ORDER BY batch_no DESC, key LIMIT 200",
-            run.run_id,
-            nos,
-        )
+        for r in await ledger.rollback_conflicts(conn, run.run_id, nos)
     ]
 
 
@@ -600,7 +538,7 @@ async def run_rollback(
     unless a key is in several batches (then one worker, in order)."""
     shape = RunShape.of(run)
     await shape.check_table(conn)
-    nos = await selected_batches(conn, run.run_id, batches, since)
+    nos = await ledger.done_batches(conn, run.run_id, batches, since)
     result = RollbackResult(run.run_id, run.env, dry_run, nos)
     t0 = time.perf_counter()
     if dry_run:
@@ -632,7 +570,7 @@ async def run_rollback(
         result.elapsed_seconds = time.perf_counter() - t0
         return result
     throttle = Throttle(batches_per_minute, None, 1)
-    if workers > 1 and await _keys_in_several_batches(conn, run.run_id, nos):
+    if workers > 1 and await ledger.keys_in_several_batches(conn, run.run_id, nos):
         result.note = (
             "a key was changed by more than one batch of this run: restored one batch at a time, "
             "newest first, so the earliest before-image is the one left"
@@ -655,14 +593,7 @@ async def run_rollback(
         async with anyio.create_task_group() as tg:
             for c in conns:
                 tg.start_soon(restore_from, c)
-        totals = await fetch_one(
-            conn,
-            "SELECT coalesce(sum(restored), 0) AS restored, coalesce(sum(already), 0) AS already"
-            " FROM backfill.rollback_batches WHERE run_id = $1 AND batch_no = ANY($2)",
-            run.run_id,
-            nos,
-        )
-        result.restored, result.already = int(totals["restored"]), int(totals["already"])
+        result.restored, result.already = await ledger.rollback_totals(conn, run.run_id, nos)
         t_verify = time.perf_counter()
         await verify(conns, run, result)
         result.verify_seconds = time.perf_counter() - t_verify
@@ -672,17 +603,3 @@ async def run_rollback(
                 await c.close(timeout=5)
     result.elapsed_seconds = time.perf_counter() - t0
     return result
-
-
-async def _keys_in_several_batches(conn: asyncpg.Connection, run_id: str, nos: list[int]) -> bool:
-    """Whether some key was changed by two batches (a row changed back and applied again in a
-    later pass): then the batches must be restored in order, not side by side."""
-    return bool(
-        await conn.fetchval(
-            """SELECT EXISTS (SELECT 1 FROM backfill.batch_images AS i, unnest(i.ops, i.keys) AS u(op, key)
-                              WHERE i.run_id = $1 AND i.batch_no = ANY($2) AND u.op = 'U'
-                              GROUP BY u.key HAVING count(*) > 1)""",
-            run_id,
-            nos,
-        )
-    )

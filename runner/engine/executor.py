@@ -18,7 +18,7 @@ import asyncpg
 from runner.db import fetch_one
 from runner.engine.target import BatchStatement, TargetInfo
 from runner.errors import InvalidInput, ScopeViolation, WorkFailed
-from runner.ledger import LEDGER_SCHEMA
+from runner.ledger import LEDGER_SCHEMA, batch_committed
 from runner.redact import redact_text
 
 TRANSIENT = frozenset(
@@ -396,16 +396,6 @@ async def _changed_other_columns(
 Reconnect = Callable[[], Awaitable[asyncpg.Connection]]
 
 
-async def _already_committed(conn: asyncpg.Connection, run_id: str, batch_no: int) -> bool:
-    return bool(
-        await conn.fetchval(
-            "SELECT 1 FROM backfill.batches WHERE run_id = $1 AND batch_no = $2 AND status = 'done'",
-            run_id,
-            batch_no,
-        )
-    )
-
-
 class BatchExecutor:
     """Applies batches on one connection, retrying transient errors with backoff."""
 
@@ -464,7 +454,7 @@ class BatchExecutor:
             attempt += 1
             try:
                 conn = await self._connection()
-                if attempt > 1 and await _already_committed(conn, self.run_id, batch.batch_no):
+                if attempt > 1 and await batch_committed(conn, self.run_id, batch.batch_no):
                     return BatchOutcome(
                         batch.batch_no,
                         batch.stage,

@@ -16,7 +16,7 @@ import structlog
 
 from runner import events, ledger
 from runner.artifacts import RunDir, check_run_id, new_run_id, write_json
-from runner.db import Databases, close_quietly, fetch_one
+from runner.db import Databases, close_quietly
 from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
 from runner.engine.discovery import Discovery, read_only
 from runner.engine.executor import BatchExecutor, BatchOutcome, require_write_tracking
@@ -82,10 +82,7 @@ async def _resume_point(conn: asyncpg.Connection, run_id: str) -> tuple[list[str
     to it was dispatched and committed. Batches after a gap may be committed too; discovery no
     longer returns their rows, so starting at the gap never applies a row twice.
     """
-    rows = await conn.fetch(
-        "SELECT batch_no, status, last_key FROM backfill.batches WHERE run_id = $1 ORDER BY batch_no",
-        run_id,
-    )
+    rows = await ledger.batch_states(conn, run_id)
     cursor: list[str] | None = None
     expected = 1
     for r in rows:
@@ -363,13 +360,7 @@ async def _machine_for(
     stop_after: int | None = None
     if stage == "canary":
         assert plan.canary is not None
-        done_in_canary = await session.run(
-            lambda c: c.fetchval(
-                "SELECT count(*) FROM backfill.batches WHERE run_id = $1 AND stage = 'canary'"
-                " AND status = 'done'",
-                run_id,
-            )
-        )
+        done_in_canary = await session.run(lambda c: ledger.committed_batches(c, run_id, "canary"))
         stop_after = max(plan.canary.batches - int(done_in_canary), 0)
     t_count = time.perf_counter()
     state.rows_needing_at_start = await reader.run(source.count)
@@ -578,27 +569,16 @@ async def _write_artifacts(
     ledger rows; records the summary's digest for the gate. Returns the summary's path."""
     run_id = run.run_id
     run_dir = RunDir.of(run_id)
-    totals_all = await fetch_one(
-        conn,
-        "SELECT count(*) FILTER (WHERE status = 'done') AS batches, coalesce(sum(changed), 0) AS changed,"
-        " coalesce(sum(noop), 0) AS noop FROM backfill.batches WHERE run_id = $1",
-        run_id,
-    )
-    errors = await conn.fetch(
-        "SELECT e->>'category' AS category, count(*)::int AS n FROM backfill.batches AS b,"
-        " jsonb_array_elements(b.errors) AS e WHERE b.run_id = $1 AND b.stage = $2"
-        " GROUP BY 1 ORDER BY 1",
-        run_id,
-        stage,
-    )
+    totals_all = await ledger.run_totals(conn, run_id)
+    errors = await ledger.errors_by_category(conn, run_id, stage)
     write_json(
         _results_path(run_id, env, stage),
         {
             **result,
             "run_id": run_id,
             "stage": stage,
-            "errors_by_category": {r["category"]: r["n"] for r in errors},
-            "run_totals": dict(totals_all),
+            "errors_by_category": errors,
+            "run_totals": totals_all,
         },
     )
     side = await dbs.connect(env)

@@ -77,14 +77,7 @@ async def apply_context(
     row = await ledger.get_phase(conn, run.run_id, stage)
     assert row is not None
     result = row.result
-    batches = [
-        dict(r)
-        for r in await conn.fetch(
-            "SELECT * FROM backfill.batches WHERE run_id = $1 AND stage = $2 ORDER BY batch_no",
-            run.run_id,
-            stage,
-        )
-    ]
+    batches = await ledger.stage_batches(conn, run.run_id, stage)
     outcomes = [
         {
             "batch_no": b["batch_no"],

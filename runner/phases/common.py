@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import getpass
-import json
 import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -64,29 +63,25 @@ async def ensure_run(
             f"run {run_id} does not exist in environment {env!r}",
             hint="check the run id with `backfill status`, or start a new run without --run",
         )
-    await conn.execute(
-        """
-        INSERT INTO backfill.runs (run_id, env, plan_name, plan_digest, plan, target_table,
-                                   key_columns, columns, key_types, column_types, operator,
-                                   target_schema, target_name, target_oid, search_schemas)
-        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
-        ON CONFLICT (run_id) DO NOTHING
-        """,
-        run_id,
-        env,
-        loaded.plan.name,
-        loaded.digest,
-        json.dumps(loaded.raw),
-        target.display,
-        [k.name for k in target.key],
-        [c.name for c in target.columns],
-        [k.type for k in target.key],
-        [c.type for c in target.columns],
-        operator,
-        target.schema,
-        target.name,
-        target.oid,
-        target.search_schemas,
+    await ledger.insert_run(
+        conn,
+        ledger.NewRun(
+            run_id=run_id,
+            env=env,
+            plan_name=loaded.plan.name,
+            plan_digest=loaded.digest,
+            plan=loaded.raw,
+            target_table=target.display,
+            key_columns=[k.name for k in target.key],
+            columns=[c.name for c in target.columns],
+            key_types=[k.type for k in target.key],
+            column_types=[c.type for c in target.columns],
+            operator=operator,
+            target_schema=target.schema,
+            target_name=target.name,
+            target_oid=target.oid,
+            search_schemas=target.search_schemas,
+        ),
     )
     run = await ledger.get_run(conn, run_id)
     assert run is not None
@@ -156,21 +151,10 @@ async def rollback_note(conn: asyncpg.Connection, run_id: str) -> str | None:
     )
 
 
-_CAN_WRITE_DECISIONS = """
-SELECT r.rolsuper
-    OR pg_has_role(session_user, c.relowner, 'USAGE')
-    OR has_table_privilege(session_user, c.oid, 'INSERT, UPDATE, DELETE, TRUNCATE')
-FROM pg_class c, pg_roles r
-WHERE c.oid = to_regclass('backfill.gate_decisions') AND r.rolname = session_user
-"""
-
-
 async def refuse_forgeable_ledger(conn: asyncpg.Connection) -> None:
     """With gates.identity = 'database', a gate trusts decisions only if the login running the
     phases cannot write them: not a superuser, not the owner, no write privilege."""
-    if await conn.fetchval("SELECT to_regclass('backfill.gate_decisions') IS NULL"):
-        return
-    if await conn.fetchval(_CAN_WRITE_DECISIONS):
+    if await ledger.login_can_write_decisions(conn):
         who = await conn.fetchval("SELECT session_user")
         raise InvalidInput(
             f"gates.identity = 'database', but this login ({who}) can write "

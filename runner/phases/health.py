@@ -182,12 +182,8 @@ async def health(
         require_open(state, run_id=run_id, before="the prod health check", cmd=cmd)
         staging_run = await ledger.get_run(s_conn, run_id)
         assert staging_run is not None
-        per_batch = await fetch_one(
-            s_conn,
-            "SELECT avg(duration_ms) AS ms, avg(changed + noop) AS rows, count(*) AS n"
-            " FROM backfill.batches WHERE run_id = $1 AND status = 'done'",
-            run_id,
-        )
+        per_batch = await ledger.batch_timing(s_conn, run_id)
+        assert per_batch is not None  # an aggregate: always one row
         staging_shape = await table_shape(s_conn, staging_run.quoted_table)
         staging_decisions = await ledger.decisions(s_conn, run_id)
 

@@ -197,20 +197,12 @@ async def soak(
                 ro, plan.soak.checks, params, plan.soak.statement_timeout
             )
             observed = float(prior.get("observed_seconds", 0.0))
-            sample_no = int(
-                await conn.fetchval(
-                    "SELECT coalesce(max(sample_no), 0) FROM backfill.soak_samples WHERE run_id = $1",
-                    run_id,
-                )
-            )
+            sample_no = await ledger.last_sample_no(conn, run_id)
             counts = {
                 c.name: {"pass": 0, "fail": 0, "no-data": 0, "error": 0} for c in plan.soak.checks
             }
             streaks = dict.fromkeys(counts, 0)
-            for r in await conn.fetch(
-                "SELECT check_name, outcome FROM backfill.soak_samples WHERE run_id = $1 ORDER BY sample_no",
-                run_id,
-            ):
+            for r in await ledger.sample_outcomes(conn, run_id):
                 if r["check_name"] in counts:
                     counts[r["check_name"]][r["outcome"]] += 1
                     streaks[r["check_name"]] = (
@@ -268,11 +260,7 @@ async def soak(
                 observed = time.monotonic() - resumed_at
                 verdict, reason = _verdict(plan.soak.checks, counts, streaks)
                 async with conn.transaction():
-                    await conn.executemany(
-                        "INSERT INTO backfill.soak_samples VALUES ($1, $2, $3, $4, $5, $6, $7)"
-                        " ON CONFLICT DO NOTHING",
-                        rows,
-                    )
+                    await ledger.insert_samples(conn, rows)
                     await ledger.save_phase(
                         conn,
                         run_id,
@@ -380,10 +368,7 @@ async def render_soak(
     row = await ledger.get_phase(conn, run.run_id, "soak")
     assert row is not None
     r = row.result
-    samples = await conn.fetch(
-        "SELECT * FROM backfill.soak_samples WHERE run_id = $1 ORDER BY sample_no, check_name",
-        run.run_id,
-    )
+    samples = await ledger.samples(conn, run.run_id)
     start = datetime.fromisoformat(r["window_start"])
     by_check: dict[str, list[asyncpg.Record]] = {}
     for s in samples:
