@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from runner import events, ledger
+from runner import events, ledger, rollout
 from runner.artifacts import RunDir, check_run_id, new_run_id, write_json
 from runner.db import Databases, close_quietly
 from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
@@ -376,51 +376,8 @@ async def _machine_for(
                 "stage": stage,
             },
         )
-    batch_dir = RunDir.of(run_id).env(env) / "batches"
-    totals: Counter[str] = Counter()
-
-    async def new_conn() -> asyncpg.Connection:
-        c = await dbs.connect(env)
-        await c.execute(
-            "SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $2, false)",
-            f"{int(b.lock_timeout * 1000)}ms",
-            f"{int(b.statement_timeout * 1000)}ms",
-        )
-        return c
-
-    async def checker_connection() -> asyncpg.Connection:
-        c = await dbs.connect(env, read_only=True)
-        await c.execute(
-            "SELECT set_config('statement_timeout', $1, false)",
-            f"{int(b.statement_timeout * 1000)}ms",
-        )
-        return c
-
-    async def record(outcome: BatchOutcome) -> None:
-        # the executor redacts database errors (they quote values) before writing them anywhere
-        write_json(batch_dir / f"batch_{outcome.batch_no:05d}.json", outcome.as_json())
-        if outcome.status == "failed":
-            await session.run(
-                lambda c: ledger.record_failed_batch(
-                    c,
-                    run_id,
-                    stage,
-                    outcome.batch_no,
-                    (outcome.first_key, outcome.last_key),
-                    outcome.selected,
-                    outcome.attempts,
-                    outcome.errors,
-                    outcome.started_at,
-                    outcome.duration_ms,
-                )
-            )
-        totals["batches"] += outcome.status == "done"
-        totals["changed"] += outcome.changed
-        totals["noop"] += outcome.noop
-        log.info("batch." + outcome.status, **describe(outcome))
-        if progress:
-            progress("batch", {"outcome": outcome, "totals": dict(totals)})
-
+    connect = _Connections(dbs, env, b.lock_timeout, b.statement_timeout)
+    record = _Recorder(session, RunDir.of(run_id).env(env) / "batches", stage, progress)
     machine = BatchRun(
         reader,
         source,
@@ -434,13 +391,83 @@ async def _machine_for(
             resume=f"{cmd} apply {loaded.path} --env {env} --run {run_id}",
         ),
         new_executor=lambda: BatchExecutor(
-            target, plan.apply.sql, run_id, new_conn, max_retries=b.max_retries
+            target, plan.apply.sql, run_id, connect.for_batches, max_retries=b.max_retries
         ),
-        checker_connection=checker_connection,
+        checker_connection=connect.for_checks,
         record=record,
         state=state,
     )
     return await machine.run(cursor, next_no)
+
+
+@dataclass(frozen=True)
+class _Connections:
+    """The connections the batch machine opens: batches with the plan's timeouts, checks
+    read-only (under the plan's read_role, if any)."""
+
+    dbs: Databases
+    env: str
+    lock_timeout: float
+    statement_timeout: float
+
+    async def for_batches(self) -> asyncpg.Connection:
+        c = await self.dbs.connect(self.env)
+        await c.execute(
+            "SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $2, false)",
+            f"{int(self.lock_timeout * 1000)}ms",
+            f"{int(self.statement_timeout * 1000)}ms",
+        )
+        return c
+
+    async def for_checks(self) -> asyncpg.Connection:
+        c = await self.dbs.connect(self.env, read_only=True)
+        await c.execute(
+            "SELECT set_config('statement_timeout', $1, false)",
+            f"{int(self.statement_timeout * 1000)}ms",
+        )
+        return c
+
+
+class _Recorder:
+    """What happens to each batch outcome: its JSON file, a failed batch's ledger row, the log
+    line and the progress view. (The executor has already redacted its errors.)"""
+
+    def __init__(
+        self,
+        session: MainSession,
+        batch_dir: Path,
+        stage: str,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.session = session
+        self.batch_dir = batch_dir
+        self.stage = stage
+        self.progress = progress
+        self.totals: Counter[str] = Counter()
+
+    async def __call__(self, outcome: BatchOutcome) -> None:
+        write_json(self.batch_dir / f"batch_{outcome.batch_no:05d}.json", outcome.as_json())
+        if outcome.status == "failed":
+            await self.session.run(
+                lambda c: ledger.record_failed_batch(
+                    c,
+                    self.session.run_id,
+                    self.stage,
+                    outcome.batch_no,
+                    (outcome.first_key, outcome.last_key),
+                    outcome.selected,
+                    outcome.attempts,
+                    outcome.errors,
+                    outcome.started_at,
+                    outcome.duration_ms,
+                )
+            )
+        self.totals["batches"] += outcome.status == "done"
+        self.totals["changed"] += outcome.changed
+        self.totals["noop"] += outcome.noop
+        log.info("batch." + outcome.status, **describe(outcome))
+        if self.progress:
+            self.progress("batch", {"outcome": outcome, "totals": dict(self.totals)})
 
 
 async def _finish(
@@ -454,12 +481,64 @@ async def _finish(
     state: RunState,
     cmd: str,
 ) -> ApplyResult:
-    plan = loaded.plan
-    b = plan.batching
-    elapsed = time.perf_counter() - state.started
-    done = [o for o in state.outcomes if o.status == "done"]
-    changed = sum(o.changed for o in done)
-    noop = sum(o.noop for o in done)
+    """Record the stage finished with its results, write its artifacts, say what comes next."""
+    warnings = _warnings(state, stage)
+    criteria = "pass" if not warnings or stage == "canary" else "inconclusive"
+    rollback_path = RunDir.of(run_id).env(env) / f"rollback_{datetime.now(UTC):%Y-%m-%d}.sql"
+    run = await ledger.get_run(conn, run_id)
+    assert run is not None
+    gate = gate_name(stage, env) if rollout.phase(stage).gated else None
+    next_command = (
+        f"{cmd} approve {run_id} --gate {gate} --as <approver>"
+        if gate
+        else f"{cmd} status {run_id}"
+    )
+    result = {
+        **_result_doc(loaded, target, state, run.operator, warnings),
+        "plan": {
+            "name": loaded.plan.name,
+            "digest": loaded.digest,
+            "path": str(loaded.path),
+            "description": loaded.plan.plan.description,
+            "owner": loaded.plan.plan.owner,
+            **await bound_values(conn, loaded),
+        },
+        "env": env,
+        "dsn": dbs.display_dsn(env),
+        "rollback_file": rollback_path.name,
+        "report_file": summary_name(stage),
+        "next_command": next_command,
+        "cmd": cmd,
+    }
+    await ledger.save_phase(
+        conn, run_id, stage, status="finished", result=result, criteria=criteria, finished=True
+    )
+    await ledger.set_run_status(conn, run_id, f"{stage}:finished")
+    summary_path = await _write_artifacts(conn, dbs, run, env, stage, result)
+    totals = result["totals"]
+    log.info(
+        "apply.finished",
+        run_id=run_id,
+        stage=stage,
+        changed=totals["changed"],
+        noop=totals["noop"],
+        seconds=result["timing"]["elapsed_seconds"],
+        criteria=criteria,
+    )
+    return ApplyResult(
+        run_id,
+        env,
+        stage,
+        "halted" if gate else "done",
+        gate,
+        next_command,
+        summary_path,
+        rollback_path,
+        totals,
+    )
+
+
+def _warnings(state: RunState, stage: str) -> list[str]:
     warnings: list[str] = []
     if state.remaining_after and stage != "canary":
         warnings.append(
@@ -471,35 +550,26 @@ async def _finish(
             f"{state.interrupted_before} batch number(s) were interrupted before commit by an "
             "earlier stop; their rows were rediscovered and applied in later batches"
         )
-    criteria = "pass" if not warnings or stage == "canary" else "inconclusive"
-    run_dir = RunDir.of(run_id)
-    rollback_path = run_dir.env(env) / f"rollback_{datetime.now(UTC):%Y-%m-%d}.sql"
-    run = await ledger.get_run(conn, run_id)
-    assert run is not None
-    gate = None if stage == "rest" else gate_name(stage, env)
-    next_command = (
-        f"{cmd} approve {run_id} --gate {gate} --as <approver>"
-        if gate
-        else f"{cmd} status {run_id}"
-    )
-    result: dict[str, Any] = {
-        "plan": {
-            "name": plan.name,
-            "digest": loaded.digest,
-            "path": str(loaded.path),
-            "description": plan.plan.description,
-            "owner": plan.plan.owner,
-            **await bound_values(conn, loaded),
-        },
-        "env": env,
-        "dsn": dbs.display_dsn(env),
-        "operator": run.operator,
+    return warnings
+
+
+def _result_doc(
+    loaded: LoadedPlan, target: TargetInfo, state: RunState, operator: str, warnings: list[str]
+) -> dict[str, Any]:
+    """What the stage did, as recorded in the ledger and rendered in its summary."""
+    plan = loaded.plan
+    elapsed = time.perf_counter() - state.started
+    done = [o for o in state.outcomes if o.status == "done"]
+    changed = sum(o.changed for o in done)
+    noop = sum(o.noop for o in done)
+    return {
+        "operator": operator,
         "target": {
             "table": target.display,
             "key": [k.name for k in target.key],
             "columns": [c.name for c in target.columns],
         },
-        "settings": b.model_dump(),
+        "settings": plan.batching.model_dump(),
         "batch_mode": {"mode": state.batch_mode, "reason": state.batch_mode_reason},
         "canary_batches": plan.canary.batches if plan.canary else None,
         "totals": {
@@ -520,36 +590,7 @@ async def _finish(
             "batches_per_minute": round(len(done) / elapsed * 60, 2) if elapsed > 0 else None,
         },
         "warnings": warnings,
-        "rollback_file": rollback_path.name,
-        "report_file": summary_name(stage),
-        "next_command": next_command,
-        "cmd": cmd,
     }
-    await ledger.save_phase(
-        conn, run_id, stage, status="finished", result=result, criteria=criteria, finished=True
-    )
-    await ledger.set_run_status(conn, run_id, f"{stage}:finished")
-    summary_path = await _write_artifacts(conn, dbs, run, env, stage, result)
-    log.info(
-        "apply.finished",
-        run_id=run_id,
-        stage=stage,
-        changed=changed,
-        noop=noop,
-        seconds=round(elapsed, 2),
-        criteria=criteria,
-    )
-    return ApplyResult(
-        run_id,
-        env,
-        stage,
-        "halted" if gate else "done",
-        gate,
-        next_command,
-        summary_path,
-        rollback_path,
-        result["totals"],
-    )
 
 
 def _results_path(run_id: str, env: str, stage: str) -> Path:
