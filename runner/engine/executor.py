@@ -128,6 +128,9 @@ def classify(exc: BaseException) -> str:
         | asyncpg.AdminShutdownError
         | asyncpg.CannotConnectNowError
         | asyncpg.InterfaceError
+        # the protocol left mid-operation by a connection the server dropped under it
+        # ("cannot switch to state …; another operation is in progress"): only a new one helps
+        | asyncpg.InternalClientError
         | ConnectionError
         | OSError
         | asyncio.TimeoutError,
@@ -477,7 +480,8 @@ class BatchExecutor:
                 errors.append(
                     {"attempt": str(attempt), "category": category, "error": _describe(exc)}
                 )
-                if category == "connection_lost" and self.conn is not None:
+                if category in ("connection_lost", "internal") and self.conn is not None:
+                    # never reuse a connection whose state an error may have left unknown
                     self.conn.terminate()
                     self.conn = None
                 if category not in TRANSIENT or attempt > self.max_retries:

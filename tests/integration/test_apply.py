@@ -16,30 +16,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import make_items, psql_binary, sql, val, write_plan
-
-RUN = re.compile(r"run (\d{8}T\d{6}Z-[\w.-]+-[0-9a-f]{4})")
-
-
-def run_id_of(output: str) -> str:
-    m = RUN.search(output)
-    assert m, output
-    return m.group(1)
-
-
-def env_for(db: str, prod: str | None = None) -> dict[str, str]:
-    return {"STAGING_DSN": db, "PROD_DSN": prod or db}
-
-
-def ledger_totals(db: str, run_id: str) -> dict[str, Any]:
-    row = sql(
-        db,
-        """SELECT count(*) FILTER (WHERE status = 'done') AS batches,
-                            coalesce(sum(changed), 0) AS changed, coalesce(sum(noop), 0) AS noop
-                     FROM backfill.batches WHERE run_id = $1""",
-        run_id,
-    )[0]
-    return dict(row)
-
+from tests.helpers import env_for, ledger_totals, run_id_of
 
 BOTH_PATHS = pytest.mark.parametrize(
     "suffix", ["", " RETURNING id"], ids=["one-statement", "capture"]

@@ -21,71 +21,19 @@ import asyncpg
 import pytest
 
 from runner.db import PINNED_SETTINGS
-from tests.conftest import make_items, psql_binary, run, sql, val, write_plan
-from tests.integration.test_apply import env_for, run_id_of
+from tests.conftest import make_items, run, sql, val, write_plan
+from tests.helpers import (
+    HOSTILE_PSQL_ENV,
+    differing,
+    env_for,
+    rollback_file,
+    run_id_of,
+    run_psql,
+    set_on_database,
+    snapshot,
+)
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def snapshot(db: str, table: str) -> None:
-    sql(db, f"DROP TABLE IF EXISTS snap; CREATE TABLE snap AS SELECT * FROM {table}")
-
-
-def differing(db: str, table: str, key: str = "id") -> int:
-    """Rows of `table` that are not the ones in the snapshot (missing ones included): bytewise
-    different, unless only a NaN's bits differ (PostgreSQL prints and compares every NaN alike,
-    so a NaN is restored as the canonical one). Text is compared under exact settings only."""
-
-    async def go() -> int:
-        conn = await asyncpg.connect(db, server_settings=PINNED_SETTINGS)
-        try:
-            return int(
-                await conn.fetchval(
-                    f"SELECT count(*) FROM {table} AS cur_row FULL JOIN snap AS snap_row "
-                    f"USING ({key}) WHERE cur_row IS NULL OR snap_row IS NULL "
-                    "OR NOT record_image_eq(cur_row, snap_row) AND (cur_row::text <> snap_row::text "
-                    "OR cur_row IS DISTINCT FROM snap_row)"
-                )
-            )
-        finally:
-            await conn.close()
-
-    return int(run(go))
-
-
-def set_on_database(db: str, **settings: str) -> None:
-    """Defaults every new session of the database gets (the runner's included)."""
-    for name, value in settings.items():
-        sql(
-            db,
-            f"DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET {name} = %L', "
-            f"current_database(), '{value}'); END $$",
-        )
-
-
-HOSTILE_PSQL_ENV = {
-    "PGTZ": "America/New_York",
-    "PGDATESTYLE": "SQL, DMY",
-    "PGOPTIONS": "-c IntervalStyle=sql_standard -c extra_float_digits=0 "
-    "-c bytea_output=escape -c search_path=nowhere",
-}
-
-
-def run_psql(
-    db: str, path: Path, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [psql_binary(), "-X", "-v", "ON_ERROR_STOP=1", "-d", db, "-f", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def rollback_file(workdir: Path, run_id: str) -> Path:
-    return next((workdir / "backfill_logs").rglob(f"{run_id}/staging/rollback_*.sql"))
 
 
 # -- 1. floats on a database that prints them rounded -------------------------------------------
@@ -388,7 +336,7 @@ def test_a_table_dropped_and_created_again_is_not_restored_by_either_path(
 
 
 def test_health_sampling_reads_tables_whose_names_need_quoting(db: str) -> None:
-    from runner.db import PINNED_SETTINGS, qualified
+    from runner.db import qualified
     from runner.engine import dbhealth
 
     sql(
@@ -399,7 +347,6 @@ def test_health_sampling_reads_tables_whose_names_need_quoting(db: str) -> None:
     )
 
     async def go() -> list[dict[str, float | None]]:
-        import asyncpg
 
         conn = await asyncpg.connect(db, server_settings=PINNED_SETTINGS)
         try:

@@ -14,7 +14,7 @@ import asyncpg
 import pytest
 
 from tests.conftest import make_items, sql, val, write_plan
-from tests.integration.test_apply import run_id_of
+from tests.helpers import run_id_of
 from tests.integration.test_input_edges import _with
 
 TAGGED = {

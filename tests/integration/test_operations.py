@@ -19,9 +19,7 @@ import pytest
 
 from runner.ledger import MIGRATIONS
 from tests.conftest import make_items, psql_binary, sql, val, write_plan
-from tests.integration.test_apply import env_for, run_id_of
-from tests.integration.test_rollback import CHECKSUM
-from tests.integration.test_soak import DEMO_PLAN, _seed_demo
+from tests.helpers import CHECKSUM, DEMO_PLAN, env_for, run_id_of, seed_demo
 
 
 def _postmaster_pid(home: Path) -> int | None:
@@ -180,7 +178,7 @@ def test_rows_per_second_paces_the_apply(cli: Callable[..., Any], workdir: Path,
 def test_demo_apply_is_undone_exactly_by_psql_and_by_the_runner(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
-    _seed_demo(db, rows=3000)
+    seed_demo(db, rows=3000)
     before = val(db, CHECKSUM.format(table="profiles"))
     result = cli("apply", str(DEMO_PLAN), "-e", "staging", "-q", env=env_for(db))
     run_id = run_id_of(result.output)

@@ -14,8 +14,7 @@ import psutil  # type: ignore[import-untyped]
 import pytest
 
 from tests.conftest import make_items, sql, val, write_plan
-from tests.integration.test_apply import run_id_of
-from tests.integration.test_rollback import CHECKSUM
+from tests.helpers import CHECKSUM, run_id_of
 
 
 def _two_envs(make_db: Callable[[], str]) -> tuple[str, str, dict[str, str]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import make_items, psql_binary, sql, val, write_plan
-from tests.integration.test_apply import run_id_of
+from tests.helpers import run_id_of
 
 
 def test_a_discovery_that_calls_a_writing_function_writes_nothing(

@@ -16,16 +16,16 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import make_items, psql_binary, sql, val, write_plan
-from tests.integration.test_apply import env_for, run_id_of
-from tests.integration.test_exactness import (
+from tests.helpers import (
+    CHECKSUM,
     HOSTILE_PSQL_ENV,
     differing,
+    env_for,
+    run_id_of,
     run_psql,
     set_on_database,
     snapshot,
 )
-
-CHECKSUM = "SELECT md5(string_agg(h::text, '|' ORDER BY h::text)) FROM {table} h"
 
 HOSTILE = """
 CREATE TABLE hostile (

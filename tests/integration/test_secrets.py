@@ -11,7 +11,7 @@ import pytest
 
 from runner.db import redact_all, redact_dsn
 from tests.conftest import make_items, sql, val, write_plan
-from tests.integration.test_apply import run_id_of
+from tests.helpers import run_id_of
 
 
 def _with_password(dsn: str, password: str) -> tuple[str, str]:

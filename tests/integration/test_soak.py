@@ -12,24 +12,8 @@ from typing import Any
 
 import pytest
 
-from runner.demo.data import seed
-from tests.conftest import ROOT, make_items, run, sql, val, write_plan
-from tests.integration.test_apply import env_for, run_id_of
-
-DEMO_PLAN = ROOT / "plans" / "profiles_results_v1_2_1.toml"
-
-
-def _seed_demo(dsn: str, rows: int = 2000) -> None:
-    import asyncpg
-
-    async def go() -> None:
-        conn = await asyncpg.connect(dsn)
-        try:
-            await seed(conn, rows=rows, already_stamped=0.0, new_from=rows + 1)
-        finally:
-            await conn.close()
-
-    run(go)
+from tests.conftest import make_items, sql, val, write_plan
+from tests.helpers import DEMO_PLAN, env_for, run_id_of, seed_demo
 
 
 def _applied_and_approved(cli: Callable[..., Any], db: str, plan: Path | str) -> str:
@@ -48,7 +32,7 @@ def _soak(cli: Callable[..., Any], db: str, plan: Path | str, run_id: str, *flag
 def test_demo_soak_after_an_approved_apply_passes_and_writes_its_report(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
-    _seed_demo(db)
+    seed_demo(db)
     refused = cli(
         "soak",
         str(DEMO_PLAN),
@@ -96,7 +80,7 @@ def test_demo_soak_after_an_approved_apply_passes_and_writes_its_report(
 def test_demo_regression_fails_the_soak_early_with_exit_4(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
-    _seed_demo(db)
+    seed_demo(db)
     run_id = _applied_and_approved(cli, db, DEMO_PLAN)
     sql(
         db,

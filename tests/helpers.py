@@ -1,0 +1,118 @@
+"""Helpers the integration tests share: running the CLI's outputs, snapshots compared bytewise,
+hostile sessions, the demo's seed data."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from runner.db import PINNED_SETTINGS
+from runner.demo.data import seed
+from tests.conftest import ROOT, psql_binary, run, sql
+
+DEMO_PLAN = ROOT / "plans" / "profiles_results_v1_2_1.toml"
+
+
+def seed_demo(dsn: str, rows: int = 2000) -> None:
+
+    async def go() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await seed(conn, rows=rows, already_stamped=0.0, new_from=rows + 1)
+        finally:
+            await conn.close()
+
+    run(go)
+
+
+def snapshot(db: str, table: str) -> None:
+    sql(db, f"DROP TABLE IF EXISTS snap; CREATE TABLE snap AS SELECT * FROM {table}")
+
+
+def differing(db: str, table: str, key: str = "id") -> int:
+    """Rows of `table` that are not the ones in the snapshot (missing ones included): bytewise
+    different, unless only a NaN's bits differ (PostgreSQL prints and compares every NaN alike,
+    so a NaN is restored as the canonical one). Text is compared under exact settings only."""
+
+    async def go() -> int:
+        conn = await asyncpg.connect(db, server_settings=PINNED_SETTINGS)
+        try:
+            return int(
+                await conn.fetchval(
+                    f"SELECT count(*) FROM {table} AS cur_row FULL JOIN snap AS snap_row "
+                    f"USING ({key}) WHERE cur_row IS NULL OR snap_row IS NULL "
+                    "OR NOT record_image_eq(cur_row, snap_row) AND (cur_row::text <> snap_row::text "
+                    "OR cur_row IS DISTINCT FROM snap_row)"
+                )
+            )
+        finally:
+            await conn.close()
+
+    return int(run(go))
+
+
+def set_on_database(db: str, **settings: str) -> None:
+    """Defaults every new session of the database gets (the runner's included)."""
+    for name, value in settings.items():
+        sql(
+            db,
+            f"DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET {name} = %L', "
+            f"current_database(), '{value}'); END $$",
+        )
+
+
+HOSTILE_PSQL_ENV = {
+    "PGTZ": "America/New_York",
+    "PGDATESTYLE": "SQL, DMY",
+    "PGOPTIONS": "-c IntervalStyle=sql_standard -c extra_float_digits=0 "
+    "-c bytea_output=escape -c search_path=nowhere",
+}
+
+
+def run_psql(
+    db: str, path: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [psql_binary(), "-X", "-v", "ON_ERROR_STOP=1", "-d", db, "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def rollback_file(workdir: Path, run_id: str) -> Path:
+    return next((workdir / "backfill_logs").rglob(f"{run_id}/staging/rollback_*.sql"))
+
+
+CHECKSUM = "SELECT md5(string_agg(h::text, '|' ORDER BY h::text)) FROM {table} h"
+
+
+RUN = re.compile(r"run (\d{8}T\d{6}Z-[\w.-]+-[0-9a-f]{4})")
+
+
+def run_id_of(output: str) -> str:
+    m = RUN.search(output)
+    assert m, output
+    return m.group(1)
+
+
+def env_for(db: str, prod: str | None = None) -> dict[str, str]:
+    return {"STAGING_DSN": db, "PROD_DSN": prod or db}
+
+
+def ledger_totals(db: str, run_id: str) -> dict[str, Any]:
+    row = sql(
+        db,
+        """SELECT count(*) FILTER (WHERE status = 'done') AS batches,
+                            coalesce(sum(changed), 0) AS changed, coalesce(sum(noop), 0) AS noop
+                     FROM backfill.batches WHERE run_id = $1""",
+        run_id,
+    )[0]
+    return dict(row)
