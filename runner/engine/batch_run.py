@@ -128,6 +128,7 @@ class BatchRun:
         self.record = record
         self.state = state or RunState()
         self.next_no = 1
+        self._checking = anyio.Event()  # the verifier is ready (or gave up opening)
 
     async def run(self, cursor: list[str] | None, next_no: int) -> RunState:
         """Passes until the source is dry (or `max_passes`); raises on a failed batch and on a
@@ -198,6 +199,10 @@ class BatchRun:
         start: list[str] | None,
     ) -> None:
         position = start
+        # the first batch waits for the verifier, so a source that does not converge is caught
+        # right after that batch, however slow the checker's connection is to open
+        with anyio.move_on_after(10):
+            await self._checking.wait()
         async with send:
             while self._may_dispatch(failed):
                 page = await self.session.run(
@@ -264,10 +269,12 @@ class BatchRun:
         state = self.state
         async with spans:
             try:
-                with anyio.move_on_after(30):  # before the first batch commits, if it can
+                with anyio.move_on_after(30):
                     checker = await self._open_checker()
             except Exception as exc:
                 log.warning("apply.check_failed", error=str(exc))
+            finally:
+                self._checking.set()
             try:
                 async for span in spans:
                     if state.stuck:
