@@ -147,13 +147,34 @@ def runner_apply(dsn: str, table: str, workers: int, workdir: Path) -> dict[str,
     results = next((workdir / "logs").rglob(f"bench_{table}/*/staging/execution_results.json"))
     data = json.loads(results.read_text())
     results.unlink()
+    batch_files = sorted(results.parent.glob("batches/batch_*.json"))
+    per_batch = [json.loads(f.read_text())["duration_ms"] for f in batch_files]
+    for f in batch_files:
+        f.unlink()
     return {
+        "per_batch_ms": per_batch,
         "wall": wall,
         "loop": data["timing"]["elapsed_seconds"],
         "rss": peak,
         "counting": data["timing"]["counting_seconds"],
         "changed": data["totals"]["changed"],
     }
+
+
+def _flatness(ms: list[float]) -> str:
+    """Mean batch time over the first, middle and last tenth of the run: flat means keyset
+    discovery and the span checks do not grow with progress."""
+    if len(ms) < 10:
+        return "(too few batches)"
+    tenth = len(ms) // 10
+    parts = {
+        "start": ms[:tenth],
+        "middle": ms[len(ms) // 2 - tenth // 2 : len(ms) // 2 + tenth - tenth // 2],
+        "end": ms[-tenth:],
+    }
+    means = {k: sum(v) / len(v) for k, v in parts.items()}
+    shown = ", ".join(f"{k} {v:.0f}" for k, v in means.items())
+    return f"{shown}; end/start {means['end'] / means['start']:.2f}x"
 
 
 def main() -> None:
@@ -235,6 +256,7 @@ def main() -> None:
                 r = runner_apply(dsn, "t_rss", 1, work)
                 rss[n] = r["rss"]
                 print(f"  {n:>10,} rows: {r['rss'] / 2**20:7.1f} MiB  ({r['wall']:.1f} s)")
+                print(f"  {'':>10}       per-batch ms {_flatness(r['per_batch_ms'])}")
             if len(rss) > 1:
                 sizes = sorted(rss)
                 growth = rss[sizes[-1]] / rss[sizes[0]]
