@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 import psutil  # type: ignore[import-untyped]
@@ -230,6 +230,10 @@ PINNED_SETTINGS: dict[str, str] = {
     "bytea_output": "hex",
     "lc_monetary": "C",
     "standard_conforming_strings": "on",
+    # how images are read back: a NULL inside an array literal stays NULL, xml parses alike
+    "array_nulls": "on",
+    "xmloption": "content",
+    "quote_all_identifiers": "off",
 }
 
 _CHECK_PINNED = "SELECT " + ", ".join(
@@ -247,12 +251,48 @@ async def check_pinned(conn: asyncpg.Connection) -> None:
         if str(row[name.lower()]).replace(" ", "").lower() != value.replace(" ", "").lower()
     ]
     if wrong:
-        raise ConnectionFailed(
+        raise InvalidInput(
             "the database session ignored settings the runner pins for exact row images: "
             + "; ".join(wrong),
             hint="connect directly or through a session-mode pooler that passes startup "
             "parameters (pgbouncer: add them to ignore_startup_parameters only if it forwards them)",
         )
+
+
+_KEYWORD = re.compile(r"\s*(\w+)\s*=\s*('(?:[^'\\]|\\.)*'|[^\s']*)")
+_URL_KEYS = {"host", "port", "user", "password", "dbname"}
+
+
+def as_url(dsn: str) -> str:
+    """A libpq `key=value` connection string as the URL asyncpg reads (URLs pass unchanged)."""
+    if "://" in dsn or "=" not in dsn:
+        return dsn
+    pairs: dict[str, str] = {}
+    pos = 0
+    while pos < len(dsn.rstrip()):
+        m = _KEYWORD.match(dsn, pos)
+        if m is None:
+            raise ValueError(f"cannot read the connection string near {dsn[pos : pos + 20]!r}")
+        value = m.group(2)
+        if value.startswith("'"):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        pairs[m.group(1)] = value
+        pos = m.end()
+    auth = quote(pairs.get("user", ""), safe="")
+    if "password" in pairs:
+        auth += ":" + quote(pairs["password"], safe="")
+    host = pairs.get("host", "")
+    socket_dir = host.startswith("/")
+    netloc = (auth + "@" if auth else "") + ("" if socket_dir else quote(host, safe=""))
+    if "port" in pairs and not socket_dir:
+        netloc += ":" + pairs["port"]
+    query = {k: v for k, v in pairs.items() if k not in _URL_KEYS}
+    if socket_dir:
+        query["host"] = host
+        if "port" in pairs:
+            query["port"] = pairs["port"]
+    url = f"postgresql://{netloc}/{quote(pairs.get('dbname', ''), safe='')}"
+    return url + ("?" + urlencode(query) if query else "")
 
 
 async def connect(dsn: str, *, what: str, read_only: bool = False) -> asyncpg.Connection:
@@ -261,7 +301,7 @@ async def connect(dsn: str, *, what: str, read_only: bool = False) -> asyncpg.Co
         settings["default_transaction_read_only"] = "on"
     try:
         conn: asyncpg.Connection = await asyncpg.connect(
-            dsn, server_settings=settings, timeout=15, statement_cache_size=256
+            as_url(dsn), server_settings=settings, timeout=15, statement_cache_size=256
         )
     except (
         OSError,

@@ -573,14 +573,15 @@ def _format_validation_error(path: Path, err: ValidationError) -> str:
 
 def read_raw(path: Path) -> dict[str, Any]:
     try:
-        size = path.stat().st_size
-        if size > MAX_PLAN_BYTES:
+        # read at most one byte past the limit: a device or a pipe reports no size
+        with path.open("rb") as f:
+            data = f.read(MAX_PLAN_BYTES + 1)
+        if len(data) > MAX_PLAN_BYTES:
             raise PlanError(
-                f"{path}: the plan file is {size:,} bytes; a plan may be at most "
-                f"{MAX_PLAN_BYTES:,} bytes",
+                f"{path}: the plan file is larger than a plan may be (a plan may be at most "
+                f"{MAX_PLAN_BYTES:,} bytes)",
                 hint="check that this is the plan file; keep large data out of plans",
             )
-        data = path.read_bytes()
     except FileNotFoundError:
         raise PlanError(f"{path}: no such plan file", hint="check the path") from None
     except OSError as e:

@@ -17,7 +17,11 @@ MIN_SECRET_LENGTH = 4  # shorter values would mask ordinary words and digits eve
 # scheme://user:password@host — the password runs to the *last* `@` of the word, so a password
 # holding `@ / : #` is masked whole, whatever a URL parser would make of it
 _URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^:/@\s]*:)[^\s]*@")
-_QUERY_PASSWORD = re.compile(r"(?i)([?&]password=)[^&\s]*")
+_QUERY_PASSWORD = re.compile(r"(?i)([?&](?:ssl)?password=)[^&\s]*")
+# PostgreSQL shortens long values in its messages ("Failing row contains (…, LongKeyZZZ...)"):
+# a secret at least this long is also masked where only its beginning appears
+PREFIX_LENGTH = 8
+MIN_PREFIX_SECRET = 12
 _KV_PASSWORD = re.compile(r"(?i)(password\s*=\s*)('(?:[^'\\]|\\.|'')*'|\S+)")
 
 
@@ -62,12 +66,30 @@ def registered() -> frozenset[str]:
     return frozenset(_secrets)
 
 
+def _mask_beginnings(text: str, secret: str) -> str:
+    """Mask every run of text that starts like `secret` (its first PREFIX_LENGTH characters)
+    and goes on matching it: the secret cut short by a database message."""
+    head = secret[:PREFIX_LENGTH]
+    out: list[str] = []
+    i = 0
+    while (j := text.find(head, i)) != -1:
+        k = j + len(head)
+        while k < len(text) and k - j < len(secret) and text[k] == secret[k - j]:
+            k += 1
+        out += [text[i:j], "***"]
+        i = k
+    out.append(text[i:])
+    return "".join(out)
+
+
 def redact_all(text: str, secrets: Iterable[str]) -> str:
     """Replace every given secret value and every DSN password in free text."""
     for s in sorted(set(secrets), key=len, reverse=True):
         if len(s) >= MIN_SECRET_LENGTH and s in text:
             text = text.replace(s, redact_dsn(s) if "://" in s else "***")
-    return _URL_PASSWORD.sub(r"\1***@", text)
+        if len(s) >= MIN_PREFIX_SECRET and "://" not in s and s[:PREFIX_LENGTH] in text:
+            text = _mask_beginnings(text, s)
+    return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 
 
 def redact_text(text: str) -> str:

@@ -16,13 +16,14 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import asyncpg
 
 from runner import ledger
 from runner.db import PINNED_SETTINGS, fetch_one, qualified, quote_ident
+from runner.engine.executor import classify
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput
 
@@ -229,7 +230,7 @@ async def emit_rollback_file(
                     continue
                 values = await ledger.image_values(conn, run.run_id, no)
                 if values:
-                    out.write(f"INSERT INTO backfill_rollback_images VALUES\n{values};\n")
+                    out.write(f"INSERT INTO pg_temp.backfill_rollback_images VALUES\n{values};\n")
 
     if checksum_conn is None:
         await checksum()
@@ -255,11 +256,13 @@ async def emit_rollback_file(
             shutil.copyfileobj(images, out, 1 << 20)
         body.unlink()
         out.write(
-            "CREATE INDEX ON backfill_rollback_images (batch_no);\nANALYZE backfill_rollback_images;\n"
+            "CREATE INDEX ON pg_temp.backfill_rollback_images (batch_no);\nANALYZE pg_temp.backfill_rollback_images;\n"
         )
         for no in nos:
             if counts.get(no):
-                restore = shape.restore_sql("backfill_rollback_images", f"i.batch_no = {int(no)}")
+                restore = shape.restore_sql(
+                    "pg_temp.backfill_rollback_images", f"i.batch_no = {int(no)}"
+                )
                 out.write(f"\n-- batch {no}: {counts[no]} row(s)\nBEGIN;\n{restore};\nCOMMIT;\n")
         out.write(_file_verification(shape, checksum_value))
     tmp.replace(path)
@@ -313,7 +316,7 @@ SET lock_timeout = '5s';
 -- The table must be the one the run changed: same name and same oid (a table dropped and
 -- created again, or another table of the same name, stops the file here, before any change).
 {table_check_sql(shape, run.run_id)}
-CREATE TEMP TABLE backfill_rollback_images (
+CREATE TEMP TABLE pg_temp.backfill_rollback_images (
     batch_no integer NOT NULL, key text[] NOT NULL, before text[], after text[]
 );
 """
@@ -334,11 +337,11 @@ SELECT count(*) AS rows_in_rollback,
            IS NOT DISTINCT FROM {expected}::text AS checksum_matches
 FROM (SELECT i.batch_no, i.key::text AS k, i.before, {current} AS cur,
              {CHECKSUM_ROW.format(img=current)} AS line
-      FROM backfill_rollback_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}) AS v;
+      FROM pg_temp.backfill_rollback_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}) AS v;
 
 -- Conflicts: rows changed since the apply, left alone (key, value this run wrote, value now).
 SELECT i.batch_no, i.key, i.after AS runner_wrote, {current} AS now_holds
-FROM backfill_rollback_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
+FROM pg_temp.backfill_rollback_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
 WHERE {current} IS DISTINCT FROM i.before
 ORDER BY i.batch_no DESC, i.key::text COLLATE "C";
 """
@@ -519,6 +522,32 @@ async def verify(
     ]
 
 
+T = TypeVar("T")
+
+
+async def _reconnecting(
+    conns: list[asyncpg.Connection],
+    i: int,
+    connect: Callable[[], Awaitable[asyncpg.Connection]] | None,
+    fn: Callable[[asyncpg.Connection], Awaitable[T]],
+    attempts: int = 8,
+) -> T:
+    """`fn` on connection `i`, re-opened with backoff when the database drops it (a restart, a
+    failover): a batch's restore is one transaction that first checks whether it committed, so
+    trying it again is safe. About 30 s of outage are survived."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return await fn(conns[i])
+        except Exception as exc:
+            if classify(exc) != "connection_lost" or connect is None or attempt == attempts:
+                raise
+        conns[i].terminate()
+        await anyio.sleep(min(8.0, 0.25 * 2 ** (attempt - 1)))
+        with contextlib.suppress(Exception):
+            conns[i] = await connect()
+    raise AssertionError("unreachable")
+
+
 async def run_rollback(
     conn: asyncpg.Connection,
     run: ledger.RunRow,
@@ -579,26 +608,38 @@ async def run_rollback(
     result.workers = workers
     pending = iter(nos)  # newest first; the workers share it
 
-    async def restore_from(c: asyncpg.Connection) -> None:
+    extra = [await connect() for _ in range(workers - 1)] if connect is not None else []
+    conns = [conn, *extra]
+
+    async def restore_from(i: int) -> None:
         for no in pending:
             await throttle.wait(1)
-            restored, conflicts, already = await _restore_batch(c, shape, run.run_id, no)
+
+            async def restore(c: asyncpg.Connection, no: int = no) -> tuple[int, int, int]:
+                return await _restore_batch(c, shape, run.run_id, no)
+
+            restored, conflicts, already = await _reconnecting(conns, i, connect, restore)
             result.batches_this_command += 1 if restored or conflicts or already else 0
             if on_batch:
                 on_batch(no, restored, conflicts)
 
-    extra = [await connect() for _ in range(workers - 1)] if connect is not None else []
-    conns = [conn, *extra]
     try:
         async with anyio.create_task_group() as tg:
-            for c in conns:
-                tg.start_soon(restore_from, c)
-        result.restored, result.already = await ledger.rollback_totals(conn, run.run_id, nos)
+            for i in range(len(conns)):
+                tg.start_soon(restore_from, i)
+        result.restored, result.already = await _reconnecting(
+            conns, 0, connect, lambda c: ledger.rollback_totals(c, run.run_id, nos)
+        )
         t_verify = time.perf_counter()
-        await verify(conns, run, result)
+        try:
+            await verify(conns, run, result)
+        except Exception as exc:  # a connection lost meanwhile: verify again on one, re-opened
+            if classify(exc) != "connection_lost":
+                raise
+            await _reconnecting(conns, 0, connect, lambda c: verify([c], run, result))
         result.verify_seconds = time.perf_counter() - t_verify
     finally:
-        for c in extra:
+        for c in conns[1:]:
             with contextlib.suppress(Exception):
                 await c.close(timeout=5)
     result.elapsed_seconds = time.perf_counter() - t0

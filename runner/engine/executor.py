@@ -17,7 +17,7 @@ import asyncpg
 
 from runner.db import fetch_one
 from runner.engine.target import BatchStatement, TargetInfo
-from runner.errors import InvalidInput, ScopeViolation, WorkFailed
+from runner.errors import ConnectionFailed, InvalidInput, ScopeViolation, WorkFailed
 from runner.ledger import LEDGER_SCHEMA, batch_committed
 from runner.redact import redact_text
 
@@ -111,6 +111,8 @@ def classify(exc: BaseException) -> str:
     """The error category an operator sees in logs and reports."""
     if isinstance(exc, ScopeViolation):
         return "scope_violation"
+    if isinstance(exc, ConnectionFailed):  # reconnecting failed: the server is (still) away
+        return "connection_lost"
     if isinstance(exc, asyncpg.LockNotAvailableError):
         return "lock_timeout"
     if isinstance(exc, asyncpg.DeadlockDetectedError):
@@ -171,12 +173,15 @@ WITH w AS (
     WHERE c.relkind = 'r' AND c.relpersistence <> 't'
       AND (c.relnamespace <> 'pg_catalog'::regnamespace OR c.relname LIKE 'pg_largeobject%')
 )
-SELECT w.root::bigint AS oid, n.nspname AS schema, r.relname AS name,
-       sum(w.ins)::bigint AS ins, sum(w.upd)::bigint AS upd, sum(w.del)::bigint AS del
-FROM w JOIN pg_class AS r ON r.oid = w.root JOIN pg_namespace AS n ON n.oid = r.relnamespace
-WHERE w.ins > 0 OR w.upd > 0 OR w.del > 0
-GROUP BY w.root, n.nspname, r.relname
-ORDER BY n.nspname, r.relname"""
+SELECT current_setting('track_counts')::bool AS tracking, t.*
+FROM (SELECT 1) AS one LEFT JOIN (
+    SELECT w.root::bigint AS oid, n.nspname AS schema, r.relname AS name,
+           sum(w.ins)::bigint AS ins, sum(w.upd)::bigint AS upd, sum(w.del)::bigint AS del
+    FROM w JOIN pg_class AS r ON r.oid = w.root JOIN pg_namespace AS n ON n.oid = r.relnamespace
+    WHERE w.ins > 0 OR w.upd > 0 OR w.del > 0
+    GROUP BY w.root, n.nspname, r.relname
+) AS t ON true
+ORDER BY t.schema, t.name"""
 
 
 async def require_write_tracking(conn: asyncpg.Connection) -> None:
@@ -196,10 +201,20 @@ _LEDGER_WRITES = {"batches": (1, 1), "batch_images": (0, 1)}  # inserts allowed 
 Writes = dict[int, tuple[str, str, int, int, int]]  # oid → schema, table, ins, upd, del
 
 
-async def read_writes(conn: asyncpg.Connection) -> Writes:
+async def read_writes(conn: asyncpg.Connection, batch: Batch) -> Writes:
+    """The counters now; refuses (rolling the batch back) if counting was switched off, as a
+    superuser's apply could do in its own transaction."""
+    rows = await conn.fetch(WRITES_SQL)
+    if not rows[0]["tracking"]:
+        raise ScopeViolation(
+            f"batch {batch.batch_no} (keys {batch.key_range}): track_counts is off in the "
+            "batch's transaction, so the scope guard cannot see what it wrote; rolled back",
+            hint="do not change track_counts in the apply (or in functions it calls)",
+        )
     return {
         r["oid"]: (r["schema"], r["name"], r["ins"], r["upd"], r["del"])
-        for r in await conn.fetch(WRITES_SQL)
+        for r in rows
+        if r["oid"] is not None
     }
 
 
@@ -245,7 +260,7 @@ async def _check_writes(
     conn: asyncpg.Connection, target: TargetInfo, batch: Batch, start: Writes, statement_rows: int
 ) -> None:
     """Roll the batch back if its transaction wrote anything outside its scope (invariant 4)."""
-    found = unexpected_writes(start, await read_writes(conn), target, statement_rows)
+    found = unexpected_writes(start, await read_writes(conn, batch), target, statement_rows)
     if not found:
         return
     keys = await _outside_keys(conn, target, batch)
@@ -284,7 +299,7 @@ async def _apply_once(
     values = ctx.values(target)
     # REPEATABLE READ: the capture fixes the snapshot the apply must update (see capture)
     async with conn.transaction(isolation="repeatable_read"):
-        start = await read_writes(conn)
+        start = await read_writes(conn, batch)
         await conn.execute(target.capture.sql, *target.capture.bind(values))
         tag = await conn.execute(apply.sql, *apply.bind(values))
         m = _TAG.match(tag or "")
@@ -331,7 +346,7 @@ async def _apply_returning(
     Returns how many of its rows changed (the rest of its keys are no-ops)."""
     batch = ctx.batch
     async with conn.transaction():
-        start = await read_writes(conn)
+        start = await read_writes(conn, batch)
         row = await fetch_one(conn, statement.sql, *statement.bind(ctx.values(target)))
         await _check_writes(conn, target, batch, start, int(row["returned"]))
         if row["outside"]:

@@ -27,7 +27,10 @@ SELECT a.attname AS name,
                  AND ty.typcategory = 'A' THEN '[]' ELSE '' END
        END AS type,
        CASE WHEN en.nspname <> 'pg_catalog' THEN en.nspname END AS type_schema,
-       a.attnotnull AS not_null, a.attgenerated <> '' AS generated
+       a.attnotnull AS not_null, a.attgenerated <> '' AS generated,
+       en.nspname = 'pg_catalog' AND e.typname IN ('regclass', 'regproc', 'regprocedure',
+           'regoper', 'regoperator', 'regtype', 'regconfig', 'regdictionary', 'regnamespace',
+           'regrole', 'regcollation') AS names_by_search_path
 FROM pg_attribute a
 JOIN pg_type ty ON ty.oid = a.atttypid
 LEFT JOIN pg_type e ON e.oid = CASE WHEN ty.typelem <> 0 AND ty.typcategory = 'A'
@@ -410,7 +413,10 @@ SELECT locked, touched, changed, other_changed, vanished, bad_keys FROM agg"""
         sql = f"""
 WITH applied AS (
 {plain_statement(apply_sql)}RETURNING WITH (OLD AS {old}, NEW AS {new})
-    {new}.tableoid = {p["target"]}::text::regclass AS on_target,
+    -- a partitioned target's rows live in its partitions: any table of its tree is the target
+    {new}.tableoid = {p["target"]}::text::regclass
+        OR {new}.tableoid = ANY(ARRAY(SELECT relid FROM pg_partition_tree({p["target"]}::text::regclass)))
+        AS on_target,
     {new_keys},
     {shown_keys},
     {self._encode([f"{old}.{k.q}" for k in self.key])} AS key_enc,
@@ -475,10 +481,12 @@ async def resolve_target(conn: asyncpg.Connection, target: Target) -> TargetInfo
     )
     if kind not in ("r", "p"):
         raise InvalidInput(f"target.table: {schema}.{name} is not a table (relkind {kind!r})")
+    rows = await conn.fetch(_ATTRS, oid)
     attrs = {
         r["name"]: Column(r["name"], r["type"], r["not_null"], r["generated"], r["type_schema"])
-        for r in await conn.fetch(_ATTRS, oid)
+        for r in rows
     }
+    by_search_path = {r["name"] for r in rows if r["names_by_search_path"]}
     for field, names in (("key", target.key), ("columns", target.columns)):
         missing = [n for n in names if n not in attrs]
         if missing:
@@ -486,6 +494,21 @@ async def resolve_target(conn: asyncpg.Connection, target: Target) -> TargetInfo
                 f"target.{field}: column(s) {missing} do not exist in {schema}.{name}",
                 hint=f"its columns are: {', '.join(attrs)}",
             )
+    nullable = [n for n in target.key if not attrs[n].not_null]
+    if nullable:
+        raise InvalidInput(
+            f"target.key: {nullable} of {schema}.{name} allow NULL: a row whose key is NULL "
+            "can be neither paged by key nor restored by key, so it would be skipped silently",
+            hint="page by the primary key, or make the key columns NOT NULL",
+        )
+    by_path = [n for n in (*target.key, *target.columns) if n in by_search_path]
+    if by_path:
+        raise InvalidInput(
+            f"target: {by_path} of {schema}.{name} hold reg* values (regclass, regproc, …), "
+            "whose text names objects relative to the session's search_path: a row image of "
+            "them could restore a reference to another object",
+            hint="backfill an oid column instead, or leave these columns out of the plan",
+        )
     generated = [n for n in target.columns if attrs[n].generated]
     if generated:
         raise InvalidInput(f"target.columns: {generated} are generated columns and cannot be set")

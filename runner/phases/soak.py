@@ -24,7 +24,7 @@ from runner import events, ledger, redact, rollout
 from runner.artifacts import RunDir, check_run_id, write_text
 from runner.db import Databases, close_quietly
 from runner.engine import dbhealth
-from runner.errors import InvalidInput
+from runner.errors import InvalidInput, NoGo
 from runner.gates import text_digest
 from runner.phases.apply_summary import rollbacks
 from runner.phases.common import (
@@ -187,6 +187,14 @@ async def soak(
         async with run_lock(conn, run_id):
             row = await ledger.get_phase(conn, run_id, "soak")
             if row is not None and row.finished_at is not None:
+                own = await gate_state(conn, run_id, "soak", gate, loaded.digest, loaded)
+                if own.status in ("rejected", "tampered", "rolled-back"):
+                    raise NoGo(
+                        f"the soak of run {run_id} is done and its gate {gate} is "
+                        f"{own.status}: {own.reason}",
+                        hint=f"a reject is final for the run: start a new run with "
+                        f"`{cmd} apply {loaded.path} --env {env}`",
+                    )
                 return _result_from(row, run_id, env, gate, cmd, loaded)
             prior: dict[str, Any] = row.result if row else {}
             window_start = (

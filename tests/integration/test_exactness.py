@@ -472,3 +472,133 @@ def test_the_apply_survives_every_connection_being_dropped_twice(workdir: Path, 
         )
         == 1200
     )
+
+
+# -- found by the hostile pass ------------------------------------------------------------------
+
+
+def test_the_file_uses_its_own_temp_table_even_if_another_user_planted_one(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 100)
+    snapshot(db, "items")
+    plan = write_plan(workdir / "p.json")
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    # a table of the same name where the file's search_path looks first, with a trigger that
+    # would rewrite every image loaded into it
+    sql(
+        db,
+        """CREATE TABLE public.backfill_rollback_images
+               (batch_no int, key text[], before text[], after text[]);
+        CREATE FUNCTION pwn() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN NEW.before := array['PWNED', '2020-01-01']; RETURN NEW; END $$;
+        CREATE TRIGGER pwn BEFORE INSERT ON public.backfill_rollback_images
+            FOR EACH ROW EXECUTE FUNCTION pwn()""",
+    )
+    done = run_psql(db, rollback_file(workdir, run_id_of(result.output)))
+    assert done.returncode == 0, done.stderr
+    assert differing(db, "items") == 0
+    assert val(db, "SELECT count(*) FROM public.backfill_rollback_images") == 0
+
+
+def test_array_nulls_off_in_the_session_does_not_turn_nulls_into_text(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 100)
+    sql(db, "UPDATE items SET val = NULL WHERE id % 2 = 0")
+    snapshot(db, "items")
+    set_on_database(db, array_nulls="off")
+    plan = write_plan(workdir / "p.json")
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    done = run_psql(
+        db, rollback_file(workdir, run_id_of(result.output)), {"PGOPTIONS": "-c array_nulls=off"}
+    )
+    assert done.returncode == 0, done.stderr
+    assert differing(db, "items") == 0
+    assert val(db, "SELECT count(*) FROM items WHERE val = 'NULL'") == 0
+
+
+@pytest.mark.parametrize(
+    ("ddl", "key", "columns", "said"),
+    [
+        (
+            "CREATE TABLE t (code text UNIQUE, v text); INSERT INTO t VALUES ('a', 'x'), (NULL, 'x')",
+            ["code"],
+            ["v"],
+            "allow NULL",
+        ),
+        (
+            "CREATE TABLE t (id int PRIMARY KEY, r regclass); INSERT INTO t VALUES (1, 'pg_class')",
+            ["id"],
+            ["r"],
+            "reg* values",
+        ),
+    ],
+    ids=["nullable-key", "regclass-column"],
+)
+def test_keys_and_columns_that_cannot_be_restored_exactly_are_refused(
+    cli: Callable[..., Any],
+    workdir: Path,
+    db: str,
+    ddl: str,
+    key: list[str],
+    columns: list[str],
+    said: str,
+) -> None:
+    sql(db, ddl)
+    plan = write_plan(
+        workdir / "p.json",
+        target={"table": "t", "key": key, "columns": columns},
+        discovery__sql=f"SELECT {key[0]} FROM t",
+        apply__sql=f"UPDATE t SET {columns[0]} = {columns[0]} WHERE {key[0]} = ANY($1)",
+        soak__checks=[],
+    )
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 2, result.output
+    assert said in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("suffix", ["", " RETURNING id"], ids=["one-statement", "capture"])
+def test_a_partitioned_target_is_applied_and_restored(
+    cli: Callable[..., Any], workdir: Path, db: str, suffix: str
+) -> None:
+    sql(
+        db,
+        """CREATE TABLE p (id int, region text, v text, PRIMARY KEY (id, region))
+               PARTITION BY LIST (region);
+        CREATE TABLE p_us PARTITION OF p FOR VALUES IN ('us');
+        CREATE TABLE p_eu PARTITION OF p FOR VALUES IN ('eu');
+        INSERT INTO p SELECT g, CASE WHEN g % 2 = 0 THEN 'us' ELSE 'eu' END, 'old'
+        FROM generate_series(1, 300) g""",
+    )
+    snapshot(db, "p")
+    plan = write_plan(
+        workdir / "p.json",
+        target={"table": "p", "key": ["id", "region"], "columns": ["v"]},
+        discovery__sql="SELECT id, region FROM p WHERE v = 'old'",
+        apply__sql="UPDATE p SET v = 'new' WHERE (id, region) IN "
+        "(SELECT * FROM unnest($1::int[], $2::text[]))" + suffix,
+        soak__checks=[],
+    )
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    assert val(db, "SELECT count(*) FROM p WHERE v = 'new'") == 300
+    done = cli("rollback", run_id_of(result.output), "--env", "staging", env=env_for(db))
+    assert done.exit_code == 0, done.output
+    assert differing(db, "p", "id, region") == 0
+
+
+def test_a_libpq_keyword_dsn_connects(cli: Callable[..., Any], workdir: Path, db: str) -> None:
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(db)
+    query = {k: v[0] for k, v in parse_qs(parts.query).items()}
+    host = query.get("host") or parts.hostname or "localhost"
+    port = query.get("port") or str(parts.port or 5432)
+    keyword = f"host={host} port={port} user={parts.username} dbname={parts.path.lstrip('/')}"
+    make_items(db, 50)
+    plan = write_plan(workdir / "p.json")
+    checked = cli("validate", str(plan), "--env", "staging", env=env_for(keyword))
+    assert checked.exit_code == 0, checked.output

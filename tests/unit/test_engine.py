@@ -117,3 +117,22 @@ def test_the_throttle_floor_is_the_slower_of_its_two_limits() -> None:
     assert not Throttle(None, None, 100).limited
     assert Throttle(60, None, 100).seconds_for(10, 1000) == 9.0  # the first batch does not wait
     assert Throttle(60, 50, 100).seconds_for(10, 1000) == 20.0
+
+
+def test_a_failed_reconnect_is_a_lost_connection_to_retry_not_an_internal_error() -> None:
+    import asyncpg
+
+    from runner.engine.executor import TRANSIENT, classify
+    from runner.errors import ConnectionFailed
+
+    assert classify(ConnectionFailed("cannot connect to environment 'staging'")) in TRANSIENT
+    assert classify(asyncpg.InternalClientError("another operation is in progress")) in TRANSIENT
+
+
+def test_a_secret_cut_short_by_a_database_message_is_masked_too() -> None:
+    from runner.redact import redact_all
+
+    secret = "LongKey" + "Z" * 100
+    text = f"Failing row contains (1, c9{secret[:40]}...)."
+    assert secret[:8] not in redact_all(text, [secret])
+    assert "sslpassword=***" in redact_all("postgresql://u@h/d?sslpassword=hunter2", [])

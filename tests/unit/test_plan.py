@@ -305,3 +305,9 @@ def test_a_huge_plan_gets_a_short_error(cli: Callable[..., Any], workdir: Path) 
     assert result.exit_code == 2
     assert "more" in result.output
     assert len(result.output) < 5000
+
+
+def test_a_plan_read_from_a_device_stops_at_the_size_limit(cli: Callable[..., Any]) -> None:
+    result = cli("validate", "/dev/zero")
+    assert result.exit_code == 2
+    assert "a plan may be at most 1,000,000 bytes" in result.output
