@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -602,3 +603,115 @@ def test_a_libpq_keyword_dsn_connects(cli: Callable[..., Any], workdir: Path, db
     plan = write_plan(workdir / "p.json")
     checked = cli("validate", str(plan), "--env", "staging", env=env_for(keyword))
     assert checked.exit_code == 0, checked.output
+
+
+def _stop_and_start(db: str) -> tuple[list[str], list[str]] | None:
+    """`pg_ctl stop` and `start` (with the options it ran with) for the embedded test server (its
+    data directory is its socket directory), as the user it runs as; None for a server the
+    tests did not start."""
+    from urllib.parse import parse_qs, urlsplit
+
+    if os.environ.get("BACKFILL_TEST_DSN"):
+        return None
+    pgdata = Path(parse_qs(urlsplit(db).query).get("host", [""])[0])
+    opts = pgdata / "postmaster.opts"
+    if not opts.exists():
+        return None
+    tokens = shlex.split(opts.read_text())[1:]
+    i = tokens.index("-D")
+    options = " ".join(shlex.quote(t) for t in tokens[:i] + tokens[i + 2 :])
+    pg_ctl = str(Path(shlex.split(opts.read_text())[0]).parent / "pg_ctl")
+    log = pgdata / "restart.log"  # the started server must not hold the test's pipes open
+    prefix = ["runuser", "-u", pgdata.owner(), "--"] if os.geteuid() == 0 else []
+    stop = [*prefix, pg_ctl, "-D", str(pgdata), "-m", "fast", "-w", "stop"]
+    start = [*prefix, pg_ctl, "-D", str(pgdata), "-l", str(log), "-o", options, "-w", "start"]
+    return stop, start
+
+
+@pytest.mark.slow
+def test_the_apply_survives_a_postgresql_restart(workdir: Path, db: str) -> None:
+    commands = _stop_and_start(db)
+    if commands is None:
+        pytest.skip("needs the embedded test server, which the test stops and starts")
+    make_items(db, 1500)
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql="UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
+        "AND val IS DISTINCT FROM 'new' AND pg_sleep(0.003) IS NOT NULL",
+        batching__size=20,
+        batching__workers=2,
+    )
+    env = {
+        **os.environ,
+        **env_for(db),
+        "BACKFILL_LOGS": str(workdir / "backfill_logs"),
+        "BACKFILL_ACTOR": "operator",
+        "BACKFILL_CMD": "backfill",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "apply", str(plan), "--env", "staging", "--quiet"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(2.0)
+    for command, pause in zip(commands, (1.5, 0.0), strict=True):  # down for 1.5 s, then up
+        done = subprocess.run(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False
+        )
+        assert done.returncode == 0, command
+        time.sleep(pause)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 3, out
+    run_id = run_id_of(out)
+    assert val(db, "SELECT count(*) FROM items WHERE val <> 'new'") == 0
+    assert val(db, "SELECT sum(changed) FROM backfill.batches WHERE run_id = $1", run_id) == 1200
+    assert (
+        val(
+            db,
+            "SELECT count(DISTINCT key) FROM backfill.row_images WHERE run_id = $1 AND op = 'U'",
+            run_id,
+        )
+        == 1200
+    )
+
+
+@pytest.mark.slow
+def test_the_rollback_survives_a_postgresql_restart(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    commands = _stop_and_start(db)
+    if commands is None:
+        pytest.skip("needs the embedded test server, which the test stops and starts")
+    make_items(db, 1000)
+    snapshot(db, "items")
+    plan = write_plan(workdir / "p.json", batching__size=20, batching__batches_per_minute=600)
+    applied = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    assert applied.exit_code == 3, applied.output
+    env = {
+        **os.environ,
+        **env_for(db),
+        "BACKFILL_LOGS": str(workdir / "backfill_logs"),
+        "BACKFILL_ACTOR": "operator",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runner", "rollback", run_id_of(applied.output), "--env", "staging"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(1.5)
+    for command, pause in zip(commands, (1.5, 0.0), strict=True):
+        done = subprocess.run(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False
+        )
+        assert done.returncode == 0, command
+        time.sleep(pause)
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 0, out
+    assert "checksum verified" in out
+    assert differing(db, "items") == 0
