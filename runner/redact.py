@@ -66,6 +66,13 @@ def registered() -> frozenset[str]:
     return frozenset(_secrets)
 
 
+def _token_like(secret: str) -> bool:
+    """A long single token (a key, a password): the kind a database message may cut short. A
+    connection string or a phrase is masked whole only, or its beginning would mask ordinary
+    text (every `host=/tmp…` of every report)."""
+    return len(secret) >= MIN_PREFIX_SECRET and not any(c.isspace() or c in "=:/" for c in secret)
+
+
 def _mask_beginnings(text: str, secret: str) -> str:
     """Mask every run of text that starts like `secret` (its first PREFIX_LENGTH characters)
     and goes on matching it: the secret cut short by a database message."""
@@ -87,7 +94,7 @@ def redact_all(text: str, secrets: Iterable[str]) -> str:
     for s in sorted(set(secrets), key=len, reverse=True):
         if len(s) >= MIN_SECRET_LENGTH and s in text:
             text = text.replace(s, redact_dsn(s) if "://" in s else "***")
-        if len(s) >= MIN_PREFIX_SECRET and "://" not in s and s[:PREFIX_LENGTH] in text:
+        if _token_like(s) and s[:PREFIX_LENGTH] in text:
             text = _mask_beginnings(text, s)
     return _QUERY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1***@", text))
 

@@ -54,6 +54,19 @@ def val(dsn: str, query: str, *args: Any) -> Any:
     return rows[0][0] if rows else None
 
 
+@pytest.fixture(autouse=True)
+def _secrets_of_this_test_only() -> Iterator[None]:
+    """Secrets are registered per process, as one command registers its plan's: a test must not
+    inherit another test's."""
+    from runner import redact
+
+    saved = set(redact._secrets)
+    redact._secrets.clear()
+    yield
+    redact._secrets.clear()
+    redact._secrets.update(saved)
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The admin DSN of the session's server."""
