@@ -147,7 +147,16 @@ _SIDE_EFFECTS = re.compile(
 )
 
 
+_QUOTED_IDENTIFIER = re.compile(r'"(?:[^"]|"")*"')
+_UNICODE_ESCAPED = re.compile(r'\bU&"', re.IGNORECASE)
+
+
 def refuse_side_effects(sql: str, what: str) -> str:
+    if _UNICODE_ESCAPED.search(sql_code(sql)):
+        raise ValueError(
+            f'{what} uses a Unicode-escaped identifier (U&"…"), which hides what it calls: write '
+            "the name plainly"
+        )
     code = sql_code(sql).replace('"', "")
     if m := _SIDE_EFFECTS.search(code):
         raise ValueError(
@@ -240,7 +249,7 @@ class Apply(_Model):
             )
         if sql.rstrip().endswith(";"):
             sql = sql.rstrip()[:-1]
-        if ";" in sql_code(sql):
+        if ";" in _QUOTED_IDENTIFIER.sub(" ", sql_code(sql)):
             raise ValueError("the apply must be one statement (found `;` inside it)")
         return sql
 

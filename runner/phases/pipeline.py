@@ -5,15 +5,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runner import ledger, rollout
 from runner.artifacts import RunDir, check_run_id, list_runs
-from runner.db import Databases
-from runner.errors import EXIT_DONE, EXIT_GATE_WAITING, EXIT_NO_GO, InvalidInput
+from runner.db import EMBEDDED, Databases, close_quietly
+from runner.errors import EXIT_DONE, EXIT_GATE_WAITING, EXIT_NO_GO, BackfillError, InvalidInput
 from runner.gates import GateState
 from runner.phases import apply as apply_phase
 from runner.phases import health as health_phase
@@ -41,13 +42,24 @@ class Step:
         return self.state.startswith("interrupted")
 
 
-async def read_steps(loaded: LoadedPlan, dbs: Databases, run_id: str) -> list[Step]:
-    """The rollout's steps in order, from the staging and prod ledgers."""
+async def read_steps(
+    loaded: LoadedPlan, dbs: Databases, run_id: str, *, tolerant: bool = False
+) -> list[Step]:
+    """The rollout's steps in order, from the staging and prod ledgers. With `tolerant` (for
+    `status`), an environment that cannot be reached yet shows as such instead of failing."""
     mini_digest: str | None = None
     steps: list[Step] = []
     stopped: GateState | None = None  # a gate no later gate can pass (rolled back, tampered)
     for env, specs in rollout.by_environment(loaded.plan.pipeline):
-        async with dbs.connection(env) as conn:
+        try:
+            conn = await dbs.connect(env)
+        except BackfillError as e:
+            if not tolerant:
+                raise
+            why = " ".join(e.message.split())
+            steps += [Step(s.name, env, False, None, f"unknown: {why}") for s in specs]
+            continue
+        async with _closing(conn):
             for spec in specs:
                 phase = spec.name
                 row = await ledger.get_phase(conn, run_id, phase)
@@ -80,6 +92,14 @@ async def _unfinished_state(conn: Any, run_id: str, phase: str) -> str:
         return "running now"
     progress = await ledger.phase_progress(conn, run_id, phase)
     return f"interrupted ({progress} kept)" if progress else "interrupted (nothing kept yet)"
+
+
+@contextlib.asynccontextmanager
+async def _closing(conn: Any) -> AsyncIterator[Any]:
+    try:
+        yield conn
+    finally:
+        await close_quietly(conn)
 
 
 def _mini_plan(run_id: str, env: str) -> Path:
@@ -227,28 +247,51 @@ async def describe_run(run_id: str, plan_path: Path | None) -> tuple[str, int]:
         shown += [f"{k}=(secret)" for k in loaded.secret_fingerprints(b"")]
         lines.append(f"  variables now: {', '.join(shown)}")
     async with Databases(loaded.plan) as dbs:
-        steps = await read_steps(loaded, dbs, run_id)
+        steps = await read_steps(loaded, dbs, run_id, tolerant=True)
         for s in steps:
             gate = (
                 "" if s.gate is None else f"  gate {s.gate.gate}: {s.gate.status} — {s.gate.reason}"
             )
             lines.append(f"  {s.phase:<7} on {s.env:<8} {s.state:<9}{gate}")
-        for env in (loaded.plan.pipeline.staging, loaded.plan.pipeline.prod):
-            async with dbs.connection(env) as conn:
-                for d in await ledger.decisions(conn, run_id):
-                    extra = " OVERRIDE" if d.override else ""
-                    login = f" (database login {d.db_user})" if d.db_user else ""
-                    lines.append(
-                        f"  decision: {d.gate} {d.decision}{extra} by {d.actor}{login} at "
-                        f"{d.decided_at:%Y-%m-%d %H:%M:%S}" + (f" — {d.note}" if d.note else "")
-                    )
-                for e in await ledger.run_events(conn, run_id):
-                    lines.append(
-                        f"  ROLLED BACK in {e.env} at {e.at:%Y-%m-%d %H:%M:%S} by {e.actor}"
-                        + (f" (batches {e.detail['batches']})" if e.detail.get("batches") else "")
-                        + (f" (since {e.detail['since']})" if e.detail.get("since") else "")
-                    )
+        lines += await _decision_lines(loaded, dbs, run_id, steps)
+    lines.append(_next_line(loaded, run_id, steps, cmd))
+    return "\n".join(lines), EXIT_DONE
+
+
+async def _decision_lines(
+    loaded: LoadedPlan, dbs: Databases, run_id: str, steps: list[Step]
+) -> list[str]:
+    """Every decision and rollback of the run, once per ledger (staging and prod may share a
+    database), from the environments that can be reached."""
+    lines: list[str] = []
+    reachable = {s.env for s in steps if not s.state.startswith("unknown")}
+    ledgers: dict[str, str] = {}
+    for env in (loaded.plan.pipeline.staging, loaded.plan.pipeline.prod):
+        raw = dbs.raw_dsn(env)
+        if env in reachable:
+            ledgers.setdefault(f"{raw}#{env}" if raw == EMBEDDED else raw, env)
+    for env in ledgers.values():
+        async with dbs.connection(env) as conn:
+            for d in await ledger.decisions(conn, run_id):
+                extra = " OVERRIDE" if d.override else ""
+                login = f" (database login {d.db_user})" if d.db_user else ""
+                lines.append(
+                    f"  decision: {d.gate} {d.decision}{extra} by {d.actor}{login} at "
+                    f"{d.decided_at:%Y-%m-%d %H:%M:%S}" + (f" — {d.note}" if d.note else "")
+                )
+            for ev in await ledger.run_events(conn, run_id):
+                lines.append(
+                    f"  ROLLED BACK in {ev.env} at {ev.at:%Y-%m-%d %H:%M:%S} by {ev.actor}"
+                    + (f" (batches {ev.detail['batches']})" if ev.detail.get("batches") else "")
+                    + (f" (since {ev.detail['since']})" if ev.detail.get("since") else "")
+                )
+    return lines
+
+
+def _next_line(loaded: LoadedPlan, run_id: str, steps: list[Step], cmd: str) -> str:
+    """What to run next, from the first step that is not done or whose gate is not open."""
     nxt = next((s for s in steps if not s.finished or (s.gate and not s.gate.is_open)), None)
+    lines: list[str] = []
     if nxt is None:
         lines.append("next: nothing — the rollout is complete")
     elif nxt.gate is not None and nxt.gate.status == "rolled-back":
@@ -271,7 +314,7 @@ async def describe_run(run_id: str, plan_path: Path | None) -> tuple[str, int]:
         )
     else:
         lines.append(f"next: {cmd} pipeline {loaded.path} --run {run_id}")
-    return "\n".join(lines), EXIT_DONE
+    return lines[0]
 
 
 async def rerender(run_id: str, plan_path: Path | None) -> list[Path]:

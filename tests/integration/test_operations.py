@@ -17,6 +17,7 @@ from typing import Any
 import psutil  # type: ignore[import-untyped]
 import pytest
 
+from runner.db import dsn_with_database
 from runner.ledger import MIGRATIONS
 from tests.conftest import make_items, psql_binary, sql, val, write_plan
 from tests.helpers import CHECKSUM, DEMO_PLAN, env_for, run_id_of, seed_demo
@@ -241,3 +242,23 @@ def test_status_after_ctrl_c_says_interrupted_what_was_kept_and_how_to_continue(
     text = " ".join(status.output.split())
     assert f"apply on staging interrupted ({committed} batch(es) committed" in text, text
     assert f"next: continue the interrupted apply: backfill pipeline {plan} --run {run_id}" in text
+
+
+def test_status_shows_an_unreachable_prod_and_each_decision_once(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 200)
+    plan = write_plan(workdir / "p.json")
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    run_id = run_id_of(result.output)
+    approved = cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env_for(db))
+    assert approved.exit_code == 0, approved.output
+    shared = cli("status", run_id, env=env_for(db))  # staging and prod in one database
+    assert shared.exit_code == 0, shared.output
+    assert shared.output.count("decision: apply-staging approve") == 1
+    missing = dsn_with_database(db, "no_such_database")
+    status = cli("status", run_id, env=env_for(db, prod=missing))
+    assert status.exit_code == 0, status.output
+    text = " ".join(status.output.split())
+    assert "health on prod unknown:" in text
+    assert "no such database" in text

@@ -311,3 +311,19 @@ def test_a_plan_read_from_a_device_stops_at_the_size_limit(cli: Callable[..., An
     result = cli("validate", "/dev/zero")
     assert result.exit_code == 2
     assert "a plan may be at most 1,000,000 bytes" in result.output
+
+
+def test_a_semicolon_in_a_quoted_name_is_not_a_second_statement_and_escaped_names_are_refused(
+    tmp_path: Path,
+) -> None:
+    ok = write_plan(
+        tmp_path / "ok.json",
+        apply__sql='UPDATE items SET "c;ol" = 1 WHERE id = ANY($1)',
+    )
+    assert load_plan(ok, env=GOOD_ENV).plan
+    hidden = write_plan(
+        tmp_path / "hidden.json",
+        discovery__sql='SELECT id FROM items WHERE U&"pg_\\0074erminate_backend"(1) IS NULL',
+    )
+    with pytest.raises(PlanError, match="Unicode-escaped"):
+        load_plan(hidden, env=GOOD_ENV)
