@@ -74,6 +74,12 @@ async def undo(
     )
     loaded = plan_for(run_id, key, plan_path)
     if env not in loaded.plan.environments:
+        known = sorted(loaded.plan.environments)
+        if key == "mini_plan_path" or "mini_plan_path" not in manifest:
+            raise InvalidInput(
+                f"environment {env!r} is not one of run {run_id}'s environments",
+                hint=f"use one of: {', '.join(known)}",
+            )
         loaded = plan_for(run_id, "mini_plan_path", plan_path)
     events.add_secrets(loaded.secrets)
     run_dir = RunDir.of(run_id)

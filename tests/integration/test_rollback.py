@@ -351,3 +351,14 @@ def test_a_key_in_two_batches_is_restored_in_order_even_with_two_workers(
     # newest first: batch 99 puts back 'app'; batch 1 then finds 'app', not what it wrote
     assert val(db, "SELECT val FROM items WHERE id = 1") == "app"
     assert "1 conflict(s)" in done.output
+
+
+def test_rollback_in_an_environment_the_run_does_not_have_says_so(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    run_id, _, _ = _applied(cli, workdir, db)
+    result = cli("rollback", run_id, "--env", "nope", env=env_for(db))
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())
+    assert "'nope' is not one of run" in text
+    assert "use one of: prod, staging" in text
