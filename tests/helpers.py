@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +117,22 @@ def ledger_totals(db: str, run_id: str) -> dict[str, Any]:
         run_id,
     )[0]
     return dict(row)
+
+
+def start_runner(args: list[str], workdir: Path, db: str) -> subprocess.Popen[str]:
+    """`backfill ARGS` in its own process, as an operator runs it (its output in one pipe)."""
+    env = {
+        **os.environ,
+        **env_for(db),
+        "BACKFILL_LOGS": str(workdir / "backfill_logs"),
+        "BACKFILL_ACTOR": "operator",
+        "BACKFILL_CMD": "backfill",
+    }
+    return subprocess.Popen(
+        [sys.executable, "-m", "runner", *args],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )

@@ -11,7 +11,6 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from tests.helpers import (
     run_psql,
     set_on_database,
     snapshot,
+    start_runner,
 )
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -426,13 +426,6 @@ def test_the_apply_survives_every_connection_being_dropped_twice(workdir: Path, 
         batching__size=20,
         batching__workers=2,
     )
-    env = {
-        **os.environ,
-        **env_for(db),
-        "BACKFILL_LOGS": str(workdir / "backfill_logs"),
-        "BACKFILL_ACTOR": "operator",
-        "BACKFILL_CMD": "backfill",
-    }
     dropped: list[int] = []
 
     def drop_everything() -> None:
@@ -448,14 +441,7 @@ def test_the_apply_survives_every_connection_being_dropped_twice(workdir: Path, 
                 )
             )
 
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", "apply", str(plan), "--env", "staging", "--quiet"],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_runner(["apply", str(plan), "--env", "staging", "--quiet"], workdir, db)
     killer = threading.Thread(target=drop_everything)
     killer.start()
     out, _ = proc.communicate(timeout=180)
@@ -628,6 +614,17 @@ def _stop_and_start(db: str) -> tuple[list[str], list[str]] | None:
     return stop, start
 
 
+def _down_for_a_while(commands: tuple[list[str], list[str]], seconds: float = 1.5) -> None:
+    stop, start = commands
+    for command in (stop, start):
+        done = subprocess.run(
+            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False
+        )
+        assert done.returncode == 0, command
+        if command is stop:
+            time.sleep(seconds)
+
+
 @pytest.mark.slow
 def test_the_apply_survives_a_postgresql_restart(workdir: Path, db: str) -> None:
     commands = _stop_and_start(db)
@@ -641,28 +638,9 @@ def test_the_apply_survives_a_postgresql_restart(workdir: Path, db: str) -> None
         batching__size=20,
         batching__workers=2,
     )
-    env = {
-        **os.environ,
-        **env_for(db),
-        "BACKFILL_LOGS": str(workdir / "backfill_logs"),
-        "BACKFILL_ACTOR": "operator",
-        "BACKFILL_CMD": "backfill",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", "apply", str(plan), "--env", "staging", "--quiet"],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_runner(["apply", str(plan), "--env", "staging", "--quiet"], workdir, db)
     time.sleep(2.0)
-    for command, pause in zip(commands, (1.5, 0.0), strict=True):  # down for 1.5 s, then up
-        done = subprocess.run(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False
-        )
-        assert done.returncode == 0, command
-        time.sleep(pause)
+    _down_for_a_while(commands)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 3, out
     run_id = run_id_of(out)
@@ -690,27 +668,9 @@ def test_the_rollback_survives_a_postgresql_restart(
     plan = write_plan(workdir / "p.json", batching__size=20, batching__batches_per_minute=600)
     applied = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert applied.exit_code == 3, applied.output
-    env = {
-        **os.environ,
-        **env_for(db),
-        "BACKFILL_LOGS": str(workdir / "backfill_logs"),
-        "BACKFILL_ACTOR": "operator",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", "rollback", run_id_of(applied.output), "--env", "staging"],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_runner(["rollback", run_id_of(applied.output), "--env", "staging"], workdir, db)
     time.sleep(1.5)
-    for command, pause in zip(commands, (1.5, 0.0), strict=True):
-        done = subprocess.run(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60, check=False
-        )
-        assert done.returncode == 0, command
-        time.sleep(pause)
+    _down_for_a_while(commands)
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     assert "checksum verified" in out

@@ -20,7 +20,7 @@ import pytest
 from runner.db import dsn_with_database
 from runner.ledger import MIGRATIONS
 from tests.conftest import make_items, psql_binary, sql, val, write_plan
-from tests.helpers import CHECKSUM, DEMO_PLAN, env_for, run_id_of, seed_demo
+from tests.helpers import CHECKSUM, DEMO_PLAN, env_for, run_id_of, seed_demo, start_runner
 
 
 def _postmaster_pid(home: Path) -> int | None:
@@ -215,15 +215,7 @@ def test_status_after_ctrl_c_says_interrupted_what_was_kept_and_how_to_continue(
         "AND val IS DISTINCT FROM 'new' AND pg_sleep(0.005) IS NOT NULL",
         batching__size=20,
     )
-    env = {**os.environ, **env_for(db), "BACKFILL_LOGS": str(workdir / "backfill_logs")}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", "apply", str(plan), "--env", "staging", "--quiet"],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = start_runner(["apply", str(plan), "--env", "staging", "--quiet"], workdir, db)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         time.sleep(0.3)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import make_items, psql_binary, sql, val, write_plan
+from tests.conftest import make_items, sql, val, write_plan
 from tests.helpers import (
     CHECKSUM,
     HOSTILE_PSQL_ENV,
@@ -81,16 +81,6 @@ rows = st.lists(
     min_size=1,
     max_size=6,
 )
-
-
-def _run_psql(dsn: str, path: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [psql_binary(), "-X", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 @pytest.mark.slow
@@ -210,7 +200,7 @@ def test_rows_changed_since_are_left_alone_by_both_paths_and_reported(
     run_id, _, emitted = _applied(cli, workdir, db, 300)
     sql(db, "UPDATE items SET val = 'edited by app' WHERE id IN (1, 2, 3)")
     sql(db, "DELETE FROM items WHERE id = 4")
-    psql_run = _run_psql(db, emitted)
+    psql_run = run_psql(db, emitted)
     assert psql_run.returncode == 0, psql_run.stderr
     assert "edited by app" in psql_run.stdout  # the conflicts query lists them
     assert val(db, "SELECT count(*) FROM items WHERE val = 'edited by app'") == 3
