@@ -859,35 +859,33 @@ async def changed_per_batch(
     }
 
 
-async def image_values(conn: asyncpg.Connection, run_id: str, batch_no: int) -> str | None:
+async def image_values(
+    conn: asyncpg.Connection, run_id: str, batch_no: int
+) -> tuple[str | None, str | None]:
     """A batch's changed rows as SQL VALUES tuples (batch_no, key, before, after), quoted by the
     server (`format('%L')`, i.e. quote_nullable) from the text form of their arrays, which casts
-    back to the same text[] exactly. One batch at a time: memory stays bounded."""
-    value = await conn.fetchval(
-        "SELECT string_agg(format('(%s, %L, %L, %L)', batch_no, key::text, before::text,"
-        " after::text), E',\n') FROM backfill.row_images"
-        " WHERE run_id = $1 AND batch_no = $2 AND op = 'U'",
+    back to the same text[] exactly; and the md5 of the batch's before-images (CHECKSUM_ROW lines
+    in key order), which the rollback file's verification recomputes from the table. One batch at
+    a time: memory stays bounded, and no sort of the whole run is needed."""
+    row = await conn.fetchrow(
+        f"""SELECT string_agg(format('(%s, %L, %L, %L)', i.batch_no, i.key::text, i.before::text,
+                                      i.after::text), E',\n') AS tuples,
+                   md5(string_agg({CHECKSUM_ROW.format(img="i.before")}, '|'
+                                  ORDER BY i.key::text COLLATE "C")) AS checksum
+            FROM backfill.row_images AS i
+            WHERE i.run_id = $1 AND i.batch_no = $2 AND i.op = 'U'""",
         run_id,
         batch_no,
     )
-    return str(value) if value is not None else None
-
-
-async def images_checksum(
-    conn: asyncpg.Connection, run_id: str, batch_nos: list[int]
-) -> tuple[int, str | None]:
-    """How many changed rows the batches hold and the md5 over their before-images, as the
-    rollback file's verification recomputes it from the table."""
-    row = await conn.fetchrow(
-        f"""SELECT count(*) AS n, md5(string_agg({CHECKSUM_ROW.format(img="i.before")}, '|'
-                                   ORDER BY i.key::text COLLATE "C", i.batch_no))
-            FROM backfill.row_images AS i
-            WHERE i.run_id = $1 AND i.op = 'U' AND i.batch_no = ANY($2)""",
-        run_id,
-        batch_nos,
-    )
     assert row is not None  # an aggregate: always one row
-    return int(row[0]), row[1]
+    return row["tuples"], row["checksum"]
+
+
+def run_checksum(batch_checksums: list[str | None]) -> str | None:
+    """A run's checksum from its batches' (in batch order): md5 over them, `|`-separated, as
+    `md5(string_agg(m, '|' ORDER BY batch_no))` computes it in SQL."""
+    present = [c for c in batch_checksums if c is not None]
+    return hashlib.md5("|".join(present).encode()).hexdigest() if present else None
 
 
 async def keys_in_several_batches(

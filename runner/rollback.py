@@ -218,28 +218,30 @@ async def emit_rollback_file(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     body = path.with_name(f".{path.name}.body")
-    totals: list[tuple[int, str | None]] = []
+    checksums: dict[int, str | None] = {}
+    with_images = [no for no in nos if counts.get(no)]
+    conns = [conn] if checksum_conn is None else [conn, checksum_conn]
+    # two connections format alternate batches; the file takes them in order, a few at a time
+    with body.open("w", encoding="utf-8", newline="") as out:
+        for start in range(0, len(with_images), 2 * len(conns)):
+            window = with_images[start : start + 2 * len(conns)]
+            found: dict[int, tuple[str | None, str | None]] = {}
 
-    async def checksum() -> None:
-        totals.append(await ledger.images_checksum(checksum_conn or conn, run.run_id, nos))
+            async def fetch(
+                c: asyncpg.Connection, nos_: list[int], found: dict[int, Any] = found
+            ) -> None:
+                for no in nos_:
+                    found[no] = await ledger.image_values(c, run.run_id, no)
 
-    async def write_body() -> None:
-        with body.open("w", encoding="utf-8", newline="") as out:
-            for no in nos:
-                if not counts.get(no):
-                    continue
-                values = await ledger.image_values(conn, run.run_id, no)
+            async with anyio.create_task_group() as tg:
+                for k, c in enumerate(conns):
+                    tg.start_soon(fetch, c, window[k :: len(conns)])
+            for no in window:
+                values, checksums[no] = found[no]
                 if values:
                     out.write(f"INSERT INTO pg_temp.backfill_rollback_images VALUES\n{values};\n")
-
-    if checksum_conn is None:
-        await checksum()
-        await write_body()
-    else:  # the checksum's sort runs on the server while the body streams
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(checksum)
-            tg.start_soon(write_body)
-    rows, checksum_value = totals[0]
+    rows = sum(counts.get(no, 0) for no in with_images)
+    checksum_value = ledger.run_checksum([checksums[no] for no in sorted(checksums)])
     header = _file_header(
         run,
         shape,
@@ -299,7 +301,8 @@ def _file_header(
 -- scope:        {scope}
 -- restores:     {rows} row(s) in {batches} batch(es), newest batch first, one transaction each
 -- checksum:     {checksum or "(no rows)"}
---   (md5 over the before-images; the verification at the end recomputes it from the table)
+--   (md5 over each batch's before-images in key order, then over those in batch order; the
+--   verification at the end recomputes it from the table)
 --
 -- Run it:       psql -X -v ON_ERROR_STOP=1 -d "$DSN_OF_{comment_text(run.env.upper())}" -f {comment_text(name)}
 -- Verify:       the last two queries print restored rows, conflicts and the checksum;
@@ -328,16 +331,22 @@ def _file_verification(shape: RunShape, checksum: str | None) -> str:
     expected = sql_literal(checksum) if checksum else "NULL"
     return f"""
 -- Verification: every row should hold its before-image again (conflicts excepted).
+WITH v AS (
+    SELECT i.batch_no, i.key::text AS k, i.before, {current} AS cur,
+           {CHECKSUM_ROW.format(img=current)} AS line
+    FROM pg_temp.backfill_rollback_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
+), per_batch AS (
+    SELECT batch_no, md5(string_agg(line, '|' ORDER BY k COLLATE "C")) AS m FROM v GROUP BY batch_no
+), run AS (
+    SELECT md5(string_agg(m, '|' ORDER BY batch_no)) AS checksum FROM per_batch
+)
 SELECT count(*) AS rows_in_rollback,
        count(*) FILTER (WHERE v.cur IS NOT DISTINCT FROM v.before) AS rows_at_before_image,
        count(*) FILTER (WHERE v.cur IS DISTINCT FROM v.before) AS conflicts,
-       md5(string_agg(v.line, '|' ORDER BY v.k COLLATE "C", v.batch_no)) AS checksum,
+       (SELECT checksum FROM run) AS checksum,
        {expected}::text AS expected_checksum,
-       md5(string_agg(v.line, '|' ORDER BY v.k COLLATE "C", v.batch_no))
-           IS NOT DISTINCT FROM {expected}::text AS checksum_matches
-FROM (SELECT i.batch_no, i.key::text AS k, i.before, {current} AS cur,
-             {CHECKSUM_ROW.format(img=current)} AS line
-      FROM pg_temp.backfill_rollback_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}) AS v;
+       (SELECT checksum FROM run) IS NOT DISTINCT FROM {expected}::text AS checksum_matches
+FROM v;
 
 -- Conflicts: rows changed since the apply, left alone (key, value this run wrote, value now).
 SELECT i.batch_no, i.key, i.after AS runner_wrote, {current} AS now_holds
