@@ -32,6 +32,7 @@ class GateState:
     reason: str
     criteria: str | None
     decision: Decision | None = None
+    variables_changed: bool = False  # closed because a variable's value is not the approved one
 
     @property
     def is_open(self) -> bool:
@@ -119,6 +120,7 @@ def evaluate(
             "approved; run with the approved values, or start a new run and have it reviewed",
             criteria,
             last,
+            variables_changed=True,
         )
     if last.plan_digest != plan_digest:
         return GateState(

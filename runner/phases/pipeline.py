@@ -302,6 +302,11 @@ def _next_line(loaded: LoadedPlan, run_id: str, steps: list[Step], cmd: str) -> 
         lines.append(
             f"next: no-go at {nxt.gate.gate}; to undo: {cmd} rollback {run_id} --env {nxt.env} --dry-run"
         )
+    elif nxt.finished and nxt.gate is not None and nxt.gate.variables_changed:
+        lines.append(
+            f"next: run with the values {nxt.gate.gate} approved (the report shows them), or start "
+            f"a new run: {cmd} pipeline {loaded.path}"
+        )
     elif nxt.finished and nxt.gate is not None:
         lines.append(
             f"next: review {_report_of(run_id, nxt)}, then "

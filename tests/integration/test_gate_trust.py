@@ -54,6 +54,7 @@ def test_a_variable_changed_after_approval_closes_the_gate_naming_it(
     status = cli("status", run_id, env={**env, "TAG": "EVIL"})
     assert "variables now: TAG='EVIL', SECRET_NOTE=(secret)" in status.output, status.output
     assert "gate apply-staging: closed — variable TAG is 'EVIL'" in status.output
+    assert "next: run with the values apply-staging approved" in status.output
     assert "hush-hush-9731" not in status.output
 
     evil = cli("pipeline", str(plan), "--run", run_id, "-q", env={**env, "TAG": "EVIL"})
