@@ -230,7 +230,7 @@ def unexpected_writes(
         if not (ins or upd or dele):
             continue
         name = f"{schema}.{table}"
-        if oid == target.oid:
+        if oid in (target.oid, target.root_oid):  # write counters roll up to the tree's root
             what = [f"{ins} inserted" if ins else "", f"{dele} deleted" if dele else ""]
             if upd > statement_rows:
                 what.append(

@@ -115,6 +115,7 @@ class TargetInfo:
     columns: tuple[Column, ...]
     others: tuple[Column, ...]
     oid: int = 0
+    root_oid: int = 0  # the top of its partition tree (itself when it is not a partition)
 
     @property
     def table(self) -> str:
@@ -527,4 +528,9 @@ async def resolve_target(conn: asyncpg.Connection, target: Target) -> TargetInfo
         columns=tuple(attrs[n] for n in target.columns),
         others=tuple(c for n, c in attrs.items() if n not in declared and not c.generated),
         oid=int(oid),
+        root_oid=int(
+            await conn.fetchval(
+                "SELECT coalesce(pg_partition_root($1::oid::regclass)::oid, $1::oid)", oid
+            )
+        ),
     )

@@ -675,3 +675,28 @@ def test_the_rollback_survives_a_postgresql_restart(
     assert proc.returncode == 0, out
     assert "checksum verified" in out
     assert differing(db, "items") == 0
+
+
+def test_a_single_partition_can_be_the_target(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    sql(
+        db,
+        """CREATE TABLE p (id int, region text, v text, PRIMARY KEY (id, region))
+               PARTITION BY LIST (region);
+        CREATE TABLE p_us PARTITION OF p FOR VALUES IN ('us');
+        CREATE TABLE p_eu PARTITION OF p FOR VALUES IN ('eu');
+        INSERT INTO p SELECT g, CASE WHEN g % 2 = 0 THEN 'us' ELSE 'eu' END, 'old'
+        FROM generate_series(1, 300) g""",
+    )
+    plan = write_plan(
+        workdir / "p.json",
+        target={"table": "p_us", "key": ["id", "region"], "columns": ["v"]},
+        discovery__sql="SELECT id, region FROM p_us WHERE v = 'old'",
+        apply__sql="UPDATE p_us SET v = 'new' WHERE (id, region) IN "
+        "(SELECT * FROM unnest($1::int[], $2::text[]))",
+        soak__checks=[],
+    )
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    assert val(db, "SELECT count(*) FROM p WHERE v = 'new'") == 150
