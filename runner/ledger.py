@@ -20,6 +20,7 @@ import asyncpg
 from runner import redact
 from runner.db import qualified
 from runner.errors import InvalidInput
+from runner.results import PhaseResult
 
 LEDGER_SCHEMA = "backfill"
 _LOCK_KEY = 0x6261636B66696C6C  # "backfill": serialises concurrent first-time installs
@@ -312,6 +313,11 @@ class PhaseRow:
         d = dict(row)
         d["result"] = json.loads(d["result"])
         return cls(**{k: v for k, v in d.items() if k in _PHASE_FIELDS})
+
+    @property
+    def doc(self) -> PhaseResult:
+        """The result as the rest of the rollout reads it (runner.results)."""
+        return PhaseResult.model_validate(self.result)
 
     def sealed_content(self) -> dict[str, Any]:
         """What the seal covers: everything a gate decides on."""

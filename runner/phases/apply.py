@@ -292,7 +292,7 @@ async def _prod_stage(
     )
     require_open(health, run_id=run_id, before="the prod apply", cmd=cmd)
     health_row = await ledger.get_phase(conn, run_id, "health")
-    recorded = health_row.result.get("mini_plan_digest") if health_row else None
+    recorded = health_row.doc.mini_plan_digest if health_row else None
     if recorded != loaded.digest:
         raise InvalidInput(
             f"{loaded.path} is not the mini plan the approved health check wrote "
@@ -657,7 +657,7 @@ async def _finished_result(
     run_dir = RunDir.of(run_id).env(env)
     artifacts = [
         run_dir / summary_name(stage),
-        run_dir / str(row.result.get("rollback_file", "")),
+        run_dir / str(row.doc.rollback_file or ""),
         _results_path(run_id, env, stage),
     ]
     if row.report_digest is None or not all(p.is_file() for p in artifacts):
@@ -685,5 +685,5 @@ async def _finished_result(
         gate,
         next_command,
         run_dir / summary_name(stage),
-        totals=dict(row.result.get("totals", {})),
+        totals=row.doc.totals.model_dump(),
     )

@@ -28,7 +28,7 @@ async def _overrides_so_far(
     carried: list[dict[str, Any]] = []
     if stage in ("canary", "rest"):
         health = await ledger.get_phase(conn, run_id, "health")
-        carried = list(health.result.get("overrides", [])) if health else []
+        carried = list(health.doc.overrides) if health else []
     return carried + overrides_note(decisions)
 
 

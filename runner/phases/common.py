@@ -195,7 +195,7 @@ async def gate_state(
         tampered=await integrity_problem(conn, run_id),
         rolled_back=await rollback_note(conn, run_id),
         policy=bound.plan.gates if bound is not None else None,
-        operator=str(row.result.get("operator", "")) if row else None,
+        operator=row.doc.operator if row else None,
     )
 
 

@@ -107,12 +107,12 @@ async def decide(
                 hint=f"see `{command_prefix()} status {run_id}`",
             )
         key = await ledger.digest_key(conn)
-        ran = row.result.get("plan", {})
+        ran = row.doc.plan
         secrets_now = loaded.secret_fingerprints(key)
         changes = variable_changes(
-            ran.get("variables", {}),
+            ran.variables,
             loaded.plain_values,
-            ran.get("secret_fingerprints", {}),
+            ran.secret_fingerprints,
             secrets_now,
         )
         if changes:
@@ -122,7 +122,7 @@ async def decide(
                 hint="a decision binds the values the phase ran with (the report shows them): "
                 "set the same values, or re-run the phase with yours",
             )
-        ran_with = ran.get("digest")
+        ran_with = ran.digest or None
         if ran_with != loaded.digest:
             raise InvalidInput(
                 f"gate {gate}: {loaded.path} has changed since the {phase} phase ran "
@@ -135,7 +135,7 @@ async def decide(
                     f"gate {gate}: no decision is possible: {problem}",
                     hint="this run stops here; to go on, start a new run and review it",
                 )
-        report = run_dir.root / env / row.result["report_file"]
+        report = run_dir.root / env / row.doc.report_file
         try:
             on_disk = text_digest(report.read_text(encoding="utf-8"))
         except FileNotFoundError:
@@ -152,7 +152,7 @@ async def decide(
             gate=gate,
             decision=decision,
             actor=actor,
-            operator=row.result.get("operator", ""),
+            operator=row.doc.operator,
             policy=loaded.plan.gates,
             criteria=row.criteria,
             note=note,

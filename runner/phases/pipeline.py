@@ -65,7 +65,7 @@ async def read_steps(
                 row = await ledger.get_phase(conn, run_id, phase)
                 finished = row is not None and row.finished_at is not None
                 if phase == "health" and row is not None:
-                    mini_digest = row.result.get("mini_plan_digest")
+                    mini_digest = row.doc.mini_plan_digest
                 digest = mini_digest if phase == "canary" and mini_digest else loaded.digest
                 gate = (
                     None
@@ -345,9 +345,9 @@ async def rerender(run_id: str, plan_path: Path | None) -> list[Path]:
                         written.append(RunDir.of(run_id).root / env / health_phase.MINI_PLAN)
                     else:
                         path, digest = await render_summary(
-                            conn, run, env, stage, row.result.get("dsn", dbs.display_dsn(env))
+                            conn, run, env, stage, row.doc.dsn or dbs.display_dsn(env)
                         )
-                        rollback = RunDir.of(run_id).env(env) / row.result["rollback_file"]
+                        rollback = RunDir.of(run_id).env(env) / str(row.doc.rollback_file)
                         written.append(
                             await emit_rollback_file(
                                 conn, run, rollback, display_dsn=dbs.display_dsn(env)

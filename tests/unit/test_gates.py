@@ -145,3 +145,23 @@ def test_the_rollout_table_is_the_one_source_of_phases_gates_and_reports() -> No
         ("stg", ["apply", "soak"]),
         ("prd", ["health", "canary", "rest"]),
     ]
+
+
+def test_a_phase_result_is_read_through_its_model_and_keeps_what_only_its_report_reads() -> None:
+    from runner.results import PhaseResult
+
+    doc = PhaseResult.model_validate(
+        {
+            "plan": {"name": "p", "digest": "d" * 64, "path": "p.toml", "variables": {"TAG": "v2"}},
+            "operator": "alice",
+            "report_file": "backfill_summary.md",
+            "rollback_file": "rollback_2026-12-01.sql",
+            "totals": {"changed": 80, "noop": 20, "batches": 1},
+            "timing": {"elapsed_seconds": 1.5},
+        }
+    )
+    assert doc.plan.variables == {"TAG": "v2"}
+    assert doc.totals.changed == 80
+    assert doc.totals.remaining == 0
+    assert doc.mini_plan_digest is None
+    assert doc.model_extra == {"timing": {"elapsed_seconds": 1.5}}
