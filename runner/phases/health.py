@@ -33,7 +33,8 @@ from runner.phases.common import (
     run_lock,
 )
 from runner.phases.validate import refuse_unfit, validate_env
-from runner.plan import LoadedPlan, validate_raw
+from runner.plan import Health as HealthSettings
+from runner.plan import LoadedPlan, Plan, validate_raw
 from runner.reports import render
 from runner.rollout import gate_name
 
@@ -159,6 +160,74 @@ def mini_plan(
     return raw
 
 
+def findings(
+    drift: list[dict[str, Any]], capacity: dict[str, float | None], h: HealthSettings
+) -> tuple[list[str], list[str]]:
+    """(blockers, conditions) of the prod health check: drift on a declared column or the key
+    blocks; other drift and a busy database are conditions a reviewer accepts with a note."""
+    blockers = [
+        f"schema drift: {d['object']} {d['what']} (staging {d['staging']}, prod {d['prod']})"
+        for d in drift
+        if d["blocker"]
+    ]
+    conditions = [f"schema drift: {d['object']} {d['what']}" for d in drift if not d["blocker"]]
+    use = capacity["db.connection_use"] or 0.0
+    if use > h.max_connection_use:
+        conditions.append(
+            f"connections at {use:.0%} of max_connections (limit {h.max_connection_use:.0%}): "
+            "lower workers or wait for a quieter window"
+        )
+    longest = capacity["db.longest_transaction_s"] or 0.0
+    if longest > h.max_long_transaction:
+        conditions.append(
+            f"a transaction has been open {longest:.0f} s: it may hold locks the backfill will wait on"
+        )
+    if capacity["db.lock_waiters"]:
+        conditions.append(f"{capacity['db.lock_waiters']:.0f} session(s) are waiting on locks")
+    lag = capacity["db.replication_lag_s"]
+    if lag and lag > 30:
+        conditions.append(f"replication lag is {lag:.0f} s")
+    return blockers, conditions
+
+
+def recommendation(plan: Plan, rows_needing: int, ms_per_row: float | None) -> dict[str, Any]:
+    """Batch size tuned from staging's timings, the canary's size and the expected duration."""
+    h, b = plan.health, plan.batching
+    tuned = tune_batch_size(b.size, ms_per_row, h.target_batch_seconds)
+    batches = math.ceil(rows_needing / tuned) if rows_needing else 0
+    canary = max(1, math.ceil(rows_needing * h.canary_percent / 100 / tuned)) if rows_needing else 1
+    throttle = Throttle(b.batches_per_minute, b.rows_per_second, tuned)
+    work = (batches * tuned * ms_per_row / 1000 / b.workers) if ms_per_row else None
+    return {
+        "batch_size": tuned,
+        "plan_batch_size": b.size,
+        "canary_batches": canary,
+        "canary_percent": h.canary_percent,
+        "batches": batches,
+        "workers": b.workers,
+        "batches_per_minute": b.batches_per_minute,
+        "rows_per_second": b.rows_per_second,
+        "estimated_seconds": max(throttle.seconds_for(batches, rows_needing), work or 0.0),
+    }
+
+
+async def _from_staging(
+    s_conn: asyncpg.Connection, loaded: LoadedPlan, run_id: str, staging: str, cmd: str
+) -> tuple[asyncpg.Record, dict[str, Any], list[ledger.Decision]]:
+    """What prod health needs from staging, once the soak gate there is open: the batches'
+    timing, the target's shape and the decisions (their overrides are carried over)."""
+    state = await gate_state(
+        s_conn, run_id, "soak", gate_name("soak", staging), loaded.digest, loaded
+    )
+    require_open(state, run_id=run_id, before="the prod health check", cmd=cmd)
+    staging_run = await ledger.get_run(s_conn, run_id)
+    assert staging_run is not None
+    per_batch = await ledger.batch_timing(s_conn, run_id)
+    assert per_batch is not None  # an aggregate: always one row
+    shape = await table_shape(s_conn, staging_run.quoted_table)
+    return per_batch, shape, await ledger.decisions(s_conn, run_id)
+
+
 async def health(
     loaded: LoadedPlan, dbs: Databases, *, env: str, run_id: str, operator: str
 ) -> HealthResult:
@@ -176,16 +245,9 @@ async def health(
     conn = await dbs.connect(env)
     ro = await dbs.connect(env, read_only=True)
     try:
-        state = await gate_state(
-            s_conn, run_id, "soak", gate_name("soak", staging), loaded.digest, loaded
+        per_batch, staging_shape, staging_decisions = await _from_staging(
+            s_conn, loaded, run_id, staging, cmd
         )
-        require_open(state, run_id=run_id, before="the prod health check", cmd=cmd)
-        staging_run = await ledger.get_run(s_conn, run_id)
-        assert staging_run is not None
-        per_batch = await ledger.batch_timing(s_conn, run_id)
-        assert per_batch is not None  # an aggregate: always one row
-        staging_shape = await table_shape(s_conn, staging_run.quoted_table)
-        staging_decisions = await ledger.decisions(s_conn, run_id)
 
         refuse_unfit(await validate_env(loaded, dbs, env, with_checks=False), str(loaded.path))
         if (rolled_back := await rollback_note(conn, run_id)) is not None:
@@ -211,54 +273,15 @@ async def health(
         async with run_lock(conn, run_id):
             declared = {c.name for c in target.columns} | {k.name for k in target.key}
             drift = schema_drift(staging_shape, prod_shape, declared)
-            blockers = [
-                f"schema drift: {d['object']} {d['what']} (staging {d['staging']}, prod {d['prod']})"
-                for d in drift
-                if d["blocker"]
-            ]
-            conditions = [
-                f"schema drift: {d['object']} {d['what']}" for d in drift if not d["blocker"]
-            ]
-            h = plan.health
-            use = capacity["db.connection_use"] or 0.0
-            if use > h.max_connection_use:
-                conditions.append(
-                    f"connections at {use:.0%} of max_connections (limit {h.max_connection_use:.0%}): "
-                    "lower workers or wait for a quieter window"
-                )
-            if (capacity["db.longest_transaction_s"] or 0) > h.max_long_transaction:
-                conditions.append(
-                    f"a transaction has been open {capacity['db.longest_transaction_s']:.0f} s: "
-                    "it may hold locks the backfill will wait on"
-                )
-            if capacity["db.lock_waiters"]:
-                conditions.append(
-                    f"{capacity['db.lock_waiters']:.0f} session(s) are waiting on locks"
-                )
-            if capacity["db.replication_lag_s"] and capacity["db.replication_lag_s"] > 30:
-                conditions.append(f"replication lag is {capacity['db.replication_lag_s']:.0f} s")
+            blockers, conditions = findings(drift, capacity, plan.health)
             rows_needing = int(needing["n"])
             ms_per_row = (
                 float(per_batch["ms"]) / float(per_batch["rows"])
                 if per_batch["n"] and per_batch["rows"]
                 else None
             )
-            tuned = tune_batch_size(plan.batching.size, ms_per_row, h.target_batch_seconds)
-            batches = math.ceil(rows_needing / tuned) if rows_needing else 0
-            canary = (
-                max(1, math.ceil(rows_needing * h.canary_percent / 100 / tuned))
-                if rows_needing
-                else 1
-            )
-            throttle = Throttle(
-                plan.batching.batches_per_minute, plan.batching.rows_per_second, tuned
-            )
-            work = (
-                (batches * tuned * ms_per_row / 1000 / plan.batching.workers)
-                if ms_per_row
-                else None
-            )
-            estimate = max(throttle.seconds_for(batches, rows_needing), work or 0.0)
+            advice = recommendation(plan, rows_needing, ms_per_row)
+            tuned, canary = advice["batch_size"], advice["canary_batches"]
             verdict = "no-go" if blockers else ("go-with-conditions" if conditions else "go")
             raw_mini = mini_plan(loaded, env, run_id, tuned, canary)
             mini_path = run_dir.env(env) / MINI_PLAN
@@ -299,17 +322,7 @@ async def health(
                     "avg_batch_rows": per_batch["rows"] and float(per_batch["rows"]),
                     "ms_per_row": ms_per_row,
                 },
-                "recommendation": {
-                    "batch_size": tuned,
-                    "plan_batch_size": plan.batching.size,
-                    "canary_batches": canary,
-                    "canary_percent": h.canary_percent,
-                    "batches": batches,
-                    "workers": plan.batching.workers,
-                    "batches_per_minute": plan.batching.batches_per_minute,
-                    "rows_per_second": plan.batching.rows_per_second,
-                    "estimated_seconds": estimate,
-                },
+                "recommendation": advice,
                 "mini_plan_file": MINI_PLAN,
                 "mini_plan_digest": mini_loaded.digest,
                 "mini_plan": raw_mini,

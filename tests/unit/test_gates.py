@@ -165,3 +165,57 @@ def test_a_phase_result_is_read_through_its_model_and_keeps_what_only_its_report
     assert doc.totals.remaining == 0
     assert doc.mini_plan_digest is None
     assert doc.model_extra == {"timing": {"elapsed_seconds": 1.5}}
+
+
+def test_health_findings_block_on_declared_drift_and_condition_on_a_busy_database() -> None:
+    from runner.phases.health import findings
+    from runner.plan import Health
+
+    drift = [
+        {
+            "object": "column v",
+            "what": "type differs",
+            "staging": "text",
+            "prod": "int",
+            "blocker": True,
+        },
+        {
+            "object": "column x",
+            "what": "missing in prod",
+            "staging": "int",
+            "prod": None,
+            "blocker": False,
+        },
+    ]
+    capacity = {
+        "db.connection_use": 0.95,
+        "db.longest_transaction_s": 7200.0,
+        "db.lock_waiters": 2.0,
+        "db.replication_lag_s": 45.0,
+    }
+    blockers, conditions = findings(drift, capacity, Health())
+    assert blockers == ["schema drift: column v type differs (staging text, prod int)"]
+    assert conditions[0] == "schema drift: column x missing in prod"
+    assert any("connections at 95%" in c for c in conditions)
+    assert any("open 7200 s" in c for c in conditions)
+    assert any("2 session(s) are waiting" in c for c in conditions)
+    assert any("replication lag is 45 s" in c for c in conditions)
+    quiet = dict.fromkeys(capacity, 0.0)
+    assert findings([], quiet, Health()) == ([], [])
+
+
+def test_health_recommends_a_canary_of_at_least_one_batch_and_an_estimate() -> None:
+    from pathlib import Path
+
+    from runner.phases.health import recommendation
+    from runner.plan import validate_raw
+    from tests.conftest import plan_dict
+
+    plan = validate_raw(
+        Path("p.json"), plan_dict(), {"STAGING_DSN": "embedded", "PROD_DSN": "embedded"}
+    ).plan
+    advice = recommendation(plan, 1000, ms_per_row=0.01)
+    assert advice["canary_batches"] >= 1
+    assert advice["batches"] * advice["batch_size"] >= 1000
+    assert advice["estimated_seconds"] >= 0
+    assert recommendation(plan, 0, None)["batches"] == 0
