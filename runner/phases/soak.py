@@ -147,6 +147,143 @@ def _verdict(
     return "pass", "every check stayed within its limits"
 
 
+def _tally(
+    checks: list[Check], recorded: list[asyncpg.Record]
+) -> tuple[dict[str, dict[str, int]], dict[str, int]]:
+    """Outcome counts per check, and each check's current run of consecutive errors, from the
+    samples already recorded (a resumed soak goes on counting)."""
+    counts = {c.name: {"pass": 0, "fail": 0, "no-data": 0, "error": 0} for c in checks}
+    streaks = dict.fromkeys(counts, 0)
+    for r in recorded:
+        if r["check_name"] in counts:
+            counts[r["check_name"]][r["outcome"]] += 1
+            streaks[r["check_name"]] = (
+                streaks[r["check_name"]] + 1 if r["outcome"] == "error" else 0
+            )
+    return counts, streaks
+
+
+async def _check_once(
+    ro: asyncpg.Connection,
+    dbs: Databases,
+    env: str,
+    check: Check,
+    params: list[Any],
+    baselines: dict[str, Any],
+    statement_timeout: float,
+) -> tuple[float | None, str, str, asyncpg.Connection]:
+    """One check's value, outcome and detail (redacted: errors quote values), and the read-only
+    connection to go on with (a new one if this one was lost)."""
+    value: float | None = None
+    try:
+        raw = await _read_only_value(ro, check.sql, params, statement_timeout)
+        if raw is None:
+            outcome, detail = "no-data", "no value (no row or NULL)"
+        else:
+            value = _number(raw)
+            outcome, detail = judge(check, value, baselines.get(check.name))
+    except (asyncpg.PostgresError, ValueError) as e:
+        outcome, detail = "error", f"{type(e).__name__}: {str(e).strip()}"
+    except (OSError, asyncpg.InterfaceError) as e:
+        outcome, detail = "error", f"connection: {e}"
+        await close_quietly(ro)
+        ro = await dbs.connect(env, read_only=True)
+    return value, outcome, redact.redact_text(detail), ro
+
+
+def _append_samples(path: Path, rows: list[tuple[Any, ...]]) -> None:
+    """soak_samples.jsonl: one line per check and metric of a sample."""
+    with path.open("a", encoding="utf-8") as f:
+        for line in rows:
+            record = {
+                "sample": line[1],
+                "check": line[2],
+                "at": line[3].isoformat(),
+                "value": line[4],
+                "outcome": line[5],
+                "detail": line[6],
+            }
+            f.write(json.dumps(record) + "\n")
+
+
+@dataclass
+class _Window:
+    """The soak's sampling loop: every `interval`, each check and the database health, recorded
+    in the ledger and soak_samples.jsonl, until the duration is observed or a check fails."""
+
+    conn: asyncpg.Connection
+    ro: asyncpg.Connection
+    dbs: Databases
+    env: str
+    run: ledger.RunRow
+    checks: list[Check]
+    params: list[Any]
+    baselines: dict[str, Any]
+    statement_timeout: float
+    base: dict[str, Any]
+    jsonl: Path
+    counts: dict[str, dict[str, int]]
+    streaks: dict[str, int]
+    progress: ProgressCallback | None
+
+    async def sample(self, sample_no: int) -> tuple[dict[str, str], list[tuple[Any, ...]]]:
+        """One sample of every check and of the database's health: the outcomes, and the rows
+        to record."""
+        taken = datetime.now(UTC)
+        run_id = self.run.run_id
+        outcomes: dict[str, str] = {}
+        rows: list[tuple[Any, ...]] = []
+        for c in self.checks:
+            value, outcome, detail, self.ro = await _check_once(
+                self.ro, self.dbs, self.env, c, self.params, self.baselines, self.statement_timeout
+            )
+            self.counts[c.name][outcome] += 1
+            self.streaks[c.name] = self.streaks[c.name] + 1 if outcome == "error" else 0
+            outcomes[c.name] = outcome if value is None else f"{outcome}({value:g})"
+            rows.append((run_id, sample_no, c.name, taken, value, outcome, detail))
+        async with self.ro.transaction(readonly=True):
+            health = await dbhealth.sample(self.ro, self.run.quoted_table)
+        for name in dbhealth.METRICS:
+            rows.append((run_id, sample_no, name, taken, health[name], "info", ""))
+        return outcomes, rows
+
+    async def sample_until_done(
+        self, sample_no: int, observed: float, duration: float, interval: float
+    ) -> tuple[str, str, float, int]:
+        """(verdict, reason, seconds observed, last sample number)."""
+        verdict, reason = "inconclusive", "not sampled yet"
+        resumed_at = time.monotonic() - observed
+        while True:
+            sample_no += 1
+            outcomes, rows = await self.sample(sample_no)
+            observed = time.monotonic() - resumed_at
+            verdict, reason = _verdict(self.checks, self.counts, self.streaks)
+            async with self.conn.transaction():
+                await ledger.insert_samples(self.conn, rows)
+                await ledger.save_phase(
+                    self.conn,
+                    self.run.run_id,
+                    "soak",
+                    status="running",
+                    result={**self.base, "observed_seconds": observed},
+                )
+            _append_samples(self.jsonl, rows)
+            log.info(
+                "soak.sample", sample=sample_no, outcomes=outcomes, observed=round(observed, 1)
+            )
+            if self.progress:
+                self.progress(
+                    "sample", {"sample_no": sample_no, "elapsed": observed, "outcomes": outcomes}
+                )
+            if verdict == "fail" or observed >= duration:
+                break
+            await anyio.sleep(min(interval, max(duration - observed, 0)))
+            observed = time.monotonic() - resumed_at
+            if observed >= duration + interval:  # paused far beyond the window (e.g. suspended)
+                break
+        return verdict, reason, observed, sample_no
+
+
 async def soak(
     loaded: LoadedPlan,
     dbs: Databases,
@@ -206,16 +343,7 @@ async def soak(
             )
             observed = float(prior.get("observed_seconds", 0.0))
             sample_no = await ledger.last_sample_no(conn, run_id)
-            counts = {
-                c.name: {"pass": 0, "fail": 0, "no-data": 0, "error": 0} for c in plan.soak.checks
-            }
-            streaks = dict.fromkeys(counts, 0)
-            for r in await ledger.sample_outcomes(conn, run_id):
-                if r["check_name"] in counts:
-                    counts[r["check_name"]][r["outcome"]] += 1
-                    streaks[r["check_name"]] = (
-                        streaks[r["check_name"]] + 1 if r["outcome"] == "error" else 0
-                    )
+            counts, streaks = _tally(plan.soak.checks, await ledger.sample_outcomes(conn, run_id))
             base = {
                 "plan": {
                     "name": plan.name,
@@ -233,78 +361,26 @@ async def soak(
                 "cmd": cmd,
                 "target": run.target_table,
             }
-            verdict, reason = "inconclusive", "not sampled yet"
-            jsonl = run_dir.env(env) / "soak_samples.jsonl"
-            resumed_at = time.monotonic() - observed
-            while True:
-                sample_no += 1
-                taken = datetime.now(UTC)
-                outcomes: dict[str, str] = {}
-                rows: list[tuple[Any, ...]] = []
-                for c in plan.soak.checks:
-                    value: float | None = None
-                    try:
-                        raw = await _read_only_value(ro, c.sql, params, plan.soak.statement_timeout)
-                        if raw is None:
-                            outcome, detail = "no-data", "no value (no row or NULL)"
-                        else:
-                            value = _number(raw)
-                            outcome, detail = judge(c, value, baselines.get(c.name))
-                    except (asyncpg.PostgresError, ValueError) as e:
-                        outcome, detail = "error", f"{type(e).__name__}: {str(e).strip()}"
-                    except (OSError, asyncpg.InterfaceError) as e:
-                        outcome, detail = "error", f"connection: {e}"
-                        await close_quietly(ro)
-                        ro = await dbs.connect(env, read_only=True)
-                    detail = redact.redact_text(detail)  # errors quote values: secrets too
-                    counts[c.name][outcome] += 1
-                    streaks[c.name] = streaks[c.name] + 1 if outcome == "error" else 0
-                    outcomes[c.name] = outcome if value is None else f"{outcome}({value:g})"
-                    rows.append((run_id, sample_no, c.name, taken, value, outcome, detail))
-                async with ro.transaction(readonly=True):
-                    health = await dbhealth.sample(ro, run.quoted_table)
-                for name in dbhealth.METRICS:
-                    rows.append((run_id, sample_no, name, taken, health[name], "info", ""))
-                observed = time.monotonic() - resumed_at
-                verdict, reason = _verdict(plan.soak.checks, counts, streaks)
-                async with conn.transaction():
-                    await ledger.insert_samples(conn, rows)
-                    await ledger.save_phase(
-                        conn,
-                        run_id,
-                        "soak",
-                        status="running",
-                        result={**base, "observed_seconds": observed},
-                    )
-                with jsonl.open("a", encoding="utf-8") as f:
-                    for line in rows:
-                        f.write(
-                            json.dumps(
-                                {
-                                    "sample": line[1],
-                                    "check": line[2],
-                                    "at": line[3].isoformat(),
-                                    "value": line[4],
-                                    "outcome": line[5],
-                                    "detail": line[6],
-                                }
-                            )
-                            + "\n"
-                        )
-                log.info(
-                    "soak.sample", sample=sample_no, outcomes=outcomes, observed=round(observed, 1)
-                )
-                if progress:
-                    progress(
-                        "sample",
-                        {"sample_no": sample_no, "elapsed": observed, "outcomes": outcomes},
-                    )
-                if verdict == "fail" or observed >= duration:
-                    break
-                await anyio.sleep(min(interval, max(duration - observed, 0)))
-                observed = time.monotonic() - resumed_at
-                if observed >= duration + interval:  # paused far beyond the window (e.g. suspended)
-                    break
+            window = _Window(
+                conn,
+                ro,
+                dbs,
+                env,
+                run,
+                plan.soak.checks,
+                params,
+                baselines,
+                plan.soak.statement_timeout,
+                base,
+                run_dir.env(env) / "soak_samples.jsonl",
+                counts,
+                streaks,
+                progress,
+            )
+            verdict, reason, observed, sample_no = await window.sample_until_done(
+                sample_no, observed, duration, interval
+            )
+            ro = window.ro
             if verdict != "fail" and observed < duration:
                 verdict, reason = "inconclusive", "the soak ended before its duration"
             result = {
