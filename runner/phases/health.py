@@ -228,6 +228,67 @@ async def _from_staging(
     return per_batch, shape, await ledger.decisions(s_conn, run_id)
 
 
+_CRITERIA = {"go": "pass", "go-with-conditions": "inconclusive", "no-go": "fail"}
+
+
+def _staging_timing(per_batch: asyncpg.Record) -> dict[str, Any]:
+    """How staging's batches went, for the batch-size tuning and the report."""
+    rows = per_batch["rows"] and float(per_batch["rows"])
+    ms = per_batch["ms"] and float(per_batch["ms"])
+    return {
+        "batches": per_batch["n"],
+        "avg_batch_ms": ms,
+        "avg_batch_rows": rows,
+        "ms_per_row": ms / rows if per_batch["n"] and rows and ms is not None else None,
+    }
+
+
+async def _record(
+    conn: asyncpg.Connection, run_id: str, env: str, result: dict[str, Any], criteria: str
+) -> Path:
+    """The finished phase in the ledger, its report rendered from there, the report's digest."""
+    await ledger.save_phase(
+        conn, run_id, "health", status="finished", result=result, criteria=criteria, finished=True
+    )
+    path, digest = await render_health(conn, run_id, env)
+    await ledger.set_report_digest(conn, run_id, "health", digest)
+    return path
+
+
+async def _prod_facts(
+    ro: asyncpg.Connection, plan: Plan
+) -> tuple[TargetInfo, asyncpg.Record, asyncpg.Record, dict[str, float | None], dict[str, Any]]:
+    """Read-only, in one snapshot: the target, what still needs the backfill, the table's size,
+    the database's capacity now and the target's shape (for drift against staging)."""
+    async with ro.transaction(readonly=True):
+        target = await resolve_target(ro, plan.target)
+        needing = await fetch_one(ro, target.discovery_count_sql(plan.discovery.sql))
+        size = await fetch_one(
+            ro,
+            "SELECT pg_total_relation_size(to_regclass($1)) AS bytes,"
+            " (SELECT reltuples FROM pg_class WHERE oid = to_regclass($1))::bigint AS rows",
+            target.table,
+        )
+        capacity = await dbhealth.sample(ro, target.table)
+        shape = await table_shape(ro, target.table)
+    return target, needing, size, capacity, shape
+
+
+def _write_mini_plan(
+    run_dir: RunDir, loaded: LoadedPlan, env: str, raw_mini: dict[str, Any], dbs: Databases
+) -> tuple[Path, LoadedPlan]:
+    """The prod plan, checked to load as `backfill validate` would, written and recorded."""
+    path = run_dir.env(env) / MINI_PLAN
+    mini_loaded = validate_raw(path, raw_mini)
+    write_json(path, raw_mini)
+    run_dir.record(
+        mini_plan_path=str(path.resolve()),
+        plan_path=str(loaded.path.resolve()),
+        envs={env: dbs.display_dsn(env)},
+    )
+    return path, mini_loaded
+
+
 async def health(
     loaded: LoadedPlan, dbs: Databases, *, env: str, run_id: str, operator: str
 ) -> HealthResult:
@@ -256,17 +317,7 @@ async def health(
                 hint="start a new run",
             )
         await ledger.ensure_ledger(conn)
-        async with ro.transaction(readonly=True):
-            target: TargetInfo = await resolve_target(ro, plan.target)
-            needing = await fetch_one(ro, target.discovery_count_sql(plan.discovery.sql))
-            size = await fetch_one(
-                ro,
-                "SELECT pg_total_relation_size(to_regclass($1)) AS bytes,"
-                " (SELECT reltuples FROM pg_class WHERE oid = to_regclass($1))::bigint AS rows",
-                target.table,
-            )
-            capacity = await dbhealth.sample(ro, target.table)
-            prod_shape = await table_shape(ro, target.table)
+        target, needing, size, capacity, prod_shape = await _prod_facts(ro, plan)
         await ensure_run(conn, loaded, env, run_id, target, operator, create=True)
         run_dir = RunDir.of(run_id)
         events.attach(run_dir.env(env) / "events.jsonl")
@@ -275,23 +326,12 @@ async def health(
             drift = schema_drift(staging_shape, prod_shape, declared)
             blockers, conditions = findings(drift, capacity, plan.health)
             rows_needing = int(needing["n"])
-            ms_per_row = (
-                float(per_batch["ms"]) / float(per_batch["rows"])
-                if per_batch["n"] and per_batch["rows"]
-                else None
-            )
-            advice = recommendation(plan, rows_needing, ms_per_row)
+            timing = _staging_timing(per_batch)
+            advice = recommendation(plan, rows_needing, timing["ms_per_row"])
             tuned, canary = advice["batch_size"], advice["canary_batches"]
             verdict = "no-go" if blockers else ("go-with-conditions" if conditions else "go")
             raw_mini = mini_plan(loaded, env, run_id, tuned, canary)
-            mini_path = run_dir.env(env) / MINI_PLAN
-            mini_loaded = validate_raw(mini_path, raw_mini)  # it must load with `backfill validate`
-            write_json(mini_path, raw_mini)
-            run_dir.record(
-                mini_plan_path=str(mini_path.resolve()),
-                plan_path=str(loaded.path.resolve()),
-                envs={env: dbs.display_dsn(env)},
-            )
+            mini_path, mini_loaded = _write_mini_plan(run_dir, loaded, env, raw_mini, dbs)
             result = {
                 "plan": {
                     "name": plan.name,
@@ -316,32 +356,14 @@ async def health(
                 },
                 "capacity": capacity,
                 "drift": drift,
-                "staging": {
-                    "batches": per_batch["n"],
-                    "avg_batch_ms": per_batch["ms"] and float(per_batch["ms"]),
-                    "avg_batch_rows": per_batch["rows"] and float(per_batch["rows"]),
-                    "ms_per_row": ms_per_row,
-                },
+                "staging": timing,
                 "recommendation": advice,
                 "mini_plan_file": MINI_PLAN,
                 "mini_plan_digest": mini_loaded.digest,
                 "mini_plan": raw_mini,
                 "overrides": overrides_note(staging_decisions),
             }
-            criteria = {"go": "pass", "go-with-conditions": "inconclusive", "no-go": "fail"}[
-                verdict
-            ]
-            await ledger.save_phase(
-                conn,
-                run_id,
-                "health",
-                status="finished",
-                result=result,
-                criteria=criteria,
-                finished=True,
-            )
-            path, digest = await render_health(conn, run_id, env)
-            await ledger.set_report_digest(conn, run_id, "health", digest)
+            path = await _record(conn, run_id, env, result, _CRITERIA[verdict])
             log.info("health.finished", verdict=verdict, rows_needing=rows_needing)
         nxt = f"{cmd} approve {run_id} --gate {gate} --as <approver>" + (
             ' --note "why the conditions are acceptable"' if verdict == "go-with-conditions" else ""
