@@ -284,6 +284,20 @@ class _Window:
         return verdict, reason, observed, sample_no
 
 
+async def _refuse_if_stopped(
+    conn: asyncpg.Connection, loaded: LoadedPlan, run_id: str, env: str, gate: str, cmd: str
+) -> None:
+    """A finished soak whose gate was rejected (or the run rolled back, or tampered with) is
+    not shown as waiting for a decision again: a reject is final for the run."""
+    own = await gate_state(conn, run_id, "soak", gate, loaded.digest, loaded)
+    if own.status in ("rejected", "tampered", "rolled-back"):
+        raise NoGo(
+            f"the soak of run {run_id} is done and its gate {gate} is {own.status}: {own.reason}",
+            hint=f"a reject is final for the run: start a new run with "
+            f"`{cmd} apply {loaded.path} --env {env}`",
+        )
+
+
 async def soak(
     loaded: LoadedPlan,
     dbs: Databases,
@@ -324,14 +338,7 @@ async def soak(
         async with run_lock(conn, run_id):
             row = await ledger.get_phase(conn, run_id, "soak")
             if row is not None and row.finished_at is not None:
-                own = await gate_state(conn, run_id, "soak", gate, loaded.digest, loaded)
-                if own.status in ("rejected", "tampered", "rolled-back"):
-                    raise NoGo(
-                        f"the soak of run {run_id} is done and its gate {gate} is "
-                        f"{own.status}: {own.reason}",
-                        hint=f"a reject is final for the run: start a new run with "
-                        f"`{cmd} apply {loaded.path} --env {env}`",
-                    )
+                await _refuse_if_stopped(conn, loaded, run_id, env, gate, cmd)
                 return _result_from(row, run_id, env, gate, cmd, loaded)
             prior: dict[str, Any] = row.result if row else {}
             window_start = (
@@ -362,20 +369,9 @@ async def soak(
                 "target": run.target_table,
             }
             window = _Window(
-                conn,
-                ro,
-                dbs,
-                env,
-                run,
-                plan.soak.checks,
-                params,
-                baselines,
-                plan.soak.statement_timeout,
-                base,
-                run_dir.env(env) / "soak_samples.jsonl",
-                counts,
-                streaks,
-                progress,
+                *(conn, ro, dbs, env, run, plan.soak.checks, params, baselines),
+                *(plan.soak.statement_timeout, base, run_dir.env(env) / "soak_samples.jsonl"),
+                *(counts, streaks, progress),
             )
             verdict, reason, observed, sample_no = await window.sample_until_done(
                 sample_no, observed, duration, interval
