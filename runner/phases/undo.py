@@ -66,21 +66,7 @@ async def undo(
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     span = parse_batch_range(batches)
-    manifest = RunDir.of(run_id).read_manifest()
-    key = (
-        "mini_plan_path"
-        if "plan_path" not in manifest and "mini_plan_path" in manifest
-        else "plan_path"
-    )
-    loaded = plan_for(run_id, key, plan_path)
-    if env not in loaded.plan.environments:
-        known = sorted(loaded.plan.environments)
-        if key == "mini_plan_path" or "mini_plan_path" not in manifest:
-            raise InvalidInput(
-                f"environment {env!r} is not one of run {run_id}'s environments",
-                hint=f"use one of: {', '.join(known)}",
-            )
-        loaded = plan_for(run_id, "mini_plan_path", plan_path)
+    loaded = _plan_for_env(run_id, env, plan_path)
     events.add_secrets(loaded.secrets)
     run_dir = RunDir.of(run_id)
     async with Databases(loaded.plan) as dbs, dbs.connection(env) as conn:
@@ -99,7 +85,7 @@ async def undo(
             )
             return UndoOutcome(
                 EXIT_DONE,
-                [f"wrote {path}", f'run it: psql -v ON_ERROR_STOP=1 -d "$DSN" -f {path}'],
+                [f"wrote {path}", f'run it: psql -X -v ON_ERROR_STOP=1 -d "$DSN" -f {path}'],
                 path=path,
             )
         events.attach(run_dir.env(env) / "events.jsonl")
@@ -144,6 +130,33 @@ async def undo(
         )
         name = "rollback_dry_run.md" if dry_run else "rollback_report.md"
         path = write_text(run_dir.env(env) / name, text)
+    lines = _outcome_lines(result, run_id, env, dry_run, path)
+    ok = dry_run or result.verified
+    return UndoOutcome(EXIT_DONE if ok else EXIT_FAILED, lines, result, path)
+
+
+def _plan_for_env(run_id: str, env: str, plan_path: Path | None) -> LoadedPlan:
+    """The plan the run used in `env`: its plan, or for prod the mini plan health wrote."""
+    manifest = RunDir.of(run_id).read_manifest()
+    key = (
+        "mini_plan_path"
+        if "plan_path" not in manifest and "mini_plan_path" in manifest
+        else "plan_path"
+    )
+    loaded = plan_for(run_id, key, plan_path)
+    if env in loaded.plan.environments:
+        return loaded
+    if key == "mini_plan_path" or "mini_plan_path" not in manifest:
+        raise InvalidInput(
+            f"environment {env!r} is not one of run {run_id}'s environments",
+            hint=f"use one of: {', '.join(sorted(loaded.plan.environments))}",
+        )
+    return plan_for(run_id, "mini_plan_path", plan_path)
+
+
+def _outcome_lines(
+    result: RollbackResult, run_id: str, env: str, dry_run: bool, path: Path
+) -> list[str]:
     lines = [f"rollback of run {run_id} on {env}{' (dry run: nothing changed)' if dry_run else ''}"]
     if dry_run:
         lines.append(
@@ -171,5 +184,4 @@ async def undo(
             f"  run {run_id} is recorded as rolled back in {env}: its later phases and gates "
             "there refuse to go forward; start a new run to try again"
         )
-    ok = dry_run or result.verified
-    return UndoOutcome(EXIT_DONE if ok else EXIT_FAILED, lines, result, path)
+    return lines
