@@ -77,6 +77,50 @@ def split_gate(gate: str) -> tuple[str, str]:
     return phase, env
 
 
+def _refuse_other_plan(
+    gate: str,
+    phase: str,
+    row: ledger.PhaseRow,
+    loaded: LoadedPlan,
+    secrets_now: dict[str, str],
+) -> None:
+    """A decision binds the plan and the variable values the phase ran with: yours must match."""
+    ran = row.doc.plan
+    changes = variable_changes(
+        ran.variables, loaded.plain_values, ran.secret_fingerprints, secrets_now
+    )
+    if changes:
+        raise InvalidInput(
+            f"gate {gate}: the {phase} phase ran with other variable values than yours: "
+            + "; ".join(c.replace("was approved", "ran") for c in changes),
+            hint="a decision binds the values the phase ran with (the report shows them): "
+            "set the same values, or re-run the phase with yours",
+        )
+    if (ran.digest or None) != loaded.digest:
+        raise InvalidInput(
+            f"gate {gate}: {loaded.path} has changed since the {phase} phase ran "
+            f"(digest then {ran.digest[:12]}, now {loaded.digest[:12]})",
+            hint="a decision binds to the plan that was run: restore it, or re-run the phase",
+        )
+
+
+def _report_digest_on_disk(gate: str, report: Path, row: ledger.PhaseRow, run_id: str) -> str:
+    """The digest of the report the approver read: it must be the one the runner wrote."""
+    try:
+        on_disk = text_digest(report.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InvalidInput(
+            f"gate {gate}: the report {report} is missing",
+            hint=f"re-render it with `{command_prefix()} report {run_id}`",
+        ) from None
+    if on_disk != row.report_digest:
+        raise InvalidInput(
+            f"gate {gate}: {report} is not the report the runner wrote (it was edited or is stale)",
+            hint=f"re-render it with `{command_prefix()} report {run_id}`, review it, then decide",
+        )
+    return on_disk
+
+
 async def decide(
     run_id: str,
     gate: str,
@@ -106,48 +150,17 @@ async def decide(
                 f"gate {gate}: the {phase} phase of run {run_id} has not finished in {env!r}",
                 hint=f"see `{command_prefix()} status {run_id}`",
             )
-        key = await ledger.digest_key(conn)
-        ran = row.doc.plan
-        secrets_now = loaded.secret_fingerprints(key)
-        changes = variable_changes(
-            ran.variables,
-            loaded.plain_values,
-            ran.secret_fingerprints,
-            secrets_now,
-        )
-        if changes:
-            raise InvalidInput(
-                f"gate {gate}: the {phase} phase ran with other variable values than yours: "
-                + "; ".join(c.replace("was approved", "ran") for c in changes),
-                hint="a decision binds the values the phase ran with (the report shows them): "
-                "set the same values, or re-run the phase with yours",
-            )
-        ran_with = ran.digest or None
-        if ran_with != loaded.digest:
-            raise InvalidInput(
-                f"gate {gate}: {loaded.path} has changed since the {phase} phase ran "
-                f"(digest then {str(ran_with)[:12]}, now {loaded.digest[:12]})",
-                hint="a decision binds to the plan that was run: restore it, or re-run the phase",
-            )
+        secrets_now = loaded.secret_fingerprints(await ledger.digest_key(conn))
+        _refuse_other_plan(gate, phase, row, loaded, secrets_now)
         for problem in (await rollback_note(conn, run_id), await integrity_problem(conn, run_id)):
             if problem is not None:
                 raise NoGo(
                     f"gate {gate}: no decision is possible: {problem}",
                     hint="this run stops here; to go on, start a new run and review it",
                 )
-        report = run_dir.root / env / row.doc.report_file
-        try:
-            on_disk = text_digest(report.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise InvalidInput(
-                f"gate {gate}: the report {report} is missing",
-                hint=f"re-render it with `{command_prefix()} report {run_id}`",
-            ) from None
-        if on_disk != row.report_digest:
-            raise InvalidInput(
-                f"gate {gate}: {report} is not the report the runner wrote (it was edited or is stale)",
-                hint=f"re-render it with `{command_prefix()} report {run_id}`, review it, then decide",
-            )
+        on_disk = _report_digest_on_disk(
+            gate, run_dir.root / env / row.doc.report_file, row, run_id
+        )
         check_decision(
             gate=gate,
             decision=decision,
