@@ -557,6 +557,37 @@ async def _reconnecting(
     raise AssertionError("unreachable")
 
 
+async def _dry_run(
+    conn: asyncpg.Connection, shape: RunShape, run_id: str, nos: list[int], result: RollbackResult
+) -> None:
+    """What a rollback would restore, what is already back, and the conflicts; read-only."""
+    async with conn.transaction(readonly=True):
+        counts = await _classify(conn, shape, run_id, nos)
+        current = shape.current_image()
+        result.restorable, result.already, result.conflicts = (
+            counts["restorable"],
+            counts["already"],
+            counts["conflicts"],
+        )
+        result.conflict_rows = [
+            {
+                "batch_no": r["batch_no"],
+                "key": list(r["key"]),
+                "expected": r["after"],
+                "current": r["cur"],
+            }
+            for r in await conn.fetch(
+                f"""SELECT i.batch_no, i.key, i.after, {current} AS cur
+                    FROM backfill.row_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
+                    WHERE i.run_id = $1 AND i.op = 'U' AND i.batch_no = ANY($2)
+                      AND {current} IS DISTINCT FROM i.after AND {current} IS DISTINCT FROM i.before
+                    ORDER BY i.batch_no DESC LIMIT 200""",
+                run_id,
+                nos,
+            )
+        ]
+
+
 async def run_rollback(
     conn: asyncpg.Connection,
     run: ledger.RunRow,
@@ -580,31 +611,7 @@ async def run_rollback(
     result = RollbackResult(run.run_id, run.env, dry_run, nos)
     t0 = time.perf_counter()
     if dry_run:
-        async with conn.transaction(readonly=True):
-            counts = await _classify(conn, shape, run.run_id, nos)
-            current = shape.current_image()
-            result.restorable, result.already, result.conflicts = (
-                counts["restorable"],
-                counts["already"],
-                counts["conflicts"],
-            )
-            result.conflict_rows = [
-                {
-                    "batch_no": r["batch_no"],
-                    "key": list(r["key"]),
-                    "expected": r["after"],
-                    "current": r["cur"],
-                }
-                for r in await conn.fetch(
-                    f"""SELECT i.batch_no, i.key, i.after, {current} AS cur
-                        FROM backfill.row_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
-                        WHERE i.run_id = $1 AND i.op = 'U' AND i.batch_no = ANY($2)
-                          AND {current} IS DISTINCT FROM i.after AND {current} IS DISTINCT FROM i.before
-                        ORDER BY i.batch_no DESC LIMIT 200""",
-                    run.run_id,
-                    nos,
-                )
-            ]
+        await _dry_run(conn, shape, run.run_id, nos, result)
         result.elapsed_seconds = time.perf_counter() - t0
         return result
     throttle = Throttle(batches_per_minute, None, 1)
