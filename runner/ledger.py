@@ -613,6 +613,22 @@ async def run_events(conn: asyncpg.Connection, run_id: str) -> list[RunEvent]:
     return [RunEvent(**{**dict(r), "detail": json.loads(r["detail"])}) for r in rows]
 
 
+# The run lock: a session advisory lock keyed (hashtext('backfill-run'), hashtext(run_id)); a
+# killed process's lock goes with its connection.
+
+
+async def try_run_lock(conn: asyncpg.Connection, run_id: str) -> bool:
+    return bool(
+        await conn.fetchval(
+            "SELECT pg_try_advisory_lock(hashtext('backfill-run'), hashtext($1))", run_id
+        )
+    )
+
+
+async def release_run_lock(conn: asyncpg.Connection, run_id: str) -> None:
+    await conn.execute("SELECT pg_advisory_unlock(hashtext('backfill-run'), hashtext($1))", run_id)
+
+
 async def run_is_locked(conn: asyncpg.Connection, run_id: str) -> bool:
     """Whether a backfill process holds the run now (phases.common.run_lock's advisory lock)."""
     return bool(

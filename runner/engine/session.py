@@ -13,10 +13,9 @@ import asyncpg
 
 from runner.engine.executor import Reconnect, classify
 from runner.errors import WorkFailed
+from runner.ledger import try_run_lock
 
 T = TypeVar("T")
-
-_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext('backfill-run'), hashtext($1))"
 
 
 class MainSession:
@@ -47,7 +46,6 @@ class MainSession:
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
         self._lock = anyio.Lock()
-        self.reconnects = 0
 
     async def run(self, fn: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
         async with self._lock:
@@ -70,7 +68,7 @@ class MainSession:
             conn = await self._reopen()
         except Exception:
             return  # the next call fails on the closed connection and counts another attempt
-        if self.holds_run_lock and not await conn.fetchval(_TRY_LOCK, self.run_id):
+        if self.holds_run_lock and not await try_run_lock(conn, self.run_id):
             await conn.close()
             raise WorkFailed(
                 f"run {self.run_id}: the connection to the database was lost, and another "
@@ -78,7 +76,6 @@ class MainSession:
                 hint="let the other process finish the run; `backfill status` shows where it is",
             )
         self.conn = conn
-        self.reconnects += 1
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -248,7 +248,7 @@ async def apply(
         log.info("apply.start", run_id=run_id, env=env, stage=stage, plan_digest=loaded.digest)
 
         session = MainSession(
-            conn, lambda: _connect_main(dbs, env), run_id, retries=plan.batching.max_retries
+            conn, lambda: dbs.connect(env), run_id, retries=plan.batching.max_retries
         )
         async with run_lock(conn, run_id):
             if (rolled_back := await rollback_note(conn, run_id)) is not None:
@@ -275,10 +275,6 @@ async def apply(
         await close_quietly(conn)
         if session is not None:
             await session.close()
-
-
-async def _connect_main(dbs: Databases, env: str) -> asyncpg.Connection:
-    return await dbs.connect(env)
 
 
 async def _prod_stage(

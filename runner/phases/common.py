@@ -94,9 +94,7 @@ async def run_lock(
 ) -> AsyncIterator[None]:
     """One process at a time per run. A killed process's lock goes with its connection."""
     deadline = anyio.current_time() + wait_seconds
-    while not await conn.fetchval(
-        "SELECT pg_try_advisory_lock(hashtext('backfill-run'), hashtext($1))", run_id
-    ):
+    while not await ledger.try_run_lock(conn, run_id):
         if anyio.current_time() > deadline:
             raise WorkFailed(
                 f"run {run_id} is being worked on by another backfill process",
@@ -108,9 +106,7 @@ async def run_lock(
         yield
     finally:
         with contextlib.suppress(Exception):
-            await conn.execute(
-                "SELECT pg_advisory_unlock(hashtext('backfill-run'), hashtext($1))", run_id
-            )
+            await ledger.release_run_lock(conn, run_id)
 
 
 async def integrity_problem(conn: asyncpg.Connection, run_id: str) -> str | None:
