@@ -27,7 +27,7 @@ import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
 from runner.db import close_quietly
-from runner.engine.discovery import ConvergenceCheck, Discovery, Page, Span
+from runner.engine.discovery import ConvergenceCheck, Discovery, Page, Span, read_only
 from runner.engine.executor import Batch, BatchExecutor, BatchOutcome, Reconnect, failure_error
 from runner.engine.session import MainSession
 from runner.engine.target import TargetInfo, as_subquery
@@ -57,15 +57,16 @@ class KeysetSource:
     def __init__(self, target: TargetInfo, discovery_sql: str, page_size: int) -> None:
         self.target = target
         self.discovery_sql = discovery_sql
-        self._pages = Discovery(None, target, discovery_sql, page_size)
+        self._pages = Discovery(target, discovery_sql, page_size)
 
     async def next_page(self, conn: asyncpg.Connection, after: list[str] | None) -> Page | None:
-        return await self._pages.page(after, conn=conn)
+        return await self._pages.page(conn, after)
 
     async def count(self, conn: asyncpg.Connection) -> int:
-        return int(
-            await conn.fetchval(f"SELECT count(*) FROM {as_subquery(self.discovery_sql)} AS d")
-        )
+        """How many rows discovery returns, in a READ ONLY transaction (invariant 5)."""
+        sql = f"SELECT count(*) FROM {as_subquery(self.discovery_sql)} AS d"
+        async with read_only(conn):
+            return int(await conn.fetchval(sql))
 
     def convergence(self, conn: asyncpg.Connection, run_id: str) -> ConvergenceCheck:
         return ConvergenceCheck(conn, self.target, self.discovery_sql, run_id)
@@ -257,8 +258,8 @@ class BatchRun:
             await executor.close()
 
     async def _open_checker(self) -> ConvergenceCheck:
+        # its checks run in READ ONLY transactions (ConvergenceCheck.check)
         conn = await self.checker_connection()
-        await conn.execute("SET default_transaction_read_only = on")
         return self.source.convergence(conn, self.settings.run_id)
 
     async def _verify(

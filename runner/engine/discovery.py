@@ -37,35 +37,22 @@ class Page:
 class Discovery:
     """Pages of keys that still need the backfill, in key order, strictly after a cursor."""
 
-    def __init__(
-        self,
-        conn: asyncpg.Connection | None,
-        target: TargetInfo,
-        discovery_sql: str,
-        page_size: int,
-    ) -> None:
-        self.conn = conn  # None: every call passes its connection
+    def __init__(self, target: TargetInfo, discovery_sql: str, page_size: int) -> None:
         self.target = target
         self.page_size = page_size
         self._first = target.discovery_page_sql(discovery_sql, after_cursor=False)
         self._next = target.discovery_page_sql(discovery_sql, after_cursor=True)
 
     async def page(
-        self,
-        cursor: list[str] | None,
-        limit: int | None = None,
-        *,
-        conn: asyncpg.Connection | None = None,
+        self, conn: asyncpg.Connection, cursor: list[str] | None, limit: int | None = None
     ) -> Page | None:
-        """The next page after `cursor` (on `conn`, when the caller's connection was replaced)."""
+        """The next page after `cursor` (None: from the start), read on `conn`."""
         size = limit or self.page_size
-        on = conn or self.conn
-        assert on is not None, "Discovery.page needs a connection"
-        async with read_only(on):
+        async with read_only(conn):
             if cursor is None:
-                row = await on.fetchrow(self._first, size)
+                row = await conn.fetchrow(self._first, size)
             else:
-                row = await on.fetchrow(self._next, size, *cursor)
+                row = await conn.fetchrow(self._next, size, *cursor)
         if row is None or row["n"] == 0:
             return None
         arrays = tuple(row[f"k{i}"] for i in range(len(self.target.key)))

@@ -18,10 +18,9 @@ from runner import events, ledger, rollout
 from runner.artifacts import RunDir, check_run_id, new_run_id, write_json
 from runner.db import Databases, close_quietly
 from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
-from runner.engine.discovery import Discovery, read_only
 from runner.engine.executor import BatchExecutor, BatchOutcome, require_write_tracking
 from runner.engine.session import MainSession
-from runner.engine.target import TargetInfo, as_subquery, resolve_target
+from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput, NoGo
 from runner.phases.apply_summary import render_summary, summary_name
@@ -96,20 +95,15 @@ async def _resume_point(conn: asyncpg.Connection, run_id: str) -> tuple[list[str
     return cursor, last + 1, interrupted
 
 
-async def _count(conn: asyncpg.Connection, discovery_sql: str) -> int:
-    """How many rows discovery returns, in a READ ONLY transaction (invariant 5)."""
-    async with read_only(conn):
-        return int(await conn.fetchval(f"SELECT count(*) FROM {as_subquery(discovery_sql)} AS d"))
-
-
 async def _dry_run(
     loaded: LoadedPlan, dbs: Databases, env: str, stage: str, cmd: str
 ) -> ApplyResult:
     plan = loaded.plan
     async with dbs.connection(env, read_only=True) as conn, conn.transaction(readonly=True):
         target = await resolve_target(conn, plan.target)
-        needing = await _count(conn, plan.discovery.sql)
-        page = await Discovery(conn, target, plan.discovery.sql, plan.batching.size).page(None)
+        source = KeysetSource(target, plan.discovery.sql, plan.batching.size)
+        needing = await source.count(conn)
+        page = await source.next_page(conn, None)
         explain: list[str] = []
         if page is not None:
             explain = [
