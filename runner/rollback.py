@@ -8,7 +8,6 @@ type, so no value can break out of its literal.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import shutil
 import time
@@ -16,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import asyncpg
@@ -24,8 +23,9 @@ import asyncpg
 from runner import ledger
 from runner.db import PINNED_SETTINGS, fetch_one, qualified, quote_ident
 from runner.engine.executor import classify
+from runner.engine.session import MainSession
 from runner.engine.throttle import Throttle
-from runner.errors import InvalidInput
+from runner.errors import ConnectionFailed, InvalidInput
 
 CHECKSUM_ROW = ledger.CHECKSUM_ROW
 
@@ -531,32 +531,6 @@ async def verify(
     ]
 
 
-T = TypeVar("T")
-
-
-async def _reconnecting(
-    conns: list[asyncpg.Connection],
-    i: int,
-    connect: Callable[[], Awaitable[asyncpg.Connection]] | None,
-    fn: Callable[[asyncpg.Connection], Awaitable[T]],
-    attempts: int = 8,
-) -> T:
-    """`fn` on connection `i`, re-opened with backoff when the database drops it (a restart, a
-    failover): a batch's restore is one transaction that first checks whether it committed, so
-    trying it again is safe. About 30 s of outage are survived."""
-    for attempt in range(1, attempts + 1):
-        try:
-            return await fn(conns[i])
-        except Exception as exc:
-            if classify(exc) != "connection_lost" or connect is None or attempt == attempts:
-                raise
-        conns[i].terminate()
-        await anyio.sleep(min(8.0, 0.25 * 2 ** (attempt - 1)))
-        with contextlib.suppress(Exception):
-            conns[i] = await connect()
-    raise AssertionError("unreachable")
-
-
 async def _dry_run(
     conn: asyncpg.Connection, shape: RunShape, run_id: str, nos: list[int], result: RollbackResult
 ) -> None:
@@ -586,6 +560,10 @@ async def _dry_run(
                 nos,
             )
         ]
+
+
+async def _cannot_reconnect() -> asyncpg.Connection:
+    raise ConnectionFailed("no way to reconnect was given")
 
 
 async def run_rollback(
@@ -625,38 +603,53 @@ async def run_rollback(
     pending = iter(nos)  # newest first; the workers share it
 
     extra = [await connect() for _ in range(workers - 1)] if connect is not None else []
-    conns = [conn, *extra]
+    # each worker's connection is re-opened with backoff when the database drops it (a restart,
+    # a failover): a batch's restore is one transaction that first checks whether it committed,
+    # so trying it again is safe; 8 tries, 16 to 32 s of outage in all
+    sessions = [
+        MainSession(
+            c,
+            connect or _cannot_reconnect,
+            run.run_id,
+            retries=8 if connect is not None else 0,
+            holds_run_lock=False,
+            backoff_base=0.25,
+            backoff_cap=8.0,
+        )
+        for c in (conn, *extra)
+    ]
 
-    async def restore_from(i: int) -> None:
+    async def restore_from(session: MainSession) -> None:
         for no in pending:
             await throttle.wait(1)
 
             async def restore(c: asyncpg.Connection, no: int = no) -> tuple[int, int, int]:
                 return await _restore_batch(c, shape, run.run_id, no)
 
-            restored, conflicts, already = await _reconnecting(conns, i, connect, restore)
+            restored, conflicts, already = await session.run(restore)
             result.batches_this_command += 1 if restored or conflicts or already else 0
             if on_batch:
                 on_batch(no, restored, conflicts)
 
+    first = sessions[0]
     try:
         async with anyio.create_task_group() as tg:
-            for i in range(len(conns)):
-                tg.start_soon(restore_from, i)
-        result.restored, result.already = await _reconnecting(
-            conns, 0, connect, lambda c: ledger.rollback_totals(c, run.run_id, nos)
+            for session in sessions:
+                tg.start_soon(restore_from, session)
+        result.restored, result.already = await first.run(
+            lambda c: ledger.rollback_totals(c, run.run_id, nos)
         )
         t_verify = time.perf_counter()
         try:
-            await verify(conns, run, result)
+            await verify([s.conn for s in sessions], run, result)
         except Exception as exc:  # a connection lost meanwhile: verify again on one, re-opened
             if classify(exc) != "connection_lost":
                 raise
-            await _reconnecting(conns, 0, connect, lambda c: verify([c], run, result))
+            await first.run(lambda c: verify([c], run, result))
         result.verify_seconds = time.perf_counter() - t_verify
     finally:
-        for c in conns[1:]:
-            with contextlib.suppress(Exception):
-                await c.close(timeout=5)
+        for session in sessions:
+            if session.conn is not conn:  # the caller's own connection is the caller's to close
+                await session.close()
     result.elapsed_seconds = time.perf_counter() - t0
     return result

@@ -313,9 +313,7 @@ async def _apply_once(
         counts = await fetch_one(conn, finalize.sql, *finalize.bind(values))
         reported = int(m.group(2))
         if reported > counts["touched"] or counts["vanished"]:
-            outside = [
-                r["key"] for r in await conn.fetch(target.outside_rows_sql(), *batch.key_arrays)
-            ]
+            outside = await _outside_keys(conn, target, batch)
             raise ScopeViolation(
                 f"batch {batch.batch_no} (keys {batch.key_range}): the apply statement reported "
                 f"{reported} row(s) but touched only {counts['touched']} of the batch's "
