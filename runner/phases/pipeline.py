@@ -291,35 +291,33 @@ async def _decision_lines(
 def _next_line(loaded: LoadedPlan, run_id: str, steps: list[Step], cmd: str) -> str:
     """What to run next, from the first step that is not done or whose gate is not open."""
     nxt = next((s for s in steps if not s.finished or (s.gate and not s.gate.is_open)), None)
-    lines: list[str] = []
     if nxt is None:
-        lines.append("next: nothing — the rollout is complete")
+        line = "next: nothing — the rollout is complete"
     elif nxt.gate is not None and nxt.gate.status == "rolled-back":
-        lines.append(
-            f"next: nothing — {nxt.gate.reason}; start a new run: {cmd} pipeline {loaded.path}"
-        )
+        line = f"next: nothing — {nxt.gate.reason}; start a new run: {cmd} pipeline {loaded.path}"
     elif nxt.finished and nxt.gate is not None and nxt.gate.status in STOPPED:
-        lines.append(
-            f"next: no-go at {nxt.gate.gate}; to undo: {cmd} rollback {run_id} --env {nxt.env} --dry-run"
+        line = (
+            f"next: no-go at {nxt.gate.gate}; to undo: "
+            f"{cmd} rollback {run_id} --env {nxt.env} --dry-run"
         )
     elif nxt.finished and nxt.gate is not None and nxt.gate.variables_changed:
-        lines.append(
+        line = (
             f"next: run with the values {nxt.gate.gate} approved (the report shows them), or start "
             f"a new run: {cmd} pipeline {loaded.path}"
         )
     elif nxt.finished and nxt.gate is not None:
-        lines.append(
+        line = (
             f"next: review {_report_of(run_id, nxt)}, then "
             f"{cmd} approve {run_id} --gate {nxt.gate.gate} --as <approver>"
         )
     elif nxt.interrupted:
-        lines.append(
+        line = (
             f"next: continue the interrupted {nxt.phase}: {cmd} pipeline {loaded.path} --run {run_id}"
             " (it resumes where it stopped; nothing committed is applied twice)"
         )
     else:
-        lines.append(f"next: {cmd} pipeline {loaded.path} --run {run_id}")
-    return lines[0]
+        line = f"next: {cmd} pipeline {loaded.path} --run {run_id}"
+    return line
 
 
 async def rerender(run_id: str, plan_path: Path | None) -> list[Path]:
