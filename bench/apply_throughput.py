@@ -16,7 +16,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -24,25 +23,14 @@ from typing import Any
 import anyio
 import asyncpg
 import psutil  # type: ignore[import-untyped]
-
-from runner.db import EmbeddedServer, dsn_with_database
+from bench_support import bench_database, sql
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 10_000
 
 
-async def _exec(dsn: str, *statements: str) -> None:
-    conn = await asyncpg.connect(dsn)
-    try:
-        for s in statements:
-            await conn.execute(s)
-    finally:
-        await conn.close()
-
-
 def make_source(dsn: str, rows: int) -> None:
-    anyio.run(
-        _exec,
+    sql(
         dsn,
         "DROP TABLE IF EXISTS source",
         f"""CREATE UNLOGGED TABLE source AS
@@ -53,8 +41,7 @@ def make_source(dsn: str, rows: int) -> None:
 
 
 def fresh_copy(dsn: str, name: str) -> None:
-    anyio.run(
-        _exec,
+    sql(
         dsn,
         f"DROP TABLE IF EXISTS {name}",
         f"CREATE TABLE {name} AS SELECT * FROM source",
@@ -186,87 +173,64 @@ def main() -> None:
         "--rss-rows", default="1000000,3000000", help="table sizes for the RSS comparison"
     )
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory(prefix="backfill-bench-") as tmp:
-        work = Path(tmp)
-        server = None
-        if os.environ.get("BACKFILL_BENCH_DSN"):
-            admin = os.environ["BACKFILL_BENCH_DSN"]
-        else:
-            server = EmbeddedServer(work / "pg")
-            server.start()
-            admin = server.uri("postgres")
-        try:
-            anyio.run(
-                _exec,
-                admin,
-                "DROP DATABASE IF EXISTS backfill_bench",
-                "CREATE DATABASE backfill_bench",
-            )
-            dsn = dsn_with_database(admin, "backfill_bench")
+    with bench_database() as (work, dsn, where):
+        print(f"rows: {args.rows:,} of ~250 bytes; batches of {BATCH:,}; server: {where}")
+        make_source(dsn, args.rows)
+        timings: dict[str, float] = {}
+        fresh_copy(dsn, "t_oneshot")
+        timings["one-shot UPDATE"] = anyio.run(one_shot, dsn)
+        fresh_copy(dsn, "t_hand")
+        timings["hand-written keyset loop + images, 1 conn"] = anyio.run(hand_loop, dsn)
+        runs = {}
+        for workers in (1, 2):
+            name = f"t_runner{workers}"
+            fresh_copy(dsn, name)
+            runs[workers] = runner_apply(dsn, name, workers, work)
+            assert runs[workers]["changed"] == args.rows
+            timings[f"backfill apply, {workers} worker(s), batch loop"] = runs[workers]["loop"]
+            timings[f"  of which the count before the first batch ({workers})"] = runs[workers][
+                "counting"
+            ]
+            timings[f"backfill apply, {workers} worker(s), whole command"] = runs[workers]["wall"]
+        base = timings["one-shot UPDATE"]
+        hand = timings["hand-written keyset loop + images, 1 conn"]
+        print(
+            f"\n{'method':<58} {'seconds':>8} {'rows/s':>10} {'vs one-shot':>12} {'vs hand loop':>13}"
+        )
+        for name, secs in timings.items():
+            if name.startswith("  "):  # a part of the row above: seconds only
+                print(f"{name:<58} {secs:8.2f}")
+                continue
             print(
-                f"rows: {args.rows:,} of ~250 bytes; batches of {BATCH:,}; server: {'embedded' if server else 'BACKFILL_BENCH_DSN'}"
+                f"{name:<58} {secs:8.2f} {args.rows / secs:10,.0f} {base / secs:11.2f}x {hand / secs:12.2f}x"
             )
-            make_source(dsn, args.rows)
-            timings: dict[str, float] = {}
-            fresh_copy(dsn, "t_oneshot")
-            timings["one-shot UPDATE"] = anyio.run(one_shot, dsn)
-            fresh_copy(dsn, "t_hand")
-            timings["hand-written keyset loop + images, 1 conn"] = anyio.run(hand_loop, dsn)
-            runs = {}
-            for workers in (1, 2):
-                name = f"t_runner{workers}"
-                fresh_copy(dsn, name)
-                runs[workers] = runner_apply(dsn, name, workers, work)
-                assert runs[workers]["changed"] == args.rows
-                timings[f"backfill apply, {workers} worker(s), batch loop"] = runs[workers]["loop"]
-                timings[f"  of which the count before the first batch ({workers})"] = runs[workers][
-                    "counting"
-                ]
-                timings[f"backfill apply, {workers} worker(s), whole command"] = runs[workers][
-                    "wall"
-                ]
-            base = timings["one-shot UPDATE"]
-            hand = timings["hand-written keyset loop + images, 1 conn"]
+        r1, r2 = runs[1]["loop"], runs[2]["loop"]
+        print("\ntargets (batch loop: from the count before the first batch to the last commit")
+        print("and its convergence check; the whole command adds start-up and the artifacts):")
+        print(
+            f"  runner, 1 worker  >= 0.9x hand loop: {hand / r1:.2f}x  {'met' if hand / r1 >= 0.9 else 'NOT met'}"
+            f"  (whole command {hand / runs[1]['wall']:.2f}x)"
+        )
+        print(
+            f"  runner, 2 workers >= 1.0x one-shot:  {base / r2:.2f}x  {'met' if base / r2 >= 1.0 else 'NOT met'}"
+            f"  (whole command {base / runs[2]['wall']:.2f}x)"
+        )
+        print("\npeak RSS of `backfill apply` (1 worker):")
+        rss = {}
+        for n in [int(x) for x in args.rss_rows.split(",") if x]:
+            make_source(dsn, n)
+            fresh_copy(dsn, "t_rss")
+            r = runner_apply(dsn, "t_rss", 1, work)
+            rss[n] = r["rss"]
+            print(f"  {n:>10,} rows: {r['rss'] / 2**20:7.1f} MiB  ({r['wall']:.1f} s)")
+            print(f"  {'':>10}       per-batch ms {_flatness(r['per_batch_ms'])}")
+        if len(rss) > 1:
+            sizes = sorted(rss)
+            growth = rss[sizes[-1]] / rss[sizes[0]]
             print(
-                f"\n{'method':<58} {'seconds':>8} {'rows/s':>10} {'vs one-shot':>12} {'vs hand loop':>13}"
+                f"  RSS {sizes[-1] // sizes[0]}x the rows: {growth:.2f}x the memory; "
+                f"target < 200 MiB and flat: {'met' if max(rss.values()) < 200 * 2**20 and growth < 1.3 else 'NOT met'}"
             )
-            for name, secs in timings.items():
-                if name.startswith("  "):  # a part of the row above: seconds only
-                    print(f"{name:<58} {secs:8.2f}")
-                    continue
-                print(
-                    f"{name:<58} {secs:8.2f} {args.rows / secs:10,.0f} {base / secs:11.2f}x {hand / secs:12.2f}x"
-                )
-            r1, r2 = runs[1]["loop"], runs[2]["loop"]
-            print("\ntargets (batch loop: from the count before the first batch to the last commit")
-            print("and its convergence check; the whole command adds start-up and the artifacts):")
-            print(
-                f"  runner, 1 worker  >= 0.9x hand loop: {hand / r1:.2f}x  {'met' if hand / r1 >= 0.9 else 'NOT met'}"
-                f"  (whole command {hand / runs[1]['wall']:.2f}x)"
-            )
-            print(
-                f"  runner, 2 workers >= 1.0x one-shot:  {base / r2:.2f}x  {'met' if base / r2 >= 1.0 else 'NOT met'}"
-                f"  (whole command {base / runs[2]['wall']:.2f}x)"
-            )
-            print("\npeak RSS of `backfill apply` (1 worker):")
-            rss = {}
-            for n in [int(x) for x in args.rss_rows.split(",") if x]:
-                make_source(dsn, n)
-                fresh_copy(dsn, "t_rss")
-                r = runner_apply(dsn, "t_rss", 1, work)
-                rss[n] = r["rss"]
-                print(f"  {n:>10,} rows: {r['rss'] / 2**20:7.1f} MiB  ({r['wall']:.1f} s)")
-                print(f"  {'':>10}       per-batch ms {_flatness(r['per_batch_ms'])}")
-            if len(rss) > 1:
-                sizes = sorted(rss)
-                growth = rss[sizes[-1]] / rss[sizes[0]]
-                print(
-                    f"  RSS {sizes[-1] // sizes[0]}x the rows: {growth:.2f}x the memory; "
-                    f"target < 200 MiB and flat: {'met' if max(rss.values()) < 200 * 2**20 and growth < 1.3 else 'NOT met'}"
-                )
-        finally:
-            if server is not None:
-                server.stop()
 
 
 if __name__ == "__main__":
