@@ -603,10 +603,10 @@ def _stop_and_start(db: str) -> tuple[list[str], list[str]] | None:
     opts = pgdata / "postmaster.opts"
     if not opts.exists():
         return None
-    tokens = shlex.split(opts.read_text())[1:]
+    postgres, *tokens = shlex.split(opts.read_text())
     i = tokens.index("-D")
     options = " ".join(shlex.quote(t) for t in tokens[:i] + tokens[i + 2 :])
-    pg_ctl = str(Path(shlex.split(opts.read_text())[0]).parent / "pg_ctl")
+    pg_ctl = str(Path(postgres).parent / "pg_ctl")
     log = pgdata / "restart.log"  # the started server must not hold the test's pipes open
     prefix = ["runuser", "-u", pgdata.owner(), "--"] if os.geteuid() == 0 else []
     stop = [*prefix, pg_ctl, "-D", str(pgdata), "-m", "fast", "-w", "stop"]
