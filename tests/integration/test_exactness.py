@@ -7,6 +7,7 @@ the settings being tested.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -614,6 +615,17 @@ def _stop_and_start(db: str) -> tuple[list[str], list[str]] | None:
     return stop, start
 
 
+def _wait_for(db: str, condition: str, seconds: float = 60) -> None:
+    """Until `condition` (a query returning a boolean) holds, the tables it reads existing."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(asyncpg.UndefinedTableError):
+            if val(db, condition):
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"never true: {condition}")
+
+
 def _down_for_a_while(commands: tuple[list[str], list[str]], seconds: float = 1.5) -> None:
     stop, start = commands
     for command in (stop, start):
@@ -639,8 +651,8 @@ def test_the_apply_survives_a_postgresql_restart(workdir: Path, db: str) -> None
         batching__workers=2,
     )
     proc = start_runner(["apply", str(plan), "--env", "staging", "--quiet"], workdir, db)
-    time.sleep(2.0)
-    _down_for_a_while(commands)
+    _wait_for(db, "SELECT count(*) >= 5 FROM backfill.batches WHERE status = 'done'")
+    _down_for_a_while(commands)  # mid-run: batches committed, more to come
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 3, out
     run_id = run_id_of(out)
@@ -669,8 +681,8 @@ def test_the_rollback_survives_a_postgresql_restart(
     applied = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert applied.exit_code == 3, applied.output
     proc = start_runner(["rollback", run_id_of(applied.output), "--env", "staging"], workdir, db)
-    time.sleep(1.5)
-    _down_for_a_while(commands)
+    _wait_for(db, "SELECT count(*) >= 3 FROM backfill.rollback_batches")
+    _down_for_a_while(commands)  # mid-rollback
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out
     assert "checksum verified" in out
