@@ -23,7 +23,8 @@ from typer.testing import CliRunner
 
 from runner.db import EmbeddedServer, dsn_with_database, quote_ident
 
-TEMPLATE = "backfill_test_template"
+TEMPLATE = "backfill_test_template"  # carries the ledger schema, as a database after one run
+BARE_TEMPLATE = "backfill_test_bare"  # nothing: for tests that assert nothing was created
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -84,29 +85,42 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def template(server: str) -> str:
+    """Both templates, made once per session; returns the one with the ledger schema (creating
+    it is most of a small test's setup otherwise)."""
+    from runner.ledger import ensure_ledger
+
     async def go() -> None:
         conn = await asyncpg.connect(server)
         try:
-            await conn.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
-            await conn.execute(f"CREATE DATABASE {TEMPLATE}")
+            for name in (TEMPLATE, BARE_TEMPLATE):
+                await conn.execute(f"DROP DATABASE IF EXISTS {name}")
+                await conn.execute(f"CREATE DATABASE {name}")
         finally:
             await conn.close()
+        ledger_db = await asyncpg.connect(dsn_with_database(server, TEMPLATE))
+        try:
+            await ensure_ledger(ledger_db)
+        finally:
+            await ledger_db.close()
 
     run(go)
     return TEMPLATE
 
 
 @pytest.fixture
-def make_db(server: str, template: str) -> Iterator[Callable[[], str]]:
+def make_db(server: str, template: str) -> Iterator[Callable[..., str]]:
+    """`make()` a database with the ledger schema already in place; `make(bare=True)` one with
+    nothing in it."""
     made: list[str] = []
 
-    def make() -> str:
+    def make(*, bare: bool = False) -> str:
         name = f"t_{uuid.uuid4().hex[:12]}"
+        source = BARE_TEMPLATE if bare else template
 
         async def go() -> None:
             conn = await asyncpg.connect(server)
             try:
-                await conn.execute(f"CREATE DATABASE {quote_ident(name)} TEMPLATE {template}")
+                await conn.execute(f"CREATE DATABASE {quote_ident(name)} TEMPLATE {source}")
             finally:
                 await conn.close()
 
@@ -128,8 +142,14 @@ def make_db(server: str, template: str) -> Iterator[Callable[[], str]]:
 
 
 @pytest.fixture
-def db(make_db: Callable[[], str]) -> str:
+def db(make_db: Callable[..., str]) -> str:
     return make_db()
+
+
+@pytest.fixture
+def bare_db(make_db: Callable[..., str]) -> str:
+    """A database without even the ledger schema: for tests that pin that nothing was written."""
+    return make_db(bare=True)
 
 
 @pytest.fixture

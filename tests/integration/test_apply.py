@@ -160,7 +160,10 @@ def test_apply_changing_an_undeclared_column_is_rolled_back_and_named(
     assert val(db, "SELECT md5(string_agg(i::text, ',' ORDER BY id)) FROM items i") == before
 
 
-def test_apply_of_another_table_is_caught(cli: Callable[..., Any], workdir: Path, db: str) -> None:
+def test_apply_of_another_table_is_caught(
+    cli: Callable[..., Any], workdir: Path, bare_db: str
+) -> None:
+    db = bare_db  # nothing may be created, not even the ledger schema
     make_items(db, 50)
     sql(
         db,
@@ -394,8 +397,9 @@ def test_plan_changed_mid_run_is_refused(cli: Callable[..., Any], workdir: Path,
 
 
 def test_dry_run_counts_estimates_explains_and_writes_nothing(
-    cli: Callable[..., Any], workdir: Path, db: str
+    cli: Callable[..., Any], workdir: Path, bare_db: str
 ) -> None:
+    db = bare_db  # nothing may be created, not even the ledger schema
     make_items(db, 1000)
     plan = write_plan(workdir / "p.json", batching__batches_per_minute=60)
     result = cli("apply", str(plan), "-e", "staging", "--dry-run", env=env_for(db))

@@ -13,6 +13,12 @@ from tests.conftest import make_items, val, write_plan
 from tests.integration.test_validate_env import FINGERPRINT
 
 
+@pytest.fixture
+def db(bare_db: str) -> str:
+    """Every test here pins that nothing was written, not even the ledger schema."""
+    return bare_db
+
+
 def _nothing_written(db: str, before: str) -> None:
     assert val(db, FINGERPRINT) == before
     assert val(db, "SELECT to_regnamespace('backfill')") is None  # not even the ledger

@@ -19,8 +19,9 @@ SELECT md5(string_agg(x, '|' ORDER BY x)) FROM (
 
 
 def test_validate_env_reports_misspelled_column_and_syntax_error_and_changes_nothing(
-    cli: Callable[..., Any], workdir: Path, db: str
+    cli: Callable[..., Any], workdir: Path, bare_db: str
 ) -> None:
+    db = bare_db  # nothing may be created, not even the ledger schema
     make_items(db, 50)
     before = val(db, FINGERPRINT)
     path = write_plan(
