@@ -500,7 +500,7 @@ def _decide(
     override: bool,
     plan: Path | None,
 ) -> None:
-    from runner.phases.decide import decide
+    from runner.commands.decide import decide
 
     async def go() -> int:
         state = await decide(
@@ -574,7 +574,7 @@ def status(
     plan: PlanOpt = None,
 ) -> None:
     """Show a run's phases, gates and decisions, and the next command; without RUN, list runs."""
-    from runner.phases.pipeline import describe_run, list_run_rows
+    from runner.commands.status import describe_run, list_run_rows
 
     async def go() -> int:
         if run is None:
@@ -695,7 +695,7 @@ def pipeline(
 ) -> None:
     """Run the next phase whose gate is open; stop at the first gate that waits."""
     from runner.phases.common import operator_name
-    from runner.phases.pipeline import run_pipeline
+    from runner.commands.pipeline import run_pipeline
 
     async def go() -> int:
         loaded = _load(plan)
@@ -749,7 +749,7 @@ def rollback(
     ] = None,
 ) -> None:
     """Undo a run in one environment: emit SQL for psql, or restore batched and verified."""
-    from runner.phases.undo import undo
+    from runner.commands.rollback import undo
 
     async def go() -> int:
         result = await undo(
@@ -775,7 +775,7 @@ def report(
     plan: PlanOpt = None,
 ) -> None:
     """Re-render every Markdown report and the rollback SQL of a run from the ledger."""
-    from runner.phases.pipeline import rerender
+    from runner.commands.report import rerender
 
     async def go() -> int:
         for path in await rerender(run, plan):

@@ -13,7 +13,7 @@ import hmac
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -21,6 +21,8 @@ from runner import redact
 from runner.db import qualified
 from runner.errors import InvalidInput
 from runner.results import PhaseResult
+
+D = TypeVar("D", bound=PhaseResult)
 
 LEDGER_SCHEMA = "backfill"
 _LOCK_KEY = 0x6261636B66696C6C  # "backfill": serialises concurrent first-time installs
@@ -316,8 +318,12 @@ class PhaseRow:
 
     @property
     def doc(self) -> PhaseResult:
-        """The result as the rest of the rollout reads it (runner.results)."""
+        """The fields every phase records, as the rest of the rollout reads them."""
         return PhaseResult.model_validate(self.result)
+
+    def doc_as(self, kind: type[D]) -> D:
+        """The result as the document its phase wrote (`runner.results`)."""
+        return kind.model_validate(self.result)
 
     def sealed_content(self) -> dict[str, Any]:
         """What the seal covers: everything a gate decides on."""
@@ -358,11 +364,13 @@ async def save_phase(
     phase: str,
     *,
     status: str,
-    result: dict[str, Any],
+    result: PhaseResult | None,
     criteria: str | None = None,
     report_digest: str | None = None,
     finished: bool = False,
 ) -> None:
+    """Record a phase's state and its result document (None: started, nothing to show yet)."""
+    doc = {} if result is None else result.model_dump(mode="json", exclude_defaults=False)
     await conn.execute(
         """
         INSERT INTO backfill.phases (run_id, phase, status, criteria, result, report_digest, finished_at)
@@ -376,7 +384,7 @@ async def save_phase(
         phase,
         status,
         criteria,
-        json.dumps(_redacted_result(result), default=str),
+        json.dumps(_redacted_result(doc)),
         report_digest,
         finished,
     )

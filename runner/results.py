@@ -1,8 +1,12 @@
 """What a finished phase recorded, as the rest of the rollout reads it.
 
-Each phase stores its result document in `backfill.phases.result`; gates, approvals, the
-pipeline and later phases read the fields below through `PhaseResult`, never by string key.
-Fields a phase's own report alone reads stay in the document (`extra="allow"`).
+Each phase writes one of the documents below to `backfill.phases.result` (`ledger.save_phase`
+takes the model) and everything downstream reads it back typed (`ledger.PhaseRow.doc_as`):
+gates, approvals, the pipeline, later phases and the reports, never a dict by string key.
+
+Documents are tolerant readers (`extra="allow"`): a ledger written by an older backfill still
+loads. Writers are checked by mypy's pydantic plugin (`init_forbid_extra`): a misspelled field
+does not type-check.
 """
 
 from __future__ import annotations
@@ -22,8 +26,20 @@ class PlanBinding(_Doc):
     name: str = ""
     digest: str = ""
     path: str = ""
+    description: str = ""
+    owner: str = ""
     variables: dict[str, Any] = Field(default_factory=dict)
+    secret_variables: list[str] = Field(default_factory=list)
     secret_fingerprints: dict[str, Any] = Field(default_factory=dict)
+
+
+class Override(_Doc):
+    """An approval that overrode failing criteria: every later report shows it."""
+
+    gate: str
+    actor: str
+    note: str
+    at: str
 
 
 class ApplyTotals(_Doc):
@@ -38,16 +54,87 @@ class ApplyTotals(_Doc):
 
 
 class PhaseResult(_Doc):
-    """The fields other modules read; every phase records the first five."""
+    """The fields every phase records, and those other modules read whatever the phase."""
 
     plan: PlanBinding = Field(default_factory=PlanBinding)
     env: str = ""
     dsn: str = ""
     operator: str = ""
     report_file: str = ""
+    cmd: str = ""
     # apply stages (apply, canary, rest)
     rollback_file: str | None = None
     totals: ApplyTotals = Field(default_factory=ApplyTotals)
     # health: the mini plan it wrote, and the overrides of the gates before it
     mini_plan_digest: str | None = None
-    overrides: list[dict[str, Any]] = Field(default_factory=list)
+    overrides: list[Override] = Field(default_factory=list)
+
+
+class TargetDoc(_Doc):
+    table: str
+    key: list[str]
+    columns: list[str]
+
+
+class BatchMode(_Doc):
+    mode: str | None = None  # one-statement | capture
+    reason: str | None = None
+
+
+class ApplyTiming(_Doc):
+    started_at: str
+    elapsed_seconds: float
+    counting_seconds: float
+    rows_per_second: float | None = None
+    batches_per_minute: float | None = None
+
+
+class ApplyDoc(PhaseResult):
+    """An apply stage (staging apply, prod canary, prod rest)."""
+
+    target: TargetDoc
+    settings: dict[str, Any]
+    batch_mode: BatchMode
+    canary_batches: int | None = None
+    timing: ApplyTiming
+    warnings: list[str] = Field(default_factory=list)
+    next_command: str = ""
+
+
+class SoakDoc(PhaseResult):
+    """The soak: written while it samples (so a re-run continues its window) and when it ends."""
+
+    window_start: str
+    baselines: dict[str, float | None] = Field(default_factory=dict)
+    duration_seconds: float
+    interval_seconds: float
+    target: str = ""
+    observed_seconds: float = 0.0
+    verdict: str = "inconclusive"  # pass | fail | inconclusive
+    reason: str = ""
+    samples: int = 0
+    counts: dict[str, dict[str, int]] = Field(default_factory=dict)
+
+
+class HealthTable(_Doc):
+    name: str
+    bytes: int | None = None
+    rows_estimate: int | None = None
+
+
+class HealthDoc(PhaseResult):
+    """Prod health: the verdict, the facts behind it, and the mini plan it wrote."""
+
+    staging_env: str
+    verdict: str  # go | go-with-conditions | no-go
+    blockers: list[str]
+    conditions: list[str]
+    rows_needing: int
+    key_range: list[list[str] | None]
+    table: HealthTable
+    capacity: dict[str, float | None]
+    drift: list[dict[str, Any]]
+    staging: dict[str, Any]
+    recommendation: dict[str, Any]
+    mini_plan_file: str
+    mini_plan: dict[str, Any]

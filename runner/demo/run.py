@@ -11,7 +11,7 @@ from runner.db import Databases, home_dir
 from runner.demo.data import seed
 from runner.errors import EXIT_DONE, EXIT_GATE_WAITING, InvalidInput
 from runner.phases.common import ProgressCallback, command_prefix, operator_name
-from runner.phases.pipeline import run_pipeline
+from runner.commands.pipeline import run_pipeline
 from runner.plan import load_plan
 
 DEMO_APPROVER = "demo-approver"

@@ -24,6 +24,10 @@ class Throttle:
         self._batch_size = batch_size
 
     @property
+    def batch_size(self) -> int:
+        return self._batch_size
+
+    @property
     def limited(self) -> bool:
         return self._batches is not None or self._rows is not None
 

@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from runner import events, ledger, rollout
+from runner import ledger, rollout
 from runner.artifacts import RunDir, check_run_id, new_run_id, write_json
 from runner.db import Databases, close_quietly
 from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
@@ -23,19 +23,22 @@ from runner.engine.session import MainSession
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput, NoGo
-from runner.phases.apply_summary import render_summary, summary_name
 from runner.phases.common import (
+    PhaseFrame,
     ProgressCallback,
-    bound_values,
+    ReportWriter,
     command_prefix,
     ensure_run,
     gate_state,
+    phase_frame,
+    plan_binding,
     require_open,
     rollback_note,
-    run_lock,
 )
 from runner.phases.validate import refuse_unfit, validate_env
 from runner.plan import LoadedPlan
+from runner.reports.apply import render_summary, summary_name
+from runner.results import ApplyDoc, ApplyTiming, ApplyTotals, BatchMode, TargetDoc
 from runner.rollback import emit_rollback_file
 from runner.rollout import gate_name
 
@@ -220,55 +223,63 @@ async def apply(
     conn = await dbs.connect(env)
     session: MainSession | None = None
     try:
-        target = await resolve_target(conn, plan.target)
-        await require_write_tracking(conn)
-        await ledger.ensure_ledger(conn)
-        run_id = run_id or new_run_id(plan.name)
-        run = await ensure_run(conn, loaded, env, run_id, target, operator, create=not plan.is_mini)
-        if run.plan_digest != loaded.digest and not plan.is_mini:
-            raise InvalidInput(
-                f"run {run_id} was started with plan digest {run.plan_digest[:12]}, but "
-                f"{loaded.path} now has digest {loaded.digest[:12]}: the plan changed mid-run",
-                hint="restore the plan as it was to continue this run, or start a new run",
-            )
-        run_dir = RunDir.of(run_id)
-        run_dir.record(
-            run_id=run_id,
-            plan=plan.name,
-            envs={env: dbs.display_dsn(env)},
-            **{"mini_plan_path" if plan.is_mini else "plan_path": str(loaded.path.resolve())},
-        )
-        events.attach(run_dir.env(env) / "events.jsonl")
-        log.info("apply.start", run_id=run_id, env=env, stage=stage, plan_digest=loaded.digest)
-
+        target, run = await _open_run(conn, dbs, loaded, env, run_id, operator)
         session = MainSession(
-            conn, lambda: dbs.connect(env), run_id, retries=plan.batching.max_retries
+            conn, lambda: dbs.connect(env), run.run_id, retries=plan.batching.max_retries
         )
-        async with run_lock(conn, run_id):
-            if (rolled_back := await rollback_note(conn, run_id)) is not None:
+        async with phase_frame(conn, run, env, stage) as frame:
+            log.info(
+                "apply.start", run_id=run.run_id, env=env, stage=stage, plan_digest=loaded.digest
+            )
+            if (rolled_back := await rollback_note(conn, run.run_id)) is not None:
                 raise NoGo(
-                    f"the {stage} of run {run_id} cannot go on: {rolled_back}",
+                    f"the {stage} of run {run.run_id} cannot go on: {rolled_back}",
                     hint=f"start a new run: {cmd} apply {loaded.path} --env {env}",
                 )
             if plan.is_mini:
-                stage = await _prod_stage(conn, loaded, run_id, env, cmd)
-                if stage == "finished":
-                    return await _finished_result(conn, dbs, run_id, env, "rest", cmd, loaded)
-            elif (row := await ledger.get_phase(conn, run_id, "apply")) and row.finished_at:
-                return await _finished_result(conn, dbs, run_id, env, "apply", cmd, loaded)
-            await ledger.save_phase(conn, run_id, stage, status="running", result={})
-            await ledger.set_run_status(conn, run_id, f"{stage}:running")
-            result = await _run_batches(
-                session, dbs, loaded, target, run_id, env, stage, progress, cmd
-            )
-            return await session.run(
-                lambda c: _finish(c, dbs, loaded, target, run_id, env, stage, result, cmd)
-            )
+                frame.phase = await _prod_stage(conn, loaded, run.run_id, env, cmd)
+                if frame.phase == "finished":
+                    return await _finished_result(conn, dbs, run.run_id, env, "rest", cmd, loaded)
+            elif (row := await ledger.get_phase(conn, run.run_id, "apply")) and row.finished_at:
+                return await _finished_result(conn, dbs, run.run_id, env, "apply", cmd, loaded)
+            await frame.started()
+            state = await _batch_machine(session, dbs, loaded, target, frame, progress, cmd)
+            return await session.run(lambda c: _finish(c, frame, dbs, loaded, target, state, cmd))
     finally:
-        events.detach()
         await close_quietly(conn)
         if session is not None:
             await session.close()
+
+
+async def _open_run(
+    conn: asyncpg.Connection,
+    dbs: Databases,
+    loaded: LoadedPlan,
+    env: str,
+    run_id: str | None,
+    operator: str,
+) -> tuple[TargetInfo, ledger.RunRow]:
+    """The target, and the run's row (created for a new run): the ledger is created here, after
+    everything that can refuse the command without writing has passed."""
+    plan = loaded.plan
+    target = await resolve_target(conn, plan.target)
+    await require_write_tracking(conn)
+    await ledger.ensure_ledger(conn)
+    run_id = run_id or new_run_id(plan.name)
+    run = await ensure_run(conn, loaded, env, run_id, target, operator, create=not plan.is_mini)
+    if run.plan_digest != loaded.digest and not plan.is_mini:
+        raise InvalidInput(
+            f"run {run_id} was started with plan digest {run.plan_digest[:12]}, but "
+            f"{loaded.path} now has digest {loaded.digest[:12]}: the plan changed mid-run",
+            hint="restore the plan as it was to continue this run, or start a new run",
+        )
+    RunDir.of(run_id).record(
+        run_id=run_id,
+        plan=plan.name,
+        envs={env: dbs.display_dsn(env)},
+        **{"mini_plan_path" if plan.is_mini else "plan_path": str(loaded.path.resolve())},
+    )
+    return target, run
 
 
 async def _prod_stage(
@@ -300,77 +311,89 @@ async def _prod_stage(
     return "finished" if rest is not None and rest.finished_at else "rest"
 
 
-async def _run_batches(
+async def _batch_machine(
     session: MainSession,
     dbs: Databases,
     loaded: LoadedPlan,
     target: TargetInfo,
-    run_id: str,
-    env: str,
-    stage: str,
+    frame: PhaseFrame,
     progress: ProgressCallback | None,
     cmd: str,
 ) -> RunState:
-    """Set up the batch machine for this stage (resume point, canary stop, recording) and run it.
+    """Set up the engine's batch machine for this stage (resume point, canary stop, recording)
+    and run it.
 
     Discovery reads on its own read-only connection (under the plan's read_role, if any): a
     discovery that calls a writing function fails instead of writing outside any batch."""
+    env = frame.env
     reader = MainSession(
         await dbs.connect(env, read_only=True),
         lambda: dbs.connect(env, read_only=True),
-        run_id,
+        frame.run_id,
         retries=loaded.plan.batching.max_retries,
         holds_run_lock=False,
     )
     try:
-        return await _machine_for(session, reader, dbs, loaded, target, env, stage, progress, cmd)
+        state = RunState()
+        machine = await _machine(session, reader, dbs, loaded, target, frame, state, progress, cmd)
+        return await machine.run(*await _start(session, reader, machine, state, frame, progress))
     finally:
         await reader.close()
 
 
-async def _machine_for(
+async def _start(
     session: MainSession,
     reader: MainSession,
-    dbs: Databases,
-    loaded: LoadedPlan,
-    target: TargetInfo,
-    env: str,
-    stage: str,
+    machine: BatchRun,
+    state: RunState,
+    frame: PhaseFrame,
     progress: ProgressCallback | None,
-    cmd: str,
-) -> RunState:
-    run_id = session.run_id
-    plan = loaded.plan
-    b = plan.batching
-    source = KeysetSource(target, plan.discovery.sql, b.size)
-    state = RunState()
+) -> tuple[list[str] | None, int]:
+    """Where the machine starts (from the ledger), and the count of rows needing the backfill."""
+    run_id = frame.run_id
     cursor, next_no, state.interrupted_before = await session.run(
         lambda c: _resume_point(c, run_id)
     )
-    stop_after: int | None = None
-    if stage == "canary":
-        assert plan.canary is not None
-        done_in_canary = await session.run(lambda c: ledger.committed_batches(c, run_id, "canary"))
-        stop_after = max(plan.canary.batches - int(done_in_canary), 0)
     t_count = time.perf_counter()
-    state.rows_needing_at_start = await reader.run(source.count)
+    state.rows_needing_at_start = await reader.run(machine.source.count)
     state.counting_seconds += time.perf_counter() - t_count
     if progress:
         progress(
             "start",
             {
                 "rows": state.rows_needing_at_start,
-                "batch_size": b.size,
+                "batch_size": machine.throttle.batch_size,
                 "run_id": run_id,
-                "env": env,
-                "stage": stage,
+                "env": frame.env,
+                "stage": frame.phase,
             },
         )
+    return cursor, next_no
+
+
+async def _machine(
+    session: MainSession,
+    reader: MainSession,
+    dbs: Databases,
+    loaded: LoadedPlan,
+    target: TargetInfo,
+    frame: PhaseFrame,
+    state: RunState,
+    progress: ProgressCallback | None,
+    cmd: str,
+) -> BatchRun:
+    run_id, env, stage = frame.run_id, frame.env, frame.phase
+    plan = loaded.plan
+    b = plan.batching
+    stop_after: int | None = None
+    if stage == "canary":
+        assert plan.canary is not None
+        done_in_canary = await session.run(lambda c: ledger.committed_batches(c, run_id, "canary"))
+        stop_after = max(plan.canary.batches - int(done_in_canary), 0)
     connect = _Connections(dbs, env, b.lock_timeout, b.statement_timeout)
-    record = _Recorder(session, RunDir.of(run_id).env(env) / "batches", stage, progress)
-    machine = BatchRun(
+    return BatchRun(
         reader,
-        source,
+        KeysetSource(target, plan.discovery.sql, b.size),
         Throttle(b.batches_per_minute, b.rows_per_second, b.size),
         RunSettings(
             run_id=run_id,
@@ -384,10 +407,9 @@ async def _machine_for(
             target, plan.apply.sql, run_id, connect.for_batches, max_retries=b.max_retries
         ),
         checker_connection=connect.for_checks,
-        record=record,
+        record=_Recorder(session, frame.dir / "batches", stage, progress),
         state=state,
     )
-    return await machine.run(cursor, next_no)
 
 
 @dataclass(frozen=True)
@@ -462,57 +484,46 @@ class _Recorder:
 
 async def _finish(
     conn: asyncpg.Connection,
+    frame: PhaseFrame,
     dbs: Databases,
     loaded: LoadedPlan,
     target: TargetInfo,
-    run_id: str,
-    env: str,
-    stage: str,
     state: RunState,
     cmd: str,
 ) -> ApplyResult:
     """Record the stage finished with its results, write its artifacts, say what comes next."""
+    run_id, env, stage = frame.run_id, frame.env, frame.phase
     warnings = _warnings(state, stage)
     criteria = "pass" if not warnings or stage == "canary" else "inconclusive"
-    rollback_path = RunDir.of(run_id).env(env) / f"rollback_{datetime.now(UTC):%Y-%m-%d}.sql"
-    run = await ledger.get_run(conn, run_id)
-    assert run is not None
+    rollback_path = frame.dir / f"rollback_{datetime.now(UTC):%Y-%m-%d}.sql"
     gate = gate_name(stage, env) if rollout.phase(stage).gated else None
     next_command = (
         f"{cmd} approve {run_id} --gate {gate} --as <approver>"
         if gate
         else f"{cmd} status {run_id}"
     )
-    result = {
-        **_result_doc(loaded, target, state, run.operator, warnings),
-        "plan": {
-            "name": loaded.plan.name,
-            "digest": loaded.digest,
-            "path": str(loaded.path),
-            "description": loaded.plan.plan.description,
-            "owner": loaded.plan.plan.owner,
-            **await bound_values(conn, loaded),
-        },
-        "env": env,
-        "dsn": dbs.display_dsn(env),
-        "rollback_file": rollback_path.name,
-        "report_file": summary_name(stage),
-        "next_command": next_command,
-        "cmd": cmd,
-    }
-    await ledger.save_phase(
-        conn, run_id, stage, status="finished", result=result, criteria=criteria, finished=True
+    doc = _result_doc(loaded, target, state, warnings).model_copy(
+        update={
+            "plan": await plan_binding(conn, loaded),
+            "operator": frame.run.operator,
+            "env": env,
+            "dsn": dbs.display_dsn(env),
+            "rollback_file": rollback_path.name,
+            "report_file": summary_name(stage),
+            "next_command": next_command,
+            "cmd": cmd,
+        }
     )
-    await ledger.set_run_status(conn, run_id, f"{stage}:finished")
-    summary_path = await _write_artifacts(conn, dbs, run, env, stage, result)
-    totals = result["totals"]
+    summary_path = await frame.finish(
+        doc, criteria=criteria, report=_artifacts(dbs, stage), conn=conn
+    )
     log.info(
         "apply.finished",
         run_id=run_id,
         stage=stage,
-        changed=totals["changed"],
-        noop=totals["noop"],
-        seconds=result["timing"]["elapsed_seconds"],
+        changed=doc.totals.changed,
+        noop=doc.totals.noop,
+        seconds=doc.timing.elapsed_seconds,
         criteria=criteria,
     )
     return ApplyResult(
@@ -524,7 +535,7 @@ async def _finish(
         next_command,
         summary_path,
         rollback_path,
-        totals,
+        doc.totals.model_dump(),
     )
 
 
@@ -544,43 +555,42 @@ def _warnings(state: RunState, stage: str) -> list[str]:
 
 
 def _result_doc(
-    loaded: LoadedPlan, target: TargetInfo, state: RunState, operator: str, warnings: list[str]
-) -> dict[str, Any]:
+    loaded: LoadedPlan, target: TargetInfo, state: RunState, warnings: list[str]
+) -> ApplyDoc:
     """What the stage did, as recorded in the ledger and rendered in its summary."""
     plan = loaded.plan
     elapsed = time.perf_counter() - state.started
     done = [o for o in state.outcomes if o.status == "done"]
     changed = sum(o.changed for o in done)
     noop = sum(o.noop for o in done)
-    return {
-        "operator": operator,
-        "target": {
-            "table": target.display,
-            "key": [k.name for k in target.key],
-            "columns": [c.name for c in target.columns],
-        },
-        "settings": plan.batching.model_dump(),
-        "batch_mode": {"mode": state.batch_mode, "reason": state.batch_mode_reason},
-        "canary_batches": plan.canary.batches if plan.canary else None,
-        "totals": {
-            "rows_needing_at_start": state.rows_needing_at_start,
-            "batches": len(done),
-            "batches_this_command": len(state.outcomes),
-            "changed": changed,
-            "noop": noop,
-            "retried_batches": sum(1 for o in done if o.attempts > 1),
-            "remaining": state.remaining_after,
-            "passes": state.passes,
-        },
-        "timing": {
-            "started_at": state.started_at.isoformat(),
-            "elapsed_seconds": round(elapsed, 3),
-            "counting_seconds": round(state.counting_seconds, 3),
-            "rows_per_second": round((changed + noop) / elapsed, 1) if elapsed > 0 else None,
-            "batches_per_minute": round(len(done) / elapsed * 60, 2) if elapsed > 0 else None,
-        },
-        "warnings": warnings,
-    }
+    return ApplyDoc(
+        target=TargetDoc(
+            table=target.display,
+            key=[k.name for k in target.key],
+            columns=[c.name for c in target.columns],
+        ),
+        settings=plan.batching.model_dump(),
+        batch_mode=BatchMode(mode=state.batch_mode, reason=state.batch_mode_reason),
+        canary_batches=plan.canary.batches if plan.canary else None,
+        totals=ApplyTotals(
+            rows_needing_at_start=state.rows_needing_at_start,
+            batches=len(done),
+            batches_this_command=len(state.outcomes),
+            changed=changed,
+            noop=noop,
+            retried_batches=sum(1 for o in done if o.attempts > 1),
+            remaining=state.remaining_after,
+            passes=state.passes,
+        ),
+        timing=ApplyTiming(
+            started_at=state.started_at.isoformat(),
+            elapsed_seconds=round(elapsed, 3),
+            counting_seconds=round(state.counting_seconds, 3),
+            rows_per_second=round((changed + noop) / elapsed, 1) if elapsed > 0 else None,
+            batches_per_minute=round(len(done) / elapsed * 60, 2) if elapsed > 0 else None,
+        ),
+        warnings=warnings,
+    )
 
 
 def _results_path(run_id: str, env: str, stage: str) -> Path:
@@ -588,44 +598,39 @@ def _results_path(run_id: str, env: str, stage: str) -> Path:
     return RunDir.of(run_id).env(env) / name
 
 
-async def _write_artifacts(
-    conn: asyncpg.Connection,
-    dbs: Databases,
-    run: ledger.RunRow,
-    env: str,
-    stage: str,
-    result: dict[str, Any],
-) -> Path:
-    """The execution results, the rollback file and the summary of a finished stage, from its
-    ledger rows; records the summary's digest for the gate. Returns the summary's path."""
-    run_id = run.run_id
-    run_dir = RunDir.of(run_id)
-    totals_all = await ledger.run_totals(conn, run_id)
-    errors = await ledger.errors_by_category(conn, run_id, stage)
-    write_json(
-        _results_path(run_id, env, stage),
-        {
-            **result,
-            "run_id": run_id,
-            "stage": stage,
-            "errors_by_category": errors,
-            "run_totals": totals_all,
-        },
-    )
-    side = await dbs.connect(env)
-    try:
-        await emit_rollback_file(
-            conn,
-            run,
-            run_dir.env(env) / result["rollback_file"],
-            display_dsn=dbs.display_dsn(env),
-            checksum_conn=side,
+def _artifacts(dbs: Databases, stage: str) -> ReportWriter:
+    """The files of a finished stage, from its ledger rows: the execution results, the rollback
+    file and the summary. The summary is the report whose digest the gate binds."""
+
+    async def write(conn: asyncpg.Connection, run: ledger.RunRow, env: str) -> tuple[Path, str]:
+        run_id = run.run_id
+        row = await ledger.get_phase(conn, run_id, stage)
+        assert row is not None
+        doc = row.doc_as(ApplyDoc)
+        write_json(
+            _results_path(run_id, env, stage),
+            {
+                **row.result,
+                "run_id": run_id,
+                "stage": stage,
+                "errors_by_category": await ledger.errors_by_category(conn, run_id, stage),
+                "run_totals": await ledger.run_totals(conn, run_id),
+            },
         )
-    finally:
-        await close_quietly(side)
-    summary_path, digest = await render_summary(conn, run, env, stage, dbs.display_dsn(env))
-    await ledger.set_report_digest(conn, run_id, stage, digest)
-    return summary_path
+        side = await dbs.connect(env)
+        try:
+            await emit_rollback_file(
+                conn,
+                run,
+                RunDir.of(run_id).env(env) / str(doc.rollback_file),
+                display_dsn=dbs.display_dsn(env),
+                checksum_conn=side,
+            )
+        finally:
+            await close_quietly(side)
+        return await render_summary(conn, run, env, stage, dbs.display_dsn(env))
+
+    return write
 
 
 async def _finished_result(
@@ -652,7 +657,8 @@ async def _finished_result(
     ]
     if row.report_digest is None or not all(p.is_file() for p in artifacts):
         log.info("apply.artifacts_restored", run_id=run_id, stage=stage)
-        await _write_artifacts(conn, dbs, run, env, stage, row.result)
+        _, digest = await _artifacts(dbs, stage)(conn, run, env)
+        await ledger.set_report_digest(conn, run_id, stage, digest)
         row = await ledger.get_phase(conn, run_id, stage)
         assert row is not None
     gate = None if stage == "rest" else gate_name(stage, env)

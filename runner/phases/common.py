@@ -5,17 +5,21 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
 import asyncpg
 
-from runner import ledger
+from runner import events, ledger
+from runner.artifacts import RunDir
 from runner.engine.target import TargetInfo
 from runner.errors import GateClosed, InvalidInput, NoGo, WorkFailed
 from runner.gates import GateState, evaluate
 from runner.plan import LoadedPlan
+from runner.results import PhaseResult, PlanBinding
 
 ProgressCallback = Callable[[str, dict[str, Any]], None]
 
@@ -195,15 +199,22 @@ async def gate_state(
     )
 
 
-async def bound_values(conn: asyncpg.Connection, loaded: LoadedPlan) -> dict[str, Any]:
-    """What a phase ran with besides the plan's text, for its result and reports: the plain
-    variables' values, and the secret ones as names and keyed hashes (never their values)."""
+async def plan_binding(conn: asyncpg.Connection, loaded: LoadedPlan) -> PlanBinding:
+    """The plan a phase ran, as its result records it: name, digest, path, and the values it ran
+    with besides the plan's text (plain variables' values; secret ones as names and keyed hashes,
+    never their values). An approval binds these."""
     key = await ledger.digest_key(conn)
-    return {
-        "variables": loaded.plain_values,
-        "secret_variables": sorted(loaded.secret_fingerprints(key)),
-        "secret_fingerprints": loaded.secret_fingerprints(key),
-    }
+    fingerprints = loaded.secret_fingerprints(key)
+    return PlanBinding(
+        name=loaded.plan.name,
+        digest=loaded.digest,
+        path=str(loaded.path),
+        description=loaded.plan.plan.description,
+        owner=loaded.plan.plan.owner,
+        variables=loaded.plain_values,
+        secret_variables=sorted(fingerprints),
+        secret_fingerprints=fingerprints,
+    )
 
 
 def require_open(state: GateState, *, run_id: str, before: str, cmd: str) -> None:
@@ -229,10 +240,68 @@ def require_open(state: GateState, *, run_id: str, before: str, cmd: str) -> Non
     raise GateClosed(message, hint=f"review the report, then: {approve}")
 
 
-def overrides_note(decisions: list[ledger.Decision]) -> list[dict[str, Any]]:
-    """Every override so far; each later report shows them."""
-    return [
-        {"gate": d.gate, "actor": d.actor, "note": d.note, "at": d.decided_at.isoformat()}
-        for d in decisions
-        if d.override and d.decision == "approve"
-    ]
+ReportWriter = Callable[[asyncpg.Connection, ledger.RunRow, str], Awaitable[tuple[Path, str]]]
+
+
+@dataclass
+class PhaseFrame:
+    """One phase's turn on one run in one environment: what every phase does the same way.
+
+    `phase_frame` opens it (events to the run's `events.jsonl`, the run lock); `started` and
+    `finish` record the phase in the ledger, and `finish` renders its report from there and
+    records the report's digest, which seals the phase for its gate (invariant 6)."""
+
+    conn: asyncpg.Connection
+    run: ledger.RunRow
+    env: str
+    phase: str
+
+    @property
+    def run_id(self) -> str:
+        return self.run.run_id
+
+    @property
+    def dir(self) -> Path:
+        return RunDir.of(self.run_id).env(self.env)
+
+    async def started(self) -> None:
+        await ledger.save_phase(self.conn, self.run_id, self.phase, status="running", result=None)
+        await ledger.set_run_status(self.conn, self.run_id, f"{self.phase}:running")
+
+    async def finish(
+        self,
+        doc: PhaseResult,
+        *,
+        criteria: str,
+        report: ReportWriter,
+        conn: asyncpg.Connection | None = None,
+    ) -> Path:
+        """Record the phase finished with `doc`, render its report, record the report's digest.
+        `conn`: the phase's connection now, if it was re-opened since the frame was."""
+        c = conn or self.conn
+        await ledger.save_phase(
+            c,
+            self.run_id,
+            self.phase,
+            status="finished",
+            result=doc,
+            criteria=criteria,
+            finished=True,
+        )
+        await ledger.set_run_status(c, self.run_id, f"{self.phase}:finished")
+        path, digest = await report(c, self.run, self.env)
+        await ledger.set_report_digest(c, self.run_id, self.phase, digest)
+        return path
+
+
+@contextlib.asynccontextmanager
+async def phase_frame(
+    conn: asyncpg.Connection, run: ledger.RunRow, env: str, phase: str
+) -> AsyncIterator[PhaseFrame]:
+    """The phase's events go to the run's log, and only this process works on the run."""
+    events.attach(RunDir.of(run.run_id).env(env) / "events.jsonl")
+    try:
+        async with run_lock(conn, run.run_id):
+            yield PhaseFrame(conn, run, env, phase)
+    finally:
+        events.detach()

@@ -4,7 +4,6 @@ staging; writes an idempotent mini plan for prod and a report; then a gate."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,34 +12,32 @@ from typing import Any
 import asyncpg
 import structlog
 
-from runner import events, ledger, rollout
-from runner.artifacts import RunDir, check_run_id, write_json, write_text
-from runner.db import Databases, close_quietly, fetch_one
+from runner import ledger
+from runner.artifacts import RunDir, check_run_id, write_json
+from runner.db import Databases, fetch_one
 from runner.engine import dbhealth
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput, NoGo
-from runner.gates import text_digest
-from runner.phases.apply_summary import rollbacks
 from runner.phases.common import (
-    bound_values,
+    PhaseFrame,
     command_prefix,
     ensure_run,
     gate_state,
-    overrides_note,
+    phase_frame,
+    plan_binding,
     require_open,
     rollback_note,
-    run_lock,
 )
 from runner.phases.validate import refuse_unfit, validate_env
 from runner.plan import Health as HealthSettings
 from runner.plan import LoadedPlan, Plan, validate_raw
-from runner.reports import render
+from runner.reports import overrides_note
+from runner.reports.health import MINI_PLAN, REPORT, render_health
+from runner.results import HealthDoc, HealthTable
 from runner.rollout import gate_name
 
 log = structlog.get_logger("backfill.health")
-REPORT = rollout.phase("health").report
-MINI_PLAN = "prod_mini_backfill_plan.json"
 
 _SHAPE_SQL = """
 SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null
@@ -211,11 +208,20 @@ def recommendation(plan: Plan, rows_needing: int, ms_per_row: float | None) -> d
     }
 
 
+@dataclass(frozen=True)
+class _Staging:
+    """What prod health needs from staging: the batches' timing, the target's shape and the
+    decisions there (their overrides are carried over)."""
+
+    per_batch: asyncpg.Record
+    shape: dict[str, Any]
+    decisions: list[ledger.Decision]
+
+
 async def _from_staging(
     s_conn: asyncpg.Connection, loaded: LoadedPlan, run_id: str, staging: str, cmd: str
-) -> tuple[asyncpg.Record, dict[str, Any], list[ledger.Decision]]:
-    """What prod health needs from staging, once the soak gate there is open: the batches'
-    timing, the target's shape and the decisions (their overrides are carried over)."""
+) -> _Staging:
+    """Staging's facts, once the soak gate there is open."""
     state = await gate_state(
         s_conn, run_id, "soak", gate_name("soak", staging), loaded.digest, loaded
     )
@@ -225,7 +231,7 @@ async def _from_staging(
     per_batch = await ledger.batch_timing(s_conn, run_id)
     assert per_batch is not None  # an aggregate: always one row
     shape = await table_shape(s_conn, staging_run.quoted_table)
-    return per_batch, shape, await ledger.decisions(s_conn, run_id)
+    return _Staging(per_batch, shape, await ledger.decisions(s_conn, run_id))
 
 
 _CRITERIA = {"go": "pass", "go-with-conditions": "inconclusive", "no-go": "fail"}
@@ -243,21 +249,16 @@ def _staging_timing(per_batch: asyncpg.Record) -> dict[str, Any]:
     }
 
 
-async def _record(
-    conn: asyncpg.Connection, run_id: str, env: str, result: dict[str, Any], criteria: str
-) -> Path:
-    """The finished phase in the ledger, its report rendered from there, the report's digest."""
-    await ledger.save_phase(
-        conn, run_id, "health", status="finished", result=result, criteria=criteria, finished=True
-    )
-    path, digest = await render_health(conn, run_id, env)
-    await ledger.set_report_digest(conn, run_id, "health", digest)
-    return path
+@dataclass(frozen=True)
+class _ProdFacts:
+    target: TargetInfo
+    needing: asyncpg.Record
+    size: asyncpg.Record
+    capacity: dict[str, float | None]
+    shape: dict[str, Any]
 
 
-async def _prod_facts(
-    ro: asyncpg.Connection, plan: Plan
-) -> tuple[TargetInfo, asyncpg.Record, asyncpg.Record, dict[str, float | None], dict[str, Any]]:
+async def _prod_facts(ro: asyncpg.Connection, plan: Plan) -> _ProdFacts:
     """Read-only, in one snapshot: the target, what still needs the backfill, the table's size,
     the database's capacity now and the target's shape (for drift against staging)."""
     async with ro.transaction(readonly=True):
@@ -271,7 +272,7 @@ async def _prod_facts(
         )
         capacity = await dbhealth.sample(ro, target.table)
         shape = await table_shape(ro, target.table)
-    return target, needing, size, capacity, shape
+    return _ProdFacts(target, needing, size, capacity, shape)
 
 
 def _write_mini_plan(
@@ -292,6 +293,8 @@ def _write_mini_plan(
 async def health(
     loaded: LoadedPlan, dbs: Databases, *, env: str, run_id: str, operator: str
 ) -> HealthResult:
+    """Read prod (read-only) against what staging showed; write the mini plan and the report;
+    halt at the gate."""
     plan = loaded.plan
     cmd = command_prefix()
     if env != plan.pipeline.prod:
@@ -299,114 +302,84 @@ async def health(
             f"health checks the prod stage ({plan.pipeline.prod!r}), not {env!r}",
             hint=f"use --env {plan.pipeline.prod}",
         )
-    staging = plan.pipeline.staging
-    gate = gate_name("health", env)
     check_run_id(run_id, plan.name)
-    s_conn = await dbs.connect(staging, read_only=True)
-    conn = await dbs.connect(env)
-    ro = await dbs.connect(env, read_only=True)
-    try:
-        per_batch, staging_shape, staging_decisions = await _from_staging(
-            s_conn, loaded, run_id, staging, cmd
-        )
-
-        refuse_unfit(await validate_env(loaded, dbs, env, with_checks=False), str(loaded.path))
+    async with dbs.connection(plan.pipeline.staging, read_only=True) as s_conn:
+        staging = await _from_staging(s_conn, loaded, run_id, plan.pipeline.staging, cmd)
+    refuse_unfit(await validate_env(loaded, dbs, env, with_checks=False), str(loaded.path))
+    async with dbs.connection(env) as conn:
         if (rolled_back := await rollback_note(conn, run_id)) is not None:
             raise NoGo(
                 f"the prod health check of run {run_id} cannot run: {rolled_back}",
                 hint="start a new run",
             )
         await ledger.ensure_ledger(conn)
-        target, needing, size, capacity, prod_shape = await _prod_facts(ro, plan)
-        await ensure_run(conn, loaded, env, run_id, target, operator, create=True)
-        run_dir = RunDir.of(run_id)
-        events.attach(run_dir.env(env) / "events.jsonl")
-        async with run_lock(conn, run_id):
-            declared = {c.name for c in target.columns} | {k.name for k in target.key}
-            drift = schema_drift(staging_shape, prod_shape, declared)
-            blockers, conditions = findings(drift, capacity, plan.health)
-            rows_needing = int(needing["n"])
-            timing = _staging_timing(per_batch)
-            advice = recommendation(plan, rows_needing, timing["ms_per_row"])
-            tuned, canary = advice["batch_size"], advice["canary_batches"]
-            verdict = "no-go" if blockers else ("go-with-conditions" if conditions else "go")
-            raw_mini = mini_plan(loaded, env, run_id, tuned, canary)
-            mini_path, mini_loaded = _write_mini_plan(run_dir, loaded, env, raw_mini, dbs)
-            result = {
-                "plan": {
-                    "name": plan.name,
-                    "digest": loaded.digest,
-                    **await bound_values(conn, loaded),
-                },
-                "operator": operator,
-                "env": env,
-                "staging_env": staging,
-                "dsn": dbs.display_dsn(env),
-                "cmd": cmd,
-                "report_file": REPORT,
-                "verdict": verdict,
-                "blockers": blockers,
-                "conditions": conditions,
-                "rows_needing": rows_needing,
-                "key_range": [needing["first_key"], needing["last_key"]],
-                "table": {
-                    "name": target.display,
-                    "bytes": size["bytes"],
-                    "rows_estimate": size["rows"],
-                },
-                "capacity": capacity,
-                "drift": drift,
-                "staging": timing,
-                "recommendation": advice,
-                "mini_plan_file": MINI_PLAN,
-                "mini_plan_digest": mini_loaded.digest,
-                "mini_plan": raw_mini,
-                "overrides": overrides_note(staging_decisions),
-            }
-            path = await _record(conn, run_id, env, result, _CRITERIA[verdict])
-            log.info("health.finished", verdict=verdict, rows_needing=rows_needing)
-        nxt = f"{cmd} approve {run_id} --gate {gate} --as <approver>" + (
-            ' --note "why the conditions are acceptable"' if verdict == "go-with-conditions" else ""
-        )
-        return HealthResult(
-            run_id,
-            env,
-            verdict,
-            rows_needing,
-            blockers,
-            conditions,
-            path,
-            mini_path,
-            gate,
-            nxt,
-            drift,
-        )
-    finally:
-        events.detach()
-        for c in (ro, conn, s_conn):
-            await close_quietly(c)
-
-
-async def render_health(conn: asyncpg.Connection, run_id: str, env: str) -> tuple[Path, str]:
-    row = await ledger.get_phase(conn, run_id, "health")
-    run = await ledger.get_run(conn, run_id)
-    assert row is not None
-    assert run is not None
-    r = row.result
-    run_dir = RunDir.of(run_id)
-    write_json(run_dir.env(env) / MINI_PLAN, r["mini_plan"])
-    text = render(
-        "prod_health_check.md.j2",
-        {
-            "run": run,
-            "env": env,
-            "r": r,
-            "gate": gate_name("health", env),
-            "mini_plan_json": json.dumps(r["mini_plan"], indent=2),
-            "rolled_back": await rollbacks(conn, run_id),
-            "started_at": row.started_at,
-            "finished_at": row.finished_at,
-        },
+        async with dbs.connection(env, read_only=True) as ro:
+            facts = await _prod_facts(ro, plan)
+        run = await ensure_run(conn, loaded, env, run_id, facts.target, operator, create=True)
+        async with phase_frame(conn, run, env, "health") as frame:
+            doc = await _judge(frame, loaded, dbs, staging, facts, operator)
+            path = await frame.finish(doc, criteria=_CRITERIA[doc.verdict], report=render_health)
+            log.info("health.finished", verdict=doc.verdict, rows_needing=doc.rows_needing)
+    gate = gate_name("health", env)
+    nxt = f"{cmd} approve {run_id} --gate {gate} --as <approver>" + (
+        ' --note "why the conditions are acceptable"' if doc.verdict == "go-with-conditions" else ""
     )
-    path = write_text(run_dir.env(env) / REPORT, text)
-    return path, text_digest(text)
+    return HealthResult(
+        run_id,
+        env,
+        doc.verdict,
+        doc.rows_needing,
+        doc.blockers,
+        doc.conditions,
+        path,
+        frame.dir / MINI_PLAN,
+        gate,
+        nxt,
+        doc.drift,
+    )
+
+
+async def _judge(
+    frame: PhaseFrame,
+    loaded: LoadedPlan,
+    dbs: Databases,
+    staging: _Staging,
+    facts: _ProdFacts,
+    operator: str,
+) -> HealthDoc:
+    """The verdict from drift and capacity, the tuned mini plan (written), as one document."""
+    plan, env, target = loaded.plan, frame.env, facts.target
+    declared = {c.name for c in target.columns} | {k.name for k in target.key}
+    drift = schema_drift(staging.shape, facts.shape, declared)
+    blockers, conditions = findings(drift, facts.capacity, plan.health)
+    rows_needing = int(facts.needing["n"])
+    timing = _staging_timing(staging.per_batch)
+    advice = recommendation(plan, rows_needing, timing["ms_per_row"])
+    verdict = "no-go" if blockers else ("go-with-conditions" if conditions else "go")
+    raw_mini = mini_plan(loaded, env, frame.run_id, advice["batch_size"], advice["canary_batches"])
+    _, mini_loaded = _write_mini_plan(RunDir.of(frame.run_id), loaded, env, raw_mini, dbs)
+    return HealthDoc(
+        plan=await plan_binding(frame.conn, loaded),
+        operator=operator,
+        env=env,
+        staging_env=plan.pipeline.staging,
+        dsn=dbs.display_dsn(env),
+        cmd=command_prefix(),
+        report_file=REPORT,
+        verdict=verdict,
+        blockers=blockers,
+        conditions=conditions,
+        rows_needing=rows_needing,
+        key_range=[facts.needing["first_key"], facts.needing["last_key"]],
+        table=HealthTable(
+            name=target.display, bytes=facts.size["bytes"], rows_estimate=facts.size["rows"]
+        ),
+        capacity=facts.capacity,
+        drift=drift,
+        staging=timing,
+        recommendation=advice,
+        mini_plan_file=MINI_PLAN,
+        mini_plan_digest=mini_loaded.digest,
+        mini_plan=raw_mini,
+        overrides=overrides_note(staging.decisions),
+    )

@@ -15,7 +15,7 @@ from runner import redact
 from runner.db import Databases
 from runner.engine.target import TargetInfo, resolve_target
 from runner.errors import InvalidInput
-from runner.phases.soak import wrap_check
+from runner.engine.checks import wrap_check
 from runner.plan import LoadedPlan, sql_code
 
 _UPDATED = re.compile(

@@ -132,8 +132,8 @@ def test_decision_policy() -> None:
 
 def test_the_rollout_table_is_the_one_source_of_phases_gates_and_reports() -> None:
     from runner import rollout
-    from runner.phases.decide import GATE_PHASES
-    from runner.phases.pipeline import RUNNERS
+    from runner.commands.decide import GATE_PHASES
+    from runner.commands.pipeline import RUNNERS
     from runner.plan import Pipeline
 
     assert [p.name for p in rollout.ROLLOUT] == ["apply", "soak", "health", "canary", "rest"]

@@ -11,10 +11,10 @@ import structlog
 
 from runner import events, ledger
 from runner.artifacts import RunDir, write_text
+from runner.commands.decide import plan_for
 from runner.db import Databases
 from runner.errors import EXIT_DONE, EXIT_FAILED, BackfillError, InvalidInput
 from runner.phases.common import command_prefix, operator_name, run_lock
-from runner.phases.decide import plan_for
 from runner.plan import LoadedPlan
 from runner.reports import render
 from runner.rollback import RollbackResult, emit_rollback_file, parse_batch_range, run_rollback

@@ -1,4 +1,7 @@
-"""Rendering result contexts through the Jinja2 Markdown templates in `templates/`."""
+"""The Markdown reports: each phase's context builder (`apply`, `soak`, `health`, `rollback`),
+reading the ledger alone so `backfill report` re-renders a file byte for byte, and the Jinja2
+rendering through the templates that ship in the wheel (`runner/templates`, or `templates/` in a
+checkout)."""
 
 from __future__ import annotations
 
@@ -7,12 +10,16 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import jinja2
+
+from runner import ledger
+from runner.results import Override
 
 
 def templates_dir() -> Path:
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "templates", here.parent / "templates"):
+    package = Path(__file__).resolve().parent.parent  # runner/
+    for candidate in (package / "templates", package.parent / "templates"):
         if candidate.is_dir():
             return candidate
     raise FileNotFoundError("the report templates are missing from this installation")
@@ -82,3 +89,17 @@ def _env() -> jinja2.Environment:
 
 def render(template: str, context: dict[str, Any]) -> str:
     return _env().get_template(template).render(**context)
+
+
+def overrides_note(decisions: list[ledger.Decision]) -> list[Override]:
+    """Every override so far; each later report shows them."""
+    return [
+        Override(gate=d.gate, actor=d.actor, note=d.note, at=d.decided_at.isoformat())
+        for d in decisions
+        if d.override and d.decision == "approve"
+    ]
+
+
+async def rollbacks(conn: asyncpg.Connection, run_id: str) -> list[ledger.RunEvent]:
+    """The run's rollbacks in this environment: every later report shows them."""
+    return [e for e in await ledger.run_events(conn, run_id) if e.kind == "rollback"]

@@ -15,17 +15,17 @@ import asyncpg
 from runner import ledger, rollout
 from runner.artifacts import RunDir, write_text
 from runner.gates import text_digest
-from runner.phases.common import overrides_note
-from runner.reports import render
+from runner.reports import overrides_note, render, rollbacks
+from runner.results import ApplyDoc, Override
 from runner.rollout import gate_name
 
 
 async def _overrides_so_far(
     conn: asyncpg.Connection, run_id: str, stage: str, decisions: list[ledger.Decision]
-) -> list[dict[str, Any]]:
+) -> list[Override]:
     """Overrides of every earlier gate: a prod summary also shows those recorded on staging,
     which the health check carried over into the prod ledger."""
-    carried: list[dict[str, Any]] = []
+    carried: list[Override] = []
     if stage in ("canary", "rest"):
         health = await ledger.get_phase(conn, run_id, "health")
         carried = list(health.doc.overrides) if health else []
@@ -76,7 +76,7 @@ async def apply_context(
     """Everything the summary shows, read from the ledger (so `backfill report` re-renders it)."""
     row = await ledger.get_phase(conn, run.run_id, stage)
     assert row is not None
-    result = row.result
+    result = row.doc_as(ApplyDoc)
     batches = await ledger.stage_batches(conn, run.run_id, stage)
     outcomes = [
         {
@@ -119,11 +119,6 @@ async def apply_context(
         "started_at": row.started_at,
         "finished_at": row.finished_at,
     }
-
-
-async def rollbacks(conn: asyncpg.Connection, run_id: str) -> list[ledger.RunEvent]:
-    """The run's rollbacks in this environment: every later report shows them."""
-    return [e for e in await ledger.run_events(conn, run_id) if e.kind == "rollback"]
 
 
 async def render_summary(

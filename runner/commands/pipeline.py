@@ -1,0 +1,149 @@
+"""`backfill pipeline`: which phase is next (`status.read_steps`), run it (`RUNNERS`, keyed by
+the rollout table's `runs`), stop at the first gate that waits."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from runner import rollout
+from runner.artifacts import RunDir, check_run_id
+from runner.commands.decide import decide
+from runner.commands.status import STOPPED, read_steps, report_of
+from runner.db import Databases
+from runner.errors import EXIT_DONE, EXIT_GATE_WAITING, EXIT_NO_GO
+from runner.phases import apply as apply_phase
+from runner.phases import health as health_phase
+from runner.phases import soak as soak_phase
+from runner.phases.common import ProgressCallback, command_prefix
+from runner.plan import LoadedPlan, load_plan
+from runner.reports.health import MINI_PLAN
+
+
+def _mini_plan(run_id: str, env: str) -> Path:
+    return RunDir.of(run_id).root / env / MINI_PLAN
+
+
+async def run_pipeline(
+    loaded: LoadedPlan,
+    *,
+    run_id: str | None,
+    operator: str,
+    progress: ProgressCallback | None,
+    say: Callable[[str], None],
+    auto_approver: str | None = None,
+    soak_duration: float | None = None,
+    soak_interval: float | None = None,
+) -> int:
+    """Run phases until a gate waits (exit 3), a gate says no (exit 4) or the rollout is done (0)."""
+    plan = loaded.plan
+    cmd = command_prefix()
+    if run_id is not None:
+        check_run_id(run_id, plan.name)
+    async with Databases(plan) as dbs:
+        while True:
+            if run_id is None:
+                say(f"phase 1: apply on {plan.pipeline.staging}")
+                result = await apply_phase.apply(
+                    loaded, dbs, env=plan.pipeline.staging, operator=operator, progress=progress
+                )
+                run_id = result.run_id
+                say(f"  run {run_id}: summary {result.summary_path}")
+                continue
+            steps = await read_steps(loaded, dbs, run_id)
+            step = next(
+                (s for s in steps if not s.finished or (s.gate and not s.gate.is_open)), None
+            )
+            if step is None:
+                say(
+                    f"run {run_id}: the rollout is complete; `{cmd} status {run_id}` shows every phase"
+                )
+                return EXIT_DONE
+            if step.finished and step.gate is not None:
+                g = step.gate
+                if g.status in STOPPED:
+                    say(f"gate {g.gate} is {g.status}: {g.reason}")
+                    return EXIT_NO_GO
+                if auto_approver is not None:
+                    await decide(
+                        run_id,
+                        g.gate,
+                        "approve",
+                        actor=auto_approver,
+                        note="approved by the demo (--auto-approve)"
+                        if g.criteria != "pass"
+                        else "",
+                        override=False,
+                        plan_path=None,
+                    )
+                    say(f"  gate {g.gate}: approved by {auto_approver} (demo)")
+                    continue
+                report = report_of(run_id, step)
+                say(f"halted at gate {g.gate}: {g.reason}")
+                say(
+                    f"  review {report}, then: {cmd} approve {run_id} --gate {g.gate} --as <approver>"
+                )
+                return EXIT_GATE_WAITING
+            say(f"phase: {step.phase} on {step.env}")
+            ctx = PhaseRun(
+                loaded, dbs, step.env, run_id, operator, progress, say, soak_duration, soak_interval
+            )
+            await RUNNERS[rollout.phase(step.phase).runs](ctx)
+
+
+@dataclass(frozen=True)
+class PhaseRun:
+    """What the pipeline hands the phase it runs next."""
+
+    loaded: LoadedPlan
+    dbs: Databases
+    env: str
+    run_id: str
+    operator: str
+    progress: ProgressCallback | None
+    say: Callable[[str], None]
+    soak_duration: float | None
+    soak_interval: float | None
+
+
+async def _run_apply(r: PhaseRun) -> None:
+    await apply_phase.apply(
+        r.loaded, r.dbs, env=r.env, run_id=r.run_id, operator=r.operator, progress=r.progress
+    )
+
+
+async def _run_soak(r: PhaseRun) -> None:
+    s = await soak_phase.soak(
+        r.loaded,
+        r.dbs,
+        env=r.env,
+        run_id=r.run_id,
+        duration=r.soak_duration,
+        interval=r.soak_interval,
+        operator=r.operator,
+    )
+    r.say(f"  soak verdict {s.verdict}: {s.report_path}")
+
+
+async def _run_health(r: PhaseRun) -> None:
+    h = await health_phase.health(r.loaded, r.dbs, env=r.env, run_id=r.run_id, operator=r.operator)
+    r.say(f"  health verdict {h.verdict}: {h.report_path}; mini plan {h.mini_plan_path}")
+
+
+async def _run_mini_apply(r: PhaseRun) -> None:
+    # the mini plan's environment is the parent plan's, so the same connections serve
+    mini = load_plan(_mini_plan(r.run_id, r.env))
+    a = await apply_phase.apply(
+        mini, r.dbs, env=r.env, run_id=r.run_id, operator=r.operator, progress=r.progress
+    )
+    r.say(f"  {a.stage}: {a.totals.get('changed', 0):,} row(s) changed; summary {a.summary_path}")
+
+
+# what runs each phase of the rollout (runner.rollout.PhaseSpec.runs)
+RUNNERS: dict[str, Callable[[PhaseRun], Awaitable[None]]] = {
+    "apply": _run_apply,
+    "soak": _run_soak,
+    "health": _run_health,
+    "mini-apply": _run_mini_apply,
+}

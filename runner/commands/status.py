@@ -1,0 +1,188 @@
+"""`backfill status`: where a run stands in every environment, its decisions, what to run next.
+
+`read_steps` is the one reading of the ledgers that `pipeline`, `status` and the next-step hint
+share: the rollout table (`runner.rollout`) in order, each phase's state and its gate.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from runner import ledger, rollout
+from runner.artifacts import RunDir, list_runs
+from runner.commands.decide import plan_for
+from runner.db import EMBEDDED, Databases, close_quietly
+from runner.errors import EXIT_DONE, BackfillError
+from runner.gates import GateState
+from runner.phases.common import command_prefix, gate_state
+from runner.plan import LoadedPlan
+from runner.rollout import gate_name
+
+STOPPED = ("no-go", "rejected", "rolled-back", "tampered")  # gates no approval opens
+
+
+@dataclass(frozen=True)
+class Step:
+    phase: str  # apply | soak | health | canary | rest
+    env: str
+    finished: bool
+    gate: GateState | None
+    state: str = "not run"  # finished | not run | running now | interrupted (what is kept)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.state.startswith("interrupted")
+
+
+async def read_steps(
+    loaded: LoadedPlan, dbs: Databases, run_id: str, *, tolerant: bool = False
+) -> list[Step]:
+    """The rollout's steps in order, from the staging and prod ledgers. With `tolerant` (for
+    `status`), an environment that cannot be reached yet shows as such instead of failing."""
+    mini_digest: str | None = None
+    steps: list[Step] = []
+    stopped: GateState | None = None  # a gate no later gate can pass (rolled back, tampered)
+    for env, specs in rollout.by_environment(loaded.plan.pipeline):
+        try:
+            conn = await dbs.connect(env)
+        except BackfillError as e:
+            if not tolerant:
+                raise
+            why = " ".join(e.message.split())
+            steps += [Step(s.name, env, False, None, f"unknown: {why}") for s in specs]
+            continue
+        async with _closing(conn):
+            for spec in specs:
+                phase = spec.name
+                row = await ledger.get_phase(conn, run_id, phase)
+                finished = row is not None and row.finished_at is not None
+                if phase == "health" and row is not None:
+                    mini_digest = row.doc.mini_plan_digest
+                digest = mini_digest if phase == "canary" and mini_digest else loaded.digest
+                gate = (
+                    None
+                    if not spec.gated
+                    else await gate_state(
+                        conn, run_id, phase, gate_name(phase, env), digest, loaded
+                    )
+                )
+                if gate is not None and stopped is not None:
+                    gate = GateState(gate.gate, stopped.status, stopped.reason, gate.criteria)
+                elif gate is not None and gate.status in ("rolled-back", "tampered"):
+                    stopped = gate
+                state = "finished" if finished else "not run"
+                if row is not None and not finished:
+                    state = await _unfinished_state(conn, run_id, phase)
+                steps.append(Step(phase, env, finished, gate, state))
+    return steps
+
+
+async def _unfinished_state(conn: Any, run_id: str, phase: str) -> str:
+    """A phase that started and did not finish: running in a process now, or interrupted (a
+    Ctrl-C, a kill, a lost connection), and what it kept."""
+    if await ledger.run_is_locked(conn, run_id):
+        return "running now"
+    progress = await ledger.phase_progress(conn, run_id, phase)
+    return f"interrupted ({progress} kept)" if progress else "interrupted (nothing kept yet)"
+
+
+@contextlib.asynccontextmanager
+async def _closing(conn: Any) -> AsyncIterator[Any]:
+    try:
+        yield conn
+    finally:
+        await close_quietly(conn)
+
+
+def report_of(run_id: str, step: Step) -> Path:
+    return RunDir.of(run_id).root / step.env / rollout.phase(step.phase).report
+
+
+def list_run_rows() -> list[dict[str, Any]]:
+    return [RunDir(p).read_manifest() for p in list_runs()]
+
+
+async def describe_run(run_id: str, plan_path: Path | None) -> tuple[str, int]:
+    loaded = plan_for(run_id, "plan_path", plan_path)
+    cmd = command_prefix()
+    lines = [f"run {run_id} — plan {loaded.plan.name} (digest {loaded.digest[:12]})"]
+    if loaded.plain_values or loaded.secret_fingerprints(b""):
+        shown = [f"{k}={v!r}" for k, v in loaded.plain_values.items()]
+        shown += [f"{k}=(secret)" for k in loaded.secret_fingerprints(b"")]
+        lines.append(f"  variables now: {', '.join(shown)}")
+    async with Databases(loaded.plan) as dbs:
+        steps = await read_steps(loaded, dbs, run_id, tolerant=True)
+        for s in steps:
+            gate = (
+                "" if s.gate is None else f"  gate {s.gate.gate}: {s.gate.status} — {s.gate.reason}"
+            )
+            lines.append(f"  {s.phase:<7} on {s.env:<8} {s.state:<9}{gate}")
+        lines += await _decision_lines(loaded, dbs, run_id, steps)
+    lines.append(_next_line(loaded, run_id, steps, cmd))
+    return "\n".join(lines), EXIT_DONE
+
+
+async def _decision_lines(
+    loaded: LoadedPlan, dbs: Databases, run_id: str, steps: list[Step]
+) -> list[str]:
+    """Every decision and rollback of the run, once per ledger (staging and prod may share a
+    database), from the environments that can be reached."""
+    lines: list[str] = []
+    reachable = {s.env for s in steps if not s.state.startswith("unknown")}
+    ledgers: dict[str, str] = {}
+    for env in (loaded.plan.pipeline.staging, loaded.plan.pipeline.prod):
+        raw = dbs.raw_dsn(env)
+        if env in reachable:
+            ledgers.setdefault(f"{raw}#{env}" if raw == EMBEDDED else raw, env)
+    for env in ledgers.values():
+        async with dbs.connection(env) as conn:
+            for d in await ledger.decisions(conn, run_id):
+                extra = " OVERRIDE" if d.override else ""
+                login = f" (database login {d.db_user})" if d.db_user else ""
+                lines.append(
+                    f"  decision: {d.gate} {d.decision}{extra} by {d.actor}{login} at "
+                    f"{d.decided_at:%Y-%m-%d %H:%M:%S}" + (f" — {d.note}" if d.note else "")
+                )
+            for ev in await ledger.run_events(conn, run_id):
+                lines.append(
+                    f"  ROLLED BACK in {ev.env} at {ev.at:%Y-%m-%d %H:%M:%S} by {ev.actor}"
+                    + (f" (batches {ev.detail['batches']})" if ev.detail.get("batches") else "")
+                    + (f" (since {ev.detail['since']})" if ev.detail.get("since") else "")
+                )
+    return lines
+
+
+def _next_line(loaded: LoadedPlan, run_id: str, steps: list[Step], cmd: str) -> str:
+    """What to run next, from the first step that is not done or whose gate is not open."""
+    nxt = next((s for s in steps if not s.finished or (s.gate and not s.gate.is_open)), None)
+    if nxt is None:
+        line = "next: nothing — the rollout is complete"
+    elif nxt.gate is not None and nxt.gate.status == "rolled-back":
+        line = f"next: nothing — {nxt.gate.reason}; start a new run: {cmd} pipeline {loaded.path}"
+    elif nxt.finished and nxt.gate is not None and nxt.gate.status in STOPPED:
+        line = (
+            f"next: no-go at {nxt.gate.gate}; to undo: "
+            f"{cmd} rollback {run_id} --env {nxt.env} --dry-run"
+        )
+    elif nxt.finished and nxt.gate is not None and nxt.gate.variables_changed:
+        line = (
+            f"next: run with the values {nxt.gate.gate} approved (the report shows them), or start "
+            f"a new run: {cmd} pipeline {loaded.path}"
+        )
+    elif nxt.finished and nxt.gate is not None:
+        line = (
+            f"next: review {report_of(run_id, nxt)}, then "
+            f"{cmd} approve {run_id} --gate {nxt.gate.gate} --as <approver>"
+        )
+    elif nxt.interrupted:
+        line = (
+            f"next: continue the interrupted {nxt.phase}: {cmd} pipeline {loaded.path} --run {run_id}"
+            " (it resumes where it stopped; nothing committed is applied twice)"
+        )
+    else:
+        line = f"next: {cmd} pipeline {loaded.path} --run {run_id}"
+    return line
