@@ -237,6 +237,9 @@ def _load(path: Path) -> LoadedPlan:
     return loaded
 
 
+_QUIET_LINE_EVERY_S = 5.0  # without a terminal, a progress line at most this often
+
+
 class _ProgressView:
     """A rich progress bar on a terminal, or one log line every few seconds elsewhere."""
 
@@ -285,7 +288,10 @@ class _ProgressView:
                 self.bar.update(
                     self.task, completed=done, batches=t.get("batches", 0), rate=f"{rate:,.0f}"
                 )
-            elif time.monotonic() - self.last_line > 5 or data["outcome"].status == "failed":
+            elif (
+                time.monotonic() - self.last_line > _QUIET_LINE_EVERY_S
+                or data["outcome"].status == "failed"
+            ):
                 self.last_line = time.monotonic()
                 eta = (self.rows - done) / rate if rate > 0 and self.rows > done else 0
                 err.print(
@@ -314,70 +320,16 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Check a plan file, and with --env its SQL against the database, changing nothing."""
-    from runner.phases.validate import validate_env
+    from runner.commands.validate import validate as check
 
     async def go() -> int:
-        loaded = _load(plan)
-        p = loaded.plan
-        summary = {
-            "plan": p.name,
-            "file": str(plan),
-            "digest": loaded.digest,
-            "environments": {
-                n: ("embedded" if e.dsn == "embedded" else "dsn") for n, e in p.environments.items()
-            },
-            "target": p.target.table,
-            "key": p.target.key,
-            "columns": p.target.columns,
-            "batch_size": p.batching.size,
-            "workers": p.batching.workers,
-            "rate": {
-                "batches_per_minute": p.batching.batches_per_minute,
-                "rows_per_second": p.batching.rows_per_second,
-            },
-            "soak_checks": [c.name for c in p.soak.checks],
-            "approvers": p.gates.approvers,
-        }
-        result: dict[str, Any] = {"ok": True, "plan": summary}
-        if env is not None:
-            async with Databases(p) as dbs:
-                report = await validate_env(loaded, dbs, env)
-            result["ok"] = report.ok
-            result["env"] = {
-                "name": env,
-                "dsn": report.dsn,
-                "findings": [f.__dict__ for f in report.findings],
-            }
+        result = await check(plan, _load(plan), env)
         if as_json:
-            out.print(json.dumps(result, indent=2), markup=False)
+            out.print(json.dumps(result.doc, indent=2), markup=False)
         else:
-            out.print(
-                f"{plan}: plan {p.name!r} is valid (digest {loaded.digest[:12]})", markup=False
-            )
-            out.print(
-                f"  target {p.target.table} key ({', '.join(p.target.key)}) "
-                f"columns {', '.join(p.target.columns)}",
-                markup=False,
-            )
-            rate = p.batching.batches_per_minute and f"{p.batching.batches_per_minute} batches/min"
-            rate = (
-                rate
-                or (p.batching.rows_per_second and f"{p.batching.rows_per_second} rows/s")
-                or "unthrottled"
-            )
-            out.print(
-                f"  batches of {p.batching.size}, {p.batching.workers} worker(s), {rate}; "
-                f"{len(p.soak.checks)} soak check(s); environments {', '.join(p.environments)}",
-                markup=False,
-            )
-            if env is not None:
-                out.print(f"  against {env} ({result['env']['dsn']}), read-only:", markup=False)
-                for f in result["env"]["findings"]:
-                    out.print(
-                        f"    {'ok  ' if f['ok'] else 'FAIL'} {f['where']}: {f['message']}",
-                        markup=False,
-                    )
-        if not result["ok"]:
+            for line in result.lines:
+                out.print(line, markup=False)
+        if not result.ok:
             err.print(
                 f"error: {plan}: the plan does not fit environment {env!r} (see FAIL lines above)"
             )
@@ -390,15 +342,10 @@ def validate(
 @app.command(short_help="Create or migrate the ledger schema.")
 def init(plan: PlanArg, env: EnvOpt) -> None:
     """Create or migrate the ledger (control schema `backfill`) in an environment's database."""
-    from runner.ledger import ensure_ledger
+    from runner.commands.validate import init as init_ledger
 
     async def go() -> int:
-        loaded = _load(plan)
-        async with Databases(loaded.plan) as dbs, dbs.connection(env) as conn:
-            version = await ensure_ledger(conn)
-            out.print(
-                f"ledger schema `backfill` is at version {version} in {env} ({dbs.display_dsn(env)})"
-            )
+        out.print(await init_ledger(_load(plan), env))
         return EXIT_DONE
 
     _run(go)
@@ -440,8 +387,7 @@ def _print_apply(result: Any) -> int:
     t = result.totals
     out.print(f"{result.stage} on {result.env}: run {result.run_id}", markup=False)
     out.print(
-        f"  {t.get('changed', 0):,} row(s) changed, {t.get('noop', 0):,} no-op(s), "
-        f"{t.get('batches', 0):,} batch(es)",
+        f"  {t.changed:,} row(s) changed, {t.noop:,} no-op(s), {t.batches:,} batch(es)",
         markup=False,
     )
     if result.summary_path:
@@ -694,8 +640,8 @@ def pipeline(
     quiet: QuietOpt = False,
 ) -> None:
     """Run the next phase whose gate is open; stop at the first gate that waits."""
-    from runner.phases.common import operator_name
     from runner.commands.pipeline import run_pipeline
+    from runner.phases.common import operator_name
 
     async def go() -> int:
         loaded = _load(plan)

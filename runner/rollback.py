@@ -566,6 +566,60 @@ async def _cannot_reconnect() -> asyncpg.Connection:
     raise ConnectionFailed("no way to reconnect was given")
 
 
+async def _worker_sessions(
+    conn: asyncpg.Connection,
+    run_id: str,
+    workers: int,
+    connect: Callable[[], Awaitable[asyncpg.Connection]] | None,
+) -> list[MainSession]:
+    """The workers' connections, the caller's first. Each is re-opened with backoff when the
+    database drops it (a restart, a failover): a batch's restore is one transaction that first
+    checks whether it committed, so trying it again is safe; 8 tries, 16 to 32 s of outage."""
+    extra = [await connect() for _ in range(workers - 1)] if connect is not None else []
+    return [
+        MainSession(
+            c,
+            connect or _cannot_reconnect,
+            run_id,
+            retries=8 if connect is not None else 0,
+            holds_run_lock=False,
+            backoff_base=0.25,
+            backoff_cap=8.0,
+        )
+        for c in (conn, *extra)
+    ]
+
+
+async def _restore_all(
+    sessions: list[MainSession],
+    shape: RunShape,
+    run_id: str,
+    nos: list[int],
+    result: RollbackResult,
+    batches_per_minute: float | None,
+    on_batch: Any,
+) -> None:
+    """Every selected batch restored, newest first, the workers taking the next one in turn."""
+    throttle = Throttle(batches_per_minute, None, 1)
+    pending = iter(nos)  # newest first; the workers share it
+
+    async def restore_from(session: MainSession) -> None:
+        for no in pending:
+            await throttle.wait(1)
+
+            async def restore(c: asyncpg.Connection, no: int = no) -> tuple[int, int, int]:
+                return await _restore_batch(c, shape, run_id, no)
+
+            restored, conflicts, already = await session.run(restore)
+            result.batches_this_command += 1 if restored or conflicts or already else 0
+            if on_batch:
+                on_batch(no, restored, conflicts)
+
+    async with anyio.create_task_group() as tg:
+        for session in sessions:
+            tg.start_soon(restore_from, session)
+
+
 async def run_rollback(
     conn: asyncpg.Connection,
     run: ledger.RunRow,
@@ -592,7 +646,6 @@ async def run_rollback(
         await _dry_run(conn, shape, run.run_id, nos, result)
         result.elapsed_seconds = time.perf_counter() - t0
         return result
-    throttle = Throttle(batches_per_minute, None, 1)
     if workers > 1 and await ledger.keys_in_several_batches(conn, run.run_id, nos):
         result.note = (
             "a key was changed by more than one batch of this run: restored one batch at a time, "
@@ -600,43 +653,10 @@ async def run_rollback(
         )
         workers = 1
     result.workers = workers
-    pending = iter(nos)  # newest first; the workers share it
-
-    extra = [await connect() for _ in range(workers - 1)] if connect is not None else []
-    # each worker's connection is re-opened with backoff when the database drops it (a restart,
-    # a failover): a batch's restore is one transaction that first checks whether it committed,
-    # so trying it again is safe; 8 tries, 16 to 32 s of outage in all
-    sessions = [
-        MainSession(
-            c,
-            connect or _cannot_reconnect,
-            run.run_id,
-            retries=8 if connect is not None else 0,
-            holds_run_lock=False,
-            backoff_base=0.25,
-            backoff_cap=8.0,
-        )
-        for c in (conn, *extra)
-    ]
-
-    async def restore_from(session: MainSession) -> None:
-        for no in pending:
-            await throttle.wait(1)
-
-            async def restore(c: asyncpg.Connection, no: int = no) -> tuple[int, int, int]:
-                return await _restore_batch(c, shape, run.run_id, no)
-
-            restored, conflicts, already = await session.run(restore)
-            result.batches_this_command += 1 if restored or conflicts or already else 0
-            if on_batch:
-                on_batch(no, restored, conflicts)
-
-    first = sessions[0]
+    sessions = await _worker_sessions(conn, run.run_id, workers, connect)
     try:
-        async with anyio.create_task_group() as tg:
-            for session in sessions:
-                tg.start_soon(restore_from, session)
-        result.restored, result.already = await first.run(
+        await _restore_all(sessions, shape, run.run_id, nos, result, batches_per_minute, on_batch)
+        result.restored, result.already = await sessions[0].run(
             lambda c: ledger.rollback_totals(c, run.run_id, nos)
         )
         t_verify = time.perf_counter()
@@ -645,7 +665,7 @@ async def run_rollback(
         except Exception as exc:  # a connection lost meanwhile: verify again on one, re-opened
             if classify(exc) != "connection_lost":
                 raise
-            await first.run(lambda c: verify([c], run, result))
+            await sessions[0].run(lambda c: verify([c], run, result))
         result.verify_seconds = time.perf_counter() - t_verify
     finally:
         for session in sessions:

@@ -121,6 +121,57 @@ def _report_digest_on_disk(gate: str, report: Path, row: ledger.PhaseRow, run_id
     return on_disk
 
 
+async def _approver(conn: asyncpg.Connection, loaded: LoadedPlan, actor: str) -> str:
+    """Who decides: `--as`, or with gates.identity = 'database' the login recording it."""
+    if loaded.plan.gates.identity != "database":
+        return actor
+    login = str(await conn.fetchval("SELECT session_user"))
+    if actor and actor != login:
+        raise InvalidInput(
+            f"--as {actor}, but you are logged in as {login}: with gates.identity = "
+            "'database' the approver is the database login that records the decision",
+            hint="set BACKFILL_APPROVER_DSN to your own login, and leave out --as",
+        )
+    return login
+
+
+async def _decidable_phase(
+    conn: asyncpg.Connection, run_id: str, gate: str, phase: str, env: str
+) -> ledger.PhaseRow:
+    """The finished phase before `gate`, in a ledger that may still decide on it."""
+    row = await ledger.get_phase(conn, run_id, phase)
+    if row is None or row.finished_at is None:
+        raise InvalidInput(
+            f"gate {gate}: the {phase} phase of run {run_id} has not finished in {env!r}",
+            hint=f"see `{command_prefix()} status {run_id}`",
+        )
+    for problem in (await rollback_note(conn, run_id), await integrity_problem(conn, run_id)):
+        if problem is not None:
+            raise NoGo(
+                f"gate {gate}: no decision is possible: {problem}",
+                hint="this run stops here; to go on, start a new run and review it",
+            )
+    return row
+
+
+async def _record(conn: asyncpg.Connection, run_id: str, decision: ledger.Decision) -> None:
+    """Append the decision to the gate's chain, unless the gate was rejected meanwhile."""
+    gate = decision.gate
+    async with conn.transaction():
+        await ledger.decision_lock(conn, run_id)
+        rejected = [d for d in await ledger.decisions(conn, run_id, gate) if d.decision == "reject"]
+        if rejected:
+            r = rejected[0]
+            raise NoGo(
+                f"gate {gate} of run {run_id} was rejected by {r.actor} at "
+                f"{r.decided_at:%Y-%m-%d %H:%M:%S %Z}"
+                + (f" ({r.note})" if r.note else "")
+                + ": a reject is final for the run",
+                hint="to go on, start a new run; it is reviewed from its own reports",
+            )
+        await ledger.record_decision(conn, run_id, decision)
+
+
 async def decide(
     run_id: str,
     gate: str,
@@ -131,33 +182,16 @@ async def decide(
     override: bool,
     plan_path: Path | None,
 ) -> str:
+    """Record an approval or a reject of `gate`, bound to the plan, its values and the report
+    on disk; what to run next."""
     phase, env = split_gate(gate)
     loaded = plan_for(run_id, GATE_PHASES[phase], plan_path)
     run_dir = RunDir.of(run_id)
     async with Databases(loaded.plan) as dbs, _decision_connection(loaded, dbs, env) as conn:
-        if loaded.plan.gates.identity == "database":
-            login = str(await conn.fetchval("SELECT session_user"))
-            if actor and actor != login:
-                raise InvalidInput(
-                    f"--as {actor}, but you are logged in as {login}: with gates.identity = "
-                    "'database' the approver is the database login that records the decision",
-                    hint="set BACKFILL_APPROVER_DSN to your own login, and leave out --as",
-                )
-            actor = login
-        row = await ledger.get_phase(conn, run_id, phase)
-        if row is None or row.finished_at is None:
-            raise InvalidInput(
-                f"gate {gate}: the {phase} phase of run {run_id} has not finished in {env!r}",
-                hint=f"see `{command_prefix()} status {run_id}`",
-            )
+        actor = await _approver(conn, loaded, actor)
+        row = await _decidable_phase(conn, run_id, gate, phase, env)
         secrets_now = loaded.secret_fingerprints(await ledger.digest_key(conn))
         _refuse_other_plan(gate, phase, row, loaded, secrets_now)
-        for problem in (await rollback_note(conn, run_id), await integrity_problem(conn, run_id)):
-            if problem is not None:
-                raise NoGo(
-                    f"gate {gate}: no decision is possible: {problem}",
-                    hint="this run stops here; to go on, start a new run and review it",
-                )
         on_disk = _report_digest_on_disk(
             gate, run_dir.root / env / row.doc.report_file, row, run_id
         )
@@ -171,37 +205,20 @@ async def decide(
             note=note,
             override=override,
         )
-        async with conn.transaction():
-            await ledger.decision_lock(conn, run_id)
-            rejected = [
-                d for d in await ledger.decisions(conn, run_id, gate) if d.decision == "reject"
-            ]
-            if rejected:
-                r = rejected[0]
-                raise NoGo(
-                    f"gate {gate} of run {run_id} was rejected by {r.actor} at "
-                    f"{r.decided_at:%Y-%m-%d %H:%M:%S %Z}"
-                    + (f" ({r.note})" if r.note else "")
-                    + ": a reject is final for the run",
-                    hint="to go on, start a new run; it is reviewed from its own reports",
-                )
-            await ledger.record_decision(
-                conn,
-                run_id,
-                new_decision(
-                    gate,
-                    decision,
-                    actor,
-                    note,
-                    override,
-                    loaded.digest,
-                    on_disk,
-                    row.criteria or "",
-                    variables=loaded.plain_values,
-                    secret_hashes=secrets_now,
-                    phase_seal=row.seal,
-                ),
-            )
+        made = new_decision(
+            gate,
+            decision,
+            actor,
+            note,
+            override,
+            loaded.digest,
+            on_disk,
+            row.criteria or "",
+            variables=loaded.plain_values,
+            secret_hashes=secrets_now,
+            phase_seal=row.seal,
+        )
+        await _record(conn, run_id, made)
     cmd = command_prefix()
     if decision == "reject":
         return f"the rollout of run {run_id} stops here; to undo: {cmd} rollback {run_id} --env {env} --dry-run"

@@ -137,7 +137,7 @@ async def _run_mini_apply(r: PhaseRun) -> None:
     a = await apply_phase.apply(
         mini, r.dbs, env=r.env, run_id=r.run_id, operator=r.operator, progress=r.progress
     )
-    r.say(f"  {a.stage}: {a.totals.get('changed', 0):,} row(s) changed; summary {a.summary_path}")
+    r.say(f"  {a.stage}: {a.totals.changed:,} row(s) changed; summary {a.summary_path}")
 
 
 # what runs each phase of the rollout (runner.rollout.PhaseSpec.runs)

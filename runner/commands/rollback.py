@@ -10,13 +10,13 @@ import asyncpg
 import structlog
 
 from runner import events, ledger
-from runner.artifacts import RunDir, write_text
+from runner.artifacts import RunDir
 from runner.commands.decide import plan_for
 from runner.db import Databases
 from runner.errors import EXIT_DONE, EXIT_FAILED, BackfillError, InvalidInput
 from runner.phases.common import command_prefix, operator_name, run_lock
 from runner.plan import LoadedPlan
-from runner.reports import render
+from runner.reports.rollback import render_rollback
 from runner.rollback import RollbackResult, emit_rollback_file, parse_batch_range, run_rollback
 
 log = structlog.get_logger("backfill.rollback")
@@ -52,6 +52,26 @@ async def _tell_later_stages(loaded: LoadedPlan, dbs: Databases, run_id: str, en
         )
 
 
+async def _emit(
+    conn: asyncpg.Connection,
+    run: ledger.RunRow,
+    dbs: Databases,
+    env: str,
+    span: tuple[int, int] | None,
+    since: datetime | None,
+) -> UndoOutcome:
+    """The rollback as a psql file, for whoever restores by hand."""
+    path = RunDir.of(run.run_id).env(env) / f"rollback_{datetime.now(UTC):%Y-%m-%d}.sql"
+    await emit_rollback_file(
+        conn, run, path, display_dsn=dbs.display_dsn(env), batches=span, since=since
+    )
+    return UndoOutcome(
+        EXIT_DONE,
+        [f"wrote {path}", f'run it: psql -X -v ON_ERROR_STOP=1 -d "$DSN" -f {path}'],
+        path=path,
+    )
+
+
 async def undo(
     run_id: str,
     env: str,
@@ -78,16 +98,7 @@ async def undo(
             )
         await ledger.ensure_ledger(conn)
         if emit:
-            stamp = datetime.now(UTC)
-            path = run_dir.env(env) / f"rollback_{stamp:%Y-%m-%d}.sql"
-            await emit_rollback_file(
-                conn, run, path, display_dsn=dbs.display_dsn(env), batches=span, since=since
-            )
-            return UndoOutcome(
-                EXIT_DONE,
-                [f"wrote {path}", f'run it: psql -X -v ON_ERROR_STOP=1 -d "$DSN" -f {path}'],
-                path=path,
-            )
+            return await _emit(conn, run, dbs, env, span, since)
         events.attach(run_dir.env(env) / "events.jsonl")
         async with run_lock(conn, run_id):
             if not dry_run:
@@ -116,20 +127,14 @@ async def undo(
                     "rollback.batch", batch=no, restored=r, conflicts=c
                 ),
             )
-        text = render(
-            "rollback_report.md.j2",
-            {
-                "run": run,
-                "env": env,
-                "dsn": dbs.display_dsn(env),
-                "r": result,
-                "cmd": command_prefix(),
-                "scope": {"batches": batches, "since": since.isoformat() if since else None},
-                "when": datetime.now(UTC),
-            },
+        path = render_rollback(
+            run,
+            env,
+            dbs.display_dsn(env),
+            result,
+            {"batches": batches, "since": since},
+            command_prefix(),
         )
-        name = "rollback_dry_run.md" if dry_run else "rollback_report.md"
-        path = write_text(run_dir.env(env) / name, text)
     lines = _outcome_lines(result, run_id, env, dry_run, path)
     ok = dry_run or result.verified
     return UndoOutcome(EXIT_DONE if ok else EXIT_FAILED, lines, result, path)

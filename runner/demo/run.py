@@ -7,15 +7,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 from runner.artifacts import logs_root
+from runner.commands.pipeline import run_pipeline
 from runner.db import Databases, home_dir
 from runner.demo.data import seed
 from runner.errors import EXIT_DONE, EXIT_GATE_WAITING, InvalidInput
 from runner.phases.common import ProgressCallback, command_prefix, operator_name
-from runner.commands.pipeline import run_pipeline
 from runner.plan import load_plan
 
 DEMO_APPROVER = "demo-approver"
 PLAN_NAME = "profiles_results_v1_2_1.toml"
+
+
+MAX_SCALE = 200  # thousands of rows: the demo stays a demo
 
 
 def demo_plan_path() -> Path:
@@ -40,8 +43,8 @@ async def run_demo(
     progress: ProgressCallback,
     say: Callable[[str], None],
 ) -> int:
-    if scale <= 0 or scale > 200:
-        raise InvalidInput(f"--scale {scale}: choose a value above 0 and at most 200")
+    if scale <= 0 or scale > MAX_SCALE:
+        raise InvalidInput(f"--scale {scale}: choose a value above 0 and at most {MAX_SCALE}")
     if soak_seconds <= 0:
         raise InvalidInput("--soak-seconds must be above 0")
     # The demo only ever touches the embedded server, whatever STAGING_DSN / PROD_DSN say.

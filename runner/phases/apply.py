@@ -55,7 +55,7 @@ class ApplyResult:
     next_command: str
     summary_path: Path | None = None
     rollback_path: Path | None = None
-    totals: dict[str, Any] = field(default_factory=dict)
+    totals: ApplyTotals = field(default_factory=ApplyTotals)
     dry_run: dict[str, Any] | None = None
 
 
@@ -77,14 +77,13 @@ def _stage_for(loaded: LoadedPlan, env: str) -> str:
     return "apply"
 
 
-async def _resume_point(conn: asyncpg.Connection, run_id: str) -> tuple[list[str] | None, int, int]:
-    """(cursor, next batch number, interrupted batches) from the ledger.
+def resume_point(rows: list[Any]) -> tuple[list[str] | None, int, int]:
+    """(cursor, next batch number, interrupted batches) from the run's batch rows, in order.
 
     The cursor is the last key of the longest run of consecutive committed batches: every key up
     to it was dispatched and committed. Batches after a gap may be committed too; discovery no
     longer returns their rows, so starting at the gap never applies a row twice.
     """
-    rows = await ledger.batch_states(conn, run_id)
     cursor: list[str] | None = None
     expected = 1
     for r in rows:
@@ -93,8 +92,8 @@ async def _resume_point(conn: asyncpg.Connection, run_id: str) -> tuple[list[str
         cursor = list(r["last_key"])
         expected += 1
     last = rows[-1]["batch_no"] if rows else 0
-    done = {r["batch_no"] for r in rows}
-    interrupted = sum(1 for n in range(1, last + 1) if n not in done)
+    recorded = {r["batch_no"] for r in rows}  # committed, or failed and recorded as such
+    interrupted = sum(1 for n in range(1, last + 1) if n not in recorded)
     return cursor, last + 1, interrupted
 
 
@@ -351,8 +350,8 @@ async def _start(
 ) -> tuple[list[str] | None, int]:
     """Where the machine starts (from the ledger), and the count of rows needing the backfill."""
     run_id = frame.run_id
-    cursor, next_no, state.interrupted_before = await session.run(
-        lambda c: _resume_point(c, run_id)
+    cursor, next_no, state.interrupted_before = resume_point(
+        await session.run(lambda c: ledger.batch_states(c, run_id))
     )
     t_count = time.perf_counter()
     state.rows_needing_at_start = await reader.run(machine.source.count)
@@ -535,7 +534,7 @@ async def _finish(
         next_command,
         summary_path,
         rollback_path,
-        doc.totals.model_dump(),
+        doc.totals,
     )
 
 
@@ -681,5 +680,5 @@ async def _finished_result(
         gate,
         next_command,
         run_dir / summary_name(stage),
-        totals=row.doc.totals.model_dump(),
+        totals=row.doc.totals,
     )

@@ -38,6 +38,7 @@ from runner.results import HealthDoc, HealthTable
 from runner.rollout import gate_name
 
 log = structlog.get_logger("backfill.health")
+LAG_CONDITION_S = 30.0  # replication lag above this is a condition a reviewer accepts
 
 _SHAPE_SQL = """
 SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null
@@ -182,7 +183,7 @@ def findings(
     if capacity["db.lock_waiters"]:
         conditions.append(f"{capacity['db.lock_waiters']:.0f} session(s) are waiting on locks")
     lag = capacity["db.replication_lag_s"]
-    if lag and lag > 30:
+    if lag and lag > LAG_CONDITION_S:
         conditions.append(f"replication lag is {lag:.0f} s")
     return blockers, conditions
 

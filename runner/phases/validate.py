@@ -13,9 +13,9 @@ import asyncpg
 
 from runner import redact
 from runner.db import Databases
+from runner.engine.checks import wrap_check
 from runner.engine.target import TargetInfo, resolve_target
 from runner.errors import InvalidInput
-from runner.engine.checks import wrap_check
 from runner.plan import LoadedPlan, sql_code
 
 _UPDATED = re.compile(

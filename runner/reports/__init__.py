@@ -16,6 +16,9 @@ import jinja2
 from runner import ledger
 from runner.results import Override
 
+MINUTE, HOUR = 60.0, 3600.0
+CHART_IN_MINUTES_FROM_S = 600.0  # a chart over a longer span is labelled in minutes
+
 
 def templates_dir() -> Path:
     package = Path(__file__).resolve().parent.parent  # runner/
@@ -39,9 +42,9 @@ def _duration(seconds: Any) -> str:
     s = float(seconds)
     if s < 1:
         return f"{s * 1000:.0f} ms"
-    if s < 120:
+    if s < 2 * MINUTE:
         return f"{s:.1f} s"
-    if s < 7200:
+    if s < 2 * HOUR:
         return f"{s / 60:.1f} min"
     return f"{s / 3600:.1f} h"
 

@@ -15,7 +15,7 @@ import asyncpg
 from runner import ledger, rollout
 from runner.artifacts import RunDir, write_text
 from runner.gates import text_digest
-from runner.reports import overrides_note, render, rollbacks
+from runner.reports import CHART_IN_MINUTES_FROM_S, overrides_note, render, rollbacks
 from runner.results import ApplyDoc, Override
 from runner.rollout import gate_name
 
@@ -56,7 +56,7 @@ def _throughput(outcomes: list[dict[str, Any]], buckets: int = 24) -> dict[str, 
     )
     per_bucket = math.ceil(len(ends) / buckets)
     span = ends[-1][0]
-    unit, scale = ("min", 60.0) if span > 600 else ("s", 1.0)
+    unit, scale = ("min", 60.0) if span > CHART_IN_MINUTES_FROM_S else ("s", 1.0)
     labels: list[str] = []
     values: list[float] = []
     previous = 0.0

@@ -15,7 +15,7 @@ from runner.engine import dbhealth
 from runner.engine.checks import judge
 from runner.gates import text_digest
 from runner.plan import Check
-from runner.reports import overrides_note, render, rollbacks
+from runner.reports import CHART_IN_MINUTES_FROM_S, overrides_note, render, rollbacks
 from runner.results import SoakDoc
 from runner.rollout import gate_name
 
@@ -37,7 +37,9 @@ def _check_rows(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
     """Per check: its line in the table and its chart; and the charts' time unit."""
     start = datetime.fromisoformat(doc.window_start)
-    unit, scale = ("minutes", 60.0) if doc.duration_seconds >= 600 else ("seconds", 1.0)
+    unit, scale = (
+        ("minutes", 60.0) if doc.duration_seconds >= CHART_IN_MINUTES_FROM_S else ("seconds", 1.0)
+    )
     table, charts = [], []
     for c in checks:
         ss = by_check.get(c.name, [])
