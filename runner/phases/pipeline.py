@@ -21,6 +21,7 @@ from runner.phases import health as health_phase
 from runner.phases import soak as soak_phase
 from runner.phases.apply_summary import render_summary
 from runner.phases.common import ProgressCallback, command_prefix, gate_state
+from runner.phases.control import control_note
 from runner.phases.decide import decide, plan_for
 from runner.plan import LoadedPlan, load_plan
 from runner.rollback import emit_rollback_file
@@ -88,10 +89,13 @@ async def read_steps(
 async def _unfinished_state(conn: Any, run_id: str, phase: str) -> str:
     """A phase that started and did not finish: running in a process now, or interrupted (a
     Ctrl-C, a kill, a lost connection), and what it kept."""
+    note = await control_note(conn, run_id)  # paused, held or cancelled
+    note = f" — {note}" if note else ""
     if await ledger.run_is_locked(conn, run_id):
-        return "running now"
+        return "running now" + note
     progress = await ledger.phase_progress(conn, run_id, phase)
-    return f"interrupted ({progress} kept)" if progress else "interrupted (nothing kept yet)"
+    kept = f"interrupted ({progress} kept)" if progress else "interrupted (nothing kept yet)"
+    return kept + note
 
 
 @contextlib.asynccontextmanager
