@@ -34,7 +34,7 @@ def batch_sizes(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
         "min": int(min(sizes)),
         "median": int(statistics.median(sizes)),
         "max": int(max(sizes)),
-        "varied": min(sizes) != max(sizes),
+        "varied": min(sizes) != max(sizes),  # a fixed size varies only where discovery ran dry
         "size_series": [round(s) for s in _sampled(sizes)],
         "seconds_series": _sampled([round(o["duration_ms"] / 1000, 3) for o in done]),
         "per_point": math.ceil(len(sizes) / CHART_POINTS) if len(sizes) > CHART_POINTS else 1,

@@ -364,3 +364,31 @@ def test_metrics_are_served_while_the_apply_runs(workdir: Path, db: str) -> None
         assert name in text, name
     code, out = finish(proc)
     assert code == 3, out
+
+
+def test_a_hold_longer_than_max_hold_stops_resumably_with_exit_1(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 300)
+    sql(db, "CREATE TABLE maintenance (on_ boolean); INSERT INTO maintenance VALUES (true)")
+    guards = {
+        "interval": "50ms",
+        "max_hold": "300ms",
+        "custom": [
+            {"name": "window", "sql": "SELECT bool_or(on_) FROM maintenance", "pass_if": "is false"}
+        ],
+    }
+    plan = write_plan(workdir / "p.json", guards=guards)
+    result = cli("apply", str(plan), "--env", "staging", "--quiet", env=env_for(db))
+    assert result.exit_code == 1, result.output
+    assert "longer than guards.max_hold" in result.output
+    assert "guard window = 1, passes when is false" in result.output
+    run_id = the_run(db)
+    assert run_id is not None
+    assert committed(db) == 0
+    assert f"--run {run_id}" in result.output
+
+    sql(db, "UPDATE maintenance SET on_ = false")
+    again = cli("apply", str(plan), "--env", "staging", "--run", run_id, "--quiet", env=env_for(db))
+    assert again.exit_code == 3, again.output
+    assert ledger_totals(db, run_id)["changed"] == 240
