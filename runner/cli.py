@@ -93,6 +93,21 @@ RunOpt = Annotated[
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar; periodic log lines.")
 ]
+MetricsPortOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--metrics-port",
+        min=1,
+        max=65535,
+        help="Serve Prometheus metrics on this port while the apply runs "
+        "(address: BACKFILL_METRICS_ADDR, default 127.0.0.1).",
+        envvar="BACKFILL_METRICS_PORT",
+    ),
+]
+
+
+def _metrics_addr() -> str:
+    return os.environ.get("BACKFILL_METRICS_ADDR") or "127.0.0.1"
 
 
 def _configure_logging(console_level: int) -> None:
@@ -250,6 +265,8 @@ class _ProgressView:
         self.last_line = 0.0
         self.t0 = time.monotonic()
         self.rows = 0
+        self.title = ""
+        self.held = ""
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "start":
@@ -267,8 +284,9 @@ class _ProgressView:
                     transient=False,
                 )
                 self.bar.start()
+                self.title = f"{data['stage']} on {data['env']}"
                 self.task = self.bar.add_task(
-                    f"{data['stage']} on {data['env']}",
+                    self.title,
                     total=max(self.rows, 1),
                     batches=0,
                     rate="–",
@@ -279,6 +297,12 @@ class _ProgressView:
                     f"(run {data['run_id']})",
                     markup=False,
                 )
+        elif kind in ("hold", "resume"):  # a guard or a pause holds the run, or lets it go
+            self.held = f"held: {data['reason']}" if kind == "hold" else ""
+            if self.bar is not None:
+                self.bar.update(self.task, description=self.held or self.title)
+            else:
+                err.print(self.held or f"resumed ({data['signal']} clear)", markup=False)
         elif kind == "batch":
             t = data["totals"]
             done = t.get("changed", 0) + t.get("noop", 0)
@@ -411,8 +435,10 @@ def apply(
         bool, typer.Option("--dry-run", help="Count, estimate and EXPLAIN; write nothing.")
     ] = False,
     quiet: QuietOpt = False,
+    metrics_port: MetricsPortOpt = None,
 ) -> None:
     """Apply the backfill in keyset batches (staging, or prod from the mini plan); halts at a gate."""
+    from runner.engine.metrics import serve
     from runner.phases.apply import apply as run_apply
     from runner.phases.common import operator_name
 
@@ -420,16 +446,17 @@ def apply(
         loaded = _load(plan)
         view = _ProgressView(quiet)
         try:
-            async with Databases(loaded.plan) as dbs:
-                result = await run_apply(
-                    loaded,
-                    dbs,
-                    env=env,
-                    run_id=_run_flag(run),
-                    dry_run=dry_run,
-                    operator=operator_name(),
-                    progress=view,
-                )
+            with serve(metrics_port, _metrics_addr()):
+                async with Databases(loaded.plan) as dbs:
+                    result = await run_apply(
+                        loaded,
+                        dbs,
+                        env=env,
+                        run_id=_run_flag(run),
+                        dry_run=dry_run,
+                        operator=operator_name(),
+                        progress=view,
+                    )
         finally:
             view.close()
         return _print_apply(result)
@@ -785,3 +812,56 @@ __all__ = [
     "app",
     "main",
 ]
+
+
+# -- steering a running apply (#13): requests in the ledger, obeyed before its next batch ---------
+
+ControlNoteOpt = Annotated[
+    str, typer.Option("--note", help="Why; shown by `status` and in the ledger.")
+]
+
+
+def _control(
+    action: Literal["pause", "resume", "cancel"], run: str, env: str, note: str, plan: Path | None
+) -> None:
+    from runner.commands import control
+
+    async def go() -> int:
+        outcome = await getattr(control, action)(run, env, note=note, plan_path=plan)
+        out.print(outcome.message, markup=False)
+        return EXIT_DONE
+
+    _run(go)
+
+
+@app.command(short_help="Start no new batch of a run until resumed.")
+def pause(
+    run: Annotated[str, typer.Argument(help="The run id.")],
+    env: EnvOpt,
+    note: ControlNoteOpt = "",
+    plan: PlanOpt = None,
+) -> None:
+    """Pause a run: its running apply finishes the batches in flight and starts no new one."""
+    _control("pause", run, env, note, plan)
+
+
+@app.command(short_help="Let a paused run go on.")
+def resume(
+    run: Annotated[str, typer.Argument(help="The run id.")],
+    env: EnvOpt,
+    note: ControlNoteOpt = "",
+    plan: PlanOpt = None,
+) -> None:
+    """Resume a paused run: its running apply starts batches again."""
+    _control("resume", run, env, note, plan)
+
+
+@app.command(short_help="Stop a run for good; committed batches stay.")
+def cancel(
+    run: Annotated[str, typer.Argument(help="The run id.")],
+    env: EnvOpt,
+    note: ControlNoteOpt = "",
+    plan: PlanOpt = None,
+) -> None:
+    """Cancel a run: its running apply stops after the batches in flight; rollback undoes it."""
+    _control("cancel", run, env, note, plan)

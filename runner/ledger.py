@@ -216,6 +216,38 @@ MIGRATIONS: list[str] = [
         at      timestamptz NOT NULL DEFAULT now()
     );
     """,
+    # 4: a running backfill that obeys and watches (issue #13). Independent of other migrations:
+    # it only adds tables.
+    # - control_requests: pause / resume / cancel of a run, with who and when; a run's control
+    #   state is derived from these facts (a cancel is final; else the latest pause or resume);
+    # - guard_holds: each time a guard (or a pause) held a run's dispatching, and until when
+    #   it was last seen held, for `status` and the summary's time held by signal.
+    """
+    CREATE TABLE backfill.control_requests (
+        id           bigserial PRIMARY KEY,
+        run_id       text NOT NULL REFERENCES backfill.runs,
+        env          text NOT NULL,
+        action       text NOT NULL CHECK (action IN ('pause', 'resume', 'cancel')),
+        actor        text NOT NULL,
+        db_user      text NOT NULL DEFAULT session_user,
+        note         text NOT NULL DEFAULT '',
+        requested_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX control_requests_run ON backfill.control_requests (run_id, id);
+    CREATE TABLE backfill.guard_holds (
+        id           bigserial PRIMARY KEY,
+        run_id       text NOT NULL REFERENCES backfill.runs,
+        stage        text NOT NULL,
+        signal       text NOT NULL,
+        reason       text NOT NULL,
+        value        double precision,
+        threshold    text NOT NULL DEFAULT '',
+        started_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+        last_seen_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+        open         boolean NOT NULL DEFAULT true
+    );
+    CREATE INDEX guard_holds_run ON backfill.guard_holds (run_id, stage);
+    """,
 ]
 
 
@@ -619,6 +651,121 @@ async def run_events(conn: asyncpg.Connection, run_id: str) -> list[RunEvent]:
         run_id,
     )
     return [RunEvent(**{**dict(r), "detail": json.loads(r["detail"])}) for r in rows]
+
+
+# -- control requests and guard holds (migration 4) ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class ControlRequest:
+    """The request that decides a run's control state now: a cancel (final), else the latest
+    pause or resume."""
+
+    action: str  # pause | resume | cancel
+    actor: str
+    db_user: str
+    note: str
+    requested_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> ControlRequest:
+        return cls(**{k: row[k] for k in ("action", "actor", "db_user", "note", "requested_at")})
+
+
+async def control_state(conn: asyncpg.Connection, run_id: str) -> ControlRequest | None:
+    """The run's effective control request (None: never paused or cancelled); one index read,
+    cheap enough for a running apply to poll before each batch."""
+    row = await conn.fetchrow(
+        "SELECT action, actor, db_user, note, requested_at FROM backfill.control_requests"
+        " WHERE run_id = $1 ORDER BY (action = 'cancel') DESC, id DESC LIMIT 1",
+        run_id,
+    )
+    return None if row is None else ControlRequest.from_row(row)
+
+
+async def request_control(
+    conn: asyncpg.Connection, run_id: str, env: str, action: str, actor: str, note: str
+) -> None:
+    await conn.execute(
+        "INSERT INTO backfill.control_requests (run_id, env, action, actor, note)"
+        " VALUES ($1, $2, $3, $4, $5)",
+        run_id,
+        env,
+        action,
+        actor,
+        note,
+    )
+
+
+async def start_hold(
+    conn: asyncpg.Connection,
+    run_id: str,
+    stage: str,
+    signal: str,
+    reason: str,
+    value: float | None,
+    threshold: str,
+) -> int:
+    """A hold begins: returns its id, for `hold_seen` and `end_hold`."""
+    return int(
+        await conn.fetchval(
+            "INSERT INTO backfill.guard_holds (run_id, stage, signal, reason, value, threshold)"
+            " VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            run_id,
+            stage,
+            signal,
+            reason,
+            value,
+            threshold,
+        )
+    )
+
+
+async def hold_seen(
+    conn: asyncpg.Connection, hold_id: int, reason: str, value: float | None, *, ended: bool
+) -> None:
+    """The hold was still there now (its reason and value as now seen); `ended`: it is over."""
+    await conn.execute(
+        "UPDATE backfill.guard_holds SET last_seen_at = clock_timestamp(),"
+        " reason = coalesce(nullif($2, ''), reason), value = coalesce($3, value),"
+        " open = open AND NOT $4 WHERE id = $1",
+        hold_id,
+        reason,
+        value,
+        ended,
+    )
+
+
+async def close_holds(conn: asyncpg.Connection, run_id: str) -> None:
+    """Holds a killed process left open are over: a new command starts without them."""
+    await conn.execute(
+        "UPDATE backfill.guard_holds SET open = false WHERE run_id = $1 AND open", run_id
+    )
+
+
+async def open_hold(conn: asyncpg.Connection, run_id: str) -> asyncpg.Record | None:
+    """The hold a running apply is in now, if any (signal, reason, value, threshold, since)."""
+    if not await conn.fetchval("SELECT to_regclass('backfill.guard_holds') IS NOT NULL"):
+        return None
+    return await conn.fetchrow(
+        "SELECT signal, reason, value, threshold, started_at FROM backfill.guard_holds"
+        " WHERE run_id = $1 AND open ORDER BY id DESC LIMIT 1",
+        run_id,
+    )
+
+
+async def held_seconds(conn: asyncpg.Connection, run_id: str, stage: str) -> dict[str, float]:
+    """Time a stage spent held, by signal (a pause is the signal `paused`), over all its commands."""
+    if not await conn.fetchval("SELECT to_regclass('backfill.guard_holds') IS NOT NULL"):
+        return {}
+    rows = await conn.fetch(
+        "SELECT signal, sum(extract(epoch FROM last_seen_at - started_at))::float8 AS seconds"
+        " FROM backfill.guard_holds WHERE run_id = $1 AND stage = $2 GROUP BY signal"
+        " ORDER BY 2 DESC, 1",
+        run_id,
+        stage,
+    )
+    return {r["signal"]: round(float(r["seconds"]), 3) for r in rows}
 
 
 # The run lock: a session advisory lock keyed (hashtext('backfill-run'), hashtext(run_id)); a

@@ -265,6 +265,36 @@ class Batching(_Model):
     statement_timeout: Timeout = 60.0
     max_retries: Annotated[int, Field(ge=0, le=100)] = 5
     max_passes: Annotated[int, Field(ge=1, le=100)] = 5
+    target_batch_seconds: Timeout | None = None
+    """Adaptive size: move the batch size toward batches that take this long (None: fixed)."""
+    min_size: Annotated[int, Field(gt=0, le=1_000_000)] | None = None
+    max_size: Annotated[int, Field(gt=0, le=1_000_000)] | None = None
+
+    @property
+    def smallest(self) -> int:
+        """The least adaptive size: `min_size`, else a tenth of `size`."""
+        return self.min_size or min(self.size, max(1, self.size // 10))
+
+    @property
+    def largest(self) -> int:
+        """The greatest adaptive size (never exceeded): `max_size`, else ten times `size`."""
+        if self.max_size is not None:
+            return self.max_size
+        return self.size if self.target_batch_seconds is None else min(self.size * 10, 1_000_000)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> Batching:
+        if (self.min_size or self.max_size) and self.target_batch_seconds is None:
+            raise ValueError(
+                "batching.min_size/max_size bound the adaptive batch size: set "
+                "batching.target_batch_seconds (e.g. 1.0) too, or remove them"
+            )
+        if not self.smallest <= self.size <= self.largest:
+            raise ValueError(
+                f"batching.size = {self.size} is the starting size and must lie within "
+                f"min_size..max_size ({self.smallest}..{self.largest})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pace_can_finish(self) -> Batching:
@@ -354,6 +384,117 @@ class Health(_Model):
     max_long_transaction: Duration = 300.0
 
 
+def _off(value: object) -> object:
+    return None if value is False else value
+
+
+Threshold = Annotated[
+    Annotated[float, Field(ge=0, allow_inf_nan=False)] | None, BeforeValidator(_off)
+]
+
+
+class Limit(_Model):
+    """A built-in guard's thresholds: at `hold` the run waits, at `critical` it stops
+    (resumably). `false` turns either off."""
+
+    hold: Threshold = None
+    critical: Threshold = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Limit:
+        if self.hold is not None and self.critical is not None and self.critical < self.hold:
+            raise ValueError(
+                f"critical ({self.critical:g}) is below hold ({self.hold:g}): the run would stop "
+                "before it ever held"
+            )
+        return self
+
+
+GIB = 1024.0**3
+
+# signal → (hold, critical) when the plan says nothing: safe for prod without configuration
+GUARD_DEFAULTS: dict[str, tuple[float | None, float | None]] = {
+    "connections": (0.8, 0.95),  # share of max_connections in use by client sessions
+    "replication_lag_seconds": (30.0, 300.0),  # on the most lagging replica
+    "replication_lag_bytes": (1 * GIB, None),
+    "longest_transaction_seconds": (600.0, None),  # another session's open transaction
+    "lock_waiters": (5.0, None),  # sessions waiting on a lock, holding one on the target
+    "wraparound_vacuum": (1.0, None),  # anti-wraparound autovacuums on the target
+    "autovacuum": (None, None),  # any autovacuum on the target (off: updates start them)
+    "wal_bytes_per_second": (None, None),  # off: what is too much depends on the server
+}
+
+
+class CustomGuard(_Model):
+    name: Annotated[str, Field(pattern=_NAME)]
+    sql: NonEmpty
+    pass_if: NonEmpty
+    critical_if: str | None = None
+    description: str = ""
+
+    @field_validator("sql")
+    @classmethod
+    def _reads_only(cls, sql: str) -> str:
+        return refuse_side_effects(sql, "the guard")
+
+    @field_validator("pass_if", "critical_if")
+    @classmethod
+    def _condition(cls, text: str | None) -> str | None:
+        if text is not None:
+            parse_condition(text)
+        return text
+
+
+class Guards(_Model):
+    """What a running apply watches before each batch (README: guards)."""
+
+    enabled: bool = True
+    interval: Duration = 5.0
+    """How often a held or paused run looks again."""
+    max_hold: Duration = 1800.0
+    """A hold longer than this stops the phase (resumably)."""
+    statement_timeout: Timeout = 2.0
+    connections: Limit = Limit()
+    replication_lag_seconds: Limit = Limit()
+    replication_lag_bytes: Limit = Limit()
+    longest_transaction_seconds: Limit = Limit()
+    lock_waiters: Limit = Limit()
+    wraparound_vacuum: Limit = Limit()
+    autovacuum: Limit = Limit()
+    wal_bytes_per_second: Limit = Limit()
+    custom: list[CustomGuard] = Field(default_factory=list)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        """A signal the plan leaves out, or half-specifies, keeps its default thresholds."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for signal, (hold, critical) in GUARD_DEFAULTS.items():
+            given = merged.get(signal, {})
+            if isinstance(given, dict):
+                merged[signal] = {"hold": hold, "critical": critical, **given}
+        return merged
+
+    @model_validator(mode="after")
+    def _unique(self) -> Guards:
+        names = [g.name for g in self.custom]
+        dupes = sorted(
+            {n for n in names if names.count(n) > 1} | (set(names) & set(GUARD_DEFAULTS))
+        )
+        if dupes:
+            raise ValueError(
+                f"guards.custom: names must be unique and not a built-in signal's, repeated: {dupes}"
+            )
+        return self
+
+    def limit(self, signal: str) -> Limit:
+        limit = getattr(self, signal)
+        assert isinstance(limit, Limit)
+        return limit
+
+
 class Gates(_Model):
     approvers: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list)
     allow_self_approval: bool = False
@@ -403,6 +544,7 @@ class Plan(_Model):
     batching: Batching = Field(default_factory=Batching)
     soak: Soak = Field(default_factory=Soak)
     health: Health = Field(default_factory=Health)
+    guards: Guards = Field(default_factory=lambda: Guards.model_validate({}))
     gates: Gates = Field(default_factory=Gates)
     pipeline: Pipeline = Field(default_factory=Pipeline)
     variables: Variables = Field(default_factory=Variables)

@@ -14,6 +14,7 @@ from typing import Any
 
 from runner import ledger, rollout
 from runner.artifacts import RunDir, list_runs
+from runner.commands.control import control_note
 from runner.commands.decide import plan_for
 from runner.db import EMBEDDED, Databases, close_quietly
 from runner.errors import EXIT_DONE, BackfillError
@@ -84,10 +85,13 @@ async def read_steps(
 async def _unfinished_state(conn: Any, run_id: str, phase: str) -> str:
     """A phase that started and did not finish: running in a process now, or interrupted (a
     Ctrl-C, a kill, a lost connection), and what it kept."""
+    note = await control_note(conn, run_id)  # paused, held or cancelled
+    note = f" — {note}" if note else ""
     if await ledger.run_is_locked(conn, run_id):
-        return "running now"
+        return "running now" + note
     progress = await ledger.phase_progress(conn, run_id, phase)
-    return f"interrupted ({progress} kept)" if progress else "interrupted (nothing kept yet)"
+    kept = f"interrupted ({progress} kept)" if progress else "interrupted (nothing kept yet)"
+    return kept + note
 
 
 @contextlib.asynccontextmanager

@@ -27,12 +27,14 @@ import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 
 from runner.db import close_quietly
+from runner.engine import metrics
 from runner.engine.discovery import ConvergenceCheck, Discovery, Page, Span, read_only
 from runner.engine.executor import Batch, BatchExecutor, BatchOutcome, Reconnect, failure_error
 from runner.engine.session import MainSession
+from runner.engine.sizing import BatchSizer
 from runner.engine.target import TargetInfo, as_subquery
 from runner.engine.throttle import Throttle
-from runner.errors import WorkFailed
+from runner.errors import BackfillError, WorkFailed
 
 log = structlog.get_logger("backfill.apply")
 
@@ -41,8 +43,11 @@ class BatchSource(Protocol):
     """Where batches come from: pages of keys after a cursor, in key order, and the checks that
     tell whether a committed span still needs work."""
 
-    async def next_page(self, conn: asyncpg.Connection, after: list[str] | None) -> Page | None:
-        """The next page strictly after `after` (None: from the start), or None when dry."""
+    async def next_page(
+        self, conn: asyncpg.Connection, after: list[str] | None, size: int | None = None
+    ) -> Page | None:
+        """The next page strictly after `after` (None: from the start) of up to `size` keys
+        (None: the source's own size), or None when dry."""
 
     async def count(self, conn: asyncpg.Connection) -> int:
         """How many rows still need the backfill, over the whole table."""
@@ -59,8 +64,10 @@ class KeysetSource:
         self.discovery_sql = discovery_sql
         self._pages = Discovery(target, discovery_sql, page_size)
 
-    async def next_page(self, conn: asyncpg.Connection, after: list[str] | None) -> Page | None:
-        return await self._pages.page(conn, after)
+    async def next_page(
+        self, conn: asyncpg.Connection, after: list[str] | None, size: int | None = None
+    ) -> Page | None:
+        return await self._pages.page(conn, after, size)
 
     async def count(self, conn: asyncpg.Connection) -> int:
         """How many rows discovery returns, in a READ ONLY transaction (invariant 5)."""
@@ -90,6 +97,16 @@ class RunState:
     unverified_spans: int = 0  # spans whose convergence check failed: the pass ends with a count
     stuck: list[str] = field(default_factory=list)  # keys discovery returns after their batch
     dispatched: int = 0
+    halt: BackfillError | None = None  # why dispatching stopped early (guard, cancel): raised
+    held_seconds: dict[str, float] = field(default_factory=dict)  # by signal ("paused" too)
+    holding: str = ""  # the reason no batch may start now ("" while batches may start)
+
+
+class DispatchCheck(Protocol):
+    """Asked before each batch starts (engine/watch.RunWatch: pause, cancel, guards)."""
+
+    async def clear_to_dispatch(self) -> None:
+        """Return when a batch may start (waiting while held); raise when the phase must stop."""
 
 
 @dataclass(frozen=True)
@@ -119,6 +136,8 @@ class BatchRun:
         checker_connection: Reconnect,
         record: Recorder,
         state: RunState | None = None,
+        watch: DispatchCheck | None = None,
+        sizer: BatchSizer | None = None,
     ) -> None:
         self.session = session
         self.source = source
@@ -128,6 +147,8 @@ class BatchRun:
         self.checker_connection = checker_connection
         self.record = record
         self.state = state or RunState()
+        self.watch = watch
+        self.sizer = sizer
         self.next_no = 1
         self._checking = anyio.Event()  # the verifier is ready (or gave up opening)
 
@@ -142,6 +163,8 @@ class BatchRun:
             await self._one_pass(cursor if pass_no == 1 else None)
             if state.failure is not None:
                 raise failure_error(state.failure, resume=self.settings.resume)
+            if state.halt is not None:
+                raise state.halt
             self._raise_if_stuck()
             if self.settings.stop_after is not None:
                 break
@@ -158,10 +181,11 @@ class BatchRun:
         if start is not None:  # a continued run: what earlier commands committed is checked too
             span_send.send_nowait(Span(None, start, None))
         failed = anyio.Event()
+        idle = anyio.Semaphore(self.settings.workers)  # a batch is handed only to a free worker
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._produce, send, failed, start)
+            tg.start_soon(self._produce, send, failed, start, idle)
             for _ in range(self.settings.workers):
-                tg.start_soon(self._work, receive.clone(), span_send.clone(), failed)
+                tg.start_soon(self._work, receive.clone(), span_send.clone(), failed, idle)
             tg.start_soon(self._verify, span_receive, failed)
             receive.close()
             span_send.close()
@@ -191,13 +215,35 @@ class BatchRun:
 
     def _may_dispatch(self, failed: anyio.Event) -> bool:
         stop_after = self.settings.stop_after
-        return not failed.is_set() and (stop_after is None or self.state.dispatched < stop_after)
+        return (
+            not failed.is_set()
+            and self.state.halt is None
+            and (stop_after is None or self.state.dispatched < stop_after)
+        )
+
+    async def _cleared(self, failed: anyio.Event) -> bool:
+        """Whether the next batch may start now, after waiting out a pause or a hold; a stop
+        is kept in `state.halt` (raised after the batches in flight finish)."""
+        if self.watch is not None:
+            try:
+                await self.watch.clear_to_dispatch()
+            except BackfillError as exc:
+                self.state.halt = exc
+        return self._may_dispatch(failed)
+
+    def _page_size(self) -> int | None:
+        if self.sizer is None:
+            return None
+        if (m := metrics.current()) is not None:
+            m.next_size.set(self.sizer.size)
+        return self.sizer.size
 
     async def _produce(
         self,
         send: anyio.abc.ObjectSendStream[Batch],
         failed: anyio.Event,
         start: list[str] | None,
+        idle: anyio.Semaphore,
     ) -> None:
         position = start
         # the first batch waits for the verifier, so a source that does not converge is caught
@@ -206,14 +252,21 @@ class BatchRun:
             await self._checking.wait()
         async with send:
             while self._may_dispatch(failed):
+                size = self._page_size()
                 page = await self.session.run(
-                    lambda c, after=position: self.source.next_page(c, after)  # type: ignore[misc]
+                    lambda c, after=position, size=size: self.source.next_page(c, after, size)  # type: ignore[misc]
                 )
                 if page is None:
                     return
-                await self.throttle.wait(page.size)
-                if failed.is_set():
+                # the page is read while the last batch runs; the checks wait for a free
+                # worker, so a pause or a hold is obeyed within one batch
+                await idle.acquire()
+                if not await self._cleared(failed):
                     return
+                waited = time.monotonic()
+                await self.throttle.wait(page.size)
+                if time.monotonic() - waited > 1.0 and not await self._cleared(failed):
+                    return  # a long wait for the pace: look again before starting
                 batch = Batch(
                     self.next_no,
                     self.settings.stage,
@@ -235,6 +288,7 @@ class BatchRun:
         batches: anyio.abc.ObjectReceiveStream[Batch],
         spans: MemoryObjectSendStream[Span],
         failed: anyio.Event,
+        idle: anyio.Semaphore,
     ) -> None:
         executor = self.new_executor()
         state = self.state
@@ -243,11 +297,15 @@ class BatchRun:
                 async for batch in batches:
                     if failed.is_set():  # finish what runs, start nothing new
                         break
-                    outcome = await executor.run(batch)
-                    state.batch_mode = executor.mode or state.batch_mode
-                    state.batch_mode_reason = executor.mode_reason or state.batch_mode_reason
-                    state.outcomes.append(outcome)
-                    await self.record(outcome)
+                    try:
+                        outcome = await executor.run(batch)
+                        state.batch_mode = executor.mode or state.batch_mode
+                        state.batch_mode_reason = executor.mode_reason or state.batch_mode_reason
+                        state.outcomes.append(outcome)
+                        self._observe(outcome)
+                        await self.record(outcome)
+                    finally:
+                        idle.release()
                     if outcome.status == "failed":
                         if state.failure is None:
                             state.failure = outcome
@@ -256,6 +314,13 @@ class BatchRun:
                         spans.send_nowait(Span(batch.after_key, batch.last_key, batch.key_arrays))
         finally:
             await executor.close()
+
+    def _observe(self, outcome: BatchOutcome) -> None:
+        """The batch's time toward the next size; its counts to the metrics."""
+        if self.sizer is not None and outcome.status == "done":
+            self.sizer.observe(outcome.selected, outcome.duration_ms / 1000)
+        if (m := metrics.current()) is not None:
+            m.batch(outcome, needing_at_start=self.state.rows_needing_at_start)
 
     async def _open_checker(self) -> ConvergenceCheck:
         # its checks run in READ ONLY transactions (ConvergenceCheck.check)
@@ -305,6 +370,7 @@ def describe(outcome: BatchOutcome) -> dict[str, Any]:
     """The fields of a batch's log line."""
     return {
         "batch": outcome.batch_no,
+        "size": outcome.selected,
         "changed": outcome.changed,
         "noop": outcome.noop,
         "attempts": outcome.attempts,

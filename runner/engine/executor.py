@@ -96,6 +96,7 @@ class BatchOutcome:
             "batch_no": self.batch_no,
             "stage": self.stage,
             "status": self.status,
+            "size": self.selected,
             "key_range": {"first": self.first_key, "last": self.last_key},
             "counts": {"selected": self.selected, "changed": self.changed, "noop": self.noop},
             "attempts": self.attempts,

@@ -20,8 +20,10 @@ from runner.db import Databases, close_quietly
 from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
 from runner.engine.executor import BatchExecutor, BatchOutcome, require_write_tracking
 from runner.engine.session import MainSession
+from runner.engine.sizing import BatchSizer
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
+from runner.engine.watch import RunWatch
 from runner.errors import InvalidInput, NoGo
 from runner.phases.common import (
     PhaseFrame,
@@ -390,17 +392,18 @@ async def _machine(
         done_in_canary = await session.run(lambda c: ledger.committed_batches(c, run_id, "canary"))
         stop_after = max(plan.canary.batches - int(done_in_canary), 0)
     connect = _Connections(dbs, env, b.lock_timeout, b.statement_timeout)
+    resume = f"{cmd} apply {loaded.path} --env {env} --run {run_id}"
     return BatchRun(
         reader,
         KeysetSource(target, plan.discovery.sql, b.size),
-        Throttle(b.batches_per_minute, b.rows_per_second, b.size),
+        Throttle(b.batches_per_minute, b.rows_per_second, b.largest),
         RunSettings(
             run_id=run_id,
             stage=stage,
             workers=b.workers,
             max_passes=b.max_passes,
             stop_after=stop_after,
-            resume=f"{cmd} apply {loaded.path} --env {env} --run {run_id}",
+            resume=resume,
         ),
         new_executor=lambda: BatchExecutor(
             target, plan.apply.sql, run_id, connect.for_batches, max_retries=b.max_retries
@@ -408,6 +411,17 @@ async def _machine(
         checker_connection=connect.for_checks,
         record=_Recorder(session, frame.dir / "batches", stage, progress),
         state=state,
+        watch=RunWatch(
+            session,
+            reader,
+            plan.guards,
+            target.oid,
+            stage=stage,
+            state=state,
+            resume=resume,
+            progress=progress,
+        ),
+        sizer=BatchSizer(b.size, b.smallest, b.largest, b.target_batch_seconds),
     )
 
 

@@ -16,6 +16,7 @@ from runner import ledger, rollout
 from runner.artifacts import RunDir, write_text
 from runner.gates import text_digest
 from runner.reports import CHART_IN_MINUTES_FROM_S, overrides_note, render, rollbacks
+from runner.reports.guards import watch_context
 from runner.results import ApplyDoc, Override
 from runner.rollout import gate_name
 
@@ -118,6 +119,7 @@ async def apply_context(
         "rolled_back": await rollbacks(conn, run.run_id),
         "started_at": row.started_at,
         "finished_at": row.finished_at,
+        **await watch_context(conn, run.run_id, stage, outcomes),
     }
 
 

@@ -21,6 +21,32 @@ GOOD_ENV = {
 # (what is wrong, plan overrides, text the error must contain)
 BAD_PLANS: list[tuple[str, dict[str, Any], list[str]]] = [
     ("unknown field", {"batching__sise": 10}, ["batching.sise", "unknown field"]),
+    ("unknown guard", {"guards__conections": {"hold": 0.5}}, ["guards.conections", "unknown"]),
+    (
+        "critical below hold",
+        {"guards__connections": {"hold": 0.9, "critical": 0.5}},
+        ["guards.connections", "below hold"],
+    ),
+    (
+        "custom guard without pass_if",
+        {"guards__custom": [{"name": "q", "sql": "SELECT 1"}]},
+        ["guards.custom.0.pass_if", "missing"],
+    ),
+    (
+        "custom guard with a side effect",
+        {"guards__custom": [{"name": "q", "sql": "SELECT pg_notify('a', 'b')", "pass_if": "== 0"}]},
+        ["guards.custom.0.sql", "pg_notify"],
+    ),
+    (
+        "adaptive bounds without a target",
+        {"batching__max_size": 5000},
+        ["batching", "target_batch_seconds"],
+    ),
+    (
+        "start size outside the bounds",
+        {"batching__target_batch_seconds": 1, "batching__max_size": 50},
+        ["batching", "min_size..max_size"],
+    ),
     ("wrong type", {"batching__size": "lots"}, ["batching.size", "integer"]),
     ("zero batch size", {"batching__size": 0}, ["batching.size", "greater than 0"]),
     (

@@ -1,0 +1,183 @@
+"""What a running apply looks at before each batch: the run's control requests (pause, resume,
+cancel) and its guards. While paused or held, no new batch starts (in-flight ones finish) and it
+looks again every `guards.interval`; a cancel, a critical threshold or a hold longer than
+`guards.max_hold` stops the phase, after the batches in flight.
+
+Holds are recorded in the ledger (`guard_holds`) as they happen, so `status` can say why a run
+waits and the summary how long it waited, by signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import structlog
+
+from runner import ledger
+from runner.engine import metrics
+from runner.engine.batch_run import RunState
+from runner.engine.guards import GuardSet, Reading, verdict
+from runner.engine.session import MainSession
+from runner.errors import NoGo, WorkFailed
+from runner.plan import Guards
+
+log = structlog.get_logger("backfill.apply")
+
+PAUSED = "paused"
+
+
+@dataclass
+class _Hold:
+    signal: str
+    hold_id: int
+    since: float
+    last: float
+
+
+class RunWatch:
+    """`clear_to_dispatch` returns when a batch may start; raises when the phase must stop."""
+
+    def __init__(
+        self,
+        main: MainSession,
+        reader: MainSession,
+        guards: Guards,
+        target_oid: int,
+        *,
+        stage: str,
+        state: RunState,
+        resume: str,
+        progress: Callable[[str, dict[str, Any]], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.main = main
+        self.reader = reader
+        self.guards = GuardSet(guards, target_oid)
+        self.settings = guards
+        self.run_id = main.run_id
+        self.stage = stage
+        self.state = state
+        self.resume = resume
+        self.progress = progress
+        self.clock = clock
+        self._hold: _Hold | None = None
+        self._stale_closed = False
+
+    async def clear_to_dispatch(self) -> None:
+        if not self._stale_closed:  # holds a killed process left open are over
+            await self.main.run(lambda c: ledger.close_holds(c, self.run_id))
+            self._stale_closed = True
+        try:
+            while True:
+                reading = await self._blocking_reading()
+                if reading is None:
+                    break
+                await self._held(reading)
+                await anyio.sleep(self.settings.interval)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._end_hold()
+            raise
+        await self._end_hold()
+
+    async def _blocking_reading(self) -> Reading | None:
+        """What keeps the next batch from starting now (None: nothing); raises to stop."""
+        request = await self.main.run(lambda c: ledger.control_state(c, self.run_id))
+        if request is not None and request.action == "cancel":
+            note = f" ({request.note})" if request.note else ""
+            log.warning("apply.cancelled", actor=request.actor, note=request.note)
+            raise NoGo(
+                f"run {self.run_id} was cancelled by {request.actor} at "
+                f"{request.requested_at:%Y-%m-%d %H:%M:%S}{note}: the {self.stage} stopped after "
+                "the batches in flight; every committed batch is kept",
+                hint=f"undo it: backfill rollback {self.run_id} --env ENV; or start a new run",
+            )
+        if request is not None and request.action == "pause":
+            note = f": {request.note}" if request.note else ""
+            return Reading(PAUSED, None, "hold", "", f"paused by {request.actor}{note}")
+        if not self.guards.enabled:
+            return None
+        readings = await self.main.run(self.guards.builtin)
+        if self.settings.custom:
+            readings += await self.reader.run(self.guards.custom)
+        found = verdict(readings)
+        if (m := metrics.current()) is not None:
+            m.readings(readings)
+        worst = found.worst
+        if worst is not None and worst.state == "stop":
+            log.warning("guard.stop", signal=worst.signal, value=worst.value, reason=worst.reason)
+            raise WorkFailed(
+                f"the {self.stage} of run {self.run_id} stopped: {worst.reason}; every "
+                "committed batch is kept",
+                hint=f"when {worst.signal} is back below its threshold, continue: {self.resume}",
+            )
+        return worst
+
+    async def _held(self, reading: Reading) -> None:
+        now = self.clock()
+        hold = self._hold
+        if hold is not None and hold.signal != reading.signal:
+            await self._end_hold()
+            hold = None
+        if hold is None:
+            hold_id = await self.main.run(
+                lambda c: ledger.start_hold(
+                    c,
+                    self.run_id,
+                    self.stage,
+                    reading.signal,
+                    reading.reason,
+                    reading.value,
+                    reading.threshold,
+                )
+            )
+            hold = self._hold = _Hold(reading.signal, hold_id, now, now)
+            log.warning(
+                "guard.hold", signal=reading.signal, value=reading.value, reason=reading.reason
+            )
+            self._tell("hold", {"reason": reading.reason, "signal": reading.signal})
+            if (m := metrics.current()) is not None:
+                m.held.set(1)
+        else:
+            self._count(hold, now)
+            await self.main.run(
+                lambda c: ledger.hold_seen(
+                    c, hold.hold_id, reading.reason, reading.value, ended=False
+                )
+            )
+        self.state.holding = reading.reason
+        if reading.signal != PAUSED and now - hold.since > self.settings.max_hold:
+            log.warning("guard.max_hold", signal=reading.signal, seconds=now - hold.since)
+            raise WorkFailed(
+                f"the {self.stage} of run {self.run_id} stopped: held for {now - hold.since:,.0f} s, "
+                f"longer than guards.max_hold ({self.settings.max_hold:,.0f} s): {reading.reason}; "
+                "every committed batch is kept",
+                hint=f"when {reading.signal} is back below its threshold, continue: {self.resume}",
+            )
+
+    def _count(self, hold: _Hold, now: float) -> None:
+        held = self.state.held_seconds
+        held[hold.signal] = held.get(hold.signal, 0.0) + (now - hold.last)
+        hold.last = now
+
+    async def _end_hold(self) -> None:
+        hold, self._hold = self._hold, None
+        if hold is None:
+            return
+        self._count(hold, self.clock())
+        self.state.holding = ""
+        log.info("guard.resumed", signal=hold.signal, held_seconds=round(hold.last - hold.since, 3))
+        self._tell("resume", {"signal": hold.signal})
+        if (m := metrics.current()) is not None:
+            m.held.set(0)
+        with contextlib.suppress(Exception):  # the hold's last sighting stays as recorded
+            await self.main.run(lambda c: ledger.hold_seen(c, hold.hold_id, "", None, ended=True))
+
+    def _tell(self, kind: str, data: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress(kind, data)

@@ -1,0 +1,394 @@
+"""Issue #13 on a real PostgreSQL: guards hold and stop a running apply, an operator pauses,
+resumes and cancels it from another process, batches adapt their size, metrics are scraped.
+
+Nothing here asserts a duration: each step waits (with a generous deadline) for a fact in the
+ledger, and asserts on batches, holds and exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import cli_subprocess, make_items, psql_binary, sql, val, write_plan
+from tests.helpers import differing, env_for, ledger_totals, run_id_of, snapshot, start_runner
+
+SLOW_APPLY = (
+    "UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
+    "AND val IS DISTINCT FROM 'new' AND pg_sleep(0.002) IS NOT NULL"
+)
+DEADLINE = 90.0
+
+
+def wait_for(what: str, check: Callable[[], Any], proc: subprocess.Popen[str] | None = None) -> Any:
+    """Poll `check` until it returns something truthy; fail (with the runner's output) if the
+    runner exits first or the deadline passes."""
+    end = time.monotonic() + DEADLINE
+    while time.monotonic() < end:
+        found = check()
+        if found:
+            return found
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            pytest.fail(f"the runner exited ({proc.returncode}) before {what}:\n{out}")
+        time.sleep(0.05)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def finish(proc: subprocess.Popen[str]) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=DEADLINE * 2)
+    return proc.returncode, out
+
+
+def the_run(db: str) -> str | None:
+    return val(db, "SELECT run_id FROM backfill.runs LIMIT 1") if _has_ledger(db) else None
+
+
+def _has_ledger(db: str) -> bool:
+    return bool(val(db, "SELECT to_regclass('backfill.guard_holds') IS NOT NULL"))
+
+
+def committed(db: str) -> int:
+    if not _has_ledger(db):
+        return 0
+    return int(val(db, "SELECT count(*) FROM backfill.batches WHERE status = 'done'"))
+
+
+def holds(db: str, signal: str) -> list[dict[str, Any]]:
+    if not _has_ledger(db):
+        return []
+    rows = sql(
+        db,
+        "SELECT signal, reason, value, threshold, open, last_seen_at > started_at AS rechecked"
+        " FROM backfill.guard_holds WHERE signal = $1 ORDER BY id",
+        signal,
+    )
+    return [dict(r) for r in rows]
+
+
+def summary(workdir: Path, run_id: str) -> str:
+    return (
+        workdir / "backfill_logs" / "items_new" / run_id / "staging" / "backfill_summary.md"
+    ).read_text()
+
+
+def backfill(workdir: Path, db: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """A second process, as a second operator runs it."""
+    env = {
+        **env_for(db),
+        "BACKFILL_LOGS": str(workdir / "backfill_logs"),
+        "BACKFILL_ACTOR": "carol",
+    }
+    return cli_subprocess(list(args), workdir, env)
+
+
+@pytest.fixture
+def idle_sessions(db: str) -> Iterator[Callable[[int], list[subprocess.Popen[bytes]]]]:
+    """Open N extra sessions on the server (psql sleeping), closed at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def open_(n: int) -> list[subprocess.Popen[bytes]]:
+        mine = [
+            subprocess.Popen(
+                [psql_binary(), "-X", "-q", "-d", db, "-c", "SELECT pg_sleep(600)"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env={**os.environ, "PGAPPNAME": "idle_holder"},
+            )
+            for _ in range(n)
+        ]
+        procs.extend(mine)
+        return mine
+
+    yield open_
+    release(db)
+    for p in procs:
+        p.wait()
+
+
+def release(db: str) -> None:
+    """End the idle sessions (a killed psql leaves its backend sleeping)."""
+    sql(
+        db,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE application_name = 'idle_holder'",
+    )
+
+
+def client_sessions(db: str) -> int:
+    return int(
+        val(db, "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
+    )
+
+
+def test_connections_past_the_threshold_hold_the_run_and_releasing_them_resumes_it(
+    workdir: Path, db: str, idle_sessions: Callable[[int], list[subprocess.Popen[bytes]]]
+) -> None:
+    make_items(db, 600)
+    max_connections = int(val(db, "SHOW max_connections"))
+    base = client_sessions(db)
+    # the runner alone (its main, reader, checker and worker sessions) stays under the
+    # threshold; 20 idle sessions more go over it
+    share = (base + 12) / max_connections
+    plan = write_plan(
+        workdir / "p.json",
+        guards={"interval": "100ms", "connections": {"hold": share, "critical": False}},
+    )
+    extra = idle_sessions(20)
+    wait_for("the idle sessions", lambda: client_sessions(db) >= base + 20)
+    proc = start_runner(["apply", str(plan), "--env", "staging", "--quiet"], workdir, db)
+    held = wait_for(
+        "a hold that was checked again",
+        lambda: [h for h in holds(db, "connections") if h["rechecked"]],
+        proc,
+    )
+    assert held[0]["open"]
+    assert held[0]["reason"].startswith("connections in use ")
+    assert committed(db) == 0, "a held run started a batch"
+    run_id = the_run(db)
+    assert run_id is not None
+    status = backfill(workdir, db, "status", run_id)
+    assert "held: connections in use" in status.stdout, status.stdout + status.stderr
+
+    release(db)
+    for p in extra:
+        p.wait()
+    code, out = finish(proc)
+    assert code == 3, out
+    assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") == 0
+    assert not any(h["open"] for h in holds(db, "connections"))
+    text = summary(workdir, run_id)
+    assert "| connections |" in text, text
+
+
+def test_a_failing_custom_guard_holds_one_past_its_critical_threshold_stops_with_exit_1_and_the_run_resumes(
+    workdir: Path, db: str
+) -> None:
+    make_items(db, 1000)
+    sql(db, "CREATE TABLE queue (job int)")
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql=SLOW_APPLY,
+        batching__size=50,
+        guards={
+            "interval": "100ms",
+            "custom": [
+                {
+                    "name": "queue_depth",
+                    "sql": "SELECT count(*) FROM queue",
+                    "pass_if": "== 0",
+                    "critical_if": ">= 10",
+                }
+            ],
+        },
+    )
+    proc = start_runner(["apply", str(plan), "--env", "staging", "--quiet"], workdir, db)
+    wait_for("a first batch", lambda: committed(db) >= 1, proc)
+    sql(db, "INSERT INTO queue VALUES (1)")
+    held = wait_for(
+        "the custom guard's hold, checked again",
+        lambda: [h for h in holds(db, "custom.queue_depth") if h["rechecked"]],
+        proc,
+    )
+    assert held[0]["value"] == 1.0
+    at_hold = committed(db)
+    seen = val(db, "SELECT clock_timestamp()")
+    wait_for(
+        "another re-check",
+        lambda: val(db, "SELECT last_seen_at > $1 FROM backfill.guard_holds WHERE open", seen),
+        proc,
+    )
+    assert committed(db) == at_hold, "a batch started while the guard held"
+
+    sql(db, "INSERT INTO queue SELECT g FROM generate_series(2, 10) AS g")
+    code, out = finish(proc)
+    assert code == 1, out
+    assert "guard queue_depth = 10" in out
+    assert "critical" in out
+    run_id = the_run(db)
+    assert run_id is not None
+    assert committed(db) == at_hold
+
+    sql(db, "DELETE FROM queue")
+    again = backfill(
+        workdir, db, "apply", str(plan), "--env", "staging", "--run", run_id, "--quiet"
+    )
+    assert again.returncode == 3, again.stdout + again.stderr
+    assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") == 0
+    assert ledger_totals(db, run_id)["changed"] == 800  # each row once, across both commands
+    assert "custom.queue_depth" in summary(workdir, run_id)
+
+
+def test_pause_from_a_second_process_stops_new_batches_within_one_batch_and_resume_continues(
+    workdir: Path, db: str
+) -> None:
+    make_items(db, 2000)
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql=SLOW_APPLY,
+        batching__size=50,
+        guards={"interval": "100ms"},
+    )
+    proc = start_runner(["apply", str(plan), "--env", "staging", "--quiet"], workdir, db)
+    wait_for("two batches", lambda: committed(db) >= 2, proc)
+    run_id = the_run(db)
+    assert run_id is not None
+    paused = backfill(workdir, db, "pause", run_id, "--env", "staging", "--note", "deploy")
+    assert paused.returncode == 0, paused.stdout + paused.stderr
+    assert "paused" in paused.stdout
+    at_request = committed(db)
+    wait_for("the pause obeyed", lambda: holds(db, "paused"), proc)
+    obeyed = committed(db)
+    assert obeyed <= at_request + 1, "more than the batch in flight ran after the pause"
+    wait_for("a re-check while paused", lambda: [h for h in holds(db, "paused") if h["rechecked"]])
+    assert committed(db) == obeyed
+    status = backfill(workdir, db, "status", run_id)
+    assert "paused by carol" in status.stdout, status.stdout
+    assert "(deploy)" in status.stdout
+
+    resumed = backfill(workdir, db, "resume", run_id, "--env", "staging")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    code, out = finish(proc)
+    assert code == 3, out
+    assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") == 0
+    assert "paused by an operator" in summary(workdir, run_id)
+    again = backfill(workdir, db, "resume", run_id, "--env", "staging")
+    assert again.returncode == 2, "resuming a run that is not paused is refused"
+
+
+def test_cancel_stops_cleanly_and_leaves_a_run_that_rolls_back_exactly(
+    workdir: Path, db: str
+) -> None:
+    make_items(db, 2000)
+    snapshot(db, "items")
+    plan = write_plan(workdir / "p.json", apply__sql=SLOW_APPLY, batching__size=50)
+    proc = start_runner(["apply", str(plan), "--env", "staging", "--quiet"], workdir, db)
+    wait_for("two batches", lambda: committed(db) >= 2, proc)
+    run_id = the_run(db)
+    assert run_id is not None
+    cancelled = backfill(workdir, db, "cancel", run_id, "--env", "staging", "--note", "wrong value")
+    assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
+    code, out = finish(proc)
+    assert code == 4, out
+    assert "cancelled by carol" in out
+
+    kept = ledger_totals(db, run_id)
+    assert 0 < kept["changed"] < 1600
+    assert val(db, "SELECT count(*) FROM backfill.batches WHERE status <> 'done'") == 0
+    status = backfill(workdir, db, "status", run_id)
+    assert "cancelled by carol" in status.stdout, status.stdout
+    again = backfill(workdir, db, "apply", str(plan), "--env", "staging", "--run", run_id)
+    assert again.returncode == 4, again.stdout + again.stderr
+    assert ledger_totals(db, run_id) == kept, "a cancelled run went forward"
+
+    undone = backfill(workdir, db, "rollback", run_id, "--env", "staging")
+    assert undone.returncode == 0, undone.stdout + undone.stderr
+    assert "checksum verified" in undone.stdout
+    assert differing(db, "items") == 0
+
+
+def test_adaptive_batches_shrink_as_rows_get_slower_and_never_pass_max_size(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 2500)
+    plan = write_plan(
+        workdir / "p.json",
+        # each row costs more than the one before: 2 µs per unit of id
+        apply__sql="UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
+        "AND val IS DISTINCT FROM 'new' AND pg_sleep(id * 0.000002) IS NOT NULL",
+        batching={
+            "size": 20,
+            "min_size": 5,
+            "max_size": 400,
+            "target_batch_seconds": 0.1,
+            "statement_timeout": "30s",
+        },
+    )
+    result = cli("apply", str(plan), "--env", "staging", "--quiet", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    run_id = run_id_of(result.output)
+    batches = sorted(
+        (workdir / "backfill_logs" / "items_new" / run_id / "staging" / "batches").glob("*.json")
+    )
+    sizes = [json.loads(p.read_text())["size"] for p in batches]
+    assert all(5 <= s <= 400 for s in sizes)
+    peak = max(sizes)
+    assert peak > 20, "the size never grew from its start on cheap rows"
+    assert sizes[-2] < peak / 2, f"the size did not shrink as rows got slower: {sizes}"
+    assert "Batch size adapted toward" in summary(workdir, run_id)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_metrics_are_served_while_the_apply_runs(workdir: Path, db: str) -> None:
+    make_items(db, 2000)
+    plan = write_plan(workdir / "p.json", apply__sql=SLOW_APPLY, batching__size=50)
+    port = _free_port()
+    proc = start_runner(
+        ["apply", str(plan), "--env", "staging", "--quiet", "--metrics-port", str(port)],
+        workdir,
+        db,
+    )
+
+    def scrape() -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text: str = r.read().decode()
+        except OSError:
+            return ""
+        return text if 'backfill_batches_total{outcome="done"}' in text else ""
+
+    text = wait_for("a scrape with a committed batch", scrape, proc)
+    for name in (
+        "backfill_rows_changed_total",
+        "backfill_batch_duration_seconds_bucket",
+        "backfill_batch_size 50.0",
+        'backfill_guard_state{signal="connections"} 0.0',
+        'backfill_guard_value{signal="connections"}',
+        "backfill_rows_remaining_estimate",
+        "backfill_held 0.0",
+    ):
+        assert name in text, name
+    code, out = finish(proc)
+    assert code == 3, out
+
+
+def test_a_hold_longer_than_max_hold_stops_resumably_with_exit_1(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 300)
+    sql(db, "CREATE TABLE maintenance (on_ boolean); INSERT INTO maintenance VALUES (true)")
+    guards = {
+        "interval": "50ms",
+        "max_hold": "300ms",
+        "custom": [
+            {"name": "window", "sql": "SELECT bool_or(on_) FROM maintenance", "pass_if": "is false"}
+        ],
+    }
+    plan = write_plan(workdir / "p.json", guards=guards)
+    result = cli("apply", str(plan), "--env", "staging", "--quiet", env=env_for(db))
+    assert result.exit_code == 1, result.output
+    assert "longer than guards.max_hold" in result.output
+    assert "guard window = 1, passes when is false" in result.output
+    run_id = the_run(db)
+    assert run_id is not None
+    assert committed(db) == 0
+    assert f"--run {run_id}" in result.output
+
+    sql(db, "UPDATE maintenance SET on_ = false")
+    again = cli("apply", str(plan), "--env", "staging", "--run", run_id, "--quiet", env=env_for(db))
+    assert again.exit_code == 3, again.output
+    assert ledger_totals(db, run_id)["changed"] == 240

@@ -1,0 +1,54 @@
+"""Guard verdicts (engine/guards.py) and the [guards] defaults, without a database."""
+
+from __future__ import annotations
+
+from runner.engine.guards import judge, judge_custom, verdict
+from runner.plan import CustomGuard, Guards, Limit
+
+
+def test_without_configuration_the_defaults_are_safe_for_prod() -> None:
+    g = Guards.model_validate({})
+    assert (g.connections.hold, g.connections.critical) == (0.8, 0.95)
+    assert g.replication_lag_seconds.hold == 30.0
+    assert g.longest_transaction_seconds.hold is not None
+    assert g.max_hold > 0
+    assert g.enabled
+
+
+def test_a_half_specified_signal_keeps_its_other_default_and_false_turns_one_off() -> None:
+    g = Guards.model_validate({"connections": {"hold": 0.5}, "lock_waiters": {"hold": False}})
+    assert (g.connections.hold, g.connections.critical) == (0.5, 0.95)
+    assert g.lock_waiters.hold is None
+
+
+def test_a_signal_over_hold_holds_and_at_critical_stops_naming_value_and_threshold() -> None:
+    limit = Limit(hold=0.8, critical=0.95)
+    assert judge("connections", 0.5, limit).state == "normal"
+    held = judge("connections", 0.85, limit)
+    assert held.state == "hold"
+    assert held.reason == "connections in use 85% > 80%"
+    stopped = judge("connections", 0.96, limit)
+    assert stopped.state == "stop"
+    assert "96%" in stopped.reason
+    assert "critical" in stopped.reason
+    lag = judge("replication_lag_seconds", 45.0, Limit(hold=30.0))
+    assert lag.reason == "replication lag 45 s > 30 s"
+    assert judge("replication_lag_seconds", None, Limit(hold=30.0)).state == "normal"
+
+
+def test_a_custom_guard_holds_when_it_fails_and_stops_at_its_critical_condition() -> None:
+    guard = CustomGuard(name="queue", sql="SELECT 1", pass_if="< 10", critical_if=">= 100")
+    assert judge_custom(guard, 3).state == "normal"
+    assert judge_custom(guard, 12).state == "hold"
+    assert judge_custom(guard, 100).state == "stop"
+    assert judge_custom(guard, None).state == "hold"  # no value is never a pass
+
+
+def test_the_verdict_is_the_worst_reading() -> None:
+    limit = Limit(hold=0.8, critical=0.95)
+    readings = [judge("connections", 0.85, limit), judge("connections", 0.1, limit)]
+    v = verdict(readings)
+    assert v.state == "hold"
+    assert v.worst is readings[0]
+    assert verdict([judge("connections", 0.1, limit)]).worst is None
+    assert verdict([*readings, judge("connections", 0.99, limit)]).state == "stop"
