@@ -248,6 +248,27 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX guard_holds_run ON backfill.guard_holds (run_id, stage);
     """,
+    # 5: shaped backfills (#11): the tables a run writes, and row images per table
+    """
+    ALTER TABLE backfill.runs ADD COLUMN tables jsonb;
+    ALTER TABLE backfill.batch_images ADD COLUMN rel smallint NOT NULL DEFAULT 0;
+    ALTER TABLE backfill.batch_images DROP CONSTRAINT batch_images_pkey;
+    ALTER TABLE backfill.batch_images ADD PRIMARY KEY (run_id, batch_no, rel);
+    ALTER TABLE backfill.rollback_conflicts ADD COLUMN rel smallint NOT NULL DEFAULT 0;
+    -- rel: 0 the target of a plain run (images of its declared columns); 1… the tables of a
+    -- shaped run, as runs.tables lists them (whole-row images). op: U changed, N unchanged,
+    -- I inserted (no before), D deleted (no after).
+    CREATE OR REPLACE VIEW backfill.row_images AS
+    SELECT i.run_id, i.batch_no, u.op::"char" AS op,
+           CASE WHEN i.key_width = 1 THEN ARRAY[u.key] ELSE u.key::text[] END AS key,
+           CASE WHEN u.op = 'I' THEN NULL
+                WHEN i.image_width = 1 THEN ARRAY[u.before] ELSE u.before::text[] END AS before,
+           CASE WHEN u.op IN ('N', 'D') THEN NULL
+                WHEN i.image_width = 1 THEN ARRAY[u.after] ELSE u.after::text[] END AS after,
+           i.rel
+    FROM backfill.batch_images AS i
+    CROSS JOIN LATERAL unnest(i.ops, i.keys, i.befores, i.afters) AS u(op, key, before, after);
+    """,
 ]
 
 
@@ -302,6 +323,7 @@ class RunRow:
     target_name: str | None = None
     target_oid: int | None = None
     search_schemas: list[str] = field(default_factory=list)
+    tables: list[dict[str, Any]] | None = None  # a shaped run's tables (engine.shapes.Table.doc)
 
     @property
     def quoted_table(self) -> str:
@@ -314,6 +336,8 @@ class RunRow:
     def from_row(cls, row: asyncpg.Record) -> RunRow:
         d = dict(row)
         d["plan"] = json.loads(d["plan"])
+        if d.get("tables") is not None:
+            d["tables"] = json.loads(d["tables"])
         return cls(**d)
 
 
@@ -955,6 +979,7 @@ class NewRun:
     target_name: str
     target_oid: int
     search_schemas: list[str]
+    tables: list[dict[str, Any]] | None = None
 
 
 async def insert_run(conn: asyncpg.Connection, run: NewRun) -> None:
@@ -963,8 +988,8 @@ async def insert_run(conn: asyncpg.Connection, run: NewRun) -> None:
         """
         INSERT INTO backfill.runs (run_id, env, plan_name, plan_digest, plan, target_table,
                                    key_columns, columns, key_types, column_types, operator,
-                                   target_schema, target_name, target_oid, search_schemas)
-        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)
+                                   target_schema, target_name, target_oid, search_schemas, tables)
+        VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16::jsonb)
         ON CONFLICT (run_id) DO NOTHING
         """,
         run.run_id,
@@ -982,6 +1007,7 @@ async def insert_run(conn: asyncpg.Connection, run: NewRun) -> None:
         run.target_name,
         run.target_oid,
         run.search_schemas,
+        None if run.tables is None else json.dumps(run.tables),
     )
 
 

@@ -201,25 +201,77 @@ class Environment(_Model):
         )
 
 
+def _check_names(where: str, key: list[str], columns: list[str]) -> None:
+    for field, names in (("key", key), ("columns", columns)):
+        if any(not n.strip() for n in names):
+            raise ValueError(f"{where}.{field}: a column name is empty")
+        if len(set(names)) != len(names):
+            raise ValueError(f"{where}.{field}: a column is listed twice: {names}")
+    overlap = sorted(set(key) & set(columns))
+    if overlap:
+        raise ValueError(
+            f"{where}.columns must not include key columns {overlap}: "
+            "a backfill may not change the key a row is found by"
+        )
+
+
+def _update_only() -> list[Literal["update", "delete"]]:
+    return ["update"]
+
+
 class Target(_Model):
+    """The table the batches page through (the batch source), and what a batch may do to its
+    rows: update `columns` (the default), or delete the rows (archive-and-delete)."""
+
     table: NonEmpty
     key: ColumnList = Field(min_length=1)
-    columns: ColumnList = Field(min_length=1)
+    columns: ColumnList = Field(default_factory=list)
+    operations: list[Literal["update", "delete"]] = Field(default_factory=_update_only)
 
     @model_validator(mode="after")
     def _check_columns(self) -> Target:
-        for field, names in (("key", self.key), ("columns", self.columns)):
-            if any(not n.strip() for n in names):
-                raise ValueError(f"target.{field}: a column name is empty")
-            if len(set(names)) != len(names):
-                raise ValueError(f"target.{field}: a column is listed twice: {names}")
-        overlap = sorted(set(self.key) & set(self.columns))
-        if overlap:
+        _check_names("target", self.key, self.columns)
+        if not self.operations or len(set(self.operations)) != len(self.operations):
+            raise ValueError("target.operations: list update and/or delete, each once")
+        if "update" in self.operations and not self.columns:
             raise ValueError(
-                f"target.columns must not include key columns {overlap}: "
-                "a backfill may not change the key it pages by"
+                "target.columns: list the columns the apply changes (or set "
+                'target.operations = ["delete"] for a backfill that only deletes)'
             )
         return self
+
+
+WriteOperation = Literal["update", "insert", "delete", "upsert"]
+
+
+class Write(_Model):
+    """Another table a batch may write, declared: its key (how a row is found again to undo
+    it), the operations allowed on it and the columns an update may change. Inserted and deleted
+    rows are recorded whole."""
+
+    table: NonEmpty
+    key: ColumnList = Field(min_length=1)
+    operations: list[WriteOperation] = Field(min_length=1)
+    columns: ColumnList = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> Write:
+        where = f"writes[{self.table}]"
+        _check_names(where, self.key, self.columns)
+        if len(set(self.operations)) != len(self.operations):
+            raise ValueError(f"{where}.operations: an operation is listed twice")
+        if {"update", "upsert"} & set(self.operations) and not self.columns:
+            raise ValueError(f"{where}.columns: list the columns an update (or upsert) may change")
+        return self
+
+    @property
+    def allowed(self) -> frozenset[str]:
+        """The row-level operations: an upsert inserts or updates."""
+        ops = set(self.operations)
+        if "upsert" in ops:
+            ops |= {"insert", "update"}
+        ops.discard("upsert")
+        return frozenset(ops)
 
 
 class Discovery(_Model):
@@ -235,23 +287,46 @@ class Discovery(_Model):
         return refuse_side_effects(sql, "discovery")
 
 
-class Apply(_Model):
-    sql: NonEmpty
+def _one_statement(sql: str, where: str) -> str:
+    if not re.search(r"\$1(?!\d)", sql_code(sql)):
+        raise ValueError(
+            f"{where} must use the batch's keys: `$1` is the array of key values "
+            "(one array per key column: $1, $2, …), e.g. `WHERE id = ANY($1)`; a `$1` in a "
+            "comment or a string does not count"
+        )
+    if sql.rstrip().endswith(";"):
+        sql = sql.rstrip()[:-1]
+    if ";" in _QUOTED_IDENTIFIER.sub(" ", sql_code(sql)):
+        raise ValueError(f"{where} must be one statement (found `;` inside it)")
+    return sql
 
-    @field_validator("sql")
-    @classmethod
-    def _uses_keys(cls, sql: str) -> str:
-        if not re.search(r"\$1(?!\d)", sql_code(sql)):
+
+class Apply(_Model):
+    """What one batch does: one statement (`sql`), or an ordered list (`statements`) run in the
+    batch's transaction, each with the batch's key arrays as $1…$n."""
+
+    sql: str | None = None
+    statements: list[NonEmpty] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_form(self) -> Apply:
+        if (self.sql is None) == (not self.statements):
             raise ValueError(
-                "the apply statement must use the batch's keys: `$1` is the array of key values "
-                "(one array per key column: $1, $2, …), e.g. `WHERE id = ANY($1)`; a `$1` in a "
-                "comment or a string does not count"
+                "apply: give either `sql` (one statement) or `statements` (an ordered list)"
             )
-        if sql.rstrip().endswith(";"):
-            sql = sql.rstrip()[:-1]
-        if ";" in _QUOTED_IDENTIFIER.sub(" ", sql_code(sql)):
-            raise ValueError("the apply must be one statement (found `;` inside it)")
-        return sql
+        if self.sql is not None:
+            object.__setattr__(self, "sql", _one_statement(self.sql, "the apply statement"))
+        object.__setattr__(
+            self,
+            "statements",
+            [_one_statement(s, f"apply.statements[{i}]") for i, s in enumerate(self.statements)],
+        )
+        return self
+
+    @property
+    def all(self) -> list[str]:
+        """The batch's statements, in order."""
+        return [self.sql] if self.sql is not None else list(self.statements)
 
 
 class Batching(_Model):
@@ -541,6 +616,7 @@ class Plan(_Model):
     target: Target
     discovery: Discovery
     apply: Apply
+    writes: list[Write] = Field(default_factory=list)
     batching: Batching = Field(default_factory=Batching)
     soak: Soak = Field(default_factory=Soak)
     health: Health = Field(default_factory=Health)
@@ -550,6 +626,17 @@ class Plan(_Model):
     variables: Variables = Field(default_factory=Variables)
     canary: Canary | None = None
     parent: Parent | None = None
+
+    @model_validator(mode="after")
+    def _distinct_tables(self) -> Plan:
+        names = [self.target.table, *(w.table for w in self.writes)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(
+                f"writes: {twice} declared twice (the target is declared by [target]); "
+                "declare each table once with every operation it needs"
+            )
+        return self
 
     @model_validator(mode="after")
     def _pipeline_envs(self) -> Plan:
@@ -566,6 +653,14 @@ class Plan(_Model):
     @property
     def name(self) -> str:
         return self.plan.name
+
+    @property
+    def shaped(self) -> bool:
+        """Anything but one UPDATE of the target's columns: other tables written, inserts or
+        deletes, several statements. Such a batch records whole-row images per table."""
+        return (
+            bool(self.writes) or bool(self.apply.statements) or self.target.operations != ["update"]
+        )
 
     @property
     def is_mini(self) -> bool:

@@ -16,6 +16,7 @@ import anyio
 import asyncpg
 
 from runner.db import fetch_one
+from runner.engine.shapes import TOUCHED_DDL, ShapedRun, Step
 from runner.engine.target import BatchStatement, TargetInfo
 from runner.errors import ConnectionFailed, InvalidInput, ScopeViolation, WorkFailed
 from runner.ledger import LEDGER_SCHEMA, batch_committed
@@ -24,6 +25,14 @@ from runner.redact import redact_text
 TRANSIENT = frozenset(
     {"lock_timeout", "deadlock", "serialization", "statement_timeout", "connection_lost"}
 )
+
+
+RETURNING_OLD_NEW_SINCE = 180000  # server_version_num of PostgreSQL 18
+
+
+class Unrepeatable(Exception):
+    """A statement touched other rows when run for real than when probed (capture path): the
+    batch is rolled back and retried, like a serialization failure."""
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,7 @@ def classify(exc: BaseException) -> str:
         return "lock_timeout"
     if isinstance(exc, asyncpg.DeadlockDetectedError):
         return "deadlock"
-    if isinstance(exc, asyncpg.SerializationError):
+    if isinstance(exc, asyncpg.SerializationError | Unrepeatable):
         return "serialization"
     if isinstance(exc, asyncpg.QueryCanceledError):
         return "statement_timeout"
@@ -410,6 +419,125 @@ async def _changed_other_columns(
     return changed
 
 
+def shaped_unexpected(
+    start: Writes, end: Writes, shape: ShapedRun, raw: dict[int, list[int]], probed: dict[int, int]
+) -> list[str]:
+    """What a shaped batch's transaction wrote beyond the rows its statements returned (and
+    imaged), per declared table and operation, and anything written to an undeclared table.
+    `probed`: rows a capture-path probe wrote and rolled back (the counters keep them)."""
+    found: list[str] = []
+    by_oid = {o: t for t in shape.tables for o in (t.oid, t.root_oid)}
+    for oid, (schema, table, *after) in end.items():
+        before = start.get(oid, (schema, table, 0, 0, 0))[2:]
+        counts = [int(a) - int(b) for a, b in zip(after, before, strict=True)]
+        if not any(counts):
+            continue
+        name = f"{schema}.{table}"
+        declared = by_oid.get(oid)
+        if declared is not None:
+            imaged = raw.get(declared.rel, [0, 0, 0])
+            extra = probed.get(declared.rel, 0)
+            what = [
+                f"{n - imaged[i] - extra} {op} beyond the {imaged[i]} its statements returned"
+                for i, (n, op) in enumerate(
+                    zip(counts, ("inserted", "updated", "deleted"), strict=True)
+                )
+                if n > imaged[i] + extra
+            ]
+        elif schema == LEDGER_SCHEMA and table in _LEDGER_WRITES:
+            lo, hi = _LEDGER_WRITES[table]
+            hi = len(shape.tables) if table == "batch_images" else hi
+            ins, upd, dele = counts
+            what = [
+                f"{ins} inserted" if not lo <= ins <= hi else "",
+                f"{upd} updated" if upd else "",
+                f"{dele} deleted" if dele else "",
+            ]
+        else:
+            what = [
+                f"{n} {op} (not declared in the plan)"
+                for n, op in zip(counts, ("inserted", "updated", "deleted"), strict=True)
+                if n
+            ]
+        what = [w for w in what if w]
+        if what:
+            found.append(f"{name}: {', '.join(what)}")
+    return found
+
+
+async def _capture_step(
+    conn: asyncpg.Connection, step: Step, batch: Batch, probed: dict[int, int]
+) -> None:
+    """One statement on the capture path (see engine.shapes)."""
+    if step.op in ("insert", "delete"):
+        await conn.execute(step.direct_sql, *batch.key_arrays)
+        return
+    probe = conn.transaction()  # a savepoint, rolled back: only which rows it touches is kept
+    await probe.start()
+    try:
+        found = await fetch_one(conn, step.probe_sql, *batch.key_arrays)
+    finally:
+        await probe.rollback()
+    n = int(found["n"])
+    probed[step.table.rel] = probed.get(step.table.rel, 0) + n
+    if n:
+        arrays = [found[f"k{i}"] for i in range(len(step.table.key))]
+        await conn.execute(step.prior_sql, *arrays)
+    await conn.execute(step.real_sql, *batch.key_arrays)
+    real = await conn.fetchval(
+        "SELECT count(*)::int FROM pg_temp.backfill_touched WHERE step = $1", step.no
+    )
+    matched = await conn.fetchval(
+        "SELECT count(*)::int FROM pg_temp.backfill_touched WHERE step = $1 AND had_old", step.no
+    )
+    prior = await conn.fetchval(
+        "SELECT count(*)::int FROM pg_temp.backfill_prior WHERE rel = $1", step.table.rel
+    )
+    if real != n or matched != prior:
+        raise Unrepeatable(
+            f"{step.where} touched {real} row(s) of {step.table.display} when run, but "
+            f"{n} when probed ({matched} of {prior} known rows): its rows depend on something "
+            "that changed (a volatile function?)"
+        )
+
+
+async def _apply_shaped(
+    conn: asyncpg.Connection, shape: ShapedRun, ctx: BatchContext, mode: str
+) -> tuple[int, int]:
+    """A shaped batch (engine.shapes), in one transaction: its statements, its net images
+    checked and recorded, the scope guard. Returns (rows changed, rows unchanged)."""
+    batch = ctx.batch
+    probed: dict[int, int] = {}
+    async with conn.transaction(isolation="repeatable_read"):
+        start = await read_writes(conn, batch)
+        for step in shape.steps:
+            if mode == "returning":
+                await conn.execute(step.returning_sql, *batch.key_arrays)
+            else:
+                await _capture_step(conn, step, batch, probed)
+        fin = shape.finalize
+        row = await fetch_one(conn, fin.sql, *fin.bind(ctx.values(shape.target)))
+        bad = json.loads(row["bad"] or "[]")
+        if bad:
+            raise ScopeViolation(
+                f"batch {batch.batch_no} (keys {batch.key_range}): {shape.describe_bad(bad)}; "
+                "the batch was rolled back",
+                hint="declare each table the apply writes under [[writes]], with its operations "
+                "and the columns an update may change; restrict the target's rows to the batch's keys",
+            )
+        raw = {int(k): v for k, v in json.loads(row["raw"]).items()}
+        found = shaped_unexpected(start, await read_writes(conn, batch), shape, raw, probed)
+        if found:
+            raise ScopeViolation(
+                f"batch {batch.batch_no} (keys {batch.key_range}): the batch's transaction wrote "
+                f"outside what its statements returned — {'; '.join(found)}; the batch was "
+                "rolled back",
+                hint="look for triggers, cascading foreign keys and writes inside functions: every "
+                "row a batch writes must be one its statements write (so it can be undone)",
+            )
+        return int(row["changed"]), int(row["same"])
+
+
 Reconnect = Callable[[], Awaitable[asyncpg.Connection]]
 
 
@@ -426,7 +554,9 @@ class BatchExecutor:
         max_retries: int,
         backoff_base: float = 0.2,
         backoff_cap: float = 10.0,
+        shape: ShapedRun | None = None,
     ) -> None:
+        self.shape = shape
         self.target = target
         self.apply_sql = apply_sql
         self.run_id = run_id
@@ -444,6 +574,8 @@ class BatchExecutor:
         if self.conn is None or self.conn.is_closed():
             self.conn = await self.reconnect()
             await self.conn.execute(self.target.scratch_ddl)
+            if self.shape is not None:
+                await self.conn.execute(TOUCHED_DDL)
             if self.mode is None:
                 await self._choose_mode(self.conn)
         return self.conn
@@ -451,6 +583,14 @@ class BatchExecutor:
     async def _choose_mode(self, conn: asyncpg.Connection) -> None:
         """One statement per batch where the server and the apply allow it (RETURNING OLD/NEW,
         PostgreSQL 18+); otherwise capture, apply and compare as three statements."""
+        if self.shape is not None:
+            version = int(await conn.fetchval("SHOW server_version_num"))
+            self.mode, self.mode_reason = (
+                ("returning", "RETURNING OLD/NEW per statement")
+                if version >= RETURNING_OLD_NEW_SINCE
+                else ("capture", f"PostgreSQL {version // 10000}: no RETURNING OLD/NEW")
+            )
+            return
         try:
             await conn.prepare(self.returning.sql)
         except asyncpg.PostgresError as e:
@@ -483,7 +623,10 @@ class BatchExecutor:
                         started_at=started_wall,
                     )
                 ctx = BatchContext(batch, self.run_id, attempt, errors, started_wall)
-                if self.mode == "returning":
+                noop: int | None = None
+                if self.shape is not None:
+                    changed, noop = await _apply_shaped(conn, self.shape, ctx, self.mode or "")
+                elif self.mode == "returning":
                     changed = await _apply_returning(
                         conn, self.target, self.returning, ctx, self.reconnect
                     )
@@ -524,7 +667,7 @@ class BatchExecutor:
                 batch.last_key,
                 selected=batch.size,
                 changed=changed,
-                noop=batch.size - changed,
+                noop=batch.size - changed if noop is None else noop,
                 attempts=attempt,
                 errors=errors,
                 started_at=started_wall,

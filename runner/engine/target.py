@@ -227,7 +227,8 @@ FROM {as_subquery(discovery_sql)} AS d"""
             on = " AND ".join(f"p.{k.q} = b.k{i}" for i, k in enumerate(self.key))
             done = f"unnest({arrays}) AS b({', '.join(f'k{i}' for i in range(n))}) ON {on}"
         else:
-            done = f"backfill.row_images r ON r.run_id = $1 AND r.key = ARRAY[{as_text}]::text[]"
+            # rel 0: a plain run's target; rel 1: a shaped run's target (engine.shapes)
+            done = f"backfill.row_images r ON r.run_id = $1 AND r.rel IN (0, 1) AND r.key = ARRAY[{as_text}]::text[]"
         return f"""
 WITH p AS (SELECT {keys} FROM {as_subquery(discovery_sql)} AS d WHERE {self._in_range("d", lo, hi)})
 SELECT concat_ws(', ', {as_text}) AS key
@@ -461,17 +462,73 @@ WHERE t.xmin::text = (pg_current_xact_id()::text::bigint % 4294967296)::text
 LIMIT 5"""
 
 
-async def resolve_target(conn: asyncpg.Connection, target: Target) -> TargetInfo:
-    """Look the target up in the catalog; a missing table, key or column is an InvalidInput."""
+@dataclass(frozen=True)
+class Catalog:
+    """A table as the catalog describes it, before the plan's columns are checked against it."""
+
+    oid: int
+    root_oid: int
+    schema: str
+    name: str
+    attrs: dict[str, Column]
+    by_search_path: frozenset[str]
+    unique_sets: tuple[frozenset[str], ...]
+
+    @property
+    def display(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    def require(
+        self, where: str, key: list[str], columns: list[str], *, whole_rows: bool = False
+    ) -> None:
+        """The plan's key and columns exist, the key is unique and NOT NULL, nothing imaged is
+        a reg* value or generated: what a row image needs to mean one row, exactly.
+        `whole_rows`: every column is imaged (inserted and deleted rows are recorded whole)."""
+        display = self.display
+        for field, names in (("key", key), ("columns", columns)):
+            missing = [n for n in names if n not in self.attrs]
+            if missing:
+                raise InvalidInput(
+                    f"{where}.{field}: column(s) {missing} do not exist in {display}",
+                    hint=f"its columns are: {', '.join(self.attrs)}",
+                )
+        nullable = [n for n in key if not self.attrs[n].not_null]
+        if nullable:
+            raise InvalidInput(
+                f"{where}.key: {nullable} of {display} allow NULL: a row whose key is NULL "
+                "can be neither paged by key nor restored by key, so it would be skipped silently",
+                hint="use the primary key, or make the key columns NOT NULL",
+            )
+        by_path = [n for n in self.attrs if n in self.by_search_path]
+        if by_path and (set(by_path) & {*key, *columns} or whole_rows):
+            raise InvalidInput(
+                f"{where}: {by_path} of {display} hold reg* values (regclass, regproc, …), "
+                "whose text names objects relative to the session's search_path: a row image of "
+                "them could restore a reference to another object",
+                hint="backfill an oid column instead, or leave these columns out of the plan",
+            )
+        generated = [n for n in columns if self.attrs[n].generated]
+        if generated:
+            raise InvalidInput(
+                f"{where}.columns: {generated} are generated columns and cannot be set"
+            )
+        if frozenset(key) not in self.unique_sets:
+            raise InvalidInput(
+                f"{where}.key: {key} is not unique in {display} "
+                "(no primary key or unique index on exactly these columns)",
+                hint="use the primary key, or create a unique index on the key columns",
+            )
+
+
+async def read_catalog(conn: asyncpg.Connection, table: str, where: str) -> Catalog:
+    """Look a table up; a missing table or one that is not a table is an InvalidInput."""
     try:
-        oid = await conn.fetchval("SELECT to_regclass($1)::oid", target.table)
+        oid = await conn.fetchval("SELECT to_regclass($1)::oid", table)
     except asyncpg.PostgresError as e:
-        raise InvalidInput(
-            f"target.table: {target.table!r} is not a valid table name: {e}"
-        ) from None
+        raise InvalidInput(f"{where}.table: {table!r} is not a valid table name: {e}") from None
     if oid is None:
         raise InvalidInput(
-            f"target.table: table {target.table!r} does not exist in this database",
+            f"{where}.table: table {table!r} does not exist in this database",
             hint="check the name and schema (write schema.table if it is not on the search_path)",
         )
     schema, name, kind = await fetch_one(
@@ -481,56 +538,37 @@ async def resolve_target(conn: asyncpg.Connection, target: Target) -> TargetInfo
         oid,
     )
     if kind not in ("r", "p"):
-        raise InvalidInput(f"target.table: {schema}.{name} is not a table (relkind {kind!r})")
+        raise InvalidInput(f"{where}.table: {schema}.{name} is not a table (relkind {kind!r})")
     rows = await conn.fetch(_ATTRS, oid)
-    attrs = {
-        r["name"]: Column(r["name"], r["type"], r["not_null"], r["generated"], r["type_schema"])
-        for r in rows
-    }
-    by_search_path = {r["name"] for r in rows if r["names_by_search_path"]}
-    for field, names in (("key", target.key), ("columns", target.columns)):
-        missing = [n for n in names if n not in attrs]
-        if missing:
-            raise InvalidInput(
-                f"target.{field}: column(s) {missing} do not exist in {schema}.{name}",
-                hint=f"its columns are: {', '.join(attrs)}",
-            )
-    nullable = [n for n in target.key if not attrs[n].not_null]
-    if nullable:
-        raise InvalidInput(
-            f"target.key: {nullable} of {schema}.{name} allow NULL: a row whose key is NULL "
-            "can be neither paged by key nor restored by key, so it would be skipped silently",
-            hint="page by the primary key, or make the key columns NOT NULL",
-        )
-    by_path = [n for n in (*target.key, *target.columns) if n in by_search_path]
-    if by_path:
-        raise InvalidInput(
-            f"target: {by_path} of {schema}.{name} hold reg* values (regclass, regproc, …), "
-            "whose text names objects relative to the session's search_path: a row image of "
-            "them could restore a reference to another object",
-            hint="backfill an oid column instead, or leave these columns out of the plan",
-        )
-    generated = [n for n in target.columns if attrs[n].generated]
-    if generated:
-        raise InvalidInput(f"target.columns: {generated} are generated columns and cannot be set")
-    unique_sets = [set(r["cols"]) for r in await conn.fetch(_UNIQUE_KEYS, oid)]
-    if set(target.key) not in unique_sets:
-        raise InvalidInput(
-            f"target.key: {target.key} is not unique in {schema}.{name} "
-            "(no primary key or unique index on exactly these columns)",
-            hint="page by the primary key, or create a unique index on the key columns",
-        )
-    declared = set(target.key) | set(target.columns)
-    return TargetInfo(
-        schema=schema,
-        name=name,
-        key=tuple(attrs[n] for n in target.key),
-        columns=tuple(attrs[n] for n in target.columns),
-        others=tuple(c for n, c in attrs.items() if n not in declared and not c.generated),
+    return Catalog(
         oid=int(oid),
         root_oid=int(
             await conn.fetchval(
                 "SELECT coalesce(pg_partition_root($1::oid::regclass)::oid, $1::oid)", oid
             )
         ),
+        schema=schema,
+        name=name,
+        attrs={
+            r["name"]: Column(r["name"], r["type"], r["not_null"], r["generated"], r["type_schema"])
+            for r in rows
+        },
+        by_search_path=frozenset(r["name"] for r in rows if r["names_by_search_path"]),
+        unique_sets=tuple(frozenset(r["cols"]) for r in await conn.fetch(_UNIQUE_KEYS, oid)),
+    )
+
+
+async def resolve_target(conn: asyncpg.Connection, target: Target) -> TargetInfo:
+    """Look the target up in the catalog; a missing table, key or column is an InvalidInput."""
+    cat = await read_catalog(conn, target.table, "target")
+    cat.require("target", target.key, target.columns)
+    declared = set(target.key) | set(target.columns)
+    return TargetInfo(
+        schema=cat.schema,
+        name=cat.name,
+        key=tuple(cat.attrs[n] for n in target.key),
+        columns=tuple(cat.attrs[n] for n in target.columns),
+        others=tuple(c for n, c in cat.attrs.items() if n not in declared and not c.generated),
+        oid=cat.oid,
+        root_oid=cat.root_oid,
     )

@@ -21,6 +21,7 @@ from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunStat
 from runner.engine.executor import BatchExecutor, BatchOutcome, require_write_tracking
 from runner.engine.session import MainSession
 from runner.engine.sizing import BatchSizer
+from runner.engine.shapes import ShapedRun, resolve_tables, shaped_run
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.engine.watch import RunWatch
@@ -110,11 +111,14 @@ async def _dry_run(
         page = await source.next_page(conn, None)
         explain: list[str] = []
         if page is not None:
-            explain = [
-                elide_arrays(r[0])
-                for r in await conn.fetch("EXPLAIN " + plan.apply.sql, *page.key_arrays)
-            ]
-        statements = await batch_statements(conn, target, plan.apply.sql)
+            for sql in plan.apply.all:
+                explain += [
+                    elide_arrays(r[0]) for r in await conn.fetch("EXPLAIN " + sql, *page.key_arrays)
+                ]
+        if plan.shaped:
+            statements = shaped_statements(await shaped_run(conn, plan, target))
+        else:
+            statements = await batch_statements(conn, target, plan.apply.sql or "")
     batches = math.ceil(needing / plan.batching.size)
     throttle = Throttle(
         plan.batching.batches_per_minute, plan.batching.rows_per_second, plan.batching.size
@@ -196,6 +200,31 @@ async def batch_statements(
     ]
 
 
+def shaped_statements(shape: ShapedRun) -> list[dict[str, str]]:
+    """What a shaped batch's transaction runs, in order (a dry run's offline view)."""
+    keys = ", ".join(
+        f"${i + 1} = the batch's {k.name} keys ({k.type}[])" for i, k in enumerate(shape.target.key)
+    )
+    out = [{"what": f"BEGIN ISOLATION LEVEL REPEATABLE READ; {keys}", "sql": ""}]
+    for step in shape.steps:
+        out.append(
+            {
+                "what": f"{step.where}: {step.op} of {step.table.display}, its rows imaged whole "
+                "(RETURNING OLD/NEW on PostgreSQL 18+; on older servers an update or upsert is "
+                "probed in a savepoint first)",
+                "sql": step.sql.strip(),
+            }
+        )
+    out.append(
+        {
+            "what": "net images per table checked against the plan's [target] and [[writes]], "
+            "stored, the ledger row; the scope guard; COMMIT",
+            "sql": "",
+        }
+    )
+    return out
+
+
 async def apply(
     loaded: LoadedPlan,
     dbs: Databases,
@@ -264,10 +293,13 @@ async def _open_run(
     everything that can refuse the command without writing has passed."""
     plan = loaded.plan
     target = await resolve_target(conn, plan.target)
+    tables = [t.doc() for t in await resolve_tables(conn, plan)] if plan.shaped else None
     await require_write_tracking(conn)
     await ledger.ensure_ledger(conn)
     run_id = run_id or new_run_id(plan.name)
-    run = await ensure_run(conn, loaded, env, run_id, target, operator, create=not plan.is_mini)
+    run = await ensure_run(
+        conn, loaded, env, run_id, target, operator, create=not plan.is_mini, tables=tables
+    )
     if run.plan_digest != loaded.digest and not plan.is_mini:
         raise InvalidInput(
             f"run {run_id} was started with plan digest {run.plan_digest[:12]}, but "
@@ -393,6 +425,7 @@ async def _machine(
         stop_after = max(plan.canary.batches - int(done_in_canary), 0)
     connect = _Connections(dbs, env, b.lock_timeout, b.statement_timeout)
     resume = f"{cmd} apply {loaded.path} --env {env} --run {run_id}"
+    shape = await session.run(lambda c: shaped_run(c, plan, target)) if plan.shaped else None
     return BatchRun(
         reader,
         KeysetSource(target, plan.discovery.sql, b.size),
@@ -406,7 +439,12 @@ async def _machine(
             resume=resume,
         ),
         new_executor=lambda: BatchExecutor(
-            target, plan.apply.sql, run_id, connect.for_batches, max_retries=b.max_retries
+            target,
+            plan.apply.sql or "",
+            run_id,
+            connect.for_batches,
+            max_retries=b.max_retries,
+            shape=shape,
         ),
         checker_connection=connect.for_checks,
         record=_Recorder(session, frame.dir / "batches", stage, progress),

@@ -45,6 +45,7 @@ async def ensure_run(
     operator: str,
     *,
     create: bool,
+    tables: list[dict[str, Any]] | None = None,
 ) -> ledger.RunRow:
     """The run's row in this environment's ledger, created when allowed."""
     run = await ledger.get_run(conn, run_id)
@@ -84,12 +85,23 @@ async def ensure_run(
             target_schema=target.schema,
             target_name=target.name,
             target_oid=target.oid,
-            search_schemas=target.search_schemas,
+            search_schemas=_search_schemas(target, tables),
+            tables=tables,
         ),
     )
     run = await ledger.get_run(conn, run_id)
     assert run is not None
     return run
+
+
+def _search_schemas(target: TargetInfo, tables: list[dict[str, Any]] | None) -> list[str]:
+    """Where a rollback compares values: the tables' schemas and those of their types."""
+    found = list(target.search_schemas)
+    for t in tables or []:
+        for schema in (t["schema"], *t["type_schemas"]):
+            if schema not in found:
+                found.append(schema)
+    return found
 
 
 @contextlib.asynccontextmanager

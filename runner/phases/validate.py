@@ -14,9 +14,10 @@ import asyncpg
 from runner import redact
 from runner.db import Databases
 from runner.engine.checks import wrap_check
+from runner.engine.shapes import shaped_run
 from runner.engine.target import TargetInfo, resolve_target
 from runner.errors import InvalidInput
-from runner.plan import LoadedPlan, sql_code
+from runner.plan import LoadedPlan, Plan, sql_code
 
 _UPDATED = re.compile(
     r"\bupdate\s+(?:only\s+)?((?:\"(?:[^\"]|\"\")+\"|[\w$]+)(?:\s*\.\s*(?:\"(?:[^\"]|\"\")+\"|[\w$]+))?)",
@@ -137,6 +138,62 @@ async def _check_value_type(conn: asyncpg.Connection, sql: str) -> str | None:
     return None
 
 
+def _param_problems(types: list[str], target: TargetInfo) -> list[str]:
+    """How a statement's parameters differ from the key arrays the runner passes."""
+    expected = [f"{k.type}[]" for k in target.key]
+    problems = []
+    if len(types) != len(expected):
+        problems.append(
+            f"it takes {len(types)} parameter(s) but the runner passes {len(expected)} "
+            f"(one array per key column: {', '.join(expected)})"
+        )
+    for i, (got, want) in enumerate(zip(types, expected, strict=False), start=1):
+        if got != want:
+            problems.append(f"${i} is {got}, but the runner passes {want}: write ${i}::{want}")
+    return problems
+
+
+async def _check_apply(
+    conn: asyncpg.Connection, report: EnvValidation, plan: Plan, target: TargetInfo
+) -> None:
+    """The apply's statements prepare with the key arrays; a plain apply is one UPDATE of the
+    target; a shaped one writes only declared tables, each with a declared operation."""
+    statements = plan.apply.all
+    wheres = (
+        [f"apply.statements[{i}]" for i in range(len(statements))]
+        if plan.apply.statements
+        else ["apply.sql"]
+    )
+    prepared = True
+    for where, sql in zip(wheres, statements, strict=True):
+        types = await _check_sql(conn, report, where, sql)
+        if types is None:
+            prepared = False
+            continue
+        problems = _param_problems(types, target)
+        if not plan.shaped and (kind := await _apply_problem(conn, sql, target)) is not None:
+            problems.insert(0, kind)
+        report.findings.append(
+            Finding(
+                where,
+                not problems,
+                "; ".join(problems) or f"prepares with parameters ({', '.join(types)})",
+            )
+        )
+    if not plan.shaped or not prepared:
+        return
+    try:
+        async with conn.transaction():  # a savepoint: a failed EXPLAIN must not end the check
+            shape = await shaped_run(conn, plan, target)
+    except InvalidInput as e:
+        report.findings.append(Finding(e.message.split(":")[0], False, str(e)))
+        return
+    for step in shape.steps:
+        report.findings.append(
+            Finding(step.where, True, f"{step.op} of {step.table.display} (declared)")
+        )
+
+
 async def validate_env(
     loaded: LoadedPlan, dbs: Databases, env: str, *, with_checks: bool = True
 ) -> EnvValidation:
@@ -171,29 +228,7 @@ async def validate_env(
                     )
                 else:
                     report.findings.append(Finding("discovery.sql", True, "prepares; pages by key"))
-            types = await _check_sql(conn, report, "apply.sql", plan.apply.sql)
-            if types is not None:
-                expected = [f"{k.type}[]" for k in target.key]
-                problems = []
-                if len(types) != len(expected):
-                    problems.append(
-                        f"it takes {len(types)} parameter(s) but the runner passes {len(expected)} "
-                        f"(one array per key column: {', '.join(expected)})"
-                    )
-                for i, (got, want) in enumerate(zip(types, expected, strict=False), start=1):
-                    if got != want:
-                        problems.append(
-                            f"${i} is {got}, but the runner passes {want}: write ${i}::{want}"
-                        )
-                if (kind := await _apply_problem(conn, plan.apply.sql, target)) is not None:
-                    problems.insert(0, kind)
-                report.findings.append(
-                    Finding(
-                        "apply.sql",
-                        not problems,
-                        "; ".join(problems) or f"prepares with parameters ({', '.join(types)})",
-                    )
-                )
+            await _check_apply(conn, report, plan, target)
             for check in plan.soak.checks if with_checks else []:
                 for where, sql in (
                     (f"soak.checks.{check.name}.sql", check.sql),
