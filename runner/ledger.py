@@ -1137,11 +1137,111 @@ async def rollback_conflicts(
 ) -> list[asyncpg.Record]:
     return list(
         await conn.fetch(
-            "SELECT DISTINCT ON (batch_no, key) batch_no, key, expected, current"
+            "SELECT DISTINCT ON (batch_no, rel, key) batch_no, rel, key, expected, current"
             " FROM backfill.rollback_conflicts WHERE run_id = $1 AND batch_no = ANY($2)"
-            " ORDER BY batch_no DESC, key LIMIT $3",
+            " ORDER BY batch_no DESC, rel, key LIMIT $3",
             run_id,
             batch_nos,
             limit,
         )
     )
+
+
+# -- shaped runs (engine.shapes, rollback.shaped): images per table ------------------------------
+
+_SHAPED_UNNEST = (
+    "FROM backfill.batch_images AS i "
+    "CROSS JOIN LATERAL unnest(i.ops, i.keys, i.befores, i.afters) AS u(op, key, before, after) "
+)
+# one batch's images of one table ($1 run; {batch} and {rel} filled in by the caller)
+SHAPED_IMAGES = (
+    "SELECT i.batch_no, u.op, u.key, u.before, u.after "
+    + _SHAPED_UNNEST
+    + "WHERE i.run_id = $1 AND i.batch_no = {batch} AND i.rel = {rel}"
+)
+# each row's earliest (newest) image among batches $2 of run $1, one table
+SHAPED_EARLIEST = (
+    "SELECT DISTINCT ON (u.key) i.batch_no, u.op, u.key, u.before, u.after "
+    + _SHAPED_UNNEST
+    + "WHERE i.run_id = $1 AND i.batch_no = ANY($2) AND i.rel = {rel} AND u.op <> 'N' "
+    "ORDER BY u.key, i.batch_no"
+)
+SHAPED_NEWEST = SHAPED_EARLIEST.replace(
+    "ORDER BY u.key, i.batch_no", "ORDER BY u.key, i.batch_no DESC"
+)
+SHAPED_CONFLICT_KEYS = (
+    "SELECT DISTINCT key FROM backfill.rollback_conflicts "
+    "WHERE run_id = $1 AND batch_no = ANY($2) AND rel = {rel}"
+)
+
+
+async def foreign_keys_between(conn: asyncpg.Connection, oids: list[int]) -> list[tuple[int, int]]:
+    """(referencing, referenced) table pairs among `oids`."""
+    rows = await conn.fetch(
+        "SELECT conrelid::oid::bigint AS child, confrelid::oid::bigint AS parent "
+        "FROM pg_constraint WHERE contype = 'f' AND conrelid = ANY($1::oid[]) "
+        "AND confrelid = ANY($1::oid[])",
+        oids,
+    )
+    return [(int(r["child"]), int(r["parent"])) for r in rows]
+
+
+async def record_shaped_conflicts(
+    conn: asyncpg.Connection, select_sql: str, run_id: str, batch_no: int
+) -> int:
+    """Rows an undo left alone, from `select_sql` (run, batch, rel, key, expected, current)."""
+    tag = await conn.execute(
+        "INSERT INTO backfill.rollback_conflicts (run_id, batch_no, rel, key, expected, current) "
+        + select_sql,
+        run_id,
+        batch_no,
+    )
+    return int(tag.rsplit(" ", 1)[-1])
+
+
+async def shaped_image_count(conn: asyncpg.Connection, run_id: str, batch_no: int) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT count(*) "
+            + _SHAPED_UNNEST
+            + "WHERE i.run_id = $1 AND i.batch_no = $2 AND u.op <> 'N'",
+            run_id,
+            batch_no,
+        )
+    )
+
+
+async def record_rollback_batch(
+    conn: asyncpg.Connection,
+    run_id: str,
+    batch_no: int,
+    restored: int,
+    conflicts: int,
+    already: int,
+) -> None:
+    await conn.execute(
+        "INSERT INTO backfill.rollback_batches (run_id, batch_no, restored, conflicts, already) "
+        "VALUES ($1, $2, $3, $4, $5)",
+        run_id,
+        batch_no,
+        restored,
+        conflicts,
+        already,
+    )
+
+
+async def shaped_image_values(
+    conn: asyncpg.Connection, run_id: str, batch_no: int
+) -> tuple[str | None, int]:
+    """A batch's images of every table as SQL VALUES tuples (batch_no, rel, op, key, before,
+    after), quoted by the server (`format('%L')`), and how many."""
+    row = await conn.fetchrow(
+        "SELECT string_agg(format('(%s, %s, %L, %L, %L, %L)', i.batch_no, i.rel, u.op, u.key, "
+        "u.before, u.after), E',\\n') AS tuples, count(*)::int AS n "
+        + _SHAPED_UNNEST
+        + "WHERE i.run_id = $1 AND i.batch_no = $2 AND u.op <> 'N'",
+        run_id,
+        batch_no,
+    )
+    assert row is not None
+    return row["tuples"], int(row["n"])

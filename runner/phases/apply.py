@@ -20,8 +20,8 @@ from runner.db import Databases, close_quietly
 from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
 from runner.engine.executor import BatchExecutor, BatchOutcome, require_write_tracking
 from runner.engine.session import MainSession
-from runner.engine.sizing import BatchSizer
 from runner.engine.shapes import ShapedRun, resolve_tables, shaped_run
+from runner.engine.sizing import BatchSizer
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.engine.watch import RunWatch

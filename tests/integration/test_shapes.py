@@ -64,7 +64,7 @@ MARK = "UPDATE snaps SET processed_at = '2030-01-01' WHERE id = ANY($1) AND proc
 
 
 def shaped_plan(path: Path, **over: Any) -> Path:
-    plan = plan_dict(
+    defaults: dict[str, Any] = dict(
         target={"table": "snaps", "key": ["id"], "columns": ["processed_at"]},
         discovery={"sql": "SELECT id FROM snaps WHERE processed_at IS NULL"},
         apply={"statements": [UPSERT_TROOPS, UPSERT_SUMMARY, MARK]},
@@ -89,8 +89,8 @@ def shaped_plan(path: Path, **over: Any) -> Path:
                 "pass_if": "== 0",
             }
         ],
-        **over,
     )
+    plan = plan_dict(**{**defaults, **over})
     path.write_text(json.dumps(plan, indent=2))
     return path
 
@@ -180,7 +180,9 @@ def test_the_psql_file_undoes_an_upsert_backfill_exactly(
     assert applied.exit_code == 3, applied.output
     done = run_psql(db, rollback_file(workdir, run_id_of(applied.output)))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "verified" in done.stdout + done.stderr
+    last = done.stdout.strip().splitlines()[-2]  # checksum | expected | checksum_matches
+    assert last.split("|")[0].strip() == last.split("|")[1].strip(), done.stdout
+    assert last.split("|")[2].strip() == "t", done.stdout
     _all_back(db)
 
 

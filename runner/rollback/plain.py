@@ -378,6 +378,7 @@ class RollbackResult:
     batches_this_command: int = 0
     workers: int = 1
     note: str = ""
+    tables: list[dict[str, Any]] = field(default_factory=list)  # a shaped run's, per table
 
     @property
     def verified(self) -> bool:

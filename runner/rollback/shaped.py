@@ -1,0 +1,494 @@
+"""Undoing a shaped run (engine.shapes): whole-row images per table, `I` inserted, `U` changed,
+`D` deleted, undone newest batch first, one transaction per batch, by the runner and by the
+emitted psql file alike.
+
+Within a batch: deleted rows are re-inserted (parents before children), changed rows restored,
+inserted rows deleted (children before parents); foreign keys between the declared tables give
+the order, and deferrable ones are deferred. Each row is undone only while it still holds what
+the run left there: an inserted row is deleted only if it still equals its after-image, a
+deleted one re-inserted only if its key is free, a changed one restored only if it still holds
+its after-image. Anything else is a conflict, left alone and listed.
+
+Verification compares every row touched with the earliest image among the batches undone: a
+row several batches changed must be back at what the first of them found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from runner import ledger
+from runner.engine.shapes import Table, encode
+from runner.errors import InvalidInput
+from runner.rollback.plain import (
+    RollbackResult,
+    _scope_text,
+    comment_text,
+    session_preamble,
+    sql_literal,
+)
+
+_TAG = re.compile(r"^\w+(?: \d+)? (\d+)$")
+
+# a batch's images of one table from the ledger ($1 run, $2 batch): op, key, before, after
+LEDGER_IMAGES = ledger.SHAPED_IMAGES
+# the same from the rollback file's temp table
+FILE_IMAGES = (
+    "SELECT u.batch_no, u.op, u.key, u.before, u.after FROM pg_temp.backfill_rollback_images AS u "
+    "WHERE u.batch_no = {batch} AND u.rel = {rel}"
+)
+
+
+@dataclass(frozen=True)
+class ShapedUndo:
+    """A shaped run's tables as its row records them, in foreign-key order (parents first)."""
+
+    run_id: str
+    tables: tuple[Table, ...]  # parents first
+    search_schemas: tuple[str, ...]
+
+    @classmethod
+    async def of(cls, conn: asyncpg.Connection, run: ledger.RunRow) -> ShapedUndo:
+        assert run.tables is not None
+        tables = [Table.from_doc(d) for d in run.tables]
+        edges = await ledger.foreign_keys_between(conn, [t.oid for t in tables])
+        return cls(run.run_id, tuple(_parents_first(tables, edges)), tuple(run.search_schemas))
+
+    async def check_tables(self, conn: asyncpg.Connection) -> None:
+        """Refuse unless every table is the one the run wrote (same name, same oid)."""
+        for t in self.tables:
+            oid = await conn.fetchval("SELECT to_regclass($1)::oid", t.table)
+            if oid != t.oid:
+                raise InvalidInput(
+                    f"{t.table} is not the table this run wrote (oid {t.oid}, now "
+                    f"{'missing' if oid is None else oid}): it was dropped, renamed or created "
+                    "again",
+                    hint="nothing was restored; restore by hand from the run's rollback SQL file "
+                    "after checking which table holds the run's rows",
+                )
+
+
+def _parents_first(tables: list[Table], edges: list[tuple[int, int]]) -> list[Table]:
+    """Tables ordered so that a referenced table comes before the tables referencing it (a
+    cycle keeps the plan's order: the batch's constraints are deferred where they can be)."""
+    by_oid = {t.oid: t for t in tables}
+    parents = {t.oid: {p for c, p in edges if c == t.oid and p != t.oid} for t in tables}
+    ordered: list[Table] = []
+    while len(ordered) < len(tables):
+        ready = [
+            t for t in tables if t not in ordered and parents[t.oid] <= {o.oid for o in ordered}
+        ]
+        ordered.append(ready[0] if ready else next(t for t in tables if t not in ordered))
+    return [by_oid[t.oid] for t in ordered]
+
+
+# -- the statements, over any source of images ----------------------------------------------------
+
+
+def _join(t: Table, img: str = "img", alias: str = "t") -> str:
+    if len(t.key) == 1:
+        return f"{alias}.{t.key[0].q} = {img}.key::{t.key[0].type}"
+    return " AND ".join(
+        f"{alias}.{k.q} = ({img}.key::text[])[{n}]::{k.type}" for n, k in enumerate(t.key, 1)
+    )
+
+
+def _current(t: Table, alias: str = "t") -> str:
+    """The row's whole image now, encoded as the batch encoded it."""
+    return encode(t.image_of(alias))
+
+
+def _decoded(t: Table, img: str = "img") -> list[str]:
+    if len(t.image) == 1:
+        return [f"{img}.before::{t.image[0].type}"]
+    return [f"({img}.before::text[])[{n}]::{c.type}" for n, c in enumerate(t.image, 1)]
+
+
+def reinsert_sql(t: Table, src: str) -> str:
+    """Deleted rows back, where their key is free."""
+    cols = ", ".join(c.q for c in t.image)
+    return f"""WITH img AS MATERIALIZED ({src} AND u.op = 'D')
+INSERT INTO {t.table} ({cols}) OVERRIDING SYSTEM VALUE
+SELECT {", ".join(_decoded(t))} FROM img
+WHERE NOT EXISTS (SELECT 1 FROM {t.table} AS t WHERE {_join(t)})"""
+
+
+def restore_sql(t: Table, src: str) -> str | None:
+    """Changed rows back to their before-image, where they still hold the after-image."""
+    values = _decoded(t)
+    sets = [f"{c.q} = {v}" for c, v in zip(t.image, values, strict=True) if c not in t.key]
+    if not sets:
+        return None
+    return f"""WITH img AS MATERIALIZED ({src} AND u.op = 'U')
+UPDATE {t.table} AS t SET {", ".join(sets)}
+FROM img WHERE {_join(t)} AND {_current(t)} = img.after"""
+
+
+def delete_sql(t: Table, src: str) -> str:
+    """Inserted rows removed, where they still equal what the run inserted."""
+    return f"""WITH img AS MATERIALIZED ({src} AND u.op = 'I')
+DELETE FROM {t.table} AS t USING img WHERE {_join(t)} AND {_current(t)} = img.after"""
+
+
+def batch_statements(undo: ShapedUndo, src: str) -> list[tuple[Table, str]]:
+    """One batch's undo, in order; `src` names the batch's images of table `{rel}`."""
+    out: list[tuple[Table, str]] = []
+    for t in undo.tables:
+        out.append((t, reinsert_sql(t, src.format(rel=t.rel))))
+    for t in undo.tables:
+        if (sql := restore_sql(t, src.format(rel=t.rel))) is not None:
+            out.append((t, sql))
+    for t in reversed(undo.tables):
+        out.append((t, delete_sql(t, src.format(rel=t.rel))))
+    return out
+
+
+def _state(t: Table, images: str) -> str:
+    """Each image's row now, and whether it is where the undo leaves it."""
+    cur = _current(t)
+    return f"""SELECT img.batch_no, img.op, img.key, img.before, img.after,
+       t.ctid IS NOT NULL AS present, {cur} AS cur,
+       CASE WHEN img.op = 'I' THEN t.ctid IS NULL
+            ELSE t.ctid IS NOT NULL AND {cur} IS NOT DISTINCT FROM img.before END AS back
+FROM ({images}) AS img LEFT JOIN {t.table} AS t ON {_join(t)}"""
+
+
+def _as_array(t: Table, expr: str, *, key: bool) -> str:
+    width = len(t.key if key else t.image)
+    return f"ARRAY[{expr}]::text[]" if width == 1 else f"{expr}::text[]"
+
+
+# checksum lines: what each row should be (expected) and is (actual), in key order per table
+_EXPECTED = (
+    "img.key || '=' || CASE WHEN img.op = 'I' THEN '(absent)' ELSE coalesce(img.before, 'NULL') END"
+)
+_ACTUAL = (
+    "img.key || '=' || CASE WHEN NOT img.present THEN '(absent)' ELSE coalesce(img.cur, 'NULL') END"
+)
+
+
+def verify_sql(t: Table, earliest: str, conflicts: str) -> str:
+    """Per table: the checksums over the earliest image of each row among the batches undone
+    (conflicts excepted), and how many rows are not where the undo leaves them."""
+    return f"""WITH img AS ({_state(t, earliest)}),
+c AS ({conflicts})
+SELECT md5(string_agg({_EXPECTED}, '|' ORDER BY img.key COLLATE "C") FILTER (WHERE c.key IS NULL)) AS expected,
+       md5(string_agg({_ACTUAL}, '|' ORDER BY img.key COLLATE "C") FILTER (WHERE c.key IS NULL)) AS actual,
+       count(*) FILTER (WHERE c.key IS NULL AND NOT img.back)::int AS unverified,
+       count(*) FILTER (WHERE c.key IS NOT NULL)::int AS conflicts
+FROM img LEFT JOIN c ON c.key = {_as_array(t, "img.key", key=True)}"""
+
+
+def combined(parts: list[str | None]) -> str:
+    return hashlib.md5("|".join(p or "" for p in parts).encode()).hexdigest()
+
+
+# -- the runner's rollback ----------------------------------------------------------------------
+
+
+def _rows(tag: str) -> int:
+    m = _TAG.match(tag or "")
+    return int(m.group(1)) if m else 0
+
+
+async def _undo_batch(
+    conn: asyncpg.Connection, undo: ShapedUndo, no: int, per_table: dict[int, list[int]]
+) -> int:
+    """One batch in one transaction: undo, record conflicts and the batch. Returns rows undone."""
+    src = LEDGER_IMAGES.replace("{batch}", "$2")
+    async with conn.transaction():
+        if await ledger.batch_rolled_back(conn, undo.run_id, no):
+            return 0
+        await conn.execute("SET CONSTRAINTS ALL DEFERRED")
+        done = 0
+        for t, sql in batch_statements(undo, src):
+            n = _rows(await conn.execute(sql, undo.run_id, no))
+            per_table.setdefault(t.rel, [0, 0])[0] += n
+            done += n
+        conflicts = 0
+        for t in undo.tables:
+            state = _state(t, LEDGER_IMAGES.format(rel=t.rel, batch="$2") + " AND u.op <> 'N'")
+            conflicts += await ledger.record_shaped_conflicts(
+                conn,
+                f"""SELECT $1, $2, {t.rel}, {_as_array(t, "s.key", key=True)},
+                       {_as_array(t, "coalesce(s.after, s.before)", key=False)},
+                       CASE WHEN s.present THEN {_as_array(t, "s.cur", key=False)} END
+                    FROM ({state}) AS s
+                    WHERE NOT s.back""",
+                undo.run_id,
+                no,
+            )
+        total = await ledger.shaped_image_count(conn, undo.run_id, no)
+        await ledger.record_rollback_batch(
+            conn, undo.run_id, no, done, conflicts, max(total - done - conflicts, 0)
+        )
+        return done
+
+
+async def _verify(
+    conn: asyncpg.Connection, undo: ShapedUndo, nos: list[int], result: RollbackResult
+) -> None:
+    expected, actual = [], []
+    result.unverified = result.conflicts = 0
+    for t in undo.tables:
+        earliest = ledger.SHAPED_EARLIEST.format(rel=t.rel)
+        conflicts = ledger.SHAPED_CONFLICT_KEYS.format(rel=t.rel)
+        row = await conn.fetchrow(verify_sql(t, earliest, conflicts), undo.run_id, nos)
+        assert row is not None
+        expected.append(row["expected"])
+        actual.append(row["actual"])
+        result.unverified += row["unverified"]
+        result.conflicts += row["conflicts"]
+    result.expected_checksum = combined(expected)
+    result.actual_checksum = combined(actual)
+    result.conflict_rows = [
+        {
+            "batch_no": r["batch_no"],
+            "key": [f"{undo_table(undo, r['rel']).display}: {', '.join(r['key'])}"],
+            "expected": r["expected"],
+            "current": r["current"],
+        }
+        for r in await ledger.rollback_conflicts(conn, undo.run_id, nos)
+    ]
+
+
+def undo_table(undo: ShapedUndo, rel: int) -> Table:
+    return next(t for t in undo.tables if t.rel == rel)
+
+
+async def _dry_run(
+    conn: asyncpg.Connection, undo: ShapedUndo, nos: list[int], result: RollbackResult
+) -> None:
+    """What the undo would do, read-only: the newest image of each row among the batches."""
+    async with conn.transaction(readonly=True):
+        for t in undo.tables:
+            state = _state(t, ledger.SHAPED_NEWEST.format(rel=t.rel))
+            row = await conn.fetchrow(
+                f"""WITH s AS ({state})
+                SELECT count(*) FILTER (WHERE CASE op WHEN 'I' THEN present AND cur = after
+                                                      WHEN 'U' THEN cur = after AND cur IS DISTINCT FROM before
+                                                      ELSE NOT present END)::int AS restorable,
+                       count(*) FILTER (WHERE back)::int AS already
+                FROM s""",
+                undo.run_id,
+                nos,
+            )
+            assert row is not None
+            total = await conn.fetchval(
+                f"SELECT count(*)::int FROM ({ledger.SHAPED_NEWEST.format(rel=t.rel)}) AS x",
+                undo.run_id,
+                nos,
+            )
+            result.restorable += row["restorable"]
+            result.already += row["already"]
+            result.conflicts += total - row["restorable"] - row["already"]
+
+
+async def run_shaped_rollback(
+    conn: asyncpg.Connection,
+    run: ledger.RunRow,
+    *,
+    dry_run: bool,
+    batches: tuple[int, int] | None,
+    since: datetime | None,
+    on_batch: Any = None,
+) -> RollbackResult:
+    """Undo the selected batches newest first, one transaction each, resumable; then verify.
+    One connection: rows of several tables, often touched by several batches, undo in order."""
+    undo = await ShapedUndo.of(conn, run)
+    await undo.check_tables(conn)
+    nos = await ledger.done_batches(conn, run.run_id, batches, since)
+    result = RollbackResult(run.run_id, run.env, dry_run, nos)
+    t0 = time.perf_counter()
+    if dry_run:
+        await _dry_run(conn, undo, nos, result)
+        result.elapsed_seconds = time.perf_counter() - t0
+        return result
+    result.note = "a run of several tables is undone one batch at a time, newest first"
+    per_table: dict[int, list[int]] = {}
+    for no in nos:
+        n = await _undo_batch(conn, undo, no, per_table)
+        result.batches_this_command += 1
+        if on_batch:
+            on_batch(no, n, 0)
+    result.restored, result.already = await ledger.rollback_totals(conn, run.run_id, nos)
+    t_verify = time.perf_counter()
+    await _verify(conn, undo, nos, result)
+    result.verify_seconds = time.perf_counter() - t_verify
+    result.tables = [
+        {"table": t.display, "undone": per_table.get(t.rel, [0])[0]} for t in undo.tables
+    ]
+    result.elapsed_seconds = time.perf_counter() - t0
+    return result
+
+
+# -- the emitted file ---------------------------------------------------------------------------
+
+
+async def emit_shaped_file(
+    conn: asyncpg.Connection,
+    run: ledger.RunRow,
+    path: Path,
+    *,
+    display_dsn: str,
+    batches: tuple[int, int] | None = None,
+    since: datetime | None = None,
+) -> Path:
+    """The psql file: the images, each batch's undo in its own transaction, the verification."""
+    undo = await ShapedUndo.of(conn, run)
+    nos = await ledger.done_batches(conn, run.run_id, batches, since)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    body = path.with_name(f".{path.name}.body")
+    rows = 0
+    with body.open("w", encoding="utf-8", newline="") as out:
+        for no in nos:
+            values, n = await ledger.shaped_image_values(conn, run.run_id, no)
+            if values:
+                rows += n
+                out.write(f"INSERT INTO pg_temp.backfill_rollback_images VALUES\n{values};\n")
+        out.write(
+            "CREATE INDEX ON pg_temp.backfill_rollback_images (batch_no, rel);\n"
+            "ANALYZE pg_temp.backfill_rollback_images;\n"
+        )
+        for no in nos:
+            src = FILE_IMAGES.replace("{batch}", str(int(no)))
+            steps = "\n".join(f"{sql};" for _, sql in batch_statements(undo, src))
+            out.write(f"\n-- batch {no}\nBEGIN;\nSET CONSTRAINTS ALL DEFERRED;\n{steps}\nCOMMIT;\n")
+    expected = await _expected_checksum(conn, undo, nos)
+    with tmp.open("w", encoding="utf-8", newline="") as out:
+        out.write(
+            _header(
+                run,
+                undo,
+                path.name,
+                display_dsn,
+                _scope_text(batches, since),
+                rows,
+                len(nos),
+                expected,
+            )
+        )
+        with body.open(encoding="utf-8", newline="") as images:
+            shutil.copyfileobj(images, out, 1 << 20)
+        body.unlink()
+        out.write(_file_verification(undo, expected))
+    tmp.replace(path)
+    return path
+
+
+async def _expected_checksum(conn: asyncpg.Connection, undo: ShapedUndo, nos: list[int]) -> str:
+    parts = []
+    for t in undo.tables:
+        parts.append(
+            await conn.fetchval(
+                f"""SELECT md5(string_agg({_EXPECTED}, '|' ORDER BY img.key COLLATE "C"))
+                    FROM ({ledger.SHAPED_EARLIEST.format(rel=t.rel)}) AS img""",
+                undo.run_id,
+                nos,
+            )
+        )
+    return combined(parts)
+
+
+def _header(
+    run: ledger.RunRow,
+    undo: ShapedUndo,
+    name: str,
+    display_dsn: str,
+    scope: str,
+    rows: int,
+    batches: int,
+    checksum: str,
+) -> str:
+    tables = "\n".join(
+        f"--   {comment_text(t.table)} (oid {t.oid}): {', '.join(sorted(t.allowed))}"
+        for t in undo.tables
+    )
+    checks = "\n".join(_table_check(t, run.run_id) for t in undo.tables)
+    return f"""-- backfill rollback (a run writing several tables)
+-- run:          {comment_text(run.run_id)}
+-- plan:         {comment_text(run.plan_name)} (digest {run.plan_digest})
+-- environment:  {comment_text(run.env)} ({comment_text(display_dsn)})
+-- tables, parents first (deleted rows are re-inserted in this order, inserted rows deleted in
+-- the reverse order, changed rows restored in between):
+{tables}
+-- generated:    {datetime.now(UTC).isoformat(timespec="seconds")}
+-- scope:        {scope}
+-- undoes:       {rows} row image(s) in {batches} batch(es), newest batch first, one transaction each
+-- checksum:     {checksum}
+--   (per table, md5 over each row's earliest image among these batches in key order; then md5
+--   over the tables' in the order above)
+--
+-- Run it:       psql -X -v ON_ERROR_STOP=1 -d "$DSN_OF_{comment_text(run.env.upper())}" -f {comment_text(name)}
+-- Verify:       the last query prints, per table, the rows not back and the checksum;
+--               checksum_matches is true when every row is back where the run found it.
+-- A row is undone only while it still holds what this run left there; rows changed since are
+-- left alone (conflicts). Running the file again is safe.
+\\set ON_ERROR_STOP on
+SET client_encoding = 'UTF8';
+SET standard_conforming_strings = on;
+SET lock_timeout = '5s';
+{session_preamble(list(undo.search_schemas))}
+{checks}
+CREATE TEMP TABLE pg_temp.backfill_rollback_images (
+    batch_no integer NOT NULL, rel integer NOT NULL, op "char" NOT NULL, key text NOT NULL,
+    before text, after text
+);
+"""
+
+
+def _table_check(t: Table, run_id: str) -> str:
+    body = f"""BEGIN
+    IF to_regclass({sql_literal(t.table)}) IS NULL
+       OR to_regclass({sql_literal(t.table)})::oid <> {int(t.oid)} THEN
+        RAISE EXCEPTION 'backfill rollback: % is not the table run % wrote (oid {int(t.oid)})',
+            {sql_literal(t.table)}, {sql_literal(run_id)};
+    END IF;
+END"""
+    tag = "$backfill$"
+    while tag in body:
+        tag = tag[:-1] + "x$"
+    return f"DO {tag} {body} {tag};"
+
+
+def _file_verification(undo: ShapedUndo, expected: str) -> str:
+    earliest = (
+        "SELECT DISTINCT ON (u.key) u.batch_no, u.op, u.key, u.before, u.after "
+        "FROM pg_temp.backfill_rollback_images AS u WHERE u.rel = {rel} AND u.op <> 'N' "
+        "ORDER BY u.key, u.batch_no"
+    )
+    parts = []
+    for ord_, t in enumerate(undo.tables):
+        state = _state(t, earliest.format(rel=t.rel))
+        parts.append(
+            f"""SELECT {ord_} AS ord, {sql_literal(t.display)} AS table_name,
+       count(*) AS rows_touched, count(*) FILTER (WHERE NOT back) AS not_back,
+       md5(string_agg({_ACTUAL}, '|' ORDER BY img.key COLLATE "C")) AS checksum
+FROM ({state}) AS img"""
+        )
+    union = "\nUNION ALL\n".join(parts)
+    return f"""
+-- Verification: every row should be back where the run found it (conflicts are the rows not
+-- back: changed since the run, left alone).
+WITH per_table AS (
+{union}
+)
+SELECT table_name, rows_touched, not_back FROM per_table ORDER BY ord;
+WITH per_table AS (
+{union}
+)
+SELECT md5(string_agg(coalesce(checksum, ''), '|' ORDER BY ord)) AS checksum,
+       {sql_literal(expected)}::text AS expected_checksum,
+       md5(string_agg(coalesce(checksum, ''), '|' ORDER BY ord)) = {sql_literal(expected)} AS checksum_matches
+FROM per_table;
+"""
