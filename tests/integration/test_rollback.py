@@ -83,6 +83,29 @@ rows = st.lists(
 )
 
 
+def fill_hostile(db: str, data: list[tuple[Any, ...]]) -> None:
+    """The hostile table's rows from hypothesis' tuples (key, text, numeric, float, bool, text[],
+    bytea), with the other columns derived from them."""
+    for i, (k, t, n, f, b, ta, by) in enumerate(data):
+        sql(
+            db,
+            """INSERT INTO hostile (id, k, t, n, f, b, ts, d, j, by, ta, ia, u, iv)
+                   VALUES ($1::int, $2::text, $3::text, $4::numeric, $5::float8, $6::boolean,
+                           now() - $1::int * interval '1 day 3 hours', current_date,
+                           jsonb_build_object('t', $3::text, 'n', $1::int), $7::bytea, $8::text[],
+                           ARRAY[$1::int, NULL], md5($2::text)::uuid, $1::int * interval '1 min 3.5 s')
+                   ON CONFLICT DO NOTHING""",
+            i,
+            k,
+            t,
+            n,
+            f,
+            b,
+            by,
+            ta,
+        )
+
+
 @pytest.mark.slow
 @settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -112,24 +135,7 @@ def test_emitted_sql_restores_any_type_and_value_exactly_with_psql(
         )
     psql_env = HOSTILE_PSQL_ENV if session == "hostile" else {}
     sql(db, "DROP TABLE IF EXISTS hostile; DROP SCHEMA IF EXISTS backfill CASCADE; " + HOSTILE)
-    for i, (k, t, n, f, b, ta, by) in enumerate(data):
-        sql(
-            db,
-            """INSERT INTO hostile (id, k, t, n, f, b, ts, d, j, by, ta, ia, u, iv)
-                   VALUES ($1::int, $2::text, $3::text, $4::numeric, $5::float8, $6::boolean,
-                           now() - $1::int * interval '1 day 3 hours', current_date,
-                           jsonb_build_object('t', $3::text, 'n', $1::int), $7::bytea, $8::text[],
-                           ARRAY[$1::int, NULL], md5($2::text)::uuid, $1::int * interval '1 min 3.5 s')
-                   ON CONFLICT DO NOTHING""",
-            i,
-            k,
-            t,
-            n,
-            f,
-            b,
-            by,
-            ta,
-        )
+    fill_hostile(db, data)
     snapshot(db, "hostile")
     columns = ["t", "n", "f", "b", "ts", "d", "j", "by", "ta", "ia", "u", "iv", "done"]
     plan = write_plan(

@@ -9,9 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 
 from tests.conftest import plan_dict, sql, val
-from tests.helpers import PINNED_SETTINGS, env_for, rollback_file, run_id_of, run_psql
+from tests.helpers import (
+    HOSTILE_PSQL_ENV,
+    PINNED_SETTINGS,
+    env_for,
+    rollback_file,
+    run_id_of,
+    run_psql,
+    set_on_database,
+)
+from tests.integration.test_rollback import HOSTILE, fill_hostile
+from tests.integration.test_rollback import rows as hostile_rows
 
 SCHEMA = """
 CREATE TABLE snaps (
@@ -64,11 +75,11 @@ MARK = "UPDATE snaps SET processed_at = '2030-01-01' WHERE id = ANY($1) AND proc
 
 
 def shaped_plan(path: Path, **over: Any) -> Path:
-    defaults: dict[str, Any] = dict(
-        target={"table": "snaps", "key": ["id"], "columns": ["processed_at"]},
-        discovery={"sql": "SELECT id FROM snaps WHERE processed_at IS NULL"},
-        apply={"statements": [UPSERT_TROOPS, UPSERT_SUMMARY, MARK]},
-        writes=[
+    defaults: dict[str, Any] = {
+        "target": {"table": "snaps", "key": ["id"], "columns": ["processed_at"]},
+        "discovery": {"sql": "SELECT id FROM snaps WHERE processed_at IS NULL"},
+        "apply": {"statements": [UPSERT_TROOPS, UPSERT_SUMMARY, MARK]},
+        "writes": [
             {
                 "table": "troops",
                 "key": ["user_id", "troop_id"],
@@ -82,14 +93,14 @@ def shaped_plan(path: Path, **over: Any) -> Path:
                 "columns": ["troops", "score"],
             },
         ],
-        soak__checks=[
+        "soak__checks": [
             {
                 "name": "all_processed",
                 "sql": "SELECT count(*) FROM snaps WHERE processed_at IS NULL",
                 "pass_if": "== 0",
             }
         ],
-    )
+    }
     plan = plan_dict(**{**defaults, **over})
     path.write_text(json.dumps(plan, indent=2))
     return path
@@ -155,7 +166,9 @@ def test_an_upsert_backfill_of_three_tables_is_imaged_and_rolled_back_exactly(
             run_id,
         )
     )
-    troops_new = val(db, "SELECT count(*) FROM troops") - val(db, "SELECT count(*) FROM snap_troops")
+    troops_new = val(db, "SELECT count(*) FROM troops") - val(
+        db, "SELECT count(*) FROM snap_troops"
+    )
     assert per_op["2I"] == troops_new
     assert per_op["1U"] == 500  # every snapshot marked
     assert per_op["3I"] == 38  # users 1…39 but 2; users 0 and 2 existed
@@ -253,9 +266,17 @@ def test_archive_and_delete_is_undone_exactly(
             "writes public.troops, which the plan does not declare",
         ),
         (  # an operation the plan does not declare on it
-            {"writes": [{"table": "troops", "key": ["user_id", "troop_id"], "operations": ["insert"]},
-                        {"table": "summary", "key": ["user_id"], "operations": ["upsert"],
-                         "columns": ["troops", "score"]}]},
+            {
+                "writes": [
+                    {"table": "troops", "key": ["user_id", "troop_id"], "operations": ["insert"]},
+                    {
+                        "table": "summary",
+                        "key": ["user_id"],
+                        "operations": ["upsert"],
+                        "columns": ["troops", "score"],
+                    },
+                ]
+            },
             "is an UPSERT of public.troops, but the plan allows only ['insert']",
         ),
     ],
@@ -285,9 +306,7 @@ def test_an_undeclared_column_or_a_trigger_write_rolls_the_batch_back(
         "amount = greatest(troops.amount, excluded.amount)",
         "amount = greatest(troops.amount, excluded.amount), note = 'changed'",
     )
-    plan = shaped_plan(
-        workdir / "p.json", apply={"statements": [sneaky, UPSERT_SUMMARY, MARK]}
-    )
+    plan = shaped_plan(workdir / "p.json", apply={"statements": [sneaky, UPSERT_SUMMARY, MARK]})
     result = cli("apply", str(plan), "-e", "staging", env=env_for(db))
     assert result.exit_code == 1, result.output
     text = " ".join(result.output.split())
@@ -308,3 +327,263 @@ def test_an_undeclared_column_or_a_trigger_write_rolls_the_batch_back(
     assert "public.audit" in text
     assert "not declared in the plan" in text
     _all_back(db)
+
+
+# -- hostile values through insert-, upsert- and delete-style runs, back byte for byte -----------
+
+HOSTILE_COPIES = """
+CREATE TABLE hostile_archive (LIKE hostile INCLUDING ALL);
+CREATE TABLE hostile_copy (LIKE hostile INCLUDING ALL);
+-- half the rows have an older copy already: the upsert updates those and inserts the rest
+INSERT INTO hostile_copy SELECT * FROM hostile WHERE id % 2 = 0;
+UPDATE hostile_copy SET t = 'older', f = -0.0, by = '\\x00ff';
+"""
+ALL_COLUMNS = ["t", "n", "f", "b", "ts", "d", "j", "by", "ta", "ia", "u", "iv", "done"]
+IN_BATCH = "(id, k) IN (SELECT * FROM unnest($1::int[], $2::text[]))"
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=hostile_rows)
+@pytest.mark.parametrize("how", ["runner", "psql"])
+def test_hostile_values_through_insert_upsert_and_delete_come_back_byte_for_byte(
+    cli: Callable[..., Any], workdir: Path, db: str, data: list[tuple[Any, ...]], how: str
+) -> None:
+    set_on_database(db, TimeZone="Pacific/Chatham", DateStyle="SQL, DMY", extra_float_digits="0")
+    sql(
+        db,
+        "DROP TABLE IF EXISTS hostile, hostile_archive, hostile_copy; "
+        "DROP SCHEMA IF EXISTS backfill CASCADE; " + HOSTILE,
+    )
+    fill_hostile(db, data)
+    sql(db, HOSTILE_COPIES)
+    keep(db, "hostile", "hostile_archive", "hostile_copy")
+    sets = ", ".join(f"{c} = excluded.{c}" for c in ALL_COLUMNS)
+    plan = shaped_plan(
+        workdir / "p.json",
+        target={"table": "hostile", "key": ["id", "k"], "operations": ["delete"]},
+        discovery={"sql": "SELECT id, k FROM hostile"},
+        apply={
+            "statements": [
+                f"INSERT INTO hostile_archive SELECT * FROM hostile WHERE {IN_BATCH}",
+                f"INSERT INTO hostile_copy SELECT * FROM hostile WHERE {IN_BATCH} "
+                f"ON CONFLICT (id, k) DO UPDATE SET {sets}",
+                f"DELETE FROM hostile WHERE {IN_BATCH}",
+            ]
+        },
+        writes=[
+            {"table": "hostile_archive", "key": ["id", "k"], "operations": ["insert"]},
+            {
+                "table": "hostile_copy",
+                "key": ["id", "k"],
+                "operations": ["upsert"],
+                "columns": ALL_COLUMNS,
+            },
+        ],
+        batching={"size": 2, "workers": 1, "lock_timeout": "1s", "statement_timeout": "20s"},
+        soak__checks=[],
+    )
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    assert val(db, "SELECT count(*) FROM hostile") == 0
+    run_id = run_id_of(result.output)
+    if how == "runner":
+        undone = cli("rollback", run_id, "--env", "staging", env=env_for(db))
+        assert undone.exit_code == 0, undone.output
+    else:
+        done = run_psql(db, rollback_file(workdir, run_id), HOSTILE_PSQL_ENV)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-2].split("|")[2].strip() == "t", done.stdout
+    for table in ("hostile", "hostile_archive", "hostile_copy"):
+        assert changed_rows(db, table, "id, k") == 0, table
+
+
+# -- killed mid-run, resumed: no row inserted twice, none lost, every image present --------------
+
+
+@pytest.mark.slow
+def test_an_insert_style_run_killed_at_random_moments_resumes_exactly_once(
+    workdir: Path, db: str
+) -> None:
+    import os
+    import random
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import cli_subprocess
+
+    env = {
+        **os.environ,
+        **env_for(db),
+        "BACKFILL_LOGS": str(workdir / "backfill_logs"),
+        "BACKFILL_CMD": "backfill",
+    }
+
+    sql(
+        db,
+        "CREATE TABLE src (id bigint PRIMARY KEY, v text NOT NULL); "
+        "CREATE TABLE dst (id bigint PRIMARY KEY, v text NOT NULL, n bigserial NOT NULL); "
+        "INSERT INTO src SELECT g, md5(g::text) FROM generate_series(1, 2000) AS g",
+    )
+    keep(db, "dst")
+    plan = workdir / "p.json"
+    plan.write_text(
+        json.dumps(
+            plan_dict(
+                target={"table": "src", "key": ["id"], "columns": ["v"]},
+                discovery={
+                    "sql": "SELECT id FROM src s WHERE NOT EXISTS (SELECT 1 FROM dst d WHERE d.id = s.id)"
+                },
+                apply={
+                    "statements": [
+                        "INSERT INTO dst (id, v) SELECT id, v FROM src "
+                        "WHERE id = ANY($1) AND pg_sleep(0.002) IS NOT NULL"
+                    ]
+                },
+                writes=[{"table": "dst", "key": ["id"], "operations": ["insert"]}],
+                batching={"size": 20, "workers": 2, "lock_timeout": "5s"},
+                soak__checks=[],
+            )
+        )
+    )
+    rng = random.Random(20261201)
+    run_id: str | None = None
+    kills = 0
+    for _ in range(10):
+        args = ["apply", str(plan), "--env", "staging", "--quiet"] + (
+            ["--run", run_id] if run_id else []
+        )
+        with (workdir / "runner.log").open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "runner", *args],
+                cwd=workdir,
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        time.sleep((1.2 if run_id is None else 0.5) + rng.random() * 0.6)
+        if proc.poll() is not None:
+            break
+        proc.kill()
+        proc.wait()
+        kills += 1
+        if run_id is None:
+            runs = list((workdir / "backfill_logs" / "items_new").glob("*"))
+            run_id = runs[0].name if runs else None
+    assert run_id is not None
+    assert kills >= 3
+    final = cli_subprocess(
+        ["apply", str(plan), "--env", "staging", "--run", run_id], workdir, env_for(db)
+    )
+    assert final.returncode == 3, final.stdout + final.stderr
+    assert val(db, "SELECT count(*) FROM dst") == 2000
+    assert val(db, "SELECT count(*) FROM src s JOIN dst d USING (id) WHERE s.v <> d.v") == 0
+    # every inserted row has exactly one image, in a committed batch
+    assert (
+        val(
+            db,
+            "SELECT count(*) FROM backfill.row_images r JOIN backfill.batches b "
+            "USING (run_id, batch_no) WHERE r.run_id = $1 AND r.op = 'I' AND b.status = 'done'",
+            run_id,
+        )
+        == 2000
+    )
+    assert (
+        val(
+            db,
+            "SELECT count(*) FROM (SELECT key FROM backfill.row_images WHERE run_id = $1 "
+            "AND op = 'I' GROUP BY key HAVING count(*) > 1) AS twice",
+            run_id,
+        )
+        == 0
+    )
+    undone = cli_subprocess(["rollback", run_id, "--env", "staging"], workdir, env_for(db))
+    assert undone.returncode == 0, undone.stdout + undone.stderr
+    assert changed_rows(db, "dst", "id") == 0
+
+
+# -- foreign keys between the declared tables: children go first, parents come back first --------
+
+FAMILY = """
+CREATE TABLE people (id bigint PRIMARY KEY, name text NOT NULL, moved boolean NOT NULL DEFAULT false);
+CREATE TABLE households (id bigint PRIMARY KEY, label text NOT NULL);
+CREATE TABLE members (household_id bigint NOT NULL REFERENCES households,
+                      person_id bigint NOT NULL, PRIMARY KEY (household_id, person_id));
+CREATE TABLE old_households (id bigint PRIMARY KEY, label text NOT NULL);
+CREATE TABLE old_members (household_id bigint NOT NULL REFERENCES old_households,
+                          person_id bigint NOT NULL, PRIMARY KEY (household_id, person_id));
+INSERT INTO people SELECT g, 'p' || g FROM generate_series(1, 120) AS g;
+INSERT INTO old_households SELECT g, 'old ' || g FROM generate_series(1, 120) AS g;
+INSERT INTO old_members SELECT g, g FROM generate_series(1, 120) AS g;
+"""
+
+
+@pytest.mark.parametrize("how", ["runner", "psql"])
+def test_rows_linked_by_foreign_keys_are_undone_in_an_order_the_keys_allow(
+    cli: Callable[..., Any], workdir: Path, db: str, how: str
+) -> None:
+    """Each batch inserts parents then children into one pair of tables and deletes children
+    then parents from another: undoing must delete the new children before their parents and
+    re-insert the old parents before their children, whatever order the plan lists them in."""
+    sql(db, FAMILY)
+    tables = ("people", "households", "members", "old_households", "old_members")
+    keep(db, *tables)
+    plan = workdir / "p.json"
+    plan.write_text(
+        json.dumps(
+            plan_dict(
+                target={"table": "people", "key": ["id"], "columns": ["moved"]},
+                discovery={"sql": "SELECT id FROM people WHERE NOT moved"},
+                apply={
+                    "statements": [
+                        "INSERT INTO households SELECT id, 'new ' || id FROM people WHERE id = ANY($1)",
+                        "INSERT INTO members SELECT id, id FROM people WHERE id = ANY($1)",
+                        "DELETE FROM old_members WHERE person_id = ANY($1)",
+                        "DELETE FROM old_households WHERE id = ANY($1)",
+                        "UPDATE people SET moved = true WHERE id = ANY($1)",
+                    ]
+                },
+                # listed children first on purpose: the order comes from the foreign keys
+                writes=[
+                    {
+                        "table": "members",
+                        "key": ["household_id", "person_id"],
+                        "operations": ["insert"],
+                    },
+                    {"table": "households", "key": ["id"], "operations": ["insert"]},
+                    {
+                        "table": "old_members",
+                        "key": ["household_id", "person_id"],
+                        "operations": ["delete"],
+                    },
+                    {"table": "old_households", "key": ["id"], "operations": ["delete"]},
+                ],
+                batching__size=25,
+                soak__checks=[],
+            )
+        )
+    )
+    applied = cli("apply", str(plan), "-e", "staging", env=env_for(db))
+    assert applied.exit_code == 3, applied.output
+    run_id = run_id_of(applied.output)
+    assert val(db, "SELECT count(*) FROM members") == 120
+    if how == "runner":
+        undone = cli("rollback", run_id, "--env", "staging", env=env_for(db))
+        assert undone.exit_code == 0, undone.output
+    else:
+        text = rollback_file(workdir, run_id).read_text()
+        # the file says the order it uses: parents first
+        assert text.index("public.households") < text.index("public.members")
+        done = run_psql(db, rollback_file(workdir, run_id))
+        assert done.returncode == 0, done.stderr
+    for t, key in (
+        ("people", "id"),
+        ("households", "id"),
+        ("members", "household_id, person_id"),
+        ("old_households", "id"),
+        ("old_members", "household_id, person_id"),
+    ):
+        assert changed_rows(db, t, key) == 0, t
