@@ -1245,3 +1245,24 @@ async def shaped_image_values(
     )
     assert row is not None
     return row["tuples"], int(row["n"])
+
+
+async def table_counts(
+    conn: asyncpg.Connection, run_id: str, stage: str
+) -> dict[int, dict[str, int]]:
+    """A shaped run's images in one stage, per table (rel): inserted, updated, deleted, unchanged."""
+    rows = await conn.fetch(
+        "SELECT i.rel, count(*) FILTER (WHERE u.op = 'I')::int AS inserted,"
+        " count(*) FILTER (WHERE u.op = 'U')::int AS updated,"
+        " count(*) FILTER (WHERE u.op = 'D')::int AS deleted,"
+        " count(*) FILTER (WHERE u.op = 'N')::int AS unchanged"
+        " FROM backfill.batch_images AS i JOIN backfill.batches AS b USING (run_id, batch_no)"
+        " CROSS JOIN LATERAL unnest(i.ops) AS u(op)"
+        " WHERE i.run_id = $1 AND b.stage = $2 AND b.status = 'done' GROUP BY i.rel",
+        run_id,
+        stage,
+    )
+    return {
+        int(r["rel"]): {k: int(r[k]) for k in ("inserted", "updated", "deleted", "unchanged")}
+        for r in rows
+    }

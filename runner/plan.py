@@ -308,19 +308,22 @@ class Apply(_Model):
     sql: str | None = None
     statements: list[NonEmpty] = Field(default_factory=list)
 
+    @field_validator("sql")
+    @classmethod
+    def _sql(cls, sql: str | None) -> str | None:
+        return None if sql is None else _one_statement(sql, "the apply statement")
+
+    @field_validator("statements")
+    @classmethod
+    def _statements(cls, statements: list[str]) -> list[str]:
+        return [_one_statement(s, f"statement {i}") for i, s in enumerate(statements)]
+
     @model_validator(mode="after")
     def _one_form(self) -> Apply:
         if (self.sql is None) == (not self.statements):
             raise ValueError(
                 "apply: give either `sql` (one statement) or `statements` (an ordered list)"
             )
-        if self.sql is not None:
-            object.__setattr__(self, "sql", _one_statement(self.sql, "the apply statement"))
-        object.__setattr__(
-            self,
-            "statements",
-            [_one_statement(s, f"apply.statements[{i}]") for i, s in enumerate(self.statements)],
-        )
         return self
 
     @property

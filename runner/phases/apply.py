@@ -281,6 +281,12 @@ async def apply(
             await session.close()
 
 
+def _tables_text(tables: list[tuple[str, str, int]] | None) -> str:
+    if tables is None:
+        return "only its target (a plain run)"
+    return ", ".join(f"{s}.{n} (oid {o})" for s, n, o in tables)
+
+
 async def _open_run(
     conn: asyncpg.Connection,
     dbs: Databases,
@@ -300,6 +306,17 @@ async def _open_run(
     run = await ensure_run(
         conn, loaded, env, run_id, target, operator, create=not plan.is_mini, tables=tables
     )
+    recorded = (
+        None if run.tables is None else [(t["schema"], t["name"], t["oid"]) for t in run.tables]
+    )
+    resolved = None if tables is None else [(t["schema"], t["name"], t["oid"]) for t in tables]
+    if recorded != resolved:
+        raise InvalidInput(
+            f"run {run_id} writes {_tables_text(recorded)} in {env!r}, but the plan now resolves "
+            f"to {_tables_text(resolved)}: a table was dropped and created again, or the plan "
+            "declares other tables",
+            hint="start a new run; this run's images belong to the tables it recorded",
+        )
     if run.plan_digest != loaded.digest and not plan.is_mini:
         raise InvalidInput(
             f"run {run_id} was started with plan digest {run.plan_digest[:12]}, but "

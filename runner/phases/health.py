@@ -14,8 +14,9 @@ import structlog
 
 from runner import ledger
 from runner.artifacts import RunDir, check_run_id, write_json
-from runner.db import Databases, fetch_one
+from runner.db import Databases, fetch_one, qualified
 from runner.engine import dbhealth
+from runner.engine.shapes import resolve_tables
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput, NoGo
@@ -215,7 +216,7 @@ class _Staging:
     decisions there (their overrides are carried over)."""
 
     per_batch: asyncpg.Record
-    shape: dict[str, Any]
+    shapes: dict[str, dict[str, Any]]  # every table the run writes there, by schema.name
     decisions: list[ledger.Decision]
 
 
@@ -231,8 +232,11 @@ async def _from_staging(
     assert staging_run is not None
     per_batch = await ledger.batch_timing(s_conn, run_id)
     assert per_batch is not None  # an aggregate: always one row
-    shape = await table_shape(s_conn, staging_run.quoted_table)
-    return _Staging(per_batch, shape, await ledger.decisions(s_conn, run_id))
+    shapes = {staging_run.target_table: await table_shape(s_conn, staging_run.quoted_table)}
+    for t in staging_run.tables or []:
+        name = qualified(t["schema"], t["name"])
+        shapes[f"{t['schema']}.{t['name']}"] = await table_shape(s_conn, name)
+    return _Staging(per_batch, shapes, await ledger.decisions(s_conn, run_id))
 
 
 _CRITERIA = {"go": "pass", "go-with-conditions": "inconclusive", "no-go": "fail"}
@@ -256,7 +260,9 @@ class _ProdFacts:
     needing: asyncpg.Record
     size: asyncpg.Record
     capacity: dict[str, float | None]
-    shape: dict[str, Any]
+    shapes: dict[str, dict[str, Any]]  # by schema.name
+    declared: dict[str, set[str]]  # per table: its key and the columns an update may change
+    tables: list[dict[str, Any]] | None  # a shaped run's tables, as the run's row records them
 
 
 async def _prod_facts(ro: asyncpg.Connection, plan: Plan) -> _ProdFacts:
@@ -272,8 +278,14 @@ async def _prod_facts(ro: asyncpg.Connection, plan: Plan) -> _ProdFacts:
             target.table,
         )
         capacity = await dbhealth.sample(ro, target.table)
-        shape = await table_shape(ro, target.table)
-    return _ProdFacts(target, needing, size, capacity, shape)
+        shapes = {target.display: await table_shape(ro, target.table)}
+        declared = {target.display: {c.name for c in target.columns} | {k.name for k in target.key}}
+        tables = await resolve_tables(ro, plan) if plan.shaped else None
+        for t in tables or []:
+            shapes[t.display] = await table_shape(ro, t.table)
+            declared[t.display] = set(t.declared) | {k.name for k in t.key}
+    docs = None if tables is None else [t.doc() for t in tables]
+    return _ProdFacts(target, needing, size, capacity, shapes, declared, docs)
 
 
 def _write_mini_plan(
@@ -316,7 +328,9 @@ async def health(
         await ledger.ensure_ledger(conn)
         async with dbs.connection(env, read_only=True) as ro:
             facts = await _prod_facts(ro, plan)
-        run = await ensure_run(conn, loaded, env, run_id, facts.target, operator, create=True)
+        run = await ensure_run(
+            conn, loaded, env, run_id, facts.target, operator, create=True, tables=facts.tables
+        )
         async with phase_frame(conn, run, env, "health") as frame:
             doc = await _judge(frame, loaded, dbs, staging, facts, operator)
             path = await frame.finish(doc, criteria=_CRITERIA[doc.verdict], report=render_health)
@@ -340,6 +354,29 @@ async def health(
     )
 
 
+def _drift_of_every_table(staging: _Staging, facts: _ProdFacts) -> list[dict[str, Any]]:
+    """Schema drift between staging and prod for every table the run writes; with several
+    tables each finding names its table."""
+    several = len(facts.shapes) > 1
+    drift: list[dict[str, Any]] = []
+    for name, prod_shape in facts.shapes.items():
+        staging_shape = staging.shapes.get(name)
+        if staging_shape is None:
+            drift.append(
+                {
+                    "object": f"table {name}",
+                    "staging": "not written there",
+                    "prod": "declared",
+                    "what": "not rehearsed on staging",
+                    "blocker": True,
+                }
+            )
+            continue
+        for d in schema_drift(staging_shape, prod_shape, facts.declared[name]):
+            drift.append({**d, "object": f"{name}: {d['object']}"} if several else d)
+    return drift
+
+
 async def _judge(
     frame: PhaseFrame,
     loaded: LoadedPlan,
@@ -350,8 +387,7 @@ async def _judge(
 ) -> HealthDoc:
     """The verdict from drift and capacity, the tuned mini plan (written), as one document."""
     plan, env, target = loaded.plan, frame.env, facts.target
-    declared = {c.name for c in target.columns} | {k.name for k in target.key}
-    drift = schema_drift(staging.shape, facts.shape, declared)
+    drift = _drift_of_every_table(staging, facts)
     blockers, conditions = findings(drift, facts.capacity, plan.health)
     rows_needing = int(facts.needing["n"])
     timing = _staging_timing(staging.per_batch)

@@ -120,7 +120,25 @@ async def apply_context(
         "started_at": row.started_at,
         "finished_at": row.finished_at,
         **await watch_context(conn, run.run_id, stage, outcomes),
+        "tables": await _tables(conn, run, stage),
     }
+
+
+async def _tables(conn: asyncpg.Connection, run: ledger.RunRow, stage: str) -> list[dict[str, Any]]:
+    """A shaped run's tables with what this stage did to each (empty for a plain run)."""
+    if run.tables is None:
+        return []
+    counts = await ledger.table_counts(conn, run.run_id, stage)
+    zero = {"inserted": 0, "updated": 0, "deleted": 0, "unchanged": 0}
+    return [
+        {
+            "table": f"{t['schema']}.{t['name']}",
+            "allowed": ", ".join(t["allowed"]),
+            "declared": ", ".join(t["declared"]),
+            **counts.get(int(t["rel"]), zero),
+        }
+        for t in run.tables
+    ]
 
 
 async def render_summary(

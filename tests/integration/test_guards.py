@@ -320,7 +320,9 @@ def test_adaptive_batches_shrink_as_rows_get_slower_and_never_pass_max_size(
         (workdir / "backfill_logs" / "items_new" / run_id / "staging" / "batches").glob("*.json")
     )
     sizes = [json.loads(p.read_text())["size"] for p in batches]
-    assert all(5 <= s <= 400 for s in sizes)
+    assert all(s <= 400 for s in sizes)
+    # a page is smaller than min_size only where discovery had fewer keys left: the last one
+    assert all(s >= 5 for s in sizes[:-1]), sizes
     peak = max(sizes)
     assert peak > 20, "the size never grew from its start on cheap rows"
     assert sizes[-2] < peak / 2, f"the size did not shrink as rows got slower: {sizes}"

@@ -587,3 +587,106 @@ def test_rows_linked_by_foreign_keys_are_undone_in_an_order_the_keys_allow(
         ("old_members", "household_id, person_id"),
     ):
         assert changed_rows(db, t, key) == 0, t
+
+
+def test_prod_health_checks_drift_on_every_declared_table_and_prod_is_undone_exactly(
+    cli: Callable[..., Any], workdir: Path, make_db: Callable[..., str]
+) -> None:
+    staging, prod = make_db(), make_db()
+    sql(staging, SCHEMA.format(n=200))
+    sql(prod, SCHEMA.format(n=200))
+    sql(prod, "ALTER TABLE troops ALTER COLUMN amount TYPE bigint")  # a declared column drifted
+    plan = shaped_plan(workdir / "p.json", batching__size=50)
+    env = env_for(staging, prod)
+    applied = cli("apply", str(plan), "-e", "staging", env=env)
+    assert applied.exit_code == 3, applied.output
+    run_id = run_id_of(applied.output)
+    assert (
+        cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env).exit_code == 0
+    )
+    soaked = cli(
+        "soak",
+        str(plan),
+        "-e",
+        "staging",
+        "--run",
+        run_id,
+        "--duration",
+        "1s",
+        "--interval",
+        "1s",
+        env=env,
+    )
+    assert soaked.exit_code == 3, soaked.output
+    assert cli("approve", run_id, "--gate", "soak-staging", "--as", "bob", env=env).exit_code == 0
+    health = cli("health", str(plan), "-e", "prod", "--run", run_id, env=env)
+    assert health.exit_code == 4, health.output  # no-go
+    report = next(
+        (workdir / "backfill_logs").rglob(f"{run_id}/prod/prod_health_check.md")
+    ).read_text()
+    assert "public.troops: column amount" in report
+    # prod fixed to match staging: go, then the canary and the rest, undone exactly in prod
+    sql(prod, "ALTER TABLE troops ALTER COLUMN amount TYPE int")
+    keep(prod, *TABLES)
+    health = cli("health", str(plan), "-e", "prod", "--run", run_id, env=env)
+    assert health.exit_code == 3, health.output
+    assert cli("approve", run_id, "--gate", "health-prod", "--as", "alice", env=env).exit_code == 0
+    mini = next((workdir / "backfill_logs").rglob(f"{run_id}/prod/prod_mini_backfill_plan.json"))
+    canary = cli("apply", str(mini), "-e", "prod", "--run", run_id, env=env)
+    assert canary.exit_code == 3, canary.output
+    assert cli("approve", run_id, "--gate", "canary-prod", "--as", "bob", env=env).exit_code == 0
+    rest = cli("apply", str(mini), "-e", "prod", "--run", run_id, env=env)
+    assert rest.exit_code == 0, rest.output
+    assert val(prod, "SELECT count(*) FROM snaps WHERE processed_at IS NULL") == 0
+    undone = cli("rollback", run_id, "--env", "prod", env=env)
+    assert undone.exit_code == 0, undone.output
+    _all_back(prod)
+
+
+def test_a_row_changed_since_is_left_alone_and_the_rest_undone_and_a_dry_run_changes_nothing(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    sql(db, SCHEMA.format(n=200))
+    keep(db, *TABLES)
+    plan = shaped_plan(workdir / "p.json", batching__size=40)
+    env = env_for(db)
+    applied = cli("apply", str(plan), "-e", "staging", env=env)
+    assert applied.exit_code == 3, applied.output
+    run_id = run_id_of(applied.output)
+    after = val(db, "SELECT md5(string_agg(t::text, ',' ORDER BY user_id, troop_id)) FROM troops t")
+    dry = cli("rollback", run_id, "--env", "staging", "--dry-run", env=env)
+    assert dry.exit_code == 0, dry.output
+    assert "would restore" in dry.output
+    assert (
+        val(db, "SELECT md5(string_agg(t::text, ',' ORDER BY user_id, troop_id)) FROM troops t")
+        == after
+    )
+    # someone changes a row the run inserted, and one it updated, after the apply
+    inserted = sql(
+        db,
+        "SELECT user_id, troop_id FROM troops EXCEPT SELECT user_id, troop_id FROM snap_troops LIMIT 1",
+    )[0]
+    sql(
+        db,
+        f"UPDATE troops SET amount = 999 WHERE user_id = {inserted[0]} AND troop_id = {inserted[1]}",
+    )
+    sql(db, "UPDATE summary SET score = -1 WHERE user_id = 0")
+    undone = cli("rollback", run_id, "--env", "staging", env=env)
+    assert undone.exit_code == 0, undone.output
+    report = next(
+        (workdir / "backfill_logs").rglob(f"{run_id}/staging/rollback_report.md")
+    ).read_text()
+    assert "public.troops" in report
+    assert "public.summary" in report
+    assert (
+        val(db, "SELECT amount FROM troops WHERE user_id = $1 AND troop_id = $2", *inserted) == 999
+    )
+    assert val(db, "SELECT score FROM summary WHERE user_id = 0") == -1
+    # everything else is back
+    sql(db, f"DELETE FROM troops WHERE user_id = {inserted[0]} AND troop_id = {inserted[1]}")
+    sql(
+        db,
+        "UPDATE summary s SET troops = p.troops, score = p.score FROM snap_summary p "
+        "WHERE s.user_id = p.user_id AND s.user_id = 0",
+    )
+    _all_back(db)

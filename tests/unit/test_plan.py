@@ -69,7 +69,11 @@ BAD_PLANS: list[tuple[str, dict[str, Any], list[str]]] = [
         ["apply.sql", "one statement"],
     ),
     ("key among columns", {"target__columns": ["id", "val"]}, ["target", "key columns"]),
-    ("no columns", {"target__columns": []}, ["target.columns", "at least 1"]),
+    (
+        "no columns",
+        {"target__columns": []},
+        ["target.columns", "list the columns the apply changes"],
+    ),
     ("no key", {"target__key": []}, ["target.key", "at least 1"]),
     ("duplicate column", {"target__columns": ["val", "val"]}, ["target.columns", "twice"]),
     ("missing target", {"target": None}, ["target", "required field is missing"]),
@@ -101,6 +105,28 @@ BAD_PLANS: list[tuple[str, dict[str, Any], list[str]]] = [
     ),
     ("approver empty", {"gates__approvers": [""]}, ["gates.approvers.0", "at least 1"]),
     ("no environments", {"environments": {}}, ["environments", "at least 1"]),
+    ("apply with neither form", {"apply": {}}, ["either `sql` (one statement) or `statements`"]),
+    (
+        "apply with both forms",
+        {"apply": {"sql": "UPDATE items SET val = 1 WHERE id = ANY($1)", "statements": ["x $1"]}},
+        ["either `sql`"],
+    ),
+    (
+        "a statement without the keys",
+        {"apply": {"statements": ["DELETE FROM items"]}},
+        ["apply.statements: statement 0 must use the batch's keys"],
+    ),
+    (
+        "an upsert without columns",
+        {"writes": [{"table": "t", "key": ["id"], "operations": ["upsert"]}]},
+        ["writes.0", "update (or upsert) may change"],
+    ),
+    (
+        "the target declared again as a write",
+        {"writes": [{"table": "items", "key": ["id"], "operations": ["insert"]}]},
+        ["declared twice"],
+    ),
+    ("the target inserted into", {"target__operations": ["insert"]}, ["target.operations"]),
 ]
 
 
