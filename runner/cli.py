@@ -545,13 +545,17 @@ def reject(
 def status(
     run: Annotated[str | None, typer.Argument(help="The run id (default: list runs).")] = None,
     plan: PlanOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print it as JSON, for scripts.")] = False,
 ) -> None:
     """Show a run's phases, gates and decisions, and the next command; without RUN, list runs."""
-    from runner.commands.status import describe_run, list_run_rows
+    from runner.commands.status import list_run_rows, read_status
 
     async def go() -> int:
         if run is None:
             rows = list_run_rows()
+            if as_json:
+                out.print(json.dumps(rows, indent=2, default=str), markup=False)
+                return EXIT_DONE
             if not rows:
                 out.print(
                     "no runs yet under backfill_logs/; start one with `backfill apply PLAN --env staging`"
@@ -559,9 +563,12 @@ def status(
             for r in rows:
                 out.print(f"{r['run_id']}  plan {r['plan']}", markup=False)
             return EXIT_DONE
-        text, code = await describe_run(run, plan)
-        out.print(text, markup=False)
-        return code
+        status = await read_status(run, plan)
+        if as_json:
+            out.print(json.dumps(status.doc(), indent=2), markup=False)
+        else:
+            out.print("\n".join(status.lines()), markup=False)
+        return EXIT_DONE
 
     _run(go)
 

@@ -38,6 +38,22 @@ class Step:
     def interrupted(self) -> bool:
         return self.state.startswith("interrupted")
 
+    @property
+    def kind(self) -> str:
+        """finished | not-run | running | paused | held | cancelled | interrupted | unknown"""
+        for word in ("paused", "held", "cancelled"):
+            if f"— {word}" in self.state:
+                return word
+        for prefix, kind in (
+            ("finished", "finished"),
+            ("not run", "not-run"),
+            ("running", "running"),
+            ("interrupted", "interrupted"),
+        ):
+            if self.state.startswith(prefix):
+                return kind
+        return "unknown"
+
 
 async def read_steps(
     loaded: LoadedPlan, dbs: Databases, run_id: str, *, tolerant: bool = False
@@ -110,32 +126,101 @@ def list_run_rows() -> list[dict[str, Any]]:
     return [RunDir(p).read_manifest() for p in list_runs()]
 
 
-async def describe_run(run_id: str, plan_path: Path | None) -> tuple[str, int]:
-    loaded = plan_for(run_id, "plan_path", plan_path)
-    cmd = command_prefix()
-    lines = [f"run {run_id} — plan {loaded.plan.name} (digest {loaded.digest[:12]})"]
-    if loaded.plain_values or loaded.secret_fingerprints(b""):
-        shown = [f"{k}={v!r}" for k, v in loaded.plain_values.items()]
-        shown += [f"{k}=(secret)" for k in loaded.secret_fingerprints(b"")]
-        lines.append(f"  variables now: {', '.join(shown)}")
-    async with Databases(loaded.plan) as dbs:
-        steps = await read_steps(loaded, dbs, run_id, tolerant=True)
-        for s in steps:
+@dataclass
+class RunStatus:
+    """Where a run stands, as `status` prints it and `status --json` gives it to scripts."""
+
+    run_id: str
+    plan: str
+    digest: str
+    variables: dict[str, str]  # plain values; secrets as "(secret)"
+    steps: list[Step]
+    decisions: list[dict[str, Any]]
+    rollbacks: list[dict[str, Any]]
+    next: str
+
+    def lines(self) -> list[str]:
+        out = [f"run {self.run_id} — plan {self.plan} (digest {self.digest[:12]})"]
+        if self.variables:
+            shown = ", ".join(f"{k}={v}" for k, v in self.variables.items())
+            out.append(f"  variables now: {shown}")
+        for s in self.steps:
             gate = (
                 "" if s.gate is None else f"  gate {s.gate.gate}: {s.gate.status} — {s.gate.reason}"
             )
-            lines.append(f"  {s.phase:<7} on {s.env:<8} {s.state:<9}{gate}")
-        lines += await _decision_lines(loaded, dbs, run_id, steps)
-    lines.append(_next_line(loaded, run_id, steps, cmd))
-    return "\n".join(lines), EXIT_DONE
+            out.append(f"  {s.phase:<7} on {s.env:<8} {s.state:<9}{gate}")
+        for d in self.decisions:
+            extra = " OVERRIDE" if d["override"] else ""
+            login = f" (database login {d['db_user']})" if d["db_user"] else ""
+            out.append(
+                f"  decision: {d['gate']} {d['decision']}{extra} by {d['actor']}{login} at "
+                f"{d['at']:%Y-%m-%d %H:%M:%S}" + (f" — {d['note']}" if d["note"] else "")
+            )
+        for e in self.rollbacks:
+            out.append(
+                f"  ROLLED BACK in {e['env']} at {e['at']:%Y-%m-%d %H:%M:%S} by {e['actor']}"
+                + (f" (batches {e['batches']})" if e["batches"] else "")
+                + (f" (since {e['since']})" if e["since"] else "")
+            )
+        out.append(self.next)
+        return out
+
+    def doc(self) -> dict[str, Any]:
+        """The same as JSON: states as a word a script can switch on, times as ISO 8601."""
+        return {
+            "run_id": self.run_id,
+            "plan": self.plan,
+            "digest": self.digest,
+            "variables": self.variables,
+            "steps": [
+                {
+                    "phase": s.phase,
+                    "env": s.env,
+                    "state": s.kind,
+                    "detail": s.state,
+                    "gate": None
+                    if s.gate is None
+                    else {
+                        "name": s.gate.gate,
+                        "status": s.gate.status,
+                        "reason": s.gate.reason,
+                        "criteria": s.gate.criteria,
+                    },
+                }
+                for s in self.steps
+            ],
+            "decisions": [{**d, "at": d["at"].isoformat()} for d in self.decisions],
+            "rollbacks": [{**e, "at": e["at"].isoformat()} for e in self.rollbacks],
+            "next": self.next.removeprefix("next: "),
+        }
 
 
-async def _decision_lines(
+async def read_status(run_id: str, plan_path: Path | None) -> RunStatus:
+    loaded = plan_for(run_id, "plan_path", plan_path)
+    variables = {k: repr(v) for k, v in loaded.plain_values.items()}
+    variables.update(dict.fromkeys(loaded.secret_fingerprints(b""), "(secret)"))
+    async with Databases(loaded.plan) as dbs:
+        steps = await read_steps(loaded, dbs, run_id, tolerant=True)
+        decisions, rollbacks = await _ledger_facts(loaded, dbs, run_id, steps)
+    return RunStatus(
+        run_id,
+        loaded.plan.name,
+        loaded.digest,
+        variables,
+        steps,
+        decisions,
+        rollbacks,
+        _next_line(loaded, run_id, steps, command_prefix()),
+    )
+
+
+async def _ledger_facts(
     loaded: LoadedPlan, dbs: Databases, run_id: str, steps: list[Step]
-) -> list[str]:
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Every decision and rollback of the run, once per ledger (staging and prod may share a
     database), from the environments that can be reached."""
-    lines: list[str] = []
+    decisions: list[dict[str, Any]] = []
+    rollbacks: list[dict[str, Any]] = []
     reachable = {s.env for s in steps if not s.state.startswith("unknown")}
     ledgers: dict[str, str] = {}
     for env in (loaded.plan.pipeline.staging, loaded.plan.pipeline.prod):
@@ -144,20 +229,29 @@ async def _decision_lines(
             ledgers.setdefault(f"{raw}#{env}" if raw == EMBEDDED else raw, env)
     for env in ledgers.values():
         async with dbs.connection(env) as conn:
-            for d in await ledger.decisions(conn, run_id):
-                extra = " OVERRIDE" if d.override else ""
-                login = f" (database login {d.db_user})" if d.db_user else ""
-                lines.append(
-                    f"  decision: {d.gate} {d.decision}{extra} by {d.actor}{login} at "
-                    f"{d.decided_at:%Y-%m-%d %H:%M:%S}" + (f" — {d.note}" if d.note else "")
-                )
-            for ev in await ledger.run_events(conn, run_id):
-                lines.append(
-                    f"  ROLLED BACK in {ev.env} at {ev.at:%Y-%m-%d %H:%M:%S} by {ev.actor}"
-                    + (f" (batches {ev.detail['batches']})" if ev.detail.get("batches") else "")
-                    + (f" (since {ev.detail['since']})" if ev.detail.get("since") else "")
-                )
-    return lines
+            decisions += [
+                {
+                    "gate": d.gate,
+                    "decision": d.decision,
+                    "override": d.override,
+                    "actor": d.actor,
+                    "db_user": d.db_user,
+                    "note": d.note,
+                    "at": d.decided_at,
+                }
+                for d in await ledger.decisions(conn, run_id)
+            ]
+            rollbacks += [
+                {
+                    "env": ev.env,
+                    "actor": ev.actor,
+                    "at": ev.at,
+                    "batches": ev.detail.get("batches"),
+                    "since": ev.detail.get("since"),
+                }
+                for ev in await ledger.run_events(conn, run_id)
+            ]
+    return decisions, rollbacks
 
 
 def _next_line(loaded: LoadedPlan, run_id: str, steps: list[Step], cmd: str) -> str:

@@ -254,3 +254,29 @@ def test_status_shows_an_unreachable_prod_and_each_decision_once(
     text = " ".join(status.output.split())
     assert "health on prod unknown:" in text
     assert "no such database" in text
+
+
+def test_status_json_gives_scripts_each_phase_gate_decision_and_the_next_command(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 200)
+    plan = write_plan(workdir / "p.json")
+    run_id = run_id_of(cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db)).output)
+    waiting = json.loads(cli("status", run_id, "--json", env=env_for(db)).output)
+    assert waiting["run_id"] == run_id
+    first = waiting["steps"][0]
+    assert (first["phase"], first["env"], first["state"]) == ("apply", "staging", "finished")
+    assert first["gate"]["name"] == "apply-staging"
+    assert first["gate"]["status"] == "waiting"
+    assert [s["state"] for s in waiting["steps"][1:]] == ["not-run"] * 4
+    assert waiting["next"].startswith("review ")
+    assert f"approve {run_id} --gate apply-staging" in waiting["next"]
+    cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env_for(db))
+    approved = json.loads(cli("status", run_id, "--json", env=env_for(db)).output)
+    assert approved["steps"][0]["gate"]["status"] == "open"
+    assert [(d["gate"], d["decision"], d["actor"]) for d in approved["decisions"]] == [
+        ("apply-staging", "approve", "alice")
+    ]
+    datetime.fromisoformat(approved["decisions"][0]["at"])
+    listed = json.loads(cli("status", "--json", env=env_for(db)).output)
+    assert [r["run_id"] for r in listed] == [run_id]
