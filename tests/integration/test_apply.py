@@ -65,7 +65,7 @@ def test_apply_changes_exactly_the_rows_that_needed_it_writes_artifacts_and_halt
     assert "```mermaid\nxychart-beta" in summary
     assert "| Rows changed | 800 |" in summary
     assert f"approve {run_id} --gate apply-staging" in summary
-    assert "psql -v ON_ERROR_STOP=1" in summary
+    assert "psql -X -v ON_ERROR_STOP=1" in summary
     rollback = next(out.glob("rollback_*.sql")).read_text()
     assert "-- restores:     800 row(s) in 8 batch(es)" in rollback
 
