@@ -93,6 +93,14 @@ RunOpt = Annotated[
 QuietOpt = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar; periodic log lines.")
 ]
+MaxRowsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-rows",
+        min=1,
+        help="Stop cleanly after this many rows (exit 0, status capped); --run continues.",
+    ),
+]
 MetricsPortOpt = Annotated[
     int | None,
     typer.Option(
@@ -422,6 +430,12 @@ def _print_apply(result: Any) -> int:
         out.print(f"halted at gate {result.gate}: review the summary, then run", markup=False)
         out.print(f"  {result.next_command}", markup=False)
         return EXIT_GATE_WAITING
+    if result.status == "capped":
+        out.print(
+            "capped: this command's row cap is reached; every committed batch is kept and the "
+            "stage goes on with the next command (no summary or gate until it finishes)",
+            markup=False,
+        )
     out.print(f"next: {result.next_command}", markup=False)
     return EXIT_DONE
 
@@ -436,6 +450,7 @@ def apply(
     ] = False,
     quiet: QuietOpt = False,
     metrics_port: MetricsPortOpt = None,
+    max_rows: MaxRowsOpt = None,
 ) -> None:
     """Apply the backfill in keyset batches (staging, or prod from the mini plan); halts at a gate."""
     from runner.engine.metrics import serve
@@ -456,6 +471,7 @@ def apply(
                         dry_run=dry_run,
                         operator=operator_name(),
                         progress=view,
+                        max_rows=max_rows,
                     )
         finally:
             view.close()

@@ -343,6 +343,8 @@ class Batching(_Model):
     statement_timeout: Timeout = 60.0
     max_retries: Annotated[int, Field(ge=0, le=100)] = 5
     max_passes: Annotated[int, Field(ge=1, le=100)] = 5
+    max_rows_per_run: Annotated[int, Field(ge=1)] | None = None
+    """Stop a command cleanly after this many rows (keys handed to batches); --run continues."""
     target_batch_seconds: Timeout | None = None
     """Adaptive size: move the batch size toward batches that take this long (None: fixed)."""
     min_size: Annotated[int, Field(gt=0, le=1_000_000)] | None = None

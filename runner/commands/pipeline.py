@@ -49,6 +49,8 @@ async def run_pipeline(
                     loaded, dbs, env=plan.pipeline.staging, operator=operator, progress=progress
                 )
                 run_id = result.run_id
+                if result.status == "capped":
+                    return _capped(result, say)
                 say(f"  run {run_id}: summary {result.summary_path}")
                 continue
             steps = await read_steps(loaded, dbs, run_id)
@@ -89,7 +91,8 @@ async def run_pipeline(
             ctx = PhaseRun(
                 loaded, dbs, step.env, run_id, operator, progress, say, soak_duration, soak_interval
             )
-            await RUNNERS[rollout.phase(step.phase).runs](ctx)
+            if (stop := await RUNNERS[rollout.phase(step.phase).runs](ctx)) is not None:
+                return stop
 
 
 @dataclass(frozen=True)
@@ -107,13 +110,23 @@ class PhaseRun:
     soak_interval: float | None
 
 
-async def _run_apply(r: PhaseRun) -> None:
-    await apply_phase.apply(
+def _capped(result: apply_phase.ApplyResult, say: Callable[[str], None]) -> int:
+    """A row cap stops the pipeline too: the next command continues the stage."""
+    say(
+        f"  {result.stage} capped after {result.totals.changed + result.totals.noop:,} row(s) "
+        f"this command; continue: {result.next_command}"
+    )
+    return EXIT_DONE
+
+
+async def _run_apply(r: PhaseRun) -> int | None:
+    a = await apply_phase.apply(
         r.loaded, r.dbs, env=r.env, run_id=r.run_id, operator=r.operator, progress=r.progress
     )
+    return _capped(a, r.say) if a.status == "capped" else None
 
 
-async def _run_soak(r: PhaseRun) -> None:
+async def _run_soak(r: PhaseRun) -> int | None:
     s = await soak_phase.soak(
         r.loaded,
         r.dbs,
@@ -124,24 +137,30 @@ async def _run_soak(r: PhaseRun) -> None:
         operator=r.operator,
     )
     r.say(f"  soak verdict {s.verdict}: {s.report_path}")
+    return None
 
 
-async def _run_health(r: PhaseRun) -> None:
+async def _run_health(r: PhaseRun) -> int | None:
     h = await health_phase.health(r.loaded, r.dbs, env=r.env, run_id=r.run_id, operator=r.operator)
     r.say(f"  health verdict {h.verdict}: {h.report_path}; mini plan {h.mini_plan_path}")
+    return None
 
 
-async def _run_mini_apply(r: PhaseRun) -> None:
+async def _run_mini_apply(r: PhaseRun) -> int | None:
     # the mini plan's environment is the parent plan's, so the same connections serve
     mini = load_plan(_mini_plan(r.run_id, r.env))
     a = await apply_phase.apply(
         mini, r.dbs, env=r.env, run_id=r.run_id, operator=r.operator, progress=r.progress
     )
+    if a.status == "capped":
+        return _capped(a, r.say)
     r.say(f"  {a.stage}: {a.totals.changed:,} row(s) changed; summary {a.summary_path}")
+    return None
 
 
 # what runs each phase of the rollout (runner.rollout.PhaseSpec.runs)
-RUNNERS: dict[str, Callable[[PhaseRun], Awaitable[None]]] = {
+# each returns None to go on, or the exit code the pipeline stops with (a capped apply)
+RUNNERS: dict[str, Callable[[PhaseRun], Awaitable[int | None]]] = {
     "apply": _run_apply,
     "soak": _run_soak,
     "health": _run_health,

@@ -17,7 +17,7 @@ from runner.artifacts import RunDir, list_runs
 from runner.commands.control import control_note
 from runner.commands.decide import plan_for
 from runner.db import EMBEDDED, Databases, close_quietly
-from runner.errors import EXIT_DONE, BackfillError
+from runner.errors import BackfillError
 from runner.gates import GateState
 from runner.phases.common import command_prefix, gate_state
 from runner.plan import LoadedPlan
@@ -40,7 +40,8 @@ class Step:
 
     @property
     def kind(self) -> str:
-        """finished | not-run | running | paused | held | cancelled | interrupted | unknown"""
+        """finished | not-run | running | paused | held | cancelled | interrupted | capped |
+        unknown"""
         for word in ("paused", "held", "cancelled"):
             if f"— {word}" in self.state:
                 return word
@@ -49,6 +50,7 @@ class Step:
             ("not run", "not-run"),
             ("running", "running"),
             ("interrupted", "interrupted"),
+            ("capped", "capped"),
         ):
             if self.state.startswith(prefix):
                 return kind
@@ -93,12 +95,12 @@ async def read_steps(
                     stopped = gate
                 state = "finished" if finished else "not run"
                 if row is not None and not finished:
-                    state = await _unfinished_state(conn, run_id, phase)
+                    state = await _unfinished_state(conn, run_id, phase, row.status)
                 steps.append(Step(phase, env, finished, gate, state))
     return steps
 
 
-async def _unfinished_state(conn: Any, run_id: str, phase: str) -> str:
+async def _unfinished_state(conn: Any, run_id: str, phase: str, recorded: str = "") -> str:
     """A phase that started and did not finish: running in a process now, or interrupted (a
     Ctrl-C, a kill, a lost connection), and what it kept."""
     note = await control_note(conn, run_id)  # paused, held or cancelled
@@ -106,6 +108,8 @@ async def _unfinished_state(conn: Any, run_id: str, phase: str) -> str:
     if await ledger.run_is_locked(conn, run_id):
         return "running now" + note
     progress = await ledger.phase_progress(conn, run_id, phase)
+    if recorded == "capped":  # stopped by its row cap: the next command continues it
+        return f"capped ({progress} kept)" + note
     kept = f"interrupted ({progress} kept)" if progress else "interrupted (nothing kept yet)"
     return kept + note
 

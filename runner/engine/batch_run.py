@@ -100,6 +100,8 @@ class RunState:
     halt: BackfillError | None = None  # why dispatching stopped early (guard, cancel): raised
     held_seconds: dict[str, float] = field(default_factory=dict)  # by signal ("paused" too)
     holding: str = ""  # the reason no batch may start now ("" while batches may start)
+    dispatched_rows: int = 0  # keys handed to workers by this command
+    capped: bool = False  # stopped at RunSettings.max_rows: the run continues with --run
 
 
 class DispatchCheck(Protocol):
@@ -117,6 +119,8 @@ class RunSettings:
     max_passes: int
     stop_after: int | None  # batches still to dispatch (the canary), None: until dry
     resume: str  # the command that continues the run, for error messages
+    max_rows: int | None = None  # keys this command may hand to workers (a cap), None: no cap
+    page_size: int = 1000  # the source's page when no sizer sets it
 
 
 Recorder = Callable[[BatchOutcome], Awaitable[None]]
@@ -166,7 +170,7 @@ class BatchRun:
             if state.halt is not None:
                 raise state.halt
             self._raise_if_stuck()
-            if self.settings.stop_after is not None:
+            if self.settings.stop_after is not None or state.capped:
                 break
             if state.unverified_spans:
                 await self._count_whole()
@@ -218,8 +222,17 @@ class BatchRun:
         return (
             not failed.is_set()
             and self.state.halt is None
+            and not self.state.capped
             and (stop_after is None or self.state.dispatched < stop_after)
         )
+
+    def _capped_size(self, size: int | None) -> int | None:
+        """The page size within the cap: the last page before it is cut to fit, so the cap is
+        exact (counted by the runner, in keys handed to workers)."""
+        cap = self.settings.max_rows
+        if cap is None:
+            return size
+        return min(size or self.settings.page_size, cap - self.state.dispatched_rows)
 
     async def _cleared(self, failed: anyio.Event) -> bool:
         """Whether the next batch may start now, after waiting out a pause or a hold; a stop
@@ -252,7 +265,7 @@ class BatchRun:
             await self._checking.wait()
         async with send:
             while self._may_dispatch(failed):
-                size = self._page_size()
+                size = self._capped_size(self._page_size())
                 page = await self.session.run(
                     lambda c, after=position, size=size: self.source.next_page(c, after, size)  # type: ignore[misc]
                 )
@@ -281,6 +294,9 @@ class BatchRun:
                     return
                 self.next_no += 1
                 self.state.dispatched += 1
+                self.state.dispatched_rows += page.size
+                if self.settings.max_rows is not None:
+                    self.state.capped = self.state.dispatched_rows >= self.settings.max_rows
                 position = page.last_key
 
     async def _work(

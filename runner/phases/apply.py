@@ -234,8 +234,10 @@ async def apply(
     dry_run: bool = False,
     operator: str,
     progress: ProgressCallback | None = None,
+    max_rows: int | None = None,
 ) -> ApplyResult:
-    """Run (or continue) the apply of `loaded` on `env`. Returns where it stopped and why."""
+    """Run (or continue) the apply of `loaded` on `env`. Returns where it stopped and why.
+    `max_rows` (or the plan's `batching.max_rows_per_run`, the smaller) caps this command."""
     plan = loaded.plan
     cmd = command_prefix()
     stage = _stage_for(loaded, env)
@@ -273,7 +275,11 @@ async def apply(
             elif (row := await ledger.get_phase(conn, run.run_id, "apply")) and row.finished_at:
                 return await _finished_result(conn, dbs, run.run_id, env, "apply", cmd, loaded)
             await frame.started()
-            state = await _batch_machine(session, dbs, loaded, target, frame, progress, cmd)
+            state = await _batch_machine(
+                session, dbs, loaded, target, frame, progress, cmd, max_rows
+            )
+            if state.capped:
+                return await session.run(lambda c: _capped(c, frame, loaded, state, cmd))
             return await session.run(lambda c: _finish(c, frame, dbs, loaded, target, state, cmd))
     finally:
         await close_quietly(conn)
@@ -369,6 +375,7 @@ async def _batch_machine(
     frame: PhaseFrame,
     progress: ProgressCallback | None,
     cmd: str,
+    max_rows: int | None,
 ) -> RunState:
     """Set up the engine's batch machine for this stage (resume point, canary stop, recording)
     and run it.
@@ -385,7 +392,9 @@ async def _batch_machine(
     )
     try:
         state = RunState()
-        machine = await _machine(session, reader, dbs, loaded, target, frame, state, progress, cmd)
+        machine = await _machine(
+            session, reader, dbs, loaded, target, frame, state, progress, cmd, max_rows
+        )
         return await machine.run(*await _start(session, reader, machine, state, frame, progress))
     finally:
         await reader.close()
@@ -431,6 +440,7 @@ async def _machine(
     state: RunState,
     progress: ProgressCallback | None,
     cmd: str,
+    max_rows: int | None,
 ) -> BatchRun:
     run_id, env, stage = frame.run_id, frame.env, frame.phase
     plan = loaded.plan
@@ -454,6 +464,8 @@ async def _machine(
             max_passes=b.max_passes,
             stop_after=stop_after,
             resume=resume,
+            max_rows=_cap(b.max_rows_per_run, max_rows),
+            page_size=b.size,
         ),
         new_executor=lambda: BatchExecutor(
             target,
@@ -604,6 +616,40 @@ async def _finish(
         summary_path,
         rollback_path,
         doc.totals,
+    )
+
+
+def _cap(plan_cap: int | None, command_cap: int | None) -> int | None:
+    caps = [c for c in (plan_cap, command_cap) if c is not None]
+    return min(caps) if caps else None
+
+
+async def _capped(
+    conn: asyncpg.Connection, frame: PhaseFrame, loaded: LoadedPlan, state: RunState, cmd: str
+) -> ApplyResult:
+    """The command's row cap reached: every committed batch is kept, the stage goes on with
+    the next command (no summary or gate yet: the stage has not finished)."""
+    run_id, env, stage = frame.run_id, frame.env, frame.phase
+    await ledger.save_phase(conn, run_id, stage, status="capped", result=None)
+    await ledger.set_run_status(conn, run_id, f"{stage}:capped")
+    done = [o for o in state.outcomes if o.status == "done"]
+    totals = ApplyTotals(
+        rows_needing_at_start=state.rows_needing_at_start,
+        batches=len(done),
+        batches_this_command=len(state.outcomes),
+        changed=sum(o.changed for o in done),
+        noop=sum(o.noop for o in done),
+        passes=state.passes,
+    )
+    log.info("apply.capped", run_id=run_id, stage=stage, rows=state.dispatched_rows)
+    return ApplyResult(
+        run_id,
+        env,
+        stage,
+        "capped",
+        None,
+        f"{cmd} apply {loaded.path} --env {env} --run {run_id}",
+        totals=totals,
     )
 
 

@@ -495,3 +495,36 @@ def test_a_discovery_and_an_apply_ending_in_a_comment_run(
     result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert result.exit_code == 3, result.output
     assert val(db, "SELECT count(*) FROM items WHERE val <> 'new'") == 0
+
+
+def test_max_rows_caps_each_command_exactly_and_the_next_one_continues(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 5000)
+    needing = val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'")
+    plan = write_plan(workdir / "p.json", batching__size=300, batching__workers=2)
+    first = cli("apply", str(plan), "-e", "staging", "--max-rows", "2000", env=env_for(db))
+    assert first.exit_code == 0, first.output
+    assert "capped" in first.output
+    run_id = run_id_of(first.output)
+    changed = "SELECT count(*) FROM items WHERE val = 'new'"
+    already = 1000  # make_items: every fifth row is already 'new'
+    assert val(db, changed) == already + 2000  # exactly: the last page is cut to fit
+    status = json.loads(cli("status", run_id, "--json", env=env_for(db)).output)
+    assert status["steps"][0]["state"] == "capped"
+    second = cli(
+        "apply", str(plan), "-e", "staging", "--run", run_id, "--max-rows", "2000", env=env_for(db)
+    )
+    assert second.exit_code == 0, second.output
+    assert val(db, changed) == already + 4000
+    last = cli("apply", str(plan), "-e", "staging", "--run", run_id, env=env_for(db))
+    assert last.exit_code == 3, last.output
+    assert val(db, changed) == 5000
+    assert ledger_totals(db, run_id)["changed"] == needing
+    # a plan's own cap stops the pipeline too, at the same place
+    make_items_again = "UPDATE items SET val = 'old' WHERE id % 2 = 0"
+    sql(db, make_items_again)
+    capped_plan = write_plan(workdir / "c.json", batching__size=300, batching__max_rows_per_run=700)
+    piped = cli("pipeline", str(capped_plan), env=env_for(db))
+    assert piped.exit_code == 0, piped.output
+    assert "capped after 700 row(s)" in piped.output
