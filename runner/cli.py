@@ -383,6 +383,27 @@ def init(plan: PlanArg, env: EnvOpt) -> None:
     _run(go)
 
 
+def _impact_lines(impact: dict[str, Any], workers: int) -> list[str]:
+    """The dry run's impact estimate, as an operator reads it."""
+    lines = [f"  size: about {impact['bytes'] / 1e6:,.1f} MB of the table's rows"]
+    if impact.get("time_column"):
+        lines.append(f"  {impact['time_column']}: from {impact['oldest']} to {impact['newest']}")
+    sample = impact["sample"]
+    if sample["seconds"] is not None:
+        lines.append(
+            f"  sample batch: {sample['rows']:,} row(s) in {sample['seconds'] * 1000:,.0f} ms "
+            f"({sample['note']})"
+        )
+        lines.append(
+            f"  estimated duration: about {impact['estimated_seconds']:,.0f} s with "
+            f"{workers} worker(s) (the batches x the sample's time per row / the workers, or the "
+            "configured rate if slower; the runner's images and checks add to it)"
+        )
+    else:
+        lines.append(f"  no duration estimate: {sample['note']}")
+    return lines
+
+
 def _print_apply(result: Any) -> int:
     if result.status == "dry-run":
         d = result.dry_run
@@ -394,7 +415,7 @@ def _print_apply(result: Any) -> int:
         )
         est = d["estimated_seconds_at_rate"]
         out.print(
-            "  estimated duration at the configured rate: "
+            "  duration at the configured rate: "
             + (
                 f"at least {est:.0f} s"
                 if est is not None
@@ -402,6 +423,8 @@ def _print_apply(result: Any) -> int:
             ),
             markup=False,
         )
+        for line in _impact_lines(d["impact"], d["workers"]):
+            out.print(line, markup=False)
         if d["first_batch_keys"]:
             out.print(
                 f"  first batch keys: {d['first_batch_keys'][0]} … {d['first_batch_keys'][1]}",
@@ -451,6 +474,13 @@ def apply(
     quiet: QuietOpt = False,
     metrics_port: MetricsPortOpt = None,
     max_rows: MaxRowsOpt = None,
+    no_sample: Annotated[
+        bool,
+        typer.Option(
+            "--no-sample",
+            help="With --dry-run: do not time a sample batch (run and rolled back) for the estimate.",
+        ),
+    ] = False,
 ) -> None:
     """Apply the backfill in keyset batches (staging, or prod from the mini plan); halts at a gate."""
     from runner.engine.metrics import serve
@@ -472,6 +502,7 @@ def apply(
                         operator=operator_name(),
                         progress=view,
                         max_rows=max_rows,
+                        sample=not no_sample,
                     )
         finally:
             view.close()

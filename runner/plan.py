@@ -276,6 +276,8 @@ class Write(_Model):
 
 class Discovery(_Model):
     sql: NonEmpty
+    time_column: NonEmpty | None = None
+    """A column of the target whose oldest and newest values the dry run reports."""
 
     @field_validator("sql")
     @classmethod

@@ -16,13 +16,19 @@ import structlog
 
 from runner import ledger, rollout
 from runner.artifacts import RunDir, check_run_id, new_run_id, write_json
-from runner.db import Databases, close_quietly
+from runner.db import Databases, close_quietly, quote_ident
 from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
-from runner.engine.executor import BatchExecutor, BatchOutcome, require_write_tracking
+from runner.engine.discovery import Page
+from runner.engine.executor import (
+    RETURNING_OLD_NEW_SINCE,
+    BatchExecutor,
+    BatchOutcome,
+    require_write_tracking,
+)
 from runner.engine.session import MainSession
 from runner.engine.shapes import ShapedRun, resolve_tables, shaped_run
 from runner.engine.sizing import BatchSizer
-from runner.engine.target import TargetInfo, resolve_target
+from runner.engine.target import TargetInfo, as_subquery, resolve_target
 from runner.engine.throttle import Throttle
 from runner.engine.watch import RunWatch
 from runner.errors import InvalidInput, NoGo
@@ -100,15 +106,82 @@ def resume_point(rows: list[Any]) -> tuple[list[str] | None, int, int]:
     return cursor, last + 1, interrupted
 
 
+@dataclass(frozen=True)
+class _Sample:
+    seconds: float | None
+    rows: int
+    note: str
+
+
+async def _sample_batch(
+    dbs: Databases, env: str, loaded: LoadedPlan, page: Page | None, sample: bool
+) -> _Sample:
+    """The first batch's statements, timed inside a transaction that is rolled back: what one
+    batch costs here, for the estimate. Nothing is kept (a sequence it draws from is not given
+    back: skip it with --no-sample)."""
+    if page is None or not sample:
+        return _Sample(None, 0, "not sampled" if not sample else "nothing to sample")
+    plan = loaded.plan
+    async with dbs.connection(env) as conn:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            await conn.execute(
+                "SELECT set_config('statement_timeout', $1, true)",
+                f"{int(plan.batching.statement_timeout * 1000)}ms",
+            )
+            t0 = time.perf_counter()
+            for sql in plan.apply.all:
+                await conn.execute(sql, *page.key_arrays)
+            seconds = time.perf_counter() - t0
+        except asyncpg.PostgresError as e:
+            return _Sample(None, 0, f"the sample batch failed: {' '.join(str(e).split())}")
+        finally:
+            await tx.rollback()
+    return _Sample(seconds, page.size, "the plan's statements on the first batch, rolled back")
+
+
+async def _impact(
+    conn: asyncpg.Connection, target: TargetInfo, loaded: LoadedPlan, needing: int
+) -> dict[str, Any]:
+    """Size and time span of what the backfill will touch (read-only)."""
+    plan = loaded.plan
+    size = await conn.fetchrow(
+        "SELECT pg_total_relation_size(c.oid) AS bytes, greatest(c.reltuples, 1)::float8 AS rows "
+        "FROM pg_class c WHERE c.oid = $1",
+        target.oid,
+    )
+    assert size is not None
+    out: dict[str, Any] = {
+        "bytes": round(size["bytes"] / size["rows"] * needing),
+        "table_bytes": size["bytes"],
+    }
+    column = plan.discovery.time_column
+    if column is not None:
+        keys = ", ".join(k.q for k in target.key)
+        span = await conn.fetchrow(
+            f"SELECT min(t.{quote_ident(column)})::text AS oldest, "
+            f"max(t.{quote_ident(column)})::text AS newest FROM {target.table} AS t "
+            f"WHERE ({', '.join(f't.{k.q}' for k in target.key)}) IN "
+            f"(SELECT {keys} FROM {as_subquery(plan.discovery.sql)} AS d)"
+        )
+        assert span is not None
+        out["time_column"] = column
+        out["oldest"], out["newest"] = span["oldest"], span["newest"]
+    return out
+
+
 async def _dry_run(
-    loaded: LoadedPlan, dbs: Databases, env: str, stage: str, cmd: str
+    loaded: LoadedPlan, dbs: Databases, env: str, stage: str, cmd: str, sample: bool
 ) -> ApplyResult:
     plan = loaded.plan
     async with dbs.connection(env, read_only=True) as conn, conn.transaction(readonly=True):
         target = await resolve_target(conn, plan.target)
         source = KeysetSource(target, plan.discovery.sql, plan.batching.size)
         needing = await source.count(conn)
+        t_page = time.perf_counter()
         page = await source.next_page(conn, None)
+        page_seconds = time.perf_counter() - t_page
         explain: list[str] = []
         if page is not None:
             for sql in plan.apply.all:
@@ -119,11 +192,30 @@ async def _dry_run(
             statements = shaped_statements(await shaped_run(conn, plan, target))
         else:
             statements = await batch_statements(conn, target, plan.apply.sql or "")
+        impact = await _impact(conn, target, loaded, needing)
     batches = math.ceil(needing / plan.batching.size)
     throttle = Throttle(
         plan.batching.batches_per_minute, plan.batching.rows_per_second, plan.batching.size
     )
     floor = throttle.seconds_for(batches, needing)
+    measured = await _sample_batch(dbs, env, loaded, page, sample)
+    if measured.seconds is not None and measured.rows:
+        # T = N·t/C: the batches, each as long as finding its page and the sample per row,
+        # over the workers
+        per_batch = page_seconds + measured.seconds / measured.rows * min(
+            plan.batching.size, needing
+        )
+        work = batches * per_batch / plan.batching.workers
+        impact["sample"] = {
+            "rows": measured.rows,
+            "seconds": round(measured.seconds, 4),
+            "page_seconds": round(page_seconds, 4),
+            "note": measured.note,
+        }
+        impact["estimated_seconds"] = round(max(work, floor if throttle.limited else 0.0), 1)
+    else:
+        impact["sample"] = {"rows": 0, "seconds": None, "note": measured.note}
+        impact["estimated_seconds"] = floor if throttle.limited else None
     info = {
         "env": env,
         "target": target.display,
@@ -135,6 +227,7 @@ async def _dry_run(
         "first_batch_keys": [page.first_key, page.last_key] if page else None,
         "explain_first_batch": explain,
         "batch_statements": statements,
+        "impact": impact,
     }
     return ApplyResult(
         "(dry run)",
@@ -171,32 +264,44 @@ async def batch_statements(
         f"${i + 1} = the batch's {k.name} keys ({k.type}[])" for i, k in enumerate(target.key)
     )
     one = target.returning_apply(apply_sql)
+    no_ledger_yet = ""
     try:
-        await conn.prepare(one.sql)
+        async with conn.transaction():  # a savepoint: a refused PREPARE must not end the dry run
+            await conn.prepare(one.sql)
+    except asyncpg.UndefinedTableError as e:
+        # a database without the ledger yet: the plan's statement comes first in the batch
+        # statement and was analysed without error, so on 18+ the batch runs as one statement
+        # (the real apply creates the ledger's tables before its first batch)
+        version = int(await conn.fetchval("SHOW server_version_num"))
+        if "backfill." not in str(e) or version < RETURNING_OLD_NEW_SINCE:
+            return _capture_statements(target, apply_sql, keys, " ".join(str(e).split()))
+        no_ledger_yet = " (the ledger's tables are created by the first apply)"
     except asyncpg.PostgresError as e:
-        reason = " ".join(str(e).split())
-        capture = target.capture
-        finalize = target.finalize
-        return [
-            {"what": f"capture path ({reason}); BEGIN ISOLATION LEVEL REPEATABLE READ", "sql": ""},
-            {"what": f"1. before-images of the batch's rows; {keys}", "sql": capture.sql.strip()},
-            {"what": f"2. the plan's apply; {keys}", "sql": apply_sql.strip()},
-            {
-                "what": "3. compare, images, ledger row; binds " + ", ".join(finalize.params),
-                "sql": finalize.sql.strip(),
-            },
-            {
-                "what": "4. the scope guard: the transaction's write counters, then COMMIT",
-                "sql": "",
-            },
-        ]
+        return _capture_statements(target, apply_sql, keys, " ".join(str(e).split()))
     return [
         {
-            "what": f"one statement (RETURNING OLD/NEW); {keys}; then binds "
+            "what": f"one statement (RETURNING OLD/NEW){no_ledger_yet}; {keys}; then binds "
             + ", ".join(one.params[len(target.key) :]),
             "sql": one.sql.strip(),
         },
         {"what": "then the scope guard: the transaction's write counters, then COMMIT", "sql": ""},
+    ]
+
+
+def _capture_statements(
+    target: TargetInfo, apply_sql: str, keys: str, reason: str
+) -> list[dict[str, str]]:
+    capture = target.capture
+    finalize = target.finalize
+    return [
+        {"what": f"capture path ({reason}); BEGIN ISOLATION LEVEL REPEATABLE READ", "sql": ""},
+        {"what": f"1. before-images of the batch's rows; {keys}", "sql": capture.sql.strip()},
+        {"what": f"2. the plan's apply; {keys}", "sql": apply_sql.strip()},
+        {
+            "what": "3. compare, images, ledger row; binds " + ", ".join(finalize.params),
+            "sql": finalize.sql.strip(),
+        },
+        {"what": "4. the scope guard: the transaction's write counters, then COMMIT", "sql": ""},
     ]
 
 
@@ -235,6 +340,7 @@ async def apply(
     operator: str,
     progress: ProgressCallback | None = None,
     max_rows: int | None = None,
+    sample: bool = True,
 ) -> ApplyResult:
     """Run (or continue) the apply of `loaded` on `env`. Returns where it stopped and why.
     `max_rows` (or the plan's `batching.max_rows_per_run`, the smaller) caps this command."""
@@ -250,7 +356,7 @@ async def apply(
     # the discovery and apply must fit the database before a run, or the ledger, is created
     refuse_unfit(await validate_env(loaded, dbs, env, with_checks=False), str(loaded.path))
     if dry_run:
-        return await _dry_run(loaded, dbs, env, stage, cmd)
+        return await _dry_run(loaded, dbs, env, stage, cmd, sample)
 
     conn = await dbs.connect(env)
     session: MainSession | None = None

@@ -401,9 +401,21 @@ def test_dry_run_counts_estimates_explains_and_writes_nothing(
 ) -> None:
     db = bare_db  # nothing may be created, not even the ledger schema
     make_items(db, 1000)
-    plan = write_plan(workdir / "p.json", batching__batches_per_minute=60)
+    plan = write_plan(
+        workdir / "p.json", batching__batches_per_minute=60, discovery__time_column="grp"
+    )
     result = cli("apply", str(plan), "-e", "staging", "--dry-run", env=env_for(db))
     assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    # the impact: size, the time column's span, a sample batch run and rolled back, an estimate
+    assert "size: about" in text
+    assert "grp: from 0 to 6" in text
+    assert "sample batch: 100 row(s) in" in text
+    assert "estimated duration: about 7 s with 1 worker(s)" in text  # the rate is the slower
+    unsampled = cli(
+        "apply", str(plan), "-e", "staging", "--dry-run", "--no-sample", env=env_for(db)
+    )
+    assert "no duration estimate: not sampled" in " ".join(unsampled.output.split())
     assert "rows needing the backfill: 800" in result.output
     assert "batches: 8 of 100" in result.output
     assert "at least 7 s" in result.output
