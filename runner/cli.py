@@ -313,7 +313,7 @@ class _ProgressView:
                 err.print(self.held or f"resumed ({data['signal']} clear)", markup=False)
         elif kind == "batch":
             t = data["totals"]
-            done = t.get("changed", 0) + t.get("noop", 0)
+            done = t.get("keys", 0)  # keys of committed batches: the unit of "rows needing it"
             elapsed = max(time.monotonic() - self.t0, 1e-6)
             rate = done / elapsed
             if self.bar is not None:

@@ -221,7 +221,8 @@ def _update_only() -> list[Literal["update", "delete"]]:
 
 class Target(_Model):
     """The table the batches page through (the batch source), and what a batch may do to its
-    rows: update `columns` (the default), or delete the rows (archive-and-delete)."""
+    rows: update `columns` (the default), delete the rows (archive-and-delete), or nothing
+    (`operations = []`: it is only read, e.g. the source of an insert-only backfill)."""
 
     table: NonEmpty
     key: ColumnList = Field(min_length=1)
@@ -231,8 +232,13 @@ class Target(_Model):
     @model_validator(mode="after")
     def _check_columns(self) -> Target:
         _check_names("target", self.key, self.columns)
-        if not self.operations or len(set(self.operations)) != len(self.operations):
+        if len(set(self.operations)) != len(self.operations):
             raise ValueError("target.operations: list update and/or delete, each once")
+        if not self.operations and self.columns:
+            raise ValueError(
+                "target.columns: the target is only read (operations = []), so no column of it "
+                "may change: leave columns out"
+            )
         if "update" in self.operations and not self.columns:
             raise ValueError(
                 "target.columns: list the columns the apply changes (or set "
@@ -894,8 +900,14 @@ def validate_raw(
         )
         for name, (value, from_default) in sorted(uses.values.items())
     )
-    # a default is written in the plan for anyone to read: only values from outside are secret
-    secrets = frozenset(v.value for v in variables if v.secret and v.value and not v.from_default)
+    # a default is written in the plan for anyone to read: only values from outside are secret;
+    # `embedded` names the runner's own server, not a credential (masking it hid the word
+    # everywhere: "*** PostgreSQL under …")
+    secrets = frozenset(
+        v.value
+        for v in variables
+        if v.secret and v.value and not v.from_default and v.value != "embedded"
+    )
     redact.register(secrets)  # before anything below can print a value
     try:
         plan = Plan.model_validate(data)

@@ -381,7 +381,12 @@ class ShapedRun:
         p = _refs(params)
         pt = self.paged
         widths = ", ".join(f"({t.rel}, {len(t.key)}, {len(t.image)})" for t in self.tables)
-        allowed = ", ".join(f"({t.rel}, '{op}')" for t in self.tables for op in sorted(t.allowed))
+        pairs = [f"({t.rel}, '{op}')" for t in self.tables for op in sorted(t.allowed)]
+        allowed = (
+            f"VALUES {', '.join(pairs)}"
+            if pairs
+            else "SELECT NULL::int AS column1, NULL::text AS column2 WHERE false"
+        )
         n = len(pt.key)
         arrays = ", ".join(f"${i + 1}::{k.type}[]" for i, k in enumerate(pt.key))
         batch_keys = f"SELECT {encode([f'b.k{i}' for i in range(n)])} AS key_enc FROM unnest({arrays}) AS b({', '.join(f'k{i}' for i in range(n))})"
@@ -410,7 +415,7 @@ bad AS (
                 WHEN i.rel = {pt.rel} AND i.op <> 'I' AND bk.key_enc IS NULL THEN 'outside the batch'
            END AS why
     FROM img AS i
-    LEFT JOIN (VALUES {allowed}) AS a(rel, op)
+    LEFT JOIN ({allowed}) AS a(rel, op)
         ON a.rel = i.rel AND a.op = CASE i.op WHEN 'I' THEN 'insert' WHEN 'D' THEN 'delete' ELSE 'update' END
     LEFT JOIN ({batch_keys}) AS bk ON i.rel = {pt.rel} AND bk.key_enc = i.key_enc
     WHERE i.op IS NOT NULL

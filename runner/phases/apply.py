@@ -661,6 +661,8 @@ class _Recorder:
                 )
             )
         self.totals["batches"] += outcome.status == "done"
+        # progress counts the batch's keys: a shaped batch changes rows in several tables
+        self.totals["keys"] += outcome.selected if outcome.status == "done" else 0
         self.totals["changed"] += outcome.changed
         self.totals["noop"] += outcome.noop
         log.info("batch." + outcome.status, **describe(outcome))

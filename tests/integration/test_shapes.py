@@ -690,3 +690,49 @@ def test_a_row_changed_since_is_left_alone_and_the_rest_undone_and_a_dry_run_cha
         "WHERE s.user_id = p.user_id AND s.user_id = 0",
     )
     _all_back(db)
+
+
+def test_a_target_that_is_only_read_feeds_an_insert_and_any_write_to_it_is_refused(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    sql(
+        db,
+        "CREATE TABLE src (id bigint PRIMARY KEY, v text NOT NULL); "
+        "CREATE TABLE dst (id bigint PRIMARY KEY, v text NOT NULL); "
+        "INSERT INTO src SELECT g, md5(g::text) FROM generate_series(1, 300) AS g",
+    )
+    keep(db, "src", "dst")
+
+    def plan_with(statements: list[str], name: str) -> Path:
+        path = workdir / name
+        path.write_text(
+            json.dumps(
+                plan_dict(
+                    target={"table": "src", "key": ["id"], "operations": []},
+                    discovery={
+                        "sql": "SELECT id FROM src s WHERE NOT EXISTS "
+                        "(SELECT 1 FROM dst d WHERE d.id = s.id)"
+                    },
+                    apply={"statements": statements},
+                    writes=[{"table": "dst", "key": ["id"], "operations": ["insert"]}],
+                    batching__size=70,
+                    soak__checks=[],
+                )
+            )
+        )
+        return path
+
+    copy = "INSERT INTO dst SELECT id, v FROM src WHERE id = ANY($1)"
+    touch = "UPDATE src SET v = v WHERE id = ANY($1)"
+    refused = cli(
+        "apply", str(plan_with([copy, touch], "bad.json")), "-e", "staging", env=env_for(db)
+    )
+    assert refused.exit_code == 2, refused.output
+    assert "UPDATE of public.src, but the plan allows only []" in " ".join(refused.output.split())
+    applied = cli("apply", str(plan_with([copy], "p.json")), "-e", "staging", env=env_for(db))
+    assert applied.exit_code == 3, applied.output
+    assert val(db, "SELECT count(*) FROM dst") == 300
+    undone = cli("rollback", run_id_of(applied.output), "--env", "staging", env=env_for(db))
+    assert undone.exit_code == 0, undone.output
+    assert changed_rows(db, "dst", "id") == 0
+    assert changed_rows(db, "src", "id") == 0

@@ -379,3 +379,15 @@ def test_a_semicolon_in_a_quoted_name_is_not_a_second_statement_and_escaped_name
     )
     with pytest.raises(PlanError, match="Unicode-escaped"):
         load_plan(hidden, env=GOOD_ENV)
+
+
+def test_embedded_is_the_runners_own_server_not_a_secret(tmp_path: Path) -> None:
+    from runner import redact
+
+    path = write_plan(tmp_path / "p.json")
+    loaded = load_plan(
+        path, env={"STAGING_DSN": "embedded", "PROD_DSN": "postgresql://u:pw1234@h/db"}
+    )
+    assert "embedded" not in loaded.secrets
+    assert redact.redact_text("PostgreSQL under embedded") == "PostgreSQL under embedded"
+    assert "pw1234" not in redact.redact_text("postgresql://u:pw1234@h/db failed")
