@@ -145,10 +145,23 @@ async def run_demo(
 
 
 async def _undo_rehearsal(loaded: LoadedPlan, run_id: str, say: Callable[[str], None]) -> int:
-    """Prod keeps the backfill. Staging's rehearsal is undone, and its four tables compared
-    bytewise with their copy from before the rollout."""
+    """Prod keeps the backfill: what undoing it would restore is shown (a dry run). Staging's
+    rehearsal is undone for real, and its four tables compared bytewise with their copy from
+    before the rollout."""
+    say("\nrollback: what undoing prod would restore (dry run: prod keeps the backfill)")
+    dry = await undo(
+        run_id,
+        loaded.plan.pipeline.prod,
+        dry_run=True,
+        emit=False,
+        batches=None,
+        since=None,
+        plan_path=None,
+    )
+    for line in dry.lines:
+        say(f"  {line}")
     env = loaded.plan.pipeline.staging
-    say("\nrollback: staging's rehearsal undone (prod keeps the backfill)")
+    say("rollback: staging's rehearsal undone for real")
     done = await undo(
         run_id, env, dry_run=False, emit=False, batches=None, since=None, plan_path=None
     )
