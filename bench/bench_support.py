@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import asyncpg
+import psutil  # type: ignore[import-untyped]
 
 from runner.db import EmbeddedServer, dsn_with_database
 
@@ -51,3 +57,42 @@ def bench_database() -> Iterator[tuple[Path, str, str]]:
         finally:
             if server is not None:
                 server.stop()
+
+
+def run_backfill_apply(
+    plan: dict[str, Any], workdir: Path, profile: Path | None = None
+) -> dict[str, Any]:
+    """`backfill apply PLAN --env staging` in its own process, as an operator runs it: wall time,
+    the batch loop's time (execution_results.json), rows changed and peak RSS. Expects the apply
+    to halt at its gate (exit 3). With `profile`, under `py-spy record` (a flame graph there)."""
+    name = plan["plan"]["name"]
+    path = workdir / f"{name}.json"
+    path.write_text(json.dumps(plan))
+    env = {**os.environ, "BACKFILL_LOGS": str(workdir / "logs"), "BACKFILL_ACTOR": "bench"}
+    t0 = time.perf_counter()
+    spy = ["py-spy", "record", "-o", str(profile), "-r", "200", "--"] if profile else []
+    proc = psutil.Popen(
+        [*spy, sys.executable, "-m", "runner", "apply", str(path), "--env", "staging", "--quiet"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    peak = 0
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            peak = max(peak, proc.memory_info().rss)
+        time.sleep(0.05)
+    wall = time.perf_counter() - t0
+    out, err = proc.communicate()
+    if proc.returncode != (0 if profile else 3):  # py-spy exits 0 after its child
+        raise SystemExit(f"runner failed ({proc.returncode}):\n{out.decode()}\n{err.decode()}")
+    results = next((workdir / "logs").rglob(f"{name}/*/staging/execution_results.json"))
+    data = json.loads(results.read_text())
+    return {
+        "wall": wall,
+        "loop": data["timing"]["elapsed_seconds"],
+        "counting": data["timing"]["counting_seconds"],
+        "changed": data["totals"]["changed"],
+        "rss": peak,
+    }

@@ -827,6 +827,14 @@ def demo(
     soak_seconds: Annotated[
         float, typer.Option("--soak-seconds", help="How long the demo soak watches.")
     ] = 6.0,
+    scenario: Annotated[
+        str,
+        typer.Option(
+            "--scenario",
+            help="profiles: stamp profiles (seed 003); starforge: normalize hero_snapshots JSON "
+            "into three tables by upserts, then undo staging's rehearsal exactly (seed 002).",
+        ),
+    ] = "profiles",
     quiet: QuietOpt = False,
 ) -> None:
     """Create demo staging/prod databases on the embedded server and run the pipeline on them."""
@@ -839,6 +847,7 @@ def demo(
                 scale=scale,
                 auto_approve=auto_approve,
                 soak_seconds=soak_seconds,
+                scenario=scenario,
                 progress=view,
                 say=lambda s: out.print(s, markup=False),
             )

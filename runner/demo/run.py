@@ -1,38 +1,84 @@
-"""`backfill demo`: the seed-003 rollout on the embedded server, from empty to as far as it may go."""
+"""`backfill demo`: a seed scenario's rollout on the embedded server, from empty to as far as it
+may go. `profiles` (seed 003, the default) stamps profiles; `starforge` (seed 002) normalizes
+hero_snapshots JSON into three tables and ends by undoing staging's rehearsal exactly."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from runner.artifacts import logs_root
 from runner.commands.pipeline import run_pipeline
+from runner.commands.rollback import undo
 from runner.db import Databases, home_dir
+from runner.demo import starforge
 from runner.demo.data import seed
-from runner.errors import EXIT_DONE, EXIT_GATE_WAITING, InvalidInput
+from runner.errors import EXIT_DONE, EXIT_FAILED, EXIT_GATE_WAITING, InvalidInput
 from runner.phases.common import ProgressCallback, command_prefix, operator_name
-from runner.plan import load_plan
+from runner.plan import LoadedPlan, load_plan
 
 DEMO_APPROVER = "demo-approver"
 PLAN_NAME = "profiles_results_v1_2_1.toml"
+SCENARIOS = {"profiles": PLAN_NAME, "starforge": "starforge_hero_snapshots.toml"}
 
 
 MAX_SCALE = 200  # thousands of rows: the demo stays a demo
 
 
-def demo_plan_path() -> Path:
+def demo_plan_path(name: str = PLAN_NAME) -> Path:
     """plans/ of the working directory (a checkout), else the copy shipped in the package."""
     for candidate in (
-        Path("plans") / PLAN_NAME,
-        Path(__file__).resolve().parents[2] / "plans" / PLAN_NAME,
-        Path(__file__).resolve().parent / PLAN_NAME,
+        Path("plans") / name,
+        Path(__file__).resolve().parents[2] / "plans" / name,
+        Path(__file__).resolve().parent / name,
     ):
         if candidate.exists():
             return candidate
     raise InvalidInput(
-        f"cannot find the demo plan {PLAN_NAME}", hint="run the demo from the project checkout"
+        f"cannot find the demo plan {name}", hint="run the demo from the project checkout"
     )
+
+
+@dataclass(frozen=True)
+class Seeded:
+    """What the demo says about the data it made."""
+
+    lines: list[str]
+
+
+async def _seed_profiles(dbs: Databases, loaded: LoadedPlan, scale: float) -> Seeded:
+    rows = max(int(20_000 * scale), 200)
+    async with dbs.connection("staging") as conn:
+        await seed(conn, rows=rows, already_stamped=0.0, new_from=rows + 1)
+    async with dbs.connection("prod") as conn:
+        await seed(conn, rows=int(rows * 1.2), already_stamped=0.3, new_from=1)
+    return Seeded(
+        [
+            f"  staging: {rows:,} sessions and profiles; prod: {int(rows * 1.2):,}, ~30% already stamped"
+        ]
+    )
+
+
+async def _seed_starforge(dbs: Databases, loaded: LoadedPlan, scale: float) -> Seeded:
+    snapshots = max(int(10_000 * scale), 200)
+    statements = loaded.plan.apply.all
+    lines = []
+    for env, n, share in (("staging", snapshots, 0.05), ("prod", int(snapshots * 1.2), 0.1)):
+        async with dbs.connection(env) as conn:
+            counts = await starforge.seed(
+                conn, snapshots=n, realtime_share=share, statements=statements
+            )
+        lines.append(
+            f"  {env}: {counts['hero_snapshots']:,} hero_snapshots ({share:.0%} newest already "
+            f"processed by the real-time ETL); user_troops {counts['user_troops']:,}, user_pets "
+            f"{counts['user_pets']:,}, user_hero_summary {counts['user_hero_summary']:,} rows before"
+        )
+    return Seeded(lines)
+
+
+SEEDERS = {"profiles": _seed_profiles, "starforge": _seed_starforge}
 
 
 async def run_demo(
@@ -42,7 +88,12 @@ async def run_demo(
     soak_seconds: float,
     progress: ProgressCallback,
     say: Callable[[str], None],
+    scenario: str = "profiles",
 ) -> int:
+    if scenario not in SCENARIOS:
+        raise InvalidInput(
+            f"--scenario {scenario}: no such demo", hint=f"choose one of {', '.join(SCENARIOS)}"
+        )
     if scale <= 0 or scale > MAX_SCALE:
         raise InvalidInput(f"--scale {scale}: choose a value above 0 and at most {MAX_SCALE}")
     if soak_seconds <= 0:
@@ -51,18 +102,13 @@ async def run_demo(
     os.environ["STAGING_DSN"] = "embedded"
     os.environ["PROD_DSN"] = "embedded"
     os.environ.setdefault("BACKFILL_ACTOR", operator_name())
-    path = demo_plan_path()
+    path = demo_plan_path(SCENARIOS[scenario])
     loaded = load_plan(path)
-    rows = max(int(20_000 * scale), 200)
     say(f"backfill demo: embedded PostgreSQL under {home_dir()} (first start takes a few seconds)")
     async with Databases(loaded.plan) as dbs:
-        async with dbs.connection("staging") as conn:
-            await seed(conn, rows=rows, already_stamped=0.0, new_from=rows + 1)
-        async with dbs.connection("prod") as conn:
-            await seed(conn, rows=int(rows * 1.2), already_stamped=0.3, new_from=1)
-    say(
-        f"  staging: {rows:,} sessions and profiles; prod: {int(rows * 1.2):,}, ~30% already stamped"
-    )
+        seeded = await SEEDERS[scenario](dbs, loaded, scale)
+    for line in seeded.lines:
+        say(line)
     say(f"  plan: {path}")
     code = await run_pipeline(
         loaded,
@@ -75,20 +121,55 @@ async def run_demo(
         soak_interval=max(soak_seconds / 3, 0.5),
     )
     runs = sorted(logs_root().glob(f"{loaded.plan.name}/*/run.json"))
-    if runs:
-        root = runs[-1].parent
-        say("\nartifacts:")
-        for f in sorted(p for p in root.rglob("*") if p.is_file() and "batches" not in p.parts):
-            say(f"  {f}")
-        say(f"  {root}/*/batches/ ({sum(1 for _ in root.rglob('batch_*.json'))} per-batch logs)")
-        cmd = command_prefix()
-        if code == EXIT_GATE_WAITING:
-            say(
-                f"\nThe demo stopped at a gate, as a real rollout does (exit code 3 outside the demo).\n"
-                f"Read the report above, then approve as a plan approver and continue:\n"
-                f"  {cmd} approve {root.name} --gate apply-staging --as alice\n"
-                f"  {cmd} pipeline {path} --run {root.name} --soak-duration 30s --soak-interval 10s\n"
-                f"or walk every gate at once: {cmd} demo --auto-approve"
-            )
-            return EXIT_DONE
+    if not runs:
+        return code
+    root = runs[-1].parent
+    if scenario == "starforge" and code == EXIT_DONE:
+        code = await _undo_rehearsal(loaded, root.name, say)
+    say("\nartifacts:")
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and "batches" not in p.parts):
+        say(f"  {f}")
+    say(f"  {root}/*/batches/ ({sum(1 for _ in root.rglob('batch_*.json'))} per-batch logs)")
+    cmd = command_prefix()
+    if code == EXIT_GATE_WAITING:
+        scenario_flag = "" if scenario == "profiles" else f" --scenario {scenario}"
+        say(
+            f"\nThe demo stopped at a gate, as a real rollout does (exit code 3 outside the demo).\n"
+            f"Read the report above, then approve as a plan approver and continue:\n"
+            f"  {cmd} approve {root.name} --gate apply-staging --as alice\n"
+            f"  {cmd} pipeline {path} --run {root.name} --soak-duration 30s --soak-interval 10s\n"
+            f"or walk every gate at once: {cmd} demo{scenario_flag} --auto-approve"
+        )
+        return EXIT_DONE
     return code
+
+
+async def _undo_rehearsal(loaded: LoadedPlan, run_id: str, say: Callable[[str], None]) -> int:
+    """Prod keeps the backfill: what undoing it would restore is shown (a dry run). Staging's
+    rehearsal is undone for real, and its four tables compared bytewise with their copy from
+    before the rollout."""
+    say("\nrollback: what undoing prod would restore (dry run: prod keeps the backfill)")
+    dry = await undo(
+        run_id,
+        loaded.plan.pipeline.prod,
+        dry_run=True,
+        emit=False,
+        batches=None,
+        since=None,
+        plan_path=None,
+    )
+    for line in dry.lines:
+        say(f"  {line}")
+    env = loaded.plan.pipeline.staging
+    say("rollback: staging's rehearsal undone for real")
+    done = await undo(
+        run_id, env, dry_run=False, emit=False, batches=None, since=None, plan_path=None
+    )
+    for line in done.lines:
+        say(f"  {line}")
+    async with Databases(loaded.plan) as dbs, dbs.connection(env) as conn:
+        differ = await starforge.rows_not_as_before(conn)
+    for table, n in differ.items():
+        what = "bytewise as before the rollout" if n == 0 else f"{n:,} row(s) NOT as before"
+        say(f"  {env}.{table}: {what}")
+    return done.exit_code if not any(differ.values()) else EXIT_FAILED

@@ -1,0 +1,152 @@
+"""Insert-style backfill throughput (#11): rows copied from a source table into a second table.
+
+    uv run python bench/insert_throughput.py [--rows 1000000] [--workers 1] [--profile OUT.svg]
+
+Each method copies every row of the same source table (~250-byte rows) into its own empty copy
+table. The floor is a hand-written `INSERT … SELECT` keyset loop that also records the keys it
+inserted (what the cheapest rollback needs: delete them again), one connection, one transaction
+per batch. The runner runs a shaped plan ([[writes]] the copy table, insert only) as an operator
+runs it: its own process, unthrottled; it also keeps each inserted row's whole after-image (so a
+rollback deletes only rows still as inserted), checks the scope by the write counters and writes
+its ledger row, in the batch's transaction. Target: runner (1 worker) >= 0.9x the hand loop.
+Set BACKFILL_BENCH_DSN to use another server instead of the embedded one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+from bench_support import bench_database, run_backfill_apply, sql
+
+BATCH = 10_000
+COLUMNS = "id, tenant, payload, version, updated_at"
+
+
+def make_source(dsn: str, rows: int) -> None:
+    sql(
+        dsn,
+        "DROP TABLE IF EXISTS source",
+        f"""CREATE TABLE source AS
+            SELECT g::bigint AS id, g % 1000 AS tenant, repeat(md5(g::text), 6) AS payload,
+                   'v1' AS version, now() AS updated_at
+            FROM generate_series(1, {rows}) AS g""",
+        "ALTER TABLE source ADD PRIMARY KEY (id)",
+        "VACUUM ANALYZE source",
+    )
+
+
+def empty_copy(dsn: str, name: str) -> None:
+    sql(
+        dsn,
+        f"DROP TABLE IF EXISTS {name}",
+        f"CREATE TABLE {name} (LIKE source INCLUDING ALL)",
+        "CHECKPOINT",
+    )
+
+
+HAND_LOOP = f"""
+WITH batch AS (
+    SELECT {COLUMNS} FROM source WHERE id > $1 ORDER BY id LIMIT $2
+), ins AS (
+    INSERT INTO copy_hand ({COLUMNS}) SELECT {COLUMNS} FROM batch RETURNING id
+), rec AS (
+    INSERT INTO hand_inserted (id) SELECT id FROM ins RETURNING id
+)
+SELECT max(id) FROM rec
+"""
+
+
+async def hand_loop(dsn: str) -> float:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "DROP TABLE IF EXISTS hand_inserted; CREATE TABLE hand_inserted (id bigint)"
+        )
+        t0 = time.perf_counter()
+        cursor = 0
+        while True:
+            async with conn.transaction():
+                last = await conn.fetchval(HAND_LOOP, cursor, BATCH)
+            if last is None:
+                break
+            cursor = last
+        return time.perf_counter() - t0
+    finally:
+        await conn.close()
+
+
+def insert_plan(dsn: str, copy: str, workers: int) -> dict[str, Any]:
+    return {
+        "plan": {"name": f"bench_{copy}"},
+        "environments": {"staging": {"dsn": dsn}, "prod": {"dsn": dsn}},
+        # the source is paged, never written; target.operations cannot be empty yet, so it
+        # declares an update of one column that no statement makes
+        "target": {"table": "source", "key": ["id"], "columns": ["version"]},
+        "discovery": {
+            "sql": f"SELECT s.id FROM source AS s WHERE NOT EXISTS "
+            f"(SELECT 1 FROM {copy} AS c WHERE c.id = s.id)"
+        },
+        "apply": {
+            "statements": [
+                f"INSERT INTO {copy} ({COLUMNS}) SELECT {COLUMNS} FROM source WHERE id = ANY($1)"
+            ]
+        },
+        "writes": [{"table": copy, "key": ["id"], "operations": ["insert"]}],
+        "batching": {"size": BATCH, "workers": workers, "statement_timeout": "10m"},
+        "guards": {"enabled": False},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--workers", default="1", help="runner worker counts to measure, e.g. 1,2")
+    ap.add_argument("--profile", type=Path, help="also run the 1-worker runner under py-spy")
+    args = ap.parse_args()
+    with bench_database() as (work, dsn, where):
+        print(f"rows: {args.rows:,} of ~250 bytes; batches of {BATCH:,}; server: {where}")
+        make_source(dsn, args.rows)
+        sql(dsn, "SELECT count(*) FROM source")  # warm the cache for every method alike
+        timings: dict[str, float] = {}
+        empty_copy(dsn, "copy_hand")
+        timings["hand-written INSERT … SELECT keyset loop + keys, 1 conn"] = anyio.run(
+            hand_loop, dsn
+        )
+        for workers in [int(w) for w in args.workers.split(",")]:
+            copy = f"copy_runner{workers}"
+            empty_copy(dsn, copy)
+            r = run_backfill_apply(insert_plan(dsn, copy, workers), work)
+            assert r["changed"] == args.rows, r
+            timings[f"backfill apply, {workers} worker(s), batch loop"] = r["loop"]
+            timings[f"  of which the count before the first batch ({workers})"] = r["counting"]
+            timings[f"backfill apply, {workers} worker(s), whole command"] = r["wall"]
+            timings[f"  peak RSS MiB ({workers})"] = r["rss"] / 2**20
+        hand = timings["hand-written INSERT … SELECT keyset loop + keys, 1 conn"]
+        print(f"\n{'method':<58} {'seconds':>8} {'rows/s':>10} {'vs hand loop':>13}")
+        for name, secs in timings.items():
+            if name.startswith("  "):  # a part of the row above
+                print(f"{name:<58} {secs:8.2f}")
+                continue
+            print(f"{name:<58} {secs:8.2f} {args.rows / secs:10,.0f} {hand / secs:12.2f}x")
+        one = timings.get("backfill apply, 1 worker(s), batch loop")
+        if one:
+            whole = timings["backfill apply, 1 worker(s), whole command"]
+            print(
+                f"\ntarget: runner, 1 worker >= 0.9x the hand loop: {hand / one:.2f}x "
+                f"{'met' if hand / one >= 0.9 else 'NOT met'} (whole command {hand / whole:.2f}x)"
+            )
+        if args.profile:
+            empty_copy(dsn, "copy_profiled")
+            run_backfill_apply(insert_plan(dsn, "copy_profiled", 1), work, profile=args.profile)
+            print(f"py-spy flame graph of the 1-worker runner: {args.profile}")
+
+
+if __name__ == "__main__":
+    main()
