@@ -1160,14 +1160,16 @@ SHAPED_IMAGES = (
     + "WHERE i.run_id = $1 AND i.batch_no = {batch} AND i.rel = {rel}"
 )
 # each row's earliest (newest) image among batches $2 of run $1, one table
+# each row's earliest (newest) image among batches $2 of run $1, one table; {typed_key} is the
+# key as its column types compare it (1 and 1.0 are one numeric row, whatever their text)
 SHAPED_EARLIEST = (
-    "SELECT DISTINCT ON (u.key) i.batch_no, u.op, u.key, u.before, u.after "
+    "SELECT DISTINCT ON ({typed_key}) i.batch_no, u.op, u.key, u.before, u.after "
     + _SHAPED_UNNEST
     + "WHERE i.run_id = $1 AND i.batch_no = ANY($2) AND i.rel = {rel} AND u.op <> 'N' "
-    "ORDER BY u.key, i.batch_no"
+    "ORDER BY {typed_key}, i.batch_no"
 )
 SHAPED_NEWEST = SHAPED_EARLIEST.replace(
-    "ORDER BY u.key, i.batch_no", "ORDER BY u.key, i.batch_no DESC"
+    "ORDER BY {typed_key}, i.batch_no", "ORDER BY {typed_key}, i.batch_no DESC"
 )
 SHAPED_CONFLICT_KEYS = (
     "SELECT DISTINCT key FROM backfill.rollback_conflicts "
@@ -1266,3 +1268,37 @@ async def table_counts(
         int(r["rel"]): {k: int(r[k]) for k in ("inserted", "updated", "deleted", "unchanged")}
         for r in rows
     }
+
+
+async def refresh_run_tables(
+    conn: asyncpg.Connection, run_id: str, tables: list[dict[str, Any]] | None
+) -> None:
+    """A run's recorded tables as they are now, while no batch has run in this environment
+    (a health check re-run after prod's schema was fixed); never once images exist."""
+    await conn.execute(
+        "UPDATE backfill.runs SET tables = $2::jsonb WHERE run_id = $1 AND NOT EXISTS "
+        "(SELECT 1 FROM backfill.batches WHERE run_id = $1)",
+        run_id,
+        None if tables is None else json.dumps(tables),
+    )
+
+
+async def references_to(
+    conn: asyncpg.Connection, oid: int
+) -> list[tuple[str, list[str], list[str]]]:
+    """Every foreign key that references table `oid`: (the referencing table, quoted and
+    qualified; its columns; the referenced columns), in constraint order."""
+    rows = await conn.fetch(
+        """SELECT format('%I.%I', n.nspname, c.relname) AS child,
+                  array(SELECT a.attname FROM unnest(k.conkey) WITH ORDINALITY AS x(n, o)
+                        JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = x.n
+                        ORDER BY x.o) AS child_cols,
+                  array(SELECT a.attname FROM unnest(k.confkey) WITH ORDINALITY AS x(n, o)
+                        JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = x.n
+                        ORDER BY x.o) AS parent_cols
+           FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
+           JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE k.contype = 'f' AND k.confrelid = $1 ORDER BY k.conname""",
+        oid,
+    )
+    return [(r["child"], list(r["child_cols"]), list(r["parent_cols"])) for r in rows]

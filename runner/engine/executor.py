@@ -16,7 +16,7 @@ import anyio
 import asyncpg
 
 from runner.db import fetch_one
-from runner.engine.shapes import TOUCHED_DDL, ShapedRun, Step
+from runner.engine.shapes import COLUMNS_SIGNATURE, TOUCHED_DDL, ShapedRun, Step
 from runner.engine.target import BatchStatement, TargetInfo
 from runner.errors import ConnectionFailed, InvalidInput, ScopeViolation, WorkFailed
 from runner.ledger import LEDGER_SCHEMA, batch_committed
@@ -205,10 +205,23 @@ async def require_write_tracking(conn: asyncpg.Connection) -> None:
         )
 
 
+# Deferred constraint triggers and checks fire at COMMIT, after the guard's last look: fired
+# here instead, their writes are counted like any other (and a deferred violation fails now).
+FIRE_DEFERRED = "SET CONSTRAINTS ALL IMMEDIATE"
+
 _LEDGER_WRITES = {"batches": (1, 1), "batch_images": (0, 1)}  # inserts allowed per batch: min, max
 
 
 Writes = dict[int, tuple[str, str, int, int, int]]  # oid → schema, table, ins, upd, del
+
+
+async def counters(conn: asyncpg.Connection) -> Writes:
+    """The write counters now (see WRITES_SQL), without the batch's track_counts check."""
+    return {
+        r["oid"]: (r["schema"], r["name"], r["ins"], r["upd"], r["del"])
+        for r in await conn.fetch(WRITES_SQL)
+        if r["oid"] is not None
+    }
 
 
 async def read_writes(conn: asyncpg.Connection, batch: Batch) -> Writes:
@@ -270,6 +283,7 @@ async def _check_writes(
     conn: asyncpg.Connection, target: TargetInfo, batch: Batch, start: Writes, statement_rows: int
 ) -> None:
     """Roll the batch back if its transaction wrote anything outside its scope (invariant 4)."""
+    await conn.execute(FIRE_DEFERRED)
     found = unexpected_writes(start, await read_writes(conn, batch), target, statement_rows)
     if not found:
         return
@@ -419,30 +433,47 @@ async def _changed_other_columns(
     return changed
 
 
+ProbeWrites = dict[int, list[int]]  # oid → inserted, updated, deleted by rolled-back probes
+
+
+def write_delta(start: Writes, end: Writes) -> ProbeWrites:
+    """What was written between two readings of the counters, per table (oid)."""
+    out: ProbeWrites = {}
+    for oid, (schema, table, *after) in end.items():
+        before = start.get(oid, (schema, table, 0, 0, 0))[2:]
+        counts = [int(a) - int(b) for a, b in zip(after, before, strict=True)]
+        if any(counts):
+            out[oid] = counts
+    return out
+
+
 def shaped_unexpected(
-    start: Writes, end: Writes, shape: ShapedRun, raw: dict[int, list[int]], probed: dict[int, int]
+    start: Writes, end: Writes, shape: ShapedRun, raw: dict[int, list[int]], probed: ProbeWrites
 ) -> list[str]:
     """What a shaped batch's transaction wrote beyond the rows its statements returned (and
     imaged), per declared table and operation, and anything written to an undeclared table.
-    `probed`: rows a capture-path probe wrote and rolled back (the counters keep them)."""
+    `probed`: what capture-path probes wrote and rolled back (the counters keep it), measured
+    by the same counters around each probe and taken off exactly."""
     found: list[str] = []
     by_oid = {o: t for t in shape.tables for o in (t.oid, t.root_oid)}
     for oid, (schema, table, *after) in end.items():
         before = start.get(oid, (schema, table, 0, 0, 0))[2:]
-        counts = [int(a) - int(b) for a, b in zip(after, before, strict=True)]
+        counts = [
+            int(a) - int(b) - p
+            for a, b, p in zip(after, before, probed.get(oid, [0, 0, 0]), strict=True)
+        ]
         if not any(counts):
             continue
         name = f"{schema}.{table}"
         declared = by_oid.get(oid)
         if declared is not None:
             imaged = raw.get(declared.rel, [0, 0, 0])
-            extra = probed.get(declared.rel, 0)
             what = [
-                f"{n - imaged[i] - extra} {op} beyond the {imaged[i]} its statements returned"
+                f"{n - imaged[i]} {op} beyond the {imaged[i]} its statements returned"
                 for i, (n, op) in enumerate(
                     zip(counts, ("inserted", "updated", "deleted"), strict=True)
                 )
-                if n > imaged[i] + extra
+                if n > imaged[i]
             ]
         elif schema == LEDGER_SCHEMA and table in _LEDGER_WRITES:
             lo, hi = _LEDGER_WRITES[table]
@@ -466,20 +497,25 @@ def shaped_unexpected(
 
 
 async def _capture_step(
-    conn: asyncpg.Connection, step: Step, batch: Batch, probed: dict[int, int]
+    conn: asyncpg.Connection, step: Step, batch: Batch, probed: ProbeWrites
 ) -> None:
     """One statement on the capture path (see engine.shapes)."""
     if step.op in ("insert", "delete"):
         await conn.execute(step.direct_sql, *batch.key_arrays)
         return
+    before = await read_writes(conn, batch)
     probe = conn.transaction()  # a savepoint, rolled back: only which rows it touches is kept
     await probe.start()
     try:
         found = await fetch_one(conn, step.probe_sql, *batch.key_arrays)
     finally:
         await probe.rollback()
+    for oid, counts in write_delta(before, await read_writes(conn, batch)).items():
+        probed[oid] = [a + b for a, b in zip(probed.get(oid, [0, 0, 0]), counts, strict=True)]
     n = int(found["n"])
-    probed[step.table.rel] = probed.get(step.table.rel, 0) + n
+    # this statement's before-images only: an earlier statement of the batch may have probed
+    # the same table (a temporary table: the scope guard does not count it)
+    await conn.execute("DELETE FROM pg_temp.backfill_prior")
     if n:
         arrays = [found[f"k{i}"] for i in range(len(step.table.key))]
         await conn.execute(step.prior_sql, *arrays)
@@ -507,7 +543,7 @@ async def _apply_shaped(
     """A shaped batch (engine.shapes), in one transaction: its statements, its net images
     checked and recorded, the scope guard. Returns (rows changed, rows unchanged)."""
     batch = ctx.batch
-    probed: dict[int, int] = {}
+    probed: ProbeWrites = {}
     async with conn.transaction(isolation="repeatable_read"):
         start = await read_writes(conn, batch)
         for step in shape.steps:
@@ -515,6 +551,23 @@ async def _apply_shaped(
                 await conn.execute(step.returning_sql, *batch.key_arrays)
             else:
                 await _capture_step(conn, step, batch, probed)
+        if shape.reinserted_sql and (again := await conn.fetchrow(shape.reinserted_sql)):
+            raise ScopeViolation(
+                f"batch {batch.batch_no} (keys {batch.key_range}): it deleted a row of "
+                f"{shape.table(again['rel']).display} and inserted one with the same key "
+                f"({again['key_show']}): the rollback could not undo both in a safe order; "
+                "the batch was rolled back",
+                hint="update the row in place (declare update and its columns), or delete and "
+                "insert in separate runs",
+            )
+        if await conn.fetchval(COLUMNS_SIGNATURE, shape.oids) != shape.signature:
+            raise ScopeViolation(
+                f"batch {batch.batch_no} (keys {batch.key_range}): a declared table's columns "
+                "changed while the run was going (added, dropped or retyped): its row images "
+                "would not restore them; the batch was rolled back",
+                hint="finish or roll back a run before changing its tables' columns; then start "
+                "a new run",
+            )
         fin = shape.finalize
         row = await fetch_one(conn, fin.sql, *fin.bind(ctx.values(shape.target)))
         bad = json.loads(row["bad"] or "[]")
@@ -526,6 +579,7 @@ async def _apply_shaped(
                 "and the columns an update may change; restrict the target's rows to the batch's keys",
             )
         raw = {int(k): v for k, v in json.loads(row["raw"]).items()}
+        await conn.execute(FIRE_DEFERRED)
         found = shaped_unexpected(start, await read_writes(conn, batch), shape, raw, probed)
         if found:
             raise ScopeViolation(

@@ -361,6 +361,15 @@ async def plan_steps(
 # -- the batch's net images, checked and recorded -------------------------------------------------
 
 
+# the declared tables' columns, as one text: a batch refuses to commit if they changed since the
+# run resolved them (an image would leave out, or misplace, a column its rollback must restore)
+COLUMNS_SIGNATURE = """
+SELECT string_agg(format('%s:%s:%s', a.attrelid, a.attname, format_type(a.atttypid, a.atttypmod)),
+                  ',' ORDER BY a.attrelid, a.attnum)
+FROM pg_attribute AS a
+WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped"""
+
+
 @dataclass(frozen=True)
 class ShapedRun:
     """A shaped run's tables and statements: what a batch runs and how it is recorded."""
@@ -368,6 +377,11 @@ class ShapedRun:
     tables: tuple[Table, ...]
     steps: tuple[Step, ...]
     target: TargetInfo
+    signature: str = ""  # COLUMNS_SIGNATURE when the tables were resolved
+
+    @property
+    def oids(self) -> list[int]:
+        return [t.oid for t in self.tables]
 
     @property
     def paged(self) -> Table:
@@ -464,6 +478,30 @@ FROM agg"""
     def table(self, rel: int) -> Table:
         return self.tables[rel - 1]
 
+    @cached_property
+    def reinserted_sql(self) -> str | None:
+        """A row a batch deleted and inserted again (the same key as its columns compare it,
+        whatever its text: 1 and 1.0): its images could not be undone in a safe order, so such a
+        batch is refused. None when no table allows both."""
+        parts = []
+        for t in self.tables:
+            if not {"insert", "delete"} <= t.allowed:
+                continue
+            if len(t.key) == 1:
+                same = f"d.key_enc::{t.key[0].type} = i.key_enc::{t.key[0].type}"
+            else:
+                same = " AND ".join(
+                    f"(d.key_enc::text[])[{n}]::{k.type} = (i.key_enc::text[])[{n}]::{k.type}"
+                    for n, k in enumerate(t.key, 1)
+                )
+            parts.append(
+                f"(SELECT {t.rel} AS rel, d.key_show FROM pg_temp.backfill_touched AS d "
+                f"JOIN pg_temp.backfill_touched AS i ON i.rel = d.rel AND {same} "
+                f"WHERE d.rel = {t.rel} AND d.had_old AND NOT d.has_new "
+                "AND i.has_new AND NOT i.had_old LIMIT 1)"
+            )
+        return f"SELECT * FROM ({' UNION ALL '.join(parts)}) AS again LIMIT 1" if parts else None
+
     def describe_bad(self, bad: list[dict[str, Any]]) -> str:
         """The declarations a batch broke, for its scope violation: table, operation, keys."""
         parts: dict[tuple[str, str], list[str]] = {}
@@ -487,4 +525,5 @@ FROM agg"""
 async def shaped_run(conn: asyncpg.Connection, plan: Plan, target: TargetInfo) -> ShapedRun:
     tables = await resolve_tables(conn, plan)
     steps = await plan_steps(conn, plan, tables, target)
-    return ShapedRun(tuple(tables), tuple(steps), target)
+    signature = await conn.fetchval(COLUMNS_SIGNATURE, [t.oid for t in tables])
+    return ShapedRun(tuple(tables), tuple(steps), target, str(signature))

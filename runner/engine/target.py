@@ -46,7 +46,7 @@ FROM pg_index i
 CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
 JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
 WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL
-  AND i.indisvalid
+  AND i.indisvalid AND i.indimmediate
 GROUP BY i.indexrelid
 """
 
@@ -515,7 +515,8 @@ class Catalog:
         if frozenset(key) not in self.unique_sets:
             raise InvalidInput(
                 f"{where}.key: {key} is not unique in {display} "
-                "(no primary key or unique index on exactly these columns)",
+                "(no primary key or unique index on exactly these columns that is checked at "
+                "once: a DEFERRABLE one lets a batch hold two rows with one key until commit)",
                 hint="use the primary key, or create a unique index on the key columns",
             )
 

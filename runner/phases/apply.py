@@ -393,10 +393,20 @@ async def apply(
             await session.close()
 
 
-def _tables_text(tables: list[tuple[str, str, int]] | None) -> str:
+def _identities(tables: list[dict[str, Any]] | None) -> list[tuple[str, str, int, str]] | None:
+    """Each table as a run is bound to it: name, oid and every column with its type."""
+    if tables is None:
+        return None
+    return [
+        (t["schema"], t["name"], t["oid"], ", ".join(f"{n} {ty}" for n, ty in t["image"]))
+        for t in tables
+    ]
+
+
+def _tables_text(tables: list[tuple[str, str, int, str]] | None) -> str:
     if tables is None:
         return "only its target (a plain run)"
-    return ", ".join(f"{s}.{n} (oid {o})" for s, n, o in tables)
+    return "; ".join(f"{s}.{n} (oid {o}: {cols})" for s, n, o, cols in tables)
 
 
 async def _open_run(
@@ -418,15 +428,13 @@ async def _open_run(
     run = await ensure_run(
         conn, loaded, env, run_id, target, operator, create=not plan.is_mini, tables=tables
     )
-    recorded = (
-        None if run.tables is None else [(t["schema"], t["name"], t["oid"]) for t in run.tables]
-    )
-    resolved = None if tables is None else [(t["schema"], t["name"], t["oid"]) for t in tables]
+    recorded = _identities(run.tables)
+    resolved = _identities(tables)
     if recorded != resolved:
         raise InvalidInput(
             f"run {run_id} writes {_tables_text(recorded)} in {env!r}, but the plan now resolves "
-            f"to {_tables_text(resolved)}: a table was dropped and created again, or the plan "
-            "declares other tables",
+            f"to {_tables_text(resolved)}: a table was dropped and created again, its columns "
+            "changed, or the plan declares other tables",
             hint="start a new run; this run's images belong to the tables it recorded",
         )
     if run.plan_digest != loaded.digest and not plan.is_mini:
@@ -566,7 +574,9 @@ async def _machine(
         RunSettings(
             run_id=run_id,
             stage=stage,
-            workers=b.workers,
+            # a shaped run's batches may write the same rows (upserts into shared rows): they
+            # run one at a time so they commit in batch order, the order its rollback undoes
+            workers=1 if plan.shaped else b.workers,
             max_passes=b.max_passes,
             stop_after=stop_after,
             resume=resume,

@@ -331,6 +331,7 @@ async def health(
         run = await ensure_run(
             conn, loaded, env, run_id, facts.target, operator, create=True, tables=facts.tables
         )
+        await ledger.refresh_run_tables(conn, run_id, facts.tables)
         async with phase_frame(conn, run, env, "health") as frame:
             doc = await _judge(frame, loaded, dbs, staging, facts, operator)
             path = await frame.finish(doc, criteria=_CRITERIA[doc.verdict], report=render_health)

@@ -27,8 +27,10 @@ from typing import Any
 import asyncpg
 
 from runner import ledger
+from runner.db import quote_ident
+from runner.engine.executor import Writes, counters, write_delta
 from runner.engine.shapes import Table, encode
-from runner.errors import InvalidInput
+from runner.errors import InvalidInput, WorkFailed
 from runner.rollback.plain import (
     RollbackResult,
     _scope_text,
@@ -55,13 +57,25 @@ class ShapedUndo:
     run_id: str
     tables: tuple[Table, ...]  # parents first
     search_schemas: tuple[str, ...]
+    # per table (oid): the foreign keys that reference it, from any table; an inserted row that
+    # a row references now (the run's own children are deleted first) is left alone, so that
+    # undoing it never cascades into, or nulls, rows written since
+    references: tuple[tuple[int, tuple[tuple[str, list[str], list[str]], ...]], ...] = ()
 
     @classmethod
     async def of(cls, conn: asyncpg.Connection, run: ledger.RunRow) -> ShapedUndo:
         assert run.tables is not None
         tables = [Table.from_doc(d) for d in run.tables]
         edges = await ledger.foreign_keys_between(conn, [t.oid for t in tables])
-        return cls(run.run_id, tuple(_parents_first(tables, edges)), tuple(run.search_schemas))
+        refs = []
+        for t in tables:
+            refs.append((t.oid, tuple(await ledger.references_to(conn, t.oid))))
+        return cls(
+            run.run_id, tuple(_parents_first(tables, edges)), tuple(run.search_schemas), tuple(refs)
+        )
+
+    def referenced_by(self, t: Table) -> tuple[tuple[str, list[str], list[str]], ...]:
+        return next((r for oid, r in self.references if oid == t.oid), ())
 
     async def check_tables(self, conn: asyncpg.Connection) -> None:
         """Refuse unless every table is the one the run wrote (same name, same oid)."""
@@ -102,6 +116,13 @@ def _join(t: Table, img: str = "img", alias: str = "t") -> str:
     )
 
 
+def typed_key(t: Table, img: str) -> str:
+    """An image's key as its columns' types compare it (for grouping images of one row)."""
+    if len(t.key) == 1:
+        return f"{img}.key::{t.key[0].type}"
+    return ", ".join(f"({img}.key::text[])[{n}]::{k.type}" for n, k in enumerate(t.key, 1))
+
+
 def _current(t: Table, alias: str = "t") -> str:
     """The row's whole image now, encoded as the batch encoded it."""
     return encode(t.image_of(alias))
@@ -133,22 +154,37 @@ UPDATE {t.table} AS t SET {", ".join(sets)}
 FROM img WHERE {_join(t)} AND {_current(t)} = img.after"""
 
 
-def delete_sql(t: Table, src: str) -> str:
-    """Inserted rows removed, where they still equal what the run inserted."""
+def delete_sql(
+    t: Table, src: str, references: tuple[tuple[str, list[str], list[str]], ...] = ()
+) -> str:
+    """Inserted rows removed, where they still equal what the run inserted and no row
+    references them now."""
+    unreferenced = "".join(
+        f"\n  AND NOT EXISTS (SELECT 1 FROM {child} AS r WHERE "
+        + " AND ".join(
+            f"r.{quote_ident(c)} = t.{quote_ident(p)}" for c, p in zip(cols, pcols, strict=True)
+        )
+        + ")"
+        for child, cols, pcols in references
+    )
     return f"""WITH img AS MATERIALIZED ({src} AND u.op = 'I')
-DELETE FROM {t.table} AS t USING img WHERE {_join(t)} AND {_current(t)} = img.after"""
+DELETE FROM {t.table} AS t USING img WHERE {_join(t)} AND {_current(t)} = img.after{unreferenced}"""
 
 
-def batch_statements(undo: ShapedUndo, src: str) -> list[tuple[Table, str]]:
-    """One batch's undo, in order; `src` names the batch's images of table `{rel}`."""
-    out: list[tuple[Table, str]] = []
+INSERTED, UPDATED, DELETED = 0, 1, 2  # which write counter an undo statement moves
+
+
+def batch_statements(undo: ShapedUndo, src: str) -> list[tuple[Table, int, str]]:
+    """One batch's undo, in order, with the counter each statement moves; `src` names the
+    batch's images of table `{rel}`."""
+    out: list[tuple[Table, int, str]] = []
     for t in undo.tables:
-        out.append((t, reinsert_sql(t, src.format(rel=t.rel))))
+        out.append((t, INSERTED, reinsert_sql(t, src.format(rel=t.rel))))
     for t in undo.tables:
         if (sql := restore_sql(t, src.format(rel=t.rel))) is not None:
-            out.append((t, sql))
+            out.append((t, UPDATED, sql))
     for t in reversed(undo.tables):
-        out.append((t, delete_sql(t, src.format(rel=t.rel))))
+        out.append((t, DELETED, delete_sql(t, src.format(rel=t.rel), undo.referenced_by(t))))
     return out
 
 
@@ -200,6 +236,35 @@ def _rows(tag: str) -> int:
     return int(m.group(1)) if m else 0
 
 
+def _undo_guard(
+    undo: ShapedUndo, no: int, start: Writes, end: Writes, expected: dict[int, list[int]]
+) -> None:
+    """The undo may write only the rows its own statements undid: a cascade or a trigger that
+    deletes or changes rows written since the run (another's) stops it before it commits."""
+    by_oid = {t.oid: t for t in undo.tables}
+    found = []
+    for oid, counts in write_delta(start, end).items():
+        schema, name = end[oid][0], end[oid][1]
+        allowed = expected.get(oid, [0, 0, 0])
+        extra = [n - a for n, a in zip(counts, allowed, strict=True)]
+        what = [
+            f"{n} {op}"
+            for n, op in zip(extra, ("inserted", "updated", "deleted"), strict=True)
+            if n > 0
+        ]
+        if what:
+            declared = "" if oid in by_oid else " (not one of the run's tables)"
+            found.append(f"{schema}.{name}{declared}: {', '.join(what)}")
+    if found:
+        raise WorkFailed(
+            f"undoing batch {no} would also write rows it did not write itself — "
+            f"{'; '.join(found)} (a cascading foreign key or a trigger): nothing of this batch "
+            "was undone",
+            hint="look at what references or watches the run's tables; undo those rows by hand, "
+            "or remove the cascade, then run the rollback again",
+        )
+
+
 async def _undo_batch(
     conn: asyncpg.Connection, undo: ShapedUndo, no: int, per_table: dict[int, list[int]]
 ) -> int:
@@ -209,11 +274,16 @@ async def _undo_batch(
         if await ledger.batch_rolled_back(conn, undo.run_id, no):
             return 0
         await conn.execute("SET CONSTRAINTS ALL DEFERRED")
+        start = await counters(conn)
+        expected: dict[int, list[int]] = {}
         done = 0
-        for t, sql in batch_statements(undo, src):
+        for t, kind, sql in batch_statements(undo, src):
             n = _rows(await conn.execute(sql, undo.run_id, no))
             per_table.setdefault(t.rel, [0, 0])[0] += n
+            expected.setdefault(t.oid, [0, 0, 0])[kind] += n
             done += n
+        await conn.execute("SET CONSTRAINTS ALL IMMEDIATE")
+        _undo_guard(undo, no, start, await counters(conn), expected)
         conflicts = 0
         for t in undo.tables:
             state = _state(t, LEDGER_IMAGES.format(rel=t.rel, batch="$2") + " AND u.op <> 'N'")
@@ -240,7 +310,7 @@ async def _verify(
     expected, actual = [], []
     result.unverified = result.conflicts = 0
     for t in undo.tables:
-        earliest = ledger.SHAPED_EARLIEST.format(rel=t.rel)
+        earliest = ledger.SHAPED_EARLIEST.format(rel=t.rel, typed_key=typed_key(t, "u"))
         conflicts = ledger.SHAPED_CONFLICT_KEYS.format(rel=t.rel)
         row = await conn.fetchrow(verify_sql(t, earliest, conflicts), undo.run_id, nos)
         assert row is not None
@@ -271,7 +341,7 @@ async def _dry_run(
     """What the undo would do, read-only: the newest image of each row among the batches."""
     async with conn.transaction(readonly=True):
         for t in undo.tables:
-            state = _state(t, ledger.SHAPED_NEWEST.format(rel=t.rel))
+            state = _state(t, ledger.SHAPED_NEWEST.format(rel=t.rel, typed_key=typed_key(t, "u")))
             row = await conn.fetchrow(
                 f"""WITH s AS ({state})
                 SELECT count(*) FILTER (WHERE CASE op WHEN 'I' THEN present AND cur = after
@@ -284,7 +354,7 @@ async def _dry_run(
             )
             assert row is not None
             total = await conn.fetchval(
-                f"SELECT count(*)::int FROM ({ledger.SHAPED_NEWEST.format(rel=t.rel)}) AS x",
+                f"SELECT count(*)::int FROM ({ledger.SHAPED_NEWEST.format(rel=t.rel, typed_key=typed_key(t, 'u'))}) AS x",
                 undo.run_id,
                 nos,
             )
@@ -362,7 +432,7 @@ async def emit_shaped_file(
         )
         for no in nos:
             src = FILE_IMAGES.replace("{batch}", str(int(no)))
-            steps = "\n".join(f"{sql};" for _, sql in batch_statements(undo, src))
+            steps = "\n".join(f"{sql};" for _, _, sql in batch_statements(undo, src))
             out.write(f"\n-- batch {no}\nBEGIN;\nSET CONSTRAINTS ALL DEFERRED;\n{steps}\nCOMMIT;\n")
     expected = await _expected_checksum(conn, undo, nos)
     with tmp.open("w", encoding="utf-8", newline="") as out:
@@ -392,7 +462,7 @@ async def _expected_checksum(conn: asyncpg.Connection, undo: ShapedUndo, nos: li
         parts.append(
             await conn.fetchval(
                 f"""SELECT md5(string_agg({_EXPECTED}, '|' ORDER BY img.key COLLATE "C"))
-                    FROM ({ledger.SHAPED_EARLIEST.format(rel=t.rel)}) AS img""",
+                    FROM ({ledger.SHAPED_EARLIEST.format(rel=t.rel, typed_key=typed_key(t, "u"))}) AS img""",
                 undo.run_id,
                 nos,
             )
@@ -463,13 +533,13 @@ END"""
 
 def _file_verification(undo: ShapedUndo, expected: str) -> str:
     earliest = (
-        "SELECT DISTINCT ON (u.key) u.batch_no, u.op, u.key, u.before, u.after "
+        "SELECT DISTINCT ON ({typed_key}) u.batch_no, u.op, u.key, u.before, u.after "
         "FROM pg_temp.backfill_rollback_images AS u WHERE u.rel = {rel} AND u.op <> 'N' "
-        "ORDER BY u.key, u.batch_no"
+        "ORDER BY {typed_key}, u.batch_no"
     )
     parts = []
     for ord_, t in enumerate(undo.tables):
-        state = _state(t, earliest.format(rel=t.rel))
+        state = _state(t, earliest.format(rel=t.rel, typed_key=typed_key(t, "u")))
         parts.append(
             f"""SELECT {ord_} AS ord, {sql_literal(t.display)} AS table_name,
        count(*) AS rows_touched, count(*) FILTER (WHERE NOT back) AS not_back,
