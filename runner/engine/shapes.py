@@ -361,6 +361,62 @@ async def plan_steps(
 # -- the batch's net images, checked and recorded -------------------------------------------------
 
 
+# -- the pieces of ShapedRun.finalize (one statement: these are its CTEs) -------------------------
+
+# one net image per row and table: the before of its first statement, the after of its last
+_NET_IMAGES = """net AS (
+    SELECT rel, key_enc,
+           (array_agg(key_show ORDER BY step))[1] AS key_show,
+           (array_agg(had_old ORDER BY step))[1] AS had_old,
+           (array_agg(has_new ORDER BY step DESC))[1] AS has_new,
+           (array_agg(before_enc ORDER BY step))[1] AS before_enc,
+           (array_agg(after_enc ORDER BY step DESC))[1] AS after_enc,
+           bool_and(others_same OR NOT (had_old AND has_new)) AS others_same
+    FROM pg_temp.backfill_touched GROUP BY rel, key_enc
+),
+img AS (
+    SELECT net.*, CASE WHEN had_old AND has_new
+                       THEN CASE WHEN before_enc IS DISTINCT FROM after_enc THEN 'U' ELSE 'N' END
+                       WHEN has_new THEN 'I' WHEN had_old THEN 'D' END AS op
+    FROM net
+)"""
+
+# per table: the images as parallel arrays and their counts; `raw`: what the statements
+# returned, row by row (what the scope guard's counters must match)
+_PER_TABLE = """per AS (
+    SELECT rel, array_agg(op ORDER BY key_enc) AS ops, array_agg(key_enc ORDER BY key_enc) AS keys,
+           array_agg(before_enc ORDER BY key_enc) AS befores,
+           array_agg(after_enc ORDER BY key_enc) AS afters,
+           count(*) FILTER (WHERE op = 'I')::int AS ins, count(*) FILTER (WHERE op = 'U')::int AS upd,
+           count(*) FILTER (WHERE op = 'D')::int AS del, count(*) FILTER (WHERE op = 'N')::int AS same
+    FROM img WHERE op IS NOT NULL GROUP BY rel
+),
+raw AS (
+    SELECT rel, count(*) FILTER (WHERE has_new AND NOT had_old)::int AS ins,
+           count(*) FILTER (WHERE has_new AND had_old)::int AS upd,
+           count(*) FILTER (WHERE had_old AND NOT has_new)::int AS del
+    FROM pg_temp.backfill_touched GROUP BY rel
+)"""
+
+_AGG = """agg AS (
+    SELECT coalesce(sum(ins + upd + del), 0)::int AS changed, coalesce(sum(same), 0)::int AS same,
+           coalesce(json_object_agg(rel, json_build_array(ins, upd, del, same)), '{}') AS per_table
+    FROM per
+)"""
+
+
+def _ledger_row_sql(p: dict[str, str]) -> str:
+    """The batch's ledger row; a shaped batch's no-ops are the rows it touched unchanged."""
+    size = f"{p['batch_size']}::int"
+    return f"""
+    INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
+                                  selected, changed, noop, attempts, errors, started_at, duration_ms)
+    SELECT {p["run_id"]}, {p["batch_no"]}, {p["stage"]}, 'done', {p["first_key"]}, {p["last_key"]},
+           {size}, agg.changed, agg.same, {p["attempts"]}, {p["errors"]}::jsonb,
+           {p["started_at"]}, extract(epoch FROM clock_timestamp() - {p["started_at"]}) * 1000
+    FROM agg"""
+
+
 # the declared tables' columns, as one text: a batch refuses to commit if they changed since the
 # run resolved them (an image would leave out, or misplace, a column its rollback must restore)
 COLUMNS_SIGNATURE = """
@@ -393,8 +449,25 @@ class ShapedRun:
         statement, the after of its last), checked, stored per table, and the ledger row."""
         params = (*self.target.key_params, *LEDGER_PARAMS)
         p = _refs(params)
+        sql = f"""
+WITH {_NET_IMAGES},
+bad AS ({self._bad_sql()}),
+{_PER_TABLE},
+images AS ({self._images_sql(p)}),
+{_AGG},
+ledger AS ({_ledger_row_sql(p)})
+SELECT agg.changed, agg.same, agg.per_table::text AS per_table,
+       (SELECT coalesce(json_object_agg(rel, json_build_array(ins, upd, del)), '{{}}')::text
+        FROM raw) AS raw,
+       (SELECT json_agg(json_build_object('rel', rel, 'op', op, 'key', key_show, 'why', why))::text
+        FROM (SELECT * FROM bad WHERE why IS NOT NULL ORDER BY rel, why LIMIT 10) AS b) AS bad
+FROM agg"""
+        return BatchStatement(sql, params)
+
+    def _bad_sql(self) -> str:
+        """Net images that break the declarations: an undeclared column changed, an operation
+        not allowed on the table, a row of the target outside the batch's keys ($1…)."""
         pt = self.paged
-        widths = ", ".join(f"({t.rel}, {len(t.key)}, {len(t.image)})" for t in self.tables)
         pairs = [f"({t.rel}, '{op}')" for t in self.tables for op in sorted(t.allowed)]
         allowed = (
             f"VALUES {', '.join(pairs)}"
@@ -403,26 +476,12 @@ class ShapedRun:
         )
         n = len(pt.key)
         arrays = ", ".join(f"${i + 1}::{k.type}[]" for i, k in enumerate(pt.key))
-        batch_keys = f"SELECT {encode([f'b.k{i}' for i in range(n)])} AS key_enc FROM unnest({arrays}) AS b({', '.join(f'k{i}' for i in range(n))})"
-        size = f"{p['batch_size']}::int"
-        sql = f"""
-WITH net AS (
-    SELECT rel, key_enc,
-           (array_agg(key_show ORDER BY step))[1] AS key_show,
-           (array_agg(had_old ORDER BY step))[1] AS had_old,
-           (array_agg(has_new ORDER BY step DESC))[1] AS has_new,
-           (array_agg(before_enc ORDER BY step))[1] AS before_enc,
-           (array_agg(after_enc ORDER BY step DESC))[1] AS after_enc,
-           bool_and(others_same OR NOT (had_old AND has_new)) AS others_same
-    FROM pg_temp.backfill_touched GROUP BY rel, key_enc
-),
-img AS (
-    SELECT net.*, CASE WHEN had_old AND has_new
-                       THEN CASE WHEN before_enc IS DISTINCT FROM after_enc THEN 'U' ELSE 'N' END
-                       WHEN has_new THEN 'I' WHEN had_old THEN 'D' END AS op
-    FROM net
-),
-bad AS (
+        columns = ", ".join(f"k{i}" for i in range(n))
+        batch_keys = (
+            f"SELECT {encode([f'b.k{i}' for i in range(n)])} AS key_enc "
+            f"FROM unnest({arrays}) AS b({columns})"
+        )
+        return f"""
     SELECT i.rel, i.op, i.key_show,
            CASE WHEN i.op IN ('U', 'N') AND NOT i.others_same THEN 'undeclared column'
                 WHEN i.op <> 'N' AND a.rel IS NULL THEN 'operation'
@@ -432,48 +491,15 @@ bad AS (
     LEFT JOIN ({allowed}) AS a(rel, op)
         ON a.rel = i.rel AND a.op = CASE i.op WHEN 'I' THEN 'insert' WHEN 'D' THEN 'delete' ELSE 'update' END
     LEFT JOIN ({batch_keys}) AS bk ON i.rel = {pt.rel} AND bk.key_enc = i.key_enc
-    WHERE i.op IS NOT NULL
-),
-per AS (
-    SELECT rel, array_agg(op ORDER BY key_enc) AS ops, array_agg(key_enc ORDER BY key_enc) AS keys,
-           array_agg(before_enc ORDER BY key_enc) AS befores,
-           array_agg(after_enc ORDER BY key_enc) AS afters,
-           count(*) FILTER (WHERE op = 'I')::int AS ins, count(*) FILTER (WHERE op = 'U')::int AS upd,
-           count(*) FILTER (WHERE op = 'D')::int AS del, count(*) FILTER (WHERE op = 'N')::int AS same
-    FROM img WHERE op IS NOT NULL GROUP BY rel
-),
-raw AS (
-    SELECT rel, count(*) FILTER (WHERE has_new AND NOT had_old)::int AS ins,
-           count(*) FILTER (WHERE has_new AND had_old)::int AS upd,
-           count(*) FILTER (WHERE had_old AND NOT has_new)::int AS del
-    FROM pg_temp.backfill_touched GROUP BY rel
-),
-images AS (
+    WHERE i.op IS NOT NULL"""
+
+    def _images_sql(self, p: dict[str, str]) -> str:
+        widths = ", ".join(f"({t.rel}, {len(t.key)}, {len(t.image)})" for t in self.tables)
+        return f"""
     INSERT INTO backfill.batch_images
         (run_id, batch_no, rel, key_width, image_width, ops, keys, befores, afters)
     SELECT {p["run_id"]}, {p["batch_no"]}, per.rel, w.kw, w.iw, ops, keys, befores, afters
-    FROM per JOIN (VALUES {widths}) AS w(rel, kw, iw) ON w.rel = per.rel
-),
-agg AS (
-    SELECT coalesce(sum(ins + upd + del), 0)::int AS changed, coalesce(sum(same), 0)::int AS same,
-           coalesce(json_object_agg(rel, json_build_array(ins, upd, del, same)), '{{}}') AS per_table
-    FROM per
-),
-ledger AS (
-    INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
-                                  selected, changed, noop, attempts, errors, started_at, duration_ms)
-    SELECT {p["run_id"]}, {p["batch_no"]}, {p["stage"]}, 'done', {p["first_key"]}, {p["last_key"]},
-           {size}, agg.changed, agg.same, {p["attempts"]}, {p["errors"]}::jsonb,
-           {p["started_at"]}, extract(epoch FROM clock_timestamp() - {p["started_at"]}) * 1000
-    FROM agg
-)
-SELECT agg.changed, agg.same, agg.per_table::text AS per_table,
-       (SELECT coalesce(json_object_agg(rel, json_build_array(ins, upd, del)), '{{}}')::text
-        FROM raw) AS raw,
-       (SELECT json_agg(json_build_object('rel', rel, 'op', op, 'key', key_show, 'why', why))::text
-        FROM (SELECT * FROM bad WHERE why IS NOT NULL ORDER BY rel, why LIMIT 10) AS b) AS bad
-FROM agg"""
-        return BatchStatement(sql, params)
+    FROM per JOIN (VALUES {widths}) AS w(rel, kw, iw) ON w.rel = per.rel"""
 
     def table(self, rel: int) -> Table:
         return self.tables[rel - 1]
