@@ -1302,3 +1302,30 @@ async def references_to(
         oid,
     )
     return [(r["child"], list(r["child_cols"]), list(r["parent_cols"])) for r in rows]
+
+
+async def manifest_rows(
+    conn: asyncpg.Connection, run_id: str, stage: str, keys_up_to: int
+) -> list[asyncpg.Record]:
+    """Per committed batch of a stage and table (rel): the keys it changed (inserted, updated,
+    deleted), their count and md5 (over the keys' text in order, `|`-separated); the keys
+    themselves (JSON, each a list of the key's columns as text) only up to `keys_up_to`."""
+    return list(
+        await conn.fetch(
+            """SELECT b.batch_no, r.rel, b.started_at, count(*)::int AS changed,
+                      md5(string_agg(r.key::text, '|' ORDER BY r.key::text COLLATE "C"))
+                          AS keys_md5,
+                      CASE WHEN count(*) <= $3
+                           THEN json_agg(r.key ORDER BY r.key::text COLLATE "C")::text END
+                          AS keys
+               FROM backfill.batches AS b
+               JOIN backfill.row_images AS r USING (run_id, batch_no)
+               WHERE b.run_id = $1 AND b.stage = $2 AND b.status = 'done'
+                 AND r.op IN ('I', 'U', 'D')
+               GROUP BY b.batch_no, r.rel, b.started_at
+               ORDER BY b.batch_no, r.rel""",
+            run_id,
+            stage,
+            keys_up_to,
+        )
+    )

@@ -10,6 +10,7 @@ from runner.artifacts import RunDir
 from runner.commands.decide import plan_for
 from runner.db import Databases
 from runner.errors import InvalidInput
+from runner.phases.apply import write_manifest
 from runner.reports.apply import render_summary
 from runner.reports.health import MINI_PLAN, render_health
 from runner.reports.soak import render_soak
@@ -40,6 +41,7 @@ async def rerender(run_id: str, plan_path: Path | None) -> list[Path]:
                             conn, run, env, stage, row.doc.dsn or dbs.display_dsn(env)
                         )
                         rollback = RunDir.of(run_id).env(env) / str(row.doc.rollback_file)
+                        written.append(await write_manifest(conn, run, env, stage))
                         written.append(
                             await emit_rollback_file(
                                 conn, run, rollback, display_dsn=dbs.display_dsn(env)

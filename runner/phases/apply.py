@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -15,7 +16,7 @@ import asyncpg
 import structlog
 
 from runner import ledger, rollout
-from runner.artifacts import RunDir, check_run_id, new_run_id, write_json
+from runner.artifacts import RunDir, check_run_id, new_run_id, write_json, write_text
 from runner.db import Databases, close_quietly, quote_ident
 from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
 from runner.engine.discovery import Page
@@ -830,6 +831,35 @@ def _results_path(run_id: str, env: str, stage: str) -> Path:
     return RunDir.of(run_id).env(env) / name
 
 
+MANIFEST_KEYS_UP_TO = 1000  # per batch and table: more keys are listed by count and md5 only
+
+
+def manifest_name(stage: str) -> str:
+    return "manifest.jsonl" if stage == "apply" else f"{stage}_manifest.jsonl"
+
+
+async def write_manifest(
+    conn: asyncpg.Connection, run: ledger.RunRow, env: str, stage: str
+) -> Path:
+    """manifest.jsonl: one line per committed batch and table — which keys it changed (or their
+    count and md5 where there are many), from the ledger's images."""
+    names = {int(t["rel"]): f"{t['schema']}.{t['name']}" for t in run.tables or []}
+    lines = []
+    for r in await ledger.manifest_rows(conn, run.run_id, stage, MANIFEST_KEYS_UP_TO):
+        entry: dict[str, Any] = {
+            "batch_no": r["batch_no"],
+            "table": names.get(r["rel"], run.target_table),
+            "started_at": r["started_at"].isoformat(),
+            "changed": r["changed"],
+            "keys_md5": r["keys_md5"],
+        }
+        if r["keys"] is not None:
+            entry["keys"] = json.loads(r["keys"])
+        lines.append(json.dumps(entry))
+    path = RunDir.of(run.run_id).env(env) / manifest_name(stage)
+    return write_text(path, "".join(f"{line}\n" for line in lines))
+
+
 def _artifacts(dbs: Databases, stage: str) -> ReportWriter:
     """The files of a finished stage, from its ledger rows: the execution results, the rollback
     file and the summary. The summary is the report whose digest the gate binds."""
@@ -849,6 +879,7 @@ def _artifacts(dbs: Databases, stage: str) -> ReportWriter:
                 "run_totals": await ledger.run_totals(conn, run_id),
             },
         )
+        await write_manifest(conn, run, env, stage)
         side = await dbs.connect(env)
         try:
             await emit_rollback_file(
@@ -886,6 +917,7 @@ async def _finished_result(
         run_dir / summary_name(stage),
         run_dir / str(row.doc.rollback_file or ""),
         _results_path(run_id, env, stage),
+        run_dir / manifest_name(stage),
     ]
     if row.report_digest is None or not all(p.is_file() for p in artifacts):
         log.info("apply.artifacts_restored", run_id=run_id, stage=stage)

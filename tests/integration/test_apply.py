@@ -540,3 +540,23 @@ def test_max_rows_caps_each_command_exactly_and_the_next_one_continues(
     piped = cli("pipeline", str(capped_plan), env=env_for(db))
     assert piped.exit_code == 0, piped.output
     assert "capped after 700 row(s)" in piped.output
+
+
+def test_the_manifest_lists_each_batchs_changed_keys_and_report_writes_it_again(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 300)
+    plan = write_plan(workdir / "p.json", batching__size=100)
+    run_id = run_id_of(cli("apply", str(plan), "-e", "staging", env=env_for(db)).output)
+    path = next((workdir / "backfill_logs").rglob(f"{run_id}/staging/manifest.jsonl"))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [e["batch_no"] for e in lines] == [1, 2, 3]
+    assert sum(e["changed"] for e in lines) == 240  # every fifth row already held 'new'
+    keys = sorted(int(k[0]) for e in lines for k in e["keys"])
+    expected = [r[0] for r in sql(db, "SELECT id FROM items WHERE id % 5 <> 0 ORDER BY id")]
+    assert keys == expected
+    assert all(e["table"] == "public.items" and len(e["keys_md5"]) == 32 for e in lines)
+    before = path.read_bytes()
+    path.unlink()
+    assert cli("report", run_id, env=env_for(db)).exit_code == 0
+    assert path.read_bytes() == before
