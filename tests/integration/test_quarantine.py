@@ -258,7 +258,7 @@ def test_sigkill_in_the_middle_of_a_split_resumes_without_losing_or_doubling_a_r
     poison = poisoned_items(db, 2000, 50)
     plan = write_plan(
         workdir / "p.json",
-        apply__sql=POISON_APPLY + " AND pg_sleep(0.02) IS NOT NULL",
+        apply__sql=POISON_APPLY + " AND (SELECT pg_sleep(0.03)) IS NOT NULL",  # once a statement
         batching__size=400,
         batching__min_failure_sample=100,
         batching__max_failure_rate=0.05,
@@ -270,13 +270,14 @@ def test_sigkill_in_the_middle_of_a_split_resumes_without_losing_or_doubling_a_r
         "BACKFILL_ACTOR": "operator",
         "BACKFILL_CMD": "backfill",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "runner", "apply", str(plan), "--env", "staging", "-q"],
-        cwd=workdir,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with (workdir / "runner.log").open("w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "runner", "apply", str(plan), "--env", "staging", "-q"],
+            cwd=workdir,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # parts of batch 1 committed, batch 1 not settled
@@ -292,9 +293,10 @@ def test_sigkill_in_the_middle_of_a_split_resumes_without_losing_or_doubling_a_r
             )
             if parts and parts["parts"] >= 2 and parts["q"] >= 1 and parts["top"] == 0:
                 break
+            assert proc.poll() is None, (workdir / "runner.log").read_text()
             time.sleep(0.01)
         else:
-            pytest.fail("never saw a split in progress")
+            pytest.fail(f"never saw a split in progress; last seen {parts}")
         os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
