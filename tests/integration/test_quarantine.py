@@ -331,3 +331,30 @@ def test_sigkill_in_the_middle_of_a_split_resumes_without_losing_or_doubling_a_r
     assert val(db, "SELECT sum(changed) FROM backfill.batches WHERE run_id = $1", run_id) == (
         1600 - len(poison)
     )
+
+
+def test_malformed_snapshots_of_a_shaped_backfill_are_quarantined_and_the_rest_undone_exactly(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    from tests.integration.test_shapes import SCHEMA, TABLES, _all_back, keep, shaped_plan
+
+    sql(db, SCHEMA.format(n=500))
+    sql(
+        db,
+        "UPDATE snaps SET raw = jsonb_set(raw, '{troops,0,amount}', '\"abc\"') WHERE id % 50 = 7",
+    )
+    keep(db, *TABLES)
+    plan = shaped_plan(workdir / "p.json", batching__size=64, batching__max_failure_rate=0.05)
+    env = env_for(db)
+    applied = cli("apply", str(plan), "-e", "staging", "-q", env=env)
+    assert applied.exit_code == 3, applied.output
+    run_id = run_id_of(applied.output)
+    poison = [str(i) for i in range(7, 501, 50)]
+    assert quarantined(db, run_id) == [(p, "22P02") for p in poison]
+    assert [str(r["id"]) for r in sql(db, "SELECT id FROM snaps WHERE processed_at IS NULL")] == (
+        poison
+    )
+    undone = cli("rollback", run_id, "--env", "staging", env=env)
+    assert undone.exit_code == 0, undone.output
+    assert "verified" in undone.output
+    _all_back(db)
