@@ -88,7 +88,8 @@ class BatchOutcome:
     batch_no: int
     stage: str
     # done | failed | skipped (already committed before a lost connection); after a data error
-    # (engine.quarantine): split (its halves ran as `split_into`) | quarantined (one key)
+    # (engine.quarantine): split (its halves ran as `split_into`) | quarantined (one key) |
+    # stopped (a split the failure budget or a failing part ended)
     status: str
     first_key: list[str]
     last_key: list[str]
