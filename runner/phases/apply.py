@@ -667,6 +667,8 @@ async def _finish(
     )
     warnings = _warnings(state, stage) + _quarantine_warnings(quarantine, verify, run_id, env, cmd)
     criteria = "pass" if not warnings or stage == "canary" else "inconclusive"
+    if quarantine.quarantined or any(v.verdict != "pass" for v in verify):
+        criteria = "inconclusive"  # the canary too: rows left unchanged need a person
     if quarantine.over_budget or any(v.verdict == "fail" for v in verify):
         criteria = "fail"
     rollback_path = frame.dir / f"rollback_{datetime.now(UTC):%Y-%m-%d}.sql"
