@@ -928,3 +928,31 @@ def cancel(
 ) -> None:
     """Cancel a run: its running apply stops after the batches in flight; rollback undoes it."""
     _control("cancel", run, env, note, plan)
+
+
+# -- keys left out because their data made the apply fail (#12) ---------------------------------
+
+
+@app.command(short_help="List a run's quarantined keys, or re-try them.")
+def quarantine(
+    run: Annotated[str, typer.Argument(help="The run id.")],
+    env: EnvOpt,
+    retry: Annotated[
+        bool,
+        typer.Option(
+            "--retry", help="Re-try the quarantined keys as new batches of the run (after a fix)."
+        ),
+    ] = False,
+    plan: PlanOpt = None,
+) -> None:
+    """List the keys a run quarantined in one environment, or re-try them (images and rollback
+    as for every batch); exit 1 when keys are still quarantined after a retry."""
+    from runner.commands import quarantine as command
+
+    async def go() -> int:
+        outcome = await (command.retry if retry else command.show)(run, env, plan)
+        for line in outcome.lines:
+            out.print(line, markup=False)
+        return outcome.exit_code
+
+    _run(go)

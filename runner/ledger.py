@@ -269,6 +269,31 @@ MIGRATIONS: list[str] = [
     FROM backfill.batch_images AS i
     CROSS JOIN LATERAL unnest(i.ops, i.keys, i.befores, i.afters) AS u(op, key, before, after);
     """,
+    # 6: quarantine (#12). A batch that failed on its data is split: its row (status 'split')
+    # lists the batches its halves ran as, and is written after they all settled, so a 'split'
+    # row means every key of it committed or was quarantined ('stopped': a split the failure
+    # budget ended; its keys not yet done are rediscovered). A key that still fails alone gets
+    # a row with status 'quarantined' and one row here per run and key; the keys with no
+    # released_at are left out of the rest of the run. `released_*`: a later batch (a retry)
+    # committed the key.
+    """
+    ALTER TABLE backfill.batches ADD COLUMN split_into integer[];
+    CREATE TABLE backfill.quarantine (
+        run_id          text NOT NULL REFERENCES backfill.runs,
+        key             text[] NOT NULL,
+        env             text NOT NULL,
+        stage           text NOT NULL,
+        batch_no        integer NOT NULL,
+        sqlstate        text NOT NULL,
+        message         text NOT NULL,
+        attempts        integer NOT NULL,
+        first_seen      timestamptz NOT NULL DEFAULT clock_timestamp(),
+        last_seen       timestamptz NOT NULL DEFAULT clock_timestamp(),
+        released_batch  integer,
+        released_at     timestamptz,
+        PRIMARY KEY (run_id, key)
+    );
+    """,
 ]
 
 
@@ -615,6 +640,139 @@ async def record_failed_batch(
         started_at,
         duration_ms,
     )
+
+
+async def record_settled_batch(
+    conn: asyncpg.Connection,
+    run_id: str,
+    stage: str,
+    status: str,
+    batch_no: int,
+    keys: tuple[list[str], list[str]],
+    selected: int,
+    attempts: int,
+    errors: list[dict[str, str]],
+    started_at: datetime,
+    duration_ms: float,
+    split_into: list[int] | None = None,
+) -> None:
+    """A batch that did not commit as one: 'split' (its halves ran as `split_into`, every key
+    committed or quarantined), 'quarantined' (one key that failed alone), or 'stopped' (a split
+    the failure budget or a part's failure ended: its other keys are rediscovered later)."""
+    await conn.execute(
+        """INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
+               selected, attempts, errors, started_at, duration_ms, split_into)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12)
+           ON CONFLICT DO NOTHING""",
+        run_id,
+        batch_no,
+        stage,
+        status,
+        keys[0],
+        keys[1],
+        selected,
+        attempts,
+        json.dumps(errors),
+        started_at,
+        duration_ms,
+        split_into,
+    )
+
+
+async def quarantine_key(
+    conn: asyncpg.Connection,
+    run_id: str,
+    env: str,
+    stage: str,
+    batch_no: int,
+    key: list[str],
+    sqlstate: str,
+    message: str,
+    attempts: int,
+) -> None:
+    """One key that failed alone: recorded once per run (a key seen again counts its attempts)."""
+    await conn.execute(
+        """INSERT INTO backfill.quarantine AS q
+               (run_id, key, env, stage, batch_no, sqlstate, message, attempts)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+           ON CONFLICT (run_id, key) DO UPDATE SET
+               batch_no = excluded.batch_no, sqlstate = excluded.sqlstate,
+               message = excluded.message, attempts = q.attempts + excluded.attempts,
+               last_seen = clock_timestamp(), released_batch = NULL, released_at = NULL""",
+        run_id,
+        key,
+        env,
+        stage,
+        batch_no,
+        sqlstate,
+        message,
+        attempts,
+    )
+
+
+async def quarantined(
+    conn: asyncpg.Connection, run_id: str, *, until: datetime | None = None
+) -> list[asyncpg.Record]:
+    """The run's quarantined keys in the order they were first seen; with `until`, as they stood
+    then (a report re-rendered later shows what its phase saw)."""
+    return list(
+        await conn.fetch(
+            """SELECT key, env, stage, batch_no, sqlstate, message, attempts, first_seen,
+                      last_seen, released_batch, released_at,
+                      released_at IS NOT NULL AND ($2::timestamptz IS NULL OR released_at <= $2)
+                          AS released
+               FROM backfill.quarantine
+               WHERE run_id = $1 AND ($2::timestamptz IS NULL OR first_seen <= $2)
+               ORDER BY first_seen, key""",
+            run_id,
+            until,
+        )
+    )
+
+
+async def open_quarantine(
+    conn: asyncpg.Connection, run_id: str, key_types: list[str]
+) -> list[asyncpg.Record]:
+    """The run's keys still quarantined, in key order: `key` (text[]) and `k0…` typed by
+    `key_types` (the target's, already quoted) so they compare with discovery's keys."""
+    typed = ", ".join(f"(key[{i + 1}])::{t} AS k{i}" for i, t in enumerate(key_types))
+    order = ", ".join(f"k{i}" for i in range(len(key_types)))
+    return list(
+        await conn.fetch(
+            f"SELECT key, {typed} FROM backfill.quarantine"
+            f" WHERE run_id = $1 AND released_at IS NULL ORDER BY {order}",
+            run_id,
+        )
+    )
+
+
+async def release_retried(conn: asyncpg.Connection, run_id: str) -> int:
+    """Mark released the quarantined keys a later retry batch committed (its images hold the
+    key): derived from the ledger, so a retry killed between its commit and this still counts."""
+    tag = await conn.execute(
+        """UPDATE backfill.quarantine AS q
+           SET released_batch = r.batch_no, released_at = b.committed_at
+           FROM backfill.row_images AS r JOIN backfill.batches AS b USING (run_id, batch_no)
+           WHERE q.run_id = $1 AND q.released_at IS NULL AND r.run_id = $1
+             AND r.rel IN (0, 1) AND r.key = q.key AND b.status = 'done'
+             AND b.stage = 'retry' AND b.batch_no > q.batch_no""",
+        run_id,
+    )
+    return int(tag.split()[-1])
+
+
+async def failure_base(conn: asyncpg.Connection, run_id: str) -> tuple[int, int]:
+    """(rows of the run's committed batches, keys still quarantined): where a continued run's
+    failure rate starts."""
+    row = await conn.fetchrow(
+        """SELECT (SELECT coalesce(sum(selected), 0)::bigint FROM backfill.batches
+                   WHERE run_id = $1 AND status = 'done') AS done,
+                  (SELECT count(*) FROM backfill.quarantine
+                   WHERE run_id = $1 AND released_at IS NULL) AS open""",
+        run_id,
+    )
+    assert row is not None
+    return int(row["done"]), int(row["open"])
 
 
 async def decision_lock(conn: asyncpg.Connection, run_id: str) -> None:

@@ -357,6 +357,16 @@ class Batching(_Model):
     """Adaptive size: move the batch size toward batches that take this long (None: fixed)."""
     min_size: Annotated[int, Field(gt=0, le=1_000_000)] | None = None
     max_size: Annotated[int, Field(gt=0, le=1_000_000)] | None = None
+    on_error: Literal["split", "stop"] = "split"
+    """A batch failing on its data (SQLSTATE classes 22, 23 and `quarantine_sqlstates`): halve it
+    down to single keys and quarantine the keys that fail alone (split), or stop the phase."""
+    max_failure_rate: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.01
+    min_failure_sample: Annotated[int, Field(ge=0)] = 1000
+    """Rows attempted before `max_failure_rate` can stop the phase."""
+    quarantine_sqlstates: list[Annotated[str, Field(pattern=r"^[0-9A-Z]{2}([0-9A-Z]{3})?$")]] = (
+        Field(default_factory=list)
+    )
+    """More SQLSTATEs (or two-character classes) that mean a row's data is bad, e.g. P0001."""
 
     @property
     def smallest(self) -> int:
@@ -639,6 +649,8 @@ class Plan(_Model):
     variables: Variables = Field(default_factory=Variables)
     canary: Canary | None = None
     parent: Parent | None = None
+    verify: list[Check] = Field(default_factory=list)
+    """Read-only checks run once an apply stage ends, shown in its summary (`[[verify]]`)."""
 
     @model_validator(mode="after")
     def _distinct_tables(self) -> Plan:
@@ -649,6 +661,20 @@ class Plan(_Model):
                 f"writes: {twice} declared twice (the target is declared by [target]); "
                 "declare each table once with every operation it needs"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _verify_unique(self) -> Plan:
+        names = [c.name for c in self.verify]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"verify: names must be unique, repeated: {dupes}")
+        for c in self.verify:
+            if c.pass_if is None or c.baseline_sql is not None:
+                raise ValueError(
+                    f"verify.{c.name}: a check after the apply is judged by `pass_if` alone "
+                    "(e.g. `== 0`); `baseline_sql` belongs to soak checks"
+                )
         return self
 
     @model_validator(mode="after")

@@ -89,6 +89,28 @@ class ApplyTiming(_Doc):
     batches_per_minute: float | None = None
 
 
+class QuarantineTotals(_Doc):
+    """Keys quarantined in the run so far (engine.quarantine), against its failure budget."""
+
+    quarantined: int = 0
+    attempted: int = 0
+    rate: float = 0.0
+    max_rate: float | None = None
+    over_budget: bool = False
+
+
+class VerifyResult(_Doc):
+    """One `[[verify]]` check, run once the apply stage ended."""
+
+    name: str
+    description: str = ""
+    sql: str
+    value: float | None = None
+    threshold: str = ""
+    verdict: str  # pass | fail | no-data | error
+    detail: str = ""
+
+
 class ApplyDoc(PhaseResult):
     """An apply stage (staging apply, prod canary, prod rest)."""
 
@@ -99,6 +121,8 @@ class ApplyDoc(PhaseResult):
     timing: ApplyTiming
     warnings: list[str] = Field(default_factory=list)
     next_command: str = ""
+    quarantine: QuarantineTotals = Field(default_factory=QuarantineTotals)
+    verify: list[VerifyResult] = Field(default_factory=list)
 
 
 class SoakDoc(PhaseResult):

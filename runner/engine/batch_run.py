@@ -126,6 +126,38 @@ class RunSettings:
 Recorder = Callable[[BatchOutcome], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class Settled:
+    """What became of a batch that failed on its data (engine.quarantine): `complete` when
+    every key committed or was quarantined (its 'split' row recorded)."""
+
+    complete: bool
+    failure: BatchOutcome | None  # a part that failed for another reason: the phase stops
+    applied: tuple[list[Any], ...]  # the keys that committed
+    excluded: tuple[list[Any], ...]  # the keys quarantined
+    halt: BackfillError | None = None  # the failure budget is spent
+
+
+class OnDataError(Protocol):
+    """Asked about each failed batch before the phase stops on it (engine.quarantine)."""
+
+    def attempted(self, rows: int) -> None:
+        """A batch of `rows` keys starts (the failure budget counts rows attempted)."""
+
+    def excluded(self) -> tuple[list[Any], ...] | None:
+        """The keys left out of the run so far (None: none)."""
+
+    async def settle(
+        self,
+        executor: BatchExecutor,
+        batch: Batch,
+        failed: BatchOutcome,
+        record: Recorder,
+        allocate: Callable[[], int],
+    ) -> Settled | None:
+        """Split the batch and account for its keys; None: not a failure it handles."""
+
+
 class BatchRun:
     """One apply's batches, from a resume point to a dry source (or the canary's last batch)."""
 
@@ -142,6 +174,7 @@ class BatchRun:
         state: RunState | None = None,
         watch: DispatchCheck | None = None,
         sizer: BatchSizer | None = None,
+        on_data_error: OnDataError | None = None,
     ) -> None:
         self.session = session
         self.source = source
@@ -153,6 +186,7 @@ class BatchRun:
         self.state = state or RunState()
         self.watch = watch
         self.sizer = sizer
+        self.on_data_error = on_data_error
         self.next_no = 1
         self._checking = anyio.Event()  # the verifier is ready (or gave up opening)
 
@@ -183,7 +217,8 @@ class BatchRun:
         send, receive = anyio.create_memory_object_stream[Batch](0)
         span_send, span_receive = anyio.create_memory_object_stream[Span](math.inf)
         if start is not None:  # a continued run: what earlier commands committed is checked too
-            span_send.send_nowait(Span(None, start, None))
+            excluded = self.on_data_error.excluded() if self.on_data_error else None
+            span_send.send_nowait(Span(None, start, None, excluded))
         failed = anyio.Event()
         idle = anyio.Semaphore(self.settings.workers)  # a batch is handed only to a free worker
         async with anyio.create_task_group() as tg:
@@ -244,6 +279,11 @@ class BatchRun:
                 self.state.halt = exc
         return self._may_dispatch(failed)
 
+    def _allocate(self) -> int:
+        """The next batch number (the producer's batches and the parts of a split share them)."""
+        self.next_no += 1
+        return self.next_no - 1
+
     def _page_size(self) -> int | None:
         if self.sizer is None:
             return None
@@ -281,7 +321,7 @@ class BatchRun:
                 if time.monotonic() - waited > 1.0 and not await self._cleared(failed):
                     return  # a long wait for the pace: look again before starting
                 batch = Batch(
-                    self.next_no,
+                    self._allocate(),
                     self.settings.stage,
                     page.key_arrays,
                     page.first_key,
@@ -291,8 +331,9 @@ class BatchRun:
                 try:
                     await send.send(batch)
                 except anyio.BrokenResourceError:  # every worker stopped after a failure
+                    if self.next_no == batch.batch_no + 1:  # no split took a number since
+                        self.next_no = batch.batch_no
                     return
-                self.next_no += 1
                 self.state.dispatched += 1
                 self.state.dispatched_rows += page.size
                 if self.settings.max_rows is not None:
@@ -307,29 +348,57 @@ class BatchRun:
         idle: anyio.Semaphore,
     ) -> None:
         executor = self.new_executor()
-        state = self.state
         try:
             async with batches, spans:
                 async for batch in batches:
                     if failed.is_set():  # finish what runs, start nothing new
                         break
                     try:
-                        outcome = await executor.run(batch)
-                        state.batch_mode = executor.mode or state.batch_mode
-                        state.batch_mode_reason = executor.mode_reason or state.batch_mode_reason
-                        state.outcomes.append(outcome)
-                        self._observe(outcome)
-                        await self.record(outcome)
+                        span = await self._apply(executor, batch)
                     finally:
                         idle.release()
-                    if outcome.status == "failed":
-                        if state.failure is None:
-                            state.failure = outcome
-                            failed.set()
-                    else:
-                        spans.send_nowait(Span(batch.after_key, batch.last_key, batch.key_arrays))
+                    if span is None:
+                        failed.set()
+                    elif span.batch_keys is not None:
+                        spans.send_nowait(span)
         finally:
             await executor.close()
+
+    async def _record(self, outcome: BatchOutcome) -> None:
+        self.state.outcomes.append(outcome)
+        self._observe(outcome)
+        await self.record(outcome)
+
+    async def _apply(self, executor: BatchExecutor, batch: Batch) -> Span | None:
+        """Apply one batch (splitting it if it fails on its data) and record what happened;
+        returns the span to check (keys None: nothing to check), None when the phase must stop."""
+        state = self.state
+        if self.on_data_error is not None:
+            self.on_data_error.attempted(batch.size)
+        outcome = await executor.run(batch)
+        state.batch_mode = executor.mode or state.batch_mode
+        state.batch_mode_reason = executor.mode_reason or state.batch_mode_reason
+        if outcome.status == "failed" and self.on_data_error is not None:
+            settled = await self.on_data_error.settle(
+                executor, batch, outcome, self._record, self._allocate
+            )
+            if settled is not None:
+                if settled.halt is not None and state.halt is None:
+                    state.halt = settled.halt
+                if settled.failure is not None:
+                    state.failure = state.failure or settled.failure
+                    return None
+                if not settled.complete:
+                    return Span(None, None, None)  # stopped part-way: a resumed run redoes it
+                excluded = self.on_data_error.excluded()
+                return Span(batch.after_key, batch.last_key, settled.applied, excluded)
+        await self._record(outcome)
+        if outcome.status == "failed":
+            state.failure = state.failure or outcome
+            return None
+        # quarantined keys in the span (e.g. of an earlier pass) still need the backfill
+        excluded = self.on_data_error.excluded() if self.on_data_error is not None else None
+        return Span(batch.after_key, batch.last_key, batch.key_arrays, excluded)
 
     def _observe(self, outcome: BatchOutcome) -> None:
         """The batch's time toward the next size; its counts to the metrics."""

@@ -87,7 +87,10 @@ class BatchContext:
 class BatchOutcome:
     batch_no: int
     stage: str
-    status: str  # done | failed | skipped (already committed before a lost connection)
+    # done | failed | skipped (already committed before a lost connection); after a data error
+    # (engine.quarantine): split (its halves ran as `split_into`) | quarantined (one key) |
+    # stopped (a split the failure budget or a failing part ended)
+    status: str
     first_key: list[str]
     last_key: list[str]
     selected: int = 0
@@ -99,6 +102,8 @@ class BatchOutcome:
     duration_ms: float = 0.0
     error_category: str | None = None
     error: str | None = None
+    sqlstate: str | None = None
+    split_into: list[int] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -112,6 +117,8 @@ class BatchOutcome:
             "errors": self.errors,
             "error_category": self.error_category,
             "error": self.error,
+            "sqlstate": self.sqlstate,
+            "split_into": self.split_into,
             "started_at": self.started_at.isoformat(),
             "duration_ms": round(self.duration_ms, 3),
         }
@@ -688,8 +695,10 @@ class BatchExecutor:
                     changed = await _apply_once(conn, self.target, self.apply, ctx, self.reconnect)
             except Exception as exc:
                 category = classify(exc)
+                sqlstate = getattr(exc, "sqlstate", None)
                 errors.append(
                     {"attempt": str(attempt), "category": category, "error": _describe(exc)}
+                    | ({"sqlstate": str(sqlstate)} if sqlstate else {})
                 )
                 if category in ("connection_lost", "internal") and self.conn is not None:
                     # never reuse a connection whose state an error may have left unknown
@@ -709,6 +718,7 @@ class BatchExecutor:
                         duration_ms=(time.perf_counter() - t0) * 1000,
                         error_category=category,
                         error=_describe(exc),
+                        sqlstate=sqlstate,
                     )
                 delay = min(self.backoff_cap, self.backoff_base * 2 ** (attempt - 1))
                 await anyio.sleep(delay * (0.5 + random.random() / 2))

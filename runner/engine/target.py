@@ -206,11 +206,26 @@ FROM {as_subquery(discovery_sql)} AS d"""
         hi = f"${first + lower}" if upper else None
         return lo, hi
 
-    def range_count_sql(self, discovery_sql: str, *, lower: bool, upper: bool) -> str:
+    def range_count_sql(
+        self, discovery_sql: str, *, lower: bool, upper: bool, among: bool = False
+    ) -> str:
         """How many rows discovery returns with a key in (lower, upper]: the bounds that are
-        given, as text[] parameters $1 (and $2)."""
+        given, as text[] parameters $1 (and $2); with `among`, only keys among the key arrays
+        that follow them (quarantined keys)."""
         lo, hi = self._bounds(1, lower, upper)
-        return f"SELECT count(*)::bigint FROM {as_subquery(discovery_sql)} AS d WHERE {self._in_range('d', lo, hi)}"
+        where = self._in_range("d", lo, hi)
+        if among:
+            first = 1 + lower + upper
+            cols = ", ".join(f"d.{k.q}" for k in self.key)
+            arrays = ", ".join(f"${first + i}::{k.type}[]" for i, k in enumerate(self.key))
+            where += f" AND ({cols}) IN (SELECT * FROM unnest({arrays}))"
+        return f"SELECT count(*)::bigint FROM {as_subquery(discovery_sql)} AS d WHERE {where}"
+
+    def key_texts_sql(self) -> str:
+        """The text form of each key of a batch ($1… its key arrays), as first_key is written."""
+        return "SELECT " + ", ".join(
+            f"(${i + 1}::{k.type}[])::text[] AS k{i}" for i, k in enumerate(self.key)
+        )
 
     def rediscovered_sql(
         self, discovery_sql: str, *, of_batch: bool, lower: bool, upper: bool

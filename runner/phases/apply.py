@@ -26,6 +26,7 @@ from runner.engine.executor import (
     BatchOutcome,
     require_write_tracking,
 )
+from runner.engine.quarantine import Budget, ExcludingSource, Policy, Quarantine
 from runner.engine.session import MainSession
 from runner.engine.shapes import ShapedRun, resolve_tables, shaped_run
 from runner.engine.sizing import BatchSizer
@@ -46,9 +47,19 @@ from runner.phases.common import (
     rollback_note,
 )
 from runner.phases.validate import refuse_unfit, validate_env
+from runner.phases.verify import run_verify
 from runner.plan import LoadedPlan
 from runner.reports.apply import render_summary, summary_name
-from runner.results import ApplyDoc, ApplyTiming, ApplyTotals, BatchMode, TargetDoc
+from runner.reports.quarantine import write_quarantine_files
+from runner.results import (
+    ApplyDoc,
+    ApplyTiming,
+    ApplyTotals,
+    BatchMode,
+    QuarantineTotals,
+    TargetDoc,
+    VerifyResult,
+)
 from runner.rollback import emit_rollback_file
 from runner.rollout import gate_name
 
@@ -87,6 +98,9 @@ def _stage_for(loaded: LoadedPlan, env: str) -> str:
     return "apply"
 
 
+SETTLED = ("done", "split", "quarantined")  # batch rows whose keys need nothing more
+
+
 def resume_point(rows: list[Any]) -> tuple[list[str] | None, int, int]:
     """(cursor, next batch number, interrupted batches) from the run's batch rows, in order.
 
@@ -97,7 +111,8 @@ def resume_point(rows: list[Any]) -> tuple[list[str] | None, int, int]:
     cursor: list[str] | None = None
     expected = 1
     for r in rows:
-        if r["batch_no"] != expected or r["status"] != "done":
+        # split and quarantined rows are written once every key of theirs is accounted for
+        if r["batch_no"] != expected or r["status"] not in SETTLED:
             break
         cursor = list(r["last_key"])
         expected += 1
@@ -568,9 +583,10 @@ async def _machine(
     connect = _Connections(dbs, env, b.lock_timeout, b.statement_timeout)
     resume = f"{cmd} apply {loaded.path} --env {env} --run {run_id}"
     shape = await session.run(lambda c: shaped_run(c, plan, target)) if plan.shaped else None
+    source, quarantine = await _quarantine(session, reader, loaded, target, run_id, resume)
     return BatchRun(
         reader,
-        KeysetSource(target, plan.discovery.sql, b.size),
+        source,
         Throttle(b.batches_per_minute, b.rows_per_second, b.largest),
         RunSettings(
             run_id=run_id,
@@ -593,7 +609,7 @@ async def _machine(
             shape=shape,
         ),
         checker_connection=connect.for_checks,
-        record=_Recorder(session, frame.dir / "batches", stage, progress),
+        record=_Recorder(session, frame.dir / "batches", stage, progress, env),
         state=state,
         watch=RunWatch(
             session,
@@ -606,6 +622,45 @@ async def _machine(
             progress=progress,
         ),
         sizer=BatchSizer(b.size, b.smallest, b.largest, b.target_batch_seconds),
+        on_data_error=quarantine,
+    )
+
+
+async def _quarantine(
+    session: MainSession,
+    reader: MainSession,
+    loaded: LoadedPlan,
+    target: TargetInfo,
+    run_id: str,
+    resume: str,
+    *,
+    budget: bool = True,
+) -> tuple[ExcludingSource, Quarantine]:
+    """The batch source without the run's quarantined keys, and what splits a batch that fails on
+    its data (engine.quarantine), its budget counted from what the run did before."""
+    b = loaded.plan.batching
+    rows = await session.run(
+        lambda c: ledger.open_quarantine(c, run_id, [k.type for k in target.key])
+    )
+    width = len(target.key)
+    source = ExcludingSource(
+        KeysetSource(target, loaded.plan.discovery.sql, b.size),
+        [tuple(r[f"k{i}"] for i in range(width)) for r in rows],
+    )
+    done, quarantined = await session.run(lambda c: ledger.failure_base(c, run_id))
+    policy = Policy(b.on_error == "split", tuple(b.quarantine_sqlstates))
+    return source, Quarantine(
+        policy,
+        source,
+        reader,
+        target,
+        Budget(
+            b.max_failure_rate if budget else None,
+            b.min_failure_sample,
+            attempted=done + quarantined,
+            quarantined=quarantined,
+        ),
+        resume,
     )
 
 
@@ -647,15 +702,49 @@ class _Recorder:
         batch_dir: Path,
         stage: str,
         progress: ProgressCallback | None,
+        env: str,
     ) -> None:
         self.session = session
         self.batch_dir = batch_dir
         self.stage = stage
         self.progress = progress
+        self.env = env
         self.totals: Counter[str] = Counter()
+
+    async def _settled(self, conn: asyncpg.Connection, outcome: BatchOutcome) -> None:
+        """A split batch's row, or a quarantined key's batch row and quarantine row, together."""
+        async with conn.transaction():
+            await ledger.record_settled_batch(
+                conn,
+                self.session.run_id,
+                self.stage,
+                outcome.status,
+                outcome.batch_no,
+                (outcome.first_key, outcome.last_key),
+                outcome.selected,
+                outcome.attempts,
+                outcome.errors,
+                outcome.started_at,
+                outcome.duration_ms,
+                outcome.split_into,
+            )
+            if outcome.status == "quarantined":
+                await ledger.quarantine_key(
+                    conn,
+                    self.session.run_id,
+                    self.env,
+                    self.stage,
+                    outcome.batch_no,
+                    outcome.first_key,
+                    outcome.sqlstate or "",
+                    outcome.error or "",
+                    outcome.attempts,
+                )
 
     async def __call__(self, outcome: BatchOutcome) -> None:
         write_json(self.batch_dir / f"batch_{outcome.batch_no:05d}.json", outcome.as_json())
+        if outcome.status in ("split", "quarantined", "stopped"):
+            await self.session.run(lambda c: self._settled(c, outcome))
         if outcome.status == "failed":
             await self.session.run(
                 lambda c: ledger.record_failed_batch(
@@ -674,6 +763,7 @@ class _Recorder:
         self.totals["batches"] += outcome.status == "done"
         # progress counts the batch's keys: a shaped batch changes rows in several tables
         self.totals["keys"] += outcome.selected if outcome.status == "done" else 0
+        self.totals["quarantined"] += outcome.status == "quarantined"
         self.totals["changed"] += outcome.changed
         self.totals["noop"] += outcome.noop
         log.info("batch." + outcome.status, **describe(outcome))
@@ -692,8 +782,26 @@ async def _finish(
 ) -> ApplyResult:
     """Record the stage finished with its results, write its artifacts, say what comes next."""
     run_id, env, stage = frame.run_id, frame.env, frame.phase
-    warnings = _warnings(state, stage)
+    b = loaded.plan.batching
+    done, open_keys = await ledger.failure_base(conn, run_id)
+    attempted = done + open_keys
+    rate = open_keys / attempted if attempted else 0.0
+    quarantine = QuarantineTotals(
+        quarantined=open_keys,
+        attempted=attempted,
+        rate=round(rate, 6),
+        max_rate=b.max_failure_rate,
+        over_budget=rate > b.max_failure_rate,
+    )
+    verify = await run_verify(
+        dbs, env, loaded.plan.verify, frame.run.created_at, b.statement_timeout
+    )
+    warnings = _warnings(state, stage) + _quarantine_warnings(quarantine, verify, run_id, env, cmd)
     criteria = "pass" if not warnings or stage == "canary" else "inconclusive"
+    if quarantine.quarantined or any(v.verdict != "pass" for v in verify):
+        criteria = "inconclusive"  # the canary too: rows left unchanged need a person
+    if quarantine.over_budget or any(v.verdict == "fail" for v in verify):
+        criteria = "fail"
     rollback_path = frame.dir / f"rollback_{datetime.now(UTC):%Y-%m-%d}.sql"
     gate = gate_name(stage, env) if rollout.phase(stage).gated else None
     next_command = (
@@ -711,6 +819,8 @@ async def _finish(
             "report_file": summary_name(stage),
             "next_command": next_command,
             "cmd": cmd,
+            "quarantine": quarantine,
+            "verify": verify,
         }
     )
     summary_path = await frame.finish(
@@ -784,6 +894,28 @@ def _warnings(state: RunState, stage: str) -> list[str]:
             f"{state.interrupted_before} batch number(s) were interrupted before commit by an "
             "earlier stop; their rows were rediscovered and applied in later batches"
         )
+    return warnings
+
+
+def _quarantine_warnings(
+    q: QuarantineTotals, verify: list[VerifyResult], run_id: str, env: str, cmd: str
+) -> list[str]:
+    warnings: list[str] = []
+    if q.quarantined:
+        budget = "over" if q.over_budget else "within"
+        warnings.append(
+            f"{q.quarantined:,} key(s) quarantined ({q.rate:.2%} of {q.attempted:,} row(s) "
+            f"attempted, {budget} the failure budget of {q.max_rate or 0:.2%}): they were not "
+            f"changed; see quarantine.json, fix them, then `{cmd} quarantine {run_id} --env "
+            f"{env} --retry`"
+        )
+    for v in verify:
+        if v.verdict != "pass":
+            warnings.append(
+                f"check after the apply `{v.name}`: {v.verdict}"
+                + (f" (value {v.value:g}, needs {v.threshold})" if v.value is not None else "")
+                + (f": {v.detail}" if v.detail else "")
+            )
     return warnings
 
 
@@ -891,6 +1023,7 @@ def _artifacts(dbs: Databases, stage: str) -> ReportWriter:
             )
         finally:
             await close_quietly(side)
+        await write_quarantine_files(conn, run_id, RunDir.of(run_id).env(env))
         return await render_summary(conn, run, env, stage, dbs.display_dsn(env))
 
     return write

@@ -33,6 +33,9 @@ async def _overrides_so_far(
     return carried + overrides_note(decisions)
 
 
+QUARANTINE_SHOWN = 20  # the first quarantined keys the summary lists (quarantine.json: all)
+
+
 def summary_name(stage: str) -> str:
     return rollout.phase(stage).report
 
@@ -100,6 +103,17 @@ async def apply_context(
         for e in o["errors"]:
             categories[e["category"]] += 1
     done = [o for o in outcomes if o["status"] == "done"]
+    quarantined = [
+        {
+            "batch_no": o["batch_no"],
+            "key": o["first_key"],
+            "sqlstate": o["errors"][-1].get("sqlstate", "") if o["errors"] else "",
+            "error": o["errors"][-1]["error"] if o["errors"] else "",
+        }
+        for o in outcomes
+        if o["status"] == "quarantined"
+    ]
+    by_sqlstate = Counter(q["sqlstate"] for q in quarantined)
     decisions = await ledger.decisions(conn, run.run_id)
     gate = gate_name(stage if stage != "rest" else "rest", env) if stage != "rest" else None
     return {
@@ -111,12 +125,17 @@ async def apply_context(
         "batches": outcomes,
         "done": len(done),
         "failed": [o for o in outcomes if o["status"] == "failed"],
+        "split": sum(1 for o in outcomes if o["status"] == "split"),
+        "quarantined": quarantined[:QUARANTINE_SHOWN],
+        "quarantined_count": len(quarantined),
+        "quarantine_by_sqlstate": sorted(by_sqlstate.items(), key=lambda kv: (-kv[1], kv[0])),
         "slowest": sorted(done, key=lambda o: o["duration_ms"], reverse=True)[:5],
         "categories": sorted(categories.items(), key=lambda kv: -kv[1]),
         "chart": _throughput(outcomes),
         "gate": gate,
         "overrides": await _overrides_so_far(conn, run.run_id, stage, decisions),
         "rolled_back": await rollbacks(conn, run.run_id),
+        "criteria": row.criteria,
         "started_at": row.started_at,
         "finished_at": row.finished_at,
         **await watch_context(conn, run.run_id, stage, outcomes),

@@ -365,7 +365,7 @@ def test_failing_batch_stops_with_exit_1_and_the_run_continues_after_the_fix(
         db,
         "ALTER TABLE items ADD CONSTRAINT no_250 CHECK (id <> 251 OR val <> 'new' OR note = 'fixed')",
     )
-    plan = write_plan(workdir / "p.json")
+    plan = write_plan(workdir / "p.json", batching__on_error="stop")  # not split (#12)
     failed = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert failed.exit_code == 1, failed.output
     assert "batch 3 (keys [251] … [374]) failed: constraint_violation" in failed.output

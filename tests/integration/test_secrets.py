@@ -49,6 +49,7 @@ def test_passwords_never_leave_the_process(cli: Callable[..., Any], workdir: Pat
         workdir / "broken.json",
         discovery__sql="SELECT id FROM items",
         apply__sql="UPDATE items SET val = (1 / 0)::text WHERE id = ANY($1)",
+        batching__on_error="stop",  # the error path, not a split (#12)
     )
     failed = cli("-v", "apply", str(broken), "-e", "staging", "-q", env=env)
     assert failed.exit_code == 1

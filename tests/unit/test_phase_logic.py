@@ -142,3 +142,20 @@ def test_a_run_continues_after_its_longest_run_of_committed_batches() -> None:
     # a failed batch is not committed: its rows are found again from the cursor before it (it
     # was recorded as failed, not interrupted)
     assert resume_point([_batch(1), _batch(2, "failed"), _batch(3)]) == (["10"], 4, 0)
+
+
+def test_split_and_quarantined_batches_count_as_settled_for_the_resume_point() -> None:
+    # batch 1 was split into 2 and 3; 3 was split again into 4 (done) and 5 (quarantined)
+    settled = [
+        _batch(1, "split"),
+        _batch(2),
+        _batch(3, "split"),
+        _batch(4),
+        _batch(5, "quarantined"),
+    ]
+    assert resume_point(settled) == (["50"], 6, 0)
+    # killed mid-split: batch 1's row is not written yet, so its keys are rediscovered (its
+    # committed parts no longer need the backfill); its and 3's missing rows count as interrupted
+    assert resume_point([_batch(2), _batch(4), _batch(5, "quarantined")]) == (None, 6, 2)
+    # a split the failure budget stopped is not settled either
+    assert resume_point([_batch(1, "stopped"), _batch(2)]) == (None, 3, 0)
