@@ -8,7 +8,7 @@ from pathlib import Path
 
 from runner import events, ledger
 from runner.artifacts import RunDir
-from runner.commands.rollback import _plan_for_env
+from runner.commands.rollback import plan_for_env
 from runner.db import Databases
 from runner.errors import EXIT_DONE, EXIT_FAILED, InvalidInput
 from runner.phases.common import command_prefix
@@ -31,7 +31,7 @@ def _short(text: str, width: int = 100) -> str:
 
 async def show(run_id: str, env: str, plan_path: Path | None) -> QuarantineOutcome:
     """The run's quarantined keys in `env`, open ones first; the files beside the summary too."""
-    loaded = _plan_for_env(run_id, env, plan_path)
+    loaded = plan_for_env(run_id, env, plan_path)
     events.add_secrets(loaded.secrets)
     async with Databases(loaded.plan) as dbs, dbs.connection(env) as conn:
         if await ledger.get_run(conn, run_id) is None:
@@ -69,7 +69,7 @@ async def show(run_id: str, env: str, plan_path: Path | None) -> QuarantineOutco
 
 async def retry(run_id: str, env: str, plan_path: Path | None) -> QuarantineOutcome:
     """Re-try the run's quarantined keys as new batches; exit 1 if some still fail."""
-    loaded = _plan_for_env(run_id, env, plan_path)
+    loaded = plan_for_env(run_id, env, plan_path)
     events.add_secrets(loaded.secrets)
     events.attach(RunDir.of(run_id).env(env) / "events.jsonl")
     async with Databases(loaded.plan) as dbs:

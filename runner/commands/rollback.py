@@ -86,7 +86,7 @@ async def undo(
     if since is not None and since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     span = parse_batch_range(batches)
-    loaded = _plan_for_env(run_id, env, plan_path)
+    loaded = plan_for_env(run_id, env, plan_path)
     events.add_secrets(loaded.secrets)
     run_dir = RunDir.of(run_id)
     async with Databases(loaded.plan) as dbs, dbs.connection(env) as conn:
@@ -140,7 +140,7 @@ async def undo(
     return UndoOutcome(EXIT_DONE if ok else EXIT_FAILED, lines, result, path)
 
 
-def _plan_for_env(run_id: str, env: str, plan_path: Path | None) -> LoadedPlan:
+def plan_for_env(run_id: str, env: str, plan_path: Path | None) -> LoadedPlan:
     """The plan the run used in `env`: its plan, or for prod the mini plan health wrote."""
     manifest = RunDir.of(run_id).read_manifest()
     key = (

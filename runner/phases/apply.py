@@ -580,7 +580,7 @@ async def _machine(
         assert plan.canary is not None
         done_in_canary = await session.run(lambda c: ledger.committed_batches(c, run_id, "canary"))
         stop_after = max(plan.canary.batches - int(done_in_canary), 0)
-    connect = _Connections(dbs, env, b.lock_timeout, b.statement_timeout)
+    connect = BatchConnections(dbs, env, b.lock_timeout, b.statement_timeout)
     resume = f"{cmd} apply {loaded.path} --env {env} --run {run_id}"
     shape = await session.run(lambda c: shaped_run(c, plan, target)) if plan.shaped else None
     source, quarantine = await _quarantine(session, reader, loaded, target, run_id, resume)
@@ -609,7 +609,7 @@ async def _machine(
             shape=shape,
         ),
         checker_connection=connect.for_checks,
-        record=_Recorder(session, frame.dir / "batches", stage, progress, env),
+        record=BatchRecorder(session, frame.dir / "batches", stage, progress, env),
         state=state,
         watch=RunWatch(
             session,
@@ -665,7 +665,7 @@ async def _quarantine(
 
 
 @dataclass(frozen=True)
-class _Connections:
+class BatchConnections:
     """The connections the batch machine opens: batches with the plan's timeouts, checks
     read-only (under the plan's read_role, if any)."""
 
@@ -692,7 +692,7 @@ class _Connections:
         return c
 
 
-class _Recorder:
+class BatchRecorder:
     """What happens to each batch outcome: its JSON file, a failed batch's ledger row, the log
     line and the progress view. (The executor has already redacted its errors.)"""
 

@@ -20,7 +20,7 @@ from runner.engine.shapes import shaped_run
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.errors import InvalidInput, NoGo
-from runner.phases.apply import _Connections, _Recorder, resume_point
+from runner.phases.apply import BatchConnections, BatchRecorder, resume_point
 from runner.phases.common import command_prefix, rollback_note, run_lock
 from runner.plan import LoadedPlan
 from runner.reports.quarantine import write_quarantine_files
@@ -117,7 +117,7 @@ async def _retry(
             Budget(None, 0),
             resume,
         )
-        connect = _Connections(dbs, env, b.lock_timeout, b.statement_timeout)
+        connect = BatchConnections(dbs, env, b.lock_timeout, b.statement_timeout)
         machine = BatchRun(
             reader,
             source,
@@ -139,7 +139,7 @@ async def _retry(
                 shape=shape,
             ),
             checker_connection=connect.for_checks,
-            record=_Recorder(session, RunDir.of(run_id).env(env) / "batches", STAGE, None, env),
+            record=BatchRecorder(session, RunDir.of(run_id).env(env) / "batches", STAGE, None, env),
             on_data_error=quarantine,
         )
         state = await machine.run(None, next_no)
