@@ -611,37 +611,6 @@ async def record_decision(conn: asyncpg.Connection, run_id: str, d: Decision) ->
     )
 
 
-async def record_failed_batch(
-    conn: asyncpg.Connection,
-    run_id: str,
-    stage: str,
-    batch_no: int,
-    keys: tuple[list[str], list[str]],
-    selected: int,
-    attempts: int,
-    errors: list[dict[str, str]],
-    started_at: datetime,
-    duration_ms: float,
-) -> None:
-    """A batch that failed for good: its row says what was tried (a done row is never replaced)."""
-    await conn.execute(
-        """INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key, last_key,
-               selected, attempts, errors, started_at, duration_ms)
-           VALUES ($1, $2, $3, 'failed', $4, $5, $6, $7, $8::jsonb, $9, $10)
-           ON CONFLICT DO NOTHING""",
-        run_id,
-        batch_no,
-        stage,
-        keys[0],
-        keys[1],
-        selected,
-        attempts,
-        json.dumps(errors),
-        started_at,
-        duration_ms,
-    )
-
-
 async def record_settled_batch(
     conn: asyncpg.Connection,
     run_id: str,
@@ -656,7 +625,8 @@ async def record_settled_batch(
     duration_ms: float,
     split_into: list[int] | None = None,
 ) -> None:
-    """A batch that did not commit as one: 'split' (its halves ran as `split_into`, every key
+    """A batch that did not commit as one: 'failed' (for good), 'split' (its halves ran as
+    `split_into`, every key
     committed or quarantined), 'quarantined' (one key that failed alone), or 'stopped' (a split
     the failure budget or a part's failure ended: its other keys are rediscovered later)."""
     await conn.execute(

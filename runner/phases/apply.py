@@ -712,7 +712,8 @@ class BatchRecorder:
         self.totals: Counter[str] = Counter()
 
     async def _settled(self, conn: asyncpg.Connection, outcome: BatchOutcome) -> None:
-        """A split batch's row, or a quarantined key's batch row and quarantine row, together."""
+        """A failed or split batch's row, or a quarantined key's batch row and quarantine row,
+        together."""
         async with conn.transaction():
             await ledger.record_settled_batch(
                 conn,
@@ -743,23 +744,8 @@ class BatchRecorder:
 
     async def __call__(self, outcome: BatchOutcome) -> None:
         write_json(self.batch_dir / f"batch_{outcome.batch_no:05d}.json", outcome.as_json())
-        if outcome.status in ("split", "quarantined", "stopped"):
+        if outcome.status in ("split", "quarantined", "stopped", "failed"):
             await self.session.run(lambda c: self._settled(c, outcome))
-        if outcome.status == "failed":
-            await self.session.run(
-                lambda c: ledger.record_failed_batch(
-                    c,
-                    self.session.run_id,
-                    self.stage,
-                    outcome.batch_no,
-                    (outcome.first_key, outcome.last_key),
-                    outcome.selected,
-                    outcome.attempts,
-                    outcome.errors,
-                    outcome.started_at,
-                    outcome.duration_ms,
-                )
-            )
         self.totals["batches"] += outcome.status == "done"
         # progress counts the batch's keys: a shaped batch changes rows in several tables
         self.totals["keys"] += outcome.selected if outcome.status == "done" else 0

@@ -52,11 +52,17 @@ def session_preamble(search_schemas: list[str]) -> str:
 
 def table_check_sql(shape: RunShape, run_id: str) -> str:
     """A DO block that stops the file unless the table is the one the run changed."""
+    return table_check(shape.table, shape.oid, run_id)
+
+
+def table_check(table: str, oid: int, run_id: str) -> str:
+    """A DO block that stops the file unless `table` (quoted, qualified) has oid `oid`: the
+    table the run wrote, not one dropped and created again or another of the same name."""
     body = f"""BEGIN
-    IF to_regclass({sql_literal(shape.table)}) IS NULL
-       OR to_regclass({sql_literal(shape.table)})::oid <> {int(shape.oid)} THEN
-        RAISE EXCEPTION 'backfill rollback: % is not the table run % changed (oid {int(shape.oid)})',
-            {sql_literal(shape.table)}, {sql_literal(run_id)};
+    IF to_regclass({sql_literal(table)}) IS NULL
+       OR to_regclass({sql_literal(table)})::oid <> {int(oid)} THEN
+        RAISE EXCEPTION 'backfill rollback: % is not the table run % changed (oid {int(oid)})',
+            {sql_literal(table)}, {sql_literal(run_id)};
     END IF;
 END"""
     tag = "$backfill$"

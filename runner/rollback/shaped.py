@@ -37,6 +37,7 @@ from runner.rollback.plain import (
     comment_text,
     session_preamble,
     sql_literal,
+    table_check,
 )
 
 _TAG = re.compile(r"^\w+(?: \d+)? (\d+)$")
@@ -484,7 +485,7 @@ def _header(
         f"--   {comment_text(t.table)} (oid {t.oid}): {', '.join(sorted(t.allowed))}"
         for t in undo.tables
     )
-    checks = "\n".join(_table_check(t, run.run_id) for t in undo.tables)
+    checks = "\n".join(table_check(t.table, t.oid, run.run_id) for t in undo.tables)
     return f"""-- backfill rollback (a run writing several tables)
 -- run:          {comment_text(run.run_id)}
 -- plan:         {comment_text(run.plan_name)} (digest {run.plan_digest})
@@ -515,20 +516,6 @@ CREATE TEMP TABLE pg_temp.backfill_rollback_images (
     before text, after text
 );
 """
-
-
-def _table_check(t: Table, run_id: str) -> str:
-    body = f"""BEGIN
-    IF to_regclass({sql_literal(t.table)}) IS NULL
-       OR to_regclass({sql_literal(t.table)})::oid <> {int(t.oid)} THEN
-        RAISE EXCEPTION 'backfill rollback: % is not the table run % wrote (oid {int(t.oid)})',
-            {sql_literal(t.table)}, {sql_literal(run_id)};
-    END IF;
-END"""
-    tag = "$backfill$"
-    while tag in body:
-        tag = tag[:-1] + "x$"
-    return f"DO {tag} {body} {tag};"
 
 
 def _file_verification(undo: ShapedUndo, expected: str) -> str:
