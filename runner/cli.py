@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -156,7 +157,23 @@ def _main(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
     ] = False,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            help="NAME=VALUE for a [params] entry of the plan (repeat it); before the command: "
+            "backfill --param since=2024-01-01 apply …",
+        ),
+    ] = None,
 ) -> None:
+    for item in param or []:
+        name, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            err.print(f"error: --param {item!r}: write NAME=VALUE (e.g. --param since=2024-01-01)")
+            raise typer.Exit(EXIT_INVALID)
+        # every plan this command loads (the run's, prod's mini plan) reads it like a variable
+        os.environ[name] = value
     _state["verbose"] = verbose
     _state["command"] = ctx.invoked_subcommand or ""
     _configure_logging(logging.DEBUG if verbose else logging.WARNING)

@@ -11,6 +11,8 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -618,6 +620,77 @@ class Variables(_Model):
     """Names of `${VAR}`s whose values are secrets (besides `SECRET_*` and those in DSNs)."""
 
 
+ParamType = Literal["date", "timestamptz", "int", "numeric", "bool", "text"]
+
+
+class Param(_Model):
+    """A typed parameter: `${name}` in the plan's SQL, its value from `--param name=value`, the
+    environment or `default`; checked against its type before anything runs; recorded with the
+    run, shown in every report and bound by every approval (never a secret)."""
+
+    type: ParamType
+    default: str | None = None
+    description: str = ""
+
+
+def _check_param(name: str, p: Param, value: str) -> str | None:
+    """Why `value` is not a `p.type`, or None. Values go into SQL as text: only forms that
+    cannot close a literal pass."""
+    try:
+        match p.type:
+            case "date":
+                date.fromisoformat(value)
+            case "timestamptz":
+                datetime.fromisoformat(value)
+            case "int":
+                int(value)
+            case "numeric":
+                if not Decimal(value).is_finite():
+                    return "not a finite number"
+            case "bool":
+                if value.lower() not in ("true", "false"):
+                    return "not true or false"
+            case "text":
+                if any(c in value for c in "'\\\x00;"):
+                    return "a text param may not contain a quote, a backslash, a NUL or `;`"
+    except (ValueError, ArithmeticError):
+        return f"not a {p.type} (e.g. {_PARAM_EXAMPLES[p.type]})"
+    return None
+
+
+_PARAM_EXAMPLES = {
+    "date": "2024-01-31",
+    "timestamptz": "2024-01-31T00:00:00+00:00",
+    "int": "42",
+    "numeric": "0.25",
+    "bool": "true",
+    "text": "eu-west",
+}
+
+
+def param_values(path: Path, raw: Mapping[str, Any], env: Mapping[str, str]) -> dict[str, str]:
+    """Each declared param's value (from `env`, else its default), checked against its type."""
+    section = raw.get("params")
+    if not isinstance(section, dict):
+        return {}
+    values: dict[str, str] = {}
+    for name, spec in section.items():
+        try:
+            p = Param.model_validate(spec)
+        except ValidationError as e:
+            raise PlanError(f"{path}: params.{name}: {e.errors()[0]['msg']}") from None
+        value = env.get(name, p.default)
+        if value is None:
+            raise PlanError(
+                f"{path}: params.{name} ({p.type}) has no value",
+                hint=f"pass --param {name}=… (e.g. {_PARAM_EXAMPLES[p.type]}) or give it a default",
+            )
+        if (why := _check_param(name, p, value)) is not None:
+            raise PlanError(f"{path}: params.{name} = {value!r}: {why}")
+        values[name] = value
+    return values
+
+
 class Pipeline(_Model):
     staging: NonEmpty = "staging"
     prod: NonEmpty = "prod"
@@ -640,6 +713,7 @@ class Plan(_Model):
     discovery: Discovery
     apply: Apply
     writes: list[Write] = Field(default_factory=list)
+    params: dict[str, Param] = Field(default_factory=dict)
     batching: Batching = Field(default_factory=Batching)
     soak: Soak = Field(default_factory=Soak)
     health: Health = Field(default_factory=Health)
@@ -910,13 +984,16 @@ def validate_raw(
     path: Path, raw: dict[str, Any], env: Mapping[str, str] | None = None
 ) -> LoadedPlan:
     uses = _Uses({}, {})
-    data = _interpolate_tree(raw, os.environ if env is None else env, "", uses, f"{path}: ")
+    source = os.environ if env is None else env
+    params = param_values(path, raw, source)
+    data = _interpolate_tree(raw, {**source, **params}, "", uses, f"{path}: ")
     declared = _declared_secret(raw)
     variables = tuple(
         Variable(
             name,
             value,
-            secret=(
+            secret=name not in params
+            and (
                 name in declared
                 or name.startswith("SECRET_")
                 or any(f.startswith("environments.") for f in uses.fields[name])

@@ -68,6 +68,16 @@ def _secrets_of_this_test_only() -> Iterator[None]:
     redact._secrets.update(saved)
 
 
+@pytest.fixture(autouse=True)
+def _environment_of_this_test_only() -> Iterator[None]:
+    """`backfill --param NAME=VALUE` sets NAME in the process's environment, as a command's
+    process would: an in-process CLI test must not leave it to the next test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The admin DSN of the session's server."""

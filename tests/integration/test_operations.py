@@ -280,3 +280,43 @@ def test_status_json_gives_scripts_each_phase_gate_decision_and_the_next_command
     datetime.fromisoformat(approved["decisions"][0]["at"])
     listed = json.loads(cli("status", "--json", env=env_for(db)).output)
     assert [r["run_id"] for r in listed] == [run_id]
+
+
+def test_params_are_typed_recorded_shown_and_bound_by_the_gate(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 300)
+    plan = write_plan(
+        workdir / "p.json",
+        params={"since": {"type": "int", "default": "0", "description": "first id to backfill"}},
+        discovery__sql="SELECT id FROM items WHERE id >= ${since} AND val IS DISTINCT FROM 'new'",
+    )
+    env = env_for(db)
+    bad = cli("--param", "since=yesterday", "apply", str(plan), "-e", "staging", env=env)
+    assert bad.exit_code == 2, bad.output
+    assert "params.since = 'yesterday': not a int" in bad.output
+    assert val(db, "SELECT to_regclass('backfill.runs') IS NOT NULL")  # template's empty ledger
+    assert val(db, "SELECT count(*) FROM backfill.runs") == 0
+    applied = cli("--param", "since=100", "apply", str(plan), "-e", "staging", env=env)
+    assert applied.exit_code == 3, applied.output
+    run_id = run_id_of(applied.output)
+    assert val(db, "SELECT count(*) FROM items WHERE id < 100 AND val = 'new'") == 19  # untouched
+    summary = next((workdir / "backfill_logs").rglob(f"{run_id}/staging/backfill_summary.md"))
+    assert "`since` = 100" in summary.read_text()  # shown, not masked: a param is never secret
+    approved = cli(
+        "--param",
+        "since=100",
+        "approve",
+        run_id,
+        "--gate",
+        "apply-staging",
+        "--as",
+        "alice",
+        env=env,
+    )
+    assert approved.exit_code == 0, approved.output
+    # the approval of since=100 does not open the gate for since=200
+    other = json.loads(cli("--param", "since=200", "status", run_id, "--json", env=env).output)
+    assert other["steps"][0]["gate"]["status"] != "open"
+    same = json.loads(cli("--param", "since=100", "status", run_id, "--json", env=env).output)
+    assert same["steps"][0]["gate"]["status"] == "open"
