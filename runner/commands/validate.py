@@ -40,6 +40,11 @@ def _summary(path: Path, loaded: LoadedPlan) -> dict[str, Any]:
         },
         "soak_checks": [c.name for c in p.soak.checks],
         "approvers": p.gates.approvers,
+        "params": {
+            name: {"type": spec.type, "value": loaded.plain_values.get(name, spec.default)}
+            for name, spec in p.params.items()
+        },
+        "writes": [w.table for w in p.writes],
     }
 
 
@@ -51,12 +56,20 @@ def _plan_lines(path: Path, loaded: LoadedPlan) -> list[str]:
         or (b.rows_per_second and f"{b.rows_per_second} rows/s")
         or "unthrottled"
     )
+    params = [
+        f"  param {name} ({spec.type}) = {loaded.plain_values.get(name, spec.default)}"
+        + (f" — {spec.description}" if spec.description else "")
+        for name, spec in p.params.items()
+    ]
+    writes = [f"  also writes {w.table} ({', '.join(w.operations)})" for w in p.writes]
     return [
         f"{path}: plan {p.name!r} is valid (digest {loaded.digest[:12]})",
         f"  target {p.target.table} key ({', '.join(p.target.key)}) "
         f"columns {', '.join(p.target.columns)}",
         f"  batches of {b.size}, {b.workers} worker(s), {rate}; "
         f"{len(p.soak.checks)} soak check(s); environments {', '.join(p.environments)}",
+        *writes,
+        *params,
     ]
 
 

@@ -297,6 +297,8 @@ def test_params_are_typed_recorded_shown_and_bound_by_the_gate(
     assert "params.since = 'yesterday': not a int" in bad.output
     assert val(db, "SELECT to_regclass('backfill.runs') IS NOT NULL")  # template's empty ledger
     assert val(db, "SELECT count(*) FROM backfill.runs") == 0
+    shown = cli("--param", "since=100", "validate", str(plan), env=env)
+    assert "param since (int) = 100 — first id to backfill" in shown.output, shown.output
     applied = cli("--param", "since=100", "apply", str(plan), "-e", "staging", env=env)
     assert applied.exit_code == 3, applied.output
     run_id = run_id_of(applied.output)
