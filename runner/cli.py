@@ -472,7 +472,8 @@ def _print_apply(result: Any) -> int:
         return EXIT_GATE_WAITING
     if result.status == "capped":
         out.print(
-            "capped: this command's row cap is reached; every committed batch is kept and the "
+            f"capped: this command's row cap ({result.totals.keys:,} row(s) handed to batches, "
+            "quarantined ones included) is reached; every committed batch is kept and the "
             "stage goes on with the next command (no summary or gate until it finishes)",
             markup=False,
         )

@@ -731,6 +731,27 @@ async def release_retried(conn: asyncpg.Connection, run_id: str) -> int:
     return int(tag.split()[-1])
 
 
+async def release_gone(conn: asyncpg.Connection, run_id: str, keys: list[list[str]]) -> int:
+    """Mark released the quarantined keys discovery no longer returns (the row was deleted,
+    moved out of scope or fixed by hand): nothing is left for the run to do with them."""
+    if not keys:
+        return 0
+    tag = await conn.execute(
+        """UPDATE backfill.quarantine AS q SET released_at = clock_timestamp()
+           FROM unnest($2::text[]) AS g(k)
+           WHERE q.run_id = $1 AND q.released_at IS NULL AND q.key = g.k::text[]""",
+        run_id,
+        [_text_array(k) for k in keys],
+    )
+    return int(tag.split()[-1])
+
+
+def _text_array(key: list[str]) -> str:
+    """A text[] literal of `key`, every element quoted (PostgreSQL reads it back exactly)."""
+    quoted = ('"' + k.replace("\\", "\\\\").replace('"', '\\"') + '"' for k in key)
+    return "{" + ",".join(quoted) + "}"
+
+
 async def failure_base(conn: asyncpg.Connection, run_id: str) -> tuple[int, int]:
     """(rows of the run's committed batches, keys still quarantined): where a continued run's
     failure rate starts."""
@@ -1162,13 +1183,22 @@ CHECKSUM_ROW = "i.key::text || '=' || coalesce({img}::text, 'NULL')"
 async def done_batches(
     conn: asyncpg.Connection, run_id: str, batches: tuple[int, int] | None, since: datetime | None
 ) -> list[int]:
-    """The run's committed batches, newest first, within `batches` (A-B) and after `since`."""
+    """The run's committed batches, newest first, within `batches` (A-B) and after `since`. A
+    batch in A-B that was split stands for its parts (their numbers come later): they are
+    selected too, however deep the split went."""
     rows = await conn.fetch(
-        """SELECT batch_no FROM backfill.batches
-           WHERE run_id = $1 AND status = 'done'
-             AND ($2::int IS NULL OR batch_no BETWEEN $2 AND $3)
-             AND ($4::timestamptz IS NULL OR committed_at > $4)
-           ORDER BY batch_no DESC""",
+        """WITH RECURSIVE chosen AS (
+               SELECT batch_no, status, split_into FROM backfill.batches
+               WHERE run_id = $1 AND ($2::int IS NULL OR batch_no BETWEEN $2 AND $3)
+               UNION
+               SELECT b.batch_no, b.status, b.split_into
+               FROM chosen AS c JOIN backfill.batches AS b
+                 ON b.run_id = $1 AND b.batch_no = ANY(c.split_into)
+           )
+           SELECT DISTINCT c.batch_no FROM chosen AS c JOIN backfill.batches AS b
+             ON b.run_id = $1 AND b.batch_no = c.batch_no
+           WHERE c.status = 'done' AND ($4::timestamptz IS NULL OR b.committed_at > $4)
+           ORDER BY c.batch_no DESC""",
         run_id,
         batches[0] if batches else None,
         batches[1] if batches else None,

@@ -51,6 +51,7 @@ class ApplyTotals(_Doc):
     retried_batches: int = 0
     remaining: int = 0
     passes: int = 0
+    keys: int = 0  # keys handed to batches by the command (what a row cap counts)
 
 
 class PhaseResult(_Doc):

@@ -112,9 +112,10 @@ class PhaseRun:
 
 def _capped(result: apply_phase.ApplyResult, say: Callable[[str], None]) -> int:
     """A row cap stops the pipeline too: the next command continues the stage."""
+    t = result.totals
     say(
-        f"  {result.stage} capped after {result.totals.changed + result.totals.noop:,} row(s) "
-        f"this command; continue: {result.next_command}"
+        f"  {result.stage} capped after {t.keys:,} row(s) this command ({t.changed:,} changed, "
+        f"{t.noop:,} already done, the rest quarantined); continue: {result.next_command}"
     )
     return EXIT_DONE
 

@@ -50,6 +50,8 @@ async def rerender(run_id: str, plan_path: Path | None) -> list[Path]:
                     written.append(path)
                     if not await ledger.run_events(conn, run_id):  # a rollback adds a banner
                         _check_same(row.report_digest, digest, path)
+                if await ledger.manifest_rows(conn, run_id, "retry", 0):  # quarantine --retry
+                    written.append(await write_manifest(conn, run, env, "retry"))
     if not written:
         raise InvalidInput(f"run {run_id} has no finished phase to render")
     return written

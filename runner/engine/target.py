@@ -466,6 +466,14 @@ ledger AS (
 SELECT returned, outside, changed, other_changed, outside_keys, bad_keys FROM agg"""
         return BatchStatement(sql, params)
 
+    def discovered_sql(self, discovery_sql: str) -> str:
+        """Which of the keys $1… (arrays, one per key column) discovery returns now, as text[]."""
+        as_text = ", ".join(f"d.{k.q}::text" for k in self.key)
+        return (
+            f"SELECT ARRAY[{as_text}]::text[] FROM {as_subquery(discovery_sql)} AS d "
+            f"WHERE {self.key_match('d')}"
+        )
+
     def outside_rows_sql(self) -> str:
         """Diagnosis only (after a scope violation): rows of the table this transaction touched
         outside the batch. A sequential scan, run once, inside the transaction being rolled back."""

@@ -855,6 +855,7 @@ async def _capped(
         changed=sum(o.changed for o in done),
         noop=sum(o.noop for o in done),
         passes=state.passes,
+        keys=state.dispatched_rows,
     )
     log.info("apply.capped", run_id=run_id, stage=stage, rows=state.dispatched_rows)
     return ApplyResult(

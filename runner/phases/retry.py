@@ -12,18 +12,21 @@ import asyncpg
 from runner import ledger
 from runner.artifacts import RunDir
 from runner.db import Databases, close_quietly
-from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings
+from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState
 from runner.engine.executor import BatchExecutor
 from runner.engine.quarantine import Budget, Policy, Quarantine, RetrySource
 from runner.engine.session import MainSession
-from runner.engine.shapes import shaped_run
+from runner.engine.shapes import resolve_tables, shaped_run
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
-from runner.errors import InvalidInput, NoGo
-from runner.phases.apply import BatchConnections, BatchRecorder, resume_point
-from runner.phases.common import command_prefix, rollback_note, run_lock
+from runner.engine.watch import RunWatch
+from runner.errors import InvalidInput, NoGo, WorkFailed
+from runner.phases.apply import BatchConnections, BatchRecorder, resume_point, write_manifest
+from runner.phases.common import command_prefix, gate_state, rollback_note, run_lock
 from runner.plan import LoadedPlan
 from runner.reports.quarantine import write_quarantine_files
+from runner.rollback import emit_rollback_file
+from runner.rollout import gate_name
 
 STAGE = "retry"
 
@@ -43,7 +46,6 @@ async def retry_quarantined(
     loaded: LoadedPlan, dbs: Databases, env: str, run_id: str
 ) -> RetryResult:
     """Re-try every key of `run_id` still quarantined in `env`, with `loaded`'s apply."""
-    plan = loaded.plan
     conn = await dbs.connect(env)
     result = RetryResult(run_id, env)
     try:
@@ -56,26 +58,100 @@ async def retry_quarantined(
         await ledger.ensure_ledger(conn)
         if (rolled_back := await rollback_note(conn, run_id)) is not None:
             raise NoGo(f"run {run_id} cannot be re-tried: {rolled_back}")
-        target = await resolve_target(conn, plan.target)
-        if run.target_oid is not None and target.oid != run.target_oid:
-            raise InvalidInput(
-                f"{target.display} is not the table run {run_id} wrote (oid {run.target_oid}, "
-                f"now {target.oid}): it was dropped and created again",
-                hint="start a new run",
-            )
+        target = await _same_run_shape(conn, loaded, run, env)
+        await _refuse_stopped(conn, loaded, run, env)
         async with run_lock(conn, run_id):
             await ledger.release_retried(conn, run_id)  # a retry killed after its commits
             rows = await ledger.open_quarantine(conn, run_id, [k.type for k in target.key])
             result.tried = len(rows)
+            gone: list[list[str]] = []
             if rows:
-                result.batches = await _retry(conn, dbs, loaded, env, run_id, target, rows)
+                result.batches, gone = await _retry(conn, dbs, loaded, env, run_id, target, rows)
             result.released = await ledger.release_retried(conn, run_id)
+            result.released += await ledger.release_gone(conn, run_id, gone)
+            await _rewrite_files(conn, dbs, run, env)
             left = await ledger.open_quarantine(conn, run_id, [k.type for k in target.key])
             result.still = len(left)
             result.files = await write_quarantine_files(conn, run_id, RunDir.of(run_id).env(env))
     finally:
         await close_quietly(conn)
     return result
+
+
+async def _same_run_shape(
+    conn: asyncpg.Connection, loaded: LoadedPlan, run: ledger.RunRow, env: str
+) -> TargetInfo:
+    """The plan may have been fixed since the run, but it must write what the run wrote: the
+    same table, key and columns (and, for a shaped run, the same tables), or the retry's images
+    would not match the run's and its rollback would not restore them."""
+    target = await resolve_target(conn, loaded.plan.target)
+    same = (
+        (run.target_oid is None or target.oid == run.target_oid)
+        and [k.name for k in target.key] == run.key_columns
+        and [c.name for c in target.columns] == run.columns
+    )
+    tables = (
+        [t.doc() for t in await resolve_tables(conn, loaded.plan)] if loaded.plan.shaped else None
+    )
+    recorded = [(t["oid"], t["image"]) for t in run.tables] if run.tables is not None else None
+    now = [(t["oid"], t["image"]) for t in tables] if tables is not None else None
+    if not same or recorded != now:
+        raise InvalidInput(
+            f"the plan now writes {target.display} key ({', '.join(k.name for k in target.key)}) "
+            f"columns ({', '.join(c.name for c in target.columns)}), but run {run.run_id} wrote "
+            f"{run.target_table} key ({', '.join(run.key_columns)}) columns "
+            f"({', '.join(run.columns)}){' and other tables' if recorded != now else ''}: a retry "
+            "must write what the run wrote, or its rollback could not restore it",
+            hint="fix the apply without changing the columns it writes; to change them, roll "
+            "this run back and start a new one",
+        )
+    return target
+
+
+async def _refuse_stopped(
+    conn: asyncpg.Connection, loaded: LoadedPlan, run: ledger.RunRow, env: str
+) -> None:
+    """A cancelled run, or one whose apply gate was rejected, takes no more batches."""
+    request = await ledger.control_state(conn, run.run_id)
+    if request is not None and request.action == "pause":
+        raise WorkFailed(
+            f"run {run.run_id} is paused by {request.actor}"
+            + (f" ({request.note})" if request.note else "")
+            + ": a retry starts batches of the run, so it waits for the same resume",
+            hint=f"{command_prefix()} resume {run.run_id} --env {env}, then re-try",
+        )
+    if request is not None and request.action == "cancel":
+        raise NoGo(
+            f"run {run.run_id} was cancelled by {request.actor}: a cancelled run takes no more "
+            "batches",
+            hint="start a new run",
+        )
+    stage = "apply" if not loaded.plan.is_mini else "canary"
+    state = await gate_state(conn, run.run_id, stage, gate_name(stage, env), loaded.digest, loaded)
+    if state.status == "rejected":
+        raise NoGo(
+            f"run {run.run_id}'s gate {state.gate} was rejected: {state.reason}",
+            hint="a reject is final for the run: start a new run",
+        )
+
+
+async def _rewrite_files(
+    conn: asyncpg.Connection, dbs: Databases, run: ledger.RunRow, env: str
+) -> None:
+    """The run's rollback file and manifest, written again: they must cover the retry's
+    batches too (the psql file as the apply left it would leave the retried rows changed)."""
+    await write_manifest(conn, run, env, STAGE)  # retry_manifest.jsonl: the retry's batches
+    for stage in ("apply", "canary", "rest"):
+        row = await ledger.get_phase(conn, run.run_id, stage)
+        if row is None or not row.result or not row.doc.rollback_file:
+            continue
+        await write_manifest(conn, run, env, stage)
+        await emit_rollback_file(
+            conn,
+            run,
+            RunDir.of(run.run_id).env(env) / str(row.doc.rollback_file),
+            display_dsn=dbs.display_dsn(env),
+        )
 
 
 async def _retry(
@@ -86,8 +162,9 @@ async def _retry(
     run_id: str,
     target: TargetInfo,
     rows: list[asyncpg.Record],
-) -> int:
-    """The retry's batches (numbered after the run's last), through the batch machine."""
+) -> tuple[int, list[list[str]]]:
+    """The retry's batches (numbered after the run's last), through the batch machine; and the
+    keys discovery no longer returns (not written)."""
     plan = loaded.plan
     b = plan.batching
     session = MainSession(conn, lambda: dbs.connect(env), run_id, retries=b.max_retries)
@@ -118,6 +195,7 @@ async def _retry(
             resume,
         )
         connect = BatchConnections(dbs, env, b.lock_timeout, b.statement_timeout)
+        state = RunState()
         machine = BatchRun(
             reader,
             source,
@@ -141,8 +219,13 @@ async def _retry(
             checker_connection=connect.for_checks,
             record=BatchRecorder(session, RunDir.of(run_id).env(env) / "batches", STAGE, None, env),
             on_data_error=quarantine,
+            state=state,
+            # a pause, a cancel and the guards hold a retry as they hold the apply
+            watch=RunWatch(
+                session, reader, plan.guards, target.oid, stage=STAGE, state=state, resume=resume
+            ),
         )
         state = await machine.run(None, next_no)
-        return sum(1 for o in state.outcomes if o.status == "done")
+        return sum(1 for o in state.outcomes if o.status == "done"), source.gone
     finally:
         await reader.close()
