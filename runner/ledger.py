@@ -666,7 +666,7 @@ async def quarantine_key(
                (run_id, key, env, stage, batch_no, sqlstate, message, attempts)
            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
            ON CONFLICT (run_id, key) DO UPDATE SET
-               batch_no = excluded.batch_no, sqlstate = excluded.sqlstate,
+               batch_no = excluded.batch_no, stage = excluded.stage, sqlstate = excluded.sqlstate,
                message = excluded.message, attempts = q.attempts + excluded.attempts,
                last_seen = clock_timestamp(), released_batch = NULL, released_at = NULL""",
         run_id,

@@ -173,6 +173,10 @@ def test_retry_after_fixing_the_data_finishes_the_run(
     assert still.exit_code == 1, still.output  # nothing fixed yet: quarantined again
     assert "0 committed" in still.output
     assert val(db, "SELECT min(attempts) FROM backfill.quarantine WHERE run_id = $1", run_id) == 2
+    # where it failed last: the retry's stage and batch
+    assert {
+        r[0] for r in sql(db, "SELECT stage FROM backfill.quarantine WHERE run_id = $1", run_id)
+    } == {"retry"}
 
     sql(db, "UPDATE items SET raw = '0' WHERE raw = 'abc'")
     retried = cli("quarantine", run_id, "--env", "staging", "--retry", env=env)
