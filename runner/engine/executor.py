@@ -222,13 +222,17 @@ _LEDGER_WRITES = {"batches": (1, 1), "batch_images": (0, 1)}  # inserts allowed 
 Writes = dict[int, tuple[str, str, int, int, int]]  # oid → schema, table, ins, upd, del
 
 
-async def counters(conn: asyncpg.Connection) -> Writes:
-    """The write counters now (see WRITES_SQL), without the batch's track_counts check."""
+def _writes(rows: list[asyncpg.Record]) -> Writes:
     return {
         r["oid"]: (r["schema"], r["name"], r["ins"], r["upd"], r["del"])
-        for r in await conn.fetch(WRITES_SQL)
+        for r in rows
         if r["oid"] is not None
     }
+
+
+async def counters(conn: asyncpg.Connection) -> Writes:
+    """The write counters now (see WRITES_SQL), without the batch's track_counts check."""
+    return _writes(await conn.fetch(WRITES_SQL))
 
 
 async def read_writes(conn: asyncpg.Connection, batch: Batch) -> Writes:
@@ -241,11 +245,38 @@ async def read_writes(conn: asyncpg.Connection, batch: Batch) -> Writes:
             "batch's transaction, so the scope guard cannot see what it wrote; rolled back",
             hint="do not change track_counts in the apply (or in functions it calls)",
         )
-    return {
-        r["oid"]: (r["schema"], r["name"], r["ins"], r["upd"], r["del"])
-        for r in rows
-        if r["oid"] is not None
-    }
+    return _writes(rows)
+
+
+ProbeWrites = dict[int, list[int]]  # oid → inserted, updated, deleted by rolled-back probes
+
+
+def write_delta(start: Writes, end: Writes) -> ProbeWrites:
+    """What was written between two readings of the counters, per table (oid)."""
+    out: ProbeWrites = {}
+    for oid, (schema, table, *after) in end.items():
+        before = start.get(oid, (schema, table, 0, 0, 0))[2:]
+        counts = [int(a) - int(b) for a, b in zip(after, before, strict=True)]
+        if any(counts):
+            out[oid] = counts
+    return out
+
+
+_OPS = ("inserted", "updated", "deleted")
+
+
+def _ledger_excess(table: str, counts: list[int], images: int) -> list[str]:
+    """A batch's writes to its own ledger tables beyond its one batch row and `images`
+    batch_images rows."""
+    lo, hi = _LEDGER_WRITES[table]
+    hi = images if table == "batch_images" else hi
+    ins, upd, dele = counts
+    what = [
+        f"{ins} inserted" if not lo <= ins <= hi else "",
+        f"{upd} updated" if upd else "",
+        f"{dele} deleted" if dele else "",
+    ]
+    return [w for w in what if w]
 
 
 def unexpected_writes(
@@ -254,12 +285,9 @@ def unexpected_writes(
     """What the batch's transaction wrote (`end` - `start`) beyond its apply statement's own rows
     of the target and its ledger rows; each as `schema.table: N inserted, N updated, …`."""
     found: list[str] = []
-    for oid, (schema, table, *after) in end.items():
-        before = start.get(oid, (schema, table, 0, 0, 0))[2:]
-        ins, upd, dele = (int(a) - int(b) for a, b in zip(after, before, strict=True))
-        if not (ins or upd or dele):
-            continue
-        name = f"{schema}.{table}"
+    for oid, counts in write_delta(start, end).items():
+        schema, table = end[oid][0], end[oid][1]
+        ins, upd, dele = counts
         if oid in (target.oid, target.root_oid):  # write counters roll up to the tree's root
             what = [f"{ins} inserted" if ins else "", f"{dele} deleted" if dele else ""]
             if upd > statement_rows:
@@ -268,21 +296,12 @@ def unexpected_writes(
                     "the apply statement updated"
                 )
         elif schema == LEDGER_SCHEMA and table in _LEDGER_WRITES:
-            lo, hi = _LEDGER_WRITES[table]
-            what = [
-                f"{ins} inserted" if not lo <= ins <= hi else "",
-                f"{upd} updated" if upd else "",
-                f"{dele} deleted" if dele else "",
-            ]
+            what = _ledger_excess(table, counts, images=1)
         else:
-            what = [
-                f"{n} {op}"
-                for n, op in ((ins, "inserted"), (upd, "updated"), (dele, "deleted"))
-                if n
-            ]
+            what = [f"{n} {op}" for n, op in zip(counts, _OPS, strict=True) if n]
         what = [w for w in what if w]
         if what:
-            found.append(f"{name}: {', '.join(what)}")
+            found.append(f"{schema}.{table}: {', '.join(what)}")
     return found
 
 
@@ -440,20 +459,6 @@ async def _changed_other_columns(
     return changed
 
 
-ProbeWrites = dict[int, list[int]]  # oid → inserted, updated, deleted by rolled-back probes
-
-
-def write_delta(start: Writes, end: Writes) -> ProbeWrites:
-    """What was written between two readings of the counters, per table (oid)."""
-    out: ProbeWrites = {}
-    for oid, (schema, table, *after) in end.items():
-        before = start.get(oid, (schema, table, 0, 0, 0))[2:]
-        counts = [int(a) - int(b) for a, b in zip(after, before, strict=True)]
-        if any(counts):
-            out[oid] = counts
-    return out
-
-
 def shaped_unexpected(
     start: Writes, end: Writes, shape: ShapedRun, raw: dict[int, list[int]], probed: ProbeWrites
 ) -> list[str]:
@@ -463,43 +468,29 @@ def shaped_unexpected(
     by the same counters around each probe and taken off exactly."""
     found: list[str] = []
     by_oid = {o: t for t in shape.tables for o in (t.oid, t.root_oid)}
-    for oid, (schema, table, *after) in end.items():
-        before = start.get(oid, (schema, table, 0, 0, 0))[2:]
-        counts = [
-            int(a) - int(b) - p
-            for a, b, p in zip(after, before, probed.get(oid, [0, 0, 0]), strict=True)
-        ]
+    for oid, delta in write_delta(start, end).items():
+        counts = [n - p for n, p in zip(delta, probed.get(oid, [0, 0, 0]), strict=True)]
         if not any(counts):
             continue
-        name = f"{schema}.{table}"
+        schema, table = end[oid][0], end[oid][1]
         declared = by_oid.get(oid)
         if declared is not None:
             imaged = raw.get(declared.rel, [0, 0, 0])
             what = [
                 f"{n - imaged[i]} {op} beyond the {imaged[i]} its statements returned"
-                for i, (n, op) in enumerate(
-                    zip(counts, ("inserted", "updated", "deleted"), strict=True)
-                )
+                for i, (n, op) in enumerate(zip(counts, _OPS, strict=True))
                 if n > imaged[i]
             ]
         elif schema == LEDGER_SCHEMA and table in _LEDGER_WRITES:
-            lo, hi = _LEDGER_WRITES[table]
-            hi = len(shape.tables) if table == "batch_images" else hi
-            ins, upd, dele = counts
-            what = [
-                f"{ins} inserted" if not lo <= ins <= hi else "",
-                f"{upd} updated" if upd else "",
-                f"{dele} deleted" if dele else "",
-            ]
+            what = _ledger_excess(table, counts, images=len(shape.tables))
         else:
             what = [
                 f"{n} {op} (not declared in the plan)"
-                for n, op in zip(counts, ("inserted", "updated", "deleted"), strict=True)
+                for n, op in zip(counts, _OPS, strict=True)
                 if n
             ]
-        what = [w for w in what if w]
         if what:
-            found.append(f"{name}: {', '.join(what)}")
+            found.append(f"{schema}.{table}: {', '.join(what)}")
     return found
 
 
@@ -527,14 +518,13 @@ async def _capture_step(
         arrays = [found[f"k{i}"] for i in range(len(step.table.key))]
         await conn.execute(step.prior_sql, *arrays)
     await conn.execute(step.real_sql, *batch.key_arrays)
-    real = await conn.fetchval(
-        "SELECT count(*)::int FROM pg_temp.backfill_touched WHERE step = $1", step.no
-    )
-    matched = await conn.fetchval(
-        "SELECT count(*)::int FROM pg_temp.backfill_touched WHERE step = $1 AND had_old", step.no
-    )
-    prior = await conn.fetchval(
-        "SELECT count(*)::int FROM pg_temp.backfill_prior WHERE rel = $1", step.table.rel
+    real, matched, prior = await fetch_one(
+        conn,
+        "SELECT count(*)::int, count(*) FILTER (WHERE had_old)::int,"
+        " (SELECT count(*)::int FROM pg_temp.backfill_prior WHERE rel = $2)"
+        " FROM pg_temp.backfill_touched WHERE step = $1",
+        step.no,
+        step.table.rel,
     )
     if real != n or matched != prior:
         raise Unrepeatable(

@@ -33,6 +33,9 @@ from runner.engine.target import (
     Column,
     TargetInfo,
     _refs,
+    decoded,
+    encode,
+    key_display,
     plain_statement,
     read_catalog,
 )
@@ -48,17 +51,6 @@ CREATE TEMP TABLE backfill_touched (
 DROP TABLE IF EXISTS pg_temp.backfill_prior;
 CREATE TEMP TABLE backfill_prior (rel int, key_enc text, before_enc text) ON COMMIT DELETE ROWS;
 """
-
-
-def encode(exprs: list[str]) -> str:
-    """A key or an image as one text value, the way batch_images stores it (as TargetInfo)."""
-    if len(exprs) == 1:
-        return f"{exprs[0]}::text"
-    return "ARRAY[" + ", ".join(f"{e}::text" for e in exprs) + "]::text[]::text"
-
-
-def _show(exprs: list[str]) -> str:
-    return "concat_ws(', ', " + ", ".join(f"{e}::text" for e in exprs) + ")"
 
 
 @dataclass(frozen=True)
@@ -212,7 +204,7 @@ class Step:
 WITH w AS (
 {plain_statement(self.sql)}RETURNING WITH (OLD AS {old}, NEW AS {new})
     {old}.{k0} IS NOT NULL AS had_old, {new}.{k0} IS NOT NULL AS has_new,
-    {encode(keys)} AS key_enc, {_show(keys)} AS key_show,
+    {encode(keys)} AS key_enc, {key_display(keys)} AS key_show,
     {encode(t.image_of(old))} AS before_enc, {encode(t.image_of(new))} AS after_enc,
     {same} AS others_same
 )
@@ -228,7 +220,7 @@ FROM w"""
         a = self.alias
         return (
             f"RETURNING {encode(self.table.key_of(a))} AS key_enc, "
-            f"{_show(self.table.key_of(a))} AS key_show, {encode(self.table.image_of(a))} AS img"
+            f"{key_display(self.table.key_of(a))} AS key_show, {encode(self.table.image_of(a))} AS img"
         )
 
     @cached_property
@@ -513,13 +505,13 @@ FROM agg"""
         for t in self.tables:
             if not {"insert", "delete"} <= t.allowed:
                 continue
-            if len(t.key) == 1:
-                same = f"d.key_enc::{t.key[0].type} = i.key_enc::{t.key[0].type}"
-            else:
-                same = " AND ".join(
-                    f"(d.key_enc::text[])[{n}]::{k.type} = (i.key_enc::text[])[{n}]::{k.type}"
-                    for n, k in enumerate(t.key, 1)
+            types = [k.type for k in t.key]
+            same = " AND ".join(
+                f"{d} = {i}"
+                for d, i in zip(
+                    decoded("d.key_enc", types), decoded("i.key_enc", types), strict=True
                 )
+            )
             parts.append(
                 f"(SELECT {t.rel} AS rel, d.key_show FROM pg_temp.backfill_touched AS d "
                 f"JOIN pg_temp.backfill_touched AS i ON i.rel = d.rel AND {same} "

@@ -92,6 +92,32 @@ def _refs(params: tuple[str, ...]) -> dict[str, str]:
     return {name: f"${i}" for i, name in enumerate(params, start=1)}
 
 
+def encode(exprs: list[str]) -> str:
+    """A key or an image as one text value, the way batch_images stores it: a single value's
+    own text form, or the text form of the text[] of several (see ledger.row_images)."""
+    if len(exprs) == 1:
+        return f"{exprs[0]}::text"
+    return "ARRAY[" + ", ".join(f"{e}::text" for e in exprs) + "]::text[]::text"
+
+
+def decoded(expr: str, types: list[str]) -> list[str]:
+    """The inverse of `encode`: each value of an encoded key or image `expr`, cast back to its
+    column's type (`types`, in order)."""
+    if len(types) == 1:
+        return [f"{expr}::{types[0]}"]
+    return [f"({expr}::text[])[{n}]::{t}" for n, t in enumerate(types, start=1)]
+
+
+def as_text_array(expr: str, width: int) -> str:
+    """An encoded key or image of `width` values as a text[] (how conflicts and reports show it)."""
+    return f"ARRAY[{expr}]::text[]" if width == 1 else f"{expr}::text[]"
+
+
+def key_display(exprs: list[str]) -> str:
+    """A key as a person reads it in an error: its values, comma-separated."""
+    return "concat_ws(', ', " + ", ".join(f"{e}::text" for e in exprs) + ")"
+
+
 @dataclass(frozen=True)
 class Column:
     name: str
@@ -280,19 +306,8 @@ LIMIT 5"""
             f"ROW({', '.join(f'{after}.{c.q}' for c in self.others)}))"
         )
 
-    @staticmethod
-    def _encode(exprs: list[str]) -> str:
-        """A key or an image as one text value, the way batch_images stores it: a single value's
-        own text form, or the text form of the text[] of several (see ledger.row_images)."""
-        if len(exprs) == 1:
-            return f"{exprs[0]}::text"
-        return "ARRAY[" + ", ".join(f"{e}::text" for e in exprs) + "]::text[]::text"
-
     def _image(self, alias: str) -> str:
-        return self._encode([f"{alias}.{c.q}" for c in self.columns])
-
-    def _key_display(self, cols: list[str]) -> str:
-        return "concat_ws(', ', " + ", ".join(f"{c}::text" for c in cols) + ")"
+        return encode([f"{alias}.{c.q}" for c in self.columns])
 
     @property
     def scratch_ddl(self) -> str:
@@ -327,7 +342,7 @@ WHERE {self.key_match("t")}"""
     @staticmethod
     def _image_aggs(changed: str, where: str = "true") -> str:
         """The batch's row images as parallel arrays, aggregated in the pass that counts them,
-        from rows with key_enc/before_enc/after_enc (TargetInfo._encode)."""
+        from rows with key_enc/before_enc/after_enc (`encode`)."""
         f = f"FILTER (WHERE {where})"
         return f"""array_agg(CASE WHEN {changed} THEN 'U' ELSE 'N' END) {f} AS img_ops,
            array_agg(key_enc) {f} AS img_keys,
@@ -368,8 +383,8 @@ WHERE {self.key_match("t")}"""
         sql = f"""
 WITH me AS (SELECT (pg_current_xact_id()::text::bigint % 4294967296)::text AS xid),
 cur AS (
-    SELECT {self._encode(bkeys)} AS key_enc,
-           {self._key_display(bkeys)} AS key_show,
+    SELECT {encode(bkeys)} AS key_enc,
+           {key_display(bkeys)} AS key_show,
            b.before AS before_enc,
            CASE WHEN t.ctid IS NULL THEN NULL ELSE {self._image("t")} END AS after_enc,
            t.ctid IS NOT NULL AND NOT {self._others_unchanged("b", "t")} AS other_changed,
@@ -424,7 +439,7 @@ SELECT locked, touched, changed, other_changed, vanished, bad_keys FROM agg"""
         arrays = ", ".join(f"${i + 1}::{k.type}[]" for i, k in enumerate(self.key))
         batch_cols = ", ".join(f"k{i}" for i in range(n))
         on = " AND ".join(f"a.bk{i} = b.k{i}" for i in range(n))
-        show = self._key_display([f"sk{i}" for i in range(n)])
+        show = key_display([f"sk{i}" for i in range(n)])
         # membership through a hash join: `= ANY($1)` per returned row would compare each row
         # with the whole batch (PostgreSQL hashes ANY only for constant arrays)
         sql = f"""
@@ -436,7 +451,7 @@ WITH applied AS (
         AS on_target,
     {new_keys},
     {shown_keys},
-    {self._encode([f"{old}.{k.q}" for k in self.key])} AS key_enc,
+    {encode([f"{old}.{k.q}" for k in self.key])} AS key_enc,
     {self._image(old)} AS before_enc,
     {self._image(new)} AS after_enc,
     {same} AS others_same

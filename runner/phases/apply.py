@@ -409,7 +409,7 @@ async def apply(
             await session.close()
 
 
-def _identities(tables: list[dict[str, Any]] | None) -> list[tuple[str, str, int, str]] | None:
+def table_identities(tables: list[dict[str, Any]] | None) -> list[tuple[str, str, int, str]] | None:
     """Each table as a run is bound to it: name, oid and every column with its type."""
     if tables is None:
         return None
@@ -444,8 +444,8 @@ async def _open_run(
     run = await ensure_run(
         conn, loaded, env, run_id, target, operator, create=not plan.is_mini, tables=tables
     )
-    recorded = _identities(run.tables)
-    resolved = _identities(tables)
+    recorded = table_identities(run.tables)
+    resolved = table_identities(tables)
     if recorded != resolved:
         raise InvalidInput(
             f"run {run_id} writes {_tables_text(recorded)} in {env!r}, but the plan now resolves "

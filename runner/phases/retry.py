@@ -21,7 +21,13 @@ from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.engine.watch import RunWatch
 from runner.errors import InvalidInput, NoGo, WorkFailed
-from runner.phases.apply import BatchConnections, BatchRecorder, resume_point, write_manifest
+from runner.phases.apply import (
+    BatchConnections,
+    BatchRecorder,
+    resume_point,
+    table_identities,
+    write_manifest,
+)
 from runner.phases.common import command_prefix, gate_state, rollback_note, run_lock
 from runner.plan import LoadedPlan
 from runner.reports.quarantine import write_quarantine_files
@@ -93,8 +99,7 @@ async def _same_run_shape(
     tables = (
         [t.doc() for t in await resolve_tables(conn, loaded.plan)] if loaded.plan.shaped else None
     )
-    recorded = [(t["oid"], t["image"]) for t in run.tables] if run.tables is not None else None
-    now = [(t["oid"], t["image"]) for t in tables] if tables is not None else None
+    recorded, now = table_identities(run.tables), table_identities(tables)
     if not same or recorded != now:
         raise InvalidInput(
             f"the plan now writes {target.display} key ({', '.join(k.name for k in target.key)}) "
@@ -138,19 +143,19 @@ async def _refuse_stopped(
 async def _rewrite_files(
     conn: asyncpg.Connection, dbs: Databases, run: ledger.RunRow, env: str
 ) -> None:
-    """The run's rollback file and manifest, written again: they must cover the retry's
-    batches too (the psql file as the apply left it would leave the retried rows changed)."""
+    """The run's rollback files written again, and the retry's manifest: the psql file as the
+    apply left it would leave the retried rows changed. (A stage's own manifest lists only its
+    batches, which the retry does not change.)"""
     await write_manifest(conn, run, env, STAGE)  # retry_manifest.jsonl: the retry's batches
+    # every apply stage's rollback file covers the whole run here; stages of one day share one
+    files = set()
     for stage in ("apply", "canary", "rest"):
         row = await ledger.get_phase(conn, run.run_id, stage)
-        if row is None or not row.result or not row.doc.rollback_file:
-            continue
-        await write_manifest(conn, run, env, stage)
+        if row is not None and row.result and row.doc.rollback_file:
+            files.add(row.doc.rollback_file)
+    for name in sorted(files):
         await emit_rollback_file(
-            conn,
-            run,
-            RunDir.of(run.run_id).env(env) / str(row.doc.rollback_file),
-            display_dsn=dbs.display_dsn(env),
+            conn, run, RunDir.of(run.run_id).env(env) / name, display_dsn=dbs.display_dsn(env)
         )
 
 

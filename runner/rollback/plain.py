@@ -24,6 +24,7 @@ from runner import ledger
 from runner.db import PINNED_SETTINGS, fetch_one, qualified, quote_ident
 from runner.engine.executor import classify
 from runner.engine.session import MainSession
+from runner.engine.target import as_text_array, decoded, encode
 from runner.engine.throttle import Throttle
 from runner.errors import ConnectionFailed, InvalidInput
 
@@ -155,32 +156,24 @@ class RunShape:
         )
 
     def enc_join(self, img: str = "img", alias: str = "t") -> str:
-        if len(self.key) == 1:
-            k, t = self.key[0]
-            return f"{alias}.{quote_ident(k)} = {img}.key::{t}"
+        values = decoded(f"{img}.key", [t for _, t in self.key])
         return " AND ".join(
-            f"{alias}.{quote_ident(k)} = ({img}.key::text[])[{n}]::{t}"
-            for n, (k, t) in enumerate(self.key, start=1)
+            f"{alias}.{quote_ident(k)} = {v}" for (k, _), v in zip(self.key, values, strict=True)
         )
 
     def enc_current(self, alias: str = "t") -> str:
         """The row's image now, encoded as the capture encoded it (compare with before/after)."""
-        cols = [f"{alias}.{quote_ident(c)}::text" for c, _ in self.columns]
-        return cols[0] if len(cols) == 1 else f"ARRAY[{', '.join(cols)}]::text[]::text"
+        return encode([f"{alias}.{quote_ident(c)}" for c, _ in self.columns])
 
     def enc_set(self, img: str = "img") -> str:
-        if len(self.columns) == 1:
-            c, t = self.columns[0]
-            return f"{quote_ident(c)} = {img}.before::{t}"
+        values = decoded(f"{img}.before", [t for _, t in self.columns])
         return ", ".join(
-            f"{quote_ident(c)} = ({img}.before::text[])[{n}]::{t}"
-            for n, (c, t) in enumerate(self.columns, start=1)
+            f"{quote_ident(c)} = {v}" for (c, _), v in zip(self.columns, values, strict=True)
         )
 
     def as_text_array(self, expr: str, *, key: bool) -> str:
         """An encoded key or image as the text[] the conflict table and reports show."""
-        width = len(self.key if key else self.columns)
-        return f"ARRAY[{expr}]::text[]" if width == 1 else f"{expr}::text[]"
+        return as_text_array(expr, len(self.key if key else self.columns))
 
 
 # -- selection ---------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ import asyncpg
 from runner import ledger
 from runner.db import quote_ident
 from runner.engine.executor import Writes, counters, write_delta
-from runner.engine.shapes import Table, encode
+from runner.engine.shapes import Table
+from runner.engine.target import as_text_array, decoded, encode
 from runner.errors import InvalidInput, WorkFailed
 from runner.rollback.plain import (
     RollbackResult,
@@ -110,18 +111,13 @@ def _parents_first(tables: list[Table], edges: list[tuple[int, int]]) -> list[Ta
 
 
 def _join(t: Table, img: str = "img", alias: str = "t") -> str:
-    if len(t.key) == 1:
-        return f"{alias}.{t.key[0].q} = {img}.key::{t.key[0].type}"
-    return " AND ".join(
-        f"{alias}.{k.q} = ({img}.key::text[])[{n}]::{k.type}" for n, k in enumerate(t.key, 1)
-    )
+    values = decoded(f"{img}.key", [k.type for k in t.key])
+    return " AND ".join(f"{alias}.{k.q} = {v}" for k, v in zip(t.key, values, strict=True))
 
 
 def typed_key(t: Table, img: str) -> str:
     """An image's key as its columns' types compare it (for grouping images of one row)."""
-    if len(t.key) == 1:
-        return f"{img}.key::{t.key[0].type}"
-    return ", ".join(f"({img}.key::text[])[{n}]::{k.type}" for n, k in enumerate(t.key, 1))
+    return ", ".join(decoded(f"{img}.key", [k.type for k in t.key]))
 
 
 def _current(t: Table, alias: str = "t") -> str:
@@ -130,9 +126,7 @@ def _current(t: Table, alias: str = "t") -> str:
 
 
 def _decoded(t: Table, img: str = "img") -> list[str]:
-    if len(t.image) == 1:
-        return [f"{img}.before::{t.image[0].type}"]
-    return [f"({img}.before::text[])[{n}]::{c.type}" for n, c in enumerate(t.image, 1)]
+    return decoded(f"{img}.before", [c.type for c in t.image])
 
 
 def reinsert_sql(t: Table, src: str) -> str:
@@ -200,8 +194,7 @@ FROM ({images}) AS img LEFT JOIN {t.table} AS t ON {_join(t)}"""
 
 
 def _as_array(t: Table, expr: str, *, key: bool) -> str:
-    width = len(t.key if key else t.image)
-    return f"ARRAY[{expr}]::text[]" if width == 1 else f"{expr}::text[]"
+    return as_text_array(expr, len(t.key if key else t.image))
 
 
 # checksum lines: what each row should be (expected) and is (actual), in key order per table
@@ -348,20 +341,16 @@ async def _dry_run(
                 SELECT count(*) FILTER (WHERE CASE op WHEN 'I' THEN present AND cur = after
                                                       WHEN 'U' THEN cur = after AND cur IS DISTINCT FROM before
                                                       ELSE NOT present END)::int AS restorable,
-                       count(*) FILTER (WHERE back)::int AS already
+                       count(*) FILTER (WHERE back)::int AS already,
+                       count(*)::int AS total
                 FROM s""",
                 undo.run_id,
                 nos,
             )
             assert row is not None
-            total = await conn.fetchval(
-                f"SELECT count(*)::int FROM ({ledger.SHAPED_NEWEST.format(rel=t.rel, typed_key=typed_key(t, 'u'))}) AS x",
-                undo.run_id,
-                nos,
-            )
             result.restorable += row["restorable"]
             result.already += row["already"]
-            result.conflicts += total - row["restorable"] - row["already"]
+            result.conflicts += row["total"] - row["restorable"] - row["already"]
 
 
 async def run_shaped_rollback(
