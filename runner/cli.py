@@ -322,6 +322,13 @@ class _ProgressView:
                     f"(run {data['run_id']})",
                     markup=False,
                 )
+        elif kind == "window":  # a windowed run starts (or continues) one of its windows
+            where = f"window {data['no']}/{data['of']} {data['label']}"
+            if self.bar is not None:
+                self.title = f"{self.title.split(' · ')[0]} · {where}"
+                self.bar.update(self.task, description=self.held or self.title)
+            else:
+                err.print(f"{where}: {data['rows']:,} row(s) need the backfill", markup=False)
         elif kind in ("hold", "resume"):  # a guard or a pause holds the run, or lets it go
             self.held = f"held: {data['reason']}" if kind == "hold" else ""
             if self.bar is not None:
@@ -418,6 +425,20 @@ def _impact_lines(impact: dict[str, Any], workers: int) -> list[str]:
         )
     else:
         lines.append(f"  no duration estimate: {sample['note']}")
+    if "windows" in impact:
+        shown = impact["windows"]
+        lines.append(
+            f"  windows: {impact['windows_total']:,}; rows discovery returns outside them "
+            f"(not touched): {impact['outside_windows']:,}"
+        )
+        for w in shown:
+            est = w["estimated_seconds"]
+            lines.append(
+                f"    {w['no']:>4}. {w['label']}: {w['rows']:,} row(s), {w['batches']:,} batch(es)"
+                + (f", about {est:,.0f} s" if est is not None else "")
+            )
+        if impact["windows_total"] > len(shown):
+            lines.append(f"    … and {impact['windows_total'] - len(shown):,} more windows")
     return lines
 
 

@@ -294,6 +294,33 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, key)
     );
     """,
+    # 7: windows (#14). A windowed run records its windows once, in the order it walks them;
+    # a window's batches are the run's batches numbered from its first_batch on (windows run
+    # one after another, so their batch numbers never interleave). `discovered`: discovery's
+    # count in the window when it started; the counts of its batches are written when it ends,
+    # in the transaction that runs after_each. batches.manifest: the rows of the plan's
+    # [manifest] sql, in the batch's transaction.
+    """
+    CREATE TABLE backfill.windows (
+        run_id       text NOT NULL REFERENCES backfill.runs,
+        env          text NOT NULL,
+        window_no    integer NOT NULL,
+        label        text NOT NULL,
+        lower_bound  text,
+        upper_bound  text,
+        status       text NOT NULL DEFAULT 'pending',
+        first_batch  integer,
+        discovered   bigint,
+        keys         bigint,
+        changed      bigint,
+        noop         bigint,
+        quarantined  bigint,
+        started_at   timestamptz,
+        finished_at  timestamptz,
+        PRIMARY KEY (run_id, env, window_no)
+    );
+    ALTER TABLE backfill.batches ADD COLUMN manifest jsonb;
+    """,
 ]
 
 
@@ -1485,5 +1512,122 @@ async def manifest_rows(
             run_id,
             stage,
             keys_up_to,
+        )
+    )
+
+
+# -- windows (#14) --------------------------------------------------------------------------------
+
+
+async def record_windows(
+    conn: asyncpg.Connection,
+    run_id: str,
+    env: str,
+    windows: list[tuple[int, str, str | None, str | None]],
+) -> list[asyncpg.Record]:
+    """The run's windows in `env` as first recorded (recorded now if none yet), in order."""
+    async with conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('backfill-windows'), hashtext($1))", run_id
+        )
+        if not await conn.fetchval(
+            "SELECT EXISTS (SELECT FROM backfill.windows WHERE run_id = $1 AND env = $2)",
+            run_id,
+            env,
+        ):
+            await conn.executemany(
+                "INSERT INTO backfill.windows (run_id, env, window_no, label, lower_bound,"
+                " upper_bound) VALUES ($1, $2, $3, $4, $5, $6)",
+                [(run_id, env, *w) for w in windows],
+            )
+        return await window_rows(conn, run_id, env)
+
+
+async def window_rows(conn: asyncpg.Connection, run_id: str, env: str) -> list[asyncpg.Record]:
+    return list(
+        await conn.fetch(
+            "SELECT * FROM backfill.windows WHERE run_id = $1 AND env = $2 ORDER BY window_no",
+            run_id,
+            env,
+        )
+    )
+
+
+async def start_window(
+    conn: asyncpg.Connection,
+    run_id: str,
+    env: str,
+    window_no: int,
+    first_batch: int,
+    discovered: int,
+) -> None:
+    await conn.execute(
+        "UPDATE backfill.windows SET status = 'running', first_batch = $3, discovered = $4,"
+        " started_at = clock_timestamp() WHERE run_id = $1 AND window_no = $2 AND env = $5",
+        run_id,
+        window_no,
+        first_batch,
+        discovered,
+        env,
+    )
+
+
+async def finish_window(
+    conn: asyncpg.Connection, run_id: str, env: str, window_no: int
+) -> asyncpg.Record:
+    """The window done, with the counts of its batches (those numbered from its first batch)."""
+    row = await conn.fetchrow(
+        """
+UPDATE backfill.windows AS w SET status = 'done', finished_at = clock_timestamp(),
+       keys = c.keys, changed = c.changed, noop = c.noop, quarantined = q.n
+FROM (SELECT coalesce(sum(b.selected), 0) AS keys, coalesce(sum(b.changed), 0) AS changed,
+             coalesce(sum(b.noop), 0) AS noop
+      FROM backfill.batches b, backfill.windows x
+      WHERE x.run_id = $1 AND x.env = $3 AND x.window_no = $2 AND b.run_id = $1 AND b.status = 'done'
+        AND b.batch_no >= x.first_batch) AS c,
+     (SELECT count(*) AS n FROM backfill.quarantine qq, backfill.windows x
+      WHERE x.run_id = $1 AND x.env = $3 AND x.window_no = $2 AND qq.run_id = $1 AND qq.released_at IS NULL
+        AND qq.batch_no >= x.first_batch) AS q
+WHERE w.run_id = $1 AND w.env = $3 AND w.window_no = $2
+RETURNING w.*""",
+        run_id,
+        window_no,
+        env,
+    )
+    assert row is not None
+    return row
+
+
+async def batch_states_from(
+    conn: asyncpg.Connection, run_id: str, first: int
+) -> list[asyncpg.Record]:
+    """The run's batch rows numbered from `first` on (a window's), in batch order."""
+    return list(
+        await conn.fetch(
+            "SELECT batch_no, status, last_key FROM backfill.batches WHERE run_id = $1"
+            " AND batch_no >= $2 ORDER BY batch_no",
+            run_id,
+            first,
+        )
+    )
+
+
+async def last_batch_no(conn: asyncpg.Connection, run_id: str) -> int:
+    return int(
+        await conn.fetchval(
+            "SELECT coalesce(max(batch_no), 0) FROM backfill.batches WHERE run_id = $1", run_id
+        )
+    )
+
+
+async def window_status(conn: asyncpg.Connection, run_id: str, env: str, window_no: int) -> str:
+    """A window's status, its row locked until the transaction ends."""
+    return str(
+        await conn.fetchval(
+            "SELECT status FROM backfill.windows WHERE run_id = $1 AND env = $2"
+            " AND window_no = $3 FOR UPDATE",
+            run_id,
+            env,
+            window_no,
         )
     )

@@ -297,6 +297,69 @@ class Discovery(_Model):
         return refuse_side_effects(sql, "discovery")
 
 
+class Windows(_Model):
+    """`[windows]`: the backfill runs window by window, each window a slice of discovery with its
+    own progress, counts and status in the ledger, resumable where it stopped. Either time (or
+    integer) ranges of a target column, `[since, until)` cut every `step`, or the target's
+    partitions (`by_partition`), each its own window. Keyset batches run inside each window."""
+
+    column: NonEmpty | None = None
+    """A column of the target (date, timestamp, timestamptz or an integer type)."""
+    since: NonEmpty | None = None
+    """Where the first window starts (inclusive), e.g. `2024-01-01` or `${since}`."""
+    until: NonEmpty | None = None
+    """Where the last window ends (exclusive)."""
+    step: NonEmpty | None = None
+    """Each window's width: an interval (`1 day`, `1 month`) or, for an integer column, a number."""
+    order: Literal["oldest_first", "newest_first"] = "oldest_first"
+    by_partition: bool = False
+    """Each leaf partition of a partitioned target is a window: no batch spans partitions."""
+    before_each: str | None = None
+    """SQL run before each window starts (e.g. pause a job), in the transaction that records the
+    window started: once per window, however often the run is resumed. `$1`/`$2` are the
+    window's lower and upper bound as text, `$3` its label."""
+    after_each: str | None = None
+    """SQL run once each window's batches are done, in the transaction that records it done."""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Windows:
+        fields = ("column", "since", "until", "step")
+        ranged = [f for f in fields if getattr(self, f) is not None]
+        if self.by_partition and ranged:
+            raise ValueError(
+                f"windows: by_partition = true makes each partition a window; remove {ranged} "
+                "(or set by_partition = false to cut windows from a column)"
+            )
+        if not self.by_partition and len(ranged) != len(fields):
+            missing = [f for f in fields if f not in ranged]
+            raise ValueError(
+                f"windows: missing {missing}: set column, since, until and step (e.g. column = "
+                '"created_at", since = "2024-01-01", until = "2024-04-01", step = "1 month"), '
+                "or by_partition = true"
+            )
+        for name in ("before_each", "after_each"):
+            sql = getattr(self, name)
+            if sql is not None and not sql.strip():
+                raise ValueError(f"windows.{name} is empty: remove it or give it SQL")
+        return self
+
+
+class Manifest(_Model):
+    """`[manifest]`: what each batch's line in manifest.jsonl records beyond its keys."""
+
+    sql: NonEmpty
+    """A read-only query over the batch's keys (`$1`… as in the apply), run in the batch's
+    transaction after its statements; its rows (at most 100 per batch) are recorded with the
+    batch, e.g. `SELECT kind, version, count(*) FROM t WHERE id = ANY($1) GROUP BY 1, 2`."""
+
+    @field_validator("sql")
+    @classmethod
+    def _reads(cls, sql: str) -> str:
+        if sql.rstrip().endswith(";"):
+            raise ValueError("manifest.sql is wrapped by the runner: remove the trailing `;`")
+        return refuse_side_effects(sql, "manifest.sql")
+
+
 def _one_statement(sql: str, where: str) -> str:
     if not re.search(r"\$1(?!\d)", sql_code(sql)):
         raise ValueError(
@@ -725,6 +788,8 @@ class Plan(_Model):
     parent: Parent | None = None
     verify: list[Check] = Field(default_factory=list)
     """Read-only checks run once an apply stage ends, shown in its summary (`[[verify]]`)."""
+    windows: Windows | None = None
+    manifest: Manifest | None = None
 
     @model_validator(mode="after")
     def _distinct_tables(self) -> Plan:

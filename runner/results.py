@@ -112,6 +112,24 @@ class VerifyResult(_Doc):
     detail: str = ""
 
 
+class WindowResult(_Doc):
+    """One window of a windowed run (`[windows]`), as the ledger has it when the stage ends.
+    `matches`: discovery's count when the window started equals the keys its batches did plus
+    the keys it quarantined (None until the window is done)."""
+
+    no: int
+    label: str
+    status: str  # pending | running | done
+    discovered: int | None = None
+    keys: int | None = None
+    changed: int | None = None
+    noop: int | None = None
+    quarantined: int | None = None
+    matches: bool | None = None
+    started_at: str | None = None
+    finished_at: str | None = None
+
+
 class ApplyDoc(PhaseResult):
     """An apply stage (staging apply, prod canary, prod rest)."""
 
@@ -124,6 +142,8 @@ class ApplyDoc(PhaseResult):
     next_command: str = ""
     quarantine: QuarantineTotals = Field(default_factory=QuarantineTotals)
     verify: list[VerifyResult] = Field(default_factory=list)
+    windows: list[WindowResult] = Field(default_factory=list)
+    windows_setup: dict[str, Any] | None = None  # the plan's [windows], resolved
 
 
 class SoakDoc(PhaseResult):
@@ -163,3 +183,4 @@ class HealthDoc(PhaseResult):
     recommendation: dict[str, Any]
     mini_plan_file: str
     mini_plan: dict[str, Any]
+    windows: list[dict[str, Any]] = Field(default_factory=list)  # a windowed plan's, counted

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from runner.db import EMBEDDED, Databases, close_quietly
 from runner.errors import BackfillError
 from runner.gates import GateState
 from runner.phases.common import command_prefix, gate_state
+from runner.phases.windows import window_result
 from runner.plan import LoadedPlan
 from runner.rollout import gate_name
 
@@ -142,6 +143,7 @@ class RunStatus:
     decisions: list[dict[str, Any]]
     rollbacks: list[dict[str, Any]]
     next: str
+    windows: list[dict[str, Any]] = field(default_factory=list)  # a windowed run's, per env
 
     def lines(self) -> list[str]:
         out = [f"run {self.run_id} — plan {self.plan} (digest {self.digest[:12]})"]
@@ -159,6 +161,19 @@ class RunStatus:
             out.append(
                 f"  decision: {d['gate']} {d['decision']}{extra} by {d['actor']}{login} at "
                 f"{d['at']:%Y-%m-%d %H:%M:%S}" + (f" — {d['note']}" if d["note"] else "")
+            )
+        for env in dict.fromkeys(w["env"] for w in self.windows):
+            mine = [w for w in self.windows if w["env"] == env]
+            done = sum(w["status"] == "done" for w in mine)
+            now = next((w for w in mine if w["status"] == "running"), None)
+            out.append(
+                f"  windows on {env}: {done}/{len(mine)} done"
+                + (
+                    f"; window {now['no']} {now['label']} running ({now['discovered']:,} row(s) "
+                    "counted at its start)"
+                    if now
+                    else ""
+                )
             )
         for e in self.rollbacks:
             out.append(
@@ -195,6 +210,7 @@ class RunStatus:
             ],
             "decisions": [{**d, "at": d["at"].isoformat()} for d in self.decisions],
             "rollbacks": [{**e, "at": e["at"].isoformat()} for e in self.rollbacks],
+            "windows": self.windows,
             "next": self.next.removeprefix("next: "),
         }
 
@@ -206,6 +222,7 @@ async def read_status(run_id: str, plan_path: Path | None) -> RunStatus:
     async with Databases(loaded.plan) as dbs:
         steps = await read_steps(loaded, dbs, run_id, tolerant=True)
         decisions, rollbacks = await _ledger_facts(loaded, dbs, run_id, steps)
+        windows = await _windows(loaded, dbs, run_id, steps)
     return RunStatus(
         run_id,
         loaded.plan.name,
@@ -215,7 +232,29 @@ async def read_status(run_id: str, plan_path: Path | None) -> RunStatus:
         decisions,
         rollbacks,
         _next_line(loaded, run_id, steps, command_prefix()),
+        windows,
     )
+
+
+async def _windows(
+    loaded: LoadedPlan, dbs: Databases, run_id: str, steps: list[Step]
+) -> list[dict[str, Any]]:
+    """A windowed run's windows in each environment it reached (engine.windows)."""
+    if loaded.plan.windows is None:
+        return []
+    found: list[dict[str, Any]] = []
+    for env in dict.fromkeys(s.env for s in steps if not s.state.startswith("unknown")):
+        async with dbs.connection(env) as conn:
+            if await conn.fetchval("SELECT to_regclass('backfill.windows') IS NULL"):
+                continue
+            found += [
+                {"env": env} | window_result(r).model_dump(include=WINDOW_FIELDS)
+                for r in await ledger.window_rows(conn, run_id, env)
+            ]
+    return found
+
+
+WINDOW_FIELDS = {"no", "label", "status", "discovered", "keys", "quarantined", "matches"}
 
 
 async def _ledger_facts(

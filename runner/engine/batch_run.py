@@ -64,6 +64,12 @@ class KeysetSource:
         self.discovery_sql = discovery_sql
         self._pages = Discovery(target, discovery_sql, page_size)
 
+    def narrow(self, discovery_sql: str) -> None:
+        """Page, count and check `discovery_sql` from now on (a window of the plan's discovery:
+        phases.windows)."""
+        self.discovery_sql = discovery_sql
+        self._pages = Discovery(self.target, discovery_sql, self._pages.page_size)
+
     async def next_page(
         self, conn: asyncpg.Connection, after: list[str] | None, size: int | None = None
     ) -> Page | None:

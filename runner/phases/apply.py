@@ -33,6 +33,7 @@ from runner.engine.sizing import BatchSizer
 from runner.engine.target import TargetInfo, as_subquery, resolve_target
 from runner.engine.throttle import Throttle
 from runner.engine.watch import RunWatch
+from runner.engine.windows import plan_windows
 from runner.errors import InvalidInput, NoGo
 from runner.phases.common import (
     PhaseFrame,
@@ -48,6 +49,7 @@ from runner.phases.common import (
 )
 from runner.phases.validate import refuse_unfit, validate_env
 from runner.phases.verify import run_verify
+from runner.phases.windows import WindowWalk, resume_point, window_result
 from runner.plan import LoadedPlan
 from runner.reports.apply import render_summary, summary_name
 from runner.reports.quarantine import write_quarantine_files
@@ -59,6 +61,7 @@ from runner.results import (
     QuarantineTotals,
     TargetDoc,
     VerifyResult,
+    WindowResult,
 )
 from runner.rollback import emit_rollback_file
 from runner.rollout import gate_name
@@ -96,30 +99,6 @@ def _stage_for(loaded: LoadedPlan, env: str) -> str:
             f"(staging = {plan.pipeline.staging!r}, prod = {plan.pipeline.prod!r})"
         )
     return "apply"
-
-
-SETTLED = ("done", "split", "quarantined")  # batch rows whose keys need nothing more
-
-
-def resume_point(rows: list[Any]) -> tuple[list[str] | None, int, int]:
-    """(cursor, next batch number, interrupted batches) from the run's batch rows, in order.
-
-    The cursor is the last key of the longest run of consecutive committed batches: every key up
-    to it was dispatched and committed. Batches after a gap may be committed too; discovery no
-    longer returns their rows, so starting at the gap never applies a row twice.
-    """
-    cursor: list[str] | None = None
-    expected = 1
-    for r in rows:
-        # split and quarantined rows are written once every key of theirs is accounted for
-        if r["batch_no"] != expected or r["status"] not in SETTLED:
-            break
-        cursor = list(r["last_key"])
-        expected += 1
-    last = rows[-1]["batch_no"] if rows else 0
-    recorded = {r["batch_no"] for r in rows}  # committed, or failed and recorded as such
-    interrupted = sum(1 for n in range(1, last + 1) if n not in recorded)
-    return cursor, last + 1, interrupted
 
 
 @dataclass(frozen=True)
@@ -187,6 +166,9 @@ async def _impact(
     return out
 
 
+DRY_RUN_WINDOWS = 100  # windows the dry run counts one by one
+
+
 async def _dry_run(
     loaded: LoadedPlan, dbs: Databases, env: str, stage: str, cmd: str, sample: bool
 ) -> ApplyResult:
@@ -194,7 +176,19 @@ async def _dry_run(
     async with dbs.connection(env, read_only=True) as conn, conn.transaction(readonly=True):
         target = await resolve_target(conn, plan.target)
         source = KeysetSource(target, plan.discovery.sql, plan.batching.size)
+        windows: list[dict[str, Any]] | None = None
+        outside = 0
+        if plan.windows is not None:
+            walk = await plan_windows(conn, target, plan.windows, plan.discovery.sql)
+            outside = await source.count(conn)
+            windows = []
+            for window in walk.windows[:DRY_RUN_WINDOWS]:
+                source.narrow(window.sql)
+                rows = await source.count(conn)
+                windows.append({"no": window.no, "label": window.label, "rows": rows})
+            source.narrow(walk.span)
         needing = await source.count(conn)
+        outside -= needing
         t_page = time.perf_counter()
         page = await source.next_page(conn, None)
         page_seconds = time.perf_counter() - t_page
@@ -232,6 +226,18 @@ async def _dry_run(
     else:
         impact["sample"] = {"rows": 0, "seconds": None, "note": measured.note}
         impact["estimated_seconds"] = floor if throttle.limited else None
+    if windows is not None:
+        per_row = (
+            impact["estimated_seconds"] / needing
+            if impact["estimated_seconds"] and needing
+            else None
+        )
+        for row in windows:
+            row["batches"] = math.ceil(row["rows"] / plan.batching.size)
+            row["estimated_seconds"] = round(row["rows"] * per_row, 1) if per_row else None
+        impact["windows"] = windows
+        impact["windows_total"] = len(walk.windows)
+        impact["outside_windows"] = outside
     info = {
         "env": env,
         "target": target.display,
@@ -522,10 +528,23 @@ async def _batch_machine(
     )
     try:
         state = RunState()
-        machine = await _machine(
+        machine, keyset = await _machine(
             session, reader, dbs, loaded, target, frame, state, progress, cmd, max_rows
         )
-        return await machine.run(*await _start(session, reader, machine, state, frame, progress))
+        windows = loaded.plan.windows
+        if windows is None:
+            return await machine.run(
+                *await _start(session, reader, machine, state, frame, progress)
+            )
+        walk = await reader.run(
+            lambda c: plan_windows(c, target, windows, loaded.plan.discovery.sql)
+        )
+        keyset.narrow(walk.span)
+        await _start(session, reader, machine, state, frame, progress, windowed=True)
+        await WindowWalk(session, reader, windows, walk, frame.run_id, frame.env, progress).run(
+            machine, keyset, state
+        )
+        return state
     finally:
         await reader.close()
 
@@ -537,12 +556,17 @@ async def _start(
     state: RunState,
     frame: PhaseFrame,
     progress: ProgressCallback | None,
+    *,
+    windowed: bool = False,
 ) -> tuple[list[str] | None, int]:
     """Where the machine starts (from the ledger), and the count of rows needing the backfill."""
     run_id = frame.run_id
-    cursor, next_no, state.interrupted_before = resume_point(
-        await session.run(lambda c: ledger.batch_states(c, run_id))
-    )
+    cursor: list[str] | None = None
+    next_no = 1
+    if not windowed:  # a windowed run resumes each window where it stopped (phases.windows)
+        cursor, next_no, state.interrupted_before = resume_point(
+            await session.run(lambda c: ledger.batch_states(c, run_id))
+        )
     t_count = time.perf_counter()
     state.rows_needing_at_start = await reader.run(machine.source.count)
     state.counting_seconds += time.perf_counter() - t_count
@@ -571,7 +595,9 @@ async def _machine(
     progress: ProgressCallback | None,
     cmd: str,
     max_rows: int | None,
-) -> BatchRun:
+) -> tuple[BatchRun, KeysetSource]:
+    """The stage's batch machine, and the keyset source under its quarantine filter (which a
+    windowed run narrows to each window)."""
     run_id, env, stage = frame.run_id, frame.env, frame.phase
     plan = loaded.plan
     b = plan.batching
@@ -584,7 +610,7 @@ async def _machine(
     resume = f"{cmd} apply {loaded.path} --env {env} --run {run_id}"
     shape = await session.run(lambda c: shaped_run(c, plan, target)) if plan.shaped else None
     source, quarantine = await _quarantine(session, reader, loaded, target, run_id, resume)
-    return BatchRun(
+    machine = BatchRun(
         reader,
         source,
         Throttle(b.batches_per_minute, b.rows_per_second, b.largest),
@@ -624,6 +650,7 @@ async def _machine(
         sizer=BatchSizer(b.size, b.smallest, b.largest, b.target_batch_seconds),
         on_data_error=quarantine,
     )
+    return machine, source.inner
 
 
 async def _quarantine(
@@ -782,12 +809,19 @@ async def _finish(
     verify = await run_verify(
         dbs, env, loaded.plan.verify, frame.run.created_at, b.statement_timeout
     )
+    windows = (
+        [window_result(r) for r in await ledger.window_rows(conn, run_id, env)]
+        if loaded.plan.windows
+        else []
+    )
     warnings = _warnings(state, stage) + _quarantine_warnings(quarantine, verify, run_id, env, cmd)
     criteria = "pass" if not warnings or stage == "canary" else "inconclusive"
     if quarantine.quarantined or any(v.verdict != "pass" for v in verify):
         criteria = "inconclusive"  # the canary too: rows left unchanged need a person
-    if quarantine.over_budget or any(v.verdict == "fail" for v in verify):
+    mismatched = _window_warnings(windows)
+    if quarantine.over_budget or any(v.verdict == "fail" for v in verify) or mismatched:
         criteria = "fail"
+    warnings += mismatched
     rollback_path = frame.dir / f"rollback_{datetime.now(UTC):%Y-%m-%d}.sql"
     gate = gate_name(stage, env) if rollout.phase(stage).gated else None
     next_command = (
@@ -807,6 +841,8 @@ async def _finish(
             "cmd": cmd,
             "quarantine": quarantine,
             "verify": verify,
+            "windows": windows,
+            "windows_setup": w.model_dump() if (w := loaded.plan.windows) else None,
         }
     )
     summary_path = await frame.finish(
@@ -882,6 +918,17 @@ def _warnings(state: RunState, stage: str) -> list[str]:
             "earlier stop; their rows were rediscovered and applied in later batches"
         )
     return warnings
+
+
+def _window_warnings(windows: list[WindowResult]) -> list[str]:
+    """A done window whose batches did not account for exactly what discovery counted in it."""
+    return [
+        f"window {w.no} {w.label}: discovery counted {w.discovered:,} row(s) when it started, but "
+        f"its batches did {w.keys:,} and quarantined {w.quarantined:,}: rows arrived, left or "
+        "were changed by someone else during the window; compare before approving"
+        for w in windows
+        if w.matches is False
+    ]
 
 
 def _quarantine_warnings(

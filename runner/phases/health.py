@@ -17,8 +17,9 @@ from runner.artifacts import RunDir, check_run_id, write_json
 from runner.db import Databases, fetch_one, qualified
 from runner.engine import dbhealth
 from runner.engine.shapes import resolve_tables
-from runner.engine.target import TargetInfo, resolve_target
+from runner.engine.target import TargetInfo, as_subquery, resolve_target
 from runner.engine.throttle import Throttle
+from runner.engine.windows import plan_windows
 from runner.errors import InvalidInput, NoGo
 from runner.phases.common import (
     PhaseFrame,
@@ -37,6 +38,8 @@ from runner.reports import overrides_note
 from runner.reports.health import MINI_PLAN, REPORT, render_health
 from runner.results import HealthDoc, HealthTable
 from runner.rollout import gate_name
+
+HEALTH_WINDOWS = 100  # windows the health check counts one by one
 
 log = structlog.get_logger("backfill.health")
 LAG_CONDITION_S = 30.0  # replication lag above this is a condition a reviewer accepts
@@ -263,6 +266,7 @@ class _ProdFacts:
     shapes: dict[str, dict[str, Any]]  # by schema.name
     declared: dict[str, set[str]]  # per table: its key and the columns an update may change
     tables: list[dict[str, Any]] | None  # a shaped run's tables, as the run's row records them
+    windows: list[dict[str, Any]]  # a windowed plan's first windows, with discovery's count
 
 
 async def _prod_facts(ro: asyncpg.Connection, plan: Plan) -> _ProdFacts:
@@ -270,7 +274,15 @@ async def _prod_facts(ro: asyncpg.Connection, plan: Plan) -> _ProdFacts:
     the database's capacity now and the target's shape (for drift against staging)."""
     async with ro.transaction(readonly=True):
         target = await resolve_target(ro, plan.target)
-        needing = await fetch_one(ro, target.discovery_count_sql(plan.discovery.sql))
+        discovery = plan.discovery.sql
+        windows: list[dict[str, Any]] = []
+        if plan.windows is not None:  # what the prod run will do: discovery within its windows
+            walk = await plan_windows(ro, target, plan.windows, discovery)
+            discovery = walk.span
+            for w in walk.windows[:HEALTH_WINDOWS]:
+                n = await ro.fetchval(f"SELECT count(*) FROM {as_subquery(w.sql)} AS d")
+                windows.append({"no": w.no, "label": w.label, "rows": int(n)})
+        needing = await fetch_one(ro, target.discovery_count_sql(discovery))
         size = await fetch_one(
             ro,
             "SELECT pg_total_relation_size(to_regclass($1)) AS bytes,"
@@ -285,7 +297,7 @@ async def _prod_facts(ro: asyncpg.Connection, plan: Plan) -> _ProdFacts:
             shapes[t.display] = await table_shape(ro, t.table)
             declared[t.display] = set(t.declared) | {k.name for k in t.key}
     docs = None if tables is None else [t.doc() for t in tables]
-    return _ProdFacts(target, needing, size, capacity, shapes, declared, docs)
+    return _ProdFacts(target, needing, size, capacity, shapes, declared, docs, windows)
 
 
 def _write_mini_plan(
@@ -420,4 +432,5 @@ async def _judge(
         mini_plan_digest=mini_loaded.digest,
         mini_plan=raw_mini,
         overrides=overrides_note(staging.decisions),
+        windows=facts.windows,
     )

@@ -24,11 +24,11 @@ from runner.errors import InvalidInput, NoGo, WorkFailed
 from runner.phases.apply import (
     BatchConnections,
     BatchRecorder,
-    resume_point,
     table_identities,
     write_manifest,
 )
 from runner.phases.common import command_prefix, gate_state, rollback_note, run_lock
+from runner.phases.windows import resume_point
 from runner.plan import LoadedPlan
 from runner.reports.quarantine import write_quarantine_files
 from runner.rollback import emit_rollback_file

@@ -33,6 +33,7 @@ async def _overrides_so_far(
     return carried + overrides_note(decisions)
 
 
+WINDOWS_SHOWN = 100  # windows the summary lists (execution_results.json: all)
 QUARANTINE_SHOWN = 20  # the first quarantined keys the summary lists (quarantine.json: all)
 
 
@@ -140,6 +141,7 @@ async def apply_context(
         "finished_at": row.finished_at,
         **await watch_context(conn, run.run_id, stage, outcomes),
         "tables": await _tables(conn, run, stage),
+        "windows_shown": WINDOWS_SHOWN,
     }
 
 

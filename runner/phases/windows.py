@@ -1,0 +1,211 @@
+"""An apply stage walked window by window (`[windows]`, engine.windows).
+
+Each window runs the stage's batch machine over discovery restricted to the window, from where
+the window stopped (its batches are the run's batches numbered from its first one). A window
+starts in one transaction with its `before_each` SQL and ends in one with its `after_each` SQL and
+its counts, so each runs once per window however often the run is stopped and continued.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+import asyncpg
+import structlog
+
+from runner import ledger
+from runner.db import quote_ident
+from runner.engine.batch_run import BatchRun, KeysetSource, RunState
+from runner.engine.session import MainSession
+from runner.engine.windows import Window, WindowPlan
+from runner.errors import InvalidInput, WorkFailed
+from runner.phases.common import ProgressCallback
+from runner.plan import Windows, sql_code
+from runner.results import WindowResult
+
+log = structlog.get_logger("backfill.apply")
+
+SETTLED = ("done", "split", "quarantined")  # batch rows whose keys need nothing more
+
+
+def resume_point(rows: list[asyncpg.Record], first: int = 1) -> tuple[list[str] | None, int, int]:
+    """(cursor, next batch number, interrupted batches) from batch rows numbered from `first`
+    (the run's, or a window's), in order.
+
+    The cursor is the last key of the longest run of consecutive committed batches: every key up
+    to it was dispatched and committed. Batches after a gap may be committed too; discovery no
+    longer returns their rows, so starting at the gap never applies a row twice.
+    """
+    cursor: list[str] | None = None
+    expected = first
+    for r in rows:
+        # split and quarantined rows are written once every key of theirs is accounted for
+        if r["batch_no"] != expected or r["status"] not in SETTLED:
+            break
+        cursor = list(r["last_key"])
+        expected += 1
+    last = rows[-1]["batch_no"] if rows else first - 1
+    recorded = {r["batch_no"] for r in rows}  # committed, or failed and recorded as such
+    interrupted = sum(1 for n in range(first, last + 1) if n not in recorded)
+    return cursor, last + 1, interrupted
+
+
+def window_result(row: asyncpg.Record) -> WindowResult:
+    keys = row["keys"]
+    quarantined = row["quarantined"]
+    discovered = row["discovered"]
+    done = row["status"] == "done"
+    return WindowResult(
+        no=row["window_no"],
+        label=row["label"],
+        status=row["status"],
+        discovered=discovered,
+        keys=keys,
+        changed=row["changed"],
+        noop=row["noop"],
+        quarantined=quarantined,
+        matches=(discovered == keys + quarantined) if done else None,
+        started_at=row["started_at"].isoformat() if row["started_at"] else None,
+        finished_at=row["finished_at"].isoformat() if row["finished_at"] else None,
+    )
+
+
+_BOUND_PARAM = re.compile(r"\$([1-3])(?!\d)")
+
+
+async def _run_hook(conn: asyncpg.Connection, what: str, sql: str | None, w: Window) -> None:
+    """A window's before_each / after_each: `$1`, `$2`, `$3` are its bounds and label."""
+    if sql is None:
+        return
+    used = max((int(m) for m in _BOUND_PARAM.findall(sql_code(sql))), default=0)
+    try:
+        async with conn.transaction():  # a savepoint: the ledger's row is not written either
+            if not used:
+                await conn.execute(sql)  # several statements may run this way
+                return
+            stmt = await conn.prepare(sql)
+            # each bound as the type the statement gives it (`$1::date`): from its text form,
+            # converted by the server
+            values = [
+                await conn.fetchval(
+                    f"SELECT $1::text::{quote_ident(t.schema)}.{quote_ident(t.name)}", v
+                )
+                for t, v in zip(stmt.get_parameters(), [w.lower, w.upper, w.label], strict=False)
+            ]
+            await stmt.fetch(*values)
+    except asyncpg.PostgresError as e:
+        raise WorkFailed(
+            f"windows.{what} failed for window {w.no} {w.label}: {' '.join(str(e).split())}; "
+            f"the window was not {'started' if what == 'before_each' else 'recorded done'}",
+            hint=f"fix windows.{what} (or what it needs), then continue the run with --run",
+        ) from None
+
+
+class WindowWalk:
+    """The windows of one apply stage, on the stage's batch machine."""
+
+    def __init__(
+        self,
+        session: MainSession,
+        reader: MainSession,
+        windows: Windows,
+        walk: WindowPlan,
+        run_id: str,
+        env: str,
+        progress: ProgressCallback | None,
+    ) -> None:
+        self.session = session
+        self.reader = reader
+        self.windows = windows
+        self.walk = walk
+        self.run_id = run_id
+        self.env = env
+        self.progress = progress
+
+    async def recorded(self) -> list[asyncpg.Record]:
+        """The run's windows as the ledger has them; a run that computes other windows now (the
+        calendar or the partitions changed) is refused."""
+        now = [w.identity for w in self.walk.windows]
+        rows = await self.session.run(
+            lambda c: ledger.record_windows(c, self.run_id, self.env, now)
+        )
+        then = [(r["window_no"], r["label"], r["lower_bound"], r["upper_bound"]) for r in rows]
+        if then != now:
+            at = next(
+                i
+                for i in range(max(len(then), len(now)))
+                if i >= min(len(then), len(now)) or then[i] != now[i]
+            )
+            was = then[at] if at < len(then) else "nothing"
+            now_is = now[at] if at < len(now) else "nothing"
+            raise InvalidInput(
+                f"run {self.run_id} recorded {len(then)} window(s), but its plan now gives "
+                f"{len(now)} (window {at + 1}: recorded {was}, now {now_is}): a partition was "
+                "added or removed, or the windows' settings resolve differently",
+                hint="finish this run with the windows it recorded (restore the partitions), or "
+                "start a new run",
+            )
+        return rows
+
+    async def run(self, machine: BatchRun, source: KeysetSource, state: RunState) -> None:
+        """Each window not done yet, in order, until the stage stops (canary, cap) or all are."""
+        rows = await self.recorded()
+        total = len(self.walk.windows)
+        for w, row in zip(self.walk.windows, rows, strict=True):
+            if row["status"] == "done":
+                continue
+            source.narrow(w.sql)
+            if row["status"] == "pending":
+                first = await self.session.run(partial(ledger.last_batch_no, run_id=self.run_id))
+                first += 1
+                discovered = await self.reader.run(source.count)
+                await self.session.run(
+                    partial(self._start, w=w, first=first, discovered=discovered)
+                )
+                cursor, next_no = None, first
+            else:
+                first, discovered = row["first_batch"], row["discovered"]
+                rows_from = await self.session.run(
+                    partial(ledger.batch_states_from, run_id=self.run_id, first=first)
+                )
+                cursor, next_no, interrupted = resume_point(rows_from, first)
+                state.interrupted_before += interrupted
+            log.info("apply.window", window=w.no, of=total, label=w.label, discovered=discovered)
+            if self.progress:
+                self.progress(
+                    "window", {"no": w.no, "of": total, "label": w.label, "rows": discovered}
+                )
+            await machine.run(cursor, next_no)
+            stop_after = machine.settings.stop_after
+            if state.capped or (stop_after is not None and state.dispatched >= stop_after):
+                return  # the stage ends inside this window: the next command continues it
+            done = await self.session.run(partial(self._finish, w=w))
+            log.info(
+                "apply.window_done",
+                window=w.no,
+                keys=done["keys"],
+                discovered=done["discovered"],
+                quarantined=done["quarantined"],
+            )
+
+    async def _start(
+        self, conn: asyncpg.Connection, w: Window, first: int, discovered: int
+    ) -> None:
+        async with conn.transaction():
+            # a retried call (the connection dropped after COMMIT) must not run the hook twice
+            if await ledger.window_status(conn, self.run_id, self.env, w.no) != "pending":
+                return
+            await _run_hook(conn, "before_each", self.windows.before_each, w)
+            await ledger.start_window(conn, self.run_id, self.env, w.no, first, discovered)
+
+    async def _finish(self, conn: asyncpg.Connection, w: Window) -> asyncpg.Record:
+        async with conn.transaction():
+            if await ledger.window_status(conn, self.run_id, self.env, w.no) != "done":
+                await _run_hook(conn, "after_each", self.windows.after_each, w)
+                await ledger.finish_window(conn, self.run_id, self.env, w.no)
+            return next(
+                r
+                for r in await ledger.window_rows(conn, self.run_id, self.env)
+                if r["window_no"] == w.no
+            )

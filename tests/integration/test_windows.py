@@ -1,0 +1,386 @@
+"""Windows (#14): a run walked window by window, each window once, resumable where it stopped,
+its counts checked against discovery; partitions as windows."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import sql, val, write_plan
+from tests.helpers import env_for, run_id_of
+
+EVENTS = """
+DROP TABLE IF EXISTS events, window_log;
+CREATE TABLE events (id bigint PRIMARY KEY, created date NOT NULL, n int NOT NULL DEFAULT 0,
+                     note text);
+-- 3 months of 2024, 10 rows a day, and rows outside the windows on both sides
+INSERT INTO events (id, created)
+SELECT g, DATE '2023-12-30' + (g / 10)::int FROM generate_series(0, 959) AS g;
+CREATE TABLE window_log (at timestamptz DEFAULT clock_timestamp(), what text, lower text,
+                         upper text);
+"""
+
+
+def make_events(db: str) -> None:
+    sql(db, EVENTS)
+
+
+def windows_plan(path: Path, **over: Any) -> Path:
+    base: dict[str, Any] = {
+        "target__columns": ["n"],
+        "discovery__sql": "SELECT id FROM events WHERE n = 0",
+        "apply__sql": "UPDATE events SET n = n + 1 WHERE id = ANY($1)",
+        "target__table": "events",
+        "windows": {
+            "column": "created",
+            "since": "2024-01-01",
+            "until": "2024-04-01",
+            "step": "1 month",
+            "before_each": "INSERT INTO window_log (what, lower, upper) VALUES ('before', $1, $2)",
+            "after_each": "INSERT INTO window_log (what, lower, upper) VALUES ('after', $1, $2)",
+        },
+        "batching__size": 40,
+        "soak__checks": [
+            {"name": "done", "sql": "SELECT count(*) FROM events WHERE n > 1", "pass_if": "== 0"}
+        ],
+    }
+    return write_plan(path, **{**base, **over})
+
+
+def windows_of(db: str, run_id: str) -> list[dict[str, Any]]:
+    return [
+        dict(r)
+        for r in sql(
+            db,
+            "SELECT window_no, label, status, discovered, keys, changed, quarantined "
+            "FROM backfill.windows WHERE run_id = $1 ORDER BY window_no",
+            run_id,
+        )
+    ]
+
+
+def test_a_run_walks_its_windows_in_order_with_counts_that_match_discovery(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_events(db)
+    plan = windows_plan(workdir / "p.json")
+    result = cli("apply", str(plan), "-e", "staging", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    run_id = run_id_of(result.output)
+    windows = windows_of(db, run_id)
+    assert [w["label"] for w in windows] == [
+        "[2024-01-01, 2024-02-01)",
+        "[2024-02-01, 2024-03-01)",
+        "[2024-03-01, 2024-04-01)",
+    ]
+    assert [w["discovered"] for w in windows] == [310, 290, 310]
+    assert all(w["status"] == "done" and w["keys"] == w["discovered"] for w in windows)
+    # only rows inside [since, until) were changed, each once
+    assert val(db, "SELECT count(*) FROM events WHERE n = 1") == 910
+    assert val(db, "SELECT count(*) FROM events WHERE n > 1") == 0
+    outside = "SELECT count(*) FROM events WHERE n = 0 AND created NOT BETWEEN '2024-01-01' AND '2024-03-31'"
+    assert val(db, outside) == 50
+    # a batch never spans windows: each batch's keys lie in one month
+    spans = sql(
+        db,
+        "SELECT b.batch_no, count(DISTINCT date_trunc('month', e.created)) AS months "
+        "FROM backfill.batches b JOIN events e ON e.id BETWEEN b.first_key[1]::bigint "
+        "AND b.last_key[1]::bigint AND e.n = 1 WHERE b.run_id = $1 GROUP BY b.batch_no",
+        run_id,
+    )
+    assert spans and all(r["months"] == 1 for r in spans)
+    log = sql(db, "SELECT what, lower, upper FROM window_log ORDER BY at")
+    assert [(r["what"], r["lower"]) for r in log] == [
+        ("before", "2024-01-01"),
+        ("after", "2024-01-01"),
+        ("before", "2024-02-01"),
+        ("after", "2024-02-01"),
+        ("before", "2024-03-01"),
+        ("after", "2024-03-01"),
+    ]
+    summary = next((workdir / "backfill_logs").rglob(f"{run_id}/staging/backfill_summary.md"))
+    text = summary.read_text()
+    assert "## Windows" in text
+    assert "[2024-02-01, 2024-03-01)" in text
+    doc = json.loads(
+        next(
+            (workdir / "backfill_logs").rglob(f"{run_id}/staging/execution_results.json")
+        ).read_text()
+    )
+    assert [w["matches"] for w in doc["windows"]] == [True, True, True]
+    # the rollback undoes every window
+    back = cli("rollback", run_id, "-e", "staging", env=env_for(db))
+    assert back.exit_code == 0, back.output
+    assert val(db, "SELECT count(*) FROM events WHERE n <> 0") == 0
+
+
+def _runner(args: list[str], workdir: Path, db: str) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        **env_for(db),
+        "BACKFILL_LOGS": str(workdir / "backfill_logs"),
+        "BACKFILL_ACTOR": "operator",
+        "BACKFILL_CMD": "backfill",
+    }
+    with (workdir / "runner.log").open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "runner", *args], cwd=workdir, env=env, stdout=out, stderr=out
+        )
+
+
+def test_a_run_killed_in_window_two_resumes_there_and_does_each_window_once(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_events(db)
+    plan = windows_plan(
+        workdir / "p.json",
+        apply__sql="UPDATE events SET n = n + 1 WHERE id = ANY($1) AND pg_sleep(0.005) IS NOT NULL",
+        batching__size=10,
+    )
+    proc = _runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
+    deadline = time.monotonic() + 60
+    run_id = None
+    while time.monotonic() < deadline:
+        rows = sql(
+            db,
+            "SELECT run_id, window_no, status FROM backfill.windows WHERE status = 'running'"
+            " AND window_no = 2 AND EXISTS (SELECT FROM backfill.batches b WHERE"
+            " b.run_id = windows.run_id AND b.batch_no > windows.first_batch + 2)",
+        )
+        if rows:
+            run_id = rows[0]["run_id"]
+            break
+        time.sleep(0.05)
+    assert run_id is not None, (workdir / "runner.log").read_text()
+    proc.kill()
+    proc.wait()
+    assert [w["status"] for w in windows_of(db, run_id)] == ["done", "running", "pending"]
+    status = cli("status", run_id, env=env_for(db))
+    assert "windows on staging: 1/3 done; window 2 [2024-02-01, 2024-03-01) running" in (
+        status.output
+    ), status.output
+    shown = json.loads(cli("status", run_id, "--json", env=env_for(db)).output)["windows"]
+    assert [(w["env"], w["no"], w["status"]) for w in shown] == [
+        ("staging", 1, "done"),
+        ("staging", 2, "running"),
+        ("staging", 3, "pending"),
+    ]
+    partial = val(db, "SELECT count(*) FROM events WHERE n = 1 AND created >= '2024-02-01'")
+    assert 0 < partial < 290
+    resumed = _runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
+    assert resumed.wait(timeout=120) == 3, (workdir / "runner.log").read_text()
+    windows = windows_of(db, run_id)
+    assert [w["status"] for w in windows] == ["done", "done", "done"]
+    assert [(w["discovered"], w["keys"]) for w in windows] == [(310, 310), (290, 290), (310, 310)]
+    assert val(db, "SELECT count(*) FROM events WHERE n = 1") == 910
+    assert val(db, "SELECT count(*) FROM events WHERE n > 1") == 0  # nothing applied twice
+    # every changed row has its image, once
+    assert (
+        val(
+            db,
+            "SELECT count(*), count(DISTINCT key) FROM backfill.row_images WHERE run_id = $1",
+            run_id,
+        )
+        == 910
+    )
+    hooks = sql(db, "SELECT what, lower, count(*) AS n FROM window_log GROUP BY 1, 2")
+    assert sorted((r["what"], r["lower"], r["n"]) for r in hooks) == [
+        ("after", "2024-01-01", 1),
+        ("after", "2024-02-01", 1),
+        ("after", "2024-03-01", 1),
+        ("before", "2024-01-01", 1),
+        ("before", "2024-02-01", 1),
+        ("before", "2024-03-01", 1),
+    ]
+
+
+def test_a_window_whose_batches_do_more_than_discovery_counted_fails_the_criteria(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_events(db)
+    # rows arrive in window 2 after it was counted (its before_each inserts them)
+    plan = windows_plan(
+        workdir / "p.json",
+        windows__before_each="INSERT INTO events (id, created) SELECT 10000 + g, $1::date "
+        "FROM generate_series(1, 5) g WHERE $1 = '2024-02-01'",
+    )
+    result = cli("apply", str(plan), "-e", "staging", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    run_id = run_id_of(result.output)
+    windows = windows_of(db, run_id)
+    assert [(w["discovered"], w["keys"]) for w in windows] == [(310, 310), (290, 295), (310, 310)]
+    status = json.loads(cli("status", run_id, "--json", env=env_for(db)).output)
+    assert status["steps"][0]["gate"]["criteria"] == "fail"
+    summary = next((workdir / "backfill_logs").rglob(f"{run_id}/staging/backfill_summary.md"))
+    assert "window 2 [2024-02-01, 2024-03-01): discovery counted 290" in summary.read_text()
+
+
+def test_an_approval_of_one_window_range_does_not_open_another(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_events(db)
+    plan = windows_plan(
+        workdir / "p.json",
+        params={"since": {"type": "date", "default": "2024-01-01"}},
+        windows__since="${since}",
+    )
+    env = env_for(db)
+    applied = cli("--param", "since=2024-01-01", "apply", str(plan), "-e", "staging", env=env)
+    assert applied.exit_code == 3, applied.output
+    run_id = run_id_of(applied.output)
+    approve = ["approve", run_id, "--gate", "apply-staging", "--as", "alice"]
+    assert cli("--param", "since=2024-01-01", *approve, env=env).exit_code == 0
+    same = json.loads(
+        cli("--param", "since=2024-01-01", "status", run_id, "--json", env=env).output
+    )
+    assert same["steps"][0]["gate"]["status"] == "open"
+    other = json.loads(
+        cli("--param", "since=2024-02-01", "status", run_id, "--json", env=env).output
+    )
+    assert other["steps"][0]["gate"]["status"] == "closed"
+    soak = cli(
+        "--param", "since=2024-02-01", "soak", str(plan), "-e", "staging", "--run", run_id, env=env
+    )
+    assert soak.exit_code != 0, soak.output
+
+
+PARTITIONED = """
+DROP TABLE IF EXISTS files;
+CREATE TABLE files (id bigint, day date NOT NULL, state text NOT NULL DEFAULT 'new',
+                    PRIMARY KEY (id, day)) PARTITION BY RANGE (day);
+CREATE TABLE files_2024_01 PARTITION OF files FOR VALUES FROM ('2024-01-01') TO ('2024-02-01');
+CREATE TABLE files_2024_02 PARTITION OF files FOR VALUES FROM ('2024-02-01') TO ('2024-03-01');
+CREATE TABLE files_default PARTITION OF files DEFAULT;
+-- ids interleave across partitions: a keyset batch over the whole table would span them
+INSERT INTO files (id, day)
+SELECT g, CASE g % 3 WHEN 0 THEN DATE '2024-01-15' WHEN 1 THEN DATE '2024-02-15'
+                     ELSE DATE '2025-06-01' END
+FROM generate_series(1, 600) AS g;
+"""
+
+
+def test_a_partitioned_target_is_walked_partition_by_partition(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    sql(db, PARTITIONED)
+    plan = write_plan(
+        workdir / "p.json",
+        target__table="files",
+        target__key=["id", "day"],
+        target__columns=["state"],
+        discovery__sql="SELECT id, day FROM files WHERE state = 'new'",
+        apply__sql="UPDATE files SET state = 'done' WHERE (id, day) IN "
+        "(SELECT * FROM unnest($1::bigint[], $2::date[]))",
+        windows={"by_partition": True},
+        batching__size=50,
+        soak__checks=[
+            {
+                "name": "done",
+                "sql": "SELECT count(*) FROM files WHERE state = 'new'",
+                "pass_if": "== 0",
+            }
+        ],
+    )
+    result = cli("apply", str(plan), "-e", "staging", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    run_id = run_id_of(result.output)
+    windows = windows_of(db, run_id)
+    assert [w["label"] for w in windows] == [
+        "public.files_2024_01",
+        "public.files_2024_02",
+        "public.files_default",
+    ]
+    assert [(w["discovered"], w["keys"]) for w in windows] == [(200, 200), (200, 200), (200, 200)]
+    assert val(db, "SELECT count(*) FROM files WHERE state = 'new'") == 0
+    # no batch spans partitions
+    spans = sql(
+        db,
+        "SELECT r.batch_no, count(DISTINCT f.tableoid) AS parts FROM backfill.row_images r "
+        "JOIN files f ON f.id = r.key[1]::bigint AND f.day = r.key[2]::date "
+        "WHERE r.run_id = $1 GROUP BY r.batch_no",
+        run_id,
+    )
+    assert len(spans) == 12
+    assert all(r["parts"] == 1 for r in spans)
+    back = cli("rollback", run_id, "-e", "staging", env=env_for(db))
+    assert back.exit_code == 0, back.output
+    assert val(db, "SELECT count(*) FROM files WHERE state <> 'new'") == 0
+
+
+def test_windows_that_do_not_fit_the_table_are_refused_before_anything_runs(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_events(db)
+    cases = [
+        ({"windows__column": "note"}, "events.note is text; windows are cut from a date"),
+        ({"windows__column": "nope"}, "has no column 'nope'"),
+        ({"windows__since": "2024-05-01"}, "is not before until"),
+        ({"windows__step": "-1 day"}, "is not positive"),
+        ({"windows__since": "last tuesday"}, "do not fit created (date)"),
+        ({"windows__by_partition": True}, "by_partition = true makes each partition a window"),
+        ({"windows": {"by_partition": True}}, "public.events is not a partitioned table"),
+    ]
+    for over, message in cases:
+        plan = windows_plan(workdir / "p.json", **over)
+        result = cli("apply", str(plan), "-e", "staging", env=env_for(db))
+        assert result.exit_code == 2, (over, result.output)
+        assert message in " ".join(result.output.split()), (over, result.output)
+        assert val(db, "SELECT count(*) FROM events WHERE n <> 0") == 0
+
+
+def test_the_dry_run_estimates_each_window_and_counts_what_lies_outside(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_events(db)
+    plan = windows_plan(workdir / "p.json")
+    result = cli("apply", str(plan), "-e", "staging", "--dry-run", env=env_for(db))
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "rows needing the backfill: 910" in out
+    assert "windows: 3; rows discovery returns outside them (not touched): 50" in out
+    assert "1. [2024-01-01, 2024-02-01): 310 row(s), 8 batch(es), about" in out
+    assert "2. [2024-02-01, 2024-03-01): 290 row(s), 8 batch(es)" in out
+    assert val(db, "SELECT count(*) FROM events WHERE n <> 0") == 0
+    assert val(db, "SELECT count(*) FROM window_log") == 0  # the hooks run only for real
+
+
+def test_a_windowed_rollout_walks_staging_then_prod_where_the_canary_stops_inside_a_window(
+    cli: Callable[..., Any], workdir: Path, make_db: Callable[[], str]
+) -> None:
+    staging, prod = make_db(), make_db()
+    make_events(staging)
+    make_events(prod)
+    env = {"STAGING_DSN": staging, "PROD_DSN": prod}
+    plan = windows_plan(workdir / "p.json", soak__duration="1s", soak__interval="1s")
+    first = cli("pipeline", str(plan), "-q", env=env)
+    assert first.exit_code == 3, first.output
+    run_id = run_id_of(first.output)
+    for gate in ("apply-staging", "soak-staging", "health-prod"):
+        assert cli("approve", run_id, "--gate", gate, "--as", "alice", env=env).exit_code == 0
+        step = cli("pipeline", str(plan), "--run", run_id, "-q", env=env)
+        assert step.exit_code == 3, (gate, step.output)
+    health_md = next((workdir / "backfill_logs").rglob(f"{run_id}/prod/prod_health_check.md"))
+    assert "| Rows needing the backfill (discovery count) | 910 |" in health_md.read_text()
+    assert "| 2 | [2024-02-01, 2024-03-01) | 290 |" in health_md.read_text()
+    # the canary: its batches lie in the first window, which it leaves running
+    assert [w["status"] for w in windows_of(prod, run_id)] == ["running", "pending", "pending"]
+    canary_rows = val(prod, "SELECT count(*) FROM events WHERE n = 1")
+    assert 0 < canary_rows < 310
+    assert cli("approve", run_id, "--gate", "canary-prod", "--as", "alice", env=env).exit_code == 0
+    rest = cli("pipeline", str(plan), "--run", run_id, "-q", env=env)
+    assert rest.exit_code == 0, rest.output
+    windows = windows_of(prod, run_id)
+    assert [w["status"] for w in windows] == ["done", "done", "done"]
+    # window 1 was counted once, when the canary started it; the rest did what it left
+    assert [(w["discovered"], w["keys"]) for w in windows] == [(310, 310), (290, 290), (310, 310)]
+    assert val(prod, "SELECT count(*) FROM events WHERE n = 1") == 910
+    assert val(prod, "SELECT count(*) FROM events WHERE n > 1") == 0
+    assert val(prod, "SELECT count(*) FROM window_log WHERE what = 'before'") == 3
+    rest_md = next((workdir / "backfill_logs").rglob(f"{run_id}/prod/rest_summary.md"))
+    assert "## Windows" in rest_md.read_text()
