@@ -1498,6 +1498,7 @@ async def manifest_rows(
     return list(
         await conn.fetch(
             """SELECT b.batch_no, r.rel, b.started_at, count(*)::int AS changed,
+                      b.manifest::text AS manifest,
                       md5(string_agg(r.key::text, '|' ORDER BY r.key::text COLLATE "C"))
                           AS keys_md5,
                       CASE WHEN count(*) <= $3
@@ -1507,7 +1508,7 @@ async def manifest_rows(
                JOIN backfill.row_images AS r USING (run_id, batch_no)
                WHERE b.run_id = $1 AND b.stage = $2 AND b.status = 'done'
                  AND r.op IN ('I', 'U', 'D')
-               GROUP BY b.batch_no, r.rel, b.started_at
+               GROUP BY b.batch_no, r.rel, b.started_at, b.manifest::text
                ORDER BY b.batch_no, r.rel""",
             run_id,
             stage,

@@ -65,6 +65,7 @@ class BatchContext:
     attempts: int
     errors: list[dict[str, str]]
     started: datetime
+    manifest_sql: str | None = None  # the plan's [manifest] sql
 
     def values(self, target: TargetInfo) -> dict[str, Any]:
         b = self.batch
@@ -337,6 +338,42 @@ async def _outside_keys(conn: asyncpg.Connection, target: TargetInfo, batch: Bat
         return []
 
 
+MANIFEST_ROWS = 100  # rows of the plan's [manifest] sql kept per batch
+
+
+async def record_manifest(conn: asyncpg.Connection, ctx: BatchContext) -> None:
+    """The plan's [manifest] sql over the batch's keys, last in the batch's transaction, its
+    rows stored with the batch's ledger row. It runs read-only (in a savepoint that is rolled
+    back, so the batch's own writes are kept): a manifest query that writes fails the batch."""
+    if ctx.manifest_sql is None:
+        return
+    batch = ctx.batch
+    probe = conn.transaction()
+    await probe.start()
+    try:
+        await conn.execute("SET LOCAL transaction_read_only = on")
+        rows = await conn.fetch(
+            f"SELECT row_to_json(m)::text FROM ({ctx.manifest_sql}\n) AS m LIMIT {MANIFEST_ROWS + 1}",
+            *batch.key_arrays,
+        )
+    except asyncpg.PostgresError as e:
+        raise ScopeViolation(
+            f"batch {batch.batch_no} (keys {batch.key_range}): the plan's manifest.sql failed: "
+            f"{' '.join(str(e).split())}; the batch was rolled back",
+            hint="manifest.sql must be one read-only SELECT over the batch's keys ($1…)",
+        ) from None
+    finally:
+        await probe.rollback()
+    kept = [json.loads(r[0]) for r in rows[:MANIFEST_ROWS]]
+    doc = {"rows": kept, "truncated": len(rows) > MANIFEST_ROWS}
+    await conn.execute(
+        "UPDATE backfill.batches SET manifest = $3::jsonb WHERE run_id = $1 AND batch_no = $2",
+        ctx.run_id,
+        batch.batch_no,
+        json.dumps(doc),
+    )
+
+
 async def _apply_once(
     conn: asyncpg.Connection,
     target: TargetInfo,
@@ -380,6 +417,7 @@ async def _apply_once(
         await _check_writes(conn, target, batch, start, reported)
         if counts["other_changed"]:
             raise await _undeclared_change(conn, fresh, target, batch, counts)
+        await record_manifest(conn, ctx)
         return int(counts["changed"])
 
 
@@ -406,6 +444,7 @@ async def _apply_returning(
             )
         if row["other_changed"]:
             raise await _undeclared_change(conn, fresh, target, batch, row)
+        await record_manifest(conn, ctx)
         return int(row["changed"])
 
 
@@ -586,6 +625,7 @@ async def _apply_shaped(
                 hint="look for triggers, cascading foreign keys and writes inside functions: every "
                 "row a batch writes must be one its statements write (so it can be undone)",
             )
+        await record_manifest(conn, ctx)
         return int(row["changed"]), int(row["same"])
 
 
@@ -606,8 +646,10 @@ class BatchExecutor:
         backoff_base: float = 0.2,
         backoff_cap: float = 10.0,
         shape: ShapedRun | None = None,
+        manifest_sql: str | None = None,
     ) -> None:
         self.shape = shape
+        self.manifest_sql = manifest_sql
         self.target = target
         self.apply_sql = apply_sql
         self.run_id = run_id
@@ -673,7 +715,9 @@ class BatchExecutor:
                         errors=errors,
                         started_at=started_wall,
                     )
-                ctx = BatchContext(batch, self.run_id, attempt, errors, started_wall)
+                ctx = BatchContext(
+                    batch, self.run_id, attempt, errors, started_wall, self.manifest_sql
+                )
                 noop: int | None = None
                 if self.shape is not None:
                     changed, noop = await _apply_shaped(conn, self.shape, ctx, self.mode or "")

@@ -633,6 +633,7 @@ async def _machine(
             connect.for_batches,
             max_retries=b.max_retries,
             shape=shape,
+            manifest_sql=m.sql if (m := plan.manifest) else None,
         ),
         checker_connection=connect.for_checks,
         record=BatchRecorder(session, frame.dir / "batches", stage, progress, env),
@@ -1008,9 +1009,14 @@ async def write_manifest(
     conn: asyncpg.Connection, run: ledger.RunRow, env: str, stage: str
 ) -> Path:
     """manifest.jsonl: one line per committed batch and table — which keys it changed (or their
-    count and md5 where there are many), from the ledger's images."""
+    count and md5 where there are many), from the ledger's images, with the rows of the plan's
+    [manifest] sql on the batch's first line; then, for a windowed run, one line per window with
+    discovery's count at its start against what its batches did."""
     names = {int(t["rel"]): f"{t['schema']}.{t['name']}" for t in run.tables or []}
+    windows = await ledger.window_rows(conn, run.run_id, env) if run.plan.get("windows") else []
+    starts = sorted((w["first_batch"], w["window_no"]) for w in windows if w["first_batch"])
     lines = []
+    seen: set[int] = set()
     for r in await ledger.manifest_rows(conn, run.run_id, stage, MANIFEST_KEYS_UP_TO):
         entry: dict[str, Any] = {
             "batch_no": r["batch_no"],
@@ -1019,9 +1025,19 @@ async def write_manifest(
             "changed": r["changed"],
             "keys_md5": r["keys_md5"],
         }
+        if starts:
+            entry["window"] = next(
+                (no for first, no in reversed(starts) if first <= r["batch_no"]), None
+            )
         if r["keys"] is not None:
             entry["keys"] = json.loads(r["keys"])
+        if r["manifest"] is not None and r["batch_no"] not in seen:
+            entry["manifest"] = json.loads(r["manifest"])
+        seen.add(r["batch_no"])
         lines.append(json.dumps(entry))
+    for w in windows:
+        result = window_result(w)
+        lines.append(json.dumps({"window": result.no} | result.model_dump(exclude={"no"})))
     path = RunDir.of(run.run_id).env(env) / manifest_name(stage)
     return write_text(path, "".join(f"{line}\n" for line in lines))
 

@@ -220,6 +220,7 @@ async def _retry(
                 connect.for_batches,
                 max_retries=b.max_retries,
                 shape=shape,
+                manifest_sql=m.sql if (m := plan.manifest) else None,
             ),
             checker_connection=connect.for_checks,
             record=BatchRecorder(session, RunDir.of(run_id).env(env) / "batches", STAGE, None, env),

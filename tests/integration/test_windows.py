@@ -384,3 +384,59 @@ def test_a_windowed_rollout_walks_staging_then_prod_where_the_canary_stops_insid
     assert val(prod, "SELECT count(*) FROM window_log WHERE what = 'before'") == 3
     rest_md = next((workdir / "backfill_logs").rglob(f"{run_id}/prod/rest_summary.md"))
     assert "## Windows" in rest_md.read_text()
+
+
+MONTHS = (
+    "SELECT to_char(created, 'YYYY-MM') AS month, count(*) AS rows FROM events "
+    "WHERE id = ANY($1) GROUP BY 1 ORDER BY 1"
+)
+
+
+def test_the_manifest_records_each_batch_with_its_manifest_rows_and_each_window(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_events(db)
+    plan = windows_plan(workdir / "p.json", manifest={"sql": MONTHS}, batching__size=100)
+    result = cli("apply", str(plan), "-e", "staging", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    run_id = run_id_of(result.output)
+    path = next((workdir / "backfill_logs").rglob(f"{run_id}/staging/manifest.jsonl"))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    batches = [x for x in lines if "batch_no" in x]
+    windows = [x for x in lines if "batch_no" not in x]
+    assert sum(b["changed"] for b in batches) == 910
+    assert [b["window"] for b in batches] == [1] * 4 + [2] * 3 + [3] * 4
+    first = batches[0]["manifest"]
+    assert first == {"rows": [{"month": "2024-01", "rows": 100}], "truncated": False}
+    assert sum(r["rows"] for b in batches for r in b["manifest"]["rows"]) == 910
+    assert [(w["window"], w["discovered"], w["keys"], w["matches"]) for w in windows] == [
+        (1, 310, 310, True),
+        (2, 290, 290, True),
+        (3, 310, 310, True),
+    ]
+
+
+def test_a_manifest_query_that_writes_fails_its_batch_and_changes_nothing(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_events(db)
+    writes = (
+        "WITH x AS (UPDATE events SET note = 'oops' WHERE id = ANY($1) RETURNING id) "
+        "SELECT count(*) AS n FROM x"
+    )
+    plan = windows_plan(workdir / "p.json", manifest={"sql": writes})
+    result = cli("apply", str(plan), "-e", "staging", env=env_for(db))
+    assert result.exit_code == 1, result.output
+    assert "must be at the top level" in result.output
+    # nor through a function that writes: the query runs in a read-only savepoint
+    sql(
+        db,
+        "CREATE FUNCTION stamp(ids bigint[]) RETURNS int LANGUAGE sql AS "
+        "$$ UPDATE events SET note = 'oops' WHERE id = ANY(ids) RETURNING 1 $$",
+    )
+    plan = windows_plan(workdir / "p.json", manifest={"sql": "SELECT stamp($1) AS n"})
+    result = cli("apply", str(plan), "-e", "staging", env=env_for(db))
+    assert result.exit_code == 1, result.output
+    assert "read-only transaction" in result.output
+    assert "the plan's manifest.sql failed" in result.output
+    assert val(db, "SELECT count(*) FROM events WHERE n <> 0 OR note IS NOT NULL") == 0
