@@ -16,6 +16,7 @@ from runner.db import Databases
 from runner.engine.checks import wrap_check
 from runner.engine.shapes import shaped_run
 from runner.engine.target import TargetInfo, resolve_target
+from runner.engine.windows import plan_windows
 from runner.errors import InvalidInput
 from runner.plan import LoadedPlan, Plan, sql_code
 
@@ -229,6 +230,7 @@ async def validate_env(
                 else:
                     report.findings.append(Finding("discovery.sql", True, "prepares; pages by key"))
             await _check_apply(conn, report, plan, target)
+            await _check_windows(conn, report, plan, target)
             for check in plan.soak.checks if with_checks else []:
                 for where, sql in (
                     (f"soak.checks.{check.name}.sql", check.sql),
@@ -243,6 +245,34 @@ async def validate_env(
         finally:
             await tx.rollback()
     return report
+
+
+async def _check_windows(
+    conn: asyncpg.Connection, report: EnvValidation, plan: Plan, target: TargetInfo
+) -> None:
+    """The plan's windows computed here (before a run is created), and its manifest query."""
+    if plan.windows is not None:
+        try:
+            async with conn.transaction():
+                walk = await plan_windows(conn, target, plan.windows, plan.discovery.sql)
+        except InvalidInput as e:
+            report.findings.append(Finding("windows", False, e.message))
+        except asyncpg.PostgresError as e:
+            report.findings.append(Finding("windows", False, " ".join(str(e).split())))
+        else:
+            first, last = walk.windows[0], walk.windows[-1]
+            report.findings.append(
+                Finding(
+                    "windows",
+                    True,
+                    f"{len(walk.windows)} window(s): {first.label}"
+                    + (f" … {last.label}" if len(walk.windows) > 1 else ""),
+                )
+            )
+    if plan.manifest is not None:
+        wrapped = f"SELECT row_to_json(m) FROM ({plan.manifest.sql}\n) AS m"
+        if await _check_sql(conn, report, "manifest.sql", wrapped) is not None:
+            report.findings.append(Finding("manifest.sql", True, "prepares over the batch's keys"))
 
 
 def refuse_unfit(report: EnvValidation, path: str) -> None:

@@ -332,13 +332,20 @@ def test_windows_that_do_not_fit_the_table_are_refused_before_anything_runs(
         assert result.exit_code == 2, (over, result.output)
         assert message in " ".join(result.output.split()), (over, result.output)
         assert val(db, "SELECT count(*) FROM events WHERE n <> 0") == 0
+        assert val(db, "SELECT count(*) FROM backfill.runs") == 0  # refused before a run
+        checked = cli("validate", str(plan), "--env", "staging", env=env_for(db))
+        assert checked.exit_code != 0, checked.output
 
 
 def test_the_dry_run_estimates_each_window_and_counts_what_lies_outside(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
     make_events(db)
-    plan = windows_plan(workdir / "p.json")
+    plan = windows_plan(workdir / "p.json", manifest={"sql": MONTHS})
+    checked = cli("validate", str(plan), "--env", "staging", env=env_for(db))
+    assert checked.exit_code == 0, checked.output
+    assert "3 window(s): [2024-01-01, 2024-02-01) … [2024-03-01, 2024-04-01)" in checked.output
+    assert "manifest.sql" in checked.output
     result = cli("apply", str(plan), "-e", "staging", "--dry-run", env=env_for(db))
     assert result.exit_code == 0, result.output
     out = result.output
