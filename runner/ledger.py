@@ -1072,6 +1072,18 @@ async def run_totals(conn: asyncpg.Connection, run_id: str) -> dict[str, int]:
     return {k: int(v) for k, v in dict(row or {}).items()}
 
 
+async def stage_totals(conn: asyncpg.Connection, run_id: str, stage: str) -> dict[str, int]:
+    """A stage's committed batches, over every command that ran it."""
+    row = await conn.fetchrow(
+        "SELECT count(*) AS batches, coalesce(sum(changed), 0) AS changed,"
+        " coalesce(sum(noop), 0) AS noop, count(*) FILTER (WHERE attempts > 1) AS retried"
+        " FROM backfill.batches WHERE run_id = $1 AND stage = $2 AND status = 'done'",
+        run_id,
+        stage,
+    )
+    return {k: int(v) for k, v in dict(row or {}).items()}
+
+
 async def errors_by_category(conn: asyncpg.Connection, run_id: str, stage: str) -> dict[str, int]:
     rows = await conn.fetch(
         "SELECT e->>'category' AS category, count(*)::int AS n FROM backfill.batches AS b,"

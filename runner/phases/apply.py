@@ -830,7 +830,8 @@ async def _finish(
         if gate
         else f"{cmd} status {run_id}"
     )
-    doc = _result_doc(loaded, target, state, warnings).model_copy(
+    stage_totals = await ledger.stage_totals(conn, run_id, stage)
+    doc = _result_doc(loaded, target, state, warnings, stage_totals).model_copy(
         update={
             "plan": await plan_binding(conn, loaded),
             "operator": frame.run.operator,
@@ -955,14 +956,19 @@ def _quarantine_warnings(
 
 
 def _result_doc(
-    loaded: LoadedPlan, target: TargetInfo, state: RunState, warnings: list[str]
+    loaded: LoadedPlan,
+    target: TargetInfo,
+    state: RunState,
+    warnings: list[str],
+    stage_totals: dict[str, int],
 ) -> ApplyDoc:
-    """What the stage did, as recorded in the ledger and rendered in its summary."""
+    """What the stage did, as recorded in the ledger and rendered in its summary: its totals
+    over every command that ran it (`stage_totals`, from the ledger: a stage continued after a
+    stop counts what each command committed); its throughput, this command's."""
     plan = loaded.plan
     elapsed = time.perf_counter() - state.started
     done = [o for o in state.outcomes if o.status == "done"]
-    changed = sum(o.changed for o in done)
-    noop = sum(o.noop for o in done)
+    rows_now = sum(o.changed + o.noop for o in done)
     return ApplyDoc(
         target=TargetDoc(
             table=target.display,
@@ -974,11 +980,11 @@ def _result_doc(
         canary_batches=plan.canary.batches if plan.canary else None,
         totals=ApplyTotals(
             rows_needing_at_start=state.rows_needing_at_start,
-            batches=len(done),
+            batches=stage_totals["batches"],
             batches_this_command=len(state.outcomes),
-            changed=changed,
-            noop=noop,
-            retried_batches=sum(1 for o in done if o.attempts > 1),
+            changed=stage_totals["changed"],
+            noop=stage_totals["noop"],
+            retried_batches=stage_totals["retried"],
             remaining=state.remaining_after,
             passes=state.passes,
         ),
@@ -986,7 +992,7 @@ def _result_doc(
             started_at=state.started_at.isoformat(),
             elapsed_seconds=round(elapsed, 3),
             counting_seconds=round(state.counting_seconds, 3),
-            rows_per_second=round((changed + noop) / elapsed, 1) if elapsed > 0 else None,
+            rows_per_second=round(rows_now / elapsed, 1) if elapsed > 0 else None,
             batches_per_minute=round(len(done) / elapsed * 60, 2) if elapsed > 0 else None,
         ),
         warnings=warnings,

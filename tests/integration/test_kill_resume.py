@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -135,3 +136,9 @@ def test_sigkill_at_random_moments_then_resume_ends_exactly_once(workdir: Path, 
         )
         == 0
     )
+    # the summary and results count the whole stage, not only the last command's batches
+    results = next((workdir / "backfill_logs").rglob(f"{run_id}/staging/execution_results.json"))
+    totals = json.loads(results.read_text())["totals"]
+    assert (totals["changed"], totals["batches"]) == (2400, len(per_batch))
+    summary = results.with_name("backfill_summary.md").read_text()
+    assert "| Rows changed | 2,400 |" in summary

@@ -189,6 +189,11 @@ def test_a_run_killed_in_window_two_resumes_there_and_does_each_window_once(
         )
         == 910
     )
+    doc = json.loads(
+        next((workdir / "backfill_logs").rglob(f"{run_id}/staging/execution_results.json"))
+        .read_text()
+    )
+    assert doc["totals"]["changed"] == 910, doc["totals"]  # the whole run, both commands
     hooks = sql(db, "SELECT what, lower, count(*) AS n FROM window_log GROUP BY 1, 2")
     assert sorted((r["what"], r["lower"], r["n"]) for r in hooks) == [
         ("after", "2024-01-01", 1),
