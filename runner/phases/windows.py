@@ -98,7 +98,9 @@ async def _run_hook(conn: asyncpg.Connection, what: str, sql: str | None, w: Win
         raise WorkFailed(
             f"windows.{what} failed for window {w.no} {w.label}: {' '.join(str(e).split())}; "
             f"the window was not {'started' if what == 'before_each' else 'recorded done'}",
-            hint=f"fix windows.{what} (or what it needs), then continue the run with --run",
+            hint=f"if what windows.{what} needs is missing (a table, a grant), fix that and "
+            "continue the run with --run; if the statement itself is wrong, the plan changes: "
+            "start a new run (`backfill rollback` undoes this one's batches)",
         ) from None
 
 

@@ -190,8 +190,9 @@ def test_a_run_killed_in_window_two_resumes_there_and_does_each_window_once(
         == 910
     )
     doc = json.loads(
-        next((workdir / "backfill_logs").rglob(f"{run_id}/staging/execution_results.json"))
-        .read_text()
+        next(
+            (workdir / "backfill_logs").rglob(f"{run_id}/staging/execution_results.json")
+        ).read_text()
     )
     assert doc["totals"]["changed"] == 910, doc["totals"]  # the whole run, both commands
     hooks = sql(db, "SELECT what, lower, count(*) AS n FROM window_log GROUP BY 1, 2")
@@ -452,3 +453,32 @@ def test_a_manifest_query_that_writes_fails_its_batch_and_changes_nothing(
     assert "read-only transaction" in result.output
     assert "the plan's manifest.sql failed" in result.output
     assert val(db, "SELECT count(*) FROM events WHERE n <> 0 OR note IS NOT NULL") == 0
+
+
+def test_a_failing_hook_stops_the_phase_with_the_window_untouched_and_the_run_continues(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_events(db)
+    plan = windows_plan(
+        workdir / "p.json",
+        windows__after_each="INSERT INTO window_done (lower) VALUES ($1)",
+    )
+    failed = cli("apply", str(plan), "-e", "staging", env=env_for(db))
+    assert failed.exit_code == 1, failed.output
+    assert "windows.after_each failed for window 1 [2024-01-01, 2024-02-01)" in failed.output
+    assert 'relation "window_done" does not exist' in failed.output
+    run_id = run_id_of(failed.output)
+    # window 1's batches committed; it is not recorded done, window 2 never started
+    assert [w["status"] for w in windows_of(db, run_id)] == ["running", "pending", "pending"]
+    assert val(db, "SELECT count(*) FROM events WHERE n = 1") == 310
+    sql(db, "CREATE TABLE window_done (lower text)")
+    again = cli("apply", str(plan), "-e", "staging", "--run", run_id, env=env_for(db))
+    assert again.exit_code == 3, again.output
+    assert [w["status"] for w in windows_of(db, run_id)] == ["done", "done", "done"]
+    assert [r["lower"] for r in sql(db, "SELECT lower FROM window_done ORDER BY 1")] == [
+        "2024-01-01",
+        "2024-02-01",
+        "2024-03-01",
+    ]
+    assert [r["what"] for r in sql(db, "SELECT what FROM window_log ORDER BY at")] == ["before"] * 3
+    assert val(db, "SELECT count(*) FROM events WHERE n = 1") == 910
