@@ -482,3 +482,26 @@ def test_a_failing_hook_stops_the_phase_with_the_window_untouched_and_the_run_co
     ]
     assert [r["what"] for r in sql(db, "SELECT what FROM window_log ORDER BY at")] == ["before"] * 3
     assert val(db, "SELECT count(*) FROM events WHERE n = 1") == 910
+
+
+def test_a_row_cap_counts_across_windows_and_the_next_command_continues_inside_one(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_events(db)
+    plan = windows_plan(workdir / "p.json")
+    env = env_for(db)
+    first = cli("apply", str(plan), "-e", "staging", "--max-rows", "400", env=env)
+    assert first.exit_code == 0, first.output
+    assert "capped" in first.output
+    run_id = run_id_of(first.output)
+    assert val(db, "SELECT count(*) FROM events WHERE n = 1") == 400  # exactly: 310 + 90
+    assert [w["status"] for w in windows_of(db, run_id)] == ["done", "running", "pending"]
+    second = cli("apply", str(plan), "-e", "staging", "--run", run_id, env=env)
+    assert second.exit_code == 3, second.output
+    windows = windows_of(db, run_id)
+    assert [(w["status"], w["discovered"], w["keys"]) for w in windows] == [
+        ("done", 310, 310),
+        ("done", 290, 290),
+        ("done", 310, 310),
+    ]
+    assert val(db, "SELECT count(*) FROM events WHERE n = 1") == 910
