@@ -1062,22 +1062,16 @@ async def stage_batches(conn: asyncpg.Connection, run_id: str, stage: str) -> li
     ]
 
 
-async def run_totals(conn: asyncpg.Connection, run_id: str) -> dict[str, int]:
-    row = await conn.fetchrow(
-        "SELECT count(*) FILTER (WHERE status = 'done') AS batches,"
-        " coalesce(sum(changed), 0) AS changed, coalesce(sum(noop), 0) AS noop"
-        " FROM backfill.batches WHERE run_id = $1",
-        run_id,
-    )
-    return {k: int(v) for k, v in dict(row or {}).items()}
-
-
-async def stage_totals(conn: asyncpg.Connection, run_id: str, stage: str) -> dict[str, int]:
-    """A stage's committed batches, over every command that ran it."""
+async def batch_totals(
+    conn: asyncpg.Connection, run_id: str, stage: str | None = None
+) -> dict[str, int]:
+    """The committed batches of the run, or of one of its stages, over every command that ran
+    them: how many, rows changed, no-ops, batches that needed a retry."""
     row = await conn.fetchrow(
         "SELECT count(*) AS batches, coalesce(sum(changed), 0) AS changed,"
         " coalesce(sum(noop), 0) AS noop, count(*) FILTER (WHERE attempts > 1) AS retried"
-        " FROM backfill.batches WHERE run_id = $1 AND stage = $2 AND status = 'done'",
+        " FROM backfill.batches WHERE run_id = $1 AND status = 'done'"
+        " AND ($2::text IS NULL OR stage = $2)",
         run_id,
         stage,
     )

@@ -830,7 +830,7 @@ async def _finish(
         if gate
         else f"{cmd} status {run_id}"
     )
-    stage_totals = await ledger.stage_totals(conn, run_id, stage)
+    stage_totals = await ledger.batch_totals(conn, run_id, stage)
     doc = _result_doc(loaded, target, state, warnings, stage_totals).model_copy(
         update={
             "plan": await plan_binding(conn, loaded),
@@ -1064,7 +1064,7 @@ def _artifacts(dbs: Databases, stage: str) -> ReportWriter:
                 "run_id": run_id,
                 "stage": stage,
                 "errors_by_category": await ledger.errors_by_category(conn, run_id, stage),
-                "run_totals": await ledger.run_totals(conn, run_id),
+                "run_totals": await ledger.batch_totals(conn, run_id),
             },
         )
         await write_manifest(conn, run, env, stage)
