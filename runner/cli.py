@@ -409,7 +409,10 @@ def init(plan: PlanArg, env: EnvOpt) -> None:
 
 def _impact_lines(impact: dict[str, Any], workers: int) -> list[str]:
     """The dry run's impact estimate, as an operator reads it."""
-    lines = [f"  size: about {impact['bytes'] / 1e6:,.1f} MB of the table's rows"]
+    lines = [
+        f"  size: about {impact['bytes'] / 1e6:,.1f} MB"
+        f" ({impact.get('bytes_from', 'the table average times the rows')})"
+    ]
     if impact.get("time_column"):
         lines.append(f"  {impact['time_column']}: from {impact['oldest']} to {impact['newest']}")
     sample = impact["sample"]

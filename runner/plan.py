@@ -286,6 +286,17 @@ class Discovery(_Model):
     sql: NonEmpty
     time_column: NonEmpty | None = None
     """A column of the target whose oldest and newest values the dry run reports."""
+    size_sql: NonEmpty | None = None
+    """The bytes the backfill will touch, for the impact estimate: one read-only query over
+    `discovered` (discovery's rows), e.g. `SELECT sum(f.size_bytes) FROM files f JOIN discovered d
+    USING (id)`; without it, the table's average row size × the rows."""
+
+    @field_validator("size_sql")
+    @classmethod
+    def _size_reads(cls, sql: str | None) -> str | None:
+        if sql is not None and sql.rstrip().endswith(";"):
+            raise ValueError("discovery.size_sql is wrapped by the runner: remove the trailing `;`")
+        return None if sql is None else refuse_side_effects(sql, "discovery.size_sql")
 
     @field_validator("sql")
     @classmethod

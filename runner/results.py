@@ -184,3 +184,4 @@ class HealthDoc(PhaseResult):
     mini_plan_file: str
     mini_plan: dict[str, Any]
     windows: list[dict[str, Any]] = Field(default_factory=list)  # a windowed plan's, counted
+    impact: dict[str, Any] = Field(default_factory=dict)  # bytes and time span (engine.impact)

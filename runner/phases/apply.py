@@ -17,7 +17,7 @@ import structlog
 
 from runner import ledger, rollout
 from runner.artifacts import RunDir, check_run_id, new_run_id, write_json, write_text
-from runner.db import Databases, close_quietly, quote_ident
+from runner.db import Databases, close_quietly
 from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
 from runner.engine.discovery import Page
 from runner.engine.executor import (
@@ -26,11 +26,12 @@ from runner.engine.executor import (
     BatchOutcome,
     require_write_tracking,
 )
+from runner.engine.impact import estimate_impact
 from runner.engine.quarantine import Budget, ExcludingSource, Policy, Quarantine
 from runner.engine.session import MainSession
 from runner.engine.shapes import ShapedRun, resolve_tables, shaped_run
 from runner.engine.sizing import BatchSizer
-from runner.engine.target import TargetInfo, as_subquery, resolve_target
+from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.engine.watch import RunWatch
 from runner.engine.windows import plan_windows
@@ -136,36 +137,6 @@ async def _sample_batch(
     return _Sample(seconds, page.size, "the plan's statements on the first batch, rolled back")
 
 
-async def _impact(
-    conn: asyncpg.Connection, target: TargetInfo, loaded: LoadedPlan, needing: int
-) -> dict[str, Any]:
-    """Size and time span of what the backfill will touch (read-only)."""
-    plan = loaded.plan
-    size = await conn.fetchrow(
-        "SELECT pg_total_relation_size(c.oid) AS bytes, greatest(c.reltuples, 1)::float8 AS rows "
-        "FROM pg_class c WHERE c.oid = $1",
-        target.oid,
-    )
-    assert size is not None
-    out: dict[str, Any] = {
-        "bytes": round(size["bytes"] / size["rows"] * needing),
-        "table_bytes": size["bytes"],
-    }
-    column = plan.discovery.time_column
-    if column is not None:
-        keys = ", ".join(k.q for k in target.key)
-        span = await conn.fetchrow(
-            f"SELECT min(t.{quote_ident(column)})::text AS oldest, "
-            f"max(t.{quote_ident(column)})::text AS newest FROM {target.table} AS t "
-            f"WHERE ({', '.join(f't.{k.q}' for k in target.key)}) IN "
-            f"(SELECT {keys} FROM {as_subquery(plan.discovery.sql)} AS d)"
-        )
-        assert span is not None
-        out["time_column"] = column
-        out["oldest"], out["newest"] = span["oldest"], span["newest"]
-    return out
-
-
 DRY_RUN_WINDOWS = 100  # windows the dry run counts one by one
 
 
@@ -202,7 +173,7 @@ async def _dry_run(
             statements = shaped_statements(await shaped_run(conn, plan, target))
         else:
             statements = await batch_statements(conn, target, plan.apply.sql or "")
-        impact = await _impact(conn, target, loaded, needing)
+        impact = await estimate_impact(conn, target, plan.discovery, source.discovery_sql, needing)
     batches = math.ceil(needing / plan.batching.size)
     throttle = Throttle(
         plan.batching.batches_per_minute, plan.batching.rows_per_second, plan.batching.size

@@ -16,6 +16,7 @@ from runner import ledger
 from runner.artifacts import RunDir, check_run_id, write_json
 from runner.db import Databases, fetch_one, qualified
 from runner.engine import dbhealth
+from runner.engine.impact import estimate_impact
 from runner.engine.shapes import resolve_tables
 from runner.engine.target import TargetInfo, as_subquery, resolve_target
 from runner.engine.throttle import Throttle
@@ -267,6 +268,7 @@ class _ProdFacts:
     declared: dict[str, set[str]]  # per table: its key and the columns an update may change
     tables: list[dict[str, Any]] | None  # a shaped run's tables, as the run's row records them
     windows: list[dict[str, Any]]  # a windowed plan's first windows, with discovery's count
+    impact: dict[str, Any]  # engine.impact: the bytes and time span of what still needs it
 
 
 async def _prod_facts(ro: asyncpg.Connection, plan: Plan) -> _ProdFacts:
@@ -283,6 +285,7 @@ async def _prod_facts(ro: asyncpg.Connection, plan: Plan) -> _ProdFacts:
                 n = await ro.fetchval(f"SELECT count(*) FROM {as_subquery(w.sql)} AS d")
                 windows.append({"no": w.no, "label": w.label, "rows": int(n)})
         needing = await fetch_one(ro, target.discovery_count_sql(discovery))
+        impact = await estimate_impact(ro, target, plan.discovery, discovery, int(needing["n"]))
         size = await fetch_one(
             ro,
             "SELECT pg_total_relation_size(to_regclass($1)) AS bytes,"
@@ -297,7 +300,7 @@ async def _prod_facts(ro: asyncpg.Connection, plan: Plan) -> _ProdFacts:
             shapes[t.display] = await table_shape(ro, t.table)
             declared[t.display] = set(t.declared) | {k.name for k in t.key}
     docs = None if tables is None else [t.doc() for t in tables]
-    return _ProdFacts(target, needing, size, capacity, shapes, declared, docs, windows)
+    return _ProdFacts(target, needing, size, capacity, shapes, declared, docs, windows, impact)
 
 
 def _write_mini_plan(
@@ -433,4 +436,5 @@ async def _judge(
         mini_plan=raw_mini,
         overrides=overrides_note(staging.decisions),
         windows=facts.windows,
+        impact=facts.impact,
     )

@@ -250,7 +250,8 @@ async def validate_env(
 async def _check_windows(
     conn: asyncpg.Connection, report: EnvValidation, plan: Plan, target: TargetInfo
 ) -> None:
-    """The plan's windows computed here (before a run is created), and its manifest query."""
+    """The plan's windows computed here (before a run is created); its size and manifest
+    queries prepared."""
     if plan.windows is not None:
         try:
             async with conn.transaction():
@@ -269,6 +270,10 @@ async def _check_windows(
                     + (f" … {last.label}" if len(walk.windows) > 1 else ""),
                 )
             )
+    if plan.discovery.size_sql is not None:
+        wrapped = f"WITH discovered AS ({plan.discovery.sql}\n) {plan.discovery.size_sql}"
+        if await _check_sql(conn, report, "discovery.size_sql", wrapped) is not None:
+            report.findings.append(Finding("discovery.size_sql", True, "prepares over discovery"))
     if plan.manifest is not None:
         wrapped = f"SELECT row_to_json(m) FROM ({plan.manifest.sql}\n) AS m"
         if await _check_sql(conn, report, "manifest.sql", wrapped) is not None:

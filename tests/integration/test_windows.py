@@ -347,7 +347,12 @@ def test_the_dry_run_estimates_each_window_and_counts_what_lies_outside(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
     make_events(db)
-    plan = windows_plan(workdir / "p.json", manifest={"sql": MONTHS})
+    plan = windows_plan(
+        workdir / "p.json",
+        manifest={"sql": MONTHS},
+        discovery__time_column="created",
+        discovery__size_sql="SELECT sum(1000) FROM events AS e JOIN discovered AS d USING (id)",
+    )
     checked = cli("validate", str(plan), "--env", "staging", env=env_for(db))
     assert checked.exit_code == 0, checked.output
     assert "3 window(s): [2024-01-01, 2024-02-01) … [2024-03-01, 2024-04-01)" in checked.output
@@ -357,6 +362,9 @@ def test_the_dry_run_estimates_each_window_and_counts_what_lies_outside(
     out = result.output
     assert "rows needing the backfill: 910" in out
     assert "windows: 3; rows discovery returns outside them (not touched): 50" in out
+    # the size and the span are those of what the run will do: within the windows
+    assert "size: about 0.9 MB (discovery.size_sql)" in out
+    assert "created: from 2024-01-01 to 2024-03-31" in out
     assert "1. [2024-01-01, 2024-02-01): 310 row(s), 8 batch(es), about" in out
     assert "2. [2024-02-01, 2024-03-01): 290 row(s), 8 batch(es)" in out
     assert val(db, "SELECT count(*) FROM events WHERE n <> 0") == 0
@@ -370,7 +378,12 @@ def test_a_windowed_rollout_walks_staging_then_prod_where_the_canary_stops_insid
     make_events(staging)
     make_events(prod)
     env = {"STAGING_DSN": staging, "PROD_DSN": prod}
-    plan = windows_plan(workdir / "p.json", soak__duration="1s", soak__interval="1s")
+    plan = windows_plan(
+        workdir / "p.json",
+        soak__duration="1s",
+        soak__interval="1s",
+        discovery__time_column="created",
+    )
     first = cli("pipeline", str(plan), "-q", env=env)
     assert first.exit_code == 3, first.output
     run_id = run_id_of(first.output)
@@ -379,6 +392,8 @@ def test_a_windowed_rollout_walks_staging_then_prod_where_the_canary_stops_insid
         step = cli("pipeline", str(plan), "--run", run_id, "-q", env=env)
         assert step.exit_code == 3, (gate, step.output)
     health_md = next((workdir / "backfill_logs").rglob(f"{run_id}/prod/prod_health_check.md"))
+    assert "| Size of what needs it |" in health_md.read_text()
+    assert "| `created` of what needs it | 2024-01-01 … 2024-03-31 |" in health_md.read_text()
     assert "| Rows needing the backfill (discovery count) | 910 |" in health_md.read_text()
     assert "| 2 | [2024-02-01, 2024-03-01) | 290 |" in health_md.read_text()
     # the canary: its batches lie in the first window, which it leaves running

@@ -1,0 +1,63 @@
+"""What a backfill will touch, read-only: the size of the rows and the span of a time column
+(the dry run's and prod health's impact estimate)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from runner.db import quote_ident
+from runner.engine.target import TargetInfo, as_subquery
+from runner.errors import InvalidInput
+from runner.plan import Discovery
+
+
+async def estimate_impact(
+    conn: asyncpg.Connection,
+    target: TargetInfo,
+    discovery: Discovery,
+    discovery_sql: str,
+    needing: int,
+) -> dict[str, Any]:
+    """Bytes (the plan's `discovery.size_sql` over the rows discovery returns, else the table's
+    average row size times the rows) and the oldest and newest `discovery.time_column` among them.
+    `discovery_sql` is what the run will page (within its windows, for a windowed plan)."""
+    size = await conn.fetchrow(
+        "SELECT pg_total_relation_size(c.oid) AS bytes, greatest(c.reltuples, 1)::float8 AS rows "
+        "FROM pg_class c WHERE c.oid = $1",
+        target.oid,
+    )
+    assert size is not None
+    out: dict[str, Any] = {
+        "bytes": round(size["bytes"] / size["rows"] * needing),
+        "bytes_from": "the table's average row size × the rows",
+        "table_bytes": size["bytes"],
+    }
+    if discovery.size_sql is not None:
+        try:
+            async with conn.transaction():  # a savepoint: a failure names the field, nothing else
+                value = await conn.fetchval(
+                    f"WITH discovered AS {as_subquery(discovery_sql)} {discovery.size_sql}"
+                )
+        except asyncpg.PostgresError as e:
+            raise InvalidInput(
+                f"discovery.size_sql failed: {' '.join(str(e).split())}",
+                hint="it reads `discovered` (discovery's rows) and returns one number of bytes, "
+                "e.g. SELECT sum(f.size_bytes) FROM files f JOIN discovered d USING (id)",
+            ) from None
+        if value is not None:
+            out["bytes"], out["bytes_from"] = int(value), "discovery.size_sql"
+    column = discovery.time_column
+    if column is not None:
+        keys = ", ".join(k.q for k in target.key)
+        span = await conn.fetchrow(
+            f"SELECT min(t.{quote_ident(column)})::text AS oldest, "
+            f"max(t.{quote_ident(column)})::text AS newest FROM {target.table} AS t "
+            f"WHERE ({', '.join(f't.{k.q}' for k in target.key)}) IN "
+            f"(SELECT {keys} FROM {as_subquery(discovery_sql)} AS d)"
+        )
+        assert span is not None
+        out["time_column"] = column
+        out["oldest"], out["newest"] = span["oldest"], span["newest"]
+    return out
