@@ -52,6 +52,7 @@ async def run_pipeline(
                 if result.status == "capped":
                     return _capped(result, say)
                 say(f"  run {run_id}: summary {result.summary_path}")
+                _say_quarantine(result, say)
                 continue
             steps = await read_steps(loaded, dbs, run_id)
             step = next(
@@ -68,18 +69,32 @@ async def run_pipeline(
                     say(f"gate {g.gate} is {g.status}: {g.reason}")
                     return EXIT_NO_GO
                 if auto_approver is not None:
+                    # criteria that did not pass need a note (a person read the report and
+                    # decided); the demo writes one and says so. Failed criteria stopped above:
+                    # the demo never overrides.
+                    note = (
+                        ""
+                        if g.criteria == "pass"
+                        else f"approved by the demo (--auto-approve): criteria {g.criteria}; "
+                        "in a real rollout a person reads the report and decides"
+                    )
                     await decide(
                         run_id,
                         g.gate,
                         "approve",
                         actor=auto_approver,
-                        note="approved by the demo (--auto-approve)"
-                        if g.criteria != "pass"
-                        else "",
+                        note=note,
                         override=False,
                         plan_path=None,
                     )
-                    say(f"  gate {g.gate}: approved by {auto_approver} (demo)")
+                    if note:
+                        say(
+                            f"  gate {g.gate}: criteria {g.criteria}, so a person decides here "
+                            f"after reading {report_of(run_id, step)}; approved by {auto_approver} "
+                            f"(demo) with the note: {note}"
+                        )
+                    else:
+                        say(f"  gate {g.gate}: approved by {auto_approver} (demo)")
                     continue
                 report = report_of(run_id, step)
                 say(f"halted at gate {g.gate}: {g.reason}")
@@ -110,6 +125,20 @@ class PhaseRun:
     soak_interval: float | None
 
 
+def _say_quarantine(result: apply_phase.ApplyResult, say: Callable[[str], None]) -> None:
+    """Keys the run quarantined so far (they were not changed): how many, against the budget."""
+    q = result.quarantine
+    if not q.quarantined:
+        return
+    budget = "over" if q.over_budget else "within"
+    say(
+        f"  {result.stage}: the run has quarantined {q.quarantined:,} key(s) in {result.env} "
+        f"({q.rate:.2%} of {q.attempted:,} row(s) attempted, {budget} the failure budget of "
+        f"{q.max_rate or 0:.2%}): not changed; `{command_prefix()} quarantine {result.run_id} "
+        f"--env {result.env}` lists them"
+    )
+
+
 def _capped(result: apply_phase.ApplyResult, say: Callable[[str], None]) -> int:
     """A row cap stops the pipeline too: the next command continues the stage."""
     t = result.totals
@@ -124,7 +153,10 @@ async def _run_apply(r: PhaseRun) -> int | None:
     a = await apply_phase.apply(
         r.loaded, r.dbs, env=r.env, run_id=r.run_id, operator=r.operator, progress=r.progress
     )
-    return _capped(a, r.say) if a.status == "capped" else None
+    if a.status == "capped":
+        return _capped(a, r.say)
+    _say_quarantine(a, r.say)
+    return None
 
 
 async def _run_soak(r: PhaseRun) -> int | None:
@@ -156,6 +188,7 @@ async def _run_mini_apply(r: PhaseRun) -> int | None:
     if a.status == "capped":
         return _capped(a, r.say)
     r.say(f"  {a.stage}: {a.totals.changed:,} row(s) changed; summary {a.summary_path}")
+    _say_quarantine(a, r.say)
     return None
 
 

@@ -73,7 +73,9 @@ async def _seed_starforge(dbs: Databases, loaded: LoadedPlan, scale: float) -> S
         lines.append(
             f"  {env}: {counts['hero_snapshots']:,} hero_snapshots ({share:.0%} newest already "
             f"processed by the real-time ETL); user_troops {counts['user_troops']:,}, user_pets "
-            f"{counts['user_pets']:,}, user_hero_summary {counts['user_hero_summary']:,} rows before"
+            f"{counts['user_pets']:,}, user_hero_summary {counts['user_hero_summary']:,} rows before; "
+            f"{counts['poisoned']:,} snapshot(s) malformed beyond what the plan reads (its apply "
+            "fails on them: they should end quarantined, the rest applied)"
         )
     return Seeded(lines)
 

@@ -3,8 +3,10 @@
 
 The JSON is as messy as the seed's runbook fears: wrong types, missing keys, nulls, empty arrays,
 duplicate troop entries, troops missing from the catalog, and a few percent of payloads that are
-not a profile at all (double-encoded and truncated, `null`, an array). Every choice is a hash of the
-snapshot id, so a scale always yields the same data.
+not a profile at all (double-encoded and truncated, `null`, an array); the plan reads all of that.
+About 0.3 % of the snapshots are malformed beyond what it reads (`POISON`: a TroopId of
+"undefined", a Level of 4294967295): its apply fails on them, and the runner quarantines them
+(#12). Every choice is a hash of the snapshot id, so a scale always yields the same data.
 
 Some normalized rows exist before the backfill: a legacy import (old, so the backfill updates
 them where a snapshot lists the same troop) and the real-time ETL's rows for the newest snapshots,
@@ -153,6 +155,33 @@ FROM (
 ) AS t
 """
 
+# About 0.3 % of the snapshots (hashes under $1 of 1000) get one troop entry the plan cannot read: a TroopId
+# that is not a number (a client that sent "undefined": 22P02) or a Level beyond int (-1 written
+# unsigned: 22003). The entry's other fields are valid (its troop is in the catalog), so the
+# apply's casts always reach the bad value. A snapshot that was not a profile becomes one.
+POISON = f"""
+UPDATE public.hero_snapshots
+SET raw = p.raw, size_bytes = octet_length(p.raw::text)
+FROM (
+    SELECT s.id, jsonb_set(
+               CASE WHEN jsonb_typeof(s.raw -> 'ProfileData') = 'object' THEN s.raw
+                    ELSE jsonb_build_object('Version', 3, 'ProfileData',
+                                            jsonb_build_object('Level', 1 + s.id % 80)) END,
+               '{{ProfileData,Troops}}',
+               CASE WHEN jsonb_typeof(s.raw -> 'ProfileData' -> 'Troops') = 'array'
+                    THEN s.raw -> 'ProfileData' -> 'Troops' ELSE '[]' END
+               || jsonb_build_array(CASE WHEN pg_temp.h(s.id, 16) < 500
+                   THEN jsonb_build_object('TroopId', 'undefined', 'Amount', 10, 'Level', 3)
+                   ELSE jsonb_build_object('TroopId', 1 + s.id % {TROOPS}, 'Amount', 10,
+                                           'Level', 4294967295) END)) AS raw
+    FROM public.hero_snapshots AS s
+    WHERE pg_temp.h(s.id, 15) < $1
+) AS p
+WHERE p.id = hero_snapshots.id
+RETURNING hero_snapshots.id
+"""
+POISON_PER_THOUSAND = 4
+
 # Legacy rows ($1 users), older than every snapshot: the backfill updates those a snapshot lists again.
 LEGACY = [
     f"""INSERT INTO public.user_troops
@@ -176,23 +205,27 @@ async def seed(
     statements: list[str],
 ) -> dict[str, int]:
     """(Re)create the scenario. The newest `realtime_share` of the snapshots were processed by
-    the real-time ETL (the plan's own `statements`); returns the rows of each table."""
+    the real-time ETL (the plan's own `statements`), but for the malformed ones, which it failed
+    on and left unprocessed; returns the rows of each table and how many snapshots are malformed
+    (`poisoned`)."""
     users = max(snapshots // 5, 20)
     await conn.execute(SCHEMA)
     for sql in CATALOGS:
         await conn.execute(sql, *((users,) if "$1" in sql else ()))
     await conn.execute(SNAPSHOTS, snapshots, users)
+    poisoned = {int(r["id"]) for r in await conn.fetch(POISON, POISON_PER_THOUSAND)}
     for sql in LEGACY:
         await conn.execute(sql, users)
     done = int(snapshots * realtime_share)
     if done:
-        ids = list(range(snapshots - done + 1, snapshots + 1))
+        ids = [i for i in range(snapshots - done + 1, snapshots + 1) if i not in poisoned]
         async with conn.transaction():
             for sql in statements:
                 await conn.execute(sql, ids)
     await conn.execute("ANALYZE")
     await keep_before(conn)
-    return {t: int(await conn.fetchval(f"SELECT count(*) FROM public.{t}")) for t in TABLES}
+    counts = {t: int(await conn.fetchval(f"SELECT count(*) FROM public.{t}")) for t in TABLES}
+    return counts | {"poisoned": len(poisoned)}
 
 
 async def keep_before(conn: asyncpg.Connection) -> None:

@@ -82,6 +82,7 @@ class ApplyResult:
     rollback_path: Path | None = None
     totals: ApplyTotals = field(default_factory=ApplyTotals)
     dry_run: dict[str, Any] | None = None
+    quarantine: QuarantineTotals = field(default_factory=QuarantineTotals)  # the run's, so far
 
 
 def _stage_for(loaded: LoadedPlan, env: str) -> str:
@@ -840,6 +841,7 @@ async def _finish(
         summary_path,
         rollback_path,
         doc.totals,
+        quarantine=quarantine,
     )
 
 
@@ -1106,4 +1108,5 @@ async def _finished_result(
         next_command,
         run_dir / summary_name(stage),
         totals=row.doc.totals,
+        quarantine=row.doc_as(ApplyDoc).quarantine,
     )

@@ -1,6 +1,7 @@
 """The Starforge scenario (seed 002, #11): messy hero_snapshots JSON normalized into three tables
 by the shipped plan's upserts, checked against an independent reading of the JSON in Python, and
-undone exactly; and `backfill demo --scenario starforge` end to end."""
+undone exactly; the few snapshots malformed beyond what the plan reads quarantined (#12), exactly
+those the Python reading cannot read; and `backfill demo --scenario starforge` end to end."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,22 +27,66 @@ from tests.conftest import ROOT, run, sql, val
 from tests.helpers import env_for, rollback_file, run_id_of, run_psql
 
 PLAN = ROOT / "plans" / "starforge_hero_snapshots.toml"
-_DIGITS = re.compile(r"[0-9]{1,9}")
+_DIGITS = re.compile(r"[0-9]+")
+_SIGNED = re.compile(r"\s*[+-]?[0-9]+\s*")
+INT_MAX = 2**31 - 1
 
 
 # -- the plan's rules, read independently of its SQL ----------------------------------------------
 
 
+class Unreadable(Exception):
+    """A value the plan does not guess at: its apply fails on it, with this SQLSTATE."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(sqlstate)
+        self.sqlstate = sqlstate
+
+
+def _int(text: str) -> int:
+    n = int(text)
+    if not -INT_MAX - 1 <= n <= INT_MAX:
+        raise Unreadable("22003")  # numeric_value_out_of_range
+    return n
+
+
 def _as_int(entry: dict[str, Any], field: str, default: int | None) -> int | None:
-    """An integer field: a number or a string of digits; missing or null is the default;
-    any other value (12.5, "lots", an object, true) makes the entry unreadable (None)."""
+    """An integer field: a whole number or a string of digits; missing or null is the default.
+    A fractional number, an object or true skips the entry (None), and so does an Amount that is
+    a word ("lots"); a TroopId or Level that is any other string, or an integer beyond int,
+    cannot be read (`Unreadable`)."""
+    v = entry.get(field)
+    if v is None:
+        return default
+    if isinstance(v, str) and field != "Amount" and not _DIGITS.fullmatch(v):
+        if not _SIGNED.fullmatch(v):
+            raise Unreadable("22P02")  # invalid_text_representation
+        return _int(v)
+    if isinstance(v, bool) or not isinstance(v, int | str):
+        return None
+    text = str(v)
+    return _int(text) if _DIGITS.fullmatch(text) else None
+
+
+def unreadable(raw: Any) -> str | None:
+    """The SQLSTATE the plan's apply fails with on a snapshot, or None if it reads it."""
+    try:
+        troops_of(raw)
+    except Unreadable as e:
+        return e.sqlstate
+    return None
+
+
+def _as_pet_int(entry: dict[str, Any], field: str, default: int | None) -> int | None:
+    """A pet's integer field: a number or a string of up to 9 digits; missing or null is the
+    default; any other value skips the entry (None). Pets are never quarantined."""
     v = entry.get(field)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int | str):
         return None
     text = str(v)
-    return int(text) if _DIGITS.fullmatch(text) else None
+    return int(text) if re.fullmatch(r"[0-9]{1,9}", text) else None
 
 
 def _entries(raw: Any, field: str) -> list[dict[str, Any]]:
@@ -50,7 +96,8 @@ def _entries(raw: Any, field: str) -> list[dict[str, Any]]:
 
 
 def troops_of(raw: Any) -> dict[int, tuple[int, int]]:
-    """troop_id → (amount, level) of one snapshot: duplicates keep their largest values."""
+    """troop_id → (amount, level) of one snapshot: duplicates keep their largest values.
+    Raises `Unreadable` for a snapshot the plan's apply fails on."""
     found: dict[int, tuple[int, int]] = {}
     for e in _entries(raw, "Troops"):
         tid = _as_int(e, "TroopId", None)
@@ -65,7 +112,7 @@ def troops_of(raw: Any) -> dict[int, tuple[int, int]]:
 def pets_of(raw: Any) -> dict[int, int]:
     found: dict[int, int] = {}
     for e in _entries(raw, "Pets"):
-        pid, level = _as_int(e, "PetId", None), _as_int(e, "Level", 1)
+        pid, level = _as_pet_int(e, "PetId", None), _as_pet_int(e, "Level", 1)
         if pid is None or level is None or not 1 <= pid <= starforge.PETS:
             continue
         found[pid] = max(found.get(pid, level), level)
@@ -79,11 +126,14 @@ class Expected:
 
 
 def expected_for(before: Expected, snapshots: list[asyncpg.Record]) -> Expected:
-    """A user's rows once every snapshot is processed: per troop (pet), the newest of the row it
-    had and the snapshots that list it, by (snapshot_at, snapshot_id)."""
+    """A user's rows once every snapshot the plan reads is processed (the others are quarantined
+    and change nothing): per troop (pet), the newest of the row it had and the snapshots that
+    list it, by (snapshot_at, snapshot_id)."""
     troops, pets = dict(before.troops), dict(before.pets)
     for s in snapshots:
         raw = json.loads(s["raw"])
+        if unreadable(raw):
+            continue
         for tid, (amount, level) in troops_of(raw).items():
             had = troops.get(tid)
             if had is None or (had[3], had[2] or 0) < (s["created_at"], s["id"]):
@@ -130,15 +180,69 @@ async def check_sampled_users(conn: asyncpg.Connection, every: int = 7) -> tuple
         rows += len(got.troops)
         assert got.troops == want.troops, user
         assert got.pets == want.pets, user
+        readable = [s for s in snaps if not unreadable(json.loads(s["raw"]))]
         summary = await conn.fetchrow(
             "SELECT * FROM public.user_hero_summary WHERE user_id = $1", user
         )
+        if not readable:  # every snapshot of the user was quarantined: the summary is as it was
+            was = await conn.fetchrow(
+                f"SELECT * FROM {starforge.BEFORE_SCHEMA}.user_hero_summary WHERE user_id = $1",
+                user,
+            )
+            assert summary == was, user
+            continue
         assert summary is not None, user
         assert summary["troop_count"] == len(want.troops), user
         assert summary["troop_power"] == sum(a * lv for a, lv, _, _ in want.troops.values()), user
         assert summary["pet_count"] == len(want.pets), user
-        assert summary["last_snapshot_at"] == max(s["created_at"] for s in snaps), user
+        assert summary["last_snapshot_at"] == max(s["created_at"] for s in readable), user
     return len(users), rows
+
+
+def check_value(db: str, name: str, *, unprocess: int | None = None) -> Any:
+    """A soak check of the plan, evaluated directly (optionally with one more snapshot marked
+    unprocessed, in a transaction rolled back)."""
+    checks = {c.name: c.sql for c in load_plan(PLAN, env={}).plan.soak.checks}
+
+    async def go() -> Any:
+        conn = await _connect(db)
+        try:
+            tr = conn.transaction()
+            await tr.start()
+            if unprocess is not None:
+                await conn.execute(
+                    "UPDATE public.hero_snapshots SET processed_at = NULL WHERE id = $1", unprocess
+                )
+            value = await conn.fetchval(checks[name])
+            await tr.rollback()
+            return value
+        finally:
+            await conn.close()
+
+    return run(go)
+
+
+def poisoned(db: str) -> dict[int, str]:
+    """Snapshot id → the SQLSTATE the plan's apply fails on it with, by the Python reading."""
+    found = {
+        int(r["id"]): unreadable(json.loads(r["raw"]))
+        for r in sql(db, "SELECT id, raw::text AS raw FROM public.hero_snapshots")
+    }
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def quarantined(db: str, run_id: str | None = None) -> dict[int, str]:
+    """Snapshot id → SQLSTATE of every key the ledger quarantined (in one run, or in the only
+    one), each key once."""
+    rows = sql(
+        db,
+        "SELECT key, sqlstate FROM backfill.quarantine WHERE run_id = coalesce($1, run_id) "
+        "ORDER BY key",
+        run_id,
+    )
+    keys = [int(r["key"][0]) for r in rows]
+    assert len(keys) == len(set(keys)), keys  # each key once
+    return {int(r["key"][0]): r["sqlstate"] for r in rows}
 
 
 UNIQUENESS = [  # the runbook's uniqueness checks
@@ -230,7 +334,16 @@ def test_the_seed_is_as_messy_as_the_runbook_fears(db: str) -> None:
              AND jsonb_typeof(e) = 'object'""",
     )
     assert sorted(amounts) == ["missing", "number", "object", "string"]
-    assert val(db, "SELECT count(*) FROM hero_snapshots WHERE processed_at IS NOT NULL") == 100
+    # a few snapshots the plan cannot read, well under the failure budget, of both kinds
+    bad = poisoned(db)
+    assert counts["poisoned"] == len(bad)
+    assert 0.002 <= len(bad) / 2000 <= 0.005, len(bad)
+    assert set(bad.values()) == {"22P02", "22003"}, bad
+    # the real-time ETL processed the newest 5 %, but for the unreadable ones among them
+    unprocessed = {
+        r["id"] for r in sql(db, "SELECT id FROM hero_snapshots WHERE processed_at IS NULL")
+    }
+    assert unprocessed == set(range(1, 1901)) | {k for k in bad if k > 1900}
 
 
 @pytest.mark.parametrize("undo", ["runner", "psql"])
@@ -239,10 +352,28 @@ def test_the_starforge_plan_normalizes_messy_json_and_is_undone_exactly(
 ) -> None:
     seed(db, 800)
     env = env_for(db)
+    bad = poisoned(db)
+    assert len(bad) >= 2, bad
     applied = cli("apply", str(PLAN), "-e", "staging", "-q", env=env)
     assert applied.exit_code == 3, applied.output
     run_id = run_id_of(applied.output)
-    assert val(db, "SELECT count(*) FROM hero_snapshots WHERE processed_at IS NULL") == 0
+    # the unreadable snapshots, and only they, were quarantined (each once, with the SQLSTATE
+    # the Python reading expects) and left unprocessed; every other one was applied
+    assert quarantined(db, run_id) == bad
+    unprocessed = {
+        r["id"] for r in sql(db, "SELECT id FROM hero_snapshots WHERE processed_at IS NULL")
+    }
+    assert unprocessed == set(bad)
+    assert val(db, "SELECT count(*) FROM backfill.batches WHERE status = 'quarantined'") == len(bad)
+    assert val(db, "SELECT count(*) FROM backfill.batches WHERE status = 'failed'") == 0
+    # the soak checks account for them: the quarantined snapshots are the unprocessed ones the
+    # apply cannot read; one it can read left unprocessed is counted
+    assert check_value(db, "unprocessed_snapshots") == 0
+    assert (
+        check_value(db, "unprocessed_snapshots", unprocess=min(set(range(1, 801)) - set(bad))) == 1
+    )
+    assert check_value(db, "quarantined_share") == pytest.approx(len(bad) / 800)
+    assert check_value(db, "quarantined_wrote_nothing") == 0
     users, rows = sampled(db)
     assert (users >= 20, rows >= 100) == (True, True), (users, rows)
     for check in UNIQUENESS:
@@ -258,19 +389,33 @@ def test_the_starforge_plan_normalizes_messy_json_and_is_undone_exactly(
     # upserts inserted some rows and updated others (legacy rows and earlier batches' rows)
     assert min(ops["2I"], ops["2U"], ops["4I"], ops["4U"]) > 0, ops
 
-    # a re-run finds nothing to do, and the statements run again change nothing (idempotent)
+    # a new run finds only the unreadable snapshots to do; it quarantines them again and
+    # changes nothing (idempotent)
     again = cli("apply", str(PLAN), "-e", "staging", "-q", env=env)
     assert again.exit_code == 3, again.output
-    assert "0 row(s) need the backfill" in " ".join(again.output.split())
+    assert f"{len(bad)} row(s) need the backfill" in " ".join(again.output.split())
+    again_id = run_id_of(again.output)
+    assert again_id != run_id
+    assert val(db, "SELECT count(*) FROM backfill.row_images WHERE run_id = $1", again_id) == 0
+    assert val(db, "SELECT count(*) FROM backfill.quarantine WHERE run_id = $1", again_id) == len(
+        bad
+    )
 
     soaked = cli(
         "soak", str(PLAN), "-e", "staging", "--run", run_id, "--duration", "1s",
         "--interval", "1s", env=env,
     )  # fmt: skip
     assert soaked.exit_code == 3, soaked.output  # refused: the apply gate waits
-    assert (
-        cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env).exit_code == 0
+    # keys were quarantined (within the budget): the criteria are inconclusive, so approving
+    # needs a note (no override)
+    refused = cli("approve", run_id, "--gate", "apply-staging", "--as", "alice", env=env)
+    assert refused.exit_code == 2, refused.output
+    assert "inconclusive" in refused.output
+    note = "the quarantined snapshots are malformed; the rest is applied"
+    approved = cli(
+        "approve", run_id, "--gate", "apply-staging", "--as", "alice", "--note", note, env=env
     )
+    assert approved.exit_code == 0, approved.output
     soaked = cli(
         "soak", str(PLAN), "-e", "staging", "--run", run_id, "--duration", "1s",
         "--interval", "1s", env=env,
@@ -347,12 +492,73 @@ def test_the_starforge_demo_walks_the_rollout_and_undoes_staging_exactly(
     # staging: exactly as seeded again, checked here too rather than trusting the demo's word
     assert not_as_before(staging) == dict.fromkeys(starforge.TABLES, 0)
     # prod keeps the backfill: every snapshot processed, rows right for the sampled users
-    assert val(prod, "SELECT count(*) FROM hero_snapshots WHERE processed_at IS NULL") == 0
+    unprocessed = {
+        r["id"] for r in sql(prod, "SELECT id FROM hero_snapshots WHERE processed_at IS NULL")
+    }
+    assert unprocessed == set(poisoned(prod))
     users, rows = sampled(prod)
     assert (users >= 10, rows >= 50) == (True, True), (users, rows)
     for check in UNIQUENESS:
         assert val(prod, check) == 0, check
     assert val(prod, "SELECT count(DISTINCT stage) FROM backfill.batches") == 2  # canary, rest
+
+
+def test_the_starforge_demo_quarantines_exactly_the_unreadable_snapshots(
+    demo: DemoRun, demo_server: EmbeddedServer
+) -> None:
+    """Seed 002: quarantine the bad rows, carry on with the rest (#12). In each environment the
+    keys quarantined are exactly the snapshots the Python reading cannot read, each once, with
+    a class-22 SQLSTATE (the one expected); the summaries and the output say so; the gates the
+    quarantine made inconclusive were approved with a note, never overridden."""
+    out = demo.output
+    for env, stage_summaries in (
+        ("staging", ["backfill_summary.md"]),
+        ("prod", ["canary_summary.md", "rest_summary.md"]),
+    ):
+        db = demo_server.uri(env)
+        bad = poisoned(db)
+        assert len(bad) >= 2, (env, bad)
+        got = quarantined(db, demo.run_id)
+        assert got == bad, env
+        assert all(state.startswith("22") for state in got.values()), got
+        assert val(db, "SELECT count(*) FROM backfill.batches WHERE status = 'quarantined'") == len(
+            bad
+        )
+        assert val(db, "SELECT count(*) FROM backfill.batches WHERE status = 'failed'") == 0
+        assert f"the run has quarantined {len(bad)} key(s) in {env}" in out
+        # the apply summaries list the quarantine (each stage its own keys): the counts by
+        # SQLSTATE and the keys with theirs
+        summary = Path(demo.env["BACKFILL_LOGS"]) / starforge_run(demo) / env
+        counts: Counter[str] = Counter()
+        listed: dict[int, str] = {}
+        for name in stage_summaries:
+            text = (summary / name).read_text()
+            if not re.search(r"^## Quarantine$", text, re.M):
+                continue
+            for state, n in re.findall(r"^\| `(22\w{3})` \| (\d+) \|$", text, re.M):
+                counts[state] += int(n)
+            for key, state in re.findall(r"^\| \d+ \| (\d+) \| `(\w{5})` \|", text, re.M):
+                assert int(key) not in listed, key
+                listed[int(key)] = state
+        assert counts == Counter(bad.values()), env
+        assert listed == bad, env
+        assert json.loads((summary / "quarantine.json").read_text())
+    # the gates after an apply stage: inconclusive (within the budget), approved with a note
+    # that says it was the demo, and the output says so; nothing overridden
+    decisions = {
+        r["gate"]: r
+        for env in ("staging", "prod")
+        for r in sql(demo_server.uri(env), "SELECT * FROM backfill.gate_decisions")
+    }
+    for gate in ("apply-staging", "canary-prod"):
+        assert decisions[gate]["criteria"] == "inconclusive", gate
+        assert "--auto-approve" in decisions[gate]["note"], gate
+        assert f"gate {gate}: criteria inconclusive, so a person decides here" in out
+    assert not any(d["override"] for d in decisions.values())
+
+
+def starforge_run(demo: DemoRun) -> Path:
+    return Path("starforge_hero_snapshots") / demo.run_id
 
 
 def test_a_shaped_run_is_undone_exactly_in_prod_too(demo: DemoRun) -> None:
