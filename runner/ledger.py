@@ -321,6 +321,25 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE backfill.batches ADD COLUMN manifest jsonb;
     """,
+    # 8: the processes that work on a run (#15's first part): one row per command that ran a
+    # phase, with a heartbeat while it runs; `finished_at` and `outcome` when it ended (a
+    # killed process leaves neither: its heartbeat stops).
+    """
+    CREATE TABLE backfill.processes (
+        run_id       text NOT NULL REFERENCES backfill.runs,
+        process_id   text NOT NULL,
+        env          text NOT NULL,
+        phase        text NOT NULL,
+        host         text NOT NULL,
+        pid          integer NOT NULL,
+        operator     text NOT NULL,
+        started_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+        heartbeat    timestamptz NOT NULL DEFAULT clock_timestamp(),
+        finished_at  timestamptz,
+        outcome      text,
+        PRIMARY KEY (run_id, process_id)
+    );
+    """,
 ]
 
 
@@ -1636,5 +1655,74 @@ async def window_status(conn: asyncpg.Connection, run_id: str, env: str, window_
             run_id,
             env,
             window_no,
+        )
+    )
+
+
+# -- processes (#15) ------------------------------------------------------------------------------
+
+
+async def register_process(
+    conn: asyncpg.Connection,
+    run_id: str,
+    process_id: str,
+    env: str,
+    phase: str,
+    host: str,
+    pid: int,
+    operator: str,
+) -> None:
+    await conn.execute(
+        "INSERT INTO backfill.processes (run_id, process_id, env, phase, host, pid, operator)"
+        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        run_id,
+        process_id,
+        env,
+        phase,
+        host,
+        pid,
+        operator,
+    )
+
+
+async def beat(conn: asyncpg.Connection, run_id: str, process_id: str) -> None:
+    await conn.execute(
+        "UPDATE backfill.processes SET heartbeat = clock_timestamp()"
+        " WHERE run_id = $1 AND process_id = $2",
+        run_id,
+        process_id,
+    )
+
+
+async def end_process(conn: asyncpg.Connection, run_id: str, process_id: str, outcome: str) -> None:
+    await conn.execute(
+        "UPDATE backfill.processes SET heartbeat = clock_timestamp(),"
+        " finished_at = clock_timestamp(), outcome = $3 WHERE run_id = $1 AND process_id = $2",
+        run_id,
+        process_id,
+        outcome,
+    )
+
+
+async def run_processes(conn: asyncpg.Connection, run_id: str) -> list[asyncpg.Record]:
+    """Every process that worked on the run here, oldest first, with the seconds since its last
+    heartbeat (by the database's clock) and the batches it committed: those of its phase
+    committed between its start and its end (a killed process: the next process's start; one
+    process works on a run at a time, under the run lock)."""
+    if not await conn.fetchval("SELECT to_regclass('backfill.processes') IS NOT NULL"):
+        return []
+    return list(
+        await conn.fetch(
+            """SELECT p.*, extract(epoch FROM clock_timestamp() - p.heartbeat)::float8 AS silent,
+                      (SELECT count(*) FROM backfill.batches b
+                        WHERE b.run_id = p.run_id AND b.status = 'done'
+                          AND b.stage = p.phase
+                          AND b.committed_at BETWEEN p.started_at AND coalesce(
+                              p.finished_at,
+                              (SELECT min(q.started_at) FROM backfill.processes q
+                                WHERE q.run_id = p.run_id AND q.started_at > p.started_at),
+                              'infinity')) AS batches
+               FROM backfill.processes p WHERE p.run_id = $1 ORDER BY p.started_at""",
+            run_id,
         )
     )

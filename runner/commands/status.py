@@ -19,7 +19,7 @@ from runner.commands.decide import plan_for
 from runner.db import EMBEDDED, Databases, close_quietly
 from runner.errors import BackfillError
 from runner.gates import GateState
-from runner.phases.common import command_prefix, gate_state
+from runner.phases.common import HEARTBEAT_SECONDS, command_prefix, gate_state
 from runner.phases.windows import window_result
 from runner.plan import LoadedPlan
 from runner.rollout import gate_name
@@ -144,6 +144,7 @@ class RunStatus:
     rollbacks: list[dict[str, Any]]
     next: str
     windows: list[dict[str, Any]] = field(default_factory=list)  # a windowed run's, per env
+    processes: list[dict[str, Any]] = field(default_factory=list)  # every command that ran it
 
     def lines(self) -> list[str]:
         out = [f"run {self.run_id} — plan {self.plan} (digest {self.digest[:12]})"]
@@ -174,6 +175,10 @@ class RunStatus:
                     if now
                     else ""
                 )
+            )
+        for p in self.processes:
+            out.append(
+                f"  process {p['host']} pid {p['pid']} ({p['env']} {p['phase']}): {_life(p)}"
             )
         for e in self.rollbacks:
             out.append(
@@ -211,6 +216,15 @@ class RunStatus:
             "decisions": [{**d, "at": d["at"].isoformat()} for d in self.decisions],
             "rollbacks": [{**e, "at": e["at"].isoformat()} for e in self.rollbacks],
             "windows": self.windows,
+            "processes": [
+                {
+                    **p,
+                    "started_at": p["started_at"].isoformat(),
+                    "heartbeat": p["heartbeat"].isoformat(),
+                    "finished_at": p["finished_at"].isoformat() if p["finished_at"] else None,
+                }
+                for p in self.processes
+            ],
             "next": self.next.removeprefix("next: "),
         }
 
@@ -223,6 +237,7 @@ async def read_status(run_id: str, plan_path: Path | None) -> RunStatus:
         steps = await read_steps(loaded, dbs, run_id, tolerant=True)
         decisions, rollbacks = await _ledger_facts(loaded, dbs, run_id, steps)
         windows = await _windows(loaded, dbs, run_id, steps)
+        processes = await _processes(dbs, run_id, steps)
     return RunStatus(
         run_id,
         loaded.plan.name,
@@ -233,6 +248,7 @@ async def read_status(run_id: str, plan_path: Path | None) -> RunStatus:
         rollbacks,
         _next_line(loaded, run_id, steps, command_prefix()),
         windows,
+        processes,
     )
 
 
@@ -252,6 +268,52 @@ async def _windows(
                 for r in await ledger.window_rows(conn, run_id, env)
             ]
     return found
+
+
+GONE_AFTER = 3 * HEARTBEAT_SECONDS  # a running process silent this long is taken for gone
+
+
+def _life(p: dict[str, Any]) -> str:
+    started = f"started {p['started_at']:%Y-%m-%d %H:%M:%S}"
+    done = f"{p['batches']:,} batch(es) committed"
+    if p["finished_at"] is not None:
+        return f"{started}, ended {p['finished_at']:%H:%M:%S} ({p['outcome']}); {done}"
+    if p["silent"] > GONE_AFTER:
+        return (
+            f"{started}, no heartbeat for {p['silent']:,.0f} s: killed, or its connection was "
+            f"lost (it did not record an end); {done}"
+        )
+    return f"{started}, running (last heartbeat {p['silent']:,.0f} s ago); {done}"
+
+
+async def _processes(dbs: Databases, run_id: str, steps: list[Step]) -> list[dict[str, Any]]:
+    """Every process that worked on the run, in each environment it reached."""
+    found: list[dict[str, Any]] = []
+    seen: set[tuple[str, str]] = set()
+    for env in dict.fromkeys(s.env for s in steps if not s.state.startswith("unknown")):
+        async with dbs.connection(env) as conn:
+            for r in await ledger.run_processes(conn, run_id):
+                if (r["env"], r["process_id"]) not in seen:  # staging and prod may share a ledger
+                    seen.add((r["env"], r["process_id"]))
+                    found.append(
+                        {k: r[k] for k in PROCESS_FIELDS} | {"silent": round(r["silent"], 1)}
+                    )
+    return sorted(found, key=lambda p: p["started_at"])
+
+
+PROCESS_FIELDS = (
+    "process_id",
+    "env",
+    "phase",
+    "host",
+    "pid",
+    "operator",
+    "started_at",
+    "heartbeat",
+    "finished_at",
+    "outcome",
+    "batches",
+)
 
 
 WINDOW_FIELDS = {"no", "label", "status", "discovered", "keys", "quarantined", "matches"}

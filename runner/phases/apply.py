@@ -359,7 +359,7 @@ async def apply(
         session = MainSession(
             conn, lambda: dbs.connect(env), run.run_id, retries=plan.batching.max_retries
         )
-        async with phase_frame(conn, run, env, stage) as frame:
+        async with phase_frame(conn, run, env, stage, connect=lambda: dbs.connect(env)) as frame:
             log.info(
                 "apply.start", run_id=run.run_id, env=env, stage=stage, plan_digest=loaded.digest
             )

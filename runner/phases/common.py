@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import getpass
 import os
+import socket
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,8 +115,19 @@ async def run_lock(
     deadline = anyio.current_time() + wait_seconds
     while not await ledger.try_run_lock(conn, run_id):
         if anyio.current_time() > deadline:
+            holder = next(
+                (p for p in reversed(await ledger.run_processes(conn, run_id)) if not p["outcome"]),
+                None,
+            )
+            who = (
+                f" ({holder['host']} pid {holder['pid']}, {holder['phase']} in {holder['env']} "
+                f"since {holder['started_at']:%Y-%m-%d %H:%M:%S}, last heartbeat "
+                f"{holder['silent']:,.0f} s ago)"
+                if holder is not None
+                else ""
+            )
             raise WorkFailed(
-                f"run {run_id} is being worked on by another backfill process",
+                f"run {run_id} is being worked on by another backfill process{who}",
                 hint="wait for it to finish, or stop it; a killed process releases the run "
                 "as soon as the database notices its connection is gone",
             )
@@ -306,14 +320,67 @@ class PhaseFrame:
         return path
 
 
+HEARTBEAT_SECONDS = 5.0  # how often a running phase says it is alive (backfill.processes)
+
+
+def process_id() -> str:
+    """This process, as the ledger names it: host, pid and a nonce (pids are reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+async def _heartbeat(
+    connect: Callable[[], Awaitable[asyncpg.Connection]], run_id: str, me: str
+) -> None:
+    """The process's heartbeat, on a connection of its own (the phase's is busy), until
+    cancelled; a lost connection is opened again at the next beat."""
+    conn: asyncpg.Connection | None = None
+    try:
+        while True:
+            await anyio.sleep(HEARTBEAT_SECONDS)
+            try:
+                conn = conn if conn is not None and not conn.is_closed() else await connect()
+                await ledger.beat(conn, run_id, me)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                conn = None  # the next beat tries again; status shows the silence meanwhile
+    finally:
+        if conn is not None and not conn.is_closed():
+            conn.terminate()  # no await: this runs as the task is cancelled
+
+
 @contextlib.asynccontextmanager
 async def phase_frame(
-    conn: asyncpg.Connection, run: ledger.RunRow, env: str, phase: str
+    conn: asyncpg.Connection,
+    run: ledger.RunRow,
+    env: str,
+    phase: str,
+    connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
 ) -> AsyncIterator[PhaseFrame]:
-    """The phase's events go to the run's log, and only this process works on the run."""
+    """The phase's events go to the run's log, and only this process works on the run. The
+    process is recorded (`backfill.processes`: host, pid, phase, start) and, given `connect`,
+    beats every few seconds while the phase runs; its end is recorded with how it ended."""
     events.attach(RunDir.of(run.run_id).env(env) / "events.jsonl")
+    me = process_id()
     try:
         async with run_lock(conn, run.run_id):
-            yield PhaseFrame(conn, run, env, phase)
+            host, pid, _ = me.rsplit(":", 2)
+            await ledger.register_process(
+                conn, run.run_id, me, env, phase, host, int(pid), run.operator
+            )
+            # a plain asyncio task (asyncpg runs on asyncio): a task group around the `yield`
+            # would wrap the phase's own errors in an exception group
+            beating = asyncio.create_task(_heartbeat(connect, run.run_id, me)) if connect else None
+            outcome = "finished"
+            try:
+                yield PhaseFrame(conn, run, env, phase)
+            except BaseException as exc:
+                outcome = f"stopped: {type(exc).__name__}"
+                raise
+            finally:
+                if beating is not None:
+                    beating.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await beating
+                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                    await ledger.end_process(conn, run.run_id, me, outcome)
     finally:
         events.detach()

@@ -347,7 +347,7 @@ async def health(
             conn, loaded, env, run_id, facts.target, operator, create=True, tables=facts.tables
         )
         await ledger.refresh_run_tables(conn, run_id, facts.tables)
-        async with phase_frame(conn, run, env, "health") as frame:
+        async with phase_frame(conn, run, env, "health", connect=lambda: dbs.connect(env)) as frame:
             doc = await _judge(frame, loaded, dbs, staging, facts, operator)
             path = await frame.finish(doc, criteria=_CRITERIA[doc.verdict], report=render_health)
             log.info("health.finished", verdict=doc.verdict, rows_needing=doc.rows_needing)

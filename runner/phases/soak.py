@@ -205,7 +205,7 @@ async def soak(
     gate = gate_name("soak", env)
     async with dbs.connection(env) as conn:
         run = await _applied_run(conn, loaded, run_id, env, cmd)
-        async with phase_frame(conn, run, env, "soak") as frame:
+        async with phase_frame(conn, run, env, "soak", connect=lambda: dbs.connect(env)) as frame:
             row = await ledger.get_phase(conn, run_id, "soak")
             if row is not None and row.finished_at is not None:
                 await _refuse_if_stopped(conn, loaded, run_id, env, gate, cmd)

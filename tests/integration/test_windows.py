@@ -455,7 +455,8 @@ def test_a_manifest_query_that_writes_fails_its_batch_and_changes_nothing(
     )
     plan = windows_plan(workdir / "p.json", manifest={"sql": writes})
     result = cli("apply", str(plan), "-e", "staging", env=env_for(db))
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # refused before a run: it cannot even prepare
+    assert "manifest.sql: FeatureNotSupported" in result.output
     assert "must be at the top level" in result.output
     # nor through a function that writes: the query runs in a read-only savepoint
     sql(
