@@ -408,6 +408,8 @@ def test_the_manifest_records_each_batch_with_its_manifest_rows_and_each_window(
     assert [b["window"] for b in batches] == [1] * 4 + [2] * 3 + [3] * 4
     first = batches[0]["manifest"]
     assert first == {"rows": [{"month": "2024-01", "rows": 100}], "truncated": False}
+    # in the query's column order (the ledger's jsonb would put `rows` first)
+    assert [list(r) for r in first["rows"]] == [["month", "rows"]]
     assert sum(r["rows"] for b in batches for r in b["manifest"]["rows"]) == 910
     assert [(w["window"], w["discovered"], w["keys"], w["matches"]) for w in windows] == [
         (1, 310, 310, True),
