@@ -328,7 +328,9 @@ class _ProgressView:
                 self.title = f"{self.title.split(' · ')[0]} · {where}"
                 self.bar.update(self.task, description=self.held or self.title)
             else:
-                err.print(f"{where}: {data['rows']:,} row(s) need the backfill", markup=False)
+                counted = data.get("counted")  # a continued window: some of it done since
+                more = "" if counted is None else f" (continued; {counted:,} counted at its start)"
+                err.print(f"{where}{more}: {data['rows']:,} row(s) need the backfill", markup=False)
         elif kind in ("hold", "resume"):  # a guard or a pause holds the run, or lets it go
             self.held = f"held: {data['reason']}" if kind == "hold" else ""
             if self.bar is not None:
