@@ -30,7 +30,7 @@ from runner.engine.quarantine import Budget, ExcludingSource, Policy, Quarantine
 from runner.engine.session import MainSession
 from runner.engine.shapes import ShapedRun, resolve_tables, shaped_run
 from runner.engine.sizing import BatchSizer
-from runner.engine.target import TargetInfo, as_subquery, resolve_target
+from runner.engine.target import TABLE_SIZE_SQL, TargetInfo, as_subquery, resolve_target
 from runner.engine.throttle import Throttle
 from runner.engine.watch import RunWatch
 from runner.engine.windows import plan_windows
@@ -141,14 +141,10 @@ async def _impact(
 ) -> dict[str, Any]:
     """Size and time span of what the backfill will touch (read-only)."""
     plan = loaded.plan
-    size = await conn.fetchrow(
-        "SELECT pg_total_relation_size(c.oid) AS bytes, greatest(c.reltuples, 1)::float8 AS rows "
-        "FROM pg_class c WHERE c.oid = $1",
-        target.oid,
-    )
+    size = await conn.fetchrow(TABLE_SIZE_SQL, target.oid)
     assert size is not None
     out: dict[str, Any] = {
-        "bytes": round(size["bytes"] / size["rows"] * needing),
+        "bytes": round(size["bytes"] / max(size["rows"], 1) * needing),
         "table_bytes": size["bytes"],
     }
     column = plan.discovery.time_column

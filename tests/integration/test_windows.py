@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runner.engine.target import TABLE_SIZE_SQL
 from tests.conftest import sql, val, write_plan
 from tests.helpers import env_for, run_id_of
 
@@ -311,6 +312,41 @@ def test_a_partitioned_target_is_walked_partition_by_partition(
     back = cli("rollback", run_id, "-e", "staging", env=env_for(db))
     assert back.exit_code == 0, back.output
     assert val(db, "SELECT count(*) FROM files WHERE state <> 'new'") == 0
+
+
+def test_a_partitioned_target_is_sized_by_its_partitions(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    """The parent of a partitioned table stores nothing: the dry run's and prod health's size
+    of it is its leaf partitions' (it was 0 bytes)."""
+    sql(db, PARTITIONED + "ANALYZE files;")
+    size = sql(db, TABLE_SIZE_SQL, val(db, "SELECT 'files'::regclass::oid"))[0]
+    leaves = val(
+        db,
+        "SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('files') WHERE isleaf",
+    )
+    assert (size["bytes"], size["rows"]) == (leaves, 600)
+    assert leaves > 0
+    # a plain table: its own size, as before
+    sql(db, "CREATE TABLE plain AS SELECT g FROM generate_series(1, 100) AS g; ANALYZE plain;")
+    plain = sql(db, TABLE_SIZE_SQL, val(db, "SELECT 'plain'::regclass::oid"))[0]
+    assert (plain["bytes"], plain["rows"]) == (
+        val(db, "SELECT pg_total_relation_size('plain')"),
+        100,
+    )
+    plan = write_plan(
+        workdir / "p.json",
+        target__table="files",
+        target__key=["id", "day"],
+        target__columns=["state"],
+        discovery__sql="SELECT id, day FROM files WHERE state = 'new'",
+        apply__sql="UPDATE files SET state = 'done' WHERE (id, day) IN "
+        "(SELECT * FROM unnest($1::bigint[], $2::date[]))",
+        windows={"by_partition": True},
+    )
+    dry = cli("apply", str(plan), "-e", "staging", "--dry-run", "--no-sample", env=env_for(db))
+    assert dry.exit_code == 0, dry.output
+    assert "size: about 0.0 MB" not in dry.output, dry.output
 
 
 def test_windows_that_do_not_fit_the_table_are_refused_before_anything_runs(
