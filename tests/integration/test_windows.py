@@ -95,7 +95,8 @@ def test_a_run_walks_its_windows_in_order_with_counts_that_match_discovery(
         "AND b.last_key[1]::bigint AND e.n = 1 WHERE b.run_id = $1 GROUP BY b.batch_no",
         run_id,
     )
-    assert spans and all(r["months"] == 1 for r in spans)
+    assert spans
+    assert all(r["months"] == 1 for r in spans)
     log = sql(db, "SELECT what, lower, upper FROM window_log ORDER BY at")
     assert [(r["what"], r["lower"]) for r in log] == [
         ("before", "2024-01-01"),

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from runner.engine.checks import judge, number, tally, verdict
-from runner.phases.windows import resume_point
 from runner.phases.health import schema_drift, tune_batch_size
+from runner.phases.windows import resume_point
 from runner.plan import Check
 
 
