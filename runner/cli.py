@@ -873,7 +873,9 @@ def demo(
         typer.Option(
             "--scenario",
             help="profiles: stamp profiles (seed 003); starforge: normalize hero_snapshots JSON "
-            "into three tables by upserts, then undo staging's rehearsal exactly (seed 002).",
+            "into three tables by upserts (seed 002); iomete: load new, changed and failed files "
+            "of a date range into processed_files, partition by partition (seed 004). The last two end by undoing staging's rehearsal "
+            "exactly.",
         ),
     ] = "profiles",
     quiet: QuietOpt = False,
