@@ -874,8 +874,9 @@ def demo(
             "--scenario",
             help="profiles: stamp profiles (seed 003); starforge: normalize hero_snapshots JSON "
             "into three tables by upserts (seed 002); iomete: load new, changed and failed files "
-            "of a date range into processed_files, partition by partition (seed 004). The last two end by undoing staging's rehearsal "
-            "exactly.",
+            "of a date range into processed_files, partition by partition (seed 004); metadata: "
+            "emit metadata records month by month, pausing the variability jobs per window, with "
+            "a manifest (seed 000). The last three end by undoing staging's rehearsal exactly.",
         ),
     ] = "profiles",
     quiet: QuietOpt = False,

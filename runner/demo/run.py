@@ -1,7 +1,8 @@
 """`backfill demo`: a seed scenario's rollout on the embedded server, from empty to as far as it
 may go. `profiles` (seed 003, the default) stamps profiles; `starforge` (seed 002) normalizes
 hero_snapshots JSON into three tables; `iomete` (seed 004) brings processed_files up to date for a
-date range, partition by partition. The last two end by undoing staging's rehearsal exactly."""
+date range, partition by partition; `metadata` (seeds 000/001) emits metadata records month by
+month with a manifest. The last three end by undoing staging's rehearsal exactly."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from runner.artifacts import logs_root
 from runner.commands.pipeline import run_pipeline
 from runner.commands.rollback import undo
 from runner.db import Databases, home_dir
-from runner.demo import iomete, starforge
+from runner.demo import iomete, metadata, starforge
 from runner.demo.data import seed
 from runner.errors import EXIT_DONE, EXIT_FAILED, EXIT_GATE_WAITING, InvalidInput
 from runner.phases.common import ProgressCallback, command_prefix, operator_name
@@ -27,6 +28,7 @@ SCENARIOS = {
     "profiles": PLAN_NAME,
     "starforge": "starforge_hero_snapshots.toml",
     "iomete": "iomete_processed_files.toml",
+    "metadata": "metadata_history.toml",
 }
 
 
@@ -103,15 +105,36 @@ async def _seed_iomete(dbs: Databases, loaded: LoadedPlan, scale: float) -> Seed
     return Seeded(lines)
 
 
+async def _seed_metadata(dbs: Databases, loaded: LoadedPlan, scale: float) -> Seeded:
+    statements = loaded.plan.apply.all
+    lines = []
+    for env, spacing, live_from in (("staging", 90.0, "2024-07-01"), ("prod", 75.0, "2024-06-15")):
+        async with dbs.connection(env) as conn:
+            c = await metadata.seed(
+                conn,
+                spacing_minutes=max(spacing / scale, 1.0),
+                live_from=live_from,
+                statements=statements,
+            )
+        lines.append(
+            f"  {env}: {c['ingestion_events']:,} ingestion_events ({metadata.FIRST} .. "
+            f"{metadata.END}, {c['in_range']:,} in [{metadata.IN_RANGE[0]}, "
+            f"{metadata.IN_RANGE[1]})); {c['metadata_records']:,} metadata_records already "
+            f"emitted live since {live_from}; {c['variability_jobs']} variability jobs"
+        )
+    return Seeded(lines)
+
+
 SEEDERS = {
     "profiles": _seed_profiles,
     "starforge": _seed_starforge,
     "iomete": _seed_iomete,
+    "metadata": _seed_metadata,
 }
 
 
 # The scenarios whose staging rehearsal the demo undoes, each module with `rows_not_as_before`
-UNDONE: dict[str, ModuleType] = {"starforge": starforge, "iomete": iomete}
+UNDONE: dict[str, ModuleType] = {"starforge": starforge, "iomete": iomete, "metadata": metadata}
 
 
 async def run_demo(
