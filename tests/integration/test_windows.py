@@ -409,6 +409,10 @@ def test_a_windowed_rollout_walks_staging_then_prod_where_the_canary_stops_insid
     assert [w["status"] for w in windows_of(prod, run_id)] == ["running", "pending", "pending"]
     canary_rows = val(prod, "SELECT count(*) FROM events WHERE n = 1")
     assert 0 < canary_rows < 310
+    # the canary's summary shows what the window it stopped in did so far
+    canary_md = next((workdir / "backfill_logs").rglob(f"{run_id}/prod/canary_summary.md"))
+    row = f"| 1 | [2024-01-01, 2024-02-01) | running | 310 | {canary_rows} | {canary_rows} | 0 | 0 | — |"
+    assert row in canary_md.read_text(), canary_md.read_text()
     assert cli("approve", run_id, "--gate", "canary-prod", "--as", "alice", env=env).exit_code == 0
     rest = cli("pipeline", str(plan), "--run", run_id, "-q", env=env)
     assert rest.exit_code == 0, rest.output
