@@ -469,7 +469,7 @@ def test_a_manifest_query_that_writes_fails_its_batch_and_changes_nothing(
     )
     plan = windows_plan(workdir / "p.json", manifest={"sql": writes})
     result = cli("apply", str(plan), "-e", "staging", env=env_for(db))
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == 2, result.output  # refused when the plan is checked, up front
     assert "must be at the top level" in result.output
     # nor through a function that writes: the query runs in a read-only savepoint
     sql(
@@ -483,3 +483,31 @@ def test_a_manifest_query_that_writes_fails_its_batch_and_changes_nothing(
     assert "read-only transaction" in result.output
     assert "the plan's manifest.sql failed" in result.output
     assert val(db, "SELECT count(*) FROM events WHERE n <> 0 OR note IS NOT NULL") == 0
+
+
+def test_a_manifest_query_or_a_hook_that_does_not_fit_is_refused_before_anything_runs(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    """Found by a batch, it would stop the phase inside a window, its before_each run (the
+    jobs it pauses left paused)."""
+    make_events(db)
+    cases = [
+        ({"manifest": {"sql": "SELECT nope FROM events WHERE id = ANY($1)"}}, "manifest.sql"),
+        ({"windows__after_each": "UPDATE window_logg SET what = $3"}, "windows.after_each"),
+        ({"windows__before_each": "INSERT INTO window_log (what) VALUES (1, 2)"}, "before_each"),
+    ]
+    for over, where in cases:
+        plan = windows_plan(workdir / "p.json", **over)
+        result = cli("apply", str(plan), "-e", "staging", env=env_for(db))
+        assert result.exit_code == 2, (over, result.output)
+        assert f"{where}" in result.output, (over, result.output)
+        assert "nothing was written" in " ".join(result.output.split()), result.output
+        assert val(db, "SELECT count(*) FROM window_log") == 0
+        assert val(db, "SELECT count(*) FROM events WHERE n <> 0") == 0
+    # as the plan is, each prepares; `validate --env` lists them
+    verify = [{"name": "once", "sql": "SELECT count(*) FROM events WHERE n > 1", "pass_if": "== 0"}]
+    plan = windows_plan(workdir / "p.json", manifest={"sql": MONTHS}, verify=verify)
+    shown = cli("validate", str(plan), "--env", "staging", env=env_for(db))
+    assert shown.exit_code == 0, shown.output
+    for where in ("manifest.sql", "windows.before_each", "windows.after_each", "verify.once.sql"):
+        assert f"ok   {where}" in shown.output, shown.output
