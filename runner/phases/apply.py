@@ -137,9 +137,14 @@ async def _sample_batch(
 
 
 async def _impact(
-    conn: asyncpg.Connection, target: TargetInfo, loaded: LoadedPlan, needing: int
+    conn: asyncpg.Connection,
+    target: TargetInfo,
+    loaded: LoadedPlan,
+    needing: int,
+    discovery_sql: str,
 ) -> dict[str, Any]:
-    """Size and time span of what the backfill will touch (read-only)."""
+    """Size and time span of what the backfill will touch (read-only): the rows of
+    `discovery_sql` (the plan's discovery, within its windows if it has any)."""
     plan = loaded.plan
     size = await conn.fetchrow(TABLE_SIZE_SQL, target.oid)
     assert size is not None
@@ -154,7 +159,7 @@ async def _impact(
             f"SELECT min(t.{quote_ident(column)})::text AS oldest, "
             f"max(t.{quote_ident(column)})::text AS newest FROM {target.table} AS t "
             f"WHERE ({', '.join(f't.{k.q}' for k in target.key)}) IN "
-            f"(SELECT {keys} FROM {as_subquery(plan.discovery.sql)} AS d)"
+            f"(SELECT {keys} FROM {as_subquery(discovery_sql)} AS d)"
         )
         assert span is not None
         out["time_column"] = column
@@ -198,7 +203,7 @@ async def _dry_run(
             statements = shaped_statements(await shaped_run(conn, plan, target))
         else:
             statements = await batch_statements(conn, target, plan.apply.sql or "")
-        impact = await _impact(conn, target, loaded, needing)
+        impact = await _impact(conn, target, loaded, needing, source.discovery_sql)
     batches = math.ceil(needing / plan.batching.size)
     throttle = Throttle(
         plan.batching.batches_per_minute, plan.batching.rows_per_second, plan.batching.size

@@ -375,11 +375,14 @@ def test_the_dry_run_estimates_each_window_and_counts_what_lies_outside(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
     make_events(db)
-    plan = windows_plan(workdir / "p.json")
+    plan = windows_plan(workdir / "p.json", discovery__time_column="created")
     result = cli("apply", str(plan), "-e", "staging", "--dry-run", env=env_for(db))
     assert result.exit_code == 0, result.output
     out = result.output
     assert "rows needing the backfill: 910" in out
+    # the span of what the run will touch: within the windows (discovery returns rows on both
+    # sides of them too)
+    assert "created: from 2024-01-01 to 2024-03-31" in out, out
     assert "windows: 3; rows discovery returns outside them (not touched): 50" in out
     assert "1. [2024-01-01, 2024-02-01): 310 row(s), 8 batch(es), about" in out
     assert "2. [2024-02-01, 2024-03-01): 290 row(s), 8 batch(es)" in out
