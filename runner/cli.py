@@ -328,7 +328,9 @@ class _ProgressView:
                 self.title = f"{self.title.split(' · ')[0]} · {where}"
                 self.bar.update(self.task, description=self.held or self.title)
             else:
-                err.print(f"{where}: {data['rows']:,} row(s) need the backfill", markup=False)
+                counted = data.get("counted")  # a continued window: some of it done since
+                more = "" if counted is None else f" (continued; {counted:,} counted at its start)"
+                err.print(f"{where}{more}: {data['rows']:,} row(s) need the backfill", markup=False)
         elif kind in ("hold", "resume"):  # a guard or a pause holds the run, or lets it go
             self.held = f"held: {data['reason']}" if kind == "hold" else ""
             if self.bar is not None:
@@ -874,7 +876,10 @@ def demo(
         typer.Option(
             "--scenario",
             help="profiles: stamp profiles (seed 003); starforge: normalize hero_snapshots JSON "
-            "into three tables by upserts, then undo staging's rehearsal exactly (seed 002).",
+            "into three tables by upserts (seed 002); iomete: load new, changed and failed files "
+            "of a date range into processed_files, partition by partition (seed 004); metadata: "
+            "emit metadata records month by month, pausing the variability jobs per window, with "
+            "a manifest (seed 000). The last three end by undoing staging's rehearsal exactly.",
         ),
     ] = "profiles",
     quiet: QuietOpt = False,

@@ -1569,10 +1569,33 @@ async def record_windows(
         return await window_rows(conn, run_id, env)
 
 
+# What window `x`'s batches did: those of its run numbered from its first batch (windows run one
+# after another, so a window's batches are the run's latest), and the keys they quarantined.
+_WINDOW_COUNTS = """
+SELECT c.keys, c.changed, c.noop, q.n AS quarantined
+FROM (SELECT coalesce(sum(b.selected), 0) AS keys, coalesce(sum(b.changed), 0) AS changed,
+             coalesce(sum(b.noop), 0) AS noop
+      FROM backfill.batches b
+      WHERE b.run_id = x.run_id AND b.status = 'done' AND b.batch_no >= x.first_batch) AS c,
+     (SELECT count(*) AS n FROM backfill.quarantine qq
+      WHERE qq.run_id = x.run_id AND qq.released_at IS NULL
+        AND qq.batch_no >= x.first_batch) AS q"""
+
+
 async def window_rows(conn: asyncpg.Connection, run_id: str, env: str) -> list[asyncpg.Record]:
+    """The run's windows in `env`, in order. A running window's counts are its batches' so far
+    (a canary stops inside a window: its summary shows what the window did)."""
     return list(
         await conn.fetch(
-            "SELECT * FROM backfill.windows WHERE run_id = $1 AND env = $2 ORDER BY window_no",
+            f"""
+SELECT x.run_id, x.env, x.window_no, x.label, x.lower_bound, x.upper_bound, x.status,
+       x.first_batch, x.discovered, x.started_at, x.finished_at,
+       coalesce(x.keys, s.keys) AS keys, coalesce(x.changed, s.changed) AS changed,
+       coalesce(x.noop, s.noop) AS noop, coalesce(x.quarantined, s.quarantined) AS quarantined
+FROM backfill.windows AS x
+LEFT JOIN LATERAL ({_WINDOW_COUNTS}) AS s ON x.status = 'running'
+WHERE x.run_id = $1 AND x.env = $2
+ORDER BY x.window_no""",
             run_id,
             env,
         )
@@ -1603,18 +1626,12 @@ async def finish_window(
 ) -> asyncpg.Record:
     """The window done, with the counts of its batches (those numbered from its first batch)."""
     row = await conn.fetchrow(
-        """
+        f"""
 UPDATE backfill.windows AS w SET status = 'done', finished_at = clock_timestamp(),
-       keys = c.keys, changed = c.changed, noop = c.noop, quarantined = q.n
-FROM (SELECT coalesce(sum(b.selected), 0) AS keys, coalesce(sum(b.changed), 0) AS changed,
-             coalesce(sum(b.noop), 0) AS noop
-      FROM backfill.batches b, backfill.windows x
-      WHERE x.run_id = $1 AND x.env = $3 AND x.window_no = $2 AND b.run_id = $1 AND b.status = 'done'
-        AND b.batch_no >= x.first_batch) AS c,
-     (SELECT count(*) AS n FROM backfill.quarantine qq, backfill.windows x
-      WHERE x.run_id = $1 AND x.env = $3 AND x.window_no = $2 AND qq.run_id = $1 AND qq.released_at IS NULL
-        AND qq.batch_no >= x.first_batch) AS q
+       keys = s.keys, changed = s.changed, noop = s.noop, quarantined = s.quarantined
+FROM backfill.windows AS x, LATERAL ({_WINDOW_COUNTS}) AS s
 WHERE w.run_id = $1 AND w.env = $3 AND w.window_no = $2
+  AND x.run_id = w.run_id AND x.env = w.env AND x.window_no = w.window_no
 RETURNING w.*""",
         run_id,
         window_no,

@@ -1,6 +1,8 @@
 """`backfill demo`: a seed scenario's rollout on the embedded server, from empty to as far as it
 may go. `profiles` (seed 003, the default) stamps profiles; `starforge` (seed 002) normalizes
-hero_snapshots JSON into three tables and ends by undoing staging's rehearsal exactly."""
+hero_snapshots JSON into three tables; `iomete` (seed 004) brings processed_files up to date for a
+date range, partition by partition; `metadata` (seeds 000/001) emits metadata records month by
+month with a manifest. The last three end by undoing staging's rehearsal exactly."""
 
 from __future__ import annotations
 
@@ -8,12 +10,13 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from runner.artifacts import logs_root
 from runner.commands.pipeline import run_pipeline
 from runner.commands.rollback import undo
 from runner.db import Databases, home_dir
-from runner.demo import starforge
+from runner.demo import iomete, metadata, starforge
 from runner.demo.data import seed
 from runner.errors import EXIT_DONE, EXIT_FAILED, EXIT_GATE_WAITING, InvalidInput
 from runner.phases.common import ProgressCallback, command_prefix, operator_name
@@ -21,7 +24,12 @@ from runner.plan import LoadedPlan, load_plan
 
 DEMO_APPROVER = "demo-approver"
 PLAN_NAME = "profiles_results_v1_2_1.toml"
-SCENARIOS = {"profiles": PLAN_NAME, "starforge": "starforge_hero_snapshots.toml"}
+SCENARIOS = {
+    "profiles": PLAN_NAME,
+    "starforge": "starforge_hero_snapshots.toml",
+    "iomete": "iomete_processed_files.toml",
+    "metadata": "metadata_history.toml",
+}
 
 
 MAX_SCALE = 200  # thousands of rows: the demo stays a demo
@@ -80,7 +88,55 @@ async def _seed_starforge(dbs: Databases, loaded: LoadedPlan, scale: float) -> S
     return Seeded(lines)
 
 
-SEEDERS = {"profiles": _seed_profiles, "starforge": _seed_starforge}
+async def _seed_iomete(dbs: Databases, loaded: LoadedPlan, scale: float) -> Seeded:
+    lines = []
+    for env, per_day, done in (
+        ("staging", max(int(20 * scale), 2), 0.55),
+        ("prod", max(int(24 * scale), 2), 0.65),
+    ):
+        async with dbs.connection(env) as conn:
+            c = await iomete.seed(conn, per_day=per_day, done=done)
+        since, until = iomete.IN_RANGE
+        lines.append(
+            f"  {env}: {c['source_files']:,} files in source_files ({per_day} a day, "
+            f"{iomete.FIRST_DAY} .. 2024-05-31; partitions by month, December and May in DEFAULT), "
+            f"{c['processed_files']:,} processed_files rows; in [{since}, {until}): "
+            f"{c.get('done', 0):,} done, {c.get('changed', 0):,} changed, {c.get('failed', 0):,} "
+            f"failed, {c.get('stale', 0):,} stale, {c.get('new', 0):,} new"
+        )
+    return Seeded(lines)
+
+
+async def _seed_metadata(dbs: Databases, loaded: LoadedPlan, scale: float) -> Seeded:
+    statements = loaded.plan.apply.all
+    lines = []
+    for env, spacing, live_from in (("staging", 90.0, "2024-07-01"), ("prod", 75.0, "2024-06-15")):
+        async with dbs.connection(env) as conn:
+            c = await metadata.seed(
+                conn,
+                spacing_minutes=max(spacing / scale, 1.0),
+                live_from=live_from,
+                statements=statements,
+            )
+        lines.append(
+            f"  {env}: {c['ingestion_events']:,} ingestion_events ({metadata.FIRST} .. "
+            f"{metadata.END}, {c['in_range']:,} in [{metadata.IN_RANGE[0]}, "
+            f"{metadata.IN_RANGE[1]})); {c['metadata_records']:,} metadata_records already "
+            f"emitted live since {live_from}; {c['variability_jobs']} variability jobs"
+        )
+    return Seeded(lines)
+
+
+SEEDERS = {
+    "profiles": _seed_profiles,
+    "starforge": _seed_starforge,
+    "iomete": _seed_iomete,
+    "metadata": _seed_metadata,
+}
+
+
+# The scenarios whose staging rehearsal the demo undoes, each module with `rows_not_as_before`
+UNDONE: dict[str, ModuleType] = {"starforge": starforge, "iomete": iomete, "metadata": metadata}
 
 
 async def run_demo(
@@ -126,8 +182,8 @@ async def run_demo(
     if not runs:
         return code
     root = runs[-1].parent
-    if scenario == "starforge" and code == EXIT_DONE:
-        code = await _undo_rehearsal(loaded, root.name, say)
+    if scenario in UNDONE and code == EXIT_DONE:
+        code = await _undo_rehearsal(loaded, root.name, say, UNDONE[scenario])
     say("\nartifacts:")
     for f in sorted(p for p in root.rglob("*") if p.is_file() and "batches" not in p.parts):
         say(f"  {f}")
@@ -146,10 +202,12 @@ async def run_demo(
     return code
 
 
-async def _undo_rehearsal(loaded: LoadedPlan, run_id: str, say: Callable[[str], None]) -> int:
+async def _undo_rehearsal(
+    loaded: LoadedPlan, run_id: str, say: Callable[[str], None], scenario: ModuleType
+) -> int:
     """Prod keeps the backfill: what undoing it would restore is shown (a dry run). Staging's
-    rehearsal is undone for real, and its four tables compared bytewise with their copy from
-    before the rollout."""
+    rehearsal is undone for real, and the scenario's tables compared bytewise with their copy
+    from before the rollout (`scenario.rows_not_as_before`)."""
     say("\nrollback: what undoing prod would restore (dry run: prod keeps the backfill)")
     dry = await undo(
         run_id,
@@ -170,7 +228,7 @@ async def _undo_rehearsal(loaded: LoadedPlan, run_id: str, say: Callable[[str], 
     for line in done.lines:
         say(f"  {line}")
     async with Databases(loaded.plan) as dbs, dbs.connection(env) as conn:
-        differ = await starforge.rows_not_as_before(conn)
+        differ = await scenario.rows_not_as_before(conn)
     for table, n in differ.items():
         what = "bytewise as before the rollout" if n == 0 else f"{n:,} row(s) NOT as before"
         say(f"  {env}.{table}: {what}")

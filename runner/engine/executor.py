@@ -365,7 +365,9 @@ async def record_manifest(conn: asyncpg.Connection, ctx: BatchContext) -> None:
     finally:
         await probe.rollback()
     kept = [json.loads(r[0]) for r in rows[:MANIFEST_ROWS]]
-    doc = {"rows": kept, "truncated": len(rows) > MANIFEST_ROWS}
+    doc: dict[str, Any] = {"rows": kept, "truncated": len(rows) > MANIFEST_ROWS}
+    if kept:  # jsonb keeps no key order: the query's column order, for manifest.jsonl
+        doc["columns"] = list(kept[0])
     await conn.execute(
         "UPDATE backfill.batches SET manifest = $3::jsonb WHERE run_id = $1 AND batch_no = $2",
         ctx.run_id,

@@ -8,7 +8,7 @@ from typing import Any
 import asyncpg
 
 from runner.db import quote_ident
-from runner.engine.target import TargetInfo, as_subquery
+from runner.engine.target import TABLE_SIZE_SQL, TargetInfo, as_subquery
 from runner.errors import InvalidInput
 from runner.plan import Discovery
 
@@ -23,14 +23,10 @@ async def estimate_impact(
     """Bytes (the plan's `discovery.size_sql` over the rows discovery returns, else the table's
     average row size times the rows) and the oldest and newest `discovery.time_column` among them.
     `discovery_sql` is what the run will page (within its windows, for a windowed plan)."""
-    size = await conn.fetchrow(
-        "SELECT pg_total_relation_size(c.oid) AS bytes, greatest(c.reltuples, 1)::float8 AS rows "
-        "FROM pg_class c WHERE c.oid = $1",
-        target.oid,
-    )
+    size = await conn.fetchrow(TABLE_SIZE_SQL, target.oid)  # a partitioned table: its leaves
     assert size is not None
     out: dict[str, Any] = {
-        "bytes": round(size["bytes"] / size["rows"] * needing),
+        "bytes": round(size["bytes"] / max(size["rows"], 1) * needing),
         "bytes_from": "the table's average row size × the rows",
         "table_bytes": size["bytes"],
     }

@@ -19,6 +19,19 @@ from runner.plan import Target
 # Types outside pg_catalog are named schema-qualified (format_type qualifies only what the
 # session's search_path does not show), so a recorded type means the same type in any session:
 # the rollback file's, an operator's, another role's.
+# A table's bytes (with indexes and TOAST) and estimated rows (-1: never analyzed). A partitioned
+# table stores nothing itself: its leaf partitions' sums. $1 is the table's oid.
+TABLE_SIZE_SQL = """
+SELECT coalesce(sum(pg_total_relation_size(r.relid)), 0)::bigint AS bytes,
+       CASE WHEN bool_and(c.reltuples < 0) THEN -1
+            ELSE sum(greatest(c.reltuples, 0)) END::bigint AS rows
+FROM (SELECT relid FROM pg_partition_tree($1::oid::regclass) WHERE isleaf
+      UNION
+      SELECT $1::oid::regclass WHERE NOT EXISTS (SELECT FROM pg_partition_tree($1::oid::regclass))
+     ) AS r
+JOIN pg_class AS c ON c.oid = r.relid
+"""
+
 _ATTRS = """
 SELECT a.attname AS name,
        CASE WHEN en.nspname IS NULL OR en.nspname = 'pg_catalog'

@@ -984,6 +984,15 @@ def manifest_name(stage: str) -> str:
     return "manifest.jsonl" if stage == "apply" else f"{stage}_manifest.jsonl"
 
 
+def manifest_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    """A batch's [manifest] rows as recorded, each row's columns in the query's order again
+    (the ledger stores them as jsonb, which orders keys its own way)."""
+    columns = doc.pop("columns", None)
+    if columns:
+        doc["rows"] = [{c: row[c] for c in columns if c in row} for row in doc["rows"]]
+    return doc
+
+
 async def write_manifest(
     conn: asyncpg.Connection, run: ledger.RunRow, env: str, stage: str
 ) -> Path:
@@ -1011,7 +1020,7 @@ async def write_manifest(
         if r["keys"] is not None:
             entry["keys"] = json.loads(r["keys"])
         if r["manifest"] is not None and r["batch_no"] not in seen:
-            entry["manifest"] = json.loads(r["manifest"])
+            entry["manifest"] = manifest_doc(json.loads(r["manifest"]))
         seen.add(r["batch_no"])
         lines.append(json.dumps(entry))
     for w in windows:

@@ -18,7 +18,7 @@ from runner.db import Databases, fetch_one, qualified
 from runner.engine import dbhealth
 from runner.engine.impact import estimate_impact
 from runner.engine.shapes import resolve_tables
-from runner.engine.target import TargetInfo, as_subquery, resolve_target
+from runner.engine.target import TABLE_SIZE_SQL, TargetInfo, as_subquery, resolve_target
 from runner.engine.throttle import Throttle
 from runner.engine.windows import plan_windows
 from runner.errors import InvalidInput, NoGo
@@ -286,12 +286,7 @@ async def _prod_facts(ro: asyncpg.Connection, plan: Plan) -> _ProdFacts:
                 windows.append({"no": w.no, "label": w.label, "rows": int(n)})
         needing = await fetch_one(ro, target.discovery_count_sql(discovery))
         impact = await estimate_impact(ro, target, plan.discovery, discovery, int(needing["n"]))
-        size = await fetch_one(
-            ro,
-            "SELECT pg_total_relation_size(to_regclass($1)) AS bytes,"
-            " (SELECT reltuples FROM pg_class WHERE oid = to_regclass($1))::bigint AS rows",
-            target.table,
-        )
+        size = await fetch_one(ro, TABLE_SIZE_SQL, target.oid)
         capacity = await dbhealth.sample(ro, target.table)
         shapes = {target.display: await table_shape(ro, target.table)}
         declared = {target.display: {c.name for c in target.columns} | {k.name for k in target.key}}

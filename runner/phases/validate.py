@@ -231,17 +231,21 @@ async def validate_env(
                     report.findings.append(Finding("discovery.sql", True, "prepares; pages by key"))
             await _check_apply(conn, report, plan, target)
             await _check_windows(conn, report, plan, target)
-            for check in plan.soak.checks if with_checks else []:
-                for where, sql in (
-                    (f"soak.checks.{check.name}.sql", check.sql),
-                    (f"soak.checks.{check.name}.baseline_sql", check.baseline_sql),
-                ):
-                    if sql and await _check_sql(conn, report, where, wrap_check(sql)) is not None:
-                        async with conn.transaction():
-                            wrong = await _check_value_type(conn, sql)
-                        report.findings.append(
-                            Finding(where, wrong is None, wrong or "prepares; returns a number")
-                        )
+            await _check_apply_extras(conn, report, plan)
+            checks: list[tuple[str, str | None]] = []
+            for c in plan.soak.checks:
+                checks += [
+                    (f"soak.checks.{c.name}.sql", c.sql),
+                    (f"soak.checks.{c.name}.baseline_sql", c.baseline_sql),
+                ]
+            checks += [(f"verify.{c.name}.sql", c.sql) for c in plan.verify]
+            for where, sql in checks if with_checks else []:
+                if sql and await _check_sql(conn, report, where, wrap_check(sql)) is not None:
+                    async with conn.transaction():
+                        wrong = await _check_value_type(conn, sql)
+                    report.findings.append(
+                        Finding(where, wrong is None, wrong or "prepares; returns a number")
+                    )
         finally:
             await tx.rollback()
     return report
@@ -250,8 +254,7 @@ async def validate_env(
 async def _check_windows(
     conn: asyncpg.Connection, report: EnvValidation, plan: Plan, target: TargetInfo
 ) -> None:
-    """The plan's windows computed here (before a run is created); its size and manifest
-    queries prepared."""
+    """The plan's windows computed here (before a run is created), and its size query prepared."""
     if plan.windows is not None:
         try:
             async with conn.transaction():
@@ -274,10 +277,26 @@ async def _check_windows(
         wrapped = f"WITH discovered AS ({plan.discovery.sql}\n) {plan.discovery.size_sql}"
         if await _check_sql(conn, report, "discovery.size_sql", wrapped) is not None:
             report.findings.append(Finding("discovery.size_sql", True, "prepares over discovery"))
+
+
+async def _check_apply_extras(conn: asyncpg.Connection, report: EnvValidation, plan: Plan) -> None:
+    """What runs with the apply besides its statements: `[manifest] sql` in every batch, the
+    windows' `before_each` / `after_each` when a window starts and ends. Prepared, never run: a
+    mistake found by a batch would stop the phase inside a window (its jobs paused, say)."""
     if plan.manifest is not None:
-        wrapped = f"SELECT row_to_json(m) FROM ({plan.manifest.sql}\n) AS m"
-        if await _check_sql(conn, report, "manifest.sql", wrapped) is not None:
-            report.findings.append(Finding("manifest.sql", True, "prepares over the batch's keys"))
+        sql = f"SELECT * FROM ({plan.manifest.sql}\n) AS m"
+        if await _check_sql(conn, report, "manifest.sql", sql) is not None:
+            report.findings.append(Finding("manifest.sql", True, "prepares"))
+    for name in ("before_each", "after_each"):
+        hook: str | None = getattr(plan.windows, name) if plan.windows is not None else None
+        if hook is None:
+            continue
+        where = f"windows.{name}"
+        if ";" in sql_code(hook).strip().rstrip(";") and "$" not in sql_code(hook):
+            # several statements, run as written (without parameters): not one to prepare
+            report.findings.append(Finding(where, True, "several statements: not prepared"))
+        elif await _check_sql(conn, report, where, hook) is not None:
+            report.findings.append(Finding(where, True, "prepares"))
 
 
 def refuse_unfit(report: EnvValidation, path: str) -> None:

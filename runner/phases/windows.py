@@ -173,10 +173,26 @@ class WindowWalk:
                 )
                 cursor, next_no, interrupted = resume_point(rows_from, first)
                 state.interrupted_before += interrupted
-            log.info("apply.window", window=w.no, of=total, label=w.label, discovered=discovered)
+            # a continued window (a canary's, a killed run's) says what is left, not its count
+            left = discovered if row["status"] == "pending" else await self.reader.run(source.count)
+            log.info(
+                "apply.window",
+                window=w.no,
+                of=total,
+                label=w.label,
+                discovered=discovered,
+                left=left,
+            )
             if self.progress:
                 self.progress(
-                    "window", {"no": w.no, "of": total, "label": w.label, "rows": discovered}
+                    "window",
+                    {
+                        "no": w.no,
+                        "of": total,
+                        "label": w.label,
+                        "rows": left,
+                        "counted": None if row["status"] == "pending" else discovered,
+                    },
                 )
             await machine.run(cursor, next_no)
             stop_after = machine.settings.stop_after

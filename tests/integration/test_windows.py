@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runner.engine.target import TABLE_SIZE_SQL
 from tests.conftest import sql, val, write_plan
 from tests.helpers import env_for, run_id_of
 
@@ -320,6 +321,41 @@ def test_a_partitioned_target_is_walked_partition_by_partition(
     assert val(db, "SELECT count(*) FROM files WHERE state <> 'new'") == 0
 
 
+def test_a_partitioned_target_is_sized_by_its_partitions(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    """The parent of a partitioned table stores nothing: the dry run's and prod health's size
+    of it is its leaf partitions' (it was 0 bytes)."""
+    sql(db, PARTITIONED + "ANALYZE files;")
+    size = sql(db, TABLE_SIZE_SQL, val(db, "SELECT 'files'::regclass::oid"))[0]
+    leaves = val(
+        db,
+        "SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('files') WHERE isleaf",
+    )
+    assert (size["bytes"], size["rows"]) == (leaves, 600)
+    assert leaves > 0
+    # a plain table: its own size, as before
+    sql(db, "CREATE TABLE plain AS SELECT g FROM generate_series(1, 100) AS g; ANALYZE plain;")
+    plain = sql(db, TABLE_SIZE_SQL, val(db, "SELECT 'plain'::regclass::oid"))[0]
+    assert (plain["bytes"], plain["rows"]) == (
+        val(db, "SELECT pg_total_relation_size('plain')"),
+        100,
+    )
+    plan = write_plan(
+        workdir / "p.json",
+        target__table="files",
+        target__key=["id", "day"],
+        target__columns=["state"],
+        discovery__sql="SELECT id, day FROM files WHERE state = 'new'",
+        apply__sql="UPDATE files SET state = 'done' WHERE (id, day) IN "
+        "(SELECT * FROM unnest($1::bigint[], $2::date[]))",
+        windows={"by_partition": True},
+    )
+    dry = cli("apply", str(plan), "-e", "staging", "--dry-run", "--no-sample", env=env_for(db))
+    assert dry.exit_code == 0, dry.output
+    assert "size: about 0.0 MB" not in dry.output, dry.output
+
+
 def test_windows_that_do_not_fit_the_table_are_refused_before_anything_runs(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
@@ -362,6 +398,9 @@ def test_the_dry_run_estimates_each_window_and_counts_what_lies_outside(
     assert result.exit_code == 0, result.output
     out = result.output
     assert "rows needing the backfill: 910" in out
+    # the span of what the run will touch: within the windows (discovery returns rows on both
+    # sides of them too)
+    assert "created: from 2024-01-01 to 2024-03-31" in out, out
     assert "windows: 3; rows discovery returns outside them (not touched): 50" in out
     # the size and the span are those of what the run will do: within the windows
     assert "size: about 0.9 MB (discovery.size_sql)" in out
@@ -401,6 +440,10 @@ def test_a_windowed_rollout_walks_staging_then_prod_where_the_canary_stops_insid
     assert [w["status"] for w in windows_of(prod, run_id)] == ["running", "pending", "pending"]
     canary_rows = val(prod, "SELECT count(*) FROM events WHERE n = 1")
     assert 0 < canary_rows < 310
+    # the canary's summary shows what the window it stopped in did so far
+    canary_md = next((workdir / "backfill_logs").rglob(f"{run_id}/prod/canary_summary.md"))
+    row = f"| 1 | [2024-01-01, 2024-02-01) | running | 310 | {canary_rows} | {canary_rows} | 0 | 0 | — |"
+    assert row in canary_md.read_text(), canary_md.read_text()
     assert cli("approve", run_id, "--gate", "canary-prod", "--as", "alice", env=env).exit_code == 0
     rest = cli("pipeline", str(plan), "--run", run_id, "-q", env=env)
     assert rest.exit_code == 0, rest.output
@@ -437,6 +480,8 @@ def test_the_manifest_records_each_batch_with_its_manifest_rows_and_each_window(
     assert [b["window"] for b in batches] == [1] * 4 + [2] * 3 + [3] * 4
     first = batches[0]["manifest"]
     assert first == {"rows": [{"month": "2024-01", "rows": 100}], "truncated": False}
+    # in the query's column order (the ledger's jsonb would put `rows` first)
+    assert [list(r) for r in first["rows"]] == [["month", "rows"]]
     assert sum(r["rows"] for b in batches for r in b["manifest"]["rows"]) == 910
     assert [(w["window"], w["discovered"], w["keys"], w["matches"]) for w in windows] == [
         (1, 310, 310, True),
@@ -476,6 +521,10 @@ def test_a_failing_hook_stops_the_phase_with_the_window_untouched_and_the_run_co
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
     make_events(db)
+    # a hook that prepares (checked before the run) but fails when it runs
+    sql(
+        db, "CREATE TABLE window_done (lower text CONSTRAINT not_yet CHECK (lower <> '2024-01-01'))"
+    )
     plan = windows_plan(
         workdir / "p.json",
         windows__after_each="INSERT INTO window_done (lower) VALUES ($1)",
@@ -483,12 +532,12 @@ def test_a_failing_hook_stops_the_phase_with_the_window_untouched_and_the_run_co
     failed = cli("apply", str(plan), "-e", "staging", env=env_for(db))
     assert failed.exit_code == 1, failed.output
     assert "windows.after_each failed for window 1 [2024-01-01, 2024-02-01)" in failed.output
-    assert 'relation "window_done" does not exist' in failed.output
+    assert 'violates check constraint "not_yet"' in failed.output
     run_id = run_id_of(failed.output)
     # window 1's batches committed; it is not recorded done, window 2 never started
     assert [w["status"] for w in windows_of(db, run_id)] == ["running", "pending", "pending"]
     assert val(db, "SELECT count(*) FROM events WHERE n = 1") == 310
-    sql(db, "CREATE TABLE window_done (lower text)")
+    sql(db, "ALTER TABLE window_done DROP CONSTRAINT not_yet")
     again = cli("apply", str(plan), "-e", "staging", "--run", run_id, env=env_for(db))
     assert again.exit_code == 3, again.output
     assert [w["status"] for w in windows_of(db, run_id)] == ["done", "done", "done"]
@@ -522,3 +571,31 @@ def test_a_row_cap_counts_across_windows_and_the_next_command_continues_inside_o
         ("done", 310, 310),
     ]
     assert val(db, "SELECT count(*) FROM events WHERE n = 1") == 910
+
+
+def test_a_manifest_query_or_a_hook_that_does_not_fit_is_refused_before_anything_runs(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    """Found by a batch, it would stop the phase inside a window, its before_each run (the
+    jobs it pauses left paused)."""
+    make_events(db)
+    cases = [
+        ({"manifest": {"sql": "SELECT nope FROM events WHERE id = ANY($1)"}}, "manifest.sql"),
+        ({"windows__after_each": "UPDATE window_logg SET what = $3"}, "windows.after_each"),
+        ({"windows__before_each": "INSERT INTO window_log (what) VALUES (1, 2)"}, "before_each"),
+    ]
+    for over, where in cases:
+        plan = windows_plan(workdir / "p.json", **over)
+        result = cli("apply", str(plan), "-e", "staging", env=env_for(db))
+        assert result.exit_code == 2, (over, result.output)
+        assert f"{where}" in result.output, (over, result.output)
+        assert "nothing was written" in " ".join(result.output.split()), result.output
+        assert val(db, "SELECT count(*) FROM window_log") == 0
+        assert val(db, "SELECT count(*) FROM events WHERE n <> 0") == 0
+    # as the plan is, each prepares; `validate --env` lists them
+    verify = [{"name": "once", "sql": "SELECT count(*) FROM events WHERE n > 1", "pass_if": "== 0"}]
+    plan = windows_plan(workdir / "p.json", manifest={"sql": MONTHS}, verify=verify)
+    shown = cli("validate", str(plan), "--env", "staging", env=env_for(db))
+    assert shown.exit_code == 0, shown.output
+    for where in ("manifest.sql", "windows.before_each", "windows.after_each", "verify.once.sql"):
+        assert f"ok   {where}" in shown.output, shown.output
