@@ -16,6 +16,10 @@ from runner.engine.target import TargetInfo
 async def read_only(conn: asyncpg.Connection) -> AsyncIterator[None]:
     """An explicit READ ONLY transaction (invariant 5), whatever the session's defaults say —
     a query cannot switch it to read-write. Inside a caller's transaction, that one holds."""
+    if conn.is_closed():
+        # asyncpg answers is_in_transaction() on a closed connection with an AttributeError;
+        # this error is the one the reconnecting callers know (a restart closed it)
+        raise asyncpg.ConnectionDoesNotExistError("the connection was closed")
     if conn.is_in_transaction():
         yield
         return

@@ -560,3 +560,27 @@ def test_the_manifest_lists_each_batchs_changed_keys_and_report_writes_it_again(
     path.unlink()
     assert cli("report", run_id, env=env_for(db)).exit_code == 0
     assert path.read_bytes() == before
+
+
+def test_a_read_on_a_connection_a_restart_closed_is_a_lost_connection_not_an_internal_error(
+    db: str,
+) -> None:
+    """asyncpg answers is_in_transaction() on a closed connection with an AttributeError, which
+    stopped an apply a PostgreSQL restart should only have delayed (the callers reconnect on a
+    lost connection, never on an internal error)."""
+    from runner.engine.discovery import read_only
+    from runner.engine.executor import classify
+
+    async def go() -> str:
+        conn = await asyncpg.connect(db)
+        conn.terminate()
+        try:
+            async with read_only(conn):
+                raise AssertionError("must not run on a closed connection")
+        except Exception as exc:
+            return classify(exc)
+        return "no error"
+
+    from tests.conftest import run
+
+    assert run(go) == "connection_lost"
