@@ -55,6 +55,16 @@ class Window:
         return (self.no, self.label, self.lower, self.upper)
 
 
+_MIDNIGHT = re.compile(r" 00:00:00(\+00)?$")
+
+
+def _label(lower: str, upper: str) -> str:
+    """`[lower, upper)`, midnight left out when both bounds are at it (windows are in UTC)."""
+    if _MIDNIGHT.search(lower) and _MIDNIGHT.search(upper):
+        lower, upper = _MIDNIGHT.sub("", lower), _MIDNIGHT.sub("", upper)
+    return f"[{lower}, {upper})"
+
+
 def _literal(text: str, type_: str) -> str:
     return "'" + text.replace("'", "''") + "'::" + type_
 
@@ -216,7 +226,7 @@ LIMIT {MAX_WINDOWS + 1}"""
     found = [
         Window(
             0,
-            f"[{r['lower']}, {r['upper']})",
+            _label(r["lower"], r["upper"]),
             r["lower"],
             r["upper"],
             within(r["lower"], r["upper"]),

@@ -159,3 +159,14 @@ def test_split_and_quarantined_batches_count_as_settled_for_the_resume_point() -
     assert resume_point([_batch(2), _batch(4), _batch(5, "quarantined")]) == (None, 6, 2)
     # a split the failure budget stopped is not settled either
     assert resume_point([_batch(1, "stopped"), _batch(2)]) == (None, 3, 0)
+
+
+def test_a_window_label_leaves_out_midnight_only_when_both_bounds_are_at_it() -> None:
+    from runner.engine.windows import _label
+
+    assert _label("2024-01-01 00:00:00+00", "2024-02-01 00:00:00+00") == "[2024-01-01, 2024-02-01)"
+    assert _label("2024-01-01 00:00:00", "2024-01-01 06:00:00") == (
+        "[2024-01-01 00:00:00, 2024-01-01 06:00:00)"
+    )
+    assert _label("2024-01-01", "2024-02-01") == "[2024-01-01, 2024-02-01)"
+    assert _label("100", "200") == "[100, 200)"
