@@ -409,10 +409,21 @@ def init(plan: PlanArg, env: EnvOpt) -> None:
     _run(go)
 
 
+def _bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _seconds(s: float) -> str:
+    return f"{s:,.0f} s" if s >= 10 else f"{s:.1f} s"  # noqa: PLR2004
+
+
 def _impact_lines(impact: dict[str, Any], workers: int) -> list[str]:
     """The dry run's impact estimate, as an operator reads it."""
     lines = [
-        f"  size: about {impact['bytes'] / 1e6:,.1f} MB"
+        f"  size: about {_bytes(impact['bytes'])}"
         f" ({impact.get('bytes_from', 'the table average times the rows')})"
     ]
     if impact.get("time_column"):
@@ -440,7 +451,7 @@ def _impact_lines(impact: dict[str, Any], workers: int) -> list[str]:
             est = w["estimated_seconds"]
             lines.append(
                 f"    {w['no']:>4}. {w['label']}: {w['rows']:,} row(s), {w['batches']:,} batch(es)"
-                + (f", about {est:,.0f} s" if est is not None else "")
+                + (f", about {_seconds(est)}" if est is not None else "")
             )
         if impact["windows_total"] > len(shown):
             lines.append(f"    … and {impact['windows_total'] - len(shown):,} more windows")

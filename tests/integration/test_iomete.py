@@ -227,7 +227,8 @@ def test_a_narrower_range_loads_only_its_files_and_the_dry_run_estimates_it(
     files = sum(
         val(db, "SELECT size_bytes FROM public.source_files WHERE path = $1", p) for p in redo
     )
-    assert f"size: about {files / 1e6:,.1f} MB (discovery.size_sql)" in out, out
+    shown = f"{files / 1e9:,.1f} GB" if files >= 1e9 else f"{files / 1e6:,.1f} MB"
+    assert f"size: about {shown} (discovery.size_sql)" in out, out
     assert not_as_before(db) == dict.fromkeys(iomete.TABLES, 0)  # a dry run writes nothing
 
     applied = cli(*feb, "apply", str(PLAN), "-e", "staging", "-q", env=env)
