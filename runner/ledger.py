@@ -1052,7 +1052,7 @@ async def batch_states(conn: asyncpg.Connection, run_id: str) -> list[asyncpg.Re
     """Every batch row of the run (batch_no, status, last_key), in batch order."""
     return list(
         await conn.fetch(
-            "SELECT batch_no, status, last_key FROM backfill.batches WHERE run_id = $1"
+            "SELECT batch_no, status, last_key, stage FROM backfill.batches WHERE run_id = $1"
             " ORDER BY batch_no",
             run_id,
         )
@@ -1522,7 +1522,7 @@ async def manifest_rows(
     themselves (JSON, each a list of the key's columns as text) only up to `keys_up_to`."""
     return list(
         await conn.fetch(
-            """SELECT b.batch_no, r.rel, b.started_at, count(*)::int AS changed,
+            """SELECT b.batch_no, b.stage, r.rel, b.started_at, count(*)::int AS changed,
                       b.manifest::text AS manifest,
                       md5(string_agg(r.key::text, '|' ORDER BY r.key::text COLLATE "C"))
                           AS keys_md5,
@@ -1533,7 +1533,7 @@ async def manifest_rows(
                JOIN backfill.row_images AS r USING (run_id, batch_no)
                WHERE b.run_id = $1 AND b.stage = $2 AND b.status = 'done'
                  AND r.op IN ('I', 'U', 'D')
-               GROUP BY b.batch_no, r.rel, b.started_at, b.manifest::text
+               GROUP BY b.batch_no, b.stage, r.rel, b.started_at, b.manifest::text
                ORDER BY b.batch_no, r.rel""",
             run_id,
             stage,
@@ -1570,16 +1570,19 @@ async def record_windows(
 
 
 # What window `x`'s batches did: those of its run numbered from its first batch (windows run one
-# after another, so a window's batches are the run's latest), and the keys they quarantined.
+# after another, so a window's batches are the run's latest), but a quarantine retry's (made while
+# the window was open: they belong to no window), and the keys they quarantined (released by a
+# retry since, or not: they were quarantined in this window).
 _WINDOW_COUNTS = """
 SELECT c.keys, c.changed, c.noop, q.n AS quarantined
 FROM (SELECT coalesce(sum(b.selected), 0) AS keys, coalesce(sum(b.changed), 0) AS changed,
              coalesce(sum(b.noop), 0) AS noop
       FROM backfill.batches b
-      WHERE b.run_id = x.run_id AND b.status = 'done' AND b.batch_no >= x.first_batch) AS c,
+      WHERE b.run_id = x.run_id AND b.status = 'done' AND b.batch_no >= x.first_batch
+        AND b.stage <> 'retry') AS c,
      (SELECT count(*) AS n FROM backfill.quarantine qq
-      WHERE qq.run_id = x.run_id AND qq.released_at IS NULL
-        AND qq.batch_no >= x.first_batch) AS q"""
+      WHERE qq.run_id = x.run_id AND qq.batch_no >= x.first_batch
+        AND qq.stage <> 'retry') AS q"""
 
 
 async def window_rows(conn: asyncpg.Connection, run_id: str, env: str) -> list[asyncpg.Record]:
@@ -1647,7 +1650,7 @@ async def batch_states_from(
     """The run's batch rows numbered from `first` on (a window's), in batch order."""
     return list(
         await conn.fetch(
-            "SELECT batch_no, status, last_key FROM backfill.batches WHERE run_id = $1"
+            "SELECT batch_no, status, last_key, stage FROM backfill.batches WHERE run_id = $1"
             " AND batch_no >= $2 ORDER BY batch_no",
             run_id,
             first,

@@ -1013,9 +1013,12 @@ async def write_manifest(
             "changed": r["changed"],
             "keys_md5": r["keys_md5"],
         }
-        if starts:
-            entry["window"] = next(
-                (no for first, no in reversed(starts) if first <= r["batch_no"]), None
+        if starts:  # a quarantine retry's batch belongs to no window (its keys were counted
+            # in theirs when they were quarantined)
+            entry["window"] = (
+                None
+                if r["stage"] == "retry"
+                else next((no for first, no in reversed(starts) if first <= r["batch_no"]), None)
             )
         if r["keys"] is not None:
             entry["keys"] = json.loads(r["keys"])

@@ -170,3 +170,11 @@ def test_a_window_label_leaves_out_midnight_only_when_both_bounds_are_at_it() ->
     )
     assert _label("2024-01-01", "2024-02-01") == "[2024-01-01, 2024-02-01)"
     assert _label("100", "200") == "[100, 200)"
+
+
+def test_a_quarantine_retry_batch_neither_moves_the_cursor_nor_breaks_the_run_of_batches() -> None:
+    retry = {"batch_no": 3, "status": "done", "last_key": ["7"], "stage": "retry"}
+    rows = [_batch(1), _batch(2), retry, _batch(4)]
+    assert resume_point(rows) == (["40"], 5, 0)
+    assert resume_point([_batch(1), retry]) == (["10"], 4, 1)  # 2 was interrupted
+    assert resume_point([retry, _batch(4)], first=3) == (["40"], 5, 0)  # a window's rows
