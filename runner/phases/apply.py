@@ -787,7 +787,9 @@ async def _finish(
         if loaded.plan.windows
         else []
     )
-    warnings = _warnings(state, stage) + _quarantine_warnings(quarantine, verify, run_id, env, cmd)
+    warnings = _warnings(state, stage, bool(windows)) + _quarantine_warnings(
+        quarantine, verify, run_id, env, cmd
+    )
     criteria = "pass" if not warnings or stage == "canary" else "inconclusive"
     if quarantine.quarantined or any(v.verdict != "pass" for v in verify):
         criteria = "inconclusive"  # the canary too: rows left unchanged need a person
@@ -880,9 +882,16 @@ async def _capped(
     )
 
 
-def _warnings(state: RunState, stage: str) -> list[str]:
+def _warnings(state: RunState, stage: str, windowed: bool = False) -> list[str]:
     warnings: list[str] = []
-    if state.remaining_after and stage != "canary":
+    if state.remaining_after and stage != "canary" and windowed:
+        warnings.append(
+            f"{state.remaining_after} row(s) within the windows still need the backfill after "
+            "every window was done: they arrived in, or moved into, a window after it ended "
+            "(its hooks had run); this run does not walk a done window again, a new run "
+            "applies them"
+        )
+    elif state.remaining_after and stage != "canary":
         warnings.append(
             f"{state.remaining_after} row(s) still need the backfill after {state.passes} pass(es): "
             "rows keep arriving; continue the run with --run to catch up"

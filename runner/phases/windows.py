@@ -207,9 +207,7 @@ class WindowWalk:
                         "counted": None if row["status"] == "pending" else discovered,
                     },
                 )
-            await machine.run(cursor, next_no)
-            stop_after = machine.settings.stop_after
-            if state.capped or (stop_after is not None and state.dispatched >= stop_after):
+            if not await self._walk(machine, state, cursor, next_no):
                 return  # the stage ends inside this window: the next command continues it
             done = await self.session.run(partial(self._finish, w=w))
             log.info(
@@ -219,6 +217,32 @@ class WindowWalk:
                 discovered=done["discovered"],
                 quarantined=done["quarantined"],
             )
+        await self.after_last(machine, source, state)
+
+    async def _walk(
+        self, machine: BatchRun, state: RunState, cursor: list[str] | None, next_no: int
+    ) -> bool:
+        """The window's batches, from `cursor`, then again from its start while discovery still
+        returns rows in it (they arrived behind the cursor, after their span was checked; the
+        canary's machine makes one pass only), up to `max_passes`. False: the stage stopped
+        inside the window (the canary's last batch, a row cap)."""
+        stop_after = machine.settings.stop_after
+        for _ in range(machine.settings.max_passes):
+            await machine.run(cursor, next_no)
+            if state.capped or (stop_after is not None and state.dispatched >= stop_after):
+                return False
+            state.remaining_after = await self.reader.run(machine.source.count)
+            if not state.remaining_after:
+                break
+            cursor, next_no = None, machine.next_no
+            log.info("apply.window_again", remaining=state.remaining_after)
+        return True
+
+    async def after_last(self, machine: BatchRun, source: KeysetSource, state: RunState) -> None:
+        """Every window done: what discovery still returns within them (rows that arrived in, or
+        moved into, a window after it ended) is counted, so the stage says so."""
+        source.narrow(self.walk.span)
+        state.remaining_after = await self.reader.run(machine.source.count)
 
     async def _start(
         self, conn: asyncpg.Connection, w: Window, first: int, discovered: int
