@@ -368,6 +368,11 @@ class Manifest(_Model):
     def _reads(cls, sql: str) -> str:
         if sql.rstrip().endswith(";"):
             raise ValueError("manifest.sql is wrapped by the runner: remove the trailing `;`")
+        if not re.search(r"\$1(?!\d)", sql_code(sql)):
+            raise ValueError(
+                "manifest.sql must read the batch's keys: `$1` is the array of key values (one "
+                "array per key column: $1, $2, …), e.g. `… WHERE id = ANY($1)`"
+            )
         return refuse_side_effects(sql, "manifest.sql")
 
 

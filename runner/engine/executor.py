@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import asyncpg
 
+from runner import redact
 from runner.db import fetch_one
 from runner.engine.shapes import COLUMNS_SIGNATURE, TOUCHED_DDL, ShapedRun, Step
 from runner.engine.target import BatchStatement, TargetInfo
@@ -339,6 +340,7 @@ async def _outside_keys(conn: asyncpg.Connection, target: TargetInfo, batch: Bat
 
 
 MANIFEST_ROWS = 100  # rows of the plan's [manifest] sql kept per batch
+MANIFEST_BYTES = 64 * 1024  # and at most this much of them (as JSON)
 
 
 async def record_manifest(conn: asyncpg.Connection, ctx: BatchContext) -> None:
@@ -352,10 +354,11 @@ async def record_manifest(conn: asyncpg.Connection, ctx: BatchContext) -> None:
     await probe.start()
     try:
         await conn.execute("SET LOCAL transaction_read_only = on")
-        rows = await conn.fetch(
-            f"SELECT row_to_json(m)::text FROM ({ctx.manifest_sql}\n) AS m LIMIT {MANIFEST_ROWS + 1}",
-            *batch.key_arrays,
+        stmt = await conn.prepare(
+            f"SELECT row_to_json(m)::text FROM ({ctx.manifest_sql}\n) AS m LIMIT {MANIFEST_ROWS + 1}"
         )
+        # as many key arrays as it reads ($1 alone of a composite key is fine)
+        rows = await stmt.fetch(*batch.key_arrays[: len(stmt.get_parameters())])
     except asyncpg.PostgresError as e:
         raise ScopeViolation(
             f"batch {batch.batch_no} (keys {batch.key_range}): the plan's manifest.sql failed: "
@@ -364,8 +367,16 @@ async def record_manifest(conn: asyncpg.Connection, ctx: BatchContext) -> None:
         ) from None
     finally:
         await probe.rollback()
-    kept = [json.loads(r[0]) for r in rows[:MANIFEST_ROWS]]
-    doc: dict[str, Any] = {"rows": kept, "truncated": len(rows) > MANIFEST_ROWS}
+    # through the redaction point (a secret ${VAR} in the query may come back in a row), and
+    # bounded in size as in number
+    kept: list[dict[str, Any]] = []
+    size = 0
+    for r in rows[:MANIFEST_ROWS]:
+        size += len(r[0])
+        if size > MANIFEST_BYTES:
+            break
+        kept.append(redact.redact_value(json.loads(r[0])))
+    doc: dict[str, Any] = {"rows": kept, "truncated": len(kept) < len(rows)}
     if kept:  # jsonb keeps no key order: the query's column order, for manifest.jsonl
         doc["columns"] = list(kept[0])
     await conn.execute(

@@ -90,17 +90,18 @@ def test_the_retry_manifest_does_not_label_a_retried_key_with_the_last_window(
 SECRET = "s3cr3t-tenant-token-4711"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the [manifest] sql's rows are stored in batches.manifest and written to "
-    "manifest.jsonl without passing the redaction point: a secret ${VAR} value leaks",
-)
 def test_a_secret_variable_in_the_manifest_query_never_reaches_the_manifest(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
     make_events(db)
     manifest = "SELECT '${TENANT_TOKEN}' AS tenant, count(*) AS n FROM events WHERE id = ANY($1)"
-    plan = windows_plan(workdir / "p.json", manifest={"sql": manifest}, batching__size=400)
+    # declared secret (a `${VAR}` is secret when declared, named SECRET_*, or in a DSN)
+    plan = windows_plan(
+        workdir / "p.json",
+        manifest={"sql": manifest},
+        batching__size=400,
+        variables={"secret": ["TENANT_TOKEN"]},
+    )
     env = {**env_for(db), "TENANT_TOKEN": SECRET}
     result = cli("apply", str(plan), "-e", "staging", env=env)
     assert result.exit_code == 3, result.output
@@ -311,13 +312,6 @@ def test_a_hook_with_transaction_control_is_refused_or_runs_once(
     assert val(db, "SELECT count(*) FROM window_log") <= 1, (first.output, again.output)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a [manifest] sql that does not use $1 passes plan loading and `validate --env` "
-    "('prepares over the batch's keys'); every batch then fails on asyncpg's argument count, "
-    "reported as a lost connection ('when the database is reachable again, continue') after 6 "
-    "attempts: the run can never continue",
-)
 def test_a_manifest_query_without_the_batch_keys_is_refused_before_a_run_exists(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
@@ -330,12 +324,6 @@ def test_a_manifest_query_without_the_batch_keys_is_refused_before_a_run_exists(
     assert val(db, "SELECT count(*) FROM backfill.runs") == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the manifest keeps up to 100 rows per batch but no bound on their size: a manifest "
-    "query returning large values stores megabytes per batch in backfill.batches.manifest and "
-    "manifest.jsonl (keys get a digest past 1,000; manifest rows get nothing)",
-)
 def test_the_manifest_bounds_what_it_stores_per_batch(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
