@@ -69,28 +69,18 @@ def _literal(text: str, type_: str) -> str:
     return "'" + text.replace("'", "''") + "'::" + type_
 
 
-def _restricted(
-    target: TargetInfo, discovery_sql: str, condition: str, *, on_discovery: bool, table: str
-) -> str:
-    """Discovery's keys whose row satisfies `condition` (over alias `w`): on discovery's own
-    column when it returns it (`on_discovery`: the planner pushes the filter down, to an index on
-    it), else on the row of `table` with the same key."""
-    inner = as_subquery(discovery_sql)
-    if on_discovery:
-        keys = ", ".join(f"w.{k.q}" for k in target.key)
-        return f"SELECT {keys} FROM {inner} AS w WHERE {condition}"
+def _restricted(target: TargetInfo, discovery_sql: str, condition: str, table: str) -> str:
+    """Discovery's keys whose row of `table` (the same key) satisfies `condition` (over alias
+    `w`): a window is a range of the target's own column, or one of its partitions, whatever
+    discovery returns beside the keys. With an index on the window column, PostgreSQL can start
+    from the window's rows and look each up in discovery by key."""
     keys = ", ".join(f"d.{k.q}" for k in target.key)
     same = " AND ".join(f"w.{k.q} = d.{k.q}" for k in target.key)
     where = f" AND {condition}" if condition else ""
     return (
-        f"SELECT {keys} FROM {inner} AS d "
+        f"SELECT {keys} FROM {as_subquery(discovery_sql)} AS d "
         f"WHERE EXISTS (SELECT 1 FROM {table} AS w WHERE {same}{where})"
     )
-
-
-async def _returned_columns(conn: asyncpg.Connection, discovery_sql: str) -> set[str]:
-    stmt = await conn.prepare(f"SELECT * FROM {as_subquery(discovery_sql)} AS d LIMIT 0")
-    return {a.name for a in stmt.get_attributes()}
 
 
 @dataclass(frozen=True)
@@ -139,7 +129,7 @@ async def _partition_windows(
             r["label"],
             None,
             None,
-            _restricted(target, discovery_sql, "", on_discovery=False, table=r["qualified"]),
+            _restricted(target, discovery_sql, "", r["qualified"]),
         )
         for r in rows
     ]
@@ -214,14 +204,11 @@ LIMIT {MAX_WINDOWS + 1}"""
             f"{windows.since} and {windows.until}",
             hint="take a larger step",
         )
-    on_discovery = windows.column in await _returned_columns(conn, discovery_sql)
     col = quote_ident(windows.column)
 
     def within(lower: str, upper: str) -> str:
         cond = f"w.{col} >= {_literal(lower, t)} AND w.{col} < {_literal(upper, t)}"
-        return _restricted(
-            target, discovery_sql, cond, on_discovery=on_discovery, table=target.table
-        )
+        return _restricted(target, discovery_sql, cond, target.table)
 
     found = [
         Window(

@@ -141,13 +141,6 @@ def test_rows_that_move_into_a_done_window_are_reported_not_silently_left(
     assert doc["totals"]["remaining"] == 5 or "5 row(s)" in said, (doc["totals"], said)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="when discovery returns a column named like windows.column, engine.windows filters "
-    "discovery's value, whatever it means: a window [Jan, Feb) of the target's column changes "
-    "December rows and leaves March rows, while the README says rows outside every window are "
-    "not touched",
-)
 def test_a_discovery_column_named_like_the_window_column_does_not_redefine_the_windows(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
