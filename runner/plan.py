@@ -308,6 +308,13 @@ class Discovery(_Model):
         return refuse_side_effects(sql, "discovery")
 
 
+_TRANSACTION_CONTROL = re.compile(
+    r"(?:^|;)\s*(begin|start\s+transaction|commit|end|rollback|abort|savepoint|release|"
+    r"prepare\s+transaction)\b",
+    re.IGNORECASE,
+)
+
+
 class Windows(_Model):
     """`[windows]`: the backfill runs window by window, each window a slice of discovery with its
     own progress, counts and status in the ledger, resumable where it stopped. Either time (or
@@ -352,6 +359,12 @@ class Windows(_Model):
             sql = getattr(self, name)
             if sql is not None and not sql.strip():
                 raise ValueError(f"windows.{name} is empty: remove it or give it SQL")
+            if sql is not None and (m := _TRANSACTION_CONTROL.search(sql_code(sql))):
+                raise ValueError(
+                    f"windows.{name} uses {m.group(1).upper()}: a hook runs inside the "
+                    "transaction that records its window started or done (so it runs once per "
+                    "window); it may not begin, commit or roll back transactions"
+                )
         return self
 
 

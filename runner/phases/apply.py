@@ -513,9 +513,16 @@ async def _batch_machine(
         )
         keyset.narrow(walk.span)
         await _start(session, reader, machine, state, frame, progress, windowed=True)
-        await WindowWalk(session, reader, windows, walk, frame.run_id, frame.env, progress).run(
-            machine, keyset, state
-        )
+        await WindowWalk(
+            session,
+            reader,
+            windows,
+            walk,
+            frame.run_id,
+            frame.env,
+            progress,
+            {target.oid, target.root_oid} | {int(t["oid"]) for t in frame.run.tables or []},
+        ).run(machine, keyset, state)
         return state
     finally:
         await reader.close()

@@ -18,6 +18,7 @@ from runner.engine.shapes import shaped_run
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.windows import plan_windows
 from runner.errors import InvalidInput
+from runner.phases.windows import HOOK, hook_prepare_sql
 from runner.plan import LoadedPlan, Plan, sql_code
 
 _UPDATED = re.compile(
@@ -265,6 +266,9 @@ async def _check_windows(
             report.findings.append(Finding("windows", False, " ".join(str(e).split())))
         else:
             first, last = walk.windows[0], walk.windows[-1]
+            count = f"SELECT count(*) FROM ({first.sql}) AS d"
+            if await _check_sql(conn, report, "windows", count) is None:
+                return
             report.findings.append(
                 Finding(
                     "windows",
@@ -292,7 +296,17 @@ async def _check_apply_extras(conn: asyncpg.Connection, report: EnvValidation, p
         if hook is None:
             continue
         where = f"windows.{name}"
-        if ";" in sql_code(hook).strip().rstrip(";") and "$" not in sql_code(hook):
+        prepare = hook_prepare_sql(hook)
+        if prepare is not None:  # $1, $2, $3 declared as text, as the run prepares it
+            try:
+                async with conn.transaction():
+                    await conn.execute(prepare)
+                    await conn.execute(f"DEALLOCATE {HOOK}")  # session-wide, not rolled back
+            except asyncpg.PostgresError as e:
+                report.findings.append(Finding(where, False, " ".join(str(e).split())))
+            else:
+                report.findings.append(Finding(where, True, "prepares ($1, $2, $3 as text)"))
+        elif ";" in sql_code(hook).strip().rstrip(";"):
             # several statements, run as written (without parameters): not one to prepare
             report.findings.append(Finding(where, True, "several statements: not prepared"))
         elif await _check_sql(conn, report, where, hook) is not None:

@@ -16,8 +16,8 @@ import asyncpg
 import structlog
 
 from runner import ledger
-from runner.db import quote_ident
 from runner.engine.batch_run import BatchRun, KeysetSource, RunState
+from runner.engine.executor import counters, write_delta
 from runner.engine.session import MainSession
 from runner.engine.windows import Window, WindowPlan
 from runner.errors import InvalidInput, WorkFailed
@@ -85,29 +85,52 @@ def window_result(row: asyncpg.Record) -> WindowResult:
 
 
 _BOUND_PARAM = re.compile(r"\$([1-3])(?!\d)")
+HOOK = "backfill_window_hook"  # the hook's prepared statement, for one execution
 
 
-async def _run_hook(conn: asyncpg.Connection, what: str, sql: str | None, w: Window) -> None:
-    """A window's before_each / after_each: `$1`, `$2`, `$3` are its bounds and label."""
+def hook_prepare_sql(sql: str) -> str | None:
+    """A hook that uses its window's bounds or label, prepared with all three as text (so a
+    hook may use `$3` alone, or cast `$1::date`); None: it uses none of them (then it may be
+    several statements, run as written)."""
+    if not _BOUND_PARAM.search(sql_code(sql)):
+        return None
+    return f"PREPARE {HOOK} (text, text, text) AS {sql}"
+
+
+async def _run_hook(
+    conn: asyncpg.Connection, what: str, sql: str | None, w: Window, guarded: set[int]
+) -> None:
+    """A window's before_each / after_each: `$1`, `$2`, `$3` are its bounds and label. It may
+    write what the window needs (a job's flag, a log row), but no table the run writes: those
+    writes would have no image, and a rollback would not undo them."""
     if sql is None:
         return
-    used = max((int(m) for m in _BOUND_PARAM.findall(sql_code(sql))), default=0)
+    prepare = hook_prepare_sql(sql)
     try:
         async with conn.transaction():  # a savepoint: the ledger's row is not written either
-            if not used:
+            before = await counters(conn)
+            if prepare is None:
                 await conn.execute(sql)  # several statements may run this way
-                return
-            stmt = await conn.prepare(sql)
-            # each bound as the type the statement gives it (`$1::date`): from its text form,
-            # converted by the server
-            values = [
-                await conn.fetchval(
-                    f"SELECT $1::text::{quote_ident(t.schema)}.{quote_ident(t.name)}", v
+            else:
+                await conn.execute(prepare)
+                args = ", ".join(
+                    "NULL" if v is None else "'" + v.replace("'", "''") + "'"
+                    for v in (w.lower, w.upper, w.label)
                 )
-                for t, v in zip(stmt.get_parameters(), [w.lower, w.upper, w.label], strict=False)
-            ]
-            await stmt.fetch(*values)
+                await conn.execute(f"EXECUTE {HOOK} ({args})")
+            after = await counters(conn)
+            written = write_delta(before, after)
+            wrote = sorted(f"{after[oid][0]}.{after[oid][1]}" for oid in written if oid in guarded)
+            if wrote:
+                raise WorkFailed(
+                    f"windows.{what} wrote {', '.join(wrote)}, a table the run writes: its rows "
+                    "would have no image and a rollback would not undo them; rolled back, "
+                    f"the window was not {'started' if what == 'before_each' else 'recorded done'}",
+                    hint=f"keep windows.{what} to what the window needs (a job's flag, a log "
+                    "table); write the run's tables in the apply",
+                )
     except asyncpg.PostgresError as e:
+        await _deallocate(conn)
         raise WorkFailed(
             f"windows.{what} failed for window {w.no} {w.label}: {' '.join(str(e).split())}; "
             f"the window was not {'started' if what == 'before_each' else 'recorded done'}",
@@ -115,6 +138,18 @@ async def _run_hook(conn: asyncpg.Connection, what: str, sql: str | None, w: Win
             "continue the run with --run; if the statement itself is wrong, the plan changes: "
             "start a new run (`backfill rollback` undoes this one's batches)",
         ) from None
+    except WorkFailed:
+        await _deallocate(conn)
+        raise
+    await _deallocate(conn)
+
+
+async def _deallocate(conn: asyncpg.Connection) -> None:
+    """The hook's prepared statement is the session's (a rolled-back savepoint keeps it)."""
+    if await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM pg_prepared_statements WHERE name = $1)", HOOK
+    ):
+        await conn.execute(f"DEALLOCATE {HOOK}")
 
 
 class WindowWalk:
@@ -129,6 +164,7 @@ class WindowWalk:
         run_id: str,
         env: str,
         progress: ProgressCallback | None,
+        guarded: set[int] | None = None,
     ) -> None:
         self.session = session
         self.reader = reader
@@ -136,6 +172,7 @@ class WindowWalk:
         self.walk = walk
         self.run_id = run_id
         self.env = env
+        self.guarded = guarded or set()  # the oids of the tables the run writes
         self.progress = progress
 
     async def recorded(self) -> list[asyncpg.Record]:
@@ -251,13 +288,13 @@ class WindowWalk:
             # a retried call (the connection dropped after COMMIT) must not run the hook twice
             if await ledger.window_status(conn, self.run_id, self.env, w.no) != "pending":
                 return
-            await _run_hook(conn, "before_each", self.windows.before_each, w)
+            await _run_hook(conn, "before_each", self.windows.before_each, w, self.guarded)
             await ledger.start_window(conn, self.run_id, self.env, w.no, first, discovered)
 
     async def _finish(self, conn: asyncpg.Connection, w: Window) -> asyncpg.Record:
         async with conn.transaction():
             if await ledger.window_status(conn, self.run_id, self.env, w.no) != "done":
-                await _run_hook(conn, "after_each", self.windows.after_each, w)
+                await _run_hook(conn, "after_each", self.windows.after_each, w, self.guarded)
                 await ledger.finish_window(conn, self.run_id, self.env, w.no)
             return next(
                 r

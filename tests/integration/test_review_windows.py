@@ -13,7 +13,14 @@ import pytest
 
 from tests.conftest import sql, val, write_plan
 from tests.helpers import env_for, run_id_of
-from tests.integration.test_windows import _runner, make_events, windows_of, windows_plan
+from tests.integration.test_windows import (
+    _runner,
+    make_events,
+    paused_window_hook,
+    while_paused,
+    windows_of,
+    windows_plan,
+)
 
 # id 700 lies in March (window 3 oldest first, window 1 newest first); a CHECK makes its update
 # fail on its data, so the run quarantines it; dropping the CHECK is the "fix" a retry needs
@@ -121,12 +128,15 @@ def test_rows_that_move_into_a_done_window_are_reported_not_silently_left(
     # January (window 1, done): no window counts them, none applies them
     plan = windows_plan(
         workdir / "p.json",
-        windows__before_each="UPDATE events SET created = '2024-01-15' WHERE id BETWEEN 700 "
-        "AND 704 AND $1 = '2024-02-01'",
+        windows__before_each=paused_window_hook("2024-02-01"),
         target__columns=["n", "created"],
     )
     env = env_for(db)
+    moved = while_paused(
+        db, "UPDATE events SET created = '2024-01-15' WHERE id BETWEEN 700 AND 704"
+    )
     result = cli("apply", str(plan), "-e", "staging", env=env)
+    moved.join()
     assert result.exit_code == 3, result.output
     run_id = run_id_of(result.output)
     left = val(
@@ -162,15 +172,11 @@ def test_a_discovery_column_named_like_the_window_column_does_not_redefine_the_w
     assert val(db, "SELECT count(*) FROM events WHERE n = 1") == 910
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a discovery that returns the window column twice passes `validate --env` (and the "
-    "apply's own validation), then the apply creates the run and fails on its first window "
-    "count: `column reference is ambiguous`",
-)
-def test_a_discovery_with_the_window_column_twice_is_refused_before_a_run_exists(
+def test_a_discovery_with_the_window_column_twice_runs_its_windows_on_the_targets_column(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
+    """Once refused only after the run existed (the window filtered discovery's own column,
+    ambiguous here); a window is now always the target's column, so nothing is ambiguous."""
     make_events(db)
     plan = windows_plan(
         workdir / "p.json",
@@ -178,10 +184,10 @@ def test_a_discovery_with_the_window_column_twice_is_refused_before_a_run_exists
     )
     env = env_for(db)
     checked = cli("validate", str(plan), "--env", "staging", env=env)
+    assert checked.exit_code == 0, checked.output
     result = cli("apply", str(plan), "-e", "staging", env=env)
-    assert result.exit_code == 2, result.output
-    assert val(db, "SELECT count(*) FROM backfill.runs") == 0, result.output
-    assert checked.exit_code != 0, checked.output
+    assert result.exit_code == 3, result.output
+    assert val(db, "SELECT count(*) FROM events WHERE n = 1") == 910
 
 
 def test_a_hook_that_cannot_run_is_refused_before_a_run_exists(
@@ -199,12 +205,6 @@ def test_a_hook_that_cannot_run_is_refused_before_a_run_exists(
     assert result.exit_code == 2, result.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="before_each/after_each run in the ledger's transaction, outside any batch: they may "
-    "write the target table itself, with no scope guard and no images, so `backfill rollback` "
-    "does not restore what they changed (neither refused nor documented)",
-)
 def test_a_hook_that_writes_the_target_is_refused_or_rolled_back(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
@@ -217,9 +217,10 @@ def test_a_hook_that_writes_the_target_is_refused_or_rolled_back(
     )
     env = env_for(db)
     result = cli("apply", str(plan), "-e", "staging", env=env)
-    if result.exit_code != 3:  # refused: fine
-        assert val(db, "SELECT count(*) FROM events WHERE note IS NOT NULL") == 0
-        return
+    # refused when it runs (window 1's end), its writes rolled back
+    assert result.exit_code == 1, result.output
+    assert "windows.after_each wrote public.events, a table the run writes" in result.output
+    assert val(db, "SELECT count(*) FROM events WHERE note IS NOT NULL") == 0
     run_id = run_id_of(result.output)
     back = cli("rollback", run_id, "-e", "staging", env=env)
     assert back.exit_code == 0, back.output
@@ -280,12 +281,6 @@ def test_the_dry_run_size_estimate_is_not_larger_than_the_table_on_an_unanalysed
     assert " MB of the table's rows" not in result.output, result.output
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a hook's statements run through conn.execute inside the ledger transaction: a COMMIT "
-    "in before_each commits the hook's writes, then the window start fails ('the window was not "
-    "started'), so each attempt runs the hook again; transaction control in hooks is not refused",
-)
 def test_a_hook_with_transaction_control_is_refused_or_runs_once(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
@@ -335,12 +330,6 @@ def test_the_manifest_bounds_what_it_stores_per_batch(
     assert biggest < 1_000_000, biggest
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a hook that uses only $3 (the window's label, as the README offers) is prepared with "
-    "$1 and $2 untyped: PostgreSQL refuses it ('could not determine data type of parameter "
-    "$1'), found only at the first window after the run exists",
-)
 def test_a_hook_may_use_only_the_window_label(
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
@@ -473,9 +462,10 @@ def test_a_kill_inside_a_window_hook_runs_each_hook_once_on_resume(
     deadline = time.monotonic() + 60
     sleeping = 0
     while time.monotonic() < deadline:
+        # the hook runs as EXECUTE of a prepared statement: its sleep shows as a wait event
         sleeping = val(
             db,
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(CASE%' "
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
             "AND state = 'active' AND pid <> pg_backend_pid()",
         )
         if sleeping:
@@ -486,8 +476,8 @@ def test_a_kill_inside_a_window_hook_runs_each_hook_once_on_resume(
     proc.wait()
     sql(
         db,
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE "
-        "'%pg_sleep(CASE%' AND pid <> pg_backend_pid()",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
+        "AND pid <> pg_backend_pid()",
     )
     run_id = val(db, "SELECT run_id FROM backfill.runs")
     expected = {"before_each": "pending", "after_each": "running"}[hook]

@@ -3,14 +3,18 @@ its counts checked against discovery; partitions as windows."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import asyncpg
 
 from runner.engine.target import TABLE_SIZE_SQL
 from tests.conftest import sql, val, write_plan
@@ -52,6 +56,44 @@ def windows_plan(path: Path, **over: Any) -> Path:
         ],
     }
     return write_plan(path, **{**base, **over})
+
+
+PAUSE_LOCK = 4242
+
+
+def paused_window_hook(lower: str) -> str:
+    """A before_each that waits, in window `lower`'s start, for `while_paused` (it writes
+    nothing itself: a hook may not write the run's tables)."""
+    return f"SELECT pg_advisory_xact_lock({PAUSE_LOCK}) WHERE $1 = '{lower}'"
+
+
+def while_paused(db: str, action: str) -> threading.Thread:
+    """Hold the window's start (see paused_window_hook) until `action` ran in another session,
+    as an application's write would: rows arrive, or move, after the window was counted."""
+    ready = threading.Event()
+
+    async def go() -> None:
+        conn = await asyncpg.connect(db)
+        try:
+            await conn.execute(f"SELECT pg_advisory_lock({PAUSE_LOCK})")
+            ready.set()
+            waiting = (
+                "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' "
+                f"AND objid = {PAUSE_LOCK} AND NOT granted)"
+            )
+            for _ in range(3000):  # up to a minute
+                if await conn.fetchval(waiting):
+                    break
+                await asyncio.sleep(0.02)
+            await conn.execute(action)
+            await conn.execute(f"SELECT pg_advisory_unlock({PAUSE_LOCK})")
+        finally:
+            await conn.close()
+
+    t = threading.Thread(target=lambda: asyncio.run(go()))
+    t.start()
+    ready.wait(10)
+    return t
 
 
 def windows_of(db: str, run_id: str) -> list[dict[str, Any]]:
@@ -212,13 +254,16 @@ def test_a_window_whose_batches_do_more_than_discovery_counted_fails_the_criteri
     cli: Callable[..., Any], workdir: Path, db: str
 ) -> None:
     make_events(db)
-    # rows arrive in window 2 after it was counted (its before_each inserts them)
-    plan = windows_plan(
-        workdir / "p.json",
-        windows__before_each="INSERT INTO events (id, created) SELECT 10000 + g, $1::date "
-        "FROM generate_series(1, 5) g WHERE $1 = '2024-02-01'",
+    # rows arrive in window 2 after it was counted (an application inserts them while the
+    # window's start waits)
+    plan = windows_plan(workdir / "p.json", windows__before_each=paused_window_hook("2024-02-01"))
+    arrivals = while_paused(
+        db,
+        "INSERT INTO events (id, created) SELECT 10000 + g, DATE '2024-02-10' "
+        "FROM generate_series(1, 5) g",
     )
     result = cli("apply", str(plan), "-e", "staging", env=env_for(db))
+    arrivals.join()
     assert result.exit_code == 3, result.output
     run_id = run_id_of(result.output)
     windows = windows_of(db, run_id)
