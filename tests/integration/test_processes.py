@@ -66,7 +66,7 @@ def test_a_running_apply_beats_and_a_killed_one_is_shown_as_gone(
     plan = write_plan(
         workdir / "p.json",
         apply__sql="UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
-        "AND val IS DISTINCT FROM 'new' AND pg_sleep(0.003) IS NOT NULL",
+        "AND val IS DISTINCT FROM 'new' AND (SELECT pg_sleep(0.1)) IS NOT NULL",
         batching__size=20,
     )
     env = {

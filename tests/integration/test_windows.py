@@ -184,7 +184,7 @@ def test_a_run_killed_in_window_two_resumes_there_and_does_each_window_once(
     make_events(db)
     plan = windows_plan(
         workdir / "p.json",
-        apply__sql="UPDATE events SET n = n + 1 WHERE id = ANY($1) AND pg_sleep(0.005) IS NOT NULL",
+        apply__sql="UPDATE events SET n = n + 1 WHERE id = ANY($1) AND (SELECT pg_sleep(0.05)) IS NOT NULL",
         batching__size=10,
     )
     proc = _runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
