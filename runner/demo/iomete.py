@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from runner.demo import snapshot
+
 TABLES = ("source_files", "processed_files")
 BEFORE_SCHEMA = "iomete_before"  # a copy of TABLES as seeded, to show the rollback is exact
 MONTHS = ("2024-01", "2024-02", "2024-03", "2024-04")  # the named partitions
@@ -144,24 +146,12 @@ async def seed(conn: asyncpg.Connection, *, per_day: int, done: float) -> dict[s
 
 async def keep_before(conn: asyncpg.Connection) -> None:
     """Copy the tables as they are now, to compare with after a rollback."""
-    await conn.execute(f"CREATE SCHEMA {BEFORE_SCHEMA}")
-    for t in TABLES:
-        await conn.execute(f"CREATE TABLE {BEFORE_SCHEMA}.{t} AS SELECT * FROM public.{t}")
+    await snapshot.keep(conn, BEFORE_SCHEMA, TABLES)
 
 
 KEYS = {"source_files": "file_id, day", "processed_files": "file_path"}
 
 
 async def rows_not_as_before(conn: asyncpg.Connection) -> dict[str, int]:
-    """Per table, the rows not bytewise equal to the copy made when seeding (missing and extra
-    rows included)."""
-    return {
-        t: int(
-            await conn.fetchval(
-                f"SELECT count(*) FROM public.{t} AS cur FULL JOIN {BEFORE_SCHEMA}.{t} AS was "
-                f"USING ({KEYS[t]}) WHERE cur IS NULL OR was IS NULL "
-                "OR NOT record_image_eq(cur, was)"
-            )
-        )
-        for t in TABLES
-    }
+    """Per table, the rows not bytewise equal to the copy made when seeding."""
+    return await snapshot.rows_differing(conn, BEFORE_SCHEMA, {t: KEYS[t] for t in TABLES})

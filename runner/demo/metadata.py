@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from runner.demo import snapshot
+
 TABLES = ("ingestion_events", "metadata_records")  # what the batches read and write
 BEFORE_SCHEMA = "metadata_before"  # a copy of TABLES as seeded, to show the rollback is exact
 JOBS = ("orders_moving_average", "billing_variability", "crm_variability")
@@ -159,24 +161,12 @@ async def seed(
 
 async def keep_before(conn: asyncpg.Connection) -> None:
     """Copy the tables as they are now, to compare with after a rollback."""
-    await conn.execute(f"CREATE SCHEMA {BEFORE_SCHEMA}")
-    for t in TABLES:
-        await conn.execute(f"CREATE TABLE {BEFORE_SCHEMA}.{t} AS SELECT * FROM public.{t}")
+    await snapshot.keep(conn, BEFORE_SCHEMA, TABLES)
 
 
 KEYS = {"ingestion_events": "id", "metadata_records": "event_id, kind"}
 
 
 async def rows_not_as_before(conn: asyncpg.Connection) -> dict[str, int]:
-    """Per table, the rows not bytewise equal to the copy made when seeding (missing and extra
-    rows included)."""
-    return {
-        t: int(
-            await conn.fetchval(
-                f"SELECT count(*) FROM public.{t} AS cur FULL JOIN {BEFORE_SCHEMA}.{t} AS was "
-                f"USING ({KEYS[t]}) WHERE cur IS NULL OR was IS NULL "
-                "OR NOT record_image_eq(cur, was)"
-            )
-        )
-        for t in TABLES
-    }
+    """Per table, the rows not bytewise equal to the copy made when seeding."""
+    return await snapshot.rows_differing(conn, BEFORE_SCHEMA, {t: KEYS[t] for t in TABLES})

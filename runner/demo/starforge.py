@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncpg
 
+from runner.demo import snapshot
+
 TABLES = ("hero_snapshots", "user_troops", "user_pets", "user_hero_summary")
 BEFORE_SCHEMA = "starforge_before"  # a copy of TABLES as seeded, to show the rollback is exact
 TROOPS = 60  # catalog sizes
@@ -230,9 +232,7 @@ async def seed(
 
 async def keep_before(conn: asyncpg.Connection) -> None:
     """Copy the tables as they are now, to compare with after a rollback."""
-    await conn.execute(f"CREATE SCHEMA {BEFORE_SCHEMA}")
-    for t in TABLES:
-        await conn.execute(f"CREATE TABLE {BEFORE_SCHEMA}.{t} AS SELECT * FROM public.{t}")
+    await snapshot.keep(conn, BEFORE_SCHEMA, TABLES)
 
 
 KEYS = {
@@ -244,15 +244,5 @@ KEYS = {
 
 
 async def rows_not_as_before(conn: asyncpg.Connection) -> dict[str, int]:
-    """Per table, the rows not bytewise equal to the copy made when seeding (missing and extra
-    rows included): `record_image_eq` compares the stored bytes, not their text."""
-    return {
-        t: int(
-            await conn.fetchval(
-                f"SELECT count(*) FROM public.{t} AS cur FULL JOIN {BEFORE_SCHEMA}.{t} AS was "
-                f"USING ({KEYS[t]}) WHERE cur IS NULL OR was IS NULL "
-                "OR NOT record_image_eq(cur, was)"
-            )
-        )
-        for t in TABLES
-    }
+    """Per table, the rows not bytewise equal to the copy made when seeding."""
+    return await snapshot.rows_differing(conn, BEFORE_SCHEMA, {t: KEYS[t] for t in TABLES})
