@@ -128,6 +128,7 @@ class WindowResult(_Doc):
     matches: bool | None = None
     started_at: str | None = None
     finished_at: str | None = None
+    seconds: float | None = None  # from its start to its end (done windows)
 
 
 class ApplyDoc(PhaseResult):

@@ -81,6 +81,11 @@ def window_result(row: asyncpg.Record) -> WindowResult:
         matches=(discovered == keys + quarantined) if done else None,
         started_at=row["started_at"].isoformat() if row["started_at"] else None,
         finished_at=row["finished_at"].isoformat() if row["finished_at"] else None,
+        seconds=(
+            round((row["finished_at"] - row["started_at"]).total_seconds(), 3)
+            if row["started_at"] and row["finished_at"]
+            else None
+        ),
     )
 
 
