@@ -154,7 +154,7 @@ async def _tables(conn: asyncpg.Connection, run: ledger.RunRow, stage: str) -> l
     return [
         {
             "table": f"{t['schema']}.{t['name']}",
-            "allowed": ", ".join(t["allowed"]),
+            "allowed": ", ".join(t["allowed"]) or "read only",
             "declared": ", ".join(t["declared"]),
             **counts.get(int(t["rel"]), zero),
         }
