@@ -1714,6 +1714,17 @@ async def beat(conn: asyncpg.Connection, run_id: str, process_id: str) -> None:
     )
 
 
+async def set_process_phase(
+    conn: asyncpg.Connection, run_id: str, process_id: str, phase: str
+) -> None:
+    await conn.execute(
+        "UPDATE backfill.processes SET phase = $3 WHERE run_id = $1 AND process_id = $2",
+        run_id,
+        process_id,
+        phase,
+    )
+
+
 async def end_process(conn: asyncpg.Connection, run_id: str, process_id: str, outcome: str) -> None:
     await conn.execute(
         "UPDATE backfill.processes SET heartbeat = clock_timestamp(),"

@@ -108,8 +108,8 @@ def redact_value(value: Any) -> Any:
     """The same, through JSON-like data (dicts, lists, tuples, strings)."""
     if isinstance(value, str):
         return redact_text(value)
-    if isinstance(value, Mapping):
-        return {k: redact_value(v) for k, v in value.items()}
+    if isinstance(value, Mapping):  # keys too: a query's column names may carry a value
+        return {redact_value(k): redact_value(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [redact_value(v) for v in value]
     return value

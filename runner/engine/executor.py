@@ -372,7 +372,7 @@ async def record_manifest(conn: asyncpg.Connection, ctx: BatchContext) -> None:
     kept: list[dict[str, Any]] = []
     size = 0
     for r in rows[:MANIFEST_ROWS]:
-        size += len(r[0])
+        size += len(r[0].encode())
         if size > MANIFEST_BYTES:
             break
         kept.append(redact.redact_value(json.loads(r[0])))

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -25,8 +27,11 @@ async def estimate_impact(
     `discovery_sql` is what the run will page (within its windows, for a windowed plan)."""
     size = await conn.fetchrow(TABLE_SIZE_SQL, target.oid)  # a partitioned table: its leaves
     assert size is not None
+    rows = size["rows"]
+    if rows is None or rows <= 0:  # never analysed (or empty): count it, once
+        rows = await conn.fetchval(f"SELECT count(*) FROM {target.table}")
     out: dict[str, Any] = {
-        "bytes": round(size["bytes"] / max(size["rows"], 1) * needing),
+        "bytes": round(size["bytes"] / max(int(rows), 1) * needing),
         "bytes_from": "the table's average row size × the rows",
         "table_bytes": size["bytes"],
     }
@@ -43,6 +48,18 @@ async def estimate_impact(
                 "e.g. SELECT sum(f.size_bytes) FROM files f JOIN discovered d USING (id)",
             ) from None
         if value is not None:
+            if isinstance(value, bool) or not isinstance(value, int | float | Decimal):
+                raise InvalidInput(
+                    f"discovery.size_sql returned {type(value).__name__} {str(value)[:40]!r}, "
+                    "not a number of bytes",
+                    hint="return one number, e.g. SELECT sum(f.size_bytes) FROM files f JOIN "
+                    "discovered d USING (id)",
+                )
+            if not math.isfinite(value) or value < 0:
+                raise InvalidInput(
+                    f"discovery.size_sql returned {value}, not a number of bytes",
+                    hint="return a finite number of bytes, 0 or more",
+                )
             out["bytes"], out["bytes_from"] = int(value), "discovery.size_sql"
     column = discovery.time_column
     if column is not None:

@@ -369,7 +369,7 @@ async def apply(
                     hint=f"start a new run: {cmd} apply {loaded.path} --env {env}",
                 )
             if plan.is_mini:
-                frame.phase = await _prod_stage(conn, loaded, run.run_id, env, cmd)
+                await frame.set_phase(await _prod_stage(conn, loaded, run.run_id, env, cmd))
                 if frame.phase == "finished":
                     return await _finished_result(conn, dbs, run.run_id, env, "rest", cmd, loaded)
             elif (row := await ledger.get_phase(conn, run.run_id, "apply")) and row.finished_at:

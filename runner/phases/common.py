@@ -115,8 +115,14 @@ async def run_lock(
     deadline = anyio.current_time() + wait_seconds
     while not await ledger.try_run_lock(conn, run_id):
         if anyio.current_time() > deadline:
+            # only a process that is beating holds it; a rollback or a quarantine retry takes
+            # the run without a heartbeat, and a killed process's row has none any more
             holder = next(
-                (p for p in reversed(await ledger.run_processes(conn, run_id)) if not p["outcome"]),
+                (
+                    p
+                    for p in reversed(await ledger.run_processes(conn, run_id))
+                    if not p["outcome"] and p["silent"] < 3 * HEARTBEAT_SECONDS
+                ),
                 None,
             )
             who = (
@@ -281,10 +287,17 @@ class PhaseFrame:
     run: ledger.RunRow
     env: str
     phase: str
+    process_id: str = ""  # this command in backfill.processes
 
     @property
     def run_id(self) -> str:
         return self.run.run_id
+
+    async def set_phase(self, phase: str) -> None:
+        """The phase is known only now (a prod apply: canary or rest): the process says so."""
+        self.phase = phase
+        if self.process_id:
+            await ledger.set_process_phase(self.conn, self.run_id, self.process_id, phase)
 
     @property
     def dir(self) -> Path:
@@ -340,11 +353,35 @@ async def _heartbeat(
             try:
                 conn = conn if conn is not None and not conn.is_closed() else await connect()
                 await ledger.beat(conn, run_id, me)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                conn = None  # the next beat tries again; status shows the silence meanwhile
+            except Exception:
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+                conn = None  # status shows the silence meanwhile
     finally:
         if conn is not None and not conn.is_closed():
             conn.terminate()  # no await: this runs as the task is cancelled
+
+
+async def _record_end(
+    conn: asyncpg.Connection,
+    connect: Callable[[], Awaitable[asyncpg.Connection]] | None,
+    run_id: str,
+    me: str,
+    outcome: str,
+) -> None:
+    """How the process ended, on the phase's connection or, when that one was lost (the phase
+    reconnected on another), on a fresh one; a failure here must not hide the phase's own."""
+    with contextlib.suppress(Exception):
+        await ledger.end_process(conn, run_id, me, outcome)
+        return
+    if connect is None:
+        return
+    with contextlib.suppress(Exception):
+        fresh = await connect()
+        try:
+            await ledger.end_process(fresh, run_id, me, outcome)
+        finally:
+            await fresh.close()
 
 
 @contextlib.asynccontextmanager
@@ -364,14 +401,14 @@ async def phase_frame(
         async with run_lock(conn, run.run_id):
             host, pid, _ = me.rsplit(":", 2)
             await ledger.register_process(
-                conn, run.run_id, me, env, phase, host, int(pid), run.operator
+                conn, run.run_id, me, env, phase, host, int(pid), operator_name()
             )
             # a plain asyncio task (asyncpg runs on asyncio): a task group around the `yield`
             # would wrap the phase's own errors in an exception group
             beating = asyncio.create_task(_heartbeat(connect, run.run_id, me)) if connect else None
             outcome = "finished"
             try:
-                yield PhaseFrame(conn, run, env, phase)
+                yield PhaseFrame(conn, run, env, phase, me)
             except BaseException as exc:
                 outcome = f"stopped: {type(exc).__name__}"
                 raise
@@ -380,7 +417,7 @@ async def phase_frame(
                     beating.cancel()
                     with contextlib.suppress(asyncio.CancelledError, Exception):
                         await beating
-                with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                    await ledger.end_process(conn, run.run_id, me, outcome)
+                with anyio.CancelScope(shield=True):
+                    await _record_end(conn, connect, run.run_id, me, outcome)
     finally:
         events.detach()

@@ -114,6 +114,7 @@ async def _run_hook(
     try:
         async with conn.transaction():  # a savepoint: the ledger's row is not written either
             before = await counters(conn)
+            files = await _storage(conn, guarded)
             if prepare is None:
                 await conn.execute(sql)  # several statements may run this way
             else:
@@ -125,7 +126,12 @@ async def _run_hook(
                 await conn.execute(f"EXECUTE {HOOK} ({args})")
             after = await counters(conn)
             written = write_delta(before, after)
-            wrote = sorted(f"{after[oid][0]}.{after[oid][1]}" for oid in written if oid in guarded)
+            # TRUNCATE (or a rewrite) moves no write counter: its table gets new storage
+            moved = await _storage(conn, guarded)
+            wrote = sorted(
+                {f"{after[oid][0]}.{after[oid][1]}" for oid in written if oid in guarded}
+                | {name for name, nodes in moved.items() if files.get(name) != nodes}
+            )
             if wrote:
                 raise WorkFailed(
                     f"windows.{what} wrote {', '.join(wrote)}, a table the run writes: its rows "
@@ -147,6 +153,25 @@ async def _run_hook(
         await _deallocate(conn)
         raise
     await _deallocate(conn)
+
+
+_STORAGE = """
+SELECT format('%I.%I', n.nspname, r.relname) AS name,
+       array_agg(pg_relation_filenode(t.relid)::bigint ORDER BY t.relid) AS nodes
+FROM unnest($1::oid[]) AS g(oid)
+CROSS JOIN LATERAL (SELECT relid FROM pg_partition_tree(g.oid)
+                    UNION SELECT g.oid::regclass) AS t  -- a plain table has no partition tree
+JOIN pg_class AS r ON r.oid = g.oid
+JOIN pg_namespace AS n ON n.oid = r.relnamespace
+GROUP BY 1"""
+
+
+async def _storage(conn: asyncpg.Connection, guarded: set[int]) -> dict[str, list[int]]:
+    """The storage files of the run's tables (their partitions too), by table."""
+    if not guarded:
+        return {}
+    rows = await conn.fetch(_STORAGE, sorted(guarded))
+    return {r["name"]: list(r["nodes"]) for r in rows}
 
 
 async def _deallocate(conn: asyncpg.Connection) -> None:
