@@ -343,6 +343,11 @@ MANIFEST_ROWS = 100  # rows of the plan's [manifest] sql kept per batch
 MANIFEST_BYTES = 64 * 1024  # and at most this much of them (as JSON)
 
 
+def manifest_query(sql: str) -> str:
+    """The plan's [manifest] sql as a batch runs it: each row as JSON, one more than are kept."""
+    return f"SELECT row_to_json(m)::text FROM ({sql}\n) AS m LIMIT {MANIFEST_ROWS + 1}"
+
+
 async def record_manifest(conn: asyncpg.Connection, ctx: BatchContext) -> None:
     """The plan's [manifest] sql over the batch's keys, last in the batch's transaction, its
     rows stored with the batch's ledger row. It runs read-only (in a savepoint that is rolled
@@ -354,9 +359,7 @@ async def record_manifest(conn: asyncpg.Connection, ctx: BatchContext) -> None:
     await probe.start()
     try:
         await conn.execute("SET LOCAL transaction_read_only = on")
-        stmt = await conn.prepare(
-            f"SELECT row_to_json(m)::text FROM ({ctx.manifest_sql}\n) AS m LIMIT {MANIFEST_ROWS + 1}"
-        )
+        stmt = await conn.prepare(manifest_query(ctx.manifest_sql))
         # as many key arrays as it reads ($1 alone of a composite key is fine)
         rows = await stmt.fetch(*batch.key_arrays[: len(stmt.get_parameters())])
     except asyncpg.PostgresError as e:

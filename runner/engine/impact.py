@@ -15,6 +15,11 @@ from runner.errors import InvalidInput
 from runner.plan import Discovery
 
 
+def size_query(discovery_sql: str, size_sql: str) -> str:
+    """`discovery.size_sql` over `discovered`: the rows of `discovery_sql`."""
+    return f"WITH discovered AS {as_subquery(discovery_sql)} {size_sql}"
+
+
 async def estimate_impact(
     conn: asyncpg.Connection,
     target: TargetInfo,
@@ -38,9 +43,7 @@ async def estimate_impact(
     if discovery.size_sql is not None:
         try:
             async with conn.transaction():  # a savepoint: a failure names the field, nothing else
-                value = await conn.fetchval(
-                    f"WITH discovered AS {as_subquery(discovery_sql)} {discovery.size_sql}"
-                )
+                value = await conn.fetchval(size_query(discovery_sql, discovery.size_sql))
         except asyncpg.PostgresError as e:
             raise InvalidInput(
                 f"discovery.size_sql failed: {' '.join(str(e).split())}",

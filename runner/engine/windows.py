@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
@@ -221,3 +222,18 @@ LIMIT {MAX_WINDOWS + 1}"""
         for r in rows
     ]
     return found, within(rows[0]["lower"], rows[-1]["upper"])
+
+
+COUNTED_WINDOWS = 100  # windows the dry run and prod health count one by one
+
+
+async def count_windows(conn: asyncpg.Connection, walk: WindowPlan) -> list[dict[str, Any]]:
+    """Discovery's count in each of the first COUNTED_WINDOWS windows (read-only)."""
+    return [
+        {
+            "no": w.no,
+            "label": w.label,
+            "rows": int(await conn.fetchval(f"SELECT count(*) FROM {as_subquery(w.sql)} AS d")),
+        }
+        for w in walk.windows[:COUNTED_WINDOWS]
+    ]

@@ -34,7 +34,7 @@ from runner.engine.sizing import BatchSizer
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.engine.watch import RunWatch
-from runner.engine.windows import plan_windows
+from runner.engine.windows import count_windows, plan_windows
 from runner.errors import InvalidInput, NoGo
 from runner.phases.common import (
     PhaseFrame,
@@ -138,9 +138,6 @@ async def _sample_batch(
     return _Sample(seconds, page.size, "the plan's statements on the first batch, rolled back")
 
 
-DRY_RUN_WINDOWS = 100  # windows the dry run counts one by one
-
-
 async def _dry_run(
     loaded: LoadedPlan, dbs: Databases, env: str, stage: str, cmd: str, sample: bool
 ) -> ApplyResult:
@@ -153,11 +150,7 @@ async def _dry_run(
         if plan.windows is not None:
             walk = await plan_windows(conn, target, plan.windows, plan.discovery.sql)
             outside = await source.count(conn)
-            windows = []
-            for window in walk.windows[:DRY_RUN_WINDOWS]:
-                source.narrow(window.sql)
-                rows = await source.count(conn)
-                windows.append({"no": window.no, "label": window.label, "rows": rows})
+            windows = await count_windows(conn, walk)
             source.narrow(walk.span)
         needing = await source.count(conn)
         outside -= needing

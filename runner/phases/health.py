@@ -18,9 +18,9 @@ from runner.db import Databases, fetch_one, qualified
 from runner.engine import dbhealth
 from runner.engine.impact import estimate_impact
 from runner.engine.shapes import resolve_tables
-from runner.engine.target import TABLE_SIZE_SQL, TargetInfo, as_subquery, resolve_target
+from runner.engine.target import TABLE_SIZE_SQL, TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
-from runner.engine.windows import plan_windows
+from runner.engine.windows import count_windows, plan_windows
 from runner.errors import InvalidInput, NoGo
 from runner.phases.common import (
     PhaseFrame,
@@ -39,8 +39,6 @@ from runner.reports import overrides_note
 from runner.reports.health import MINI_PLAN, REPORT, render_health
 from runner.results import HealthDoc, HealthTable
 from runner.rollout import gate_name
-
-HEALTH_WINDOWS = 100  # windows the health check counts one by one
 
 log = structlog.get_logger("backfill.health")
 LAG_CONDITION_S = 30.0  # replication lag above this is a condition a reviewer accepts
@@ -281,9 +279,7 @@ async def _prod_facts(ro: asyncpg.Connection, plan: Plan) -> _ProdFacts:
         if plan.windows is not None:  # what the prod run will do: discovery within its windows
             walk = await plan_windows(ro, target, plan.windows, discovery)
             discovery = walk.span
-            for w in walk.windows[:HEALTH_WINDOWS]:
-                n = await ro.fetchval(f"SELECT count(*) FROM {as_subquery(w.sql)} AS d")
-                windows.append({"no": w.no, "label": w.label, "rows": int(n)})
+            windows = await count_windows(ro, walk)
         needing = await fetch_one(ro, target.discovery_count_sql(discovery))
         impact = await estimate_impact(ro, target, plan.discovery, discovery, int(needing["n"]))
         size = await fetch_one(ro, TABLE_SIZE_SQL, target.oid)

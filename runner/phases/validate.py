@@ -14,6 +14,8 @@ import asyncpg
 from runner import redact
 from runner.db import Databases
 from runner.engine.checks import wrap_check
+from runner.engine.executor import manifest_query
+from runner.engine.impact import size_query
 from runner.engine.shapes import shaped_run
 from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.windows import plan_windows
@@ -278,7 +280,7 @@ async def _check_windows(
                 )
             )
     if plan.discovery.size_sql is not None:
-        wrapped = f"WITH discovered AS ({plan.discovery.sql}\n) {plan.discovery.size_sql}"
+        wrapped = size_query(plan.discovery.sql, plan.discovery.size_sql)
         if await _check_sql(conn, report, "discovery.size_sql", wrapped) is not None:
             report.findings.append(Finding("discovery.size_sql", True, "prepares over discovery"))
 
@@ -288,7 +290,7 @@ async def _check_apply_extras(conn: asyncpg.Connection, report: EnvValidation, p
     windows' `before_each` / `after_each` when a window starts and ends. Prepared, never run: a
     mistake found by a batch would stop the phase inside a window (its jobs paused, say)."""
     if plan.manifest is not None:
-        sql = f"SELECT * FROM ({plan.manifest.sql}\n) AS m"
+        sql = manifest_query(plan.manifest.sql)
         if await _check_sql(conn, report, "manifest.sql", sql) is not None:
             report.findings.append(Finding("manifest.sql", True, "prepares"))
     for name in ("before_each", "after_each"):

@@ -141,7 +141,6 @@ async def _run_hook(
                     "table); write the run's tables in the apply",
                 )
     except asyncpg.PostgresError as e:
-        await _deallocate(conn)
         raise WorkFailed(
             f"windows.{what} failed for window {w.no} {w.label}: {' '.join(str(e).split())}; "
             f"the window was not {'started' if what == 'before_each' else 'recorded done'}",
@@ -149,10 +148,8 @@ async def _run_hook(
             "continue the run with --run; if the statement itself is wrong, the plan changes: "
             "start a new run (`backfill rollback` undoes this one's batches)",
         ) from None
-    except WorkFailed:
-        await _deallocate(conn)
-        raise
-    await _deallocate(conn)
+    finally:
+        await _deallocate(conn)  # the savepoint is over: the transaction around it is usable
 
 
 _STORAGE = """
