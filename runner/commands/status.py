@@ -19,7 +19,7 @@ from runner.commands.decide import plan_for
 from runner.db import EMBEDDED, Databases, close_quietly
 from runner.errors import BackfillError
 from runner.gates import GateState
-from runner.phases.common import HEARTBEAT_SECONDS, command_prefix, gate_state
+from runner.phases.common import GONE_AFTER, command_prefix, gate_state
 from runner.phases.windows import window_result
 from runner.plan import LoadedPlan
 from runner.rollout import gate_name
@@ -237,7 +237,7 @@ async def read_status(run_id: str, plan_path: Path | None) -> RunStatus:
         steps = await read_steps(loaded, dbs, run_id, tolerant=True)
         decisions, rollbacks = await _ledger_facts(loaded, dbs, run_id, steps)
         windows = await _windows(loaded, dbs, run_id, steps)
-        processes = await _processes(dbs, run_id, steps)
+        processes = await _processes(loaded, dbs, run_id, steps)
     return RunStatus(
         run_id,
         loaded.plan.name,
@@ -270,9 +270,6 @@ async def _windows(
     return found
 
 
-GONE_AFTER = 3 * HEARTBEAT_SECONDS  # a running process silent this long is taken for gone
-
-
 def _life(p: dict[str, Any]) -> str:
     started = f"started {p['started_at']:%Y-%m-%d %H:%M:%S}"
     done = f"{p['batches']:,} batch(es) committed"
@@ -286,18 +283,17 @@ def _life(p: dict[str, Any]) -> str:
     return f"{started}, running (last heartbeat {p['silent']:,.0f} s ago); {done}"
 
 
-async def _processes(dbs: Databases, run_id: str, steps: list[Step]) -> list[dict[str, Any]]:
-    """Every process that worked on the run, in each environment it reached."""
+async def _processes(
+    loaded: LoadedPlan, dbs: Databases, run_id: str, steps: list[Step]
+) -> list[dict[str, Any]]:
+    """Every process that worked on the run, from each ledger it reached."""
     found: list[dict[str, Any]] = []
-    seen: set[tuple[str, str]] = set()
-    for env in dict.fromkeys(s.env for s in steps if not s.state.startswith("unknown")):
+    for env in _ledger_envs(loaded, dbs, steps):
         async with dbs.connection(env) as conn:
-            for r in await ledger.run_processes(conn, run_id):
-                if (r["env"], r["process_id"]) not in seen:  # staging and prod may share a ledger
-                    seen.add((r["env"], r["process_id"]))
-                    found.append(
-                        {k: r[k] for k in PROCESS_FIELDS} | {"silent": round(r["silent"], 1)}
-                    )
+            found += [
+                {k: r[k] for k in PROCESS_FIELDS} | {"silent": round(r["silent"], 1)}
+                for r in await ledger.run_processes(conn, run_id)
+            ]
     return sorted(found, key=lambda p: p["started_at"])
 
 
@@ -319,6 +315,17 @@ PROCESS_FIELDS = (
 WINDOW_FIELDS = {"no", "label", "status", "discovered", "keys", "quarantined", "matches"}
 
 
+def _ledger_envs(loaded: LoadedPlan, dbs: Databases, steps: list[Step]) -> list[str]:
+    """One reachable environment per ledger (staging and prod may share a database)."""
+    reachable = {s.env for s in steps if not s.state.startswith("unknown")}
+    ledgers: dict[str, str] = {}
+    for env in (loaded.plan.pipeline.staging, loaded.plan.pipeline.prod):
+        raw = dbs.raw_dsn(env)
+        if env in reachable:
+            ledgers.setdefault(f"{raw}#{env}" if raw == EMBEDDED else raw, env)
+    return list(ledgers.values())
+
+
 async def _ledger_facts(
     loaded: LoadedPlan, dbs: Databases, run_id: str, steps: list[Step]
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -326,13 +333,7 @@ async def _ledger_facts(
     database), from the environments that can be reached."""
     decisions: list[dict[str, Any]] = []
     rollbacks: list[dict[str, Any]] = []
-    reachable = {s.env for s in steps if not s.state.startswith("unknown")}
-    ledgers: dict[str, str] = {}
-    for env in (loaded.plan.pipeline.staging, loaded.plan.pipeline.prod):
-        raw = dbs.raw_dsn(env)
-        if env in reachable:
-            ledgers.setdefault(f"{raw}#{env}" if raw == EMBEDDED else raw, env)
-    for env in ledgers.values():
+    for env in _ledger_envs(loaded, dbs, steps):
         async with dbs.connection(env) as conn:
             decisions += [
                 {

@@ -121,7 +121,7 @@ async def run_lock(
                 (
                     p
                     for p in reversed(await ledger.run_processes(conn, run_id))
-                    if not p["outcome"] and p["silent"] < 3 * HEARTBEAT_SECONDS
+                    if not p["outcome"] and p["silent"] < GONE_AFTER
                 ),
                 None,
             )
@@ -334,6 +334,7 @@ class PhaseFrame:
 
 
 HEARTBEAT_SECONDS = 5.0  # how often a running phase says it is alive (backfill.processes)
+GONE_AFTER = 3 * HEARTBEAT_SECONDS  # a running process silent this long is taken for gone
 
 
 def process_id() -> str:
