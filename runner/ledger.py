@@ -1048,13 +1048,17 @@ async def batch_committed(conn: asyncpg.Connection, run_id: str, batch_no: int) 
     )
 
 
-async def batch_states(conn: asyncpg.Connection, run_id: str) -> list[asyncpg.Record]:
-    """Every batch row of the run (batch_no, status, last_key), in batch order."""
+async def batch_states(
+    conn: asyncpg.Connection, run_id: str, first: int = 1
+) -> list[asyncpg.Record]:
+    """The run's batch rows (batch_no, status, last_key, stage) numbered from `first` on (all of
+    them, or a window's), in batch order."""
     return list(
         await conn.fetch(
             "SELECT batch_no, status, last_key, stage FROM backfill.batches WHERE run_id = $1"
-            " ORDER BY batch_no",
+            " AND batch_no >= $2 ORDER BY batch_no",
             run_id,
+            first,
         )
     )
 
@@ -1642,20 +1646,6 @@ RETURNING w.*""",
     )
     assert row is not None
     return row
-
-
-async def batch_states_from(
-    conn: asyncpg.Connection, run_id: str, first: int
-) -> list[asyncpg.Record]:
-    """The run's batch rows numbered from `first` on (a window's), in batch order."""
-    return list(
-        await conn.fetch(
-            "SELECT batch_no, status, last_key, stage FROM backfill.batches WHERE run_id = $1"
-            " AND batch_no >= $2 ORDER BY batch_no",
-            run_id,
-            first,
-        )
-    )
 
 
 async def last_batch_no(conn: asyncpg.Connection, run_id: str) -> int:

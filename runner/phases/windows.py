@@ -246,7 +246,7 @@ class WindowWalk:
             else:
                 first, discovered = row["first_batch"], row["discovered"]
                 rows_from = await self.session.run(
-                    partial(ledger.batch_states_from, run_id=self.run_id, first=first)
+                    partial(ledger.batch_states, run_id=self.run_id, first=first)
                 )
                 cursor, next_no, interrupted = resume_point(rows_from, first)
                 state.interrupted_before += interrupted
