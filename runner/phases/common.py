@@ -337,9 +337,9 @@ HEARTBEAT_SECONDS = 5.0  # how often a running phase says it is alive (backfill.
 GONE_AFTER = 3 * HEARTBEAT_SECONDS  # a running process silent this long is taken for gone
 
 
-def process_id() -> str:
+def process_id(host: str, pid: int) -> str:
     """This process, as the ledger names it: host, pid and a nonce (pids are reused)."""
-    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    return f"{host}:{pid}:{uuid.uuid4().hex[:8]}"
 
 
 async def _heartbeat(
@@ -397,12 +397,12 @@ async def phase_frame(
     process is recorded (`backfill.processes`: host, pid, phase, start) and, given `connect`,
     beats every few seconds while the phase runs; its end is recorded with how it ended."""
     events.attach(RunDir.of(run.run_id).env(env) / "events.jsonl")
-    me = process_id()
+    host, pid = socket.gethostname(), os.getpid()
+    me = process_id(host, pid)
     try:
         async with run_lock(conn, run.run_id):
-            host, pid, _ = me.rsplit(":", 2)
             await ledger.register_process(
-                conn, run.run_id, me, env, phase, host, int(pid), operator_name()
+                conn, run.run_id, me, env, phase, host, pid, operator_name()
             )
             # a plain asyncio task (asyncpg runs on asyncio): a task group around the `yield`
             # would wrap the phase's own errors in an exception group

@@ -437,7 +437,7 @@ def test_processes_of_a_capped_then_continued_apply_each_count_their_batches(
 ) -> None:
     import os
 
-    # a hostname with ':' (an IPv6-ish name) is split from the right: host and pid stay whole
+    # a hostname with ':' (an IPv6-ish name): host and pid are recorded as they are, not parsed
     monkeypatch.setattr("socket.gethostname", lambda: "fe80::1:box")
     make_items(db, 500)
     plan = write_plan(workdir / "p.json")
