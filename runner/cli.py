@@ -494,6 +494,16 @@ def _print_apply(result: Any) -> int:
                 out.print(f"    {line}", markup=False)
         return EXIT_DONE
     t = result.totals
+    if result.status == "joined":
+        out.print(
+            f"joined the {result.stage} of run {result.run_id} on {result.env}: this process "
+            f"committed {t.batches:,} batch(es), {t.changed:,} row(s) changed, {t.noop:,} "
+            "no-op(s); the process that leads the stage finishes it (summary, rollback file, "
+            "gate)",
+            markup=False,
+        )
+        out.print(f"next: {result.next_command}", markup=False)
+        return EXIT_DONE
     out.print(f"{result.stage} on {result.env}: run {result.run_id}", markup=False)
     out.print(
         f"  {t.changed:,} row(s) changed, {t.noop:,} no-op(s), {t.batches:,} batch(es)",

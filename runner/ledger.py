@@ -340,6 +340,41 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, process_id)
     );
     """,
+    # 9: leases (#15): several processes share one stage of a run. `work` is the stage's shared
+    # cursor (pass, position, next batch number, claims, the rate's next slot, whether it was
+    # stopped or is done); a lease is one claimed page of keys, (after_key, last_key], with its
+    # batch number and owner: open until a batch row of that number settles it. A batch row
+    # names the process that committed it (the batch connection's `backfill.process` setting).
+    """
+    CREATE TABLE backfill.work (
+        run_id     text NOT NULL REFERENCES backfill.runs,
+        stage      text NOT NULL,
+        pass       integer NOT NULL DEFAULT 1,
+        position   text[],
+        next_no    integer NOT NULL,
+        claimed    integer NOT NULL DEFAULT 0,
+        next_slot  timestamptz,
+        leader     text NOT NULL,
+        stopped    text,
+        done       boolean NOT NULL DEFAULT false,
+        PRIMARY KEY (run_id, stage)
+    );
+    CREATE TABLE backfill.leases (
+        run_id      text NOT NULL REFERENCES backfill.runs,
+        batch_no    integer NOT NULL,
+        stage       text NOT NULL,
+        pass        integer NOT NULL,
+        after_key   text[],
+        last_key    text[] NOT NULL,
+        size        integer NOT NULL,
+        owner       text NOT NULL,
+        claimed_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+        takeovers   integer NOT NULL DEFAULT 0,
+        PRIMARY KEY (run_id, batch_no)
+    );
+    ALTER TABLE backfill.batches
+        ADD COLUMN process text DEFAULT nullif(current_setting('backfill.process', true), '');
+    """,
 ]
 
 
@@ -978,13 +1013,22 @@ async def held_seconds(conn: asyncpg.Connection, run_id: str, stage: str) -> dic
     if not await conn.fetchval("SELECT to_regclass('backfill.guard_holds') IS NOT NULL"):
         return {}
     rows = await conn.fetch(
-        "SELECT signal, sum(extract(epoch FROM last_seen_at - started_at))::float8 AS seconds"
-        " FROM backfill.guard_holds WHERE run_id = $1 AND stage = $2 GROUP BY signal"
-        " ORDER BY 2 DESC, 1",
+        "SELECT signal, started_at, last_seen_at FROM backfill.guard_holds"
+        " WHERE run_id = $1 AND stage = $2 ORDER BY signal, started_at",
         run_id,
         stage,
     )
-    return {r["signal"]: round(float(r["seconds"]), 3) for r in rows}
+    # several processes on one run each record the same hold: overlapping holds count once
+    seconds: dict[str, float] = {}
+    end: dict[str, datetime] = {}
+    for r in rows:
+        sig, start, stop = r["signal"], r["started_at"], r["last_seen_at"]
+        if sig in end and start < end[sig]:
+            start = end[sig]
+        if stop > start:
+            seconds[sig] = seconds.get(sig, 0.0) + (stop - start).total_seconds()
+        end[sig] = max(end.get(sig, stop), stop)
+    return {sig: round(v, 3) for sig, v in sorted(seconds.items(), key=lambda kv: (-kv[1], kv[0]))}
 
 
 # The run lock: a session advisory lock keyed (hashtext('backfill-run'), hashtext(run_id)); a
@@ -1727,23 +1771,465 @@ async def end_process(conn: asyncpg.Connection, run_id: str, process_id: str, ou
 
 async def run_processes(conn: asyncpg.Connection, run_id: str) -> list[asyncpg.Record]:
     """Every process that worked on the run here, oldest first, with the seconds since its last
-    heartbeat (by the database's clock) and the batches it committed: those of its phase
-    committed between its start and its end (a killed process: the next process's start; one
-    process works on a run at a time, under the run lock)."""
+    heartbeat (by the database's clock), the batches it committed (the batch rows name their
+    process; rows from before they did: those of its phase committed between its start and its
+    end) and the leases it holds open (claimed pages with no batch row yet)."""
     if not await conn.fetchval("SELECT to_regclass('backfill.processes') IS NOT NULL"):
         return []
+    if not await conn.fetchval("SELECT to_regclass('backfill.leases') IS NOT NULL"):
+        # a ledger from before leases (migration 9), read without writing to it
+        return list(
+            await conn.fetch(
+                """SELECT p.*, extract(epoch FROM clock_timestamp() - p.heartbeat)::float8
+                          AS silent, NULL::int[] AS leases,
+                          (SELECT count(*) FROM backfill.batches b
+                            WHERE b.run_id = p.run_id AND b.status = 'done' AND b.stage = p.phase
+                              AND b.committed_at BETWEEN p.started_at AND coalesce(
+                                  p.finished_at,
+                                  (SELECT min(q.started_at) FROM backfill.processes q
+                                    WHERE q.run_id = p.run_id AND q.started_at > p.started_at),
+                                  'infinity')) AS batches
+                   FROM backfill.processes p WHERE p.run_id = $1 ORDER BY p.started_at""",
+                run_id,
+            )
+        )
     return list(
         await conn.fetch(
             """SELECT p.*, extract(epoch FROM clock_timestamp() - p.heartbeat)::float8 AS silent,
                       (SELECT count(*) FROM backfill.batches b
                         WHERE b.run_id = p.run_id AND b.status = 'done'
-                          AND b.stage = p.phase
-                          AND b.committed_at BETWEEN p.started_at AND coalesce(
-                              p.finished_at,
-                              (SELECT min(q.started_at) FROM backfill.processes q
-                                WHERE q.run_id = p.run_id AND q.started_at > p.started_at),
-                              'infinity')) AS batches
+                          AND (b.process = p.process_id
+                               OR b.process IS NULL AND b.stage = p.phase
+                                  AND b.committed_at BETWEEN p.started_at AND coalesce(
+                                      p.finished_at,
+                                      (SELECT min(q.started_at) FROM backfill.processes q
+                                        WHERE q.run_id = p.run_id
+                                          AND q.started_at > p.started_at),
+                                      'infinity'))) AS batches,
+                      (SELECT array_agg(l.batch_no ORDER BY l.batch_no)
+                         FROM backfill.leases l
+                        WHERE l.run_id = p.run_id AND l.owner = p.process_id
+                          AND NOT EXISTS (SELECT 1 FROM backfill.batches b
+                                          WHERE b.run_id = l.run_id
+                                            AND b.batch_no = l.batch_no)) AS leases
                FROM backfill.processes p WHERE p.run_id = $1 ORDER BY p.started_at""",
             run_id,
+        )
+    )
+
+
+# -- leases: several processes on one stage (#15) ------------------------------------------------
+
+SETTLED = ("done", "split", "quarantined")  # batch rows whose keys need nothing more
+
+# a lease is open while no settled batch row has its number
+_OPEN = f"""NOT EXISTS (
+    SELECT 1 FROM backfill.batches b
+    WHERE b.run_id = l.run_id AND b.batch_no = l.batch_no
+      AND b.status IN ({", ".join(f"'{s}'" for s in SETTLED)}))"""
+
+# a lease's owner is alive while it has not ended and its heartbeat is younger than the lease timeout
+_LIVE = """EXISTS (
+    SELECT 1 FROM backfill.processes p
+    WHERE p.run_id = l.run_id AND p.process_id = l.owner AND p.finished_at IS NULL
+      AND p.heartbeat > clock_timestamp() - make_interval(secs => {timeout}))"""
+
+
+@dataclass(frozen=True)
+class Work:
+    """A stage's shared cursor (backfill.work)."""
+
+    stage: str
+    pass_no: int
+    position: list[str] | None
+    next_no: int
+    claimed: int
+    leader: str
+    stopped: str | None
+    done: bool
+    leader_live: bool
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> Work:
+        return cls(
+            row["stage"],
+            row["pass"],
+            list(row["position"]) if row["position"] is not None else None,
+            row["next_no"],
+            row["claimed"],
+            row["leader"],
+            row["stopped"],
+            row["done"],
+            row["leader_live"],
+        )
+
+
+_WORK = """SELECT w.*, EXISTS (
+               SELECT 1 FROM backfill.processes p
+               WHERE p.run_id = w.run_id AND p.process_id = w.leader AND p.finished_at IS NULL
+                 AND p.heartbeat > clock_timestamp() - make_interval(secs => $3)) AS leader_live
+           FROM backfill.work w WHERE w.run_id = $1 AND w.stage = $2"""
+
+
+async def get_work(
+    conn: asyncpg.Connection, run_id: str, stage: str, lease_timeout: float
+) -> Work | None:
+    row = await conn.fetchrow(_WORK, run_id, stage, lease_timeout)
+    return Work.from_row(row) if row is not None else None
+
+
+async def joinable_stage(conn: asyncpg.Connection, run_id: str, lease_timeout: float) -> str | None:
+    """The stage of the run that a process may join now: one whose leader is alive, neither
+    stopped nor done (None: none)."""
+    if not await conn.fetchval("SELECT to_regclass('backfill.work') IS NOT NULL"):
+        return None
+    return await conn.fetchval(  # type: ignore[no-any-return]
+        """SELECT w.stage FROM backfill.work w
+           WHERE w.run_id = $1 AND NOT w.done AND w.stopped IS NULL
+             AND EXISTS (SELECT 1 FROM backfill.processes p
+                         WHERE p.run_id = w.run_id AND p.process_id = w.leader
+                           AND p.finished_at IS NULL
+                           AND p.heartbeat > clock_timestamp() - make_interval(secs => $2))""",
+        run_id,
+        lease_timeout,
+    )
+
+
+async def lead_work(
+    conn: asyncpg.Connection,
+    run_id: str,
+    stage: str,
+    me: str,
+    lease_timeout: float,
+    *,
+    position: list[str] | None,
+    next_no: int,
+    claimed: int,
+) -> tuple[Work, int]:
+    """The leader takes the stage's cursor: a new one at `position`, or, when live processes
+    still hold leases of the stage, the one they work under (their pages stay theirs). Returns
+    the cursor and how many open leases it has."""
+    async with conn.transaction():
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('backfill-work'), hashtext($1))", run_id
+        )
+        live_leases = await conn.fetchval(
+            f"""SELECT count(*) FROM backfill.leases l
+                WHERE l.run_id = $1 AND l.stage = $2 AND l.owner <> $3 AND {_OPEN}
+                  AND {_LIVE.format(timeout="$4")}""",
+            run_id,
+            stage,
+            me,
+            lease_timeout,
+        )
+        current = await get_work(conn, run_id, stage, lease_timeout)
+        if current is None or not live_leases:
+            # every open lease is after `position` (the last key of the longest run of
+            # committed batches): its keys are paged again
+            await conn.execute(
+                f"DELETE FROM backfill.leases l WHERE l.run_id = $1 AND l.stage = $2 AND {_OPEN}",
+                run_id,
+                stage,
+            )
+            await conn.execute(
+                """INSERT INTO backfill.work (run_id, stage, pass, position, next_no, claimed,
+                                              leader)
+                   VALUES ($1, $2, 1, $3, $4, $5, $6)
+                   ON CONFLICT (run_id, stage) DO UPDATE SET
+                       pass = 1, position = $3,
+                       next_no = greatest(backfill.work.next_no, $4), claimed = $5,
+                       next_slot = NULL, leader = $6, stopped = NULL, done = false""",
+                run_id,
+                stage,
+                position,
+                next_no,
+                claimed,
+                me,
+            )
+        else:
+            await conn.execute(
+                """UPDATE backfill.work SET leader = $3, stopped = NULL, done = false,
+                       next_no = greatest(next_no, $4)
+                   WHERE run_id = $1 AND stage = $2""",
+                run_id,
+                stage,
+                me,
+                next_no,
+            )
+        work = await get_work(conn, run_id, stage, lease_timeout)
+        assert work is not None
+        open_leases = await conn.fetchval(
+            f"SELECT count(*) FROM backfill.leases l WHERE l.run_id = $1 AND l.stage = $2"
+            f" AND {_OPEN}",
+            run_id,
+            stage,
+        )
+        return work, int(open_leases)
+
+
+async def claim_page(
+    conn: asyncpg.Connection,
+    run_id: str,
+    stage: str,
+    me: str,
+    *,
+    pass_no: int,
+    after: list[str] | None,
+    last: list[str],
+    size: int,
+    interval: float,
+    limit: int | None,
+) -> tuple[int, float] | None:
+    """Claim the page (after, last] for `me`: its batch number and the seconds to wait for its
+    slot under the run's rate. None when the cursor moved on since it was read (another
+    process claimed that page), or the stage was stopped, is done or reached `limit`."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            """UPDATE backfill.work SET position = $5, next_no = next_no + 1,
+                   claimed = claimed + 1,
+                   next_slot = CASE WHEN $6::float8 > 0 THEN greatest(clock_timestamp(),
+                       coalesce(next_slot, '-infinity')) + make_interval(secs => $6) END
+               WHERE run_id = $1 AND stage = $2 AND pass = $3
+                 AND position IS NOT DISTINCT FROM $4::text[]
+                 AND stopped IS NULL AND NOT done AND ($7::int IS NULL OR claimed < $7)
+               RETURNING next_no - 1 AS batch_no,
+                   CASE WHEN $6::float8 > 0 THEN extract(epoch FROM next_slot
+                       - make_interval(secs => $6) - clock_timestamp())::float8 ELSE 0 END
+                       AS wait""",
+            run_id,
+            stage,
+            pass_no,
+            after,
+            last,
+            interval,
+            limit,
+        )
+        if row is None:
+            return None
+        await conn.execute(
+            """INSERT INTO backfill.leases (run_id, batch_no, stage, pass, after_key, last_key,
+                                            size, owner)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+            run_id,
+            row["batch_no"],
+            stage,
+            pass_no,
+            after,
+            last,
+            size,
+            me,
+        )
+        return int(row["batch_no"]), max(float(row["wait"]), 0.0)
+
+
+@dataclass(frozen=True)
+class Lease:
+    batch_no: int
+    after_key: list[str] | None
+    last_key: list[str]
+    size: int
+    wait: float  # seconds to its slot under the run's rate
+    was: str  # the owner it was taken from
+
+
+async def take_over(
+    conn: asyncpg.Connection,
+    run_id: str,
+    stage: str,
+    me: str,
+    lease_timeout: float,
+    interval: float,
+) -> Lease | None:
+    """An open lease of the stage whose owner is gone (no heartbeat for `lease_timeout` seconds, or
+    ended), now `me`'s; when its number already has a batch row (the owner's batch failed), it
+    gets a new number. None: no such lease, or the stage was stopped."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            f"""SELECT l.* FROM backfill.leases l
+                WHERE l.run_id = $1 AND l.stage = $2 AND l.owner <> $3 AND {_OPEN}
+                  AND NOT {_LIVE.format(timeout="$4")}
+                  AND EXISTS (SELECT 1 FROM backfill.work w WHERE w.run_id = l.run_id
+                              AND w.stage = l.stage AND w.stopped IS NULL)
+                ORDER BY l.batch_no LIMIT 1 FOR UPDATE OF l SKIP LOCKED""",
+            run_id,
+            stage,
+            me,
+            lease_timeout,
+        )
+        if row is None:
+            return None
+        batch_no = row["batch_no"]
+        renumber = bool(
+            await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM backfill.batches WHERE run_id = $1 AND batch_no = $2)",
+                run_id,
+                batch_no,
+            )
+        )
+        slot = await conn.fetchrow(
+            """UPDATE backfill.work SET
+                   next_no = next_no + CASE WHEN $3 THEN 1 ELSE 0 END,
+                   next_slot = CASE WHEN $4::float8 > 0 THEN greatest(clock_timestamp(),
+                       coalesce(next_slot, '-infinity')) + make_interval(secs => $4) END
+               WHERE run_id = $1 AND stage = $2
+               RETURNING next_no - 1 AS new_no,
+                   CASE WHEN $4::float8 > 0 THEN extract(epoch FROM next_slot
+                       - make_interval(secs => $4) - clock_timestamp())::float8 ELSE 0 END
+                       AS wait""",
+            run_id,
+            stage,
+            renumber,
+            interval,
+        )
+        assert slot is not None
+        new_no = slot["new_no"] if renumber else batch_no
+        await conn.execute(
+            """UPDATE backfill.leases SET batch_no = $4, owner = $3, takeovers = takeovers + 1,
+                   claimed_at = clock_timestamp()
+               WHERE run_id = $1 AND batch_no = $2""",
+            run_id,
+            batch_no,
+            me,
+            new_no,
+        )
+        return Lease(
+            new_no,
+            list(row["after_key"]) if row["after_key"] is not None else None,
+            list(row["last_key"]),
+            row["size"],
+            max(float(slot["wait"]), 0.0),
+            row["owner"],
+        )
+
+
+async def drop_lease(conn: asyncpg.Connection, run_id: str, batch_no: int) -> None:
+    """A taken-over lease whose range discovery no longer returns anything: nothing to apply."""
+    await conn.execute(
+        "DELETE FROM backfill.leases WHERE run_id = $1 AND batch_no = $2", run_id, batch_no
+    )
+
+
+async def open_leases(
+    conn: asyncpg.Connection, run_id: str, stage: str, lease_timeout: float
+) -> tuple[int, int]:
+    """(open leases of the stage, of those whose owner is gone)."""
+    row = await conn.fetchrow(
+        f"""SELECT count(*) AS open, count(*) FILTER (WHERE NOT {_LIVE.format(timeout="$3")})
+                   AS gone
+            FROM backfill.leases l WHERE l.run_id = $1 AND l.stage = $2 AND {_OPEN}""",
+        run_id,
+        stage,
+        lease_timeout,
+    )
+    assert row is not None
+    return int(row["open"]), int(row["gone"])
+
+
+async def next_batch_no(conn: asyncpg.Connection, run_id: str, stage: str) -> int:
+    """A batch number from the stage's shared cursor (a split's part)."""
+    return int(
+        await conn.fetchval(
+            "UPDATE backfill.work SET next_no = next_no + 1 WHERE run_id = $1 AND stage = $2"
+            " RETURNING next_no - 1",
+            run_id,
+            stage,
+        )
+    )
+
+
+async def next_pass(conn: asyncpg.Connection, run_id: str, stage: str, pass_no: int) -> None:
+    await conn.execute(
+        "UPDATE backfill.work SET pass = $3 + 1, position = NULL"
+        " WHERE run_id = $1 AND stage = $2 AND pass = $3",
+        run_id,
+        stage,
+        pass_no,
+    )
+
+
+async def stop_work(conn: asyncpg.Connection, run_id: str, stage: str, reason: str) -> None:
+    """No process may claim another page of the stage (a failed batch, a halt); the next
+    leader clears it."""
+    await conn.execute(
+        "UPDATE backfill.work SET stopped = coalesce(stopped, $3) WHERE run_id = $1 AND stage = $2",
+        run_id,
+        stage,
+        reason,
+    )
+
+
+async def finish_work(conn: asyncpg.Connection, run_id: str, stage: str) -> None:
+    await conn.execute(
+        "UPDATE backfill.work SET done = true WHERE run_id = $1 AND stage = $2", run_id, stage
+    )
+
+
+async def shared_by(
+    conn: asyncpg.Connection, run_id: str, stage: str, me: str, pass_no: int
+) -> bool:
+    """Whether another process claimed pages of this pass."""
+    return bool(
+        await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM backfill.leases WHERE run_id = $1 AND stage = $2"
+            " AND pass = $4 AND owner <> $3)",
+            run_id,
+            stage,
+            me,
+            pass_no,
+        )
+    )
+
+
+async def release_claim(
+    conn: asyncpg.Connection,
+    run_id: str,
+    stage: str,
+    batch_no: int,
+    after: list[str] | None,
+    last: list[str],
+) -> bool:
+    """Give back a page claimed but never handed to a batch (the process stopped first) when
+    nothing was claimed after it: the cursor, the number and the claim count go back. False
+    when another claim followed: the lease stays open, for whoever continues once this
+    process has ended."""
+    async with conn.transaction():
+        back = await conn.fetchval(
+            """UPDATE backfill.work SET position = $4, next_no = $3, claimed = claimed - 1
+               WHERE run_id = $1 AND stage = $2 AND next_no = $3 + 1
+                 AND position IS NOT DISTINCT FROM $5::text[]
+               RETURNING true""",
+            run_id,
+            stage,
+            batch_no,
+            after,
+            last,
+        )
+        if back:
+            await conn.execute(
+                "DELETE FROM backfill.leases WHERE run_id = $1 AND batch_no = $2", run_id, batch_no
+            )
+        return bool(back)
+
+
+async def stage_processes(
+    conn: asyncpg.Connection, run_id: str, stage: str
+) -> list[asyncpg.Record]:
+    """The processes that committed batches of a stage (the batch rows name them), with their
+    batches, rows changed and taken-over leases; oldest first."""
+    return list(
+        await conn.fetch(
+            """SELECT b.process, p.host, p.pid, p.started_at, p.outcome,
+                      count(*) AS batches, sum(b.changed) AS changed,
+                      (SELECT count(*) FROM backfill.leases l WHERE l.run_id = $1
+                         AND l.owner = b.process AND l.takeovers > 0) AS taken_over
+               FROM backfill.batches b
+               LEFT JOIN backfill.processes p
+                 ON p.run_id = b.run_id AND p.process_id = b.process
+               WHERE b.run_id = $1 AND b.stage = $2 AND b.status = 'done'
+                 AND b.process IS NOT NULL
+               GROUP BY b.process, p.host, p.pid, p.started_at, p.outcome
+               ORDER BY p.started_at NULLS LAST""",
+            run_id,
+            stage,
         )
     )

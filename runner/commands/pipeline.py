@@ -49,7 +49,7 @@ async def run_pipeline(
                     loaded, dbs, env=plan.pipeline.staging, operator=operator, progress=progress
                 )
                 run_id = result.run_id
-                if result.status == "capped":
+                if result.status in ("capped", "joined"):
                     return _capped(result, say)
                 say(f"  run {run_id}: summary {result.summary_path}")
                 _say_quarantine(result, say)
@@ -140,8 +140,15 @@ def _say_quarantine(result: apply_phase.ApplyResult, say: Callable[[str], None])
 
 
 def _capped(result: apply_phase.ApplyResult, say: Callable[[str], None]) -> int:
-    """A row cap stops the pipeline too: the next command continues the stage."""
+    """A row cap stops the pipeline too: the next command continues the stage. So does having
+    joined a stage another process leads: that one finishes it."""
     t = result.totals
+    if result.status == "joined":
+        say(
+            f"  joined the {result.stage} another process leads: {t.batches:,} batch(es) "
+            f"committed here ({t.changed:,} changed); it finishes the stage: {result.next_command}"
+        )
+        return EXIT_DONE
     say(
         f"  {result.stage} capped after {t.keys:,} row(s) this command ({t.changed:,} changed, "
         f"{t.noop:,} already done, the rest quarantined); continue: {result.next_command}"
@@ -153,7 +160,7 @@ async def _run_apply(r: PhaseRun) -> int | None:
     a = await apply_phase.apply(
         r.loaded, r.dbs, env=r.env, run_id=r.run_id, operator=r.operator, progress=r.progress
     )
-    if a.status == "capped":
+    if a.status in ("capped", "joined"):
         return _capped(a, r.say)
     _say_quarantine(a, r.say)
     return None
@@ -185,7 +192,7 @@ async def _run_mini_apply(r: PhaseRun) -> int | None:
     a = await apply_phase.apply(
         mini, r.dbs, env=r.env, run_id=r.run_id, operator=r.operator, progress=r.progress
     )
-    if a.status == "capped":
+    if a.status in ("capped", "joined"):
         return _capped(a, r.say)
     r.say(f"  {a.stage}: {a.totals.changed:,} row(s) changed; summary {a.summary_path}")
     _say_quarantine(a, r.say)

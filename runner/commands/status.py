@@ -270,12 +270,19 @@ async def _windows(
     return found
 
 
+LEASES_SHOWN = 5  # a process's open leases listed by status
+
+
 def _life(p: dict[str, Any]) -> str:
     started = f"started {p['started_at']:%Y-%m-%d %H:%M:%S}"
     done = f"{p['batches']:,} batch(es) committed"
+    if p.get("leases"):
+        shown = p["leases"][:LEASES_SHOWN]
+        held = ", ".join(map(str, shown)) + (" …" if len(p["leases"]) > len(shown) else "")
+        done += f"; lease(s) on batch(es) {held} not committed"
     if p["finished_at"] is not None:
         return f"{started}, ended {p['finished_at']:%H:%M:%S} ({p['outcome']}); {done}"
-    if p["silent"] > GONE_AFTER:
+    if p["silent"] > p.get("gone_after", GONE_AFTER):
         return (
             f"{started}, no heartbeat for {p['silent']:,.0f} s: killed, or its connection was "
             f"lost (it did not record an end); {done}"
@@ -291,7 +298,13 @@ async def _processes(
     for env in _ledger_envs(loaded, dbs, steps):
         async with dbs.connection(env) as conn:
             found += [
-                {k: r[k] for k in PROCESS_FIELDS} | {"silent": round(r["silent"], 1)}
+                {k: r[k] for k in PROCESS_FIELDS}
+                | {
+                    "silent": round(r["silent"], 1),
+                    "leases": list(r["leases"] or []),
+                    # silent this long, its leases are taken over: it is gone for status too
+                    "gone_after": min(GONE_AFTER, loaded.plan.batching.lease_timeout),
+                }
                 for r in await ledger.run_processes(conn, run_id)
             ]
     return sorted(found, key=lambda p: p["started_at"])
@@ -309,6 +322,7 @@ PROCESS_FIELDS = (
     "finished_at",
     "outcome",
     "batches",
+    "leases",
 )
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import anyio
 import anyio.abc
@@ -28,6 +28,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from runner.db import close_quietly
 from runner.engine import metrics
+from runner.engine.claims import Claim, Claims, PagedSource
 from runner.engine.discovery import ConvergenceCheck, Discovery, Page, Span, read_only
 from runner.engine.executor import Batch, BatchExecutor, BatchOutcome, Reconnect, failure_error
 from runner.engine.session import MainSession
@@ -71,9 +72,14 @@ class KeysetSource:
         self._pages = Discovery(self.target, discovery_sql, self._pages.page_size)
 
     async def next_page(
-        self, conn: asyncpg.Connection, after: list[str] | None, size: int | None = None
+        self,
+        conn: asyncpg.Connection,
+        after: list[str] | None,
+        size: int | None = None,
+        *,
+        until: list[str] | None = None,
     ) -> Page | None:
-        return await self._pages.page(conn, after, size)
+        return await self._pages.page(conn, after, size, until=until)
 
     async def count(self, conn: asyncpg.Connection) -> int:
         """How many rows discovery returns, in a READ ONLY transaction (invariant 5)."""
@@ -159,9 +165,12 @@ class OnDataError(Protocol):
         batch: Batch,
         failed: BatchOutcome,
         record: Recorder,
-        allocate: Callable[[], int],
+        allocate: Callable[[], Awaitable[int]],
     ) -> Settled | None:
         """Split the batch and account for its keys; None: not a failure it handles."""
+
+    async def share(self, ledger_session: MainSession, run_id: str) -> None:
+        """Other processes work on the run too: their quarantined keys and budget count."""
 
 
 class BatchRun:
@@ -181,6 +190,7 @@ class BatchRun:
         watch: DispatchCheck | None = None,
         sizer: BatchSizer | None = None,
         on_data_error: OnDataError | None = None,
+        claims: Claims | None = None,
     ) -> None:
         self.session = session
         self.source = source
@@ -193,31 +203,131 @@ class BatchRun:
         self.watch = watch
         self.sizer = sizer
         self.on_data_error = on_data_error
+        self.claims = claims  # pages claimed through the ledger: other processes may join
         self.next_no = 1
         self._checking = anyio.Event()  # the verifier is ready (or gave up opening)
 
     async def run(self, cursor: list[str] | None, next_no: int) -> RunState:
         """Passes until the source is dry (or `max_passes`); raises on a failed batch and on a
-        source that does not converge."""
+        source that does not converge. With claims, this process leads the stage: it starts the
+        shared cursor at `cursor` (or joins the one live processes still work under), waits for
+        every lease before a pass ends, decides the next pass and ends the stage."""
         self.next_no = next_no
         state = self.state
+        unchecked = False  # leases of another process were open: their spans are counted
+        if self.claims is not None:
+            cursor, open_leases = await self.claims.lead(cursor, next_no)
+            unchecked = open_leases > 0
+            if self.on_data_error is not None:
+                await self.on_data_error.share(self.claims.session, self.settings.run_id)
         for pass_no in range(1, self.settings.max_passes + 1):
             state.passes = pass_no
             state.remaining_after = state.unverified_spans = 0
-            await self._one_pass(cursor if pass_no == 1 else None)
-            if state.failure is not None:
-                raise failure_error(state.failure, resume=self.settings.resume)
-            if state.halt is not None:
-                raise state.halt
-            self._raise_if_stuck()
+            await self._one_pass(None if unchecked or pass_no > 1 else cursor)
+            await self._settle_pass()
+            await self._raise_if_stopped()
             if self.settings.stop_after is not None or state.capped:
                 break
+            if unchecked or (self.claims is not None and await self.claims.shared()):
+                state.unverified_spans += 1  # another process's spans: count the whole
+                unchecked = False
             if state.unverified_spans:
                 await self._count_whole()
             if state.remaining_after == 0:
                 break
             log.info("apply.new_rows", remaining=state.remaining_after, next_pass=pass_no + 1)
+            if self.claims is not None and pass_no < self.settings.max_passes:
+                await self.claims.next_pass()
+        if self.claims is not None and not state.capped:
+            await self.claims.finish()
         return state
+
+    async def join(self) -> RunState:
+        """Work on a stage another process leads (engine.claims): pages of its passes, until
+        it is done, stopped or gone."""
+        assert self.claims is not None
+        state = self.state
+        work = await self.claims.work()
+        if work is None:
+            return state
+        self.claims.pass_no = work.pass_no
+        if self.on_data_error is not None:
+            await self.on_data_error.share(self.claims.session, self.settings.run_id)
+        while True:
+            state.passes += 1
+            await self._one_pass(None)
+            await self._settle_pass()
+            await self._raise_if_stopped()
+            if state.capped:
+                return state
+            if not await self._await_leader():
+                return state
+            if self.on_data_error is not None:
+                await self.on_data_error.share(self.claims.session, self.settings.run_id)
+
+    async def _raise_if_stopped(self) -> None:
+        """This process's failure, halt or non-converging source stops the stage for every
+        process that works on it."""
+        state = self.state
+        error: BackfillError | None = None
+        if state.failure is not None:
+            error = failure_error(state.failure, resume=self.settings.resume)
+        elif state.halt is not None:
+            error = state.halt
+        elif state.stuck:
+            try:
+                self._raise_if_stuck()
+            except BackfillError as exc:
+                error = exc
+        if error is None:
+            return
+        if self.claims is not None and not getattr(error, "from_another_process", False):
+            with anyio.CancelScope(shield=True):
+                try:
+                    await self.claims.stop(f"{self.claims.me}: {error.message}")
+                except Exception as exc:  # the stop is also seen as this process's end
+                    log.warning("apply.stop_not_shared", error=str(exc))
+        raise error
+
+    async def _settle_pass(self) -> None:
+        """Before a pass ends: wait while other processes apply their leases, and apply those of
+        processes that are gone (claims: each lease once)."""
+        if self.claims is None:
+            return
+        state = self.state
+        while state.failure is None and state.halt is None and not state.stuck and not state.capped:
+            open_leases, gone = await self.claims.leases()
+            if not open_leases:
+                return
+            work = await self.claims.work()
+            if work is not None and work.stopped:
+                state.halt = _stopped_elsewhere(work.stopped, self.settings.resume)
+                return
+            if gone:
+                await self._one_pass(None)  # its producer takes them over
+            else:
+                await anyio.sleep(0.5)
+
+    async def _await_leader(self) -> bool:
+        """A joined process between passes: True when the leader opened another pass (or a
+        gone process left a lease to take over), False when the stage is done or the leader
+        is gone."""
+        assert self.claims is not None
+        while True:
+            work = await self.claims.work()
+            if work is None or work.done:
+                return False
+            if work.stopped:
+                self.state.halt = _stopped_elsewhere(work.stopped, self.settings.resume)
+                await self._raise_if_stopped()
+            if work.pass_no != self.claims.pass_no:
+                self.claims.pass_no = work.pass_no
+                return True
+            if (await self.claims.leases())[1]:
+                return True
+            if not work.leader_live:
+                return False
+            await anyio.sleep(0.5)
 
     async def _one_pass(self, start: list[str] | None) -> None:
         send, receive = anyio.create_memory_object_stream[Batch](0)
@@ -227,8 +337,9 @@ class BatchRun:
             span_send.send_nowait(Span(None, start, None, excluded))
         failed = anyio.Event()
         idle = anyio.Semaphore(self.settings.workers)  # a batch is handed only to a free worker
+        produce = self._produce if self.claims is None else self._produce_claimed
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._produce, send, failed, start, idle)
+            tg.start_soon(produce, send, failed, start, idle)
             for _ in range(self.settings.workers):
                 tg.start_soon(self._work, receive.clone(), span_send.clone(), failed, idle)
             tg.start_soon(self._verify, span_receive, failed)
@@ -259,7 +370,8 @@ class BatchRun:
             )
 
     def _may_dispatch(self, failed: anyio.Event) -> bool:
-        stop_after = self.settings.stop_after
+        # with claims, the canary's count is the stage's, kept in the ledger (Claims.limit)
+        stop_after = self.settings.stop_after if self.claims is None else None
         return (
             not failed.is_set()
             and self.state.halt is None
@@ -285,8 +397,11 @@ class BatchRun:
                 self.state.halt = exc
         return self._may_dispatch(failed)
 
-    def _allocate(self) -> int:
-        """The next batch number (the producer's batches and the parts of a split share them)."""
+    async def _allocate(self) -> int:
+        """The next batch number (the producer's batches and the parts of a split share them;
+        with claims, every process of the run does)."""
+        if self.claims is not None:
+            return await self.claims.allocate()
         self.next_no += 1
         return self.next_no - 1
 
@@ -327,7 +442,7 @@ class BatchRun:
                 if time.monotonic() - waited > 1.0 and not await self._cleared(failed):
                     return  # a long wait for the pace: look again before starting
                 batch = Batch(
-                    self._allocate(),
+                    await self._allocate(),
                     self.settings.stage,
                     page.key_arrays,
                     page.first_key,
@@ -345,6 +460,85 @@ class BatchRun:
                 if self.settings.max_rows is not None:
                     self.state.capped = self.state.dispatched_rows >= self.settings.max_rows
                 position = page.last_key
+
+    async def _produce_claimed(
+        self,
+        send: anyio.abc.ObjectSendStream[Batch],
+        failed: anyio.Event,
+        start: list[str] | None,
+        idle: anyio.Semaphore,
+    ) -> None:
+        """The producer when pages are claimed through the ledger (engine.claims): the page,
+        its batch number and its slot under the run's rate come from the stage's shared cursor;
+        a page claimed but not handed to a worker (a stop) stays open for the next process."""
+        assert self.claims is not None
+        with anyio.move_on_after(10):
+            await self._checking.wait()
+        async with send:
+            while self._may_dispatch(failed):
+                size = self._capped_size(self._page_size()) or self.settings.page_size
+                # the page is read while the last batch runs; it is claimed (numbered, given
+                # its slot) only once a worker is free and nothing holds the run
+                candidate = await self.claims.candidate(
+                    self.session, cast(PagedSource, self.source), size, time.monotonic()
+                )
+                if candidate.stopped is not None:
+                    self.state.halt = _stopped_elsewhere(candidate.stopped, self.settings.resume)
+                    return
+                if candidate.page is None:
+                    return
+                await idle.acquire()
+                if not await self._cleared(failed):
+                    await self._release(candidate)
+                    return
+                claim = await self.claims.claim(candidate)
+                if claim is None:  # another process claimed that page first
+                    idle.release()
+                    continue
+                if claim.stopped is not None:
+                    self.state.halt = _stopped_elsewhere(claim.stopped, self.settings.resume)
+                    return
+                if claim.page is None:
+                    return
+                if not await self._dispatch(send, failed, claim, claim.page):
+                    await self._release(claim)
+                    return
+                self.state.dispatched += 1
+                self.state.dispatched_rows += claim.page.size
+                if self.settings.max_rows is not None:
+                    self.state.capped = self.state.dispatched_rows >= self.settings.max_rows
+
+    async def _release(self, claim: Claim) -> None:
+        assert self.claims is not None
+        with anyio.CancelScope(shield=True):
+            await self.claims.release(claim)
+
+    async def _dispatch(
+        self,
+        send: anyio.abc.ObjectSendStream[Batch],
+        failed: anyio.Event,
+        claim: Claim,
+        page: Page,
+    ) -> bool:
+        """Hand a claimed page to the free worker at its slot; False when the phase stops
+        first."""
+        if claim.wait > 0:
+            await anyio.sleep(claim.wait)
+            if claim.wait > 1.0 and not await self._cleared(failed):
+                return False
+        batch = Batch(
+            claim.batch_no,
+            self.settings.stage,
+            page.key_arrays,
+            page.first_key,
+            page.last_key,
+            claim.after,
+        )
+        try:
+            await send.send(batch)
+        except anyio.BrokenResourceError:  # every worker stopped after a failure
+            return False
+        return True
 
     async def _work(
         self,
@@ -455,6 +649,19 @@ class BatchRun:
             finally:
                 if checker is not None:
                     await close_quietly(checker.conn)
+
+
+class StoppedElsewhere(WorkFailed):
+    """Another process of the run stopped the stage (a failed batch, a halt)."""
+
+    from_another_process = True
+
+
+def _stopped_elsewhere(reason: str, resume: str) -> StoppedElsewhere:
+    return StoppedElsewhere(
+        f"another process working on this run stopped it: {reason}; every committed batch is kept",
+        hint=f"see `backfill status` for the processes; fix the cause, then continue: {resume}",
+    )
 
 
 def describe(outcome: BatchOutcome) -> dict[str, Any]:

@@ -46,14 +46,26 @@ class Discovery:
         self.page_size = page_size
         self._first = target.discovery_page_sql(discovery_sql, after_cursor=False)
         self._next = target.discovery_page_sql(discovery_sql, after_cursor=True)
+        self._sql = discovery_sql
 
     async def page(
-        self, conn: asyncpg.Connection, cursor: list[str] | None, limit: int | None = None
+        self,
+        conn: asyncpg.Connection,
+        cursor: list[str] | None,
+        limit: int | None = None,
+        *,
+        until: list[str] | None = None,
     ) -> Page | None:
-        """The next page after `cursor` (None: from the start), read on `conn`."""
+        """The next page after `cursor` (None: from the start), read on `conn`; with `until`,
+        only keys up to it (a lease's range)."""
         size = limit or self.page_size
         async with read_only(conn):
-            if cursor is None:
+            if until is not None:
+                sql = self.target.discovery_page_sql(
+                    self._sql, after_cursor=cursor is not None, until=True
+                )
+                row = await conn.fetchrow(sql, size, *(cursor or []), *until)
+            elif cursor is None:
                 row = await conn.fetchrow(self._first, size)
             else:
                 row = await conn.fetchrow(self._next, size, *cursor)

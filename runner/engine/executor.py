@@ -24,7 +24,14 @@ from runner.ledger import LEDGER_SCHEMA, batch_committed
 from runner.redact import redact_text
 
 TRANSIENT = frozenset(
-    {"lock_timeout", "deadlock", "serialization", "statement_timeout", "connection_lost"}
+    {
+        "lock_timeout",
+        "deadlock",
+        "serialization",
+        "statement_timeout",
+        "connection_lost",
+        "batch_recorded",
+    }
 )
 
 
@@ -157,6 +164,14 @@ def classify(exc: BaseException) -> str:
         | asyncio.TimeoutError,
     ):
         return "connection_lost"
+    if (
+        isinstance(exc, asyncpg.UniqueViolationError)
+        and getattr(exc, "schema_name", None) == LEDGER_SCHEMA
+        and getattr(exc, "constraint_name", None) == "batches_pkey"
+    ):
+        # another process recorded this batch number first: a lease taken over from a process
+        # that committed it after all; the next attempt finds it committed (skipped)
+        return "batch_recorded"
     if isinstance(exc, asyncpg.IntegrityConstraintViolationError):
         return "constraint_violation"
     if isinstance(exc, asyncpg.PostgresError):

@@ -14,12 +14,13 @@ How it stays exact (invariants 1-3):
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 
+from runner import ledger
 from runner.engine.batch_run import KeysetSource, Recorder, Settled
 from runner.engine.discovery import ConvergenceCheck, Page, read_only
 from runner.engine.executor import Batch, BatchExecutor, BatchOutcome
@@ -101,10 +102,15 @@ class ExcludingSource:
         return _arrays(sorted(self.keys), len(self.target.key))
 
     async def next_page(
-        self, conn: asyncpg.Connection, after: list[str] | None, size: int | None = None
+        self,
+        conn: asyncpg.Connection,
+        after: list[str] | None,
+        size: int | None = None,
+        *,
+        until: list[str] | None = None,
     ) -> Page | None:
         while True:
-            page = await self.inner.next_page(conn, after, size)
+            page = await self.inner.next_page(conn, after, size, until=until)
             if page is None or not self.keys:
                 return page
             rows = list(zip(*page.key_arrays, strict=True))
@@ -217,9 +223,25 @@ class Quarantine:
         self.target = target
         self.budget = budget
         self.resume = resume
+        # (the ledger's session, the run) when several processes share the run (share)
+        self.shared: tuple[MainSession, str] | None = None
 
     def attempted(self, rows: int) -> None:
         self.budget.attempted += rows
+
+    async def share(self, ledger_session: MainSession, run_id: str) -> None:
+        """Other processes work on the run too (engine.claims): take in the keys they
+        quarantined (so no page of this process holds them) and their share of the budget
+        (one budget per run: rows they committed and quarantined count here too)."""
+        self.shared = (ledger_session, run_id)
+        types = [k.type for k in self.target.key]
+        rows = await ledger_session.run(lambda c: ledger.open_quarantine(c, run_id, types))
+        if self.source is not None:
+            for r in rows:
+                self.source.exclude(tuple(r[f"k{i}"] for i in range(len(types))))
+        done, quarantined = await ledger_session.run(lambda c: ledger.failure_base(c, run_id))
+        self.budget.attempted = max(self.budget.attempted, done + quarantined)
+        self.budget.quarantined = max(self.budget.quarantined, quarantined)
 
     def excluded(self) -> tuple[list[Any], ...] | None:
         return self.source.arrays() if self.source is not None and self.source.keys else None
@@ -237,12 +259,14 @@ class Quarantine:
         batch: Batch,
         failed: BatchOutcome,
         record: Recorder,
-        allocate: Callable[[], int],
+        allocate: Callable[[], Awaitable[int]],
     ) -> Settled | None:
         """Split `batch` (it failed with `failed`) down to single keys; None if the failure is
         not about its data (the phase stops on it as before)."""
         if not self.policy.splits(failed):
             return None
+        if self.shared is not None:
+            await self.share(*self.shared)
         keys = list(zip(*batch.key_arrays, strict=True))
         texts = await self._texts(batch)
         run = _Split(self, executor, batch.stage, record, allocate)
@@ -270,7 +294,7 @@ class _Split:
         executor: BatchExecutor,
         stage: str,
         record: Recorder,
-        allocate: Callable[[], int],
+        allocate: Callable[[], Awaitable[int]],
     ) -> None:
         self.q = q
         self.executor = executor
@@ -307,7 +331,7 @@ class _Split:
         self.open.append((failed, parts, len(keys)))
         for lo, hi in ((0, mid), (mid, len(keys))):
             part = Batch(
-                self.allocate(),
+                await self.allocate(),
                 self.stage,
                 _arrays(keys[lo:hi], len(batch.key_arrays)),
                 texts[lo],

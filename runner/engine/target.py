@@ -186,16 +186,25 @@ class TargetInfo:
 
     # -- discovery ------------------------------------------------------------------------------
 
-    def discovery_page_sql(self, discovery_sql: str, *, after_cursor: bool) -> str:
+    def discovery_page_sql(
+        self, discovery_sql: str, *, after_cursor: bool, until: bool = False
+    ) -> str:
         """One keyset page of the plan's discovery query: the key arrays and the page's bounds.
 
-        `$1` is the page size; with `after_cursor`, `$2…` are the text forms of the last key seen.
+        `$1` is the page size; with `after_cursor`, `$2…` are the text forms of the last key seen;
+        with `until`, the text forms of the last key the page may hold follow (a lease's range).
         """
         keys = ", ".join(f"d.{k.q}" for k in self.key)
-        where = ""
+        conds = []
+        n = len(self.key)
         if after_cursor:
             bounds = ", ".join(f"${i + 2}::text::{k.type}" for i, k in enumerate(self.key))
-            where = f"WHERE ({keys}) > ({bounds})"
+            conds.append(f"({keys}) > ({bounds})")
+        if until:
+            first = 2 + (n if after_cursor else 0)
+            bounds = ", ".join(f"${first + i}::text::{k.type}" for i, k in enumerate(self.key))
+            conds.append(f"({keys}) <= ({bounds})")
+        where = f"WHERE {' AND '.join(conds)}" if conds else ""
         order = self.key_order
         arrays = ", ".join(
             f"array_agg(page.{k.q} ORDER BY {order}) AS k{i}" for i, k in enumerate(self.key)

@@ -19,6 +19,7 @@ from runner import ledger, rollout
 from runner.artifacts import RunDir, check_run_id, new_run_id, write_json, write_text
 from runner.db import Databases, close_quietly
 from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
+from runner.engine.claims import Claims
 from runner.engine.discovery import Page
 from runner.engine.executor import (
     RETURNING_OLD_NEW_SINCE,
@@ -37,6 +38,7 @@ from runner.engine.watch import RunWatch
 from runner.engine.windows import count_windows, plan_windows
 from runner.errors import InvalidInput, NoGo
 from runner.phases.common import (
+    HEARTBEAT_SECONDS,
     PhaseFrame,
     ProgressCallback,
     ReportWriter,
@@ -352,14 +354,39 @@ async def apply(
         session = MainSession(
             conn, lambda: dbs.connect(env), run.run_id, retries=plan.batching.max_retries
         )
-        async with phase_frame(conn, run, env, stage, connect=lambda: dbs.connect(env)) as frame:
+        timeout = plan.batching.lease_timeout
+        not_joinable = _not_joinable(loaded)
+        async with phase_frame(
+            conn,
+            run,
+            env,
+            stage,
+            connect=lambda: dbs.connect(env),
+            join=(
+                (lambda c: ledger.joinable_stage(c, run.run_id, timeout))
+                if run_id is not None and not not_joinable
+                else None
+            ),
+            not_joinable=not_joinable,
+            heartbeat=min(HEARTBEAT_SECONDS, timeout / 3),
+        ) as frame:
             log.info(
-                "apply.start", run_id=run.run_id, env=env, stage=stage, plan_digest=loaded.digest
+                "apply.start",
+                run_id=run.run_id,
+                env=env,
+                stage=frame.phase,
+                plan_digest=loaded.digest,
+                joined=frame.joined,
             )
             if (rolled_back := await rollback_note(conn, run.run_id)) is not None:
                 raise NoGo(
                     f"the {stage} of run {run.run_id} cannot go on: {rolled_back}",
                     hint=f"start a new run: {cmd} apply {loaded.path} --env {env}",
+                )
+            if frame.joined:
+                session.holds_run_lock = False  # the leader holds it
+                return await _join(
+                    conn, session, dbs, loaded, target, frame, progress, cmd, max_rows
                 )
             if plan.is_mini:
                 await frame.set_phase(await _prod_stage(conn, loaded, run.run_id, env, cmd))
@@ -378,6 +405,66 @@ async def apply(
         await close_quietly(conn)
         if session is not None:
             await session.close()
+
+
+def _not_joinable(loaded: LoadedPlan) -> str:
+    """Why a second process may not join a run of this plan ("" when it may)."""
+    plan = loaded.plan
+    if plan.shaped:
+        return (
+            "a run that writes declared tables ([[writes]]) is applied by one process: its "
+            "batches commit in batch order, the order its rollback undoes"
+        )
+    if plan.windows is not None:
+        return (
+            "a windowed run is walked by one process: window after window, each window's hooks once"
+        )
+    return ""
+
+
+async def _join(
+    conn: asyncpg.Connection,
+    session: MainSession,
+    dbs: Databases,
+    loaded: LoadedPlan,
+    target: TargetInfo,
+    frame: PhaseFrame,
+    progress: ProgressCallback | None,
+    cmd: str,
+    max_rows: int | None,
+) -> ApplyResult:
+    """Work on the stage another process leads (engine.claims) until it is done; the leader
+    finishes it (summary, rollback file, gate)."""
+    run_id, env, stage = frame.run_id, frame.env, frame.phase
+    expected = await _prod_stage(conn, loaded, run_id, env, cmd) if loaded.plan.is_mini else "apply"
+    if expected != stage:
+        raise InvalidInput(
+            f"run {run_id}: another process is applying its {stage} in {env!r}, but this plan's "
+            f"stage there is {expected!r}",
+            hint="pass the plan (or mini plan) the running process was started with",
+        )
+    state = await _batch_machine(
+        session, dbs, loaded, target, frame, progress, cmd, max_rows, join=True
+    )
+    done = [o for o in state.outcomes if o.status == "done"]
+    log.info("apply.joined_end", run_id=run_id, stage=stage, batches=len(done))
+    return ApplyResult(
+        run_id,
+        env,
+        stage,
+        "joined",
+        None,
+        f"{cmd} status {run_id} --env {env}",
+        totals=ApplyTotals(
+            rows_needing_at_start=state.rows_needing_at_start,
+            batches=len(done),
+            batches_this_command=len(state.outcomes),
+            changed=sum(o.changed for o in done),
+            noop=sum(o.noop for o in done),
+            passes=state.passes,
+            keys=state.dispatched_rows,
+        ),
+    )
 
 
 def table_identities(tables: list[dict[str, Any]] | None) -> list[tuple[str, str, int, str]] | None:
@@ -477,9 +564,11 @@ async def _batch_machine(
     progress: ProgressCallback | None,
     cmd: str,
     max_rows: int | None,
+    *,
+    join: bool = False,
 ) -> RunState:
     """Set up the engine's batch machine for this stage (resume point, canary stop, recording)
-    and run it.
+    and run it (`join`: on the stage another process leads).
 
     Discovery reads on its own read-only connection (under the plan's read_role, if any): a
     discovery that calls a writing function fails instead of writing outside any batch."""
@@ -497,6 +586,9 @@ async def _batch_machine(
             session, reader, dbs, loaded, target, frame, state, progress, cmd, max_rows
         )
         windows = loaded.plan.windows
+        if join:
+            await _start(session, reader, machine, state, frame, progress, resume=False)
+            return await machine.join()
         if windows is None:
             return await machine.run(
                 *await _start(session, reader, machine, state, frame, progress)
@@ -505,7 +597,7 @@ async def _batch_machine(
             lambda c: plan_windows(c, target, windows, loaded.plan.discovery.sql)
         )
         keyset.narrow(walk.span)
-        await _start(session, reader, machine, state, frame, progress, windowed=True)
+        await _start(session, reader, machine, state, frame, progress, resume=False)
         await WindowWalk(
             session,
             reader,
@@ -529,13 +621,15 @@ async def _start(
     frame: PhaseFrame,
     progress: ProgressCallback | None,
     *,
-    windowed: bool = False,
+    resume: bool = True,
 ) -> tuple[list[str] | None, int]:
-    """Where the machine starts (from the ledger), and the count of rows needing the backfill."""
+    """Where the machine starts (from the ledger), and the count of rows needing the backfill.
+    Without `resume`: only the count (a windowed run resumes each window where it stopped,
+    phases.windows; a joined process works where the leader's cursor is)."""
     run_id = frame.run_id
     cursor: list[str] | None = None
     next_no = 1
-    if not windowed:  # a windowed run resumes each window where it stopped (phases.windows)
+    if resume:
         cursor, next_no, state.interrupted_before = resume_point(
             await session.run(lambda c: ledger.batch_states(c, run_id))
         )
@@ -574,11 +668,29 @@ async def _machine(
     plan = loaded.plan
     b = plan.batching
     stop_after: int | None = None
+    done_in_canary = 0
     if stage == "canary":
         assert plan.canary is not None
         done_in_canary = await session.run(lambda c: ledger.committed_batches(c, run_id, "canary"))
         stop_after = max(plan.canary.batches - int(done_in_canary), 0)
-    connect = BatchConnections(dbs, env, b.lock_timeout, b.statement_timeout)
+    claims = (
+        None
+        if _not_joinable(loaded)
+        else Claims(
+            session,
+            run_id,
+            stage,
+            frame.process_id,
+            b.lease_timeout,
+            b.batches_per_minute,
+            b.rows_per_second,
+            limit=plan.canary.batches if stage == "canary" and plan.canary else None,
+            claimed_before=int(done_in_canary),
+        )
+    )
+    connect = BatchConnections(
+        dbs, env, b.lock_timeout, b.statement_timeout, process=frame.process_id
+    )
     resume = f"{cmd} apply {loaded.path} --env {env} --run {run_id}"
     shape = await session.run(lambda c: shaped_run(c, plan, target)) if plan.shaped else None
     source, quarantine = await _quarantine(session, reader, loaded, target, run_id, resume)
@@ -622,6 +734,7 @@ async def _machine(
         ),
         sizer=BatchSizer(b.size, b.smallest, b.largest, b.target_batch_seconds),
         on_data_error=quarantine,
+        claims=claims,
     )
     return machine, source.inner
 
@@ -673,13 +786,16 @@ class BatchConnections:
     env: str
     lock_timeout: float
     statement_timeout: float
+    process: str = ""  # this process (backfill.processes): its batch rows name it
 
     async def for_batches(self) -> asyncpg.Connection:
         c = await self.dbs.connect(self.env)
         await c.execute(
-            "SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $2, false)",
+            "SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $2, "
+            "false), set_config('backfill.process', $3, false)",
             f"{int(self.lock_timeout * 1000)}ms",
             f"{int(self.statement_timeout * 1000)}ms",
+            self.process,
         )
         return c
 

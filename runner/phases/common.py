@@ -107,13 +107,26 @@ def _search_schemas(target: TargetInfo, tables: list[dict[str, Any]] | None) -> 
     return found
 
 
+Join = Callable[[asyncpg.Connection], Awaitable[str | None]]
+
+
 @contextlib.asynccontextmanager
 async def run_lock(
-    conn: asyncpg.Connection, run_id: str, wait_seconds: float = 30.0
-) -> AsyncIterator[None]:
-    """One process at a time per run. A killed process's lock goes with its connection."""
+    conn: asyncpg.Connection,
+    run_id: str,
+    wait_seconds: float = 30.0,
+    *,
+    join: Join | None = None,
+    not_joinable: str = "",
+) -> AsyncIterator[str | None]:
+    """One process at a time leads a run (None is yielded). A killed process's lock goes with
+    its connection. With `join`, a process that finds the run held asks it for a stage it may
+    join instead (engine.claims): that stage is yielded and no lock is taken."""
     deadline = anyio.current_time() + wait_seconds
     while not await ledger.try_run_lock(conn, run_id):
+        if join is not None and (stage := await join(conn)) is not None:
+            yield stage
+            return
         if anyio.current_time() > deadline:
             # only a process that is beating holds it; a rollback or a quarantine retry takes
             # the run without a heartbeat, and a killed process's row has none any more
@@ -133,13 +146,14 @@ async def run_lock(
                 else ""
             )
             raise WorkFailed(
-                f"run {run_id} is being worked on by another backfill process{who}",
+                f"run {run_id} is being worked on by another backfill process{who}"
+                + (f"; {not_joinable}" if not_joinable else ""),
                 hint="wait for it to finish, or stop it; a killed process releases the run "
                 "as soon as the database notices its connection is gone",
             )
         await anyio.sleep(0.5)
     try:
-        yield
+        yield None
     finally:
         with contextlib.suppress(Exception):
             await ledger.release_run_lock(conn, run_id)
@@ -288,6 +302,7 @@ class PhaseFrame:
     env: str
     phase: str
     process_id: str = ""  # this command in backfill.processes
+    joined: bool = False  # working on a stage another process leads (no run lock)
 
     @property
     def run_id(self) -> str:
@@ -343,14 +358,17 @@ def process_id(host: str, pid: int) -> str:
 
 
 async def _heartbeat(
-    connect: Callable[[], Awaitable[asyncpg.Connection]], run_id: str, me: str
+    connect: Callable[[], Awaitable[asyncpg.Connection]],
+    run_id: str,
+    me: str,
+    every: float = HEARTBEAT_SECONDS,
 ) -> None:
     """The process's heartbeat, on a connection of its own (the phase's is busy), until
     cancelled; a lost connection is opened again at the next beat."""
     conn: asyncpg.Connection | None = None
     try:
         while True:
-            await anyio.sleep(HEARTBEAT_SECONDS)
+            await anyio.sleep(every)
             try:
                 conn = conn if conn is not None and not conn.is_closed() else await connect()
                 await ledger.beat(conn, run_id, me)
@@ -392,24 +410,37 @@ async def phase_frame(
     env: str,
     phase: str,
     connect: Callable[[], Awaitable[asyncpg.Connection]] | None = None,
+    *,
+    join: Join | None = None,
+    not_joinable: str = "",
+    heartbeat: float = HEARTBEAT_SECONDS,
 ) -> AsyncIterator[PhaseFrame]:
-    """The phase's events go to the run's log, and only this process works on the run. The
+    """The phase's events go to the run's log, and only this process leads the run. The
     process is recorded (`backfill.processes`: host, pid, phase, start) and, given `connect`,
-    beats every few seconds while the phase runs; its end is recorded with how it ended."""
+    beats every `heartbeat` seconds while the phase runs; its end is recorded with how it
+    ended. With `join`, a process that finds the run led may join a stage of it instead
+    (`PhaseFrame.joined`, the stage as its phase: engine.claims)."""
     events.attach(RunDir.of(run.run_id).env(env) / "events.jsonl")
     host, pid = socket.gethostname(), os.getpid()
     me = process_id(host, pid)
     try:
-        async with run_lock(conn, run.run_id):
+        async with run_lock(conn, run.run_id, join=join, not_joinable=not_joinable) as joined:
+            phase = joined or phase
             await ledger.register_process(
                 conn, run.run_id, me, env, phase, host, pid, operator_name()
             )
+            # the batch rows this process records name it (backfill.batches.process)
+            await conn.execute("SELECT set_config('backfill.process', $1, false)", me)
             # a plain asyncio task (asyncpg runs on asyncio): a task group around the `yield`
             # would wrap the phase's own errors in an exception group
-            beating = asyncio.create_task(_heartbeat(connect, run.run_id, me)) if connect else None
+            beating = (
+                asyncio.create_task(_heartbeat(connect, run.run_id, me, heartbeat))
+                if connect
+                else None
+            )
             outcome = "finished"
             try:
-                yield PhaseFrame(conn, run, env, phase, me)
+                yield PhaseFrame(conn, run, env, phase, me, joined is not None)
             except BaseException as exc:
                 outcome = f"stopped: {type(exc).__name__}"
                 raise

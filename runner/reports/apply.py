@@ -141,6 +141,7 @@ async def apply_context(
         "finished_at": row.finished_at,
         **await watch_context(conn, run.run_id, stage, outcomes),
         "tables": await _tables(conn, run, stage),
+        "processes": [dict(p) for p in await ledger.stage_processes(conn, run.run_id, stage)],
         "windows_shown": WINDOWS_SHOWN,
     }
 

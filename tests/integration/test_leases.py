@@ -1,0 +1,231 @@
+"""Several processes on one run (#15): pages claimed through the ledger, leases taken over from
+a killed process, one rate for the run, one story in the summary and the rollback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import make_items, sql, val, write_plan
+from tests.helpers import differing, env_for, snapshot, start_runner
+
+SLOW_APPLY = (
+    "UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
+    "AND val IS DISTINCT FROM 'new' AND (SELECT pg_sleep({s})) IS NOT NULL"
+)
+
+
+def _wait_for(db: str, query: str, *args: Any, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if found := val(db, query, *args):
+                return found
+        except Exception:  # the ledger is not there yet
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for: {query}")
+
+
+def _leader_run(db: str) -> str:
+    return str(_wait_for(db, "SELECT run_id FROM backfill.work WHERE stage = 'apply' AND NOT done"))
+
+
+def _finish(proc: subprocess.Popen[str], timeout: float = 180) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def _each_key_once(db: str, run_id: str, needing: int) -> None:
+    """Every row applied, by exactly one committed batch, with its image."""
+    assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") == 0
+    assert (
+        val(
+            db,
+            "SELECT count(*) - count(DISTINCT key) FROM backfill.row_images WHERE run_id = $1",
+            run_id,
+        )
+        == 0
+    )
+    assert val(db, "SELECT count(*) FROM backfill.row_images WHERE run_id = $1", run_id) == needing
+    assert (
+        val(
+            db,
+            "SELECT sum(changed) FROM backfill.batches WHERE run_id = $1 AND status = 'done'",
+            run_id,
+        )
+        == needing
+    )
+
+
+@pytest.mark.slow
+def test_three_processes_finish_one_run_each_batch_once_and_the_rollback_covers_all(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 3000)
+    needing = 2400  # a fifth already hold the new value
+    snapshot(db, "items")
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql=SLOW_APPLY.format(s=0.05),
+        batching__size=20,
+        batching__workers=2,
+    )
+    leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
+    run_id = _leader_run(db)
+    joiners = [
+        start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
+        for _ in range(2)
+    ]
+    code, out = _finish(leader)
+    assert code == 3, out  # the leader finished the stage and halted at its gate
+    for j in joiners:
+        jcode, jout = _finish(j)
+        assert jcode == 0, jout
+        assert f"joined the apply of run {run_id}" in jout, jout
+    _each_key_once(db, run_id, needing)
+    # three processes committed batches; every lease was settled by a batch of its number
+    per_process = sql(
+        db,
+        "SELECT process, count(*) AS n FROM backfill.batches WHERE run_id = $1"
+        " AND status = 'done' GROUP BY process",
+        run_id,
+    )
+    assert len(per_process) == 3, per_process
+    assert all(r["process"] and r["n"] > 0 for r in per_process)
+    assert (
+        val(
+            db,
+            "SELECT count(*) FROM backfill.leases l WHERE run_id = $1 AND NOT EXISTS ("
+            " SELECT 1 FROM backfill.batches b WHERE b.run_id = l.run_id"
+            " AND b.batch_no = l.batch_no AND b.status = 'done')",
+            run_id,
+        )
+        == 0
+    )
+    # one story: the summary and results count every process's batches
+    results = json.loads(next(workdir.rglob("execution_results.json")).read_text())
+    assert results["totals"]["changed"] == needing
+    assert results["totals"]["batches"] == sum(r["n"] for r in per_process)
+    summary = next(workdir.rglob("backfill_summary.md")).read_text()
+    assert "Processes" in summary
+    status = json.loads(cli("status", run_id, "--json", env=env_for(db)).output)
+    shown = status["processes"]
+    assert sorted(p["batches"] for p in shown) == sorted(r["n"] for r in per_process)
+    # the rollback undoes every process's batches
+    undone = cli("rollback", run_id, "--env", "staging", env=env_for(db))
+    assert undone.exit_code == 0, undone.output
+    assert differing(db, "items") == 0
+
+
+@pytest.mark.slow
+def test_a_killed_process_lease_is_taken_over_after_it_expires(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 600)
+    needing = 480
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql=SLOW_APPLY.format(s=0.4),
+        batching__size=20,
+        batching__lease_timeout=3,
+    )
+    leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
+    run_id = _leader_run(db)
+    joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
+    try:
+        me = _wait_for(
+            db,
+            "SELECT process_id FROM backfill.processes WHERE run_id = $1 AND pid = $2",
+            run_id,
+            joiner.pid,
+        )
+        # its batch is running: a lease of its own with no batch row yet
+        lease = _wait_for(
+            db,
+            "SELECT l.batch_no FROM backfill.leases l WHERE l.owner = $1 AND NOT EXISTS ("
+            " SELECT 1 FROM backfill.batches b WHERE b.run_id = l.run_id"
+            " AND b.batch_no = l.batch_no) AND EXISTS (SELECT 1 FROM backfill.batches b"
+            " WHERE b.process = $1)",
+            me,
+        )
+        time.sleep(0.1)
+        joiner.send_signal(signal.SIGKILL)
+        joiner.wait()
+    finally:
+        if joiner.poll() is None:
+            joiner.kill()
+    code, out = _finish(leader)
+    assert code == 3, out
+    _each_key_once(db, run_id, needing)
+    taken = sql(
+        db,
+        "SELECT batch_no, owner, takeovers FROM backfill.leases WHERE run_id = $1 AND takeovers > 0",
+        run_id,
+    )
+    assert taken, "the killed process's lease was not taken over"
+    assert lease in {t["batch_no"] for t in taken} or val(
+        db,
+        "SELECT count(*) FROM backfill.batches WHERE run_id = $1 AND batch_no = $2",
+        run_id,
+        lease,
+    )
+    # the batch of the taken-over lease was committed once, by the leader
+    assert all(
+        val(
+            db,
+            "SELECT process FROM backfill.batches WHERE run_id = $1 AND batch_no = $2",
+            run_id,
+            t["batch_no"],
+        )
+        == t["owner"]
+        for t in taken
+    )
+    status = cli("status", run_id, env=env_for(db))
+    assert "killed, or its connection was lost" in status.output or "no heartbeat" in status.output
+
+
+@pytest.mark.slow
+def test_the_rate_is_the_runs_whatever_the_number_of_processes(workdir: Path, db: str) -> None:
+    make_items(db, 1600)
+    needing = 1280
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql=SLOW_APPLY.format(s=0.25),
+        batching__size=20,
+        batching__batches_per_minute=360,  # 6 a second; one process alone makes at most 4
+    )
+    leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
+    run_id = _leader_run(db)
+    joiners = [
+        start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
+        for _ in range(2)
+    ]
+    code, out = _finish(leader)
+    assert code == 3, out
+    for j in joiners:
+        assert _finish(j)[0] == 0
+    _each_key_once(db, run_id, needing)
+    rows = sql(
+        db,
+        "SELECT started_at, process FROM backfill.batches WHERE run_id = $1 AND status = 'done'"
+        " ORDER BY started_at",
+        run_id,
+    )
+    # from the moment all three processes were committing batches
+    firsts = {}
+    for r in rows:
+        firsts.setdefault(r["process"], r["started_at"])
+    assert len(firsts) == 3, firsts
+    since = max(firsts.values())
+    starts = [r["started_at"] for r in rows if r["started_at"] >= since]
+    assert len(starts) >= 50, len(starts)
+    achieved = (len(starts) - 1) / (starts[-1] - starts[0]).total_seconds() * 60
+    assert abs(achieved - 360) / 360 < 0.10, achieved
