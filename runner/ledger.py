@@ -2158,10 +2158,28 @@ async def stop_work(conn: asyncpg.Connection, run_id: str, stage: str, reason: s
     )
 
 
-async def finish_work(conn: asyncpg.Connection, run_id: str, stage: str) -> None:
-    await conn.execute(
-        "UPDATE backfill.work SET done = true WHERE run_id = $1 AND stage = $2", run_id, stage
-    )
+async def finish_work(conn: asyncpg.Connection, run_id: str, stage: str) -> bool:
+    """Mark the stage's cursor done, so no process claims another page; False (not done) while
+    a lease is open: a page claimed since the leader last looked (rows that arrived after the
+    cursor) is applied and counted before the stage ends."""
+    async with conn.transaction():
+        # the cursor's row lock first: a claim in flight commits its lease before the look
+        await conn.execute(
+            "SELECT 1 FROM backfill.work WHERE run_id = $1 AND stage = $2 FOR UPDATE",
+            run_id,
+            stage,
+        )
+        if await conn.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM backfill.leases l WHERE l.run_id = $1"
+            f" AND l.stage = $2 AND {_OPEN})",
+            run_id,
+            stage,
+        ):
+            return False
+        await conn.execute(
+            "UPDATE backfill.work SET done = true WHERE run_id = $1 AND stage = $2", run_id, stage
+        )
+        return True
 
 
 async def shared_by(

@@ -447,7 +447,7 @@ class Batching(_Model):
     max_passes: Annotated[int, Field(ge=1, le=100)] = 5
     max_rows_per_run: Annotated[int, Field(ge=1)] | None = None
     """Stop a command cleanly after this many rows (keys handed to batches); --run continues."""
-    lease_timeout: Annotated[float, Field(ge=1, le=3600, allow_inf_nan=False)] = 30.0
+    lease_timeout: Annotated[Duration, Field(ge=1, le=3600)] = 30.0
     """Seconds without a heartbeat after which a process's claimed pages are taken over by
     another process of the run (processes beat every third of it, at most every 5 s)."""
     target_batch_seconds: Timeout | None = None

@@ -239,7 +239,11 @@ class BatchRun:
             if self.claims is not None and pass_no < self.settings.max_passes:
                 await self.claims.next_pass()
         if self.claims is not None and not state.capped:
-            await self.claims.finish()
+            # a page another process claimed since this one last looked (rows that arrived
+            # after the cursor) is applied before the stage ends and its reports are written
+            while not await self.claims.finish():
+                await self._settle_pass()
+                await self._raise_if_stopped()
         return state
 
     async def join(self) -> RunState:

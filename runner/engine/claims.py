@@ -242,8 +242,9 @@ class Claims:
         """No process claims another page of the stage until a leader starts it again."""
         await self.session.run(lambda c: ledger.stop_work(c, self.run_id, self.stage, reason))
 
-    async def finish(self) -> None:
-        await self.session.run(lambda c: ledger.finish_work(c, self.run_id, self.stage))
+    async def finish(self) -> bool:
+        """End the stage: False while a lease is still open (settle it first)."""
+        return await self.session.run(lambda c: ledger.finish_work(c, self.run_id, self.stage))
 
     def describe(self) -> dict[str, Any]:
         return {"stage": self.stage, "pass": self.pass_no, "process": self.me}

@@ -11,9 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
-from tests.conftest import make_items, sql, val, write_plan
+from runner import ledger
+from tests.conftest import make_items, run, sql, val, write_plan
 from tests.helpers import differing, env_for, snapshot, start_runner
 
 SLOW_APPLY = (
@@ -229,3 +231,38 @@ def test_the_rate_is_the_runs_whatever_the_number_of_processes(workdir: Path, db
     assert len(starts) >= 50, len(starts)
     achieved = (len(starts) - 1) / (starts[-1] - starts[0]).total_seconds() * 60
     assert abs(achieved - 360) / 360 < 0.10, achieved
+
+
+def test_a_hold_every_process_recorded_counts_once(db: str) -> None:
+    """Each process of a run records the same guard hold: the summary's time held is the union."""
+    make_items(db, 10)
+
+    async def go() -> dict[str, float]:
+        conn = await asyncpg.connect(db)
+        try:
+            await ledger.ensure_ledger(conn)
+            await conn.execute(
+                "INSERT INTO backfill.runs (run_id, env, plan_name, plan_digest, plan,"
+                " target_table, key_columns, columns, key_types, column_types, operator)"
+                " VALUES ('r1', 'staging', 'p', 'd', '{}', 'items', '{id}', '{val}', '{int}',"
+                " '{text}', 'alice')"
+            )
+            await conn.execute(
+                """INSERT INTO backfill.guard_holds (run_id, stage, signal, reason, started_at,
+                                                     last_seen_at, open)
+                   VALUES ('r1', 'apply', 'connections', '', '2026-01-01 00:00:00+00',
+                           '2026-01-01 00:00:10+00', false),
+                          ('r1', 'apply', 'connections', '', '2026-01-01 00:00:02+00',
+                           '2026-01-01 00:00:12+00', false),
+                          ('r1', 'apply', 'connections', '', '2026-01-01 00:00:03+00',
+                           '2026-01-01 00:00:05+00', false),
+                          ('r1', 'apply', 'connections', '', '2026-01-01 00:01:00+00',
+                           '2026-01-01 00:01:04+00', false),
+                          ('r1', 'apply', 'paused', '', '2026-01-01 00:00:00+00',
+                           '2026-01-01 00:00:01+00', false)"""
+            )
+            return await ledger.held_seconds(conn, "r1", "apply")
+        finally:
+            await conn.close()
+
+    assert run(go) == {"connections": 16.0, "paused": 1.0}
