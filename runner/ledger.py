@@ -2233,10 +2233,11 @@ async def stage_processes(
     conn: asyncpg.Connection, run_id: str, stage: str
 ) -> list[asyncpg.Record]:
     """The processes that committed batches of a stage (the batch rows name them), with their
-    batches, rows changed and taken-over leases; oldest first."""
+    batches, rows changed and taken-over leases; oldest first. Only facts that stay as they are
+    once the stage finished (the summary is sealed by its digest): not how a process ended."""
     return list(
         await conn.fetch(
-            """SELECT b.process, p.host, p.pid, p.started_at, p.outcome,
+            """SELECT b.process, p.host, p.pid, p.started_at,
                       count(*) AS batches, sum(b.changed) AS changed,
                       (SELECT count(*) FROM backfill.leases l WHERE l.run_id = $1
                          AND l.owner = b.process AND l.takeovers > 0) AS taken_over
@@ -2245,7 +2246,7 @@ async def stage_processes(
                  ON p.run_id = b.run_id AND p.process_id = b.process
                WHERE b.run_id = $1 AND b.stage = $2 AND b.status = 'done'
                  AND b.process IS NOT NULL
-               GROUP BY b.process, p.host, p.pid, p.started_at, p.outcome
+               GROUP BY b.process, p.host, p.pid, p.started_at
                ORDER BY p.started_at NULLS LAST""",
             run_id,
             stage,

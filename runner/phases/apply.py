@@ -38,7 +38,6 @@ from runner.engine.watch import RunWatch
 from runner.engine.windows import count_windows, plan_windows
 from runner.errors import InvalidInput, NoGo
 from runner.phases.common import (
-    HEARTBEAT_SECONDS,
     PhaseFrame,
     ProgressCallback,
     ReportWriter,
@@ -368,7 +367,7 @@ async def apply(
                 else None
             ),
             not_joinable=not_joinable,
-            heartbeat=min(HEARTBEAT_SECONDS, timeout / 3),
+            lease_timeout=timeout,
         ) as frame:
             log.info(
                 "apply.start",

@@ -413,11 +413,11 @@ async def phase_frame(
     *,
     join: Join | None = None,
     not_joinable: str = "",
-    heartbeat: float = HEARTBEAT_SECONDS,
+    lease_timeout: float | None = None,
 ) -> AsyncIterator[PhaseFrame]:
     """The phase's events go to the run's log, and only this process leads the run. The
     process is recorded (`backfill.processes`: host, pid, phase, start) and, given `connect`,
-    beats every `heartbeat` seconds while the phase runs; its end is recorded with how it
+    beats every HEARTBEAT_SECONDS (a third of `lease_timeout` if less) while the phase runs; its end is recorded with how it
     ended. With `join`, a process that finds the run led may join a stage of it instead
     (`PhaseFrame.joined`, the stage as its phase: engine.claims)."""
     events.attach(RunDir.of(run.run_id).env(env) / "events.jsonl")
@@ -433,8 +433,11 @@ async def phase_frame(
             await conn.execute("SELECT set_config('backfill.process', $1, false)", me)
             # a plain asyncio task (asyncpg runs on asyncio): a task group around the `yield`
             # would wrap the phase's own errors in an exception group
+            every = HEARTBEAT_SECONDS
+            if lease_timeout is not None:
+                every = min(every, lease_timeout / 3)
             beating = (
-                asyncio.create_task(_heartbeat(connect, run.run_id, me, heartbeat))
+                asyncio.create_task(_heartbeat(connect, run.run_id, me, every))
                 if connect
                 else None
             )

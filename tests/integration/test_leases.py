@@ -160,10 +160,10 @@ def test_a_killed_process_lease_is_taken_over_after_it_expires(
         )
         time.sleep(0.1)
         joiner.send_signal(signal.SIGKILL)
-        joiner.wait()
     finally:
         if joiner.poll() is None:
             joiner.kill()
+        joiner.communicate()  # its pipe closed too
     code, out = _finish(leader)
     assert code == 3, out
     _each_key_once(db, run_id, needing)
