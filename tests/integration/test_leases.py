@@ -16,7 +16,7 @@ import pytest
 
 from runner import ledger
 from tests.conftest import make_items, run, sql, val, write_plan
-from tests.helpers import differing, env_for, snapshot, start_runner
+from tests.helpers import differing, env_for, run_id_of, snapshot, start_runner
 
 SLOW_APPLY = (
     "UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
@@ -266,3 +266,49 @@ def test_a_hold_every_process_recorded_counts_once(db: str) -> None:
             await conn.close()
 
     assert run(go) == {"connections": 16.0, "paused": 1.0}
+
+
+@pytest.mark.slow
+def test_the_canary_count_is_the_runs_whatever_the_number_of_processes(
+    cli: Callable[..., Any], workdir: Path, make_db: Callable[[], str]
+) -> None:
+    staging, prod = make_db(), make_db()
+    make_items(staging, 100)
+    make_items(prod, 1500)
+    env = {"STAGING_DSN": staging, "PROD_DSN": prod}
+    plan = write_plan(
+        workdir / "p.json",
+        soak__duration="1s",
+        soak__interval="1s",
+        apply__sql=SLOW_APPLY.format(s=0.8),
+        batching__size=20,
+        health__canary_percent=40,
+    )
+    first = cli("pipeline", str(plan), "-q", env=env)
+    assert first.exit_code == 3, first.output
+    run_id = run_id_of(first.output)
+    for gate in ("apply-staging", "soak-staging"):
+        assert cli("approve", run_id, "--gate", gate, "--as", "alice", env=env).exit_code == 0
+        assert cli("pipeline", str(plan), "--run", run_id, "-q", env=env).exit_code == 3
+    assert cli("approve", run_id, "--gate", "health-prod", "--as", "alice", env=env).exit_code == 0
+    mini = next(workdir.rglob("prod_mini_backfill_plan.json"))
+    canary = json.loads(mini.read_text())["canary"]["batches"]
+    assert canary >= 4, canary
+    args = ["apply", str(mini), "-e", "prod", "-q", "--run", run_id]
+    leader = start_runner(args, workdir, prod)
+    _wait_for(prod, "SELECT 1 FROM backfill.work WHERE stage = 'canary' AND NOT done")
+    joiner = start_runner(args, workdir, prod)
+    code, out = _finish(leader)
+    assert code == 3, out  # halted at the canary's gate
+    jcode, jout = _finish(joiner)
+    assert jcode == 0, jout
+    assert "joined the canary" in jout, jout
+    per_process = sql(
+        prod,
+        "SELECT process, count(*) AS n FROM backfill.batches WHERE run_id = $1"
+        " AND stage = 'canary' AND status = 'done' GROUP BY process",
+        run_id,
+    )
+    # the run's count, not the count in each process
+    assert sum(r["n"] for r in per_process) == canary, per_process
+    assert len(per_process) == 2, per_process
