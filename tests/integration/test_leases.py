@@ -312,3 +312,44 @@ def test_the_canary_count_is_the_runs_whatever_the_number_of_processes(
     # the run's count, not the count in each process
     assert sum(r["n"] for r in per_process) == canary, per_process
     assert len(per_process) == 2, per_process
+
+
+@pytest.mark.slow
+def test_pause_and_cancel_hold_every_process_of_the_run(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    make_items(db, 2000)
+    plan = write_plan(workdir / "p.json", apply__sql=SLOW_APPLY.format(s=0.2), batching__size=20)
+    env = env_for(db)
+    leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
+    run_id = _leader_run(db)
+    joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
+    _wait_for(
+        db,
+        "SELECT count(DISTINCT process) = 2 FROM backfill.batches WHERE run_id = $1",
+        run_id,
+    )
+    assert cli("pause", run_id, "--env", "staging", "--note", "incident", env=env).exit_code == 0
+    time.sleep(1.0)  # the batches in flight finish (one per process, 0.2 s each)
+    paused_at = val(db, "SELECT count(*) FROM backfill.batches WHERE run_id = $1", run_id)
+    time.sleep(1.5)
+    assert val(db, "SELECT count(*) FROM backfill.batches WHERE run_id = $1", run_id) == paused_at
+    assert cli("resume", run_id, "--env", "staging", env=env).exit_code == 0
+    _wait_for(
+        db, "SELECT count(*) > $2 FROM backfill.batches WHERE run_id = $1", run_id, paused_at + 2
+    )
+    assert cli("cancel", run_id, "--env", "staging", "--note", "enough", env=env).exit_code == 0
+    code, out = _finish(leader)
+    jcode, jout = _finish(joiner)
+    assert code == 4, out  # a cancel stops the apply it reaches
+    assert jcode in (1, 4), jout
+    assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") > 0
+    # what was committed stays, once each, and can be rolled back
+    assert (
+        val(
+            db,
+            "SELECT count(*) - count(DISTINCT key) FROM backfill.row_images WHERE run_id = $1",
+            run_id,
+        )
+        == 0
+    )
