@@ -15,6 +15,7 @@ BACKFILL_BENCH_DSN to use another server (its CPU is then not measured).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -53,23 +54,24 @@ def fresh_copy(dsn: str, name: str) -> None:
     )
 
 
-def _server_cpu() -> float:
-    """The database server's CPU seconds so far: the postmaster's own, those of its children
-    that have exited (a backend ends with its connection) and those of the live ones."""
-    me = psutil.Process().username()
-    total = 0.0
-    for p in psutil.process_iter(["name", "username", "ppid"]):
-        if p.info["name"] not in ("postgres", "postmaster") or p.info["username"] != me:
+def _server_cpu(datadir: Path) -> float:
+    """The CPU seconds so far of the server whose data lives under `datadir`: the postmaster's
+    own, its children's that have exited (a backend ends with its connection) and its live
+    children's."""
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] != "postgres" or str(datadir) not in " ".join(p.info["cmdline"] or []):
             continue
         try:
             t = p.cpu_times()
-            total += t.user + t.system
-            parent = psutil.Process(p.info["ppid"])
-            if parent.name() not in ("postgres", "postmaster"):  # the postmaster
-                total += t.children_user + t.children_system
+            total = t.user + t.system + t.children_user + t.children_system
+            for child in p.children():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    c = child.cpu_times()
+                    total += c.user + c.system
+            return total
         except psutil.NoSuchProcess:
-            pass
-    return total
+            continue
+    return 0.0
 
 
 async def _fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
@@ -114,7 +116,7 @@ def case(dsn: str, table: str, processes: int, workers: int, workdir: Path) -> d
     path.write_text(json.dumps(plan))
     env = {**os.environ, "BACKFILL_LOGS": str(workdir / "logs"), "BACKFILL_ACTOR": "bench"}
     command = [sys.executable, "-m", "runner", "apply", str(path), "--env", "staging", "--quiet"]
-    server0 = _server_cpu()
+    server0 = _server_cpu(workdir)
     t0 = time.perf_counter()
     procs = [
         psutil.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -145,7 +147,7 @@ def case(dsn: str, table: str, processes: int, workers: int, workdir: Path) -> d
                     running.remove(p)
         time.sleep(0.05)
     wall = time.perf_counter() - t0
-    server_cpu = _server_cpu() - server0
+    server_cpu = _server_cpu(workdir) - server0
     for i, p in enumerate(procs):
         out, err = p.communicate()
         # a joiner that arrives after the leader finished finds the stage done (exit 3 too)

@@ -1906,56 +1906,38 @@ async def lead_work(
     next_no: int,
     claimed: int,
 ) -> tuple[Work, int]:
-    """The leader takes the stage's cursor: a new one at `position`, or, when live processes
-    still hold leases of the stage, the one they work under (their pages stay theirs). Returns
-    the cursor and how many open leases it has."""
+    """The leader takes the stage's cursor: a new one at `position` (the resume point) when the
+    stage has none yet, else the one it has, as every process left it. Its open leases are never
+    dropped: a process that looks gone may be only frozen and commit its batch later, so each
+    lease is applied under its own number (taken over) and never paged again under another.
+    The previous leader is taken for gone at once (this process holds the run lock it held:
+    its connection is gone), so its leases are taken over without waiting for `lease_timeout`
+    (under their own numbers, so a batch it still commits is committed once).
+    Returns the cursor and how many open leases it has."""
     async with conn.transaction():
         await conn.execute(
-            "SELECT pg_advisory_xact_lock(hashtext('backfill-work'), hashtext($1))", run_id
-        )
-        live_leases = await conn.fetchval(
-            f"""SELECT count(*) FROM backfill.leases l
-                WHERE l.run_id = $1 AND l.stage = $2 AND l.owner <> $3 AND {_OPEN}
-                  AND {_LIVE.format(timeout="$4")}""",
+            """UPDATE backfill.processes SET finished_at = clock_timestamp(),
+                   outcome = 'gone: it lost the run lock to ' || $3
+               WHERE run_id = $1 AND process_id <> $3 AND finished_at IS NULL
+                 AND process_id = (SELECT leader FROM backfill.work
+                                   WHERE run_id = $1 AND stage = $2)""",
             run_id,
             stage,
             me,
-            lease_timeout,
         )
-        current = await get_work(conn, run_id, stage, lease_timeout)
-        if current is None or not live_leases:
-            # every open lease is after `position` (the last key of the longest run of
-            # committed batches): its keys are paged again
-            await conn.execute(
-                f"DELETE FROM backfill.leases l WHERE l.run_id = $1 AND l.stage = $2 AND {_OPEN}",
-                run_id,
-                stage,
-            )
-            await conn.execute(
-                """INSERT INTO backfill.work (run_id, stage, pass, position, next_no, claimed,
-                                              leader)
-                   VALUES ($1, $2, 1, $3, $4, $5, $6)
-                   ON CONFLICT (run_id, stage) DO UPDATE SET
-                       pass = 1, position = $3,
-                       next_no = greatest(backfill.work.next_no, $4), claimed = $5,
-                       next_slot = NULL, leader = $6, stopped = NULL, done = false""",
-                run_id,
-                stage,
-                position,
-                next_no,
-                claimed,
-                me,
-            )
-        else:
-            await conn.execute(
-                """UPDATE backfill.work SET leader = $3, stopped = NULL, done = false,
-                       next_no = greatest(next_no, $4)
-                   WHERE run_id = $1 AND stage = $2""",
-                run_id,
-                stage,
-                me,
-                next_no,
-            )
+        await conn.execute(
+            """INSERT INTO backfill.work (run_id, stage, pass, position, next_no, claimed, leader)
+               VALUES ($1, $2, 1, $3, $4, $5, $6)
+               ON CONFLICT (run_id, stage) DO UPDATE SET
+                   next_no = greatest(backfill.work.next_no, $4), leader = $6, stopped = NULL,
+                   done = false""",
+            run_id,
+            stage,
+            position,
+            next_no,
+            claimed,
+            me,
+        )
         work = await get_work(conn, run_id, stage, lease_timeout)
         assert work is not None
         open_leases = await conn.fetchval(
@@ -2252,3 +2234,70 @@ async def stage_processes(
             stage,
         )
     )
+
+
+async def live_processes(
+    conn: asyncpg.Connection, run_id: str, lease_timeout: float
+) -> list[asyncpg.Record]:
+    """The run's processes that still beat (not ended, heartbeat younger than the timeout)."""
+    if not await conn.fetchval("SELECT to_regclass('backfill.processes') IS NOT NULL"):
+        return []
+    return list(
+        await conn.fetch(
+            """SELECT process_id, host, pid, phase, env FROM backfill.processes
+               WHERE run_id = $1 AND finished_at IS NULL
+                 AND heartbeat > clock_timestamp() - make_interval(secs => $2)
+               ORDER BY started_at""",
+            run_id,
+            lease_timeout,
+        )
+    )
+
+
+async def close_work(
+    conn: asyncpg.Connection, run_id: str, reason: str, lease_timeout: float
+) -> tuple[int, int]:
+    """Before a rollback: no process claims another page of the run (every stage stopped), and
+    every lease still open gets a tombstone batch row (status 'abandoned'), so a process that
+    is only frozen can never commit its batch later (the primary key refuses it; a split part's
+    lease check refuses it too). Returns (leases whose live owner is still applying them, open
+    leases tombstoned): call again while the first is not 0."""
+    if not await conn.fetchval("SELECT to_regclass('backfill.work') IS NOT NULL"):
+        return 0, 0
+    await conn.execute(
+        "UPDATE backfill.work SET stopped = coalesce(stopped, $2) WHERE run_id = $1 AND NOT done",
+        run_id,
+        reason,
+    )
+    live = int(
+        await conn.fetchval(
+            f"""SELECT count(*) FROM backfill.leases l WHERE l.run_id = $1 AND {_OPEN}
+                AND {_LIVE.format(timeout="$2")}
+                AND NOT EXISTS (SELECT 1 FROM backfill.batches b WHERE b.run_id = l.run_id
+                                AND b.batch_no = l.batch_no)""",
+            run_id,
+            lease_timeout,
+        )
+    )
+    if live:
+        return live, 0
+    async with conn.transaction():
+        tombstoned = await conn.fetch(
+            f"""INSERT INTO backfill.batches (run_id, batch_no, stage, status, first_key,
+                                              last_key, started_at, duration_ms, errors)
+                SELECT l.run_id, l.batch_no, l.stage, 'abandoned', NULL, l.last_key,
+                       clock_timestamp(), 0,
+                       jsonb_build_array(jsonb_build_object('category', 'abandoned',
+                           'error', 'the run was rolled back before this lease was applied'))
+                FROM backfill.leases l WHERE l.run_id = $1 AND {_OPEN}
+                ON CONFLICT (run_id, batch_no) DO NOTHING
+                RETURNING batch_no""",
+            run_id,
+        )
+        await conn.execute(
+            "UPDATE backfill.leases SET owner = 'rollback' WHERE run_id = $1 AND batch_no ="
+            " ANY($2::int[])",
+            run_id,
+            [r["batch_no"] for r in tombstoned],
+        )
+    return 0, len(tombstoned)

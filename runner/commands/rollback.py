@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import anyio
 import asyncpg
 import structlog
 
@@ -13,7 +15,7 @@ from runner import events, ledger
 from runner.artifacts import RunDir
 from runner.commands.decide import plan_for
 from runner.db import Databases
-from runner.errors import EXIT_DONE, EXIT_FAILED, BackfillError, InvalidInput
+from runner.errors import EXIT_DONE, EXIT_FAILED, BackfillError, InvalidInput, WorkFailed
 from runner.phases.common import command_prefix, operator_name, run_lock
 from runner.plan import LoadedPlan
 from runner.reports.rollback import render_rollback
@@ -72,6 +74,26 @@ async def _emit(
     )
 
 
+async def _stop_other_processes(conn: asyncpg.Connection, run: ledger.RunRow) -> None:
+    """Processes that joined the run (engine.claims) hold no run lock: stop them and wait for
+    the batches they are applying, so the rollback covers them and nothing commits after it."""
+    timeout = float((run.plan.get("batching") or {}).get("lease_timeout") or 30.0)
+    deadline = time.monotonic() + timeout + 10
+    reason = f"rolled back by {operator_name()}"
+    while (live := (await ledger.close_work(conn, run.run_id, reason, timeout))[0]) > 0:
+        if time.monotonic() > deadline:
+            who = "; ".join(
+                f"{p['host']} pid {p['pid']} ({p['env']} {p['phase']})"
+                for p in await ledger.live_processes(conn, run.run_id, timeout)
+            )
+            raise WorkFailed(
+                f"run {run.run_id}: {live} batch(es) of other processes are still being applied "
+                f"({who}); nothing was rolled back",
+                hint="stop those processes (or wait for them), then roll back again",
+            )
+        await anyio.sleep(0.5)
+
+
 async def undo(
     run_id: str,
     env: str,
@@ -102,6 +124,7 @@ async def undo(
         events.attach(run_dir.env(env) / "events.jsonl")
         async with run_lock(conn, run_id):
             if not dry_run:
+                await _stop_other_processes(conn, run)
                 # recorded before the first row is restored: a rollback stopped half-way has
                 # changed the data too, and the run must not go forward on it
                 await ledger.record_event(

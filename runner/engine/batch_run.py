@@ -218,13 +218,13 @@ class BatchRun:
         if self.claims is not None:
             cursor, open_leases = await self.claims.lead(cursor, next_no)
             unchecked = open_leases > 0
-            if self.on_data_error is not None:
-                await self.on_data_error.share(self.claims.session, self.settings.run_id)
         for pass_no in range(1, self.settings.max_passes + 1):
             state.passes = pass_no
             state.remaining_after = state.unverified_spans = 0
+            await self._share()
             await self._one_pass(None if unchecked or pass_no > 1 else cursor)
             await self._settle_pass()
+            await self._share()  # keys another process quarantined are not "remaining"
             await self._raise_if_stopped()
             if self.settings.stop_after is not None or state.capped:
                 break
@@ -255,9 +255,8 @@ class BatchRun:
         if work is None:
             return state
         self.claims.pass_no = work.pass_no
-        if self.on_data_error is not None:
-            await self.on_data_error.share(self.claims.session, self.settings.run_id)
         while True:
+            await self._share()
             state.passes += 1
             await self._one_pass(None)
             await self._settle_pass()
@@ -266,8 +265,11 @@ class BatchRun:
                 return state
             if not await self._await_leader():
                 return state
-            if self.on_data_error is not None:
-                await self.on_data_error.share(self.claims.session, self.settings.run_id)
+
+    async def _share(self) -> None:
+        """Take in what other processes of the run quarantined (claims only)."""
+        if self.claims is not None and self.on_data_error is not None:
+            await self.on_data_error.share(self.claims.session, self.settings.run_id)
 
     async def _raise_if_stopped(self) -> None:
         """This process's failure, halt or non-converging source stops the stage for every
@@ -309,8 +311,8 @@ class BatchRun:
                 return
             if gone:
                 await self._one_pass(None)  # its producer takes them over
-            else:
-                await anyio.sleep(0.5)
+            # a lease whose batch is still committing (locked) is not taken: look again soon
+            await anyio.sleep(0.5)
 
     async def _await_leader(self) -> bool:
         """A joined process between passes: True when the leader opened another pass (or a
@@ -530,6 +532,7 @@ class BatchRun:
             await anyio.sleep(claim.wait)
             if claim.wait > 1.0 and not await self._cleared(failed):
                 return False
+        assert self.claims is not None
         batch = Batch(
             claim.batch_no,
             self.settings.stage,
@@ -537,6 +540,8 @@ class BatchRun:
             page.first_key,
             page.last_key,
             claim.after,
+            lease=(self.settings.run_id, claim.batch_no, self.claims.me),
+            fenced=True,
         )
         try:
             await send.send(batch)
@@ -596,6 +601,11 @@ class BatchRun:
                     return Span(None, None, None)  # stopped part-way: a resumed run redoes it
                 excluded = self.on_data_error.excluded()
                 return Span(batch.after_key, batch.last_key, settled.applied, excluded)
+        if outcome.error_category == "lease_lost":
+            # another process took the page over (this one looked gone): it applies and
+            # records the batch; nothing is recorded here
+            log.warning("apply.lease_lost", batch=batch.batch_no)
+            return Span(None, None, None)
         await self._record(outcome)
         if outcome.status == "failed":
             state.failure = state.failure or outcome

@@ -38,6 +38,30 @@ TRANSIENT = frozenset(
 RETURNING_OLD_NEW_SINCE = 180000  # server_version_num of PostgreSQL 18
 
 
+class LeaseLost(Exception):
+    """The batch's lease was taken over by another process (engine.claims): not applied here."""
+
+
+async def _fence(conn: asyncpg.Connection, batch: Batch) -> None:
+    """A fenced batch's first statement: its lease is still its owner's, and stays so until
+    the batch commits (FOR SHARE: a takeover skips a lease so locked)."""
+    if not batch.fenced or batch.lease is None:
+        return
+    run_id, lease, owner = batch.lease
+    held = await conn.fetchval(
+        "SELECT 1 FROM backfill.leases WHERE run_id = $1 AND batch_no = $2 AND owner = $3"
+        " FOR SHARE",
+        run_id,
+        lease,
+        owner,
+    )
+    if held is None:
+        raise LeaseLost(
+            f"batch {batch.batch_no} (keys {batch.key_range}): part of batch {lease}, whose page "
+            "another process took over; not applied here"
+        )
+
+
 class Unrepeatable(Exception):
     """A statement touched other rows when run for real than when probed (capture path): the
     batch is rolled back and retried, like a serialization failure."""
@@ -53,6 +77,12 @@ class Batch:
     first_key: list[str]
     last_key: list[str]
     after_key: list[str] | None = None  # the discovery cursor this page was read after
+    # the claimed page (engine.claims) this batch applies: (run, lease's batch number, owner)
+    lease: tuple[str, int, str] | None = None
+    # check in the batch's transaction that the lease is still its owner's: a split's parts
+    # have numbers of their own, so the batch row's key cannot stop a second process (one that
+    # took the lease over) applying their keys too
+    fenced: bool = False
 
     @property
     def size(self) -> int:
@@ -137,6 +167,8 @@ def classify(exc: BaseException) -> str:
     """The error category an operator sees in logs and reports."""
     if isinstance(exc, ScopeViolation):
         return "scope_violation"
+    if isinstance(exc, LeaseLost):
+        return "lease_lost"
     if isinstance(exc, ConnectionFailed):  # reconnecting failed: the server is (still) away
         return "connection_lost"
     if isinstance(exc, asyncpg.LockNotAvailableError):
@@ -417,6 +449,7 @@ async def _apply_once(
     values = ctx.values(target)
     # REPEATABLE READ: the capture fixes the snapshot the apply must update (see capture)
     async with conn.transaction(isolation="repeatable_read"):
+        await _fence(conn, batch)
         start = await read_writes(conn, batch)
         await conn.execute(target.capture.sql, *target.capture.bind(values))
         tag = await conn.execute(apply.sql, *apply.bind(values))
@@ -463,6 +496,7 @@ async def _apply_returning(
     Returns how many of its rows changed (the rest of its keys are no-ops)."""
     batch = ctx.batch
     async with conn.transaction():
+        await _fence(conn, batch)
         start = await read_writes(conn, batch)
         row = await fetch_one(conn, statement.sql, *statement.bind(ctx.values(target)))
         await _check_writes(conn, target, batch, start, int(row["returned"]))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import structlog
 
 from runner import ledger
 from runner.engine.batch_run import KeysetSource, Recorder, Settled
@@ -27,6 +28,8 @@ from runner.engine.executor import Batch, BatchExecutor, BatchOutcome
 from runner.engine.session import MainSession
 from runner.engine.target import TargetInfo
 from runner.errors import WorkFailed
+
+log = structlog.get_logger("backfill.apply")
 
 DATA_CLASSES = ("22", "23")  # data exception, integrity constraint violation
 CLASS_WIDTH = 2  # a SQLSTATE's class: its first two characters
@@ -204,6 +207,11 @@ class _Stop(Exception):
     """A part failed for good (not on its data) or the budget is spent: the split ends here."""
 
 
+class _LeaseLost(Exception):
+    """Another process took the batch's page over (engine.claims): the split ends here and
+    records nothing more; that process applies, and records, what is left of the page."""
+
+
 class Quarantine:
     """Splits a batch that failed on its data, quarantines the keys that fail alone, keeps the
     budget; `BatchRun` asks it about each failed batch (`settle`)."""
@@ -275,6 +283,8 @@ class Quarantine:
         except _Stop:  # what was recorded stays; the rest is rediscovered when the run goes on
             for node, parts, size in reversed(run.open):
                 await record(_settled(node, "stopped", size, parts))
+        except _LeaseLost:
+            log.warning("apply.split_lease_lost", batch=batch.batch_no)
         width = len(batch.key_arrays)
         return Settled(
             complete=run.top is not None,
@@ -321,7 +331,10 @@ class _Split:
     ) -> None:
         """`batch` failed on its data: quarantine its key, or run its halves, then record it."""
         if len(keys) == 1:  # the recorder writes its batch row and its quarantine row together
+            # the key itself: a page filtered of quarantined keys keeps discovery's bounds, so
+            # its first key need not be this one
             outcome = _settled(failed, "quarantined", 1)
+            outcome.first_key = outcome.last_key = texts[0]
             await self.record(outcome)
             self.top = outcome if top else self.top
             await self._quarantined(keys[0], failed)
@@ -336,9 +349,13 @@ class _Split:
                 _arrays(keys[lo:hi], len(batch.key_arrays)),
                 texts[lo],
                 texts[hi - 1],
+                lease=batch.lease,
+                fenced=batch.lease is not None,
             )
             parts.append(part.batch_no)
             outcome = await self.executor.run(part)
+            if outcome.error_category == "lease_lost":
+                raise _LeaseLost  # the process that took the page over applies the rest
             if outcome.status in ("done", "skipped"):
                 await self.record(outcome)
                 self.applied += keys[lo:hi]

@@ -36,7 +36,7 @@ from runner.engine.target import TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.engine.watch import RunWatch
 from runner.engine.windows import count_windows, plan_windows
-from runner.errors import InvalidInput, NoGo
+from runner.errors import InvalidInput, NoGo, WorkFailed
 from runner.phases.common import (
     PhaseFrame,
     ProgressCallback,
@@ -447,6 +447,18 @@ async def _join(
     )
     done = [o for o in state.outcomes if o.status == "done"]
     log.info("apply.joined_end", run_id=run_id, stage=stage, batches=len(done))
+    work = await session.run(
+        lambda c: ledger.get_work(c, run_id, stage, loaded.plan.batching.lease_timeout)
+    )
+    if not state.capped and (work is None or not work.done):
+        raise WorkFailed(
+            f"run {run_id}: this process committed {len(done):,} batch(es) of the {stage}, but "
+            "the process that led the stage ended (killed, cut off, stopped or capped) before "
+            "the stage was finished: no process leads it now, so it has no summary, rollback "
+            "file or gate yet",
+            hint=f"continue it (this command then leads): {cmd} apply {loaded.path} --env "
+            f"{env} --run {run_id}",
+        )
     return ApplyResult(
         run_id,
         env,
@@ -688,7 +700,12 @@ async def _machine(
         )
     )
     connect = BatchConnections(
-        dbs, env, b.lock_timeout, b.statement_timeout, process=frame.process_id
+        dbs,
+        env,
+        b.lock_timeout,
+        b.statement_timeout,
+        process=frame.process_id,
+        idle_timeout=b.lease_timeout,
     )
     resume = f"{cmd} apply {loaded.path} --env {env} --run {run_id}"
     shape = await session.run(lambda c: shaped_run(c, plan, target)) if plan.shaped else None
@@ -786,15 +803,20 @@ class BatchConnections:
     lock_timeout: float
     statement_timeout: float
     process: str = ""  # this process (backfill.processes): its batch rows name it
+    # a batch transaction left idle this long (its process frozen) is ended by the server, so
+    # the lease it holds can be taken over (engine.claims)
+    idle_timeout: float = 30.0
 
     async def for_batches(self) -> asyncpg.Connection:
         c = await self.dbs.connect(self.env)
         await c.execute(
             "SELECT set_config('lock_timeout', $1, false), set_config('statement_timeout', $2, "
-            "false), set_config('backfill.process', $3, false)",
+            "false), set_config('backfill.process', $3, false), "
+            "set_config('idle_in_transaction_session_timeout', $4, false)",
             f"{int(self.lock_timeout * 1000)}ms",
             f"{int(self.statement_timeout * 1000)}ms",
             self.process,
+            f"{int(self.idle_timeout * 1000)}ms",
         )
         return c
 

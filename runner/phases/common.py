@@ -437,9 +437,7 @@ async def phase_frame(
             if lease_timeout is not None:
                 every = min(every, lease_timeout / 3)
             beating = (
-                asyncio.create_task(_heartbeat(connect, run.run_id, me, every))
-                if connect
-                else None
+                asyncio.create_task(_heartbeat(connect, run.run_id, me, every)) if connect else None
             )
             outcome = "finished"
             try:

@@ -67,6 +67,16 @@ async def retry_quarantined(
         target = await _same_run_shape(conn, loaded, run, env)
         await _refuse_stopped(conn, loaded, run, env)
         async with run_lock(conn, run_id):
+            timeout = loaded.plan.batching.lease_timeout
+            if live := await ledger.live_processes(conn, run_id, timeout):
+                # joined processes (engine.claims) hold no run lock: a retry beside them could
+                # apply a key while they page past it
+                who = "; ".join(f"{p['host']} pid {p['pid']} ({p['phase']})" for p in live)
+                raise InvalidInput(
+                    f"run {run_id} is still being applied by other processes ({who}); a "
+                    "quarantine retry runs alone",
+                    hint="wait for them to finish (`backfill status` shows them), then re-try",
+                )
             await ledger.release_retried(conn, run_id)  # a retry killed after its commits
             rows = await ledger.open_quarantine(conn, run_id, [k.type for k in target.key])
             result.tried = len(rows)
