@@ -906,6 +906,10 @@ async def _finish(
     """Record the stage finished with its results, write its artifacts, say what comes next."""
     run_id, env, stage = frame.run_id, frame.env, frame.phase
     b = loaded.plan.batching
+    if loaded.plan.windows is None:
+        # numbers without a batch row once the stage is done: a page taken over after a stop is
+        # applied under its own number, so only what was really left behind counts
+        state.interrupted_before = resume_point(await ledger.batch_states(conn, run_id))[2]
     done, open_keys = await ledger.failure_base(conn, run_id)
     attempted = done + open_keys
     rate = open_keys / attempted if attempted else 0.0

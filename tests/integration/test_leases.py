@@ -353,3 +353,50 @@ def test_pause_and_cancel_hold_every_process_of_the_run(
         )
         == 0
     )
+
+
+@pytest.mark.slow
+def test_a_killed_apply_continued_at_once_applies_its_open_page_under_its_own_number(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    """The command that continues a killed apply leads: it takes the killed process's lease over
+    at once (it holds the run lock the other held), without waiting for lease_timeout."""
+    make_items(db, 400)
+    needing = 320
+    plan = write_plan(workdir / "p.json", apply__sql=SLOW_APPLY.format(s=0.5), batching__size=20)
+    first = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
+    run_id = _leader_run(db)
+    open_lease = _wait_for(
+        db,
+        "SELECT l.batch_no FROM backfill.leases l WHERE l.run_id = $1 AND NOT EXISTS ("
+        " SELECT 1 FROM backfill.batches b WHERE b.run_id = l.run_id AND b.batch_no = l.batch_no)"
+        " AND l.batch_no > 2",
+        run_id,
+    )
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    t0 = time.monotonic()
+    resumed = cli("apply", str(plan), "-e", "staging", "-q", "--run", run_id, env=env_for(db))
+    assert resumed.exit_code == 3, resumed.output
+    assert time.monotonic() - t0 < 25  # not after the 30 s lease timeout
+    _each_key_once(db, run_id, needing)
+    assert (
+        val(
+            db,
+            "SELECT takeovers FROM backfill.leases WHERE run_id = $1 AND batch_no = $2",
+            run_id,
+            open_lease,
+        )
+        == 1
+    )
+    assert (
+        val(
+            db,
+            "SELECT status FROM backfill.batches WHERE run_id = $1 AND batch_no = $2",
+            run_id,
+            open_lease,
+        )
+        == "done"
+    )
+    results = json.loads(next(workdir.rglob("execution_results.json")).read_text())
+    assert not [w for w in results["warnings"] if "interrupted" in w], results["warnings"]
