@@ -27,31 +27,10 @@ from typing import Any
 import anyio
 import asyncpg
 import psutil  # type: ignore[import-untyped]
-from bench_support import bench_database, sql
+from apply_throughput import fresh_copy, make_source
+from bench_support import bench_database
 
 BATCH = 5_000
-
-
-def make_table(dsn: str, rows: int) -> None:
-    sql(
-        dsn,
-        "DROP TABLE IF EXISTS source",
-        f"""CREATE UNLOGGED TABLE source AS
-            SELECT g::bigint AS id, g % 1000 AS tenant, repeat(md5(g::text), 6) AS payload,
-                   'v1' AS version, now() AS updated_at
-            FROM generate_series(1, {rows}) AS g""",
-    )
-
-
-def fresh_copy(dsn: str, name: str) -> None:
-    sql(
-        dsn,
-        f"DROP TABLE IF EXISTS {name}",
-        f"CREATE TABLE {name} AS SELECT * FROM source",
-        f"ALTER TABLE {name} ADD PRIMARY KEY (id)",
-        f"VACUUM ANALYZE {name}",
-        "CHECKPOINT",
-    )
 
 
 def _server_cpu(datadir: Path) -> float:
@@ -184,7 +163,7 @@ def main() -> None:
     counts = [int(n) for n in args.processes.split(",")]
     cores = psutil.cpu_count() or 1
     with bench_database() as (workdir, dsn, where):
-        make_table(dsn, args.rows)
+        make_source(dsn, args.rows)
         print(
             f"{args.rows:,} rows, batches of {BATCH:,}, {args.workers} worker(s) per process, "
             f"server: {where}, {cores} core(s)"

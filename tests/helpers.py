@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ import asyncpg
 
 from runner.db import PINNED_SETTINGS
 from runner.demo.data import seed
-from tests.conftest import ROOT, psql_binary, run, sql
+from tests.conftest import ROOT, psql_binary, run, sql, val
 
 DEMO_PLAN = ROOT / "plans" / "profiles_results_v1_2_1.toml"
 
@@ -136,3 +138,92 @@ def start_runner(args: list[str], workdir: Path, db: str) -> subprocess.Popen[st
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+# -- several processes on one run (#15) --------------------------------------------------------
+
+SLOW_APPLY = (
+    "UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
+    "AND val IS DISTINCT FROM 'new' AND (SELECT pg_sleep({s})) IS NOT NULL"
+)
+
+
+def wait_for(db: str, query: str, *args: Any, timeout: float = 60) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if found := val(db, query, *args):
+                return found
+        except Exception:  # the ledger is not there yet
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for: {query}")
+
+
+def leader_run(db: str) -> str:
+    return str(wait_for(db, "SELECT run_id FROM backfill.work WHERE stage = 'apply' AND NOT done"))
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 180) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        raise AssertionError(f"process {proc.pid} hung; its output:\n{out}") from None
+    return proc.returncode, out
+
+
+def kill(proc: subprocess.Popen[str]) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.send_signal(signal.SIGKILL)
+    if proc.stdout is None or proc.stdout.closed:
+        proc.wait()
+        return ""
+    out, _ = proc.communicate()
+    return out or ""
+
+
+def process_of(db: str, run_id: str, proc: subprocess.Popen[str]) -> str:
+    return str(
+        wait_for(
+            db,
+            "SELECT process_id FROM backfill.processes WHERE run_id = $1 AND pid = $2",
+            run_id,
+            proc.pid,
+        )
+    )
+
+
+def each_key_once(db: str, run_id: str, needing: int) -> None:
+    """Every row applied, by exactly one committed batch, with its image."""
+    assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") == 0
+    assert (
+        val(
+            db,
+            "SELECT count(*) - count(DISTINCT key) FROM backfill.row_images WHERE run_id = $1",
+            run_id,
+        )
+        == 0
+    )
+    assert val(db, "SELECT count(*) FROM backfill.row_images WHERE run_id = $1", run_id) == needing
+    assert (
+        val(
+            db,
+            "SELECT sum(changed) FROM backfill.batches WHERE run_id = $1 AND status = 'done'",
+            run_id,
+        )
+        == needing
+    )
+
+
+def no_open_lease(db: str, run_id: str) -> None:
+    open_ = sql(
+        db,
+        "SELECT batch_no, owner FROM backfill.leases l WHERE run_id = $1 AND NOT EXISTS ("
+        " SELECT 1 FROM backfill.batches b WHERE b.run_id = l.run_id"
+        " AND b.batch_no = l.batch_no AND b.status IN ('done', 'split', 'quarantined'))",
+        run_id,
+    )
+    assert not open_, open_

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,55 +15,18 @@ import pytest
 
 from runner import ledger
 from tests.conftest import make_items, run, sql, val, write_plan
-from tests.helpers import differing, env_for, run_id_of, snapshot, start_runner
-
-SLOW_APPLY = (
-    "UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
-    "AND val IS DISTINCT FROM 'new' AND (SELECT pg_sleep({s})) IS NOT NULL"
+from tests.helpers import (
+    SLOW_APPLY,
+    differing,
+    each_key_once,
+    env_for,
+    finish,
+    leader_run,
+    run_id_of,
+    snapshot,
+    start_runner,
+    wait_for,
 )
-
-
-def _wait_for(db: str, query: str, *args: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if found := val(db, query, *args):
-                return found
-        except Exception:  # the ledger is not there yet
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for: {query}")
-
-
-def _leader_run(db: str) -> str:
-    return str(_wait_for(db, "SELECT run_id FROM backfill.work WHERE stage = 'apply' AND NOT done"))
-
-
-def _finish(proc: subprocess.Popen[str], timeout: float = 180) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
-
-
-def _each_key_once(db: str, run_id: str, needing: int) -> None:
-    """Every row applied, by exactly one committed batch, with its image."""
-    assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") == 0
-    assert (
-        val(
-            db,
-            "SELECT count(*) - count(DISTINCT key) FROM backfill.row_images WHERE run_id = $1",
-            run_id,
-        )
-        == 0
-    )
-    assert val(db, "SELECT count(*) FROM backfill.row_images WHERE run_id = $1", run_id) == needing
-    assert (
-        val(
-            db,
-            "SELECT sum(changed) FROM backfill.batches WHERE run_id = $1 AND status = 'done'",
-            run_id,
-        )
-        == needing
-    )
 
 
 @pytest.mark.slow
@@ -81,18 +43,18 @@ def test_three_processes_finish_one_run_each_batch_once_and_the_rollback_covers_
         batching__workers=2,
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiners = [
         start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
         for _ in range(2)
     ]
-    code, out = _finish(leader)
+    code, out = finish(leader)
     assert code == 3, out  # the leader finished the stage and halted at its gate
     for j in joiners:
-        jcode, jout = _finish(j)
+        jcode, jout = finish(j)
         assert jcode == 0, jout
         assert f"joined the apply of run {run_id}" in jout, jout
-    _each_key_once(db, run_id, needing)
+    each_key_once(db, run_id, needing)
     # three processes committed batches; every lease was settled by a batch of its number
     per_process = sql(
         db,
@@ -140,17 +102,17 @@ def test_a_killed_process_lease_is_taken_over_after_it_expires(
         batching__lease_timeout=3,
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
     try:
-        me = _wait_for(
+        me = wait_for(
             db,
             "SELECT process_id FROM backfill.processes WHERE run_id = $1 AND pid = $2",
             run_id,
             joiner.pid,
         )
         # its batch is running: a lease of its own with no batch row yet
-        lease = _wait_for(
+        lease = wait_for(
             db,
             "SELECT l.batch_no FROM backfill.leases l WHERE l.owner = $1 AND NOT EXISTS ("
             " SELECT 1 FROM backfill.batches b WHERE b.run_id = l.run_id"
@@ -164,9 +126,9 @@ def test_a_killed_process_lease_is_taken_over_after_it_expires(
         if joiner.poll() is None:
             joiner.kill()
         joiner.communicate()  # its pipe closed too
-    code, out = _finish(leader)
+    code, out = finish(leader)
     assert code == 3, out
-    _each_key_once(db, run_id, needing)
+    each_key_once(db, run_id, needing)
     taken = sql(
         db,
         "SELECT batch_no, owner, takeovers FROM backfill.leases WHERE run_id = $1 AND takeovers > 0",
@@ -205,16 +167,16 @@ def test_the_rate_is_the_runs_whatever_the_number_of_processes(workdir: Path, db
         batching__batches_per_minute=360,  # 6 a second; one process alone makes at most 4
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiners = [
         start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
         for _ in range(2)
     ]
-    code, out = _finish(leader)
+    code, out = finish(leader)
     assert code == 3, out
     for j in joiners:
-        assert _finish(j)[0] == 0
-    _each_key_once(db, run_id, needing)
+        assert finish(j)[0] == 0
+    each_key_once(db, run_id, needing)
     rows = sql(
         db,
         "SELECT started_at, process FROM backfill.batches WHERE run_id = $1 AND status = 'done'"
@@ -296,11 +258,11 @@ def test_the_canary_count_is_the_runs_whatever_the_number_of_processes(
     assert canary >= 4, canary
     args = ["apply", str(mini), "-e", "prod", "-q", "--run", run_id]
     leader = start_runner(args, workdir, prod)
-    _wait_for(prod, "SELECT 1 FROM backfill.work WHERE stage = 'canary' AND NOT done")
+    wait_for(prod, "SELECT 1 FROM backfill.work WHERE stage = 'canary' AND NOT done")
     joiner = start_runner(args, workdir, prod)
-    code, out = _finish(leader)
+    code, out = finish(leader)
     assert code == 3, out  # halted at the canary's gate
-    jcode, jout = _finish(joiner)
+    jcode, jout = finish(joiner)
     assert jcode == 0, jout
     assert "joined the canary" in jout, jout
     per_process = sql(
@@ -322,9 +284,9 @@ def test_pause_and_cancel_hold_every_process_of_the_run(
     plan = write_plan(workdir / "p.json", apply__sql=SLOW_APPLY.format(s=0.2), batching__size=20)
     env = env_for(db)
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
-    _wait_for(
+    wait_for(
         db,
         "SELECT count(DISTINCT process) = 2 FROM backfill.batches WHERE run_id = $1",
         run_id,
@@ -335,12 +297,12 @@ def test_pause_and_cancel_hold_every_process_of_the_run(
     time.sleep(1.5)
     assert val(db, "SELECT count(*) FROM backfill.batches WHERE run_id = $1", run_id) == paused_at
     assert cli("resume", run_id, "--env", "staging", env=env).exit_code == 0
-    _wait_for(
+    wait_for(
         db, "SELECT count(*) > $2 FROM backfill.batches WHERE run_id = $1", run_id, paused_at + 2
     )
     assert cli("cancel", run_id, "--env", "staging", "--note", "enough", env=env).exit_code == 0
-    code, out = _finish(leader)
-    jcode, jout = _finish(joiner)
+    code, out = finish(leader)
+    jcode, jout = finish(joiner)
     assert code == 4, out  # a cancel stops the apply it reaches
     assert jcode in (1, 4), jout
     assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") > 0
@@ -365,8 +327,8 @@ def test_a_killed_apply_continued_at_once_applies_its_open_page_under_its_own_nu
     needing = 320
     plan = write_plan(workdir / "p.json", apply__sql=SLOW_APPLY.format(s=0.5), batching__size=20)
     first = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
-    open_lease = _wait_for(
+    run_id = leader_run(db)
+    open_lease = wait_for(
         db,
         "SELECT l.batch_no FROM backfill.leases l WHERE l.run_id = $1 AND NOT EXISTS ("
         " SELECT 1 FROM backfill.batches b WHERE b.run_id = l.run_id AND b.batch_no = l.batch_no)"
@@ -379,7 +341,7 @@ def test_a_killed_apply_continued_at_once_applies_its_open_page_under_its_own_nu
     resumed = cli("apply", str(plan), "-e", "staging", "-q", "--run", run_id, env=env_for(db))
     assert resumed.exit_code == 3, resumed.output
     assert time.monotonic() - t0 < 25  # not after the 30 s lease timeout
-    _each_key_once(db, run_id, needing)
+    each_key_once(db, run_id, needing)
     assert (
         val(
             db,

@@ -16,11 +16,17 @@ from typing import Any
 import pytest
 
 from tests.conftest import make_items, sql, val, write_plan
-from tests.helpers import env_for, start_runner
-
-SLOW_APPLY = (
-    "UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
-    "AND val IS DISTINCT FROM 'new' AND (SELECT pg_sleep({s})) IS NOT NULL"
+from tests.helpers import (
+    SLOW_APPLY,
+    each_key_once,
+    env_for,
+    finish,
+    kill,
+    leader_run,
+    no_open_lease,
+    process_of,
+    start_runner,
+    wait_for,
 )
 
 # `raw` is what the apply parses: 'abc' does not (SQLSTATE 22P02)
@@ -29,87 +35,6 @@ SLOW_POISON_APPLY = (
     "+ (raw::int * interval '0 s') WHERE id = ANY($1) AND val IS DISTINCT FROM 'new'"
     " AND (SELECT pg_sleep({s})) IS NOT NULL"
 )
-
-
-def _wait_for(db: str, query: str, *args: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if found := val(db, query, *args):
-                return found
-        except Exception:  # the ledger is not there yet
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for: {query}")
-
-
-def _leader_run(db: str) -> str:
-    return str(_wait_for(db, "SELECT run_id FROM backfill.work WHERE stage = 'apply' AND NOT done"))
-
-
-def _finish(proc: subprocess.Popen[str], timeout: float = 180) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        raise AssertionError(f"process {proc.pid} hung; its output:\n{out}") from None
-    return proc.returncode, out
-
-
-def _kill(proc: subprocess.Popen[str]) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGCONT)
-        proc.send_signal(signal.SIGKILL)
-    if proc.stdout is None or proc.stdout.closed:
-        proc.wait()
-        return ""
-    out, _ = proc.communicate()
-    return out or ""
-
-
-def _process_of(db: str, run_id: str, proc: subprocess.Popen[str]) -> str:
-    return str(
-        _wait_for(
-            db,
-            "SELECT process_id FROM backfill.processes WHERE run_id = $1 AND pid = $2",
-            run_id,
-            proc.pid,
-        )
-    )
-
-
-def _each_key_once(db: str, run_id: str, needing: int) -> None:
-    """Every row applied, by exactly one committed batch, with its image."""
-    assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") == 0
-    assert (
-        val(
-            db,
-            "SELECT count(*) - count(DISTINCT key) FROM backfill.row_images WHERE run_id = $1",
-            run_id,
-        )
-        == 0
-    )
-    assert val(db, "SELECT count(*) FROM backfill.row_images WHERE run_id = $1", run_id) == needing
-    assert (
-        val(
-            db,
-            "SELECT sum(changed) FROM backfill.batches WHERE run_id = $1 AND status = 'done'",
-            run_id,
-        )
-        == needing
-    )
-
-
-def _no_open_lease(db: str, run_id: str) -> None:
-    open_ = sql(
-        db,
-        "SELECT batch_no, owner FROM backfill.leases l WHERE run_id = $1 AND NOT EXISTS ("
-        " SELECT 1 FROM backfill.batches b WHERE b.run_id = l.run_id"
-        " AND b.batch_no = l.batch_no AND b.status IN ('done', 'split', 'quarantined'))",
-        run_id,
-    )
-    assert not open_, open_
 
 
 def _poisoned_items(db: str, n: int, every: int) -> list[int]:
@@ -151,10 +76,10 @@ def test_a_key_a_joiner_quarantined_is_not_tried_again_by_the_leader(
         batching__max_failure_rate=0.5,
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
-    code, out = _finish(leader)
-    jcode, jout = _finish(joiner)
+    code, out = finish(leader)
+    jcode, jout = finish(joiner)
     assert code == 3, out
     assert jcode == 0, jout
     by_joiner = val(
@@ -210,10 +135,10 @@ def test_a_quarantined_batch_row_names_the_key_that_failed(workdir: Path, db: st
         batching__max_failure_rate=0.5,
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
-    code, out = _finish(leader)
-    jcode, jout = _finish(joiner)
+    code, out = finish(leader)
+    jcode, jout = finish(joiner)
     assert code == 3, out
     assert jcode == 0, jout
     wrong = [
@@ -251,12 +176,12 @@ def test_a_joiner_whose_leader_was_killed_does_not_report_a_clean_join(
         batching__lease_timeout=3,
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
-    me = _process_of(db, run_id, joiner)
-    _wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
-    _kill(leader)
-    jcode, jout = _finish(joiner)
+    me = process_of(db, run_id, joiner)
+    wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
+    kill(leader)
+    jcode, jout = finish(joiner)
     assert not val(
         db, "SELECT done FROM backfill.work WHERE run_id = $1 AND stage = 'apply'", run_id
     )
@@ -279,24 +204,24 @@ def test_a_killed_leader_resumed_while_a_joiner_works_applies_each_key_once(
         batching__lease_timeout=3,
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
     try:
-        me = _process_of(db, run_id, joiner)
-        _wait_for(db, "SELECT count(*) >= 3 FROM backfill.batches WHERE process = $1", me)
-        _kill(leader)
+        me = process_of(db, run_id, joiner)
+        wait_for(db, "SELECT count(*) >= 3 FROM backfill.batches WHERE process = $1", me)
+        kill(leader)
         # at once: the killed leader's heartbeat is still fresh, its leases not yet gone
         again = start_runner(
             ["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db
         )
-        code, out = _finish(again)
+        code, out = finish(again)
         assert code == 3, out
-        jcode, jout = _finish(joiner)
+        jcode, jout = finish(joiner)
         assert jcode == 0, jout
     finally:
-        _kill(joiner)
-    _each_key_once(db, run_id, needing)
-    _no_open_lease(db, run_id)
+        kill(joiner)
+    each_key_once(db, run_id, needing)
+    no_open_lease(db, run_id)
     results = json.loads(next(workdir.rglob("execution_results.json")).read_text())
     assert results["totals"]["changed"] == needing, results["totals"]
     assert val(db, "SELECT done FROM backfill.work WHERE run_id = $1", run_id)
@@ -320,13 +245,13 @@ def test_a_paused_joiner_whose_lease_was_taken_over_does_not_apply_it_twice(
         batching__max_retries=20,
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
     try:
-        me = _process_of(db, run_id, joiner)
-        _wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
+        me = process_of(db, run_id, joiner)
+        wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
         # a batch of its own running: an open lease without a batch row
-        _wait_for(
+        wait_for(
             db,
             "SELECT l.batch_no FROM backfill.leases l WHERE l.owner = $1 AND NOT EXISTS ("
             " SELECT 1 FROM backfill.batches b WHERE b.run_id = l.run_id"
@@ -334,18 +259,18 @@ def test_a_paused_joiner_whose_lease_was_taken_over_does_not_apply_it_twice(
             me,
         )
         joiner.send_signal(signal.SIGSTOP)
-        _wait_for(db, "SELECT 1 FROM backfill.leases WHERE takeovers > 0 AND run_id = $1", run_id)
+        wait_for(db, "SELECT 1 FROM backfill.leases WHERE takeovers > 0 AND run_id = $1", run_id)
         time.sleep(1.0)
         joiner.send_signal(signal.SIGCONT)
-        code, out = _finish(leader)
-        _finish(joiner)
+        code, out = finish(leader)
+        finish(joiner)
     finally:
         joiner.send_signal(signal.SIGCONT)
-        _kill(joiner)
-        _kill(leader)
+        kill(joiner)
+        kill(leader)
     assert code == 3, out
-    _each_key_once(db, run_id, needing)
-    _no_open_lease(db, run_id)
+    each_key_once(db, run_id, needing)
+    no_open_lease(db, run_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,10 +296,10 @@ def test_a_failed_batch_stops_every_process_and_the_resume_finishes_each_key_onc
     )
     plan = write_plan(workdir / "p.json", apply__sql=apply_sql, batching__size=20)
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
-    code, out = _finish(leader)
-    jcode, jout = _finish(joiner)
+    code, out = finish(leader)
+    jcode, jout = finish(joiner)
     assert code != 0, out
     assert jcode != 0, jout
     stopped = val(db, "SELECT stopped FROM backfill.work WHERE run_id = $1", run_id)
@@ -383,10 +308,10 @@ def test_a_failed_batch_stops_every_process_and_the_resume_finishes_each_key_onc
     # fix the data, resume: one process finishes it, each key once
     sql(db, "UPDATE items SET bad = false")
     again = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
-    code, out = _finish(again)
+    code, out = finish(again)
     assert code == 3, out
-    _each_key_once(db, run_id, needing)
-    _no_open_lease(db, run_id)
+    each_key_once(db, run_id, needing)
+    no_open_lease(db, run_id)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,12 +356,12 @@ def test_a_lease_taken_over_while_its_owner_splits_it_is_not_applied_twice(
         batching__max_failure_rate=0.5,
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
     try:
-        me = _process_of(db, run_id, joiner)
+        me = process_of(db, run_id, joiner)
         # the joiner is splitting one of its leases: a part of it committed, the lease open
-        _wait_for(
+        wait_for(
             db,
             "SELECT l.batch_no FROM backfill.leases l JOIN backfill.batches b"
             " ON b.run_id = l.run_id AND b.process = l.owner AND b.batch_no > l.batch_no"
@@ -448,15 +373,15 @@ def test_a_lease_taken_over_while_its_owner_splits_it_is_not_applied_twice(
             timeout=120,
         )
         joiner.send_signal(signal.SIGSTOP)
-        _wait_for(db, "SELECT 1 FROM backfill.leases WHERE takeovers > 0 AND run_id = $1", run_id)
+        wait_for(db, "SELECT 1 FROM backfill.leases WHERE takeovers > 0 AND run_id = $1", run_id)
         time.sleep(1.5)
         joiner.send_signal(signal.SIGCONT)
-        _finish(leader)
-        _finish(joiner)
+        finish(leader)
+        finish(joiner)
     finally:
         joiner.send_signal(signal.SIGCONT)
-        _kill(joiner)
-        _kill(leader)
+        kill(joiner)
+        kill(leader)
     twice = [
         r["id"] for r in sql(db, "SELECT id FROM items WHERE updated_at > '2020-01-02' ORDER BY id")
     ]
@@ -487,15 +412,15 @@ def test_control_without_a_pause_a_counting_apply_applies_each_key_once(
         batching__max_failure_rate=0.5,
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
-    code, out = _finish(leader)
-    jcode, jout = _finish(joiner)
+    code, out = finish(leader)
+    jcode, jout = finish(joiner)
     assert code == 3, out
     assert jcode == 0, jout
     assert val(db, "SELECT count(*) FROM items WHERE updated_at > '2020-01-02'") == 0
     assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") == 3
-    _no_open_lease(db, run_id)
+    no_open_lease(db, run_id)
 
 
 COUNTING_APPLY = (
@@ -525,13 +450,13 @@ def test_a_resumed_leader_does_not_re_page_the_keys_of_a_paused_joiners_open_bat
         batching__lock_timeout="1s",
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
     again: subprocess.Popen[str] | None = None
     try:
-        me = _process_of(db, run_id, joiner)
-        _wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
-        _wait_for(
+        me = process_of(db, run_id, joiner)
+        wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
+        wait_for(
             db,
             "SELECT l.batch_no FROM backfill.leases l WHERE l.owner = $1 AND NOT EXISTS ("
             " SELECT 1 FROM backfill.batches b WHERE b.run_id = l.run_id"
@@ -540,12 +465,12 @@ def test_a_resumed_leader_does_not_re_page_the_keys_of_a_paused_joiners_open_bat
         )
         time.sleep(0.1)
         joiner.send_signal(signal.SIGSTOP)
-        _kill(leader)
+        kill(leader)
         time.sleep(4.5)  # the joiner's heartbeat is older than the lease timeout
         again = start_runner(
             ["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db
         )
-        _wait_for(
+        wait_for(
             db,
             "SELECT 1 FROM backfill.processes WHERE run_id = $1 AND pid = $2",
             run_id,
@@ -553,14 +478,14 @@ def test_a_resumed_leader_does_not_re_page_the_keys_of_a_paused_joiners_open_bat
         )
         time.sleep(3)
         joiner.send_signal(signal.SIGCONT)
-        code, out = _finish(again)
-        _finish(joiner)
+        code, out = finish(again)
+        finish(joiner)
     finally:
         joiner.send_signal(signal.SIGCONT)
-        _kill(joiner)
-        _kill(leader)
+        kill(joiner)
+        kill(leader)
         if again is not None:
-            _kill(again)
+            kill(again)
     twice = [
         r["id"] for r in sql(db, "SELECT id FROM items WHERE updated_at > '2020-01-02' ORDER BY id")
     ]
@@ -595,18 +520,18 @@ def test_a_rollback_is_not_undone_by_a_joiner_that_keeps_applying(
         batching__lease_timeout=3,
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
     try:
-        me = _process_of(db, run_id, joiner)
-        _wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
-        _kill(leader)
+        me = process_of(db, run_id, joiner)
+        wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
+        kill(leader)
         time.sleep(0.5)
         undone = cli("rollback", run_id, "--env", "staging", env=env_for(db))
         rolled_back_while_joiner_ran = undone.exit_code == 0 and joiner.poll() is None
-        _finish(joiner)
+        finish(joiner)
     finally:
-        _kill(joiner)
+        kill(joiner)
     if undone.exit_code != 0:
         return  # refused while a process of the run works: fine
     assert not rolled_back_while_joiner_ran or differing(db, "items") == 0, (
@@ -673,10 +598,10 @@ def test_the_canary_runs_its_batch_count_across_processes(
     assert batches >= 5, batches
     args = ["apply", str(mini), "-e", "prod", "--run", run_id, "-q"]
     leader = _start(args, workdir, env)
-    _wait_for(prod, "SELECT 1 FROM backfill.work WHERE stage = 'canary'")
+    wait_for(prod, "SELECT 1 FROM backfill.work WHERE stage = 'canary'")
     joiners = [_start(args, workdir, env) for _ in range(2)]
-    code, out = _finish(leader)
-    outs = [_finish(j) for j in joiners]
+    code, out = finish(leader)
+    outs = [finish(j) for j in joiners]
     assert code == 3, out
     assert all(c == 0 for c, _ in outs), outs
     done = val(
@@ -708,15 +633,15 @@ def test_a_cancel_stops_every_process_and_nothing_commits_after_it(
         batching__size=20,
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
-    me = _process_of(db, run_id, joiner)
-    _wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
+    me = process_of(db, run_id, joiner)
+    wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
     cancelled = cli("cancel", run_id, "--env", "staging", env=env_for(db))
     assert cancelled.exit_code == 0, cancelled.output
     at = val(db, "SELECT clock_timestamp()")
-    code, out = _finish(leader)
-    jcode, jout = _finish(joiner)
+    code, out = finish(leader)
+    jcode, jout = finish(joiner)
     assert code != 0, out
     assert jcode != 0, jout
     assert code == jcode, (out, jout)
@@ -728,4 +653,4 @@ def test_a_cancel_stops_every_process_and_nothing_commits_after_it(
         at,
     )
     assert late <= 2, late
-    _no_open_lease(db, run_id)
+    no_open_lease(db, run_id)
