@@ -1965,9 +1965,10 @@ async def claim_page(
     """Claim the page (after, last] for `me`: its batch number and the seconds to wait for its
     slot under the run's rate. None when the cursor moved on since it was read (another
     process claimed that page), or the stage was stopped, is done or reached `limit`."""
-    async with conn.transaction():
-        row = await conn.fetchrow(
-            """UPDATE backfill.work SET position = $5, next_no = next_no + 1,
+    # one statement (one round trip): the compare-and-set and the lease row commit together
+    row = await conn.fetchrow(
+        """WITH w AS (
+               UPDATE backfill.work SET position = $5, next_no = next_no + 1,
                    claimed = claimed + 1,
                    next_slot = CASE WHEN $6::float8 > 0 THEN greatest(clock_timestamp(),
                        coalesce(next_slot, '-infinity')) + make_interval(secs => $6) END
@@ -1977,31 +1978,25 @@ async def claim_page(
                RETURNING next_no - 1 AS batch_no,
                    CASE WHEN $6::float8 > 0 THEN extract(epoch FROM next_slot
                        - make_interval(secs => $6) - clock_timestamp())::float8 ELSE 0 END
-                       AS wait""",
-            run_id,
-            stage,
-            pass_no,
-            after,
-            last,
-            interval,
-            limit,
-        )
-        if row is None:
-            return None
-        await conn.execute(
-            """INSERT INTO backfill.leases (run_id, batch_no, stage, pass, after_key, last_key,
+                       AS wait),
+           l AS (
+               INSERT INTO backfill.leases (run_id, batch_no, stage, pass, after_key, last_key,
                                             size, owner)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
-            run_id,
-            row["batch_no"],
-            stage,
-            pass_no,
-            after,
-            last,
-            size,
-            me,
-        )
-        return int(row["batch_no"]), max(float(row["wait"]), 0.0)
+               SELECT $1, w.batch_no, $2, $3, $4::text[], $5, $8, $9 FROM w)
+           SELECT batch_no, wait FROM w""",
+        run_id,
+        stage,
+        pass_no,
+        after,
+        last,
+        interval,
+        limit,
+        size,
+        me,
+    )
+    if row is None:
+        return None
+    return int(row["batch_no"]), max(float(row["wait"]), 0.0)
 
 
 @dataclass(frozen=True)
