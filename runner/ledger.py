@@ -374,6 +374,7 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE backfill.batches
         ADD COLUMN process text DEFAULT nullif(current_setting('backfill.process', true), '');
+    ALTER TABLE backfill.processes ADD COLUMN joined boolean NOT NULL DEFAULT false;
     """,
 ]
 
@@ -1725,10 +1726,18 @@ async def register_process(
     host: str,
     pid: int,
     operator: str,
+    *,
+    joined: bool = False,
 ) -> None:
+    """A process starts working on the run (`joined`: a stage another process leads; the
+    column exists from ledger migration 9, which every apply has run first)."""
     await conn.execute(
-        "INSERT INTO backfill.processes (run_id, process_id, env, phase, host, pid, operator)"
-        " VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        "INSERT INTO backfill.processes (run_id, process_id, env, phase, host, pid, operator"
+        + (
+            ", joined) VALUES ($1, $2, $3, $4, $5, $6, $7, true)"
+            if joined
+            else ") VALUES ($1, $2, $3, $4, $5, $6, $7)"
+        ),
         run_id,
         process_id,
         env,
@@ -1910,21 +1919,11 @@ async def lead_work(
     stage has none yet, else the one it has, as every process left it. Its open leases are never
     dropped: a process that looks gone may be only frozen and commit its batch later, so each
     lease is applied under its own number (taken over) and never paged again under another.
-    The previous leader is taken for gone at once (this process holds the run lock it held:
-    its connection is gone), so its leases are taken over without waiting for `lease_timeout`
+    The previous leader was recorded gone when this process took the run lock
+    (`lock_losers_gone`), so its leases are taken over without waiting for `lease_timeout`
     (under their own numbers, so a batch it still commits is committed once).
     Returns the cursor and how many open leases it has."""
     async with conn.transaction():
-        await conn.execute(
-            """UPDATE backfill.processes SET finished_at = clock_timestamp(),
-                   outcome = 'gone: it lost the run lock to ' || $3
-               WHERE run_id = $1 AND process_id <> $3 AND finished_at IS NULL
-                 AND process_id = (SELECT leader FROM backfill.work
-                                   WHERE run_id = $1 AND stage = $2)""",
-            run_id,
-            stage,
-            me,
-        )
         await conn.execute(
             """INSERT INTO backfill.work (run_id, stage, pass, position, next_no, claimed, leader)
                VALUES ($1, $2, 1, $3, $4, $5, $6)
@@ -2231,20 +2230,36 @@ async def stage_processes(
     )
 
 
+async def lock_losers_gone(conn: asyncpg.Connection, run_id: str) -> None:
+    """This connection holds the run lock now: every other process that held it (not one that
+    joined a stage) and recorded no end has lost it (killed, or cut off from the database), so
+    it is recorded gone and its leases may be taken over at once."""
+    if not await conn.fetchval("SELECT to_regclass('backfill.leases') IS NOT NULL"):
+        return  # a ledger from before leases: nothing to take over
+    await conn.execute(
+        """UPDATE backfill.processes SET finished_at = clock_timestamp(),
+               outcome = 'gone: another process took the run lock'
+           WHERE run_id = $1 AND finished_at IS NULL AND NOT joined""",
+        run_id,
+    )
+
+
 async def live_processes(
-    conn: asyncpg.Connection, run_id: str, lease_timeout: float
+    conn: asyncpg.Connection, run_id: str, lease_timeout: float, *, joined: bool = False
 ) -> list[asyncpg.Record]:
-    """The run's processes that still beat (not ended, heartbeat younger than the timeout)."""
-    if not await conn.fetchval("SELECT to_regclass('backfill.processes') IS NOT NULL"):
+    """The run's processes that still beat (not ended, heartbeat younger than the timeout);
+    with `joined`, only those that joined a stage (the others held the run lock)."""
+    if not await conn.fetchval("SELECT to_regclass('backfill.leases') IS NOT NULL"):
         return []
     return list(
         await conn.fetch(
             """SELECT process_id, host, pid, phase, env FROM backfill.processes
-               WHERE run_id = $1 AND finished_at IS NULL
+               WHERE run_id = $1 AND finished_at IS NULL AND (joined OR NOT $3)
                  AND heartbeat > clock_timestamp() - make_interval(secs => $2)
                ORDER BY started_at""",
             run_id,
             lease_timeout,
+            joined,
         )
     )
 

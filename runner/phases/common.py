@@ -153,6 +153,7 @@ async def run_lock(
             )
         await anyio.sleep(0.5)
     try:
+        await ledger.lock_losers_gone(conn, run_id)
         yield None
     finally:
         with contextlib.suppress(Exception):
@@ -427,7 +428,7 @@ async def phase_frame(
         async with run_lock(conn, run.run_id, join=join, not_joinable=not_joinable) as joined:
             phase = joined or phase
             await ledger.register_process(
-                conn, run.run_id, me, env, phase, host, pid, operator_name()
+                conn, run.run_id, me, env, phase, host, pid, operator_name(), joined=bool(joined)
             )
             # the batch rows this process records name it (backfill.batches.process)
             await conn.execute("SELECT set_config('backfill.process', $1, false)", me)

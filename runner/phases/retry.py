@@ -68,7 +68,7 @@ async def retry_quarantined(
         await _refuse_stopped(conn, loaded, run, env)
         async with run_lock(conn, run_id):
             timeout = loaded.plan.batching.lease_timeout
-            if live := await ledger.live_processes(conn, run_id, timeout):
+            if live := await ledger.live_processes(conn, run_id, timeout, joined=True):
                 # joined processes (engine.claims) hold no run lock: a retry beside them could
                 # apply a key while they page past it
                 who = "; ".join(f"{p['host']} pid {p['pid']} ({p['phase']})" for p in live)
