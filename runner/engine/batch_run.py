@@ -254,7 +254,7 @@ class BatchRun:
         work = await self.claims.work()
         if work is None:
             return state
-        self.claims.pass_no = work.pass_no
+        self.claims.follow(work.pass_no)
         while True:
             await self._share()
             state.passes += 1
@@ -327,7 +327,7 @@ class BatchRun:
                 self.state.halt = _stopped_elsewhere(work.stopped, self.settings.resume)
                 await self._raise_if_stopped()
             if work.pass_no != self.claims.pass_no:
-                self.claims.pass_no = work.pass_no
+                self.claims.follow(work.pass_no)
                 return True
             if (await self.claims.leases())[1]:
                 return True

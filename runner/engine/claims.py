@@ -102,6 +102,11 @@ class Claims:
         self._position = (work.position,)
         return work.position, open_leases
 
+    def follow(self, pass_no: int) -> None:
+        """A joined process follows the leader into its pass (the cursor is read again)."""
+        self.pass_no = pass_no
+        self._position = None
+
     async def work(self) -> ledger.Work | None:
         return await self.session.run(
             lambda c: ledger.get_work(c, self.run_id, self.stage, self.lease_timeout)

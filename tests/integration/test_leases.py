@@ -362,3 +362,30 @@ def test_a_killed_apply_continued_at_once_applies_its_open_page_under_its_own_nu
     )
     results = json.loads(next(workdir.rglob("execution_results.json")).read_text())
     assert not [w for w in results["warnings"] if "interrupted" in w], results["warnings"]
+
+
+@pytest.mark.slow
+def test_a_joined_process_follows_the_leader_into_its_next_pass(workdir: Path, db: str) -> None:
+    make_items(db, 1000)
+    needing = 800 + 400
+    plan = write_plan(workdir / "p.json", apply__sql=SLOW_APPLY.format(s=0.15), batching__size=20)
+    leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
+    run_id = leader_run(db)
+    joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
+    wait_for(
+        db, "SELECT count(DISTINCT process) = 2 FROM backfill.batches WHERE run_id = $1", run_id
+    )
+    # rows behind the cursor: the second pass applies them
+    sql(db, "INSERT INTO items (id, grp, val) SELECT -g, 0, 'late' FROM generate_series(1, 400) g")
+    code, out = finish(leader)
+    assert code == 3, out
+    jcode, jout = finish(joiner)
+    assert jcode == 0, jout
+    each_key_once(db, run_id, needing)
+    second = sql(
+        db,
+        "SELECT owner, count(*) AS n FROM backfill.leases WHERE run_id = $1 AND pass = 2"
+        " GROUP BY owner",
+        run_id,
+    )
+    assert len(second) == 2, second  # both processes claimed pages of the second pass
