@@ -1131,17 +1131,23 @@ async def stage_batches(conn: asyncpg.Connection, run_id: str, stage: str) -> li
 
 
 async def batch_totals(
-    conn: asyncpg.Connection, run_id: str, stage: str | None = None
+    conn: asyncpg.Connection,
+    run_id: str,
+    stage: str | None = None,
+    since: datetime | None = None,
 ) -> dict[str, int]:
     """The committed batches of the run, or of one of its stages, over every command that ran
-    them: how many, rows changed, no-ops, batches that needed a retry."""
+    them (`since`: committed from then on, by whichever process): how many, rows changed,
+    no-ops, batches that needed a retry."""
     row = await conn.fetchrow(
         "SELECT count(*) AS batches, coalesce(sum(changed), 0) AS changed,"
         " coalesce(sum(noop), 0) AS noop, count(*) FILTER (WHERE attempts > 1) AS retried"
         " FROM backfill.batches WHERE run_id = $1 AND status = 'done'"
-        " AND ($2::text IS NULL OR stage = $2)",
+        " AND ($2::text IS NULL OR stage = $2)"
+        " AND ($3::timestamptz IS NULL OR committed_at >= $3)",
         run_id,
         stage,
+        since,
     )
     return {k: int(v) for k, v in dict(row or {}).items()}
 

@@ -946,7 +946,9 @@ async def _finish(
         else f"{cmd} status {run_id}"
     )
     stage_totals = await ledger.batch_totals(conn, run_id, stage)
-    doc = _result_doc(loaded, target, state, warnings, stage_totals).model_copy(
+    # the throughput while this command led the stage: every process's batches in that time
+    led = await ledger.batch_totals(conn, run_id, stage, since=state.started_at)
+    doc = _result_doc(loaded, target, state, warnings, stage_totals, led).model_copy(
         update={
             "plan": await plan_binding(conn, loaded),
             "operator": frame.run.operator,
@@ -1084,14 +1086,15 @@ def _result_doc(
     state: RunState,
     warnings: list[str],
     stage_totals: dict[str, int],
+    led: dict[str, int],
 ) -> ApplyDoc:
     """What the stage did, as recorded in the ledger and rendered in its summary: its totals
     over every command that ran it (`stage_totals`, from the ledger: a stage continued after a
-    stop counts what each command committed); its throughput, this command's."""
+    stop counts what each command committed); its throughput while this command led it (`led`:
+    the batches every process committed meanwhile)."""
     plan = loaded.plan
     elapsed = time.perf_counter() - state.started
-    done = [o for o in state.outcomes if o.status == "done"]
-    rows_now = sum(o.changed + o.noop for o in done)
+    rows_now = led["changed"] + led["noop"]
     return ApplyDoc(
         target=TargetDoc(
             table=target.display,
@@ -1116,7 +1119,7 @@ def _result_doc(
             elapsed_seconds=round(elapsed, 3),
             counting_seconds=round(state.counting_seconds, 3),
             rows_per_second=round(rows_now / elapsed, 1) if elapsed > 0 else None,
-            batches_per_minute=round(len(done) / elapsed * 60, 2) if elapsed > 0 else None,
+            batches_per_minute=round(led["batches"] / elapsed * 60, 2) if elapsed > 0 else None,
         ),
         warnings=warnings,
     )
