@@ -309,6 +309,8 @@ class BatchRun:
             if work is not None and work.stopped:
                 state.halt = _stopped_elsewhere(work.stopped, self.settings.resume)
                 return
+            if work is not None and work.pass_no != self.claims.pass_no:
+                return  # a joined process: the leader opened the next pass, follow it
             if gone:
                 await self._one_pass(None)  # its producer takes them over
             # a lease whose batch is still committing (locked) is not taken: look again soon
