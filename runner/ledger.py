@@ -2119,13 +2119,46 @@ async def next_batch_no(conn: asyncpg.Connection, run_id: str, stage: str) -> in
     )
 
 
-async def next_pass(conn: asyncpg.Connection, run_id: str, stage: str, pass_no: int) -> None:
-    await conn.execute(
-        "UPDATE backfill.work SET pass = $3 + 1, position = NULL"
-        " WHERE run_id = $1 AND stage = $2 AND pass = $3",
-        run_id,
-        stage,
-        pass_no,
+async def next_pass(conn: asyncpg.Connection, run_id: str, stage: str, pass_no: int) -> bool:
+    """Open the next pass (its pages start from the beginning again); False (not opened) while
+    a lease is open: a page claimed after the leader's last look is applied first, so the new
+    pass never pages its keys again under another number."""
+    async with conn.transaction():
+        # the cursor's row lock first: a claim in flight commits its lease before the look
+        await conn.execute(
+            "SELECT 1 FROM backfill.work WHERE run_id = $1 AND stage = $2 FOR UPDATE",
+            run_id,
+            stage,
+        )
+        if await conn.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM backfill.leases l WHERE l.run_id = $1"
+            f" AND l.stage = $2 AND {_OPEN})",
+            run_id,
+            stage,
+        ):
+            return False
+        await conn.execute(
+            "UPDATE backfill.work SET pass = $3 + 1, position = NULL"
+            " WHERE run_id = $1 AND stage = $2 AND pass = $3",
+            run_id,
+            stage,
+            pass_no,
+        )
+        return True
+
+
+async def next_free_batch_no(conn: asyncpg.Connection, run_id: str) -> int:
+    """A batch number above every one the run used or claimed: its batch rows, its stages'
+    shared cursors and their leases (a quarantine retry between two commands of a stage)."""
+    return int(
+        await conn.fetchval(
+            """SELECT greatest(
+                   (SELECT max(batch_no) + 1 FROM backfill.batches WHERE run_id = $1),
+                   (SELECT max(next_no) FROM backfill.work WHERE run_id = $1),
+                   (SELECT max(batch_no) + 1 FROM backfill.leases WHERE run_id = $1),
+                   1)""",
+            run_id,
+        )
     )
 
 

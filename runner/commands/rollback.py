@@ -17,7 +17,7 @@ from runner.commands.decide import plan_for
 from runner.db import Databases
 from runner.errors import EXIT_DONE, EXIT_FAILED, BackfillError, InvalidInput, WorkFailed
 from runner.phases.common import command_prefix, operator_name, run_lock
-from runner.plan import LoadedPlan
+from runner.plan import LoadedPlan, parse_duration
 from runner.reports.rollback import render_rollback
 from runner.rollback import RollbackResult, emit_rollback_file, parse_batch_range, run_rollback
 
@@ -77,7 +77,7 @@ async def _emit(
 async def _stop_other_processes(conn: asyncpg.Connection, run: ledger.RunRow) -> None:
     """Processes that joined the run (engine.claims) hold no run lock: stop them and wait for
     the batches they are applying, so the rollback covers them and nothing commits after it."""
-    timeout = float((run.plan.get("batching") or {}).get("lease_timeout") or 30.0)
+    timeout = parse_duration((run.plan.get("batching") or {}).get("lease_timeout") or 30.0)
     deadline = time.monotonic() + timeout + 10
     reason = f"rolled back by {operator_name()}"
     while (live := (await ledger.close_work(conn, run.run_id, reason, timeout))[0]) > 0:

@@ -237,7 +237,10 @@ class BatchRun:
                 break
             log.info("apply.new_rows", remaining=state.remaining_after, next_pass=pass_no + 1)
             if self.claims is not None and pass_no < self.settings.max_passes:
-                await self.claims.next_pass()
+                # a page another process claimed after this one's last look is applied first
+                while not await self.claims.next_pass():
+                    await self._settle_pass()
+                    await self._raise_if_stopped()
         if self.claims is not None and not state.capped:
             # a page another process claimed since this one last looked (rows that arrived
             # after the cursor) is applied before the stage ends and its reports are written

@@ -238,10 +238,15 @@ class Claims:
             lambda c: ledger.shared_by(c, self.run_id, self.stage, self.me, self.pass_no)
         )
 
-    async def next_pass(self) -> None:
-        await self.session.run(lambda c: ledger.next_pass(c, self.run_id, self.stage, self.pass_no))
+    async def next_pass(self) -> bool:
+        """Open the next pass; False while a lease is open (settle it first)."""
+        if not await self.session.run(
+            lambda c: ledger.next_pass(c, self.run_id, self.stage, self.pass_no)
+        ):
+            return False
         self.pass_no += 1
         self._position = None  # the new pass starts from the beginning
+        return True
 
     async def stop(self, reason: str) -> None:
         """No process claims another page of the stage until a leader starts it again."""

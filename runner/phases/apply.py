@@ -346,14 +346,25 @@ async def apply(
     if dry_run:
         return await _dry_run(loaded, dbs, env, stage, cmd, sample)
 
-    conn = await dbs.connect(env)
+    timeout = plan.batching.lease_timeout
+
+    async def ledger_connection() -> asyncpg.Connection:
+        # a transaction on the ledger left idle this long (this process frozen while it holds
+        # the shared cursor's row) is ended by the server, so the other processes go on
+        c = await dbs.connect(env)
+        await c.execute(
+            "SELECT set_config('idle_in_transaction_session_timeout', $1, false)",
+            f"{int(timeout * 1000)}ms",
+        )
+        return c
+
+    conn = await ledger_connection()
     session: MainSession | None = None
     try:
         target, run = await _open_run(conn, dbs, loaded, env, run_id, operator)
         session = MainSession(
-            conn, lambda: dbs.connect(env), run.run_id, retries=plan.batching.max_retries
+            conn, ledger_connection, run.run_id, retries=plan.batching.max_retries
         )
-        timeout = plan.batching.lease_timeout
         not_joinable = _not_joinable(loaded)
         async with phase_frame(
             conn,

@@ -28,7 +28,6 @@ from runner.phases.apply import (
     write_manifest,
 )
 from runner.phases.common import command_prefix, gate_state, rollback_note, run_lock
-from runner.phases.windows import resume_point
 from runner.plan import LoadedPlan
 from runner.reports.quarantine import write_quarantine_files
 from runner.rollback import emit_rollback_file
@@ -191,7 +190,8 @@ async def _retry(
         holds_run_lock=False,
     )
     try:
-        _, next_no, _ = resume_point(await ledger.batch_states(conn, run_id))
+        # above every number the run used or claimed (an open lease keeps its own: #15)
+        next_no = await ledger.next_free_batch_no(conn, run_id)
         shape = await shaped_run(conn, plan, target) if plan.shaped else None
         width = len(target.key)
         source = RetrySource(
