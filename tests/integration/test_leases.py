@@ -175,7 +175,8 @@ def test_the_rate_is_the_runs_whatever_the_number_of_processes(workdir: Path, db
     code, out = finish(leader)
     assert code == 3, out
     for j in joiners:
-        assert finish(j)[0] == 0
+        jc, jo = finish(j)
+        assert jc == 0, jo
     each_key_once(db, run_id, needing)
     rows = sql(
         db,
