@@ -2119,23 +2119,28 @@ async def next_batch_no(conn: asyncpg.Connection, run_id: str, stage: str) -> in
     )
 
 
+async def _lease_open(conn: asyncpg.Connection, run_id: str, stage: str) -> bool:
+    """Whether a lease of the stage is open, looked at under the cursor's row lock (inside the
+    caller's transaction): a claim in flight commits its lease before the look."""
+    await conn.execute(
+        "SELECT 1 FROM backfill.work WHERE run_id = $1 AND stage = $2 FOR UPDATE", run_id, stage
+    )
+    return bool(
+        await conn.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM backfill.leases l WHERE l.run_id = $1"
+            f" AND l.stage = $2 AND {_OPEN})",
+            run_id,
+            stage,
+        )
+    )
+
+
 async def next_pass(conn: asyncpg.Connection, run_id: str, stage: str, pass_no: int) -> bool:
     """Open the next pass (its pages start from the beginning again); False (not opened) while
     a lease is open: a page claimed after the leader's last look is applied first, so the new
     pass never pages its keys again under another number."""
     async with conn.transaction():
-        # the cursor's row lock first: a claim in flight commits its lease before the look
-        await conn.execute(
-            "SELECT 1 FROM backfill.work WHERE run_id = $1 AND stage = $2 FOR UPDATE",
-            run_id,
-            stage,
-        )
-        if await conn.fetchval(
-            f"SELECT EXISTS (SELECT 1 FROM backfill.leases l WHERE l.run_id = $1"
-            f" AND l.stage = $2 AND {_OPEN})",
-            run_id,
-            stage,
-        ):
+        if await _lease_open(conn, run_id, stage):
             return False
         await conn.execute(
             "UPDATE backfill.work SET pass = $3 + 1, position = NULL"
@@ -2178,18 +2183,7 @@ async def finish_work(conn: asyncpg.Connection, run_id: str, stage: str) -> bool
     a lease is open: a page claimed since the leader last looked (rows that arrived after the
     cursor) is applied and counted before the stage ends."""
     async with conn.transaction():
-        # the cursor's row lock first: a claim in flight commits its lease before the look
-        await conn.execute(
-            "SELECT 1 FROM backfill.work WHERE run_id = $1 AND stage = $2 FOR UPDATE",
-            run_id,
-            stage,
-        )
-        if await conn.fetchval(
-            f"SELECT EXISTS (SELECT 1 FROM backfill.leases l WHERE l.run_id = $1"
-            f" AND l.stage = $2 AND {_OPEN})",
-            run_id,
-            stage,
-        ):
+        if await _lease_open(conn, run_id, stage):
             return False
         await conn.execute(
             "UPDATE backfill.work SET done = true WHERE run_id = $1 AND stage = $2", run_id, stage

@@ -168,6 +168,7 @@ def finish(proc: subprocess.Popen[str], timeout: float = 180) -> tuple[int, str]
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGCONT)  # a frozen process is killed too
         proc.kill()
         out, _ = proc.communicate()
         raise AssertionError(f"process {proc.pid} hung; its output:\n{out}") from None

@@ -16,61 +16,15 @@ from typing import Any
 import pytest
 
 from tests.conftest import make_items, sql, val, write_plan
-from tests.helpers import start_runner
-
-SLOW_APPLY = (
-    "UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
-    "AND val IS DISTINCT FROM 'new' AND (SELECT pg_sleep({s})) IS NOT NULL"
+from tests.helpers import (
+    SLOW_APPLY,
+    finish,
+    kill,
+    leader_run,
+    process_of,
+    start_runner,
+    wait_for,
 )
-
-
-def _wait_for(db: str, query: str, *args: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if found := val(db, query, *args):
-                return found
-        except Exception:  # the ledger is not there yet
-            pass
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for: {query}")
-
-
-def _leader_run(db: str) -> str:
-    return str(_wait_for(db, "SELECT run_id FROM backfill.work WHERE stage = 'apply' AND NOT done"))
-
-
-def _finish(proc: subprocess.Popen[str], timeout: float = 180) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGCONT)
-        proc.kill()
-        out, _ = proc.communicate()
-        raise AssertionError(f"process {proc.pid} hung; its output:\n{out}") from None
-    return proc.returncode, out
-
-
-def _kill(proc: subprocess.Popen[str]) -> str:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGCONT)
-        proc.send_signal(signal.SIGKILL)
-    if proc.stdout is None or proc.stdout.closed:
-        proc.wait()
-        return ""
-    out, _ = proc.communicate()
-    return out or ""
-
-
-def _process_of(db: str, run_id: str, proc: subprocess.Popen[str]) -> str:
-    return str(
-        _wait_for(
-            db,
-            "SELECT process_id FROM backfill.processes WHERE run_id = $1 AND pid = $2",
-            run_id,
-            proc.pid,
-        )
-    )
 
 
 def _twice(db: str, run_id: str) -> list[dict[str, Any]]:
@@ -138,13 +92,13 @@ def test_a_page_claimed_while_the_leader_counts_is_not_paged_again_in_the_next_p
         batching__statement_timeout="60s",
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
     late: subprocess.Popen[str] | None = None
     try:
         # the joiner shares pass 1 (so the leader counts the whole table after it)
-        _wait_for(
-            db, "SELECT 1 FROM backfill.batches WHERE process = $1", _process_of(db, run_id, joiner)
+        wait_for(
+            db, "SELECT 1 FROM backfill.batches WHERE process = $1", process_of(db, run_id, joiner)
         )
         sql(
             db,
@@ -152,7 +106,7 @@ def test_a_page_claimed_while_the_leader_counts_is_not_paged_again_in_the_next_p
             gap,
         )
         # pass 1 is dry for both processes: every row up to the cursor done, no lease open
-        _wait_for(
+        wait_for(
             db,
             "SELECT NOT EXISTS (SELECT 1 FROM items WHERE id > 120 AND val <> 'new')"
             " AND NOT EXISTS (SELECT 1 FROM backfill.leases l WHERE l.run_id = $1 AND NOT"
@@ -169,13 +123,13 @@ def test_a_page_claimed_while_the_leader_counts_is_not_paged_again_in_the_next_p
         late = start_runner(
             ["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db
         )
-        code, out = _finish(leader, timeout=240)
-        _lcode, lout = _finish(late, timeout=120)
-        _finish(joiner, timeout=60)
+        code, out = finish(leader, timeout=240)
+        _lcode, lout = finish(late, timeout=120)
+        finish(joiner, timeout=60)
     finally:
         for p in (leader, joiner, late):
             if p is not None:
-                _kill(p)
+                kill(p)
     passes = sql(
         db,
         "SELECT pass, owner, batch_no FROM backfill.leases WHERE run_id = $1"
@@ -233,14 +187,14 @@ def test_a_joiner_frozen_inside_a_claim_does_not_block_the_run(workdir: Path, db
              FOR EACH ROW EXECUTE FUNCTION public.slow_lease();""",
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
     try:
-        me = _process_of(db, run_id, joiner)
-        _wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
+        me = process_of(db, run_id, joiner)
+        wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
         sql(db, "INSERT INTO public.slow_owner VALUES ($1)", me)
         # the joiner's claim is inside its transaction (the cursor row locked): freeze it there
-        _wait_for(
+        wait_for(
             db,
             "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%INSERT INTO backfill.leases%'"
             " AND wait_event = 'PgSleep'",
@@ -265,12 +219,12 @@ def test_a_joiner_frozen_inside_a_claim_does_not_block_the_run(workdir: Path, db
             f"({before} -> {after} batch rows); waiting on locks: {waiting}"
         )
         joiner.send_signal(signal.SIGCONT)
-        code, out = _finish(leader)
+        code, out = finish(leader)
         assert code == 3, out
     finally:
         joiner.send_signal(signal.SIGCONT)
-        _kill(joiner)
-        _kill(leader)
+        kill(joiner)
+        kill(leader)
     assert not _twice(db, run_id)
     _no_open_lease(db, run_id)
 
@@ -319,14 +273,14 @@ def test_a_rollback_waits_out_a_joiner_frozen_inside_its_batch_and_nothing_commi
         batching__lease_timeout=3,
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
     try:
-        me = _process_of(db, run_id, joiner)
-        _wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
-        _kill(leader)
+        me = process_of(db, run_id, joiner)
+        wait_for(db, "SELECT 1 FROM backfill.batches WHERE process = $1", me)
+        kill(leader)
         # the joiner's batch statement sleeping: freeze it inside the transaction
-        _wait_for(
+        wait_for(
             db,
             "SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
             " AND query LIKE '%pg_sleep%' AND state = 'active'",
@@ -334,10 +288,10 @@ def test_a_rollback_waits_out_a_joiner_frozen_inside_its_batch_and_nothing_commi
         joiner.send_signal(signal.SIGSTOP)
         undone = cli("rollback", run_id, "--env", "staging", env=env_for(db))
         joiner.send_signal(signal.SIGCONT)
-        jcode, jout = _finish(joiner, timeout=60)
+        jcode, jout = finish(joiner, timeout=60)
     finally:
-        _kill(joiner)
-        _kill(leader)
+        kill(joiner)
+        kill(leader)
     assert undone.exit_code == 0, undone.output
     assert differing(db, "items") == 0, "rows changed after the rollback"
     assert jcode != 0, jout
@@ -384,11 +338,11 @@ def test_a_capped_leader_with_a_joiner_then_continued_applies_each_key_once(
     leader = start_runner(
         ["apply", str(plan), "-e", "staging", "-q", "--max-rows", "200"], workdir, db
     )
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
     again: subprocess.Popen[str] | None = None
     try:
-        code, out = _finish(leader)
+        code, out = finish(leader)
         assert code == 0, out
         led = val(
             db,
@@ -402,12 +356,12 @@ def test_a_capped_leader_with_a_joiner_then_continued_applies_each_key_once(
         again = start_runner(
             ["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db
         )
-        acode, aout = _finish(again)
-        _finish(joiner)
+        acode, aout = finish(again)
+        finish(joiner)
     finally:
         for p in (leader, joiner, again):
             if p is not None:
-                _kill(p)
+                kill(p)
     assert acode == 3, aout
     assert not _twice(db, run_id)
     assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") == 0
@@ -438,10 +392,10 @@ def test_a_leader_that_lost_its_connection_while_alive_and_its_successor_apply_e
         batching__lease_timeout=3,
     )
     old = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     new: subprocess.Popen[str] | None = None
     try:
-        _wait_for(db, "SELECT count(*) > 5 FROM backfill.batches WHERE run_id = $1", run_id)
+        wait_for(db, "SELECT count(*) > 5 FROM backfill.batches WHERE run_id = $1", run_id)
         old.send_signal(signal.SIGSTOP)
         sql(
             db,
@@ -451,20 +405,20 @@ def test_a_leader_that_lost_its_connection_while_alive_and_its_successor_apply_e
         new = start_runner(
             ["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db
         )
-        _wait_for(
+        wait_for(
             db,
             "SELECT 1 FROM backfill.processes WHERE run_id = $1 AND pid = $2",
             run_id,
             new.pid,
         )
-        _wait_for(db, "SELECT 1 FROM backfill.leases WHERE run_id = $1 AND takeovers > 0", run_id)
+        wait_for(db, "SELECT 1 FROM backfill.leases WHERE run_id = $1 AND takeovers > 0", run_id)
         old.send_signal(signal.SIGCONT)
-        code, out = _finish(new)
-        _finish(old, timeout=60)
+        code, out = finish(new)
+        finish(old, timeout=60)
     finally:
         for p in (old, new):
             if p is not None:
-                _kill(p)
+                kill(p)
     assert code == 3, out
     assert not _twice(db, run_id)
     assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") == 0
@@ -516,20 +470,20 @@ def test_a_retry_between_two_commands_does_not_take_the_number_of_an_open_lease(
         batching__max_failure_rate=0.5,
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
-    run_id = _leader_run(db)
+    run_id = leader_run(db)
     try:
-        _wait_for(db, "SELECT count(*) >= 2 FROM backfill.quarantine WHERE run_id = $1", run_id)
-        _wait_for(db, "SELECT count(*) > 8 FROM backfill.batches WHERE run_id = $1", run_id)
+        wait_for(db, "SELECT count(*) >= 2 FROM backfill.quarantine WHERE run_id = $1", run_id)
+        wait_for(db, "SELECT count(*) > 8 FROM backfill.batches WHERE run_id = $1", run_id)
         # its batch in flight: an open lease above every batch row
-        _wait_for(
+        wait_for(
             db,
             "SELECT 1 FROM backfill.leases l WHERE l.run_id = $1 AND l.batch_no >"
             " (SELECT max(batch_no) FROM backfill.batches b WHERE b.run_id = $1)",
             run_id,
         )
-        _kill(leader)
+        kill(leader)
     finally:
-        _kill(leader)
+        kill(leader)
     open_lease = sql(
         db,
         "SELECT batch_no, after_key, last_key FROM backfill.leases l WHERE l.run_id = $1"
@@ -630,21 +584,21 @@ def test_canary_with_a_killed_leader_then_rest_with_a_joiner_each_key_once(
     try:
         leader = _start_env(args, workdir, env)
         procs.append(leader)
-        _wait_for(prod, "SELECT 1 FROM backfill.work WHERE stage = 'canary'")
+        wait_for(prod, "SELECT 1 FROM backfill.work WHERE stage = 'canary'")
         joiner = _start_env(args, workdir, env)
         procs.append(joiner)
-        _wait_for(
+        wait_for(
             prod,
             "SELECT count(*) >= 2 FROM backfill.batches WHERE stage = 'canary'"
             " AND process = (SELECT process_id FROM backfill.processes WHERE pid = $1)",
             joiner.pid,
         )
-        _kill(leader)
+        kill(leader)
         again = _start_env(args, workdir, env)
         procs.append(again)
-        code, out = _finish(again)
+        code, out = finish(again)
         assert code == 3, out
-        _finish(joiner)
+        finish(joiner)
         done = val(
             prod,
             "SELECT count(*) FROM backfill.batches WHERE run_id = $1 AND stage = 'canary'"
@@ -657,14 +611,14 @@ def test_canary_with_a_killed_leader_then_rest_with_a_joiner_each_key_once(
         )
         rest = _start_env(args, workdir, env)
         procs.append(rest)
-        _wait_for(prod, "SELECT 1 FROM backfill.work WHERE stage = 'rest'")
+        wait_for(prod, "SELECT 1 FROM backfill.work WHERE stage = 'rest'")
         joiner2 = _start_env(args, workdir, env)
         procs.append(joiner2)
-        code, out = _finish(rest)
-        jcode, jout = _finish(joiner2)
+        code, out = finish(rest)
+        jcode, jout = finish(joiner2)
     finally:
         for p in procs:
-            _kill(p)
+            kill(p)
     assert code == 0, out
     assert jcode == 0, jout
     assert val(prod, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") == 0
