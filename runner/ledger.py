@@ -1843,11 +1843,18 @@ _OPEN = f"""NOT EXISTS (
     WHERE b.run_id = l.run_id AND b.batch_no = l.batch_no
       AND b.status IN ({", ".join(f"'{s}'" for s in SETTLED)}))"""
 
-# a lease's owner is alive while it has not ended and its heartbeat is younger than the lease timeout
-_LIVE = """EXISTS (
+
+def _alive(run: str, process: str, timeout: str) -> str:
+    """SQL: the process `process` (a column) of run `run` is alive: it has not ended and its
+    heartbeat is younger than `timeout` (a parameter) seconds."""
+    return f"""EXISTS (
     SELECT 1 FROM backfill.processes p
-    WHERE p.run_id = l.run_id AND p.process_id = l.owner AND p.finished_at IS NULL
+    WHERE p.run_id = {run} AND p.process_id = {process} AND p.finished_at IS NULL
       AND p.heartbeat > clock_timestamp() - make_interval(secs => {timeout}))"""
+
+
+# a lease's owner is alive ({timeout}: the parameter holding the lease timeout)
+_LIVE = _alive("l.run_id", "l.owner", "{timeout}")
 
 
 @dataclass(frozen=True)
@@ -1879,11 +1886,8 @@ class Work:
         )
 
 
-_WORK = """SELECT w.*, EXISTS (
-               SELECT 1 FROM backfill.processes p
-               WHERE p.run_id = w.run_id AND p.process_id = w.leader AND p.finished_at IS NULL
-                 AND p.heartbeat > clock_timestamp() - make_interval(secs => $3)) AS leader_live
-           FROM backfill.work w WHERE w.run_id = $1 AND w.stage = $2"""
+_WORK = f"""SELECT w.*, {_alive("w.run_id", "w.leader", "$3")} AS leader_live
+            FROM backfill.work w WHERE w.run_id = $1 AND w.stage = $2"""
 
 
 async def get_work(
@@ -1899,12 +1903,9 @@ async def joinable_stage(conn: asyncpg.Connection, run_id: str, lease_timeout: f
     if not await conn.fetchval("SELECT to_regclass('backfill.work') IS NOT NULL"):
         return None
     return await conn.fetchval(  # type: ignore[no-any-return]
-        """SELECT w.stage FROM backfill.work w
-           WHERE w.run_id = $1 AND NOT w.done AND w.stopped IS NULL
-             AND EXISTS (SELECT 1 FROM backfill.processes p
-                         WHERE p.run_id = w.run_id AND p.process_id = w.leader
-                           AND p.finished_at IS NULL
-                           AND p.heartbeat > clock_timestamp() - make_interval(secs => $2))""",
+        f"""SELECT w.stage FROM backfill.work w
+            WHERE w.run_id = $1 AND NOT w.done AND w.stopped IS NULL
+              AND {_alive("w.run_id", "w.leader", "$2")}""",
         run_id,
         lease_timeout,
     )
@@ -1945,13 +1946,7 @@ async def lead_work(
         )
         work = await get_work(conn, run_id, stage, lease_timeout)
         assert work is not None
-        open_leases = await conn.fetchval(
-            f"SELECT count(*) FROM backfill.leases l WHERE l.run_id = $1 AND l.stage = $2"
-            f" AND {_OPEN}",
-            run_id,
-            stage,
-        )
-        return work, int(open_leases)
+        return work, (await open_leases(conn, run_id, stage, lease_timeout))[0]
 
 
 async def claim_page(

@@ -237,17 +237,18 @@ class BatchRun:
                 break
             log.info("apply.new_rows", remaining=state.remaining_after, next_pass=pass_no + 1)
             if self.claims is not None and pass_no < self.settings.max_passes:
-                # a page another process claimed after this one's last look is applied first
-                while not await self.claims.next_pass():
-                    await self._settle_pass()
-                    await self._raise_if_stopped()
+                await self._once_settled(self.claims.next_pass)
         if self.claims is not None and not state.capped:
-            # a page another process claimed since this one last looked (rows that arrived
-            # after the cursor) is applied before the stage ends and its reports are written
-            while not await self.claims.finish():
-                await self._settle_pass()
-                await self._raise_if_stopped()
+            await self._once_settled(self.claims.finish)
         return state
+
+    async def _once_settled(self, step: Callable[[], Awaitable[bool]]) -> None:
+        """Open the next pass or end the stage (`step`), which refuses while a lease is open:
+        a page another process claimed since this one last looked (rows that arrived after the
+        cursor) is applied first, never paged again nor left out of the reports."""
+        while not await step():
+            await self._settle_pass()
+            await self._raise_if_stopped()
 
     async def join(self) -> RunState:
         """Work on a stage another process leads (engine.claims): pages of its passes, until
@@ -466,10 +467,7 @@ class BatchRun:
                     if self.next_no == batch.batch_no + 1:  # no split took a number since
                         self.next_no = batch.batch_no
                     return
-                self.state.dispatched += 1
-                self.state.dispatched_rows += page.size
-                if self.settings.max_rows is not None:
-                    self.state.capped = self.state.dispatched_rows >= self.settings.max_rows
+                self._dispatched(page)
                 position = page.last_key
 
     async def _produce_claimed(
@@ -514,10 +512,14 @@ class BatchRun:
                 if not await self._dispatch(send, failed, claim, claim.page):
                     await self._release(claim)
                     return
-                self.state.dispatched += 1
-                self.state.dispatched_rows += claim.page.size
-                if self.settings.max_rows is not None:
-                    self.state.capped = self.state.dispatched_rows >= self.settings.max_rows
+                self._dispatched(claim.page)
+
+    def _dispatched(self, page: Page) -> None:
+        """A page was handed to a worker: counted toward the command's row cap."""
+        self.state.dispatched += 1
+        self.state.dispatched_rows += page.size
+        if self.settings.max_rows is not None:
+            self.state.capped = self.state.dispatched_rows >= self.settings.max_rows
 
     async def _release(self, claim: Claim) -> None:
         assert self.claims is not None

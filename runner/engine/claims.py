@@ -16,7 +16,7 @@ the stage. The others join: they claim pages of the leader's pass and leave when
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import asyncpg
 import structlog
@@ -125,12 +125,9 @@ class Claims:
                 return taken
         if self._position is None:
             work = await self.work()
-            if work is None or work.done or work.pass_no != self.pass_no:
-                return Claim()
-            if work.stopped:
-                return Claim(stopped=work.stopped)
-            if self.limit is not None and work.claimed >= self.limit:
-                return Claim()
+            if (closed := self._closed(work)) is not None:
+                return closed
+            assert work is not None
             self._position = (work.position,)
         after = self._position[0]
         page = await reader.run(lambda c: source.next_page(c, after, size))
@@ -167,7 +164,11 @@ class Claims:
             batch_no, wait = claimed
             return Claim(batch_no, page, candidate.after, wait)
         self._position = None  # read the cursor again
-        work = await self.work()
+        return self._closed(await self.work())
+
+    def _closed(self, work: ledger.Work | None) -> Claim | None:
+        """Why this process may claim no page of its pass (an empty claim: done, another pass,
+        the limit reached; or stopped), or None when it may."""
         if work is None or work.done or work.pass_no != self.pass_no:
             return Claim()
         if work.stopped:
@@ -255,6 +256,3 @@ class Claims:
     async def finish(self) -> bool:
         """End the stage: False while a lease is still open (settle it first)."""
         return await self.session.run(lambda c: ledger.finish_work(c, self.run_id, self.stage))
-
-    def describe(self) -> dict[str, Any]:
-        return {"stage": self.stage, "pass": self.pass_no, "process": self.me}

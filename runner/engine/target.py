@@ -195,15 +195,15 @@ class TargetInfo:
         with `until`, the text forms of the last key the page may hold follow (a lease's range).
         """
         keys = ", ".join(f"d.{k.q}" for k in self.key)
+
+        def bound(first: int) -> str:  # a key's text forms as parameters $first…
+            return ", ".join(f"${first + i}::text::{k.type}" for i, k in enumerate(self.key))
+
         conds = []
-        n = len(self.key)
         if after_cursor:
-            bounds = ", ".join(f"${i + 2}::text::{k.type}" for i, k in enumerate(self.key))
-            conds.append(f"({keys}) > ({bounds})")
+            conds.append(f"({keys}) > ({bound(2)})")
         if until:
-            first = 2 + (n if after_cursor else 0)
-            bounds = ", ".join(f"${first + i}::text::{k.type}" for i, k in enumerate(self.key))
-            conds.append(f"({keys}) <= ({bounds})")
+            conds.append(f"({keys}) <= ({bound(2 + (len(self.key) if after_cursor else 0))})")
         where = f"WHERE {' AND '.join(conds)}" if conds else ""
         order = self.key_order
         arrays = ", ".join(

@@ -456,14 +456,14 @@ async def _join(
     state = await _batch_machine(
         session, dbs, loaded, target, frame, progress, cmd, max_rows, join=True
     )
-    done = [o for o in state.outcomes if o.status == "done"]
-    log.info("apply.joined_end", run_id=run_id, stage=stage, batches=len(done))
+    totals = _command_totals(state)
+    log.info("apply.joined_end", run_id=run_id, stage=stage, batches=totals.batches)
     work = await session.run(
         lambda c: ledger.get_work(c, run_id, stage, loaded.plan.batching.lease_timeout)
     )
     if not state.capped and (work is None or not work.done):
         raise WorkFailed(
-            f"run {run_id}: this process committed {len(done):,} batch(es) of the {stage}, but "
+            f"run {run_id}: this process committed {totals.batches:,} batch(es) of the {stage}, but "
             "the process that led the stage ended (killed, cut off, stopped or capped) before "
             "the stage was finished: no process leads it now, so it has no summary, rollback "
             "file or gate yet",
@@ -477,15 +477,7 @@ async def _join(
         "joined",
         None,
         f"{cmd} status {run_id} --env {env}",
-        totals=ApplyTotals(
-            rows_needing_at_start=state.rows_needing_at_start,
-            batches=len(done),
-            batches_this_command=len(state.outcomes),
-            changed=sum(o.changed for o in done),
-            noop=sum(o.noop for o in done),
-            passes=state.passes,
-            keys=state.dispatched_rows,
-        ),
+        totals=totals,
     )
 
 
@@ -1014,16 +1006,6 @@ async def _capped(
     run_id, env, stage = frame.run_id, frame.env, frame.phase
     await ledger.save_phase(conn, run_id, stage, status="capped", result=None)
     await ledger.set_run_status(conn, run_id, f"{stage}:capped")
-    done = [o for o in state.outcomes if o.status == "done"]
-    totals = ApplyTotals(
-        rows_needing_at_start=state.rows_needing_at_start,
-        batches=len(done),
-        batches_this_command=len(state.outcomes),
-        changed=sum(o.changed for o in done),
-        noop=sum(o.noop for o in done),
-        passes=state.passes,
-        keys=state.dispatched_rows,
-    )
     log.info("apply.capped", run_id=run_id, stage=stage, rows=state.dispatched_rows)
     return ApplyResult(
         run_id,
@@ -1032,7 +1014,22 @@ async def _capped(
         "capped",
         None,
         f"{cmd} apply {loaded.path} --env {env} --run {run_id}",
-        totals=totals,
+        totals=_command_totals(state),
+    )
+
+
+def _command_totals(state: RunState) -> ApplyTotals:
+    """What this command's own batches did (a command that ends before its stage: capped, or
+    joined to a stage another process finishes)."""
+    done = [o for o in state.outcomes if o.status == "done"]
+    return ApplyTotals(
+        rows_needing_at_start=state.rows_needing_at_start,
+        batches=len(done),
+        batches_this_command=len(state.outcomes),
+        changed=sum(o.changed for o in done),
+        noop=sum(o.noop for o in done),
+        passes=state.passes,
+        keys=state.dispatched_rows,
     )
 
 
