@@ -205,16 +205,24 @@ def main() -> None:
                 f"{name:<58} {secs:8.2f} {args.rows / secs:10,.0f} {base / secs:11.2f}x {hand / secs:12.2f}x"
             )
         r1, r2 = runs[1]["loop"], runs[2]["loop"]
+        w1, w2 = runs[1]["wall"], runs[2]["wall"]
         print("\ntargets (batch loop: from the count before the first batch to the last commit")
-        print("and its convergence check; the whole command adds start-up and the artifacts):")
-        print(
-            f"  runner, 1 worker  >= 0.9x hand loop: {hand / r1:.2f}x  {'met' if hand / r1 >= 0.9 else 'NOT met'}"
-            f"  (whole command {hand / runs[1]['wall']:.2f}x)"
-        )
-        print(
-            f"  runner, 2 workers >= 1.0x one-shot:  {base / r2:.2f}x  {'met' if base / r2 >= 1.0 else 'NOT met'}"
-            f"  (whole command {base / runs[2]['wall']:.2f}x)"
-        )
+        print("and its convergence check; whole command: the process from start to exit, with")
+        print("start-up, the rollback file, the manifest and the reports):")
+        for label, ratio, target in (
+            ("batch loop,    1 worker  vs hand loop", hand / r1, 0.9),
+            ("batch loop,    2 workers vs one-shot ", base / r2, 1.0),
+            ("whole command, 1 worker  vs hand loop", hand / w1, 0.9),
+            ("whole command, 2 workers vs one-shot ", base / w2, 1.0),
+        ):
+            print(
+                f"  {label}: {ratio:.2f}x  (target >= {target}x: {'met' if ratio >= target else 'NOT met'})"
+            )
+        for workers in (1, 2):
+            r = runs[workers]
+            print(
+                f"  whole command, {workers} worker(s): {r['wall'] - r['loop']:.2f} s beside the batch loop"
+            )
         print("\npeak RSS of `backfill apply` (1 worker):")
         rss = {}
         for n in [int(x) for x in args.rss_rows.split(",") if x]:

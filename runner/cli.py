@@ -26,7 +26,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from runner import __version__, events
+from runner import events
+from runner import version as package_version
 from runner.db import Databases
 from runner.errors import (
     EXIT_DONE,
@@ -144,7 +145,7 @@ def _configure_logging(console_level: int) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        out.print(f"backfill {__version__}")
+        out.print(f"backfill {package_version()}")
         raise typer.Exit()
 
 

@@ -1119,6 +1119,19 @@ async def committed_batches(conn: asyncpg.Connection, run_id: str, stage: str) -
     )
 
 
+async def done_in_stage(conn: asyncpg.Connection, run_id: str, stage: str) -> list[int]:
+    """The numbers of a stage's committed batches, in order."""
+    return [
+        r["batch_no"]
+        for r in await conn.fetch(
+            "SELECT batch_no FROM backfill.batches WHERE run_id = $1 AND stage = $2"
+            " AND status = 'done' ORDER BY batch_no",
+            run_id,
+            stage,
+        )
+    ]
+
+
 async def stage_batches(conn: asyncpg.Connection, run_id: str, stage: str) -> list[dict[str, Any]]:
     return [
         dict(r)
@@ -1570,11 +1583,16 @@ async def references_to(
 
 
 async def manifest_rows(
-    conn: asyncpg.Connection, run_id: str, stage: str, keys_up_to: int
+    conn: asyncpg.Connection,
+    run_id: str,
+    stage: str,
+    keys_up_to: int,
+    batch_nos: list[int] | None = None,
 ) -> list[asyncpg.Record]:
-    """Per committed batch of a stage and table (rel): the keys it changed (inserted, updated,
-    deleted), their count and md5 (over the keys' text in order, `|`-separated); the keys
-    themselves (JSON, each a list of the key's columns as text) only up to `keys_up_to`."""
+    """Per committed batch of a stage (or only `batch_nos` of them) and table (rel): the keys it
+    changed (inserted, updated, deleted), their count and md5 (over the keys' text in order,
+    `|`-separated); the keys themselves (JSON, each a list of the key's columns as text) only up
+    to `keys_up_to`."""
     return list(
         await conn.fetch(
             """SELECT b.batch_no, b.stage, r.rel, b.started_at, count(*)::int AS changed,
@@ -1587,12 +1605,13 @@ async def manifest_rows(
                FROM backfill.batches AS b
                JOIN backfill.row_images AS r USING (run_id, batch_no)
                WHERE b.run_id = $1 AND b.stage = $2 AND b.status = 'done'
-                 AND r.op IN ('I', 'U', 'D')
+                 AND r.op IN ('I', 'U', 'D') AND ($4::int[] IS NULL OR b.batch_no = ANY($4))
                GROUP BY b.batch_no, b.stage, r.rel, b.started_at, b.manifest::text
                ORDER BY b.batch_no, r.rel""",
             run_id,
             stage,
             keys_up_to,
+            batch_nos,
         )
     )
 

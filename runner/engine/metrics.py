@@ -9,11 +9,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from contextvars import ContextVar
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+if TYPE_CHECKING:  # prometheus_client is imported only by a command that serves metrics
+    from prometheus_client import CollectorRegistry
 
-from runner.engine.executor import BatchOutcome
-from runner.engine.guards import Reading
+    from runner.engine.executor import BatchOutcome
+    from runner.engine.guards import Reading
 
 _STATE = {"normal": 0.0, "hold": 1.0, "stop": 2.0}
 
@@ -22,6 +24,9 @@ class RunMetrics:
     """What an apply exposes: rows, batches by outcome, batch time and size, guards, remaining."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # ~50 ms of start-up that a command without --metrics-port does not pay
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # noqa: PLC0415
+
         r = self.registry = registry or CollectorRegistry()
         self._rows_done = 0
         self.rows_changed = Counter("backfill_rows_changed", "Rows changed", registry=r)
@@ -85,6 +90,8 @@ def serve(port: int | None, addr: str = "127.0.0.1") -> Iterator[RunMetrics | No
     if port is None:
         yield None
         return
+    from prometheus_client import start_http_server  # noqa: PLC0415
+
     metrics = RunMetrics()
     server, thread = start_http_server(port, addr, registry=metrics.registry)
     token = _current.set(metrics)

@@ -7,6 +7,7 @@ import math
 import re
 import time
 from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -49,6 +50,7 @@ from runner.phases.common import (
     require_open,
     rollback_note,
 )
+from runner.phases.follow import Follower, manifest_records
 from runner.phases.validate import refuse_unfit, validate_env
 from runner.phases.verify import run_verify
 from runner.phases.windows import WindowWalk, resume_point, window_result
@@ -405,12 +407,27 @@ async def apply(
             elif (row := await ledger.get_phase(conn, run.run_id, "apply")) and row.finished_at:
                 return await _finished_result(conn, dbs, run.run_id, env, "apply", cmd, loaded)
             await frame.started()
-            state = await _batch_machine(
-                session, dbs, loaded, target, frame, progress, cmd, max_rows
-            )
-            if state.capped:
-                return await session.run(lambda c: _capped(c, frame, loaded, state, cmd))
-            return await session.run(lambda c: _finish(c, frame, dbs, loaded, target, state, cmd))
+            follower = Follower(run, frame.phase, frame.dir)
+            try:
+                async with follower.running(lambda: dbs.connect(env)):
+                    state = await _batch_machine(
+                        session,
+                        dbs,
+                        loaded,
+                        target,
+                        frame,
+                        progress,
+                        cmd,
+                        max_rows,
+                        on_committed=follower.committed,
+                    )
+                if state.capped:
+                    return await session.run(lambda c: _capped(c, frame, loaded, state, cmd))
+                return await session.run(
+                    lambda c: _finish(c, frame, dbs, loaded, target, state, cmd, follower)
+                )
+            finally:
+                follower.close()
     finally:
         await close_quietly(conn)
         if session is not None:
@@ -580,6 +597,7 @@ async def _batch_machine(
     max_rows: int | None,
     *,
     join: bool = False,
+    on_committed: Callable[[int], None] | None = None,
 ) -> RunState:
     """Set up the engine's batch machine for this stage (resume point, canary stop, recording)
     and run it (`join`: on the stage another process leads).
@@ -597,7 +615,17 @@ async def _batch_machine(
     try:
         state = RunState()
         machine, keyset = await _machine(
-            session, reader, dbs, loaded, target, frame, state, progress, cmd, max_rows
+            session,
+            reader,
+            dbs,
+            loaded,
+            target,
+            frame,
+            state,
+            progress,
+            cmd,
+            max_rows,
+            on_committed,
         )
         windows = loaded.plan.windows
         if join:
@@ -675,6 +703,7 @@ async def _machine(
     progress: ProgressCallback | None,
     cmd: str,
     max_rows: int | None,
+    on_committed: Callable[[int], None] | None = None,
 ) -> tuple[BatchRun, KeysetSource]:
     """The stage's batch machine, and the keyset source under its quarantine filter (which a
     windowed run narrows to each window)."""
@@ -739,7 +768,7 @@ async def _machine(
             manifest_sql=m.sql if (m := plan.manifest) else None,
         ),
         checker_connection=connect.for_checks,
-        record=BatchRecorder(session, frame.dir / "batches", stage, progress, env),
+        record=BatchRecorder(session, frame.dir / "batches", stage, progress, env, on_committed),
         state=state,
         watch=RunWatch(
             session,
@@ -843,12 +872,14 @@ class BatchRecorder:
         stage: str,
         progress: ProgressCallback | None,
         env: str,
+        on_committed: Callable[[int], None] | None = None,
     ) -> None:
         self.session = session
         self.batch_dir = batch_dir
         self.stage = stage
         self.progress = progress
         self.env = env
+        self.on_committed = on_committed  # a done batch's number, as soon as it is recorded
         self.totals: Counter[str] = Counter()
 
     async def _settled(self, conn: asyncpg.Connection, outcome: BatchOutcome) -> None:
@@ -886,6 +917,8 @@ class BatchRecorder:
         write_json(self.batch_dir / f"batch_{outcome.batch_no:05d}.json", outcome.as_json())
         if outcome.status in ("split", "quarantined", "stopped", "failed"):
             await self.session.run(lambda c: self._settled(c, outcome))
+        elif outcome.status == "done" and self.on_committed is not None:
+            self.on_committed(outcome.batch_no)
         self.totals["batches"] += outcome.status == "done"
         # progress counts the batch's keys: a shaped batch changes rows in several tables
         self.totals["keys"] += outcome.selected if outcome.status == "done" else 0
@@ -905,8 +938,10 @@ async def _finish(
     target: TargetInfo,
     state: RunState,
     cmd: str,
+    follower: Follower | None = None,
 ) -> ApplyResult:
-    """Record the stage finished with its results, write its artifacts, say what comes next."""
+    """Record the stage finished with its results, write its artifacts, say what comes next.
+    `follower`: what was read of the stage's batches while they ran, for its files."""
     run_id, env, stage = frame.run_id, frame.env, frame.phase
     b = loaded.plan.batching
     if loaded.plan.windows is None:
@@ -968,7 +1003,7 @@ async def _finish(
         }
     )
     summary_path = await frame.finish(
-        doc, criteria=criteria, report=_artifacts(dbs, stage), conn=conn
+        doc, criteria=criteria, report=_artifacts(dbs, stage, follower), conn=conn
     )
     log.info(
         "apply.finished",
@@ -1138,9 +1173,6 @@ def _results_path(run_id: str, env: str, stage: str) -> Path:
     return RunDir.of(run_id).env(env) / name
 
 
-MANIFEST_KEYS_UP_TO = 1000  # per batch and table: more keys are listed by count and md5 only
-
-
 def manifest_name(stage: str) -> str:
     return "manifest.jsonl" if stage == "apply" else f"{stage}_manifest.jsonl"
 
@@ -1155,18 +1187,34 @@ def manifest_doc(doc: dict[str, Any]) -> dict[str, Any]:
 
 
 async def write_manifest(
-    conn: asyncpg.Connection, run: ledger.RunRow, env: str, stage: str
+    conn: asyncpg.Connection,
+    run: ledger.RunRow,
+    env: str,
+    stage: str,
+    prefetched: Mapping[int, list[dict[str, Any]]] | None = None,
 ) -> Path:
     """manifest.jsonl: one line per committed batch and table — which keys it changed (or their
     count and md5 where there are many), from the ledger's images, with the rows of the plan's
     [manifest] sql on the batch's first line; then, for a windowed run, one line per window with
-    discovery's count at its start against what its batches did."""
+    discovery's count at its start against what its batches did. `prefetched`: rows of batches
+    read while they ran (`phases.follow`); the stage's other committed batches are read now."""
     names = {int(t["rel"]): f"{t['schema']}.{t['name']}" for t in run.tables or []}
     windows = await ledger.window_rows(conn, run.run_id, env) if run.plan.get("windows") else []
     starts = sorted((w["first_batch"], w["window_no"]) for w in windows if w["first_batch"])
+    if prefetched:
+        done = await ledger.done_in_stage(conn, run.run_id, stage)
+        read = await manifest_records(
+            conn, run.run_id, stage, [no for no in done if no not in prefetched]
+        )
+        records = sorted(
+            read + [r for no in done for r in prefetched.get(no, ())],
+            key=lambda r: (r["batch_no"], r["rel"]),
+        )
+    else:
+        records = await manifest_records(conn, run.run_id, stage)
     lines = []
     seen: set[int] = set()
-    for r in await ledger.manifest_rows(conn, run.run_id, stage, MANIFEST_KEYS_UP_TO):
+    for r in records:
         entry: dict[str, Any] = {
             "batch_no": r["batch_no"],
             "table": names.get(r["rel"], run.target_table),
@@ -1194,9 +1242,10 @@ async def write_manifest(
     return write_text(path, "".join(f"{line}\n" for line in lines))
 
 
-def _artifacts(dbs: Databases, stage: str) -> ReportWriter:
+def _artifacts(dbs: Databases, stage: str, follower: Follower | None = None) -> ReportWriter:
     """The files of a finished stage, from its ledger rows: the execution results, the rollback
-    file and the summary. The summary is the report whose digest the gate binds."""
+    file and the summary. The summary is the report whose digest the gate binds. `follower`: what
+    was read of the batches while they ran (the rest is read now)."""
 
     async def write(conn: asyncpg.Connection, run: ledger.RunRow, env: str) -> tuple[Path, str]:
         run_id = run.run_id
@@ -1213,7 +1262,7 @@ def _artifacts(dbs: Databases, stage: str) -> ReportWriter:
                 "run_totals": await ledger.batch_totals(conn, run_id),
             },
         )
-        await write_manifest(conn, run, env, stage)
+        await write_manifest(conn, run, env, stage, follower.manifest if follower else None)
         side = await dbs.connect(env)
         try:
             await emit_rollback_file(
@@ -1222,6 +1271,7 @@ def _artifacts(dbs: Databases, stage: str) -> ReportWriter:
                 RunDir.of(run_id).env(env) / str(doc.rollback_file),
                 display_dsn=dbs.display_dsn(env),
                 checksum_conn=side,
+                spool=follower.spool if follower else None,
             )
         finally:
             await close_quietly(side)

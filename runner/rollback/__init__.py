@@ -13,10 +13,11 @@ import asyncpg
 
 from runner import ledger
 from runner.rollback import plain
-from runner.rollback.plain import RollbackResult, parse_batch_range, sql_literal
+from runner.rollback.plain import ImageSpool, RollbackResult, parse_batch_range, sql_literal
 from runner.rollback.shaped import emit_shaped_file, run_shaped_rollback
 
 __all__ = [
+    "ImageSpool",
     "RollbackResult",
     "emit_rollback_file",
     "parse_batch_range",
@@ -34,8 +35,10 @@ async def emit_rollback_file(
     batches: tuple[int, int] | None = None,
     since: datetime | None = None,
     checksum_conn: asyncpg.Connection | None = None,
+    spool: ImageSpool | None = None,
 ) -> Path:
-    """Write the run's rollback SQL for psql (see `plain.emit_rollback_file`)."""
+    """Write the run's rollback SQL for psql (see `plain.emit_rollback_file`; `spool`: a plain
+    run's images read while its batches ran)."""
     if run.tables is not None:
         return await emit_shaped_file(
             conn, run, path, display_dsn=display_dsn, batches=batches, since=since
@@ -48,6 +51,7 @@ async def emit_rollback_file(
         batches=batches,
         since=since,
         checksum_conn=checksum_conn,
+        spool=spool,
     )
 
 

@@ -9,13 +9,14 @@ type, so no value can break out of its literal.
 from __future__ import annotations
 
 import hashlib
-import shutil
+import os
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import anyio
 import asyncpg
@@ -197,6 +198,54 @@ def parse_batch_range(text: str | None) -> tuple[int, int] | None:
 # -- emitted SQL -------------------------------------------------------------------------------
 
 
+class ImageSpool:
+    """A run's rollback images as `INSERT … VALUES` statements, batch by batch in any order, in
+    an unnamed file beside the rollback file (gone with the process, even a killed one), with each
+    batch's checksum. The apply fills it while its batches run (`phases.follow`), so writing the
+    rollback file after the last batch copies them instead of reading the ledger again; the file
+    always covers the ledger's committed batches, fetching here whatever is not spooled yet."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115  (closed in close())
+        self._where: dict[int, tuple[int, int]] = {}  # batch -> (offset, length) in the file
+        self.checksums: dict[int, str | None] = {}
+
+    def __contains__(self, batch_no: int) -> bool:
+        return batch_no in self.checksums
+
+    async def fetch(self, conn: asyncpg.Connection, run_id: str, batch_no: int) -> None:
+        """Read one committed batch's images from the ledger into the spool."""
+        values, checksum = await ledger.image_values(conn, run_id, batch_no)
+        self.put(batch_no, values, checksum)
+
+    def put(self, batch_no: int, values: str | None, checksum: str | None) -> None:
+        data = (
+            f"INSERT INTO pg_temp.backfill_rollback_images VALUES\n{values};\n".encode()
+            if values
+            else b""
+        )
+        offset = self._file.seek(0, os.SEEK_END)
+        self._file.write(data)
+        self._where[batch_no] = (offset, len(data))
+        self.checksums[batch_no] = checksum
+
+    def copy_to(self, out: BinaryIO, batch_nos: list[int]) -> None:
+        """The spooled statements of `batch_nos`, in that order."""
+        self._file.flush()
+        fd = self._file.fileno()
+        for no in batch_nos:
+            offset, length = self._where[no]
+            while length:
+                chunk = os.pread(fd, min(length, 1 << 20), offset)
+                out.write(chunk)
+                offset += len(chunk)
+                length -= len(chunk)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 async def emit_rollback_file(
     conn: asyncpg.Connection,
     run: ledger.RunRow,
@@ -206,67 +255,64 @@ async def emit_rollback_file(
     batches: tuple[int, int] | None = None,
     since: datetime | None = None,
     checksum_conn: asyncpg.Connection | None = None,
+    spool: ImageSpool | None = None,
 ) -> Path:
     """Write the rollback SQL for the run's batches in this environment, streaming from the ledger.
 
-    With `checksum_conn` (a second connection to the same database) the expected checksum is
-    computed there while the images are written."""
+    With `checksum_conn` (a second connection to the same database) the batches' images are read
+    on both. With `spool`, the batches already in it are copied from there, not read again (images
+    of a committed batch never change)."""
     shape = RunShape.of(run)
     nos = await ledger.done_batches(conn, run.run_id, batches, since)
     counts = await ledger.changed_per_batch(conn, run.run_id, nos)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    body = path.with_name(f".{path.name}.body")
-    checksums: dict[int, str | None] = {}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with_images = [no for no in nos if counts.get(no)]
-    conns = [conn] if checksum_conn is None else [conn, checksum_conn]
-    # two connections format alternate batches; the file takes them in order, a few at a time
-    with body.open("w", encoding="utf-8", newline="") as out:
-        for start in range(0, len(with_images), 2 * len(conns)):
-            window = with_images[start : start + 2 * len(conns)]
-            found: dict[int, tuple[str | None, str | None]] = {}
+    own = spool is None
+    images = ImageSpool(path.parent) if spool is None else spool
+    try:
+        missing = [no for no in with_images if no not in images]
+        conns = [conn] if checksum_conn is None else [conn, checksum_conn]
 
-            async def fetch(
-                c: asyncpg.Connection, nos_: list[int], found: dict[int, Any] = found
-            ) -> None:
-                for no in nos_:
-                    found[no] = await ledger.image_values(c, run.run_id, no)
+        async def fetch(c: asyncpg.Connection, nos_: list[int]) -> None:
+            for no in nos_:
+                await images.fetch(c, run.run_id, no)
 
-            async with anyio.create_task_group() as tg:
-                for k, c in enumerate(conns):
-                    tg.start_soon(fetch, c, window[k :: len(conns)])
-            for no in window:
-                values, checksums[no] = found[no]
-                if values:
-                    out.write(f"INSERT INTO pg_temp.backfill_rollback_images VALUES\n{values};\n")
-    rows = sum(counts.get(no, 0) for no in with_images)
-    checksum_value = ledger.run_checksum([checksums[no] for no in sorted(checksums)])
-    header = _file_header(
-        run,
-        shape,
-        path.name,
-        display_dsn,
-        scope=_scope_text(batches, since),
-        rows=rows,
-        batches=sum(1 for n in nos if counts.get(n)),
-        checksum=checksum_value,
-    )
-    with tmp.open("w", encoding="utf-8", newline="") as out:
-        out.write(header)
-        with body.open(encoding="utf-8", newline="") as images:
-            shutil.copyfileobj(images, out, 1 << 20)
-        body.unlink()
-        out.write(
-            "CREATE INDEX ON pg_temp.backfill_rollback_images (batch_no);\nANALYZE pg_temp.backfill_rollback_images;\n"
+        # two connections read alternate batches; the file takes them in order
+        async with anyio.create_task_group() as tg:
+            for k, c in enumerate(conns):
+                tg.start_soon(fetch, c, missing[k :: len(conns)])
+        rows = sum(counts.get(no, 0) for no in with_images)
+        checksum_value = ledger.run_checksum([images.checksums[no] for no in sorted(with_images)])
+        header = _file_header(
+            run,
+            shape,
+            path.name,
+            display_dsn,
+            scope=_scope_text(batches, since),
+            rows=rows,
+            batches=len(with_images),
+            checksum=checksum_value,
         )
-        for no in nos:
-            if counts.get(no):
+        with tmp.open("wb") as out:
+            out.write(header.encode())
+            images.copy_to(out, with_images)
+            tail = [
+                "CREATE INDEX ON pg_temp.backfill_rollback_images (batch_no);\n"
+                "ANALYZE pg_temp.backfill_rollback_images;\n"
+            ]
+            for no in with_images:
                 restore = shape.restore_sql(
                     "pg_temp.backfill_rollback_images", f"i.batch_no = {int(no)}"
                 )
-                out.write(f"\n-- batch {no}: {counts[no]} row(s)\nBEGIN;\n{restore};\nCOMMIT;\n")
-        out.write(_file_verification(shape, checksum_value))
-    tmp.replace(path)
+                tail.append(f"\n-- batch {no}: {counts[no]} row(s)\nBEGIN;\n{restore};\nCOMMIT;\n")
+            tail.append(_file_verification(shape, checksum_value))
+            out.write("".join(tail).encode())
+        tmp.replace(path)
+    finally:
+        if own:
+            images.close()
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -33,7 +33,7 @@ def test_sigkill_at_random_moments_then_resume_ends_exactly_once(workdir: Path, 
     plan = write_plan(
         workdir / "p.json",
         apply__sql="UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
-        "AND val IS DISTINCT FROM 'new' AND pg_sleep(0.005) IS NOT NULL",
+        "AND val IS DISTINCT FROM 'new' AND pg_sleep(0.01) IS NOT NULL",
         batching__size=20,
         batching__workers=2,
         batching__lock_timeout="5s",
@@ -70,7 +70,8 @@ def test_sigkill_at_random_moments_then_resume_ends_exactly_once(workdir: Path, 
             break
     assert run_id is not None
     # enough kills to have landed at many moments (a fast machine finishes sooner; each
-    # batch sleeps 100 ms so that 150 batches outlast several kill cycles even there)
+    # batch sleeps 200 ms so that its 120 batches outlast the kill cycles even there: a
+    # process that starts in ~0.4 s has most of each cycle for its batches)
     assert kills >= 8
     in_flight_seen = val(db, "SELECT count(*) FROM backfill.batches WHERE run_id = $1", run_id)
     assert in_flight_seen < 120, "the runs were killed too late to test anything"

@@ -1,0 +1,111 @@
+"""The stage's files prepared while its batches run, so they are written right after the last one.
+
+The rollback file and the manifest are read from the ledger's images of every committed batch:
+read after the last batch, that is a second pass over every changed row (about 2 s per million
+rows here), which an operator waits for. A `Follower` reads each batch's share as soon as the
+batch is recorded, on a connection of its own beside the workers: its rollback statements into an
+`ImageSpool` (a file), its manifest rows into memory (what the manifest holds anyway).
+
+It is only ever a cache. The files are written from the ledger's committed batches when the stage
+finishes; what the follower did not read (another process's batches, an earlier command's, the
+last ones still in its queue when it was stopped, all of them after it lost its connection) is
+read then. A committed batch's images never change, so a batch read early reads the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import structlog
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from runner import ledger
+from runner.db import close_quietly
+from runner.rollback import ImageSpool
+
+log = structlog.get_logger()
+
+DRAIN_SECONDS = 10.0
+MANIFEST_KEYS_UP_TO = 1000  # per batch and table: more keys are listed by count and md5 only
+
+
+async def manifest_records(
+    conn: asyncpg.Connection, run_id: str, stage: str, batch_nos: list[int] | None = None
+) -> list[dict[str, Any]]:
+    """The manifest's rows of the stage's committed batches (or of `batch_nos` among them)."""
+    return [
+        dict(r)
+        for r in await ledger.manifest_rows(conn, run_id, stage, MANIFEST_KEYS_UP_TO, batch_nos)
+    ]
+
+
+class Follower:
+    """Reads each committed batch's rollback images and manifest rows as it is recorded."""
+
+    def __init__(self, run: ledger.RunRow, stage: str, folder: Path) -> None:
+        self.run_id = run.run_id
+        self.stage = stage
+        # a shaped run's rollback file is written its own way (rollback.shaped), per table
+        self.spool = ImageSpool(folder) if run.tables is None else None
+        self.manifest: dict[int, list[dict[str, Any]]] = {}
+        send, receive = anyio.create_memory_object_stream[int](math.inf)
+        self._send: MemoryObjectSendStream[int] = send
+        self._receive: MemoryObjectReceiveStream[int] = receive
+
+    def committed(self, batch_no: int) -> None:
+        """A batch of the stage was recorded done: read its share when the follower gets to it."""
+        # once it stopped following, the files read the batch at the end
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._send.send_nowait(batch_no)
+
+    async def _follow(self, connect: Callable[[], Awaitable[asyncpg.Connection]]) -> None:
+        conn: asyncpg.Connection | None = None
+        try:
+            async with self._receive:
+                conn = await connect()
+                async for no in self._receive:
+                    if self.spool is not None:
+                        await self.spool.fetch(conn, self.run_id, no)
+                    self.manifest[no] = await manifest_records(conn, self.run_id, self.stage, [no])
+        except asyncio.CancelledError:
+            if conn is not None:
+                conn.terminate()  # stopped mid-read: nothing of that batch was kept
+                conn = None
+            raise
+        except Exception as exc:  # a cache: the files read what is missing at the end
+            log.warning("apply.follow_stopped", error=str(exc))
+        finally:
+            if conn is not None:
+                await close_quietly(conn)
+
+    @asynccontextmanager
+    async def running(
+        self, connect: Callable[[], Awaitable[asyncpg.Connection]]
+    ) -> AsyncIterator[Follower]:
+        """Follow while the body runs. When it ends, the batches still queued are read (for at
+        most DRAIN_SECONDS: the files read the rest); when it fails, nothing more is read."""
+        # a plain asyncio task (asyncpg runs on asyncio): a task group around the `yield` would
+        # wrap the apply's own errors in an exception group
+        task = asyncio.create_task(self._follow(connect))
+        try:
+            yield self
+            self._send.close()
+            await asyncio.wait({task}, timeout=DRAIN_SECONDS)
+        finally:
+            self._send.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+            self._receive.close()  # if the task was stopped before it began
+
+    def close(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
