@@ -23,7 +23,7 @@ from typing import Any
 import anyio
 import asyncpg
 import psutil  # type: ignore[import-untyped]
-from bench_support import bench_database, sql
+from bench_support import bench_database, server_cpu, sql
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 10_000
@@ -121,9 +121,12 @@ def runner_apply(dsn: str, table: str, workers: int, workdir: Path) -> dict[str,
         stderr=subprocess.PIPE,
     )
     peak = 0
+    cpu = 0.0
     while proc.poll() is None:
         try:
             peak = max(peak, proc.memory_info().rss)
+            t = proc.cpu_times()
+            cpu = t.user + t.system  # the last reading before it exits
         except psutil.NoSuchProcess:
             break
         time.sleep(0.05)
@@ -143,6 +146,7 @@ def runner_apply(dsn: str, table: str, workers: int, workdir: Path) -> dict[str,
         "wall": wall,
         "loop": data["timing"]["elapsed_seconds"],
         "rss": peak,
+        "runner_cpu": cpu,
         "counting": data["timing"]["counting_seconds"],
         "changed": data["totals"]["changed"],
     }
@@ -177,15 +181,33 @@ def main() -> None:
         print(f"rows: {args.rows:,} of ~250 bytes; batches of {BATCH:,}; server: {where}")
         make_source(dsn, args.rows)
         timings: dict[str, float] = {}
+        # CPU seconds of the database server (every process of it: backends, WAL writer,
+        # checkpointer) and of the client, per method: what a method costs the machine
+        cpu: dict[str, tuple[float, float, float]] = {}
+        datadir = work / "pg"
+
+        def measured(name: str, fn: Any) -> Any:
+            s0, c0 = server_cpu(datadir), time.process_time()
+            out = fn()
+            wall = out if isinstance(out, float) else out["wall"]
+            client = time.process_time() - c0 if isinstance(out, float) else out["runner_cpu"]
+            cpu[name] = (wall, server_cpu(datadir) - s0, client)
+            return out
+
         fresh_copy(dsn, "t_oneshot")
-        timings["one-shot UPDATE"] = anyio.run(one_shot, dsn)
+        timings["one-shot UPDATE"] = measured("one-shot UPDATE", lambda: anyio.run(one_shot, dsn))
         fresh_copy(dsn, "t_hand")
-        timings["hand-written keyset loop + images, 1 conn"] = anyio.run(hand_loop, dsn)
+        timings["hand-written keyset loop + images, 1 conn"] = measured(
+            "hand-written keyset loop + images", lambda: anyio.run(hand_loop, dsn)
+        )
         runs = {}
         for workers in (1, 2):
             name = f"t_runner{workers}"
             fresh_copy(dsn, name)
-            runs[workers] = runner_apply(dsn, name, workers, work)
+            runs[workers] = measured(
+                f"backfill apply, {workers} worker(s), whole command",
+                lambda name=name, workers=workers: runner_apply(dsn, name, workers, work),
+            )
             assert runs[workers]["changed"] == args.rows
             timings[f"backfill apply, {workers} worker(s), batch loop"] = runs[workers]["loop"]
             timings[f"  of which the count before the first batch ({workers})"] = runs[workers][
@@ -222,6 +244,21 @@ def main() -> None:
             r = runs[workers]
             print(
                 f"  whole command, {workers} worker(s): {r['wall'] - r['loop']:.2f} s beside the batch loop"
+            )
+        if where == "embedded":
+            cores = psutil.cpu_count() or 1
+            print(f"\nwhere the CPU went ({cores} cores; server: the database's processes):")
+            print(
+                f"  {'method':<50} {'wall s':>7} {'server CPU s':>13} {'client CPU s':>13} {'server busy':>12}"
+            )
+            for name, (wall, server, client) in cpu.items():
+                print(
+                    f"  {name:<50} {wall:7.2f} {server:13.2f} {client:13.2f} {server / (cores * wall):>12.0%}"
+                )
+            floor = cpu["backfill apply, 2 worker(s), whole command"][1] / cores
+            print(
+                f"  the runner's server CPU over {cores} cores: {floor:.2f} s, against the one-shot's "
+                f"{base:.2f} s wall: at best {base / floor:.2f}x the one-shot on this machine"
             )
         print("\npeak RSS of `backfill apply` (1 worker):")
         rss = {}

@@ -36,6 +36,26 @@ def sql(dsn: str, *statements: str) -> None:
     anyio.run(_exec, dsn, *statements)
 
 
+def server_cpu(datadir: Path) -> float:
+    """The CPU seconds so far of the server whose data lives under `datadir`: the postmaster's
+    own, its children's that have exited (a backend ends with its connection) and its live
+    children's."""
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] != "postgres" or str(datadir) not in " ".join(p.info["cmdline"] or []):
+            continue
+        try:
+            t = p.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            for child in p.children():
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    c = child.cpu_times()
+                    total += c.user + c.system
+            return total
+        except psutil.NoSuchProcess:
+            continue
+    return 0.0
+
+
 def byte_compile() -> None:
     """Byte-compile the runner and its dependencies, as an installed package is (pip compiles at
     install; Python writes the cache on first use): the commands measured start as an operator's

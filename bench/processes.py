@@ -15,7 +15,6 @@ BACKFILL_BENCH_DSN to use another server (its CPU is then not measured).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
@@ -28,29 +27,9 @@ import anyio
 import asyncpg
 import psutil  # type: ignore[import-untyped]
 from apply_throughput import fresh_copy, make_source
-from bench_support import bench_database
+from bench_support import bench_database, server_cpu
 
 BATCH = 5_000
-
-
-def _server_cpu(datadir: Path) -> float:
-    """The CPU seconds so far of the server whose data lives under `datadir`: the postmaster's
-    own, its children's that have exited (a backend ends with its connection) and its live
-    children's."""
-    for p in psutil.process_iter(["name", "cmdline"]):
-        if p.info["name"] != "postgres" or str(datadir) not in " ".join(p.info["cmdline"] or []):
-            continue
-        try:
-            t = p.cpu_times()
-            total = t.user + t.system + t.children_user + t.children_system
-            for child in p.children():
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    c = child.cpu_times()
-                    total += c.user + c.system
-            return total
-        except psutil.NoSuchProcess:
-            continue
-    return 0.0
 
 
 async def _fetch(dsn: str, query: str, *args: Any) -> list[asyncpg.Record]:
@@ -95,7 +74,7 @@ def case(dsn: str, table: str, processes: int, workers: int, workdir: Path) -> d
     path.write_text(json.dumps(plan))
     env = {**os.environ, "BACKFILL_LOGS": str(workdir / "logs"), "BACKFILL_ACTOR": "bench"}
     command = [sys.executable, "-m", "runner", "apply", str(path), "--env", "staging", "--quiet"]
-    server0 = _server_cpu(workdir)
+    server0 = server_cpu(workdir)
     t0 = time.perf_counter()
     procs = [
         psutil.Popen(command, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -126,7 +105,7 @@ def case(dsn: str, table: str, processes: int, workers: int, workdir: Path) -> d
                     running.remove(p)
         time.sleep(0.05)
     wall = time.perf_counter() - t0
-    server_cpu = _server_cpu(workdir) - server0
+    server_seconds = server_cpu(workdir) - server0
     for i, p in enumerate(procs):
         out, err = p.communicate()
         # a joiner that arrives after the leader finished finds the stage done (exit 3 too)
@@ -150,7 +129,7 @@ def case(dsn: str, table: str, processes: int, workers: int, workdir: Path) -> d
         "changed": changed,
         "batches": [int(r["n"]) for r in per_process],
         "runner_cpu": runner_cpu,
-        "server_cpu": server_cpu,
+        "server_cpu": server_seconds,
     }
 
 
