@@ -7,7 +7,7 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +17,7 @@ import asyncpg
 import structlog
 
 from runner import ledger, rollout
-from runner.artifacts import RunDir, check_run_id, new_run_id, write_json, write_text
+from runner.artifacts import RunDir, check_run_id, new_run_id, write_json, writing
 from runner.db import Databases, close_quietly
 from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
 from runner.engine.claims import Claims
@@ -50,7 +50,7 @@ from runner.phases.common import (
     require_open,
     rollback_note,
 )
-from runner.phases.follow import Follower, manifest_records
+from runner.phases.follow import Follower, ManifestSpool
 from runner.phases.validate import refuse_unfit, validate_env
 from runner.phases.verify import run_verify
 from runner.phases.windows import WindowWalk, resume_point, window_result
@@ -1173,6 +1173,9 @@ def _results_path(run_id: str, env: str, stage: str) -> Path:
     return RunDir.of(run_id).env(env) / name
 
 
+MANIFEST_READ_BATCHES = 500  # batches' manifest rows read at once when writing the manifest
+
+
 def manifest_name(stage: str) -> str:
     return "manifest.jsonl" if stage == "apply" else f"{stage}_manifest.jsonl"
 
@@ -1191,55 +1194,55 @@ async def write_manifest(
     run: ledger.RunRow,
     env: str,
     stage: str,
-    prefetched: Mapping[int, list[dict[str, Any]]] | None = None,
+    spool: ManifestSpool | None = None,
 ) -> Path:
     """manifest.jsonl: one line per committed batch and table — which keys it changed (or their
     count and md5 where there are many), from the ledger's images, with the rows of the plan's
     [manifest] sql on the batch's first line; then, for a windowed run, one line per window with
-    discovery's count at its start against what its batches did. `prefetched`: rows of batches
-    read while they ran (`phases.follow`); the stage's other committed batches are read now."""
+    discovery's count at its start against what its batches did. `spool`: rows of batches read
+    while they ran (`phases.follow`); the stage's other committed batches are read now, a few
+    hundred at a time, and the file is written as a stream."""
     names = {int(t["rel"]): f"{t['schema']}.{t['name']}" for t in run.tables or []}
     windows = await ledger.window_rows(conn, run.run_id, env) if run.plan.get("windows") else []
     starts = sorted((w["first_batch"], w["window_no"]) for w in windows if w["first_batch"])
-    if prefetched:
-        done = await ledger.done_in_stage(conn, run.run_id, stage)
-        read = await manifest_records(
-            conn, run.run_id, stage, [no for no in done if no not in prefetched]
-        )
-        records = sorted(
-            read + [r for no in done for r in prefetched.get(no, ())],
-            key=lambda r: (r["batch_no"], r["rel"]),
-        )
-    else:
-        records = await manifest_records(conn, run.run_id, stage)
-    lines = []
-    seen: set[int] = set()
-    for r in records:
-        entry: dict[str, Any] = {
-            "batch_no": r["batch_no"],
-            "table": names.get(r["rel"], run.target_table),
-            "started_at": r["started_at"].isoformat(),
-            "changed": r["changed"],
-            "keys_md5": r["keys_md5"],
-        }
-        if starts:  # a quarantine retry's batch belongs to no window (its keys were counted
-            # in theirs when they were quarantined)
-            entry["window"] = (
-                None
-                if r["stage"] == "retry"
-                else next((no for first, no in reversed(starts) if first <= r["batch_no"]), None)
-            )
-        if r["keys"] is not None:
-            entry["keys"] = json.loads(r["keys"])
-        if r["manifest"] is not None and r["batch_no"] not in seen:
-            entry["manifest"] = manifest_doc(json.loads(r["manifest"]))
-        seen.add(r["batch_no"])
-        lines.append(json.dumps(entry))
-    for w in windows:
-        result = window_result(w)
-        lines.append(json.dumps({"window": result.no} | result.model_dump(exclude={"no"})))
+    done = await ledger.done_in_stage(conn, run.run_id, stage)
+    rows = ManifestSpool(RunDir.of(run.run_id).env(env)) if spool is None else spool
     path = RunDir.of(run.run_id).env(env) / manifest_name(stage)
-    return write_text(path, "".join(f"{line}\n" for line in lines))
+    try:
+        missing = [no for no in done if no not in rows]
+        for at in range(0, len(missing), MANIFEST_READ_BATCHES):
+            await rows.fetch(conn, run.run_id, stage, missing[at : at + MANIFEST_READ_BATCHES])
+        with writing(path) as out:
+            for no in done:
+                for k, r in enumerate(rows.rows(no)):
+                    entry: dict[str, Any] = {
+                        "batch_no": r["batch_no"],
+                        "table": names.get(r["rel"], run.target_table),
+                        "started_at": r["started_at"],
+                        "changed": r["changed"],
+                        "keys_md5": r["keys_md5"],
+                    }
+                    if starts:  # a quarantine retry's batch belongs to no window (its keys
+                        # were counted in theirs when they were quarantined)
+                        entry["window"] = (
+                            None
+                            if r["stage"] == "retry"
+                            else next((w for first, w in reversed(starts) if first <= no), None)
+                        )
+                    if r["keys"] is not None:
+                        entry["keys"] = json.loads(r["keys"])
+                    if r["manifest"] is not None and k == 0:
+                        entry["manifest"] = manifest_doc(json.loads(r["manifest"]))
+                    out.write(json.dumps(entry) + "\n")
+            for w in windows:
+                result = window_result(w)
+                out.write(
+                    json.dumps({"window": result.no} | result.model_dump(exclude={"no"})) + "\n"
+                )
+    finally:
+        if spool is None:
+            rows.close()
+    return path
 
 
 def _artifacts(dbs: Databases, stage: str, follower: Follower | None = None) -> ReportWriter:

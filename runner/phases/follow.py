@@ -4,7 +4,7 @@ The rollback file and the manifest are read from the ledger's images of every co
 read after the last batch, that is a second pass over every changed row (about 2 s per million
 rows here), which an operator waits for. A `Follower` reads each batch's share as soon as the
 batch is recorded, on a connection of its own beside the workers: its rollback statements into an
-`ImageSpool` (a file), its manifest rows into memory (what the manifest holds anyway).
+`ImageSpool`, its manifest rows into a `ManifestSpool` (unnamed files: memory stays flat).
 
 It is only ever a cache. The files are written from the ledger's committed batches when the stage
 finishes; what the follower did not read (another process's batches, an earlier command's, the
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -29,6 +30,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from runner import ledger
 from runner.db import close_quietly
+from runner.engine.spool import Spool
 from runner.rollback import ImageSpool
 
 log = structlog.get_logger()
@@ -40,11 +42,43 @@ MANIFEST_KEYS_UP_TO = 1000  # per batch and table: more keys are listed by count
 async def manifest_records(
     conn: asyncpg.Connection, run_id: str, stage: str, batch_nos: list[int] | None = None
 ) -> list[dict[str, Any]]:
-    """The manifest's rows of the stage's committed batches (or of `batch_nos` among them)."""
+    """The manifest's rows of the stage's committed batches (or of `batch_nos` among them), as
+    JSON values (`started_at` in ISO 8601)."""
     return [
-        dict(r)
+        dict(r) | {"started_at": r["started_at"].isoformat()}
         for r in await ledger.manifest_rows(conn, run_id, stage, MANIFEST_KEYS_UP_TO, batch_nos)
     ]
+
+
+class ManifestSpool:
+    """Each committed batch's manifest rows, as JSON on disk (`engine.spool.Spool`): a manifest
+    lists up to MANIFEST_KEYS_UP_TO keys per batch, which memory should not hold for a whole run."""
+
+    def __init__(self, folder: Path) -> None:
+        self._chunks = Spool(folder)
+
+    def __contains__(self, batch_no: object) -> bool:
+        return batch_no in self._chunks
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    async def fetch(
+        self, conn: asyncpg.Connection, run_id: str, stage: str, batch_nos: list[int]
+    ) -> None:
+        """Read committed batches' manifest rows from the ledger into the spool."""
+        rows: dict[int, list[dict[str, Any]]] = {no: [] for no in batch_nos}
+        for r in await manifest_records(conn, run_id, stage, batch_nos):
+            rows[r["batch_no"]].append(r)
+        for no, of_batch in rows.items():
+            self._chunks.put(no, json.dumps(of_batch).encode())
+
+    def rows(self, batch_no: int) -> list[dict[str, Any]]:
+        """The batch's rows, one per table it changed, in table order."""
+        return list(json.loads(self._chunks.get(batch_no)))
+
+    def close(self) -> None:
+        self._chunks.close()
 
 
 class Follower:
@@ -55,7 +89,7 @@ class Follower:
         self.stage = stage
         # a shaped run's rollback file is written its own way (rollback.shaped), per table
         self.spool = ImageSpool(folder) if run.tables is None else None
-        self.manifest: dict[int, list[dict[str, Any]]] = {}
+        self.manifest = ManifestSpool(folder)
         send, receive = anyio.create_memory_object_stream[int](math.inf)
         self._send: MemoryObjectSendStream[int] = send
         self._receive: MemoryObjectReceiveStream[int] = receive
@@ -74,7 +108,7 @@ class Follower:
                 async for no in self._receive:
                     if self.spool is not None:
                         await self.spool.fetch(conn, self.run_id, no)
-                    self.manifest[no] = await manifest_records(conn, self.run_id, self.stage, [no])
+                    await self.manifest.fetch(conn, self.run_id, self.stage, [no])
         except asyncio.CancelledError:
             if conn is not None:
                 conn.terminate()  # stopped mid-read: nothing of that batch was kept
@@ -109,3 +143,4 @@ class Follower:
     def close(self) -> None:
         if self.spool is not None:
             self.spool.close()
+        self.manifest.close()

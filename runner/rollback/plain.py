@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from runner import ledger
 from runner.db import PINNED_SETTINGS, fetch_one, qualified, quote_ident
 from runner.engine.executor import classify
 from runner.engine.session import MainSession
+from runner.engine.spool import Spool
 from runner.engine.target import as_text_array, decoded, encode
 from runner.engine.throttle import Throttle
 from runner.errors import ConnectionFailed, InvalidInput
@@ -199,51 +199,36 @@ def parse_batch_range(text: str | None) -> tuple[int, int] | None:
 
 
 class ImageSpool:
-    """A run's rollback images as `INSERT … VALUES` statements, batch by batch in any order, in
-    an unnamed file beside the rollback file (gone with the process, even a killed one), with each
-    batch's checksum. The apply fills it while its batches run (`phases.follow`), so writing the
-    rollback file after the last batch copies them instead of reading the ledger again; the file
-    always covers the ledger's committed batches, fetching here whatever is not spooled yet."""
+    """A run's rollback images as `INSERT … VALUES` statements, batch by batch in any order, on
+    disk (`engine.spool.Spool`), with each batch's checksum. The apply fills it while its batches
+    run (`phases.follow`), so writing the rollback file after the last batch copies them instead
+    of reading the ledger again; the file always covers the ledger's committed batches, fetching
+    here whatever is not spooled yet."""
 
     def __init__(self, folder: Path) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self._file = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115  (closed in close())
-        self._where: dict[int, tuple[int, int]] = {}  # batch -> (offset, length) in the file
+        self._chunks = Spool(folder)
         self.checksums: dict[int, str | None] = {}
 
-    def __contains__(self, batch_no: int) -> bool:
-        return batch_no in self.checksums
+    def __contains__(self, batch_no: object) -> bool:
+        return batch_no in self._chunks
 
     async def fetch(self, conn: asyncpg.Connection, run_id: str, batch_no: int) -> None:
         """Read one committed batch's images from the ledger into the spool."""
         values, checksum = await ledger.image_values(conn, run_id, batch_no)
-        self.put(batch_no, values, checksum)
-
-    def put(self, batch_no: int, values: str | None, checksum: str | None) -> None:
-        data = (
+        self._chunks.put(
+            batch_no,
             f"INSERT INTO pg_temp.backfill_rollback_images VALUES\n{values};\n".encode()
             if values
-            else b""
+            else b"",
         )
-        offset = self._file.seek(0, os.SEEK_END)
-        self._file.write(data)
-        self._where[batch_no] = (offset, len(data))
         self.checksums[batch_no] = checksum
 
     def copy_to(self, out: BinaryIO, batch_nos: list[int]) -> None:
         """The spooled statements of `batch_nos`, in that order."""
-        self._file.flush()
-        fd = self._file.fileno()
-        for no in batch_nos:
-            offset, length = self._where[no]
-            while length:
-                chunk = os.pread(fd, min(length, 1 << 20), offset)
-                out.write(chunk)
-                offset += len(chunk)
-                length -= len(chunk)
+        self._chunks.copy_to(out, batch_nos)
 
     def close(self) -> None:
-        self._file.close()
+        self._chunks.close()
 
 
 async def emit_rollback_file(

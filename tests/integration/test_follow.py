@@ -128,7 +128,8 @@ def test_a_follower_that_read_some_batches_or_none_gives_the_same_files(
         follower = run(
             lambda seen=seen: _follow(db, applied, workdir, seen, lambda: asyncpg.connect(db))
         )
-        assert sorted(follower.manifest) == sorted(seen)
+        assert len(follower.manifest) == len(seen)
+        assert all(no in follower.manifest for no in seen)
         assert follower.spool is not None
         assert all(no in follower.spool for no in seen)
         got, got_manifest = run(lambda f=follower: _write_with(db, applied, workdir, f))
@@ -146,7 +147,7 @@ def test_a_follower_that_cannot_connect_or_loses_its_connection_costs_nothing_bu
         raise OSError("connection refused")
 
     follower = run(lambda: _follow(db, applied, workdir, [1, 2], refused))
-    assert follower.manifest == {}
+    assert len(follower.manifest) == 0
     got, got_manifest = run(lambda: _write_with(db, applied, workdir, follower))
     assert _comparable(got) == _comparable(expected)
     assert got_manifest == expected_manifest
@@ -174,7 +175,8 @@ def test_a_follower_that_cannot_connect_or_loses_its_connection_costs_nothing_bu
             await conn.close()
 
     cut = run(follow_and_cut)
-    assert sorted(cut.manifest) == [1]
+    assert 1 in cut.manifest
+    assert len(cut.manifest) == 1
     got, got_manifest = run(lambda: _write_with(db, applied, workdir, cut))
     assert _comparable(got) == _comparable(expected)
     assert got_manifest == expected_manifest
