@@ -35,7 +35,7 @@ from runner.rollback import ImageSpool
 
 log = structlog.get_logger()
 
-DRAIN_SECONDS = 10.0
+DRAIN_SECONDS = 2.0  # a longer backlog is read faster by the writer, on two connections
 MANIFEST_KEYS_UP_TO = 1000  # per batch and table: more keys are listed by count and md5 only
 
 
