@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from secrets import token_hex
-from typing import Any, TextIO
+from typing import Any
 
 from runner.errors import InvalidInput
+from runner.files import writing
 
 
 def logs_root() -> Path:
@@ -85,23 +83,8 @@ class RunDir:
         return data
 
 
-@contextlib.contextmanager
-def writing(path: Path) -> Iterator[TextIO]:
-    """Write `path` whole or not at all, as a stream: into a temporary file renamed over it when
-    the block ends, removed if it fails. The temporary name is this writer's own, as several
-    processes of one run write the same run directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8") as out:
-            yield out
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_text(path: Path, text: str) -> Path:
-    """Write `path` whole or not at all (`writing`)."""
+    """Write `path` whole or not at all (`files.writing`)."""
     with writing(path) as out:
         out.write(text)
     return path

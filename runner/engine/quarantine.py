@@ -291,7 +291,7 @@ class Quarantine:
             failure=run.failure,
             applied=_arrays(run.applied, width),
             excluded=_arrays(run.quarantined, width),
-            halt=self.budget.error(self.resume) if run.over_budget else None,
+            halt=run.budget_spent,
         )
 
 
@@ -315,7 +315,8 @@ class _Split:
         self.quarantined: list[KeyTuple] = []
         self.failure: BatchOutcome | None = None  # a part that failed not on its data
         self.top: BatchOutcome | None = None  # the batch's own 'split' row, once recorded
-        self.over_budget = False
+        # the budget's error as it stood when it was spent (other workers' batches count on)
+        self.budget_spent: WorkFailed | None = None
         self.open: list[
             tuple[BatchOutcome, list[int], int]
         ] = []  # splits under way, outermost first
@@ -381,7 +382,7 @@ class _Split:
         budget.by_sqlstate[state] += 1
         budget.example.setdefault(state, failed.error or "")
         if budget.exceeded():
-            self.over_budget = True
+            self.budget_spent = budget.error(self.q.resume)
             raise _Stop
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -17,7 +18,7 @@ import asyncpg
 import structlog
 
 from runner import ledger, rollout
-from runner.artifacts import RunDir, check_run_id, new_run_id, write_json, writing
+from runner.artifacts import RunDir, check_run_id, new_run_id, write_json
 from runner.db import Databases, close_quietly
 from runner.engine.batch_run import BatchRun, KeysetSource, RunSettings, RunState, describe
 from runner.engine.claims import Claims
@@ -38,6 +39,7 @@ from runner.engine.throttle import Throttle
 from runner.engine.watch import RunWatch
 from runner.engine.windows import count_windows, plan_windows
 from runner.errors import InvalidInput, NoGo, WorkFailed
+from runner.files import writing
 from runner.phases.common import (
     PhaseFrame,
     ProgressCallback,
@@ -407,31 +409,59 @@ async def apply(
             elif (row := await ledger.get_phase(conn, run.run_id, "apply")) and row.finished_at:
                 return await _finished_result(conn, dbs, run.run_id, env, "apply", cmd, loaded)
             await frame.started()
-            follower = Follower(run, frame.phase, frame.dir)
-            try:
-                async with follower.running(lambda: dbs.connect(env)):
-                    state = await _batch_machine(
-                        session,
-                        dbs,
-                        loaded,
-                        target,
-                        frame,
-                        progress,
-                        cmd,
-                        max_rows,
-                        on_committed=follower.committed,
-                    )
-                if state.capped:
-                    return await session.run(lambda c: _capped(c, frame, loaded, state, cmd))
-                return await session.run(
-                    lambda c: _finish(c, frame, dbs, loaded, target, state, cmd, follower)
-                )
-            finally:
-                follower.close()
+            return await _lead(session, dbs, loaded, target, frame, progress, cmd, max_rows)
     finally:
         await close_quietly(conn)
         if session is not None:
             await session.close()
+
+
+async def _lead(
+    session: MainSession,
+    dbs: Databases,
+    loaded: LoadedPlan,
+    target: TargetInfo,
+    frame: PhaseFrame,
+    progress: ProgressCallback | None,
+    cmd: str,
+    max_rows: int | None,
+) -> ApplyResult:
+    """The stage this command leads: its batches, then its files, or the row cap reached.
+
+    The files are prepared while the batches run (`phases.follow`), unless a row cap may end the
+    command before the stage: a capped command writes no files, and the one that finishes the
+    stage reads every earlier command's batches then."""
+    plan = loaded.plan
+    follower = (
+        Follower(frame.run, frame.phase, frame.dir)
+        if _cap(plan.batching.max_rows_per_run, max_rows) is None
+        else None
+    )
+    try:
+        async with (
+            follower.running(lambda: dbs.connect(frame.env))
+            if follower
+            else contextlib.nullcontext()
+        ):
+            state = await _batch_machine(
+                session,
+                dbs,
+                loaded,
+                target,
+                frame,
+                progress,
+                cmd,
+                max_rows,
+                on_committed=follower.committed if follower else None,
+            )
+        if state.capped:
+            return await session.run(lambda c: _capped(c, frame, loaded, state, cmd))
+        return await session.run(
+            lambda c: _finish(c, frame, dbs, loaded, target, state, cmd, follower)
+        )
+    finally:
+        if follower is not None:
+            follower.close()
 
 
 def _not_joinable(loaded: LoadedPlan) -> str:

@@ -9,7 +9,6 @@ type, so no value can break out of its literal.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from runner.engine.spool import Spool
 from runner.engine.target import as_text_array, decoded, encode
 from runner.engine.throttle import Throttle
 from runner.errors import ConnectionFailed, InvalidInput
+from runner.files import writing_bytes
 
 CHECKSUM_ROW = ledger.CHECKSUM_ROW
 
@@ -250,8 +250,6 @@ async def emit_rollback_file(
     shape = RunShape.of(run)
     nos = await ledger.done_batches(conn, run.run_id, batches, since)
     counts = await ledger.changed_per_batch(conn, run.run_id, nos)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with_images = [no for no in nos if counts.get(no)]
     own = spool is None
     images = ImageSpool(path.parent) if spool is None else spool
@@ -279,7 +277,7 @@ async def emit_rollback_file(
             batches=len(with_images),
             checksum=checksum_value,
         )
-        with tmp.open("wb") as out:
+        with writing_bytes(path) as out:
             out.write(header.encode())
             images.copy_to(out, with_images)
             tail = [
@@ -293,11 +291,9 @@ async def emit_rollback_file(
                 tail.append(f"\n-- batch {no}: {counts[no]} row(s)\nBEGIN;\n{restore};\nCOMMIT;\n")
             tail.append(_file_verification(shape, checksum_value))
             out.write("".join(tail).encode())
-        tmp.replace(path)
     finally:
         if own:
             images.close()
-        tmp.unlink(missing_ok=True)
     return path
 
 

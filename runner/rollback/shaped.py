@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +33,7 @@ from runner.engine.executor import Writes, counters, write_delta
 from runner.engine.shapes import Table
 from runner.engine.target import as_text_array, decoded, encode
 from runner.errors import InvalidInput, WorkFailed
+from runner.files import writing
 from runner.rollback.plain import (
     RollbackResult,
     _scope_text,
@@ -407,42 +409,42 @@ async def emit_shaped_file(
     undo = await ShapedUndo.of(conn, run)
     nos = await ledger.done_batches(conn, run.run_id, batches, since)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    body = path.with_name(f".{path.name}.body")
     rows = 0
-    with body.open("w", encoding="utf-8", newline="") as out:
+    # the images first, into an unnamed file (gone with the process, even a killed one): the
+    # header counts them
+    with tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=path.parent) as body:
         for no in nos:
             values, n = await ledger.shaped_image_values(conn, run.run_id, no)
             if values:
                 rows += n
-                out.write(f"INSERT INTO pg_temp.backfill_rollback_images VALUES\n{values};\n")
-        out.write(
+                body.write(f"INSERT INTO pg_temp.backfill_rollback_images VALUES\n{values};\n")
+        body.write(
             "CREATE INDEX ON pg_temp.backfill_rollback_images (batch_no, rel);\n"
             "ANALYZE pg_temp.backfill_rollback_images;\n"
         )
         for no in nos:
             src = FILE_IMAGES.replace("{batch}", str(int(no)))
             steps = "\n".join(f"{sql};" for _, _, sql in batch_statements(undo, src))
-            out.write(f"\n-- batch {no}\nBEGIN;\nSET CONSTRAINTS ALL DEFERRED;\n{steps}\nCOMMIT;\n")
-    expected = await _expected_checksum(conn, undo, nos)
-    with tmp.open("w", encoding="utf-8", newline="") as out:
-        out.write(
-            _header(
-                run,
-                undo,
-                path.name,
-                display_dsn,
-                _scope_text(batches, since),
-                rows,
-                len(nos),
-                expected,
+            body.write(
+                f"\n-- batch {no}\nBEGIN;\nSET CONSTRAINTS ALL DEFERRED;\n{steps}\nCOMMIT;\n"
             )
-        )
-        with body.open(encoding="utf-8", newline="") as images:
-            shutil.copyfileobj(images, out, 1 << 20)
-        body.unlink()
-        out.write(_file_verification(undo, expected))
-    tmp.replace(path)
+        expected = await _expected_checksum(conn, undo, nos)
+        with writing(path) as out:
+            out.write(
+                _header(
+                    run,
+                    undo,
+                    path.name,
+                    display_dsn,
+                    _scope_text(batches, since),
+                    rows,
+                    len(nos),
+                    expected,
+                )
+            )
+            body.seek(0)
+            shutil.copyfileobj(body, out, 1 << 20)
+            out.write(_file_verification(undo, expected))
     return path
 
 
