@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -91,6 +92,23 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield pg.uri("postgres")
     finally:
         pg.stop()
+        _stop_restarted(pg.pgdata)
+
+
+def _stop_restarted(pgdata: Path) -> None:
+    """Stop the server if it still runs: a test that restarts it (test_exactness) leaves a
+    postmaster the embedded library did not start, and so does not stop."""
+    if not (pgdata / "postmaster.pid").exists():
+        return
+    postgres = shlex.split((pgdata / "postmaster.opts").read_text())[0]
+    prefix = ["runuser", "-u", pgdata.owner(), "--"] if os.geteuid() == 0 else []
+    pg_ctl = str(Path(postgres).parent / "pg_ctl")
+    subprocess.run(
+        [*prefix, pg_ctl, "-D", str(pgdata), "-m", "immediate", "-w", "stop"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="session")
