@@ -27,7 +27,7 @@ HOSTILE = (
 )
 
 
-def _comparable(path: Path) -> list[str]:
+def comparable(path: Path) -> list[str]:
     """The file's lines but when it was generated, its own name and the DSN shown."""
     return [
         line
@@ -36,14 +36,16 @@ def _comparable(path: Path) -> list[str]:
     ]
 
 
-async def _from_ledger(db: str, run_id: str, out: Path, stage: str) -> tuple[Path, str]:
+async def from_ledger(
+    db: str, run_id: str, out: Path, stage: str, env: str = "staging"
+) -> tuple[Path, str]:
     """The rollback file and the manifest as read from the ledger now, with no follower."""
     conn = await asyncpg.connect(db)
     try:
         row = await ledger.get_run(conn, run_id)
         assert row is not None
         rollback = await emit_rollback_file(conn, row, out / "again.sql", display_dsn="x")
-        manifest = await write_manifest(conn, row, "staging", stage)
+        manifest = await write_manifest(conn, row, env, stage)
         return rollback, manifest.read_text()
     finally:
         await conn.close()
@@ -66,8 +68,8 @@ def test_files_written_while_batches_ran_equal_the_ledgers_also_for_an_earlier_c
     written = rollback_file(workdir, run_id)
     manifest = next((workdir / "backfill_logs").rglob(f"{run_id}/staging/manifest.jsonl"))
     as_written = manifest.read_text()
-    again, manifest_again = run(lambda: _from_ledger(db, run_id, workdir, "apply"))
-    assert _comparable(written) == _comparable(again)
+    again, manifest_again = run(lambda: from_ledger(db, run_id, workdir, "apply"))
+    assert comparable(written) == comparable(again)
     assert as_written == manifest_again
     assert as_written.count("\n") == 18
     assert "-- restores:     1200 row(s) in 18 batch(es)" in written.read_text()
@@ -123,7 +125,7 @@ def applied(cli: Callable[..., Any], workdir: Path, db: str) -> str:
 def test_a_follower_that_read_some_batches_or_none_gives_the_same_files(
     workdir: Path, db: str, applied: str
 ) -> None:
-    expected, expected_manifest = run(lambda: _from_ledger(db, applied, workdir, "apply"))
+    expected, expected_manifest = run(lambda: from_ledger(db, applied, workdir, "apply"))
     for seen in ([], [1, 3], [2, 1, 5, 4, 3, 6, 7, 8]):
         follower = run(
             lambda seen=seen: _follow(db, applied, workdir, seen, lambda: asyncpg.connect(db))
@@ -133,7 +135,7 @@ def test_a_follower_that_read_some_batches_or_none_gives_the_same_files(
         assert follower.spool is not None
         assert all(no in follower.spool for no in seen)
         got, got_manifest = run(lambda f=follower: _write_with(db, applied, workdir, f))
-        assert _comparable(got) == _comparable(expected), seen
+        assert comparable(got) == comparable(expected), seen
         assert got_manifest == expected_manifest
 
 
@@ -141,7 +143,7 @@ def test_a_follower_that_read_some_batches_or_none_gives_the_same_files(
 def test_a_follower_that_cannot_connect_or_loses_its_connection_costs_nothing_but_time(
     workdir: Path, db: str, applied: str
 ) -> None:
-    expected, expected_manifest = run(lambda: _from_ledger(db, applied, workdir, "apply"))
+    expected, expected_manifest = run(lambda: from_ledger(db, applied, workdir, "apply"))
 
     async def refused() -> asyncpg.Connection:
         raise OSError("connection refused")
@@ -149,7 +151,7 @@ def test_a_follower_that_cannot_connect_or_loses_its_connection_costs_nothing_bu
     follower = run(lambda: _follow(db, applied, workdir, [1, 2], refused))
     assert len(follower.manifest) == 0
     got, got_manifest = run(lambda: _write_with(db, applied, workdir, follower))
-    assert _comparable(got) == _comparable(expected)
+    assert comparable(got) == comparable(expected)
     assert got_manifest == expected_manifest
 
     async def follow_and_cut() -> Follower:
@@ -178,7 +180,7 @@ def test_a_follower_that_cannot_connect_or_loses_its_connection_costs_nothing_bu
     assert 1 in cut.manifest
     assert len(cut.manifest) == 1
     got, got_manifest = run(lambda: _write_with(db, applied, workdir, cut))
-    assert _comparable(got) == _comparable(expected)
+    assert comparable(got) == comparable(expected)
     assert got_manifest == expected_manifest
 
 

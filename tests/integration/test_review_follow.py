@@ -11,11 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
-
-from runner import ledger
-from runner.phases.apply import manifest_name, write_manifest
-from runner.rollback import emit_rollback_file
+from runner.phases.apply import manifest_name
 from tests.conftest import make_items, run, sql, val, write_plan
 from tests.helpers import (
     SLOW_APPLY,
@@ -25,37 +21,13 @@ from tests.helpers import (
     run_id_of,
     start_runner,
 )
+from tests.integration.test_follow import HOSTILE, comparable, from_ledger
 from tests.integration.test_quarantine import POISON_APPLY, poisoned_items
 from tests.integration.test_windows import make_events, windows_plan
-
-HOSTILE = (
-    "UPDATE items SET val = CASE id % 4 WHEN 0 THEN E'it''s \\\\ a\\nline' "
-    "WHEN 1 THEN 'é—✓ 𝄞' WHEN 2 THEN NULL ELSE '' END WHERE id % 5 <> 0"
-)
-
-
-def _comparable(path: Path) -> list[str]:
-    return [
-        line
-        for line in path.read_text().splitlines()
-        if not line.startswith(("-- generated:", "-- Run it:", "-- environment:"))
-    ]
 
 
 def _folder(workdir: Path, run_id: str, env: str = "staging") -> Path:
     return next((workdir / "backfill_logs").rglob(f"{run_id}/{env}"))
-
-
-async def _from_ledger(db: str, run_id: str, out: Path, env: str, stage: str) -> tuple[Path, str]:
-    conn = await asyncpg.connect(db)
-    try:
-        row = await ledger.get_run(conn, run_id)
-        assert row is not None
-        rollback = await emit_rollback_file(conn, row, out / "again.sql", display_dsn="x")
-        manifest = await write_manifest(conn, row, env, stage)
-        return rollback, manifest.read_text()
-    finally:
-        await conn.close()
 
 
 def assert_files_are_the_ledgers(
@@ -64,12 +36,12 @@ def assert_files_are_the_ledgers(
     folder = _folder(workdir, run_id, env)
     written = sorted(folder.glob("rollback_*.sql"))
     assert len(written) == 1, written
-    as_written = _comparable(written[0])
+    as_written = comparable(written[0])
     manifest = (folder / manifest_name(stage)).read_text()
     out = workdir / "rerender"
     out.mkdir(exist_ok=True)
-    again, manifest_again = run(lambda: _from_ledger(db, run_id, out, env, stage))
-    assert as_written == _comparable(again)
+    again, manifest_again = run(lambda: from_ledger(db, run_id, out, stage, env))
+    assert as_written == comparable(again)
     assert manifest == manifest_again
     # no leftovers of the spool or of the file's writing in the run folder
     hidden = [p.name for p in folder.iterdir() if p.name.startswith(".") or "tmp" in p.name]
