@@ -115,7 +115,7 @@ class Follower:
                 conn = None
             raise
         except Exception as exc:  # a cache: the files read what is missing at the end
-            log.warning("apply.follow_stopped", error=str(exc))
+            log.info("apply.follow_stopped", error=str(exc))  # nothing lost: said in the log only
         finally:
             if conn is not None:
                 await close_quietly(conn)
