@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -176,14 +177,21 @@ def main() -> None:
     ap.add_argument(
         "--rss-rows", default="1000000,3000000", help="table sizes for the RSS comparison"
     )
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every method, alternating; the figures are their medians",
+    )
     args = ap.parse_args()
     with bench_database() as (work, dsn, where):
         print(f"rows: {args.rows:,} of ~250 bytes; batches of {BATCH:,}; server: {where}")
+        if args.repeat > 1:
+            print(f"medians of {args.repeat} rounds, the methods alternating in each")
         make_source(dsn, args.rows)
-        timings: dict[str, float] = {}
         # CPU seconds of the database server (every process of it: backends, WAL writer,
         # checkpointer) and of the client, per method: what a method costs the machine
-        cpu: dict[str, tuple[float, float, float]] = {}
+        cpu_samples: dict[str, list[tuple[float, float, float]]] = {}
         datadir = work / "pg"
 
         def measured(name: str, fn: Any) -> Any:
@@ -191,24 +199,40 @@ def main() -> None:
             out = fn()
             wall = out if isinstance(out, float) else out["wall"]
             client = time.process_time() - c0 if isinstance(out, float) else out["runner_cpu"]
-            cpu[name] = (wall, server_cpu(datadir) - s0, client)
+            cpu_samples.setdefault(name, []).append((wall, server_cpu(datadir) - s0, client))
             return out
 
-        fresh_copy(dsn, "t_oneshot")
-        timings["one-shot UPDATE"] = measured("one-shot UPDATE", lambda: anyio.run(one_shot, dsn))
-        fresh_copy(dsn, "t_hand")
-        timings["hand-written keyset loop + images, 1 conn"] = measured(
-            "hand-written keyset loop + images", lambda: anyio.run(hand_loop, dsn)
-        )
-        runs = {}
-        for workers in (1, 2):
-            name = f"t_runner{workers}"
-            fresh_copy(dsn, name)
-            runs[workers] = measured(
-                f"backfill apply, {workers} worker(s), whole command",
-                lambda name=name, workers=workers: runner_apply(dsn, name, workers, work),
+        one_shots, hands = [], []
+        samples: dict[int, list[dict[str, Any]]] = {1: [], 2: []}
+        for _ in range(args.repeat):
+            fresh_copy(dsn, "t_oneshot")
+            one_shots.append(measured("one-shot UPDATE", lambda: anyio.run(one_shot, dsn)))
+            fresh_copy(dsn, "t_hand")
+            hands.append(
+                measured("hand-written keyset loop + images", lambda: anyio.run(hand_loop, dsn))
             )
-            assert runs[workers]["changed"] == args.rows
+            for workers in (1, 2):
+                name = f"t_runner{workers}"
+                fresh_copy(dsn, name)
+                r = measured(
+                    f"backfill apply, {workers} worker(s), whole command",
+                    lambda name=name, workers=workers: runner_apply(dsn, name, workers, work),
+                )
+                assert r["changed"] == args.rows
+                samples[workers].append(r)
+        timings: dict[str, float] = {
+            "one-shot UPDATE": statistics.median(one_shots),
+            "hand-written keyset loop + images, 1 conn": statistics.median(hands),
+        }
+        runs = {
+            w: {k: statistics.median(r[k] for r in rs) for k in ("loop", "wall", "counting")}
+            for w, rs in samples.items()
+        }
+        cpu = {
+            name: tuple(statistics.median(x[i] for x in xs) for i in range(3))
+            for name, xs in cpu_samples.items()
+        }
+        for workers in (1, 2):
             timings[f"backfill apply, {workers} worker(s), batch loop"] = runs[workers]["loop"]
             timings[f"  of which the count before the first batch ({workers})"] = runs[workers][
                 "counting"
