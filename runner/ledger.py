@@ -1151,10 +1151,11 @@ async def batch_totals(
 ) -> dict[str, int]:
     """The committed batches of the run, or of one of its stages, over every command that ran
     them (`since`: committed from then on, by whichever process): how many, rows changed,
-    no-ops, batches that needed a retry."""
+    no-ops, batches that needed a retry, keys they were given."""
     row = await conn.fetchrow(
         "SELECT count(*) AS batches, coalesce(sum(changed), 0) AS changed,"
-        " coalesce(sum(noop), 0) AS noop, count(*) FILTER (WHERE attempts > 1) AS retried"
+        " coalesce(sum(noop), 0) AS noop, count(*) FILTER (WHERE attempts > 1) AS retried,"
+        " coalesce(sum(selected), 0) AS keys"
         " FROM backfill.batches WHERE run_id = $1 AND status = 'done'"
         " AND ($2::text IS NULL OR stage = $2)"
         " AND ($3::timestamptz IS NULL OR committed_at >= $3)",

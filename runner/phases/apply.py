@@ -798,7 +798,15 @@ async def _machine(
             manifest_sql=m.sql if (m := plan.manifest) else None,
         ),
         checker_connection=connect.for_checks,
-        record=BatchRecorder(session, frame.dir / "batches", stage, progress, env, on_committed),
+        record=BatchRecorder(
+            session,
+            frame.dir / "batches",
+            stage,
+            progress,
+            env,
+            on_committed,
+            shared_since=state.started_at if claims is not None else None,
+        ),
         state=state,
         watch=RunWatch(
             session,
@@ -903,6 +911,7 @@ class BatchRecorder:
         progress: ProgressCallback | None,
         env: str,
         on_committed: Callable[[int], None] | None = None,
+        shared_since: datetime | None = None,
     ) -> None:
         self.session = session
         self.batch_dir = batch_dir
@@ -911,6 +920,10 @@ class BatchRecorder:
         self.env = env
         self.on_committed = on_committed  # a done batch's number, as soon as it is recorded
         self.totals: Counter[str] = Counter()
+        # other processes may work on the stage (engine.claims): the progress shows every
+        # process's batches since this command started, read from the ledger now and then
+        self.shared_since = shared_since
+        self._shared: tuple[float, Counter[str], dict[str, int]] | None = None
 
     async def _settled(self, conn: asyncpg.Connection, outcome: BatchOutcome) -> None:
         """A failed or split batch's row, or a quarantined key's batch row and quarantine row,
@@ -957,7 +970,26 @@ class BatchRecorder:
         self.totals["noop"] += outcome.noop
         log.info("batch." + outcome.status, **describe(outcome))
         if self.progress:
-            self.progress("batch", {"outcome": outcome, "totals": dict(self.totals)})
+            totals = await self._stage_totals() if self.shared_since else dict(self.totals)
+            self.progress("batch", {"outcome": outcome, "totals": totals})
+
+    async def _stage_totals(self) -> dict[str, int]:
+        """This process's totals with the other processes' batches added: the ledger's count
+        of the stage's batches since this command started, read at most every
+        SHARED_PROGRESS_EVERY_S, plus this process's own batches since that reading."""
+        now = time.monotonic()
+        if self._shared is None or now - self._shared[0] >= SHARED_PROGRESS_EVERY_S:
+            read = await self.session.run(
+                lambda c: ledger.batch_totals(
+                    c, self.session.run_id, self.stage, since=self.shared_since
+                )
+            )
+            self._shared = (now, Counter(self.totals), read)
+        _, own_then, stage_then = self._shared
+        totals = dict(self.totals)
+        for k in ("batches", "keys", "changed", "noop"):
+            totals[k] = max(totals.get(k, 0), stage_then[k] + totals.get(k, 0) - own_then[k])
+        return totals
 
 
 async def _finish(
@@ -1203,6 +1235,7 @@ def _results_path(run_id: str, env: str, stage: str) -> Path:
     return RunDir.of(run_id).env(env) / name
 
 
+SHARED_PROGRESS_EVERY_S = 2.0  # how often the progress of a shared stage reads the ledger
 MANIFEST_READ_BATCHES = 500  # batches' manifest rows read at once when writing the manifest
 
 

@@ -4,6 +4,7 @@ a killed process, one rate for the run, one story in the summary and the rollbac
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -390,3 +391,38 @@ def test_a_joined_process_follows_the_leader_into_its_next_pass(workdir: Path, d
         run_id,
     )
     assert len(second) == 2, second  # both processes claimed pages of the second pass
+
+
+@pytest.mark.slow
+def test_the_leaders_progress_counts_every_processs_batches(workdir: Path, db: str) -> None:
+    make_items(db, 6000)
+    needing = 4800
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql=SLOW_APPLY.format(s=0.2),
+        batching__size=20,
+        batching__workers=2,
+    )
+    leader = start_runner(["apply", str(plan), "-e", "staging"], workdir, db)
+    run_id = leader_run(db)
+    joiners = [
+        start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
+        for _ in range(2)
+    ]
+    code, out = finish(leader)
+    assert code == 3, out
+    for j in joiners:
+        assert finish(j)[0] == 0
+    lines = re.findall(r"progress: (\d+) batches, ([\d,]+)/([\d,]+) rows", out)
+    assert lines, out
+    own = val(
+        db,
+        "SELECT count(*) FROM backfill.batches WHERE run_id = $1 AND status = 'done'"
+        " AND process = (SELECT process_id FROM backfill.processes WHERE run_id = $1"
+        " AND NOT joined)",
+        run_id,
+    )
+    shown = [(int(b), int(d.replace(",", "")), int(t.replace(",", ""))) for b, d, t in lines]
+    # a line while the joiners worked counts their batches too: more than the leader ever did
+    assert max(b for b, _, _ in shown) > own, (shown, own)
+    assert all(done <= total == needing for _, done, total in shown), shown
