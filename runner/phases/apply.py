@@ -979,12 +979,19 @@ class BatchRecorder:
         SHARED_PROGRESS_EVERY_S, plus this process's own batches since that reading."""
         now = time.monotonic()
         if self._shared is None or now - self._shared[0] >= SHARED_PROGRESS_EVERY_S:
-            read = await self.session.run(
-                lambda c: ledger.batch_totals(
-                    c, self.session.run_id, self.stage, since=self.shared_since
+            try:
+                read = await self.session.run(
+                    lambda c: ledger.batch_totals(
+                        c, self.session.run_id, self.stage, since=self.shared_since
+                    )
                 )
-            )
-            self._shared = (now, Counter(self.totals), read)
+            except Exception as exc:  # only the progress line: the batches go on
+                log.info("apply.progress_unread", error=str(exc))
+                if self._shared is None:
+                    return dict(self.totals)
+                self._shared = (now, *self._shared[1:])
+            else:
+                self._shared = (now, Counter(self.totals), read)
         _, own_then, stage_then = self._shared
         totals = dict(self.totals)
         for k in ("batches", "keys", "changed", "noop"):
