@@ -95,16 +95,21 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         _stop_restarted(pg.pgdata)
 
 
+def pg_ctl(pgdata: Path) -> list[str]:
+    """`pg_ctl` of the server whose data directory is `pgdata` (beside the binary it was started
+    with), run as the directory's owner."""
+    postgres = shlex.split((pgdata / "postmaster.opts").read_text())[0]
+    prefix = ["runuser", "-u", pgdata.owner(), "--"] if os.geteuid() == 0 else []
+    return [*prefix, str(Path(postgres).parent / "pg_ctl")]
+
+
 def _stop_restarted(pgdata: Path) -> None:
     """Stop the server if it still runs: a test that restarts it (test_exactness) leaves a
     postmaster the embedded library did not start, and so does not stop."""
     if not (pgdata / "postmaster.pid").exists():
         return
-    postgres = shlex.split((pgdata / "postmaster.opts").read_text())[0]
-    prefix = ["runuser", "-u", pgdata.owner(), "--"] if os.geteuid() == 0 else []
-    pg_ctl = str(Path(postgres).parent / "pg_ctl")
     subprocess.run(
-        [*prefix, pg_ctl, "-D", str(pgdata), "-m", "immediate", "-w", "stop"],
+        [*pg_ctl(pgdata), "-D", str(pgdata), "-m", "immediate", "-w", "stop"],
         capture_output=True,
         timeout=60,
         check=False,

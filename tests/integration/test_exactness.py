@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 
 from runner.db import PINNED_SETTINGS
-from tests.conftest import make_items, run, sql, val, write_plan
+from tests.conftest import make_items, pg_ctl, run, sql, val, write_plan
 from tests.helpers import (
     HOSTILE_PSQL_ENV,
     differing,
@@ -605,14 +605,12 @@ def _stop_and_start(db: str) -> tuple[list[str], list[str]] | None:
     opts = pgdata / "postmaster.opts"
     if not opts.exists():
         return None
-    postgres, *tokens = shlex.split(opts.read_text())
+    _, *tokens = shlex.split(opts.read_text())
     i = tokens.index("-D")
     options = " ".join(shlex.quote(t) for t in tokens[:i] + tokens[i + 2 :])
-    pg_ctl = str(Path(postgres).parent / "pg_ctl")
     log = pgdata / "restart.log"  # the started server must not hold the test's pipes open
-    prefix = ["runuser", "-u", pgdata.owner(), "--"] if os.geteuid() == 0 else []
-    stop = [*prefix, pg_ctl, "-D", str(pgdata), "-m", "fast", "-w", "stop"]
-    start = [*prefix, pg_ctl, "-D", str(pgdata), "-l", str(log), "-o", options, "-w", "start"]
+    stop = [*pg_ctl(pgdata), "-D", str(pgdata), "-m", "fast", "-w", "stop"]
+    start = [*pg_ctl(pgdata), "-D", str(pgdata), "-l", str(log), "-o", options, "-w", "start"]
     return stop, start
 
 
