@@ -198,6 +198,12 @@ def parse_batch_range(text: str | None) -> tuple[int, int] | None:
 # -- emitted SQL -------------------------------------------------------------------------------
 
 
+def images_insert(values: str) -> str:
+    """The statement that loads a batch's images (`values`: their tuples) into the rollback
+    file's images table."""
+    return f"INSERT INTO pg_temp.backfill_rollback_images VALUES\n{values};\n"
+
+
 class ImageSpool:
     """A run's rollback images as `INSERT … VALUES` statements, batch by batch in any order, on
     disk (`engine.spool.Spool`), with each batch's checksum. The apply fills it while its batches
@@ -215,12 +221,7 @@ class ImageSpool:
     async def fetch(self, conn: asyncpg.Connection, run_id: str, batch_no: int) -> None:
         """Read one committed batch's images from the ledger into the spool."""
         values, checksum = await ledger.image_values(conn, run_id, batch_no)
-        self._chunks.put(
-            batch_no,
-            f"INSERT INTO pg_temp.backfill_rollback_images VALUES\n{values};\n".encode()
-            if values
-            else b"",
-        )
+        self._chunks.put(batch_no, images_insert(values).encode() if values else b"")
         self.checksums[batch_no] = checksum
 
     def copy_to(self, out: BinaryIO, batch_nos: list[int]) -> None:

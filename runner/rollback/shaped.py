@@ -38,6 +38,7 @@ from runner.rollback.plain import (
     RollbackResult,
     _scope_text,
     comment_text,
+    images_insert,
     session_preamble,
     sql_literal,
     table_check,
@@ -417,7 +418,7 @@ async def emit_shaped_file(
             values, n = await ledger.shaped_image_values(conn, run.run_id, no)
             if values:
                 rows += n
-                body.write(f"INSERT INTO pg_temp.backfill_rollback_images VALUES\n{values};\n")
+                body.write(images_insert(values))
         body.write(
             "CREATE INDEX ON pg_temp.backfill_rollback_images (batch_no, rel);\n"
             "ANALYZE pg_temp.backfill_rollback_images;\n"
