@@ -1276,8 +1276,33 @@ async def write_manifest(
     windows = await ledger.window_rows(conn, run.run_id, env) if run.plan.get("windows") else []
     starts = sorted((w["first_batch"], w["window_no"]) for w in windows if w["first_batch"])
     done = await ledger.done_in_stage(conn, run.run_id, stage)
-    rows = ManifestSpool(RunDir.of(run.run_id).env(env)) if spool is None else spool
-    path = RunDir.of(run.run_id).env(env) / manifest_name(stage)
+    folder = RunDir.of(run.run_id).env(env)
+    rows = ManifestSpool(folder) if spool is None else spool
+    path = folder / manifest_name(stage)
+
+    def entry(r: dict[str, Any], first: bool) -> dict[str, Any]:
+        """A batch's line for one table (`first`: its first table, which carries the rows of
+        the plan's [manifest] sql)."""
+        line: dict[str, Any] = {
+            "batch_no": r["batch_no"],
+            "table": names.get(r["rel"], run.target_table),
+            "started_at": r["started_at"],
+            "changed": r["changed"],
+            "keys_md5": r["keys_md5"],
+        }
+        if starts:  # a quarantine retry's batch belongs to no window (its keys were counted
+            # in theirs when they were quarantined)
+            line["window"] = (
+                None
+                if r["stage"] == "retry"
+                else next((w for b, w in reversed(starts) if b <= r["batch_no"]), None)
+            )
+        if r["keys"] is not None:
+            line["keys"] = json.loads(r["keys"])
+        if r["manifest"] is not None and first:
+            line["manifest"] = manifest_doc(json.loads(r["manifest"]))
+        return line
+
     try:
         missing = [no for no in done if no not in rows]
         for at in range(0, len(missing), MANIFEST_READ_BATCHES):
@@ -1285,25 +1310,7 @@ async def write_manifest(
         with writing(path) as out:
             for no in done:
                 for k, r in enumerate(rows.rows(no)):
-                    entry: dict[str, Any] = {
-                        "batch_no": r["batch_no"],
-                        "table": names.get(r["rel"], run.target_table),
-                        "started_at": r["started_at"],
-                        "changed": r["changed"],
-                        "keys_md5": r["keys_md5"],
-                    }
-                    if starts:  # a quarantine retry's batch belongs to no window (its keys
-                        # were counted in theirs when they were quarantined)
-                        entry["window"] = (
-                            None
-                            if r["stage"] == "retry"
-                            else next((w for first, w in reversed(starts) if first <= no), None)
-                        )
-                    if r["keys"] is not None:
-                        entry["keys"] = json.loads(r["keys"])
-                    if r["manifest"] is not None and k == 0:
-                        entry["manifest"] = manifest_doc(json.loads(r["manifest"]))
-                    out.write(json.dumps(entry) + "\n")
+                    out.write(json.dumps(entry(r, k == 0)) + "\n")
             for w in windows:
                 result = window_result(w)
                 out.write(
