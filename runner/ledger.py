@@ -930,12 +930,15 @@ class ControlRequest:
 async def control_state(conn: asyncpg.Connection, run_id: str) -> ControlRequest | None:
     """The run's effective control request (None: never paused or cancelled); one index read,
     cheap enough for a running apply to poll before each batch."""
-    row = await conn.fetchrow(
-        "SELECT action, actor, db_user, note, requested_at FROM backfill.control_requests"
-        " WHERE run_id = $1 ORDER BY (action = 'cancel') DESC, id DESC LIMIT 1",
-        run_id,
-    )
+    row = await conn.fetchrow(CONTROL_SQL, run_id)
     return None if row is None else ControlRequest.from_row(row)
+
+
+# the effective request of run $1; engine.guards reads it in the same statement as the signals
+CONTROL_SQL = (
+    "SELECT action, actor, db_user, note, requested_at FROM backfill.control_requests"
+    " WHERE run_id = $1 ORDER BY (action = 'cancel') DESC, id DESC LIMIT 1"
+)
 
 
 async def request_control(

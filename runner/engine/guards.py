@@ -3,7 +3,8 @@ optional critical threshold (GitLab's health indicators; gh-ost's --max-load / -
 
 A verdict is normal, hold (no new batch starts; look again later) or stop (the phase stops,
 resumably). Every check is one read-only statement under a statement timeout; a check that fails
-holds, never passes (an error is not "normal").
+holds, never passes (an error is not "normal"). The built-in signals are read in the statement
+that also reads the run's pause/cancel request: one round trip before each batch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Literal
 import asyncpg
 
 from runner.engine.discovery import read_only
+from runner.ledger import CONTROL_SQL, ControlRequest
 from runner.plan import GUARD_DEFAULTS, CustomGuard, Guards, Limit, parse_condition
 
 State = Literal["normal", "hold", "stop"]
@@ -43,6 +45,13 @@ SELECT
     (SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)) FROM pg_stat_replication)::float8
         AS replication_lag_bytes,
     pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8 AS wal_position
+"""
+
+# the run's control request ($1) beside the signals (the target's oid is $2 here)
+WITH_CONTROL_SQL = f"""
+SELECT c.action, c.actor, c.db_user, c.note, c.requested_at, g.*
+FROM ({BUILTIN_SQL.replace("$1", "$2")}) AS g
+LEFT JOIN LATERAL ({CONTROL_SQL}) AS c ON true
 """
 
 # signal → how its value reads in a reason
@@ -177,16 +186,31 @@ class GuardSet:
             f"{int(self.guards.statement_timeout * 1000)}ms",
         )
 
-    async def builtin(self, conn: asyncpg.Connection) -> list[Reading]:
-        """The built-in signals, in one read-only statement."""
+    async def with_control(
+        self, conn: asyncpg.Connection, run_id: str
+    ) -> tuple[ControlRequest | None, list[Reading]]:
+        """The run's control request and the built-in signals in one statement (a SELECT of
+        the statistics views and the ledger, bounded by the guards' statement timeout on the
+        client's side). Signals that cannot be read hold (the request is then read alone); a
+        lost connection is raised, for the caller's session to reconnect."""
         try:
-            async with read_only(conn):
-                await self._timed(conn)
-                row = await conn.fetchrow(BUILTIN_SQL, self.target_oid)
-        except (asyncpg.PostgresError, OSError) as exc:
-            why = " ".join(str(exc).split())
-            return [Reading("builtin", None, "hold", "", f"guards could not be read: {why}")]
+            row = await conn.fetchrow(
+                WITH_CONTROL_SQL, run_id, self.target_oid, timeout=self.guards.statement_timeout
+            )
+        except (asyncpg.PostgresError, TimeoutError) as exc:
+            why = (
+                f"no answer within guards.statement_timeout ({self.guards.statement_timeout:g} s)"
+                if isinstance(exc, TimeoutError)
+                else " ".join(str(exc).split())
+            )
+            row = await conn.fetchrow(CONTROL_SQL, run_id)
+            unread = Reading("builtin", None, "hold", "", f"guards could not be read: {why}")
+            return (None if row is None else ControlRequest.from_row(row)), [unread]
         assert row is not None
+        control = None if row["action"] is None else ControlRequest.from_row(row)
+        return control, self._judged(row)
+
+    def _judged(self, row: asyncpg.Record) -> list[Reading]:
         values = {
             "connections": row["connections"] / row["max_connections"]
             if row["max_connections"]

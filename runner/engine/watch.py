@@ -87,7 +87,13 @@ class RunWatch:
 
     async def _blocking_reading(self) -> Reading | None:
         """What keeps the next batch from starting now (None: nothing); raises to stop."""
-        request = await self.main.run(lambda c: ledger.control_state(c, self.run_id))
+        readings: list[Reading] = []
+        if self.guards.enabled:  # the request and the built-in signals: one round trip
+            request, readings = await self.main.run(
+                lambda c: self.guards.with_control(c, self.run_id)
+            )
+        else:
+            request = await self.main.run(lambda c: ledger.control_state(c, self.run_id))
         if request is not None and request.action == "cancel":
             note = f" ({request.note})" if request.note else ""
             log.warning("apply.cancelled", actor=request.actor, note=request.note)
@@ -102,7 +108,6 @@ class RunWatch:
             return Reading(PAUSED, None, "hold", "", f"paused by {request.actor}{note}")
         if not self.guards.enabled:
             return None
-        readings = await self.main.run(self.guards.builtin)
         if self.settings.custom:
             readings += await self.reader.run(self.guards.custom)
         found = verdict(readings)

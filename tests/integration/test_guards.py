@@ -394,3 +394,49 @@ def test_a_hold_longer_than_max_hold_stops_resumably_with_exit_1(
     again = cli("apply", str(plan), "--env", "staging", "--run", run_id, "--quiet", env=env_for(db))
     assert again.exit_code == 3, again.output
     assert ledger_totals(db, run_id)["changed"] == 240
+
+
+def test_the_request_and_the_signals_are_read_in_one_statement_and_unread_signals_hold(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    """Before each batch, the pause/cancel request and the built-in signals are one statement.
+    Signals that do not answer within guards.statement_timeout hold (never pass), the request is
+    still obeyed, and the connection goes on working."""
+    import anyio
+    import asyncpg
+
+    from runner.engine.guards import GuardSet
+    from runner.plan import Guards
+
+    make_items(db, 200)
+    plan = write_plan(workdir / "p.json", batching__size=50)
+    first = cli("apply", str(plan), "--env", "staging", "--quiet", env=env_for(db))
+    assert first.exit_code == 3, first.output
+    run_id = run_id_of(first.output)
+    oid = int(val(db, "SELECT 'items'::regclass::oid"))
+
+    async def read(guards: Guards) -> tuple[Any, list[Any], int]:
+        conn = await asyncpg.connect(db)
+        try:
+            request, readings = await GuardSet(guards, oid).with_control(conn, run_id)
+            return request, readings, await conn.fetchval("SELECT 1")
+        finally:
+            await conn.close()
+
+    request, readings, _ = anyio.run(read, Guards())
+    assert request is None
+    assert {r.signal for r in readings} >= {"connections", "longest_transaction_seconds"}
+    assert all(r.state == "normal" for r in readings), readings
+
+    paused = backfill(workdir, db, "pause", run_id, "--env", "staging", "--note", "deploy")
+    assert paused.returncode == 0, paused.stdout + paused.stderr
+    request, readings, _ = anyio.run(read, Guards())
+    assert (request.action, request.actor, request.note) == ("pause", "carol", "deploy")
+
+    # a bound no statement can meet: the signals are unread, and that holds
+    request, readings, after = anyio.run(read, Guards(statement_timeout=0.000001))
+    assert request is not None
+    assert request.action == "pause"
+    assert [(r.signal, r.state) for r in readings] == [("builtin", "hold")]
+    assert "guards could not be read: no answer within" in readings[0].reason
+    assert after == 1, "the connection is usable after the timed-out read"
