@@ -24,6 +24,7 @@ from typing import Any
 import anyio
 import asyncpg
 import psutil  # type: ignore[import-untyped]
+import statement_profile
 from bench_support import bench_database, server_cpu, sql
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,6 +170,33 @@ def _flatness(ms: list[float]) -> str:
     return f"{shown}; end/start {means['end'] / means['start']:.2f}x"
 
 
+def _statements(dsn: str, work: Path, where: str, rows: int, server_log: Path | None) -> None:
+    """One more hand loop and runner (1 worker), every statement logged: the server's time per
+    batch, by kind of statement (statement_profile)."""
+    log = work / "pg" / "pgdata" / "log" if where == "embedded" else server_log
+    if log is None:
+        print("\n(--statements on BACKFILL_BENCH_DSN needs --server-log: the server's log file)")
+        return
+    batches = -(-rows // BATCH)
+    fresh_copy(dsn, "t_hand")
+    with statement_profile.logged(dsn, "backfill_bench", log) as read:
+        anyio.run(hand_loop, dsn)
+        hand = read()
+    fresh_copy(dsn, "t_profiled")
+    with statement_profile.logged(dsn, "backfill_bench", log) as read:
+        runner_apply(dsn, "t_profiled", 1, work)
+        runner = read()
+    print(
+        "\nwhere the server's time goes, per batch (statement durations from the server's log;"
+        "\nthe hand loop's commits are implicit and not logged; the follower's and the checker's"
+        "\nstatements run beside the batches, on the other core):"
+    )
+    for line in statement_profile.table(
+        {"hand loop": (hand, batches), "backfill 1w": (runner, batches)}
+    ):
+        print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -182,6 +210,17 @@ def main() -> None:
         type=int,
         default=1,
         help="rounds of every method, alternating; the figures are their medians",
+    )
+    ap.add_argument(
+        "--statements",
+        action="store_true",
+        help="then profile the hand loop and the runner (1 worker) by the server's statement "
+        "durations (read from the embedded server's log, or --server-log's)",
+    )
+    ap.add_argument(
+        "--server-log",
+        type=Path,
+        help="with BACKFILL_BENCH_DSN and --statements: that server's log file (readable here)",
     )
     args = ap.parse_args()
     with bench_database() as (work, dsn, where):
@@ -284,6 +323,8 @@ def main() -> None:
                 f"  the runner's server CPU over {cores} cores: {floor:.2f} s, against the one-shot's "
                 f"{base:.2f} s wall: at best {base / floor:.2f}x the one-shot on this machine"
             )
+        if args.statements:
+            _statements(dsn, work, where, args.rows, args.server_log)
         print("\npeak RSS of `backfill apply` (1 worker):")
         rss = {}
         for n in [int(x) for x in args.rss_rows.split(",") if x]:
