@@ -188,8 +188,8 @@ def _statements(dsn: str, work: Path, where: str, rows: int, server_log: Path | 
         runner = read()
     print(
         "\nwhere the server's time goes, per batch (statement durations from the server's log;"
-        "\nthe hand loop's commits are implicit and not logged; the follower's and the checker's"
-        "\nstatements run beside the batches, on the other core):"
+        "\nthe rollback file's, the manifest's, the convergence check's and discovery's"
+        "\nstatements run beside the batches, on other connections):"
     )
     for line in statement_profile.table(
         {"hand loop": (hand, batches), "backfill 1w": (runner, batches)}
