@@ -1052,12 +1052,15 @@ async def release_run_lock(conn: asyncpg.Connection, run_id: str) -> None:
 
 
 async def run_is_locked(conn: asyncpg.Connection, run_id: str) -> bool:
-    """Whether a backfill process holds the run now (phases.common.run_lock's advisory lock)."""
+    """Whether a backfill process holds the run now (phases.common.run_lock's advisory lock) in
+    this database: advisory locks are per database, and a run has a ledger in each environment's
+    (two of them may be databases of one server)."""
     return bool(
         await conn.fetchval(
             """SELECT EXISTS (
                    SELECT 1 FROM pg_locks
                    WHERE locktype = 'advisory' AND objsubid = 2 AND granted
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
                      AND classid::bigint = (hashtext('backfill-run')::bigint & 4294967295)
                      AND objid::bigint = (hashtext($1)::bigint & 4294967295))""",
             run_id,

@@ -32,12 +32,16 @@ SELECT
         AND backend_type = 'client backend')::float8 AS longest_transaction_seconds,
     (SELECT count(*) FROM pg_stat_activity AS a
       WHERE a.wait_event_type = 'Lock' AND a.pid <> pg_backend_pid()
-        AND EXISTS (SELECT 1 FROM pg_locks AS l WHERE l.pid = a.pid AND l.relation = $1::oid)
+        AND EXISTS (SELECT 1 FROM pg_locks AS l WHERE l.pid = a.pid AND l.relation = $1::oid
+                      AND l.database = (SELECT oid FROM pg_database
+                                        WHERE datname = current_database()))
     )::float8 AS lock_waiters,
     (SELECT count(*) FROM pg_stat_progress_vacuum AS v JOIN pg_stat_activity AS a USING (pid)
-      WHERE v.relid = $1::oid AND a.backend_type = 'autovacuum worker')::float8 AS autovacuum,
+      WHERE v.relid = $1::oid AND v.datname = current_database()
+        AND a.backend_type = 'autovacuum worker')::float8 AS autovacuum,
     (SELECT count(*) FROM pg_stat_progress_vacuum AS v JOIN pg_stat_activity AS a USING (pid)
-      WHERE v.relid = $1::oid AND a.backend_type = 'autovacuum worker'
+      WHERE v.relid = $1::oid AND v.datname = current_database()
+        AND a.backend_type = 'autovacuum worker'
         AND a.query LIKE '%(to prevent wraparound)%')::float8 AS wraparound_vacuum,
     (SELECT count(*) FROM pg_stat_replication)::float8 AS replicas,
     (SELECT max(extract(epoch FROM replay_lag)) FROM pg_stat_replication)::float8

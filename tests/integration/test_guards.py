@@ -440,3 +440,88 @@ def test_the_request_and_the_signals_are_read_in_one_statement_and_unread_signal
     assert [(r.signal, r.state) for r in readings] == [("builtin", "hold")]
     assert "guards could not be read: no answer within" in readings[0].reason
     assert after == 1, "the connection is usable after the timed-out read"
+
+
+WAITING_ON_LOCKS = (
+    "SELECT count(*) FROM pg_stat_activity"
+    " WHERE wait_event_type = 'Lock' AND datname = current_database()"
+)
+
+
+def test_sessions_waiting_on_a_table_of_another_database_with_the_same_oid_do_not_hold_the_run(
+    server: str, make_db: Callable[..., str]
+) -> None:
+    """A database cloned from another (CREATE DATABASE … TEMPLATE) has its tables under the same
+    oids: the lock-waiter guard counts waiters on the target in the run's own database only."""
+    import anyio
+    import asyncpg
+
+    from runner.db import dsn_with_database
+    from runner.engine.guards import GuardSet
+    from runner.plan import Guards
+
+    db = make_db()
+    make_items(db, 50)
+    oid = int(val(db, "SELECT 'items'::regclass::oid"))
+    clone = f"clone_{os.getpid()}_{oid}"
+    sql(server, f"CREATE DATABASE {clone} TEMPLATE {val(db, 'SELECT current_database()')}")
+    other = dsn_with_database(server, clone)
+    assert int(val(other, "SELECT 'items'::regclass::oid")) == oid
+
+    async def go() -> tuple[float | None, float | None]:
+        holder = await asyncpg.connect(other)
+        waiters = [await asyncpg.connect(other) for _ in range(7)]
+        here, there = await asyncpg.connect(db), await asyncpg.connect(other)
+        try:
+            await holder.execute("BEGIN; LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+            async with anyio.create_task_group() as tg:
+                for w in waiters:
+                    tg.start_soon(w.execute, "SELECT count(*) FROM items")
+                try:
+                    for _ in range(600):  # until all of them wait (30 s at most)
+                        if await there.fetchval(WAITING_ON_LOCKS) >= len(waiters):
+                            break
+                        await anyio.sleep(0.05)
+                    _, mine = await GuardSet(Guards(), oid).with_control(here, "no-such-run")
+                    _, theirs = await GuardSet(Guards(), oid).with_control(there, "no-such-run")
+                finally:
+                    await holder.execute("COMMIT")
+            return (
+                {r.signal: r for r in mine}["lock_waiters"].value,
+                {r.signal: r for r in theirs}["lock_waiters"].value,
+            )
+        finally:
+            for c in [holder, *waiters, here, there]:
+                await c.close()
+
+    mine, theirs = anyio.run(go)
+    sql(server, f"DROP DATABASE {clone} WITH (FORCE)")
+    assert theirs == 7, "the clone's own guard sees its waiters"
+    assert mine == 0, "waiters on another database's table of the same oid held the run"
+
+
+def test_a_run_held_by_a_process_in_another_database_is_not_running_in_this_one(
+    make_db: Callable[..., str],
+) -> None:
+    """A run has a ledger in each environment's database; two may be databases of one server.
+    Advisory locks are per database: `status` of one must not say "running now" because a
+    process holds the run in the other."""
+    import anyio
+    import asyncpg
+
+    from runner import ledger
+
+    staging, prod = make_db(), make_db()
+
+    async def go() -> tuple[bool, bool]:
+        a, b = await asyncpg.connect(staging), await asyncpg.connect(prod)
+        try:
+            assert await ledger.try_run_lock(a, "run-1")
+            return await ledger.run_is_locked(a, "run-1"), await ledger.run_is_locked(b, "run-1")
+        finally:
+            await a.close()
+            await b.close()
+
+    here, there = anyio.run(go)
+    assert here
+    assert not there
