@@ -24,8 +24,11 @@ from typer.testing import CliRunner
 
 from runner.db import EmbeddedServer, dsn_with_database, quote_ident
 
-TEMPLATE = "backfill_test_template"  # carries the ledger schema, as a database after one run
-BARE_TEMPLATE = "backfill_test_bare"  # nothing: for tests that assert nothing was created
+# pytest-xdist runs the tests in several processes: each has its embedded server, and on a
+# shared BACKFILL_TEST_DSN server its own templates
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEMPLATE = f"backfill_test_template{_WORKER}"  # carries the ledger schema, as after one run
+BARE_TEMPLATE = f"backfill_test_bare{_WORKER}"  # nothing: for tests that assert nothing was created
 ROOT = Path(__file__).resolve().parent.parent
 
 

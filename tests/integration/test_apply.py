@@ -335,7 +335,9 @@ def test_lock_timeout_is_retried_and_recorded(
         for _ in range(50):
             if val(
                 db,
-                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) WHERE a.query LIKE '%pg_sleep%' AND l.locktype = 'transactionid'",
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)"
+                " WHERE a.query LIKE '%pg_sleep%' AND l.locktype = 'transactionid'"
+                " AND a.datname = current_database()",
             ):
                 break
             subprocess.run(["sleep", "0.1"], check=True)

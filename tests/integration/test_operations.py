@@ -128,7 +128,8 @@ def test_a_dropped_connection_is_retried_and_nothing_is_applied_twice(
             "-c",
             f"for i in 1 2 3; do sleep 0.6; {psql_binary()} '{db}' -Atc "
             '"SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity '
-            "WHERE query LIKE '%UPDATE items SET%' AND state = 'active' AND pid <> pg_backend_pid()\"; done",
+            "WHERE query LIKE '%UPDATE items SET%' AND state = 'active' AND pid <> pg_backend_pid()"
+            ' AND datname = current_database()"; done',
         ],
         stdout=subprocess.PIPE,
         text=True,

@@ -43,7 +43,10 @@ def test_a_check_that_would_terminate_another_session_is_refused_before_it_runs(
         stderr=subprocess.DEVNULL,
     )
     try:
-        bystander = "SELECT pid FROM pg_stat_activity WHERE query LIKE '%/* bystander */%' AND pid <> pg_backend_pid()"
+        bystander = (
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE '%/* bystander */%'"
+            " AND pid <> pg_backend_pid() AND datname = current_database()"
+        )
         deadline = time.monotonic() + 20
         while (pid := val(db, bystander)) is None and time.monotonic() < deadline:
             time.sleep(0.1)

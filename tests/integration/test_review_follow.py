@@ -233,6 +233,7 @@ def test_the_followers_connection_cut_by_the_server_mid_run(workdir: Path, db: s
     proc, run_id, _ = _slow_run(workdir, db)
     follower = (
         "SELECT pid FROM pg_stat_activity WHERE query LIKE '%keys_md5%' AND pid <> pg_backend_pid()"
+        " AND datname = current_database()"
     )
     _wait(lambda: val(db, follower) is not None)
     sql(db, f"SELECT pg_terminate_backend(pid) FROM ({follower}) AS f")

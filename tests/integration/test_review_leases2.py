@@ -197,7 +197,7 @@ def test_a_joiner_frozen_inside_a_claim_does_not_block_the_run(workdir: Path, db
         wait_for(
             db,
             "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%INSERT INTO backfill.leases%'"
-            " AND wait_event = 'PgSleep'",
+            " AND wait_event = 'PgSleep' AND datname = current_database()",
         )
         joiner.send_signal(signal.SIGSTOP)
         sql(db, "DELETE FROM public.slow_owner")
@@ -211,7 +211,7 @@ def test_a_joiner_frozen_inside_a_claim_does_not_block_the_run(workdir: Path, db
                 db,
                 "SELECT pid, wait_event_type, left(query, 60) AS query,"
                 " now() - query_start AS waited FROM pg_stat_activity"
-                " WHERE wait_event_type = 'Lock'",
+                " WHERE wait_event_type = 'Lock' AND datname = current_database()",
             )
         ]
         assert after > before + 5, (
@@ -283,7 +283,7 @@ def test_a_rollback_waits_out_a_joiner_frozen_inside_its_batch_and_nothing_commi
         wait_for(
             db,
             "SELECT 1 FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
-            " AND query LIKE '%pg_sleep%' AND state = 'active'",
+            " AND query LIKE '%pg_sleep%' AND state = 'active' AND datname = current_database()",
         )
         joiner.send_signal(signal.SIGSTOP)
         undone = cli("rollback", run_id, "--env", "staging", env=env_for(db))
@@ -400,7 +400,8 @@ def test_a_leader_that_lost_its_connection_while_alive_and_its_successor_apply_e
         sql(
             db,
             "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory'"
-            " AND granted AND pid <> pg_backend_pid()",
+            " AND granted AND pid <> pg_backend_pid()"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
         )
         new = start_runner(
             ["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db

@@ -466,7 +466,7 @@ def test_a_kill_inside_a_window_hook_runs_each_hook_once_on_resume(
         sleeping = val(
             db,
             "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
-            "AND state = 'active' AND pid <> pg_backend_pid()",
+            "AND state = 'active' AND pid <> pg_backend_pid() AND datname = current_database()",
         )
         if sleeping:
             break
@@ -477,7 +477,7 @@ def test_a_kill_inside_a_window_hook_runs_each_hook_once_on_resume(
     sql(
         db,
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE wait_event = 'PgSleep' "
-        "AND pid <> pg_backend_pid()",
+        "AND pid <> pg_backend_pid() AND datname = current_database()",
     )
     run_id = val(db, "SELECT run_id FROM backfill.runs")
     expected = {"before_each": "pending", "after_each": "running"}[hook]

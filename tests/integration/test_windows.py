@@ -79,7 +79,8 @@ def while_paused(db: str, action: str) -> threading.Thread:
             ready.set()
             waiting = (
                 "SELECT EXISTS (SELECT FROM pg_locks WHERE locktype = 'advisory' "
-                f"AND objid = {PAUSE_LOCK} AND NOT granted)"
+                f"AND objid = {PAUSE_LOCK} AND NOT granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"
             )
             for _ in range(3000):  # up to a minute
                 if await conn.fetchval(waiting):
