@@ -31,7 +31,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from runner import ledger
 from runner.db import close_quietly
 from runner.engine.spool import Spool
-from runner.rollback import ImageSpool
+from runner.rollback import image_spool
 
 log = structlog.get_logger()
 
@@ -87,8 +87,7 @@ class Follower:
     def __init__(self, run: ledger.RunRow, stage: str, folder: Path) -> None:
         self.run_id = run.run_id
         self.stage = stage
-        # a shaped run's rollback file is written its own way (rollback.shaped), per table
-        self.spool = ImageSpool(folder) if run.tables is None else None
+        self.spool = image_spool(run, folder)
         self.manifest = ManifestSpool(folder)
         send, receive = anyio.create_memory_object_stream[int](math.inf)
         self._send: MemoryObjectSendStream[int] = send
@@ -106,8 +105,7 @@ class Follower:
             async with self._receive:
                 conn = await connect()
                 async for no in self._receive:
-                    if self.spool is not None:
-                        await self.spool.fetch(conn, self.run_id, no)
+                    await self.spool.fetch(conn, self.run_id, no)
                     await self.manifest.fetch(conn, self.run_id, self.stage, [no])
         except asyncio.CancelledError:
             if conn is not None:
@@ -141,6 +139,5 @@ class Follower:
             self._receive.close()  # if the task was stopped before it began
 
     def close(self) -> None:
-        if self.spool is not None:
-            self.spool.close()
+        self.spool.close()
         self.manifest.close()

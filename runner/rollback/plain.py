@@ -204,25 +204,30 @@ def images_insert(values: str) -> str:
     return f"INSERT INTO pg_temp.backfill_rollback_images VALUES\n{values};\n"
 
 
+ImageReader = Callable[[asyncpg.Connection, str, int], Awaitable[tuple[str | None, Any]]]
+
+
 class ImageSpool:
     """A run's rollback images as `INSERT … VALUES` statements, batch by batch in any order, on
-    disk (`engine.spool.Spool`), with each batch's checksum. The apply fills it while its batches
-    run (`phases.follow`), so writing the rollback file after the last batch copies them instead
-    of reading the ledger again; the file always covers the ledger's committed batches, fetching
-    here whatever is not spooled yet."""
+    disk (`engine.spool.Spool`), with what goes with each batch's (`extra`: a plain run's batch
+    checksum, `ledger.image_values`; a shaped run's row count, `ledger.shaped_image_values`). The
+    apply fills it while its batches run (`phases.follow`), so writing the rollback file after the
+    last batch copies them instead of reading the ledger again; the file always covers the
+    ledger's committed batches, fetching here whatever is not spooled yet."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, read: ImageReader = ledger.image_values) -> None:
         self._chunks = Spool(folder)
-        self.checksums: dict[int, str | None] = {}
+        self._read = read
+        self.extra: dict[int, Any] = {}
 
     def __contains__(self, batch_no: object) -> bool:
         return batch_no in self._chunks
 
     async def fetch(self, conn: asyncpg.Connection, run_id: str, batch_no: int) -> None:
         """Read one committed batch's images from the ledger into the spool."""
-        values, checksum = await ledger.image_values(conn, run_id, batch_no)
+        values, extra = await self._read(conn, run_id, batch_no)
         self._chunks.put(batch_no, images_insert(values).encode() if values else b"")
-        self.checksums[batch_no] = checksum
+        self.extra[batch_no] = extra
 
     def copy_to(self, out: BinaryIO, batch_nos: list[int]) -> None:
         """The spooled statements of `batch_nos`, in that order."""
@@ -267,7 +272,7 @@ async def emit_rollback_file(
             for k, c in enumerate(conns):
                 tg.start_soon(fetch, c, missing[k :: len(conns)])
         rows = sum(counts.get(no, 0) for no in with_images)
-        checksum_value = ledger.run_checksum([images.checksums[no] for no in sorted(with_images)])
+        checksum_value = ledger.run_checksum([images.extra[no] for no in sorted(with_images)])
         header = _file_header(
             run,
             shape,

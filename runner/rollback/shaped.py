@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -33,12 +31,12 @@ from runner.engine.executor import Writes, counters, write_delta
 from runner.engine.shapes import Table
 from runner.engine.target import as_text_array, decoded, encode
 from runner.errors import InvalidInput, WorkFailed
-from runner.files import writing
+from runner.files import writing_bytes
 from runner.rollback.plain import (
+    ImageSpool,
     RollbackResult,
     _scope_text,
     comment_text,
-    images_insert,
     session_preamble,
     sql_literal,
     table_check,
@@ -405,47 +403,50 @@ async def emit_shaped_file(
     display_dsn: str,
     batches: tuple[int, int] | None = None,
     since: datetime | None = None,
+    spool: ImageSpool | None = None,
 ) -> Path:
-    """The psql file: the images, each batch's undo in its own transaction, the verification."""
+    """The psql file: the images, each batch's undo in its own transaction, the verification.
+    With `spool` (filled by `ledger.shaped_image_values` while the batches ran), the batches
+    already in it are copied from there, the others read now: a committed batch's images never
+    change, so the file is what reading them all now writes."""
     undo = await ShapedUndo.of(conn, run)
     nos = await ledger.done_batches(conn, run.run_id, batches, since)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rows = 0
-    # the images first, into an unnamed file (gone with the process, even a killed one): the
-    # header counts them
-    with tempfile.TemporaryFile("w+", encoding="utf-8", newline="", dir=path.parent) as body:
+    # on disk (unnamed files, gone with the process, even a killed one): the header counts them
+    images = ImageSpool(path.parent, ledger.shaped_image_values) if spool is None else spool
+    try:
         for no in nos:
-            values, n = await ledger.shaped_image_values(conn, run.run_id, no)
-            if values:
-                rows += n
-                body.write(images_insert(values))
-        body.write(
-            "CREATE INDEX ON pg_temp.backfill_rollback_images (batch_no, rel);\n"
-            "ANALYZE pg_temp.backfill_rollback_images;\n"
-        )
-        for no in nos:
-            src = FILE_IMAGES.replace("{batch}", str(int(no)))
-            steps = "\n".join(f"{sql};" for _, _, sql in batch_statements(undo, src))
-            body.write(
-                f"\n-- batch {no}\nBEGIN;\nSET CONSTRAINTS ALL DEFERRED;\n{steps}\nCOMMIT;\n"
-            )
+            if no not in images:
+                await images.fetch(conn, run.run_id, no)
+        rows = sum(int(images.extra[no]) for no in nos)
         expected = await _expected_checksum(conn, undo, nos)
-        with writing(path) as out:
+        header = _header(
+            run,
+            undo,
+            path.name,
+            display_dsn,
+            _scope_text(batches, since),
+            rows,
+            len(nos),
+            expected,
+        )
+        with writing_bytes(path) as out:
+            out.write(header.encode())
+            images.copy_to(out, nos)
             out.write(
-                _header(
-                    run,
-                    undo,
-                    path.name,
-                    display_dsn,
-                    _scope_text(batches, since),
-                    rows,
-                    len(nos),
-                    expected,
-                )
+                b"CREATE INDEX ON pg_temp.backfill_rollback_images (batch_no, rel);\n"
+                b"ANALYZE pg_temp.backfill_rollback_images;\n"
             )
-            body.seek(0)
-            shutil.copyfileobj(body, out, 1 << 20)
-            out.write(_file_verification(undo, expected))
+            for no in nos:
+                src = FILE_IMAGES.replace("{batch}", str(int(no)))
+                steps = "\n".join(f"{sql};" for _, _, sql in batch_statements(undo, src))
+                out.write(
+                    f"\n-- batch {no}\nBEGIN;\nSET CONSTRAINTS ALL DEFERRED;\n{steps}\nCOMMIT;\n".encode()
+                )
+            out.write(_file_verification(undo, expected).encode())
+    finally:
+        if spool is None:
+            images.close()
     return path
 
 

@@ -205,3 +205,31 @@ def test_a_failing_apply_stops_its_follower_at_once(workdir: Path, db: str, appl
 
     with pytest.raises(RuntimeError, match="a batch failed"):
         run(body)
+
+
+def test_a_shaped_runs_rollback_file_is_prepared_while_it_runs_and_equals_the_ledgers(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    """A shaped run (upserts into two more tables) spools its images too: a first command capped
+    part-way (nothing followed), then one that follows the rest. The file equals the one read
+    from the ledger now, and psql restores the three tables exactly with it."""
+    from tests.helpers import run_psql
+    from tests.integration.test_shapes import SCHEMA, TABLES, _all_back, keep, shaped_plan
+
+    sql(db, SCHEMA.format(n=400))
+    keep(db, *TABLES)
+    plan = shaped_plan(workdir / "p.json", batching__size=40)
+    first = cli("apply", str(plan), "-e", "staging", "--max-rows", "120", env=env_for(db))
+    assert first.exit_code == 0, first.output
+    run_id = run_id_of(first.output)
+    rest = cli("apply", str(plan), "-e", "staging", "--run", run_id, env=env_for(db))
+    assert rest.exit_code == 3, rest.output
+    assert val(db, "SELECT count(*) FROM backfill.batches WHERE run_id = $1", run_id) == 10
+    written = rollback_file(workdir, run_id)
+    again, _ = run(lambda: from_ledger(db, run_id, workdir, "apply"))
+    assert comparable(written) == comparable(again)
+    assert "-- batch 10\nBEGIN;" in written.read_text()
+    done = run_psql(db, written)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-2].split("|")[2].strip() == "t", done.stdout
+    _all_back(db)
