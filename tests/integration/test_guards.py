@@ -530,3 +530,74 @@ def test_a_run_held_by_a_process_in_another_database_is_not_running_in_this_one(
     here, there = anyio.run(go)
     assert here
     assert not there
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("BACKFILL_TEST_DSN")),
+    reason="locks pg_database, which keeps every new session of the server out meanwhile: only "
+    "on the test process's own embedded server",
+)
+def test_a_cancel_is_obeyed_while_the_signals_do_not_answer_within_the_timeout(
+    workdir: Path, db: str
+) -> None:
+    """The signals' statement, already prepared and running on the server, blocked (pg_database
+    is read by it alone) past guards.statement_timeout: the client cancels it, the run holds on
+    "builtin", the request read alone still stops it, and the main session goes on working (the
+    hold is closed on it)."""
+    import anyio
+    import asyncpg
+
+    make_items(db, 3000)
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql=SLOW_APPLY,
+        batching__size=50,
+        guards={"interval": "100ms", "statement_timeout": "300ms"},
+    )
+    proc = start_runner(["apply", str(plan), "--env", "staging", "--quiet"], workdir, db)
+    wait_for("two batches", lambda: committed(db) >= 2, proc)
+    run_id = the_run(db)
+
+    async def until(conn: asyncpg.Connection, query: str) -> None:
+        end = time.monotonic() + DEADLINE
+        while not await conn.fetchval(query):
+            assert time.monotonic() < end, f"never true: {query}"
+            await anyio.sleep(0.05)
+
+    async def go() -> tuple[int, str]:
+        holder, writer = await asyncpg.connect(db), await asyncpg.connect(db)
+        try:
+            await holder.execute("BEGIN; LOCK TABLE pg_database IN ACCESS EXCLUSIVE MODE")
+            try:
+                await until(
+                    writer, "SELECT count(*) FROM backfill.guard_holds WHERE signal = 'builtin'"
+                )
+                await writer.execute(
+                    "INSERT INTO backfill.control_requests (run_id, env, action, actor)"
+                    " VALUES ($1, 'staging', 'cancel', 'carol')",
+                    run_id,
+                )
+                await until(
+                    writer,
+                    "SELECT count(*) FROM backfill.guard_holds WHERE signal = 'builtin' AND NOT open",
+                )
+            finally:
+                await holder.execute("COMMIT")
+            reason = await writer.fetchval(
+                "SELECT reason FROM backfill.guard_holds WHERE signal = 'builtin'"
+            )
+            started = await writer.fetchval(
+                "SELECT count(*) FROM backfill.batches WHERE started_at >"
+                " (SELECT min(started_at) FROM backfill.guard_holds WHERE signal = 'builtin')"
+            )
+            return started, reason
+        finally:
+            await holder.close()
+            await writer.close()
+
+    started, reason = anyio.run(go)
+    code, out = finish(proc)
+    assert code == 4, out
+    assert "cancelled by carol" in out
+    assert started == 0, "a batch started while the signals were unread"
+    assert "no answer within guards.statement_timeout (0.3 s)" in reason
