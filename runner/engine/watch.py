@@ -79,9 +79,9 @@ class RunWatch:
                     break
                 await self._held(reading)
                 await anyio.sleep(self.settings.interval)
-        except BaseException:
+        except BaseException:  # stopping (a cancel, a critical reading, max_hold, Ctrl-C)
             with anyio.CancelScope(shield=True):
-                await self._end_hold()
+                await self._end_hold(resumed=False)
             raise
         await self._end_hold()
 
@@ -170,14 +170,20 @@ class RunWatch:
         held[hold.signal] = held.get(hold.signal, 0.0) + (now - hold.last)
         hold.last = now
 
-    async def _end_hold(self) -> None:
+    async def _end_hold(self, *, resumed: bool = True) -> None:
+        """The hold is over: the run goes on (`resumed`), or stops while held (then nothing
+        says it resumed)."""
         hold, self._hold = self._hold, None
         if hold is None:
             return
         self._count(hold, self.clock())
         self.state.holding = ""
-        log.info("guard.resumed", signal=hold.signal, held_seconds=round(hold.last - hold.since, 3))
-        self._tell("resume", {"signal": hold.signal})
+        held_seconds = round(hold.last - hold.since, 3)
+        if resumed:
+            log.info("guard.resumed", signal=hold.signal, held_seconds=held_seconds)
+            self._tell("resume", {"signal": hold.signal})
+        else:
+            log.info("guard.stopped_while_held", signal=hold.signal, held_seconds=held_seconds)
         if (m := metrics.current()) is not None:
             m.held.set(0)
         with contextlib.suppress(Exception):  # the hold's last sighting stays as recorded

@@ -554,7 +554,8 @@ def test_a_cancel_is_obeyed_while_the_signals_do_not_answer_within_the_timeout(
         batching__size=50,
         guards={"interval": "100ms", "statement_timeout": "300ms"},
     )
-    proc = start_runner(["apply", str(plan), "--env", "staging", "--quiet"], workdir, db)
+    # not --quiet: what the operator reads while it holds and when it stops
+    proc = start_runner(["apply", str(plan), "--env", "staging"], workdir, db)
     wait_for("two batches", lambda: committed(db) >= 2, proc)
     run_id = the_run(db)
 
@@ -599,5 +600,7 @@ def test_a_cancel_is_obeyed_while_the_signals_do_not_answer_within_the_timeout(
     code, out = finish(proc)
     assert code == 4, out
     assert "cancelled by carol" in out
+    assert "held: guards could not be read" in out
+    assert "resumed (" not in out, "a run stopped while held was said to have resumed"
     assert started == 0, "a batch started while the signals were unread"
     assert "no answer within guards.statement_timeout (0.3 s)" in reason
