@@ -16,6 +16,7 @@ from typing import Literal
 import asyncpg
 
 from runner.engine.discovery import read_only
+from runner.engine.executor import classify
 from runner.ledger import CONTROL_SQL, ControlRequest
 from runner.plan import GUARD_DEFAULTS, CustomGuard, Guards, Limit, parse_condition
 
@@ -202,6 +203,8 @@ class GuardSet:
                 WITH_CONTROL_SQL, run_id, self.target_oid, timeout=self.guards.statement_timeout
             )
         except (asyncpg.PostgresError, TimeoutError) as exc:
+            if isinstance(exc, asyncpg.PostgresError) and classify(exc) == "connection_lost":
+                raise  # the server ended the session (a restart, a failover): reconnect, ask again
             why = (
                 f"no answer within guards.statement_timeout ({self.guards.statement_timeout:g} s)"
                 if isinstance(exc, TimeoutError)
