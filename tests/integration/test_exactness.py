@@ -423,9 +423,7 @@ def test_the_apply_survives_every_connection_being_dropped_twice(workdir: Path, 
     make_items(db, 1500)
     plan = write_plan(
         workdir / "p.json",
-        # ~120 ms a batch, 60 batches on 2 workers: both drops (1.5 s and 2.5 s in) land while
-        # batches run (at 2 ms a row the loop could end before the second one, which then landed
-        # on the files and the gate: what this test is not about; it failed once so in CI)
+        # ~120 ms a batch, 60 batches on 2 workers: both drops land while batches run
         apply__sql="UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
         "AND val IS DISTINCT FROM 'new' AND pg_sleep(0.006) IS NOT NULL",
         batching__size=20,
@@ -434,7 +432,15 @@ def test_the_apply_survives_every_connection_being_dropped_twice(workdir: Path, 
     dropped: list[int] = []
 
     def drop_everything() -> None:
-        for delay in (1.5, 1.0):
+        # the drops are timed from the first committed batches, not from the start: on a loaded
+        # machine start-up alone can take 1.5 s, and a drop before the batch loop (setting up the
+        # run) is a different case (it stops the command, which says to continue with --run)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not val(
+            db, "SELECT count(*) >= 2 FROM backfill.batches WHERE status = 'done'"
+        ):
+            time.sleep(0.02)
+        for delay in (0.3, 1.0):
             time.sleep(delay)
             dropped.append(
                 int(
