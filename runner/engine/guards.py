@@ -17,7 +17,7 @@ import asyncpg
 
 from runner.engine.discovery import read_only
 from runner.engine.executor import classify
-from runner.ledger import CONTROL_SQL, ControlRequest
+from runner.ledger import CONTROL_SQL, ControlRequest, control_state
 from runner.plan import GUARD_DEFAULTS, CustomGuard, Guards, Limit, parse_condition
 
 State = Literal["normal", "hold", "stop"]
@@ -210,9 +210,8 @@ class GuardSet:
                 if isinstance(exc, TimeoutError)
                 else " ".join(str(exc).split())
             )
-            row = await conn.fetchrow(CONTROL_SQL, run_id)
             unread = Reading("builtin", None, "hold", "", f"guards could not be read: {why}")
-            return (None if row is None else ControlRequest.from_row(row)), [unread]
+            return await control_state(conn, run_id), [unread]
         assert row is not None
         control = None if row["action"] is None else ControlRequest.from_row(row)
         return control, self._judged(row)
