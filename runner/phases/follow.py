@@ -31,7 +31,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from runner import ledger
 from runner.db import close_quietly
 from runner.engine.spool import Spool
-from runner.rollback import image_spool
+from runner.rollback import ImageSpool
 
 log = structlog.get_logger()
 
@@ -87,7 +87,7 @@ class Follower:
     def __init__(self, run: ledger.RunRow, stage: str, folder: Path) -> None:
         self.run_id = run.run_id
         self.stage = stage
-        self.spool = image_spool(run, folder)
+        self.spool = ImageSpool.of(run, folder)
         self.manifest = ManifestSpool(folder)
         send, receive = anyio.create_memory_object_stream[int](math.inf)
         self._send: MemoryObjectSendStream[int] = send

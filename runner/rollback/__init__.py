@@ -20,7 +20,6 @@ __all__ = [
     "ImageSpool",
     "RollbackResult",
     "emit_rollback_file",
-    "image_spool",
     "parse_batch_range",
     "run_rollback",
     "sql_literal",
@@ -39,7 +38,7 @@ async def emit_rollback_file(
     spool: ImageSpool | None = None,
 ) -> Path:
     """Write the run's rollback SQL for psql (see `plain.emit_rollback_file`; `spool`: the run's
-    images read while its batches ran, `image_spool(run, folder)`'s)."""
+    images read while its batches ran, `ImageSpool.of(run, folder)`'s)."""
     if run.tables is not None:
         return await emit_shaped_file(
             conn, run, path, display_dsn=display_dsn, batches=batches, since=since, spool=spool
@@ -53,13 +52,6 @@ async def emit_rollback_file(
         since=since,
         checksum_conn=checksum_conn,
         spool=spool,
-    )
-
-
-def image_spool(run: ledger.RunRow, folder: Path) -> ImageSpool:
-    """An empty spool for the run's rollback images, read the way its rollback file needs them."""
-    return ImageSpool(
-        folder, ledger.image_values if run.tables is None else ledger.shaped_image_values
     )
 
 

@@ -220,6 +220,13 @@ class ImageSpool:
         self._read = read
         self.extra: dict[int, Any] = {}
 
+    @classmethod
+    def of(cls, run: ledger.RunRow, folder: Path) -> ImageSpool:
+        """An empty spool for the run's images, read the way its rollback file needs them."""
+        return cls(
+            folder, ledger.image_values if run.tables is None else ledger.shaped_image_values
+        )
+
     def __contains__(self, batch_no: object) -> bool:
         return batch_no in self._chunks
 

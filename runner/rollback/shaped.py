@@ -406,14 +406,14 @@ async def emit_shaped_file(
     spool: ImageSpool | None = None,
 ) -> Path:
     """The psql file: the images, each batch's undo in its own transaction, the verification.
-    With `spool` (filled by `ledger.shaped_image_values` while the batches ran), the batches
+    With `spool` (`ImageSpool.of(run, …)`, filled while the batches ran), the batches
     already in it are copied from there, the others read now: a committed batch's images never
     change, so the file is what reading them all now writes."""
     undo = await ShapedUndo.of(conn, run)
     nos = await ledger.done_batches(conn, run.run_id, batches, since)
     path.parent.mkdir(parents=True, exist_ok=True)
     # on disk (unnamed files, gone with the process, even a killed one): the header counts them
-    images = ImageSpool(path.parent, ledger.shaped_image_values) if spool is None else spool
+    images = ImageSpool.of(run, path.parent) if spool is None else spool
     try:
         for no in nos:
             if no not in images:
