@@ -101,10 +101,9 @@ def logged(dsn: str, database: str, log: Path) -> Iterator[Callable[[], dict[str
 def table(columns: dict[str, tuple[dict[str, float], int]]) -> list[str]:
     """Lines of a table: ms per batch by kind, one column per method (its kinds, its batches)."""
     names = list(columns)
-    kinds = ORDER
     lines = [f"  {'statement kind (server ms per batch)':<52}" + "".join(f"{n:>14}" for n in names)]
     totals = dict.fromkeys(names, 0.0)
-    for kind in kinds:
+    for kind in ORDER:
         cells = []
         for n in names:
             by_kind, batches = columns[n]
@@ -116,12 +115,3 @@ def table(columns: dict[str, tuple[dict[str, float], int]]) -> list[str]:
     lines.append(f"  {'total':<52}" + "".join(f"{totals[n]:14.1f}" for n in names))
     return lines
 
-
-def top(text_since: str, kind: str, n: int = 5) -> list[tuple[float, str]]:
-    """The statements of a kind with the most time (to see what a kind holds)."""
-    sums: dict[str, float] = {}
-    for ms, statement in _entries(text_since):
-        if kind_of(statement) == kind:
-            key = statement[:160]
-            sums[key] = sums.get(key, 0.0) + ms
-    return sorted(((v, k) for k, v in sums.items()), reverse=True)[:n]
