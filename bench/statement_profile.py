@@ -114,4 +114,3 @@ def table(columns: dict[str, tuple[dict[str, float], int]]) -> list[str]:
             lines.append(f"  {kind:<52}" + "".join(cells))
     lines.append(f"  {'total':<52}" + "".join(f"{totals[n]:14.1f}" for n in names))
     return lines
-
