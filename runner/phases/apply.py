@@ -772,6 +772,9 @@ async def _machine(
     resume = f"{cmd} apply {loaded.path} --env {env} --run {run_id}"
     shape = await session.run(lambda c: shaped_run(c, plan, target)) if plan.shaped else None
     source, quarantine = await _quarantine(session, reader, loaded, target, run_id, resume)
+    # a shaped run's batches may write the same rows (upserts into shared rows): they run one
+    # at a time so they commit in batch order, the order its rollback undoes
+    workers = 1 if plan.shaped else b.workers
     machine = BatchRun(
         reader,
         source,
@@ -779,9 +782,7 @@ async def _machine(
         RunSettings(
             run_id=run_id,
             stage=stage,
-            # a shaped run's batches may write the same rows (upserts into shared rows): they
-            # run one at a time so they commit in batch order, the order its rollback undoes
-            workers=1 if plan.shaped else b.workers,
+            workers=workers,
             max_passes=b.max_passes,
             stop_after=stop_after,
             resume=resume,
@@ -816,6 +817,7 @@ async def _machine(
             stage=stage,
             state=state,
             resume=resume,
+            workers=workers,
             progress=progress,
         ),
         sizer=BatchSizer(b.size, b.smallest, b.largest, b.target_batch_seconds),

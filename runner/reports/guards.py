@@ -44,8 +44,10 @@ def batch_sizes(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
 async def watch_context(
     conn: asyncpg.Connection, run_id: str, stage: str, outcomes: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """`held`: seconds held by signal (a pause is `paused`); `sizes`: see batch_sizes."""
+    """`held`: seconds held by signal (a pause is `paused`); `yielded`: the wait for busy
+    sessions (ledger.yielded); `sizes`: see batch_sizes."""
     return {
         "held": await ledger.held_seconds(conn, run_id, stage),
+        "yielded": await ledger.yielded(conn, run_id, stage),
         "sizes": batch_sizes(outcomes),
     }

@@ -367,6 +367,9 @@ def test_metrics_are_served_while_the_apply_runs(workdir: Path, db: str) -> None
         'backfill_guard_value{signal="connections"}',
         "backfill_rows_remaining_estimate",
         "backfill_held 0.0",
+        'backfill_guard_value{signal="busy_sessions"}',
+        "backfill_yielded_seconds_total",
+        "backfill_yield_factor",
     ):
         assert name in text, name
     code, out = finish(proc)
@@ -604,3 +607,71 @@ def test_a_cancel_is_obeyed_while_the_signals_do_not_answer_within_the_timeout(
     assert "resumed (" not in out, "a run stopped while held was said to have resumed"
     assert started == 0, "a batch started while the signals were unread"
     assert "no answer within guards.statement_timeout (0.3 s)" in reason
+
+
+def in_transaction(db: str, app: str) -> int:
+    return int(
+        val(
+            db,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1"
+            " AND state = 'idle in transaction'",
+            app,
+        )
+    )
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("BACKFILL_TEST_DSN") and os.environ.get("PYTEST_XDIST_WORKER")),
+    reason="counts the whole server's busy sessions: on a shared BACKFILL_TEST_DSN server, run "
+    "it alone (-n 0), not beside other test processes",
+)
+def test_busy_sessions_make_the_apply_wait_after_each_batch_and_the_summary_says_how_long(
+    workdir: Path,
+    db: str,
+    busy_sessions: Callable[[int], None],
+    idle_sessions: Callable[[int], list[subprocess.Popen[bytes]]],
+) -> None:
+    make_items(db, 300)
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql=SLOW_APPLY,
+        batching__size=50,
+        guards={"yield_to_busy": {"per_session": 1.5, "max_factor": 8}},
+    )
+    busy_sessions(3)
+    idle_sessions(4)  # asleep in pg_sleep: connected, but not busy
+    wait_for("the busy sessions", lambda: in_transaction(db, "busy_app") == 3)
+    proc = start_runner(["apply", str(plan), "--env", "staging"], workdir, db)
+    code, out = finish(proc)
+    assert code == 3, out
+    run_id = run_id_of(out)
+    assert val(db, "SELECT count(*) FROM items WHERE val IS DISTINCT FROM 'new'") == 0
+    row = sql(
+        db, "SELECT seconds, batches, max_factor FROM backfill.yields WHERE run_id = $1", run_id
+    )
+    assert len(row) == 1, "one command, one row"
+    # 3 sessions in a transaction, 1.5 batch times each (the 4 asleep are not counted): every
+    # batch after the first waited, 4.5 times the batch's time
+    batches = committed(db)
+    assert batches >= 4
+    assert row[0]["batches"] == batches - 1
+    assert row[0]["max_factor"] == pytest.approx(4.5)
+    assert row[0]["seconds"] > 0
+    text = summary(workdir, run_id)
+    assert "Yielded to busy sessions (`guards.yield_to_busy`):" in text, text
+    assert f"after {batches - 1} batch(es)" in text, text
+    assert "at most 4.5× a batch's time" in text, text
+
+    # switched off, the same work does not wait
+    sql(db, "UPDATE items SET val = 'old'")
+    off = write_plan(
+        workdir / "off.json",
+        apply__sql=SLOW_APPLY,
+        batching__size=50,
+        guards={"yield_to_busy": {"per_session": 0}},
+    )
+    proc = start_runner(["apply", str(off), "--env", "staging"], workdir, db)
+    code, out = finish(proc)
+    assert code == 3, out
+    assert not sql(db, "SELECT 1 FROM backfill.yields WHERE run_id = $1", run_id_of(out))
+    assert "Yielded to busy sessions" not in summary(workdir, run_id_of(out))

@@ -4,6 +4,7 @@ a killed process, one rate for the run, one story in the summary and the rollbac
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import time
@@ -426,3 +427,45 @@ def test_the_leaders_progress_counts_every_processs_batches(workdir: Path, db: s
     # a line while the joiners worked counts their batches too: more than the leader ever did
     assert max(b for b, _, _ in shown) > own, (shown, own)
     assert all(done <= total == needing for _, done, total in shown), shown
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("BACKFILL_TEST_DSN") and os.environ.get("PYTEST_XDIST_WORKER")),
+    reason="counts the whole server's busy sessions: on a shared BACKFILL_TEST_DSN server, run "
+    "it alone (-n 0), not beside other test processes",
+)
+def test_processes_that_yield_to_busy_sessions_each_get_their_share_of_the_pages(
+    workdir: Path, db: str, busy_sessions: Callable[[int], None]
+) -> None:
+    # guard: a process that lost the race for a page waited a whole batch's spacing again
+    # before its next try, and the yield came between reading the next page and claiming it,
+    # so the process whose wait ended first claimed nearly every page (a joiner got 1 of 24)
+    make_items(db, 750)
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql=SLOW_APPLY.format(s=0.3),
+        batching__size=20,
+        guards={"yield_to_busy": {"per_session": 0.3, "max_factor": 8}},
+    )
+    busy_sessions(2)
+    leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
+    run_id = leader_run(db)
+    joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
+    code, out = finish(leader)
+    assert code == 3, out
+    jcode, jout = finish(joiner)
+    assert jcode == 0, jout
+    each_key_once(db, run_id, 600)
+    per_process = sql(
+        db,
+        "SELECT process, count(*) AS n FROM backfill.batches WHERE run_id = $1"
+        " AND status = 'done' GROUP BY process",
+        run_id,
+    )
+    assert len(per_process) == 2, per_process
+    assert min(r["n"] for r in per_process) >= 5, per_process
+    # both waited after their batches, and the summary adds the two commands up
+    rows = sql(db, "SELECT * FROM backfill.yields WHERE run_id = $1", run_id)
+    assert len([r for r in rows if r["seconds"] > 0]) == 2, rows
+    text = next(workdir.rglob("backfill_summary.md")).read_text()
+    assert "summed over 2 commands" in text, text

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from runner.engine.guards import judge, judge_custom, verdict
+import pytest
+from pydantic import ValidationError
+
+from runner.engine.guards import Yielding, judge, judge_custom, verdict
 from runner.plan import CustomGuard, Guards, Limit
 
 
@@ -52,3 +55,41 @@ def test_the_verdict_is_the_worst_reading() -> None:
     assert v.worst is readings[0]
     assert verdict([judge("connections", 0.1, limit)]).worst is None
     assert verdict([*readings, judge("connections", 0.99, limit)]).state == "stop"
+
+
+def test_the_yield_to_busy_sessions_is_on_by_default_and_refuses_a_negative_factor() -> None:
+    g = Guards.model_validate({})
+    assert (g.yield_to_busy.per_session, g.yield_to_busy.max_factor) == (2.0, 8.0)
+    assert (g.busy_sessions.hold, g.busy_sessions.critical) == (None, None)
+    with pytest.raises(ValidationError, match="per_session"):
+        Guards.model_validate({"yield_to_busy": {"per_session": -1}})
+    off = Guards.model_validate({"yield_to_busy": {"per_session": 0}})
+    assert off.yield_to_busy.factor(40) == 0
+
+
+def test_the_wait_after_a_batch_is_its_time_times_the_busy_sessions_capped() -> None:
+    y = Yielding(per_session=2.0, max_factor=8.0, workers=1)
+    y.batch(0.1)
+    y.started(100.0)
+    assert y.due(100.1) == 0, "nothing busy: no wait"
+    y.seen(3)
+    assert y.factor == 6.0
+    # the batch started at 100.0 took 0.1 s: the next starts 6 batch times after it ended
+    assert y.due(100.1) == pytest.approx(0.6)
+    assert y.due(100.8) == 0
+    y.seen(None)  # a reading that failed changes nothing
+    assert y.factor == 6.0
+    y.seen(100)  # one snapshot of many sessions moves the smoothed count part of the way
+    assert 3 < y.busy < 100  # type: ignore[operator]
+    assert y.factor == 8.0, "capped at max_factor"
+    two = Yielding(per_session=2.0, max_factor=8.0, workers=2)
+    two.batch(0.1)
+    two.seen(3)
+    two.started(100.0)
+    # two workers: batches start at most every 0.1 * 7 / 2 s, each worker works 1/7 of the time
+    assert two.due(100.0) == pytest.approx(0.35)
+    off = Yielding(per_session=0.0, max_factor=8.0, workers=1)
+    off.batch(0.1)
+    off.seen(50)
+    off.started(100.0)
+    assert off.due(100.0) == 0
