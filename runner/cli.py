@@ -340,6 +340,8 @@ class _ProgressView:
                 err.print(f"{where}{more}: {data['rows']:,} row(s) need the backfill", markup=False)
         elif kind in ("hold", "resume", "yield"):
             self._watched(kind, data)
+        elif kind == "notice":  # something the operator should know, once
+            err.print(f"note: {data['text']}", markup=False)
         elif kind == "batch":
             t = data["totals"]
             done = t.get("keys", 0)  # keys of committed batches: the unit of "rows needing it"

@@ -1037,12 +1037,21 @@ async def record_yield(
     batches: int,
     max_factor: float,
 ) -> None:
-    """One command's yield to busy sessions so far (its totals: saving again replaces them)."""
+    """One command's yield to busy sessions so far (its totals: saving again replaces them).
+    Once a shared stage is done (`work.done`, several processes) nothing is saved: its summary
+    is written from what was saved before, and re-renders the same. The stage's row is read
+    FOR SHARE, so a save waits for the transaction that ends the stage and then sees it."""
     await conn.execute(
-        "INSERT INTO backfill.yields (run_id, stage, command, seconds, batches, max_factor)"
-        " VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (run_id, stage, command) DO UPDATE"
-        " SET seconds = excluded.seconds, batches = excluded.batches,"
-        " max_factor = excluded.max_factor, updated_at = clock_timestamp()",
+        """WITH stage AS (
+               SELECT bool_or(done) AS done FROM (
+                   SELECT done FROM backfill.work WHERE run_id = $1 AND stage = $2 FOR SHARE
+               ) AS w
+           )
+           INSERT INTO backfill.yields (run_id, stage, command, seconds, batches, max_factor)
+           SELECT $1, $2, $3, $4, $5, $6 FROM stage WHERE NOT coalesce(stage.done, false)
+           ON CONFLICT (run_id, stage, command) DO UPDATE
+           SET seconds = excluded.seconds, batches = excluded.batches,
+               max_factor = excluded.max_factor, updated_at = clock_timestamp()""",
         run_id,
         stage,
         command,

@@ -228,3 +228,23 @@ def no_open_lease(db: str, run_id: str) -> None:
         run_id,
     )
     assert not open_, open_
+
+
+def join_gate(db: str, guards: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Guards that hold every process of a run at its first batch until `open_join_gate`: a
+    test that needs its joiners to commit batches starts them all first, however slowly they
+    start on a loaded machine (a leader alone finished before a joiner was up)."""
+    sql(db, "CREATE TABLE IF NOT EXISTS join_gate (opened boolean)")
+    custom = {"name": "join_gate", "sql": "SELECT count(*) FROM join_gate", "pass_if": ">= 1"}
+    return {"interval": "100ms", **(guards or {}), "custom": [custom]}
+
+
+def open_join_gate(db: str, run_id: str, joiners: int) -> None:
+    """Let the run's processes go once `joiners` processes have joined it."""
+    wait_for(
+        db,
+        "SELECT count(*) >= $2 FROM backfill.processes WHERE run_id = $1 AND joined",
+        run_id,
+        joiners,
+    )
+    sql(db, "INSERT INTO join_gate VALUES (true)")

@@ -122,8 +122,9 @@ class DispatchCheck(Protocol):
     async def clear_to_dispatch(self) -> None:
         """Return when a batch may start (waiting while held); raise when the phase must stop."""
 
-    async def pace(self) -> None:
-        """Return when the next batch is due (the yield to busy sessions); raise to stop."""
+    async def pace(self, stop: anyio.Event) -> bool:
+        """Return when the next batch is due (the yield to busy sessions) or `stop` is set;
+        whether it waited. Raise when the phase must stop."""
 
     def dispatched(self) -> None:
         """A batch was handed to a worker."""
@@ -259,6 +260,7 @@ class BatchRun:
             if self.claims is not None and pass_no < self.settings.max_passes:
                 await self._once_settled(self.claims.next_pass)
         if self.claims is not None and not state.capped:
+            await self._finish_watch()  # saved before the stage ends: then nothing is saved
             await self._once_settled(self.claims.finish)
         return state
 
@@ -425,27 +427,26 @@ class BatchRun:
             return size
         return min(size or self.settings.page_size, cap - self.state.dispatched_rows)
 
-    async def _cleared(self, failed: anyio.Event, *, pace: bool = True) -> bool:
-        """Whether the next batch may start now, after waiting out the yield to busy sessions
-        (`pace`) and a pause or a hold; a stop is kept in `state.halt` (raised after the
-        batches in flight finish)."""
+    async def _cleared(self, failed: anyio.Event) -> bool:
+        """Whether the next batch may start now, after waiting out a pause or a hold; a stop
+        is kept in `state.halt` (raised after the batches in flight finish)."""
         if self.watch is not None:
             try:
-                if pace:
-                    await self.watch.pace()
                 await self.watch.clear_to_dispatch()
             except BackfillError as exc:
                 self.state.halt = exc
         return self._may_dispatch(failed)
 
     async def _paced(self, failed: anyio.Event) -> bool:
-        """The yield to busy sessions alone (a stop is kept in `state.halt`)."""
-        if self.watch is not None:
-            try:
-                await self.watch.pace()
-            except BackfillError as exc:
-                self.state.halt = exc
-        return self._may_dispatch(failed)
+        """Wait out the yield to busy sessions (a worker is free: the wait is time this
+        process starts no batch); whether it waited. A stop is kept in `state.halt`."""
+        if self.watch is None:
+            return False
+        try:
+            return await self.watch.pace(failed)
+        except BackfillError as exc:
+            self.state.halt = exc
+            return False
 
     async def _allocate(self) -> int:
         """The next batch number (the producer's batches and the parts of a split share them;
@@ -485,11 +486,12 @@ class BatchRun:
                 # the page is read while the last batch runs; the checks wait for a free
                 # worker, so a pause or a hold is obeyed within one batch
                 await idle.acquire()
+                await self._paced(failed)
                 if not await self._cleared(failed):
                     return
                 waited = time.monotonic()
                 await self.throttle.wait(page.size)
-                if time.monotonic() - waited > 1.0 and not await self._cleared(failed, pace=False):
+                if time.monotonic() - waited > 1.0 and not await self._cleared(failed):
                     return  # a long wait for the pace: look again before starting
                 batch = Batch(
                     await self._allocate(),
@@ -522,9 +524,7 @@ class BatchRun:
         with anyio.move_on_after(10):
             await self._checking.wait()
         async with send:
-            # the yield comes before the page is read: processes that share the run each read
-            # the next page after their wait, so none loses every race for it
-            while await self._paced(failed):
+            while self._may_dispatch(failed):
                 size = self._capped_size(self._page_size()) or self.settings.page_size
                 # the page is read while the last batch runs; it is claimed (numbered, given
                 # its slot) only once a worker is free and nothing holds the run
@@ -537,7 +537,13 @@ class BatchRun:
                 if candidate.page is None:
                     return
                 await idle.acquire()
-                if not await self._cleared(failed, pace=False):
+                if await self._paced(failed):
+                    # the page was read before the wait: read the next one again, so that the
+                    # processes that share the run each read theirs after their own wait (one
+                    # whose wait ended first claimed nearly every page)
+                    idle.release()
+                    continue
+                if not await self._cleared(failed):
                     await self._release(candidate)
                     return
                 claim = await self.claims.claim(candidate)
@@ -579,7 +585,7 @@ class BatchRun:
         first."""
         if claim.wait > 0:
             await anyio.sleep(claim.wait)
-            if claim.wait > 1.0 and not await self._cleared(failed, pace=False):
+            if claim.wait > 1.0 and not await self._cleared(failed):
                 return False
         assert self.claims is not None
         batch = Batch(

@@ -56,7 +56,10 @@ SELECT
         AND application_name IS DISTINCT FROM 'backfill'
         AND (state LIKE 'idle in transaction%'
              OR (state IN ('active', 'fastpath function call')
-                 AND wait_event_type IS DISTINCT FROM 'Timeout')))::float8 AS busy_sessions
+                 AND wait_event_type IS DISTINCT FROM 'Timeout')))::float8 AS busy_sessions,
+    -- sessions this login may not look at (no pg_monitor / pg_read_all_stats): every column
+    -- but a few reads NULL, so they count as neither connected nor busy
+    (SELECT count(*) FROM pg_stat_activity WHERE backend_type IS NULL)::float8 AS hidden_sessions
 """
 
 # the run's control request ($1) beside the signals (the target's oid is $2 here)
@@ -188,6 +191,7 @@ class GuardSet:
     target_oid: int
     _wal: tuple[float, float] | None = field(default=None, init=False)  # (position, when)
     _wal_rate: float | None = field(default=None, init=False)
+    hidden_sessions: int = field(default=0, init=False)  # in the last reading (see BUILTIN_SQL)
 
     @property
     def enabled(self) -> bool:
@@ -221,6 +225,7 @@ class GuardSet:
             unread = Reading("builtin", None, "hold", "", f"guards could not be read: {why}")
             return await control_state(conn, run_id), [unread]
         assert row is not None
+        self.hidden_sessions = int(row["hidden_sessions"] or 0)
         control = None if row["action"] is None else ControlRequest.from_row(row)
         return control, self._judged(row)
 
@@ -286,12 +291,14 @@ class Yielding:
 
     The wait after a batch is the batch's time times a factor: `per_session` * the sessions
     seen busy (smoothed over the last readings, as one reading is a snapshot of sessions that
-    come and go within milliseconds), at most `max_factor`. With `workers` batches at a time,
+    come and go within milliseconds; under half a session on average counts as none), at most
+    `max_factor`. With `workers` batches at a time,
     batches start at most every (batch time * (1 + factor)) / workers, so each worker works
     at most 1 / (1 + factor) of the time. A pure clock-and-numbers object: the watch feeds it.
     """
 
     SMOOTHING = 0.3  # the weight of the newest reading (and of the newest batch's time)
+    LEAST_BUSY = 0.5  # fewer sessions busy on average count as none: no wait
 
     def __init__(self, per_session: float, max_factor: float, workers: int) -> None:
         self.per_session = per_session
@@ -307,7 +314,7 @@ class Yielding:
 
     @property
     def factor(self) -> float:
-        if not self.on or self.busy is None:
+        if not self.on or self.busy is None or self.busy < self.LEAST_BUSY:
             return 0.0
         return min(self.per_session * self.busy, self.max_factor)
 

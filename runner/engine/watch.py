@@ -81,6 +81,7 @@ class RunWatch:
         self._most_factor = 0.0
         self._saved = (0.0, 0)
         self._told_factor = 0.0
+        self._hidden_told = False
 
     async def clear_to_dispatch(self) -> None:
         if not self._stale_closed:  # holds a killed process left open are over
@@ -99,21 +100,28 @@ class RunWatch:
             raise
         await self._end_hold()
 
-    async def pace(self) -> None:
-        """Wait while the busy sessions are owed time (guards.yield_to_busy): until the next
-        batch may start. A wait longer than guards.interval is cut there and the request and
-        the signals are read again: a cancel or a critical reading raises, a hold or a pause
-        ends the wait (for `clear_to_dispatch` to hold)."""
-        waited = False
-        while (wait := self._yield_due()) > 0:
-            step = min(wait, self.settings.interval)
-            await self._yield(step)
-            waited = True
-            if wait <= step or await self._blocking_reading() is not None:
-                break
-        if waited:  # saved while the server is left to the busy sessions anyway
-            self._yielded_batches += 1
+    async def pace(self, stop: anyio.Event) -> bool:
+        """Wait while the busy sessions are owed time (guards.yield_to_busy), until the next
+        batch may start; whether it waited. `stop` (a batch failed) ends the wait at once. A
+        wait longer than guards.interval is cut there and the request and the signals are read
+        again: a cancel or a critical reading raises, a hold or a pause ends the wait (for
+        `clear_to_dispatch` to hold)."""
+        waited = 0.0
+        try:
+            while not stop.is_set() and (wait := self._yield_due()) > 0:
+                step = min(wait, self.settings.interval)
+                since = self.clock()
+                with anyio.move_on_after(step):
+                    await stop.wait()
+                waited += self.clock() - since
+                if stop.is_set() or wait <= step or await self._blocking_reading() is not None:
+                    break
+        finally:  # counted however it ended (a cancel read between steps, Ctrl-C)
+            if waited > 0:
+                self._yielded(waited)
+        if waited > 0:  # saved while the server is left to the busy sessions anyway
             await self._save_yields()
+        return waited > 0
 
     def dispatched(self) -> None:
         """A batch was handed to a worker: the next one is spaced from now."""
@@ -134,33 +142,36 @@ class RunWatch:
             self._tell("yield", {"factor": factor, "busy": self.yielding.busy or 0.0})
         return self.yielding.due(self.clock())
 
-    async def _yield(self, seconds: float) -> None:
-        """Wait `seconds` for the busy sessions, counted for the summary and the metrics."""
+    def _yielded(self, seconds: float) -> None:
+        """A wait of `seconds` before one batch, for the summary and the metrics."""
         factor = self.yielding.factor
         self._most_factor = max(self._most_factor, factor)
+        self.yielded_seconds += seconds
+        self._yielded_batches += 1
         if (m := metrics.current()) is not None:
             m.yield_factor.set(factor)
             m.yielded.inc(seconds)
-        await anyio.sleep(seconds)
-        self.yielded_seconds += seconds
 
     async def _save_yields(self) -> None:
+        """This command's yield so far, to the ledger (never raises: a yield not saved costs
+        the summary some seconds, nothing else; the next save or `finish` writes it)."""
         totals = (self.yielded_seconds, self._yielded_batches)
         if totals == self._saved:
             return
-        await self.main.run(
-            lambda c: ledger.record_yield(
-                c, self.run_id, self.stage, self._command, *totals, self._most_factor
+        try:
+            await self.main.run(
+                lambda c: ledger.record_yield(
+                    c, self.run_id, self.stage, self._command, *totals, self._most_factor
+                )
             )
-        )
+        except Exception as exc:
+            log.warning("guard.yields_not_saved", error=str(exc))
+            return
         self._saved = totals
 
     async def finish(self) -> None:
         """The stage's dispatching is over (however it ended): its yielded time is saved."""
-        try:
-            await self._save_yields()
-        except Exception as exc:  # the summary then misses the last seconds, nothing else
-            log.warning("guard.yields_not_saved", error=str(exc))
+        await self._save_yields()
 
     async def _blocking_reading(self) -> Reading | None:
         """What keeps the next batch from starting now (None: nothing); raises to stop."""
@@ -186,6 +197,18 @@ class RunWatch:
         if not self.guards.enabled:
             return None
         self.yielding.seen(next((r.value for r in readings if r.signal == "busy_sessions"), None))
+        if self.guards.hidden_sessions and not self._hidden_told:
+            self._hidden_told = True
+            log.warning("guard.hidden_sessions", sessions=self.guards.hidden_sessions)
+            self._tell(
+                "notice",
+                {
+                    "text": f"{self.guards.hidden_sessions} of the server's sessions are "
+                    "hidden from this login (it lacks pg_monitor or pg_read_all_stats): the "
+                    "guards and the yield to busy sessions cannot see other logins' sessions; "
+                    "grant it pg_monitor"
+                },
+            )
         if self.settings.custom:
             readings += await self.reader.run(self.guards.custom)
         found = verdict(readings)

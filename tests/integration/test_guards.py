@@ -17,8 +17,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import asyncpg
 import pytest
 
+from runner import ledger
+from runner.engine.guards import GuardSet
+from runner.plan import Guards
 from tests.conftest import cli_subprocess, make_items, psql_binary, sql, val, write_plan
 from tests.helpers import differing, env_for, ledger_totals, run_id_of, snapshot, start_runner
 
@@ -651,16 +656,26 @@ def test_busy_sessions_make_the_apply_wait_after_each_batch_and_the_summary_says
     )
     assert len(row) == 1, "one command, one row"
     # 3 sessions in a transaction, 1.5 batch times each (the 4 asleep are not counted): every
-    # batch after the first waited, 4.5 times the batch's time
+    # batch after the first waited, 4.5 times the batch's time, and nothing after the last
     batches = committed(db)
     assert batches >= 4
     assert row[0]["batches"] == batches - 1
+    # the waits are time no batch ran: with one worker, batches and waits fit in the stage
+    span = sql(
+        db,
+        "SELECT extract(epoch FROM max(committed_at) - min(started_at))::float8 AS wall,"
+        " sum(duration_ms)::float8 / 1000 AS busy FROM backfill.batches WHERE run_id = $1",
+        run_id,
+    )[0]
+    assert span["busy"] + row[0]["seconds"] <= span["wall"] + 0.2, (dict(span), dict(row[0]))
     assert row[0]["max_factor"] == pytest.approx(4.5)
     assert row[0]["seconds"] > 0
     text = summary(workdir, run_id)
     assert "Yielded to busy sessions (`guards.yield_to_busy`):" in text, text
     assert f"after {batches - 1} batch(es)" in text, text
     assert "at most 4.5× a batch's time" in text, text
+    rerendered = backfill(workdir, db, "report", run_id)
+    assert rerendered.returncode == 0, rerendered.stdout + rerendered.stderr
 
     # switched off, the same work does not wait
     sql(db, "UPDATE items SET val = 'old'")
@@ -675,3 +690,67 @@ def test_busy_sessions_make_the_apply_wait_after_each_batch_and_the_summary_says
     assert code == 3, out
     assert not sql(db, "SELECT 1 FROM backfill.yields WHERE run_id = $1", run_id_of(out))
     assert "Yielded to busy sessions" not in summary(workdir, run_id_of(out))
+
+
+def test_a_login_without_pg_monitor_is_told_the_sessions_it_cannot_see(db: str) -> None:
+    # other logins' sessions read as empty rows to it: neither connected nor busy
+    role = f"plain_{abs(hash(db)) % 10**8}"
+    sql(db, f"CREATE TABLE items_probe (id int); CREATE ROLE {role} LOGIN")
+
+    async def go() -> tuple[int, int]:
+        admin = await asyncpg.connect(db)
+        try:
+            await ledger.ensure_ledger(admin)
+            await admin.execute(
+                f"GRANT USAGE ON SCHEMA backfill TO {role};"
+                f" GRANT SELECT ON backfill.control_requests TO {role}"
+            )
+            oid = await admin.fetchval("SELECT 'items_probe'::regclass::oid")
+            seen = GuardSet(Guards(), oid)
+            await seen.with_control(admin, "r")
+            plain = await asyncpg.connect(db, user=role)
+            try:
+                hidden = GuardSet(Guards(), oid)
+                await hidden.with_control(plain, "r")
+            finally:
+                await plain.close()
+            return seen.hidden_sessions, hidden.hidden_sessions
+        finally:
+            await admin.execute(f"DROP OWNED BY {role}")
+            await admin.close()
+
+    try:
+        as_admin, as_plain = anyio.run(go)
+    finally:
+        sql(db, f"DROP ROLE IF EXISTS {role}")
+    assert as_admin == 0
+    assert as_plain > 0  # the server's other backends, at least (its checkpointer, …)
+
+
+@pytest.mark.skipif(
+    bool(os.environ.get("BACKFILL_TEST_DSN") and os.environ.get("PYTEST_XDIST_WORKER")),
+    reason="counts the whole server's busy sessions: on a shared BACKFILL_TEST_DSN server, run "
+    "it alone (-n 0), not beside other test processes",
+)
+def test_a_batch_that_fails_while_the_apply_yields_stops_it_without_another_wait(
+    workdir: Path, db: str, busy_sessions: Callable[[int], None]
+) -> None:
+    make_items(db, 300)
+    # the second batch fails on its data (a division by zero at id 70), and stops the phase
+    failing = SLOW_APPLY.replace("WHERE id = ANY($1)", "WHERE id = ANY($1) AND 1 / (id - 70) <> 0")
+    plan = write_plan(
+        workdir / "p.json",
+        apply__sql=failing,
+        batching__size=50,
+        batching__on_error="stop",
+        guards={"yield_to_busy": {"per_session": 4, "max_factor": 8}},
+    )
+    busy_sessions(2)
+    wait_for("the busy sessions", lambda: in_transaction(db, "busy_app") == 2)
+    proc = start_runner(["apply", str(plan), "--env", "staging"], workdir, db)
+    code, out = finish(proc)
+    assert code == 1, out
+    run_id = run_id_of(out)
+    waits = sql(db, "SELECT batches FROM backfill.yields WHERE run_id = $1", run_id)
+    # one wait, before the batch that failed; none after it for a batch that never came
+    assert [r["batches"] for r in waits] == [committed(db)] == [1], (waits, out)

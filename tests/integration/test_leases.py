@@ -23,7 +23,9 @@ from tests.helpers import (
     each_key_once,
     env_for,
     finish,
+    join_gate,
     leader_run,
+    open_join_gate,
     run_id_of,
     snapshot,
     start_runner,
@@ -43,6 +45,7 @@ def test_three_processes_finish_one_run_each_batch_once_and_the_rollback_covers_
         apply__sql=SLOW_APPLY.format(s=0.05),
         batching__size=20,
         batching__workers=2,
+        guards=join_gate(db),
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
     run_id = leader_run(db)
@@ -50,6 +53,7 @@ def test_three_processes_finish_one_run_each_batch_once_and_the_rollback_covers_
         start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
         for _ in range(2)
     ]
+    open_join_gate(db, run_id, 2)
     code, out = finish(leader)
     assert code == 3, out  # the leader finished the stage and halted at its gate
     for j in joiners:
@@ -445,12 +449,13 @@ def test_processes_that_yield_to_busy_sessions_each_get_their_share_of_the_pages
         workdir / "p.json",
         apply__sql=SLOW_APPLY.format(s=0.3),
         batching__size=20,
-        guards={"yield_to_busy": {"per_session": 0.3, "max_factor": 8}},
+        guards=join_gate(db, {"yield_to_busy": {"per_session": 0.3, "max_factor": 8}}),
     )
     busy_sessions(2)
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
     run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
+    open_join_gate(db, run_id, 1)
     code, out = finish(leader)
     assert code == 3, out
     jcode, jout = finish(joiner)
@@ -469,3 +474,7 @@ def test_processes_that_yield_to_busy_sessions_each_get_their_share_of_the_pages
     assert len([r for r in rows if r["seconds"] > 0]) == 2, rows
     text = next(workdir.rglob("backfill_summary.md")).read_text()
     assert "summed over 2 commands" in text, text
+    # a joiner saves no wait after the leader wrote the summary: it re-renders as written
+    rerendered = start_runner(["report", run_id], workdir, db)
+    rcode, rout = finish(rerendered)
+    assert rcode == 0, rout

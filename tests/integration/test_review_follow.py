@@ -17,7 +17,9 @@ from tests.helpers import (
     SLOW_APPLY,
     env_for,
     finish,
+    join_gate,
     leader_run,
+    open_join_gate,
     run_id_of,
     start_runner,
 )
@@ -97,10 +99,12 @@ def test_two_processes_joined_on_one_run(workdir: Path, db: str) -> None:
         apply__sql=SLOW_APPLY.format(s=0.03),
         batching__size=25,
         batching__workers=2,
+        guards=join_gate(db),
     )
     leader = start_runner(["apply", str(plan), "-e", "staging", "-q"], workdir, db)
     run_id = leader_run(db)
     joiner = start_runner(["apply", str(plan), "-e", "staging", "-q", "--run", run_id], workdir, db)
+    open_join_gate(db, run_id, 1)
     code, out = finish(leader)
     assert code == 3, out
     jcode, jout = finish(joiner)

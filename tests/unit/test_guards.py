@@ -93,3 +93,15 @@ def test_the_wait_after_a_batch_is_its_time_times_the_busy_sessions_capped() -> 
     off.seen(50)
     off.started(100.0)
     assert off.due(100.0) == 0
+
+
+def test_the_wait_ends_once_the_sessions_are_no_longer_busy() -> None:
+    y = Yielding(per_session=2.0, max_factor=8.0, workers=1)
+    y.batch(0.1)
+    y.seen(3)
+    assert y.factor == 6.0
+    for _ in range(10):  # the sessions closed: the smoothed count falls under half a session
+        y.seen(0)
+    assert y.factor == 0
+    y.started(100.0)
+    assert y.due(100.0) == 0
