@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import pytest
 
 from runner.db import PINNED_SETTINGS
 from runner.demo.data import seed
@@ -248,3 +249,12 @@ def open_join_gate(db: str, run_id: str, joiners: int) -> None:
         joiners,
     )
     sql(db, "INSERT INTO join_gate VALUES (true)")
+
+
+# a test that counts the whole server's sessions: on a BACKFILL_TEST_DSN server shared by
+# several test processes (pytest -n), the others' sessions are counted too
+counts_the_whole_server = pytest.mark.skipif(
+    bool(os.environ.get("BACKFILL_TEST_DSN") and os.environ.get("PYTEST_XDIST_WORKER")),
+    reason="counts the whole server's sessions: on a shared BACKFILL_TEST_DSN server, run it "
+    "alone (-n 0), not beside other test processes",
+)

@@ -25,7 +25,15 @@ from runner import ledger
 from runner.engine.guards import GuardSet
 from runner.plan import Guards
 from tests.conftest import cli_subprocess, make_items, psql_binary, sql, val, write_plan
-from tests.helpers import differing, env_for, ledger_totals, run_id_of, snapshot, start_runner
+from tests.helpers import (
+    counts_the_whole_server,
+    differing,
+    env_for,
+    ledger_totals,
+    run_id_of,
+    snapshot,
+    start_runner,
+)
 
 SLOW_APPLY = (
     "UPDATE items SET val = 'new', updated_at = '2030-01-01' WHERE id = ANY($1) "
@@ -135,11 +143,7 @@ def client_sessions(db: str) -> int:
     )
 
 
-@pytest.mark.skipif(
-    bool(os.environ.get("BACKFILL_TEST_DSN") and os.environ.get("PYTEST_XDIST_WORKER")),
-    reason="counts the whole server's sessions: on a shared BACKFILL_TEST_DSN server, run it "
-    "alone (-n 0), not beside other test processes",
-)
+@counts_the_whole_server
 def test_connections_past_the_threshold_hold_the_run_and_releasing_them_resumes_it(
     workdir: Path, db: str, idle_sessions: Callable[[int], list[subprocess.Popen[bytes]]]
 ) -> None:
@@ -625,11 +629,7 @@ def in_transaction(db: str, app: str) -> int:
     )
 
 
-@pytest.mark.skipif(
-    bool(os.environ.get("BACKFILL_TEST_DSN") and os.environ.get("PYTEST_XDIST_WORKER")),
-    reason="counts the whole server's busy sessions: on a shared BACKFILL_TEST_DSN server, run "
-    "it alone (-n 0), not beside other test processes",
-)
+@counts_the_whole_server
 def test_busy_sessions_make_the_apply_wait_after_each_batch_and_the_summary_says_how_long(
     workdir: Path,
     db: str,
@@ -727,11 +727,7 @@ def test_a_login_without_pg_monitor_is_told_the_sessions_it_cannot_see(db: str) 
     assert as_plain > 0  # the server's other backends, at least (its checkpointer, …)
 
 
-@pytest.mark.skipif(
-    bool(os.environ.get("BACKFILL_TEST_DSN") and os.environ.get("PYTEST_XDIST_WORKER")),
-    reason="counts the whole server's busy sessions: on a shared BACKFILL_TEST_DSN server, run "
-    "it alone (-n 0), not beside other test processes",
-)
+@counts_the_whole_server
 def test_a_batch_that_fails_while_the_apply_yields_stops_it_without_another_wait(
     workdir: Path, db: str, busy_sessions: Callable[[int], None]
 ) -> None:

@@ -4,7 +4,6 @@ a killed process, one rate for the run, one story in the summary and the rollbac
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import time
@@ -19,6 +18,7 @@ from runner import ledger
 from tests.conftest import make_items, run, sql, val, write_plan
 from tests.helpers import (
     SLOW_APPLY,
+    counts_the_whole_server,
     differing,
     each_key_once,
     env_for,
@@ -433,11 +433,7 @@ def test_the_leaders_progress_counts_every_processs_batches(workdir: Path, db: s
     assert all(done <= total == needing for _, done, total in shown), shown
 
 
-@pytest.mark.skipif(
-    bool(os.environ.get("BACKFILL_TEST_DSN") and os.environ.get("PYTEST_XDIST_WORKER")),
-    reason="counts the whole server's busy sessions: on a shared BACKFILL_TEST_DSN server, run "
-    "it alone (-n 0), not beside other test processes",
-)
+@counts_the_whole_server
 def test_processes_that_yield_to_busy_sessions_each_get_their_share_of_the_pages(
     workdir: Path, db: str, busy_sessions: Callable[[int], None]
 ) -> None:
