@@ -304,7 +304,15 @@ def _runner_env(workdir: Path, db: str) -> dict[str, str]:
     }
 
 
-def _kill_after(args: list[str], workdir: Path, env: dict[str, str], delay: float) -> int | None:
+def _kill_after(
+    args: list[str],
+    workdir: Path,
+    env: dict[str, str],
+    delay: float,
+    after: Callable[[], bool] | None = None,
+) -> int | None:
+    """Run the runner and SIGKILL it `delay` seconds after it started, or after `after()`
+    first holds (a start-up on a loaded machine can take longer than any fixed delay)."""
     import os
     import signal
     import subprocess
@@ -319,6 +327,11 @@ def _kill_after(args: list[str], workdir: Path, env: dict[str, str], delay: floa
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+    deadline = time.monotonic() + 120
+    while after is not None and proc.poll() is None and time.monotonic() < deadline:
+        if after():
+            break
+        time.sleep(0.05)
     time.sleep(delay)
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGKILL)
@@ -349,7 +362,9 @@ def test_sigkill_at_random_moments_with_2_workers_and_splits_then_retry_killed_t
     )
     env = _runner_env(workdir, db)
     base = ["apply", str(plan), "--env", "staging", "-q"]
-    _kill_after(base, workdir, env, 1.5 + rnd.random())
+    # the first kill lands once the run has committed a batch: its run folder and ledger exist
+    first = "SELECT count(*) > 0 FROM backfill.batches WHERE status = 'done'"
+    _kill_after(base, workdir, env, rnd.random(), after=lambda: bool(val(db, first)))
     run_id = next((workdir / "backfill_logs" / "items_new").iterdir()).name
     for _ in range(4):
         _kill_after([*base, "--run", run_id], workdir, env, 0.8 + rnd.random() * 1.5)
