@@ -537,10 +537,11 @@ class BatchRun:
                 if candidate.page is None:
                     return
                 await idle.acquire()
-                if await self._paced(failed):
+                if await self._paced(failed) and not candidate.batch_no:
                     # the page was read before the wait: read the next one again, so that the
                     # processes that share the run each read theirs after their own wait (one
-                    # whose wait ended first claimed nearly every page)
+                    # whose wait ended first claimed nearly every page). A lease taken over
+                    # (numbered) is this process's already: it is kept, never dropped.
                     idle.release()
                     continue
                 if not await self._cleared(failed):
