@@ -6,9 +6,13 @@ Each method copies every row of the same source table (~250-byte rows) into its 
 table. The floor is a hand-written `INSERT … SELECT` keyset loop that also records the keys it
 inserted (what the cheapest rollback needs: delete them again), one connection, one transaction
 per batch. The runner runs a shaped plan ([[writes]] the copy table, insert only) as an operator
-runs it: its own process, unthrottled; it also keeps each inserted row's whole after-image (so a
+runs it: its own process, unthrottled; it also keeps a 64-bit digest of each inserted row (so a
 rollback deletes only rows still as inserted), checks the scope by the write counters and writes
-its ledger row, in the batch's transaction. Target: runner (1 worker) >= 0.9x the hand loop.
+its ledger row, in the batch's transaction, and prepares the rollback file and manifest beside.
+Two discoveries of the rows still to copy, as a plan would write them: an anti-join (`NOT EXISTS`
+in the copy: any order, any gaps) and a watermark (source rows above the copy's highest key: the
+batches of such a run commit in key order), the hand loop's own cursor kept in the data.
+Target: runner (1 worker) >= 0.9x the hand loop.
 Set BACKFILL_BENCH_DSN to use another server instead of the embedded one.
 """
 
@@ -80,17 +84,22 @@ async def hand_loop(dsn: str) -> float:
         await conn.close()
 
 
-def insert_plan(dsn: str, copy: str, workers: int) -> dict[str, Any]:
+DISCOVERY = {
+    "anti-join": "SELECT s.id FROM source AS s WHERE NOT EXISTS "
+    "(SELECT 1 FROM {copy} AS c WHERE c.id = s.id)",
+    "watermark": "SELECT s.id FROM source AS s WHERE s.id > "
+    "(SELECT coalesce(max(c.id), 0) FROM {copy} AS c)",
+}
+
+
+def insert_plan(dsn: str, copy: str, workers: int, discovery: str) -> dict[str, Any]:
     return {
         "plan": {"name": f"bench_{copy}"},
         "environments": {"staging": {"dsn": dsn}, "prod": {"dsn": dsn}},
         # the source is paged, never written; target.operations cannot be empty yet, so it
         # declares an update of one column that no statement makes
         "target": {"table": "source", "key": ["id"], "columns": ["version"]},
-        "discovery": {
-            "sql": f"SELECT s.id FROM source AS s WHERE NOT EXISTS "
-            f"(SELECT 1 FROM {copy} AS c WHERE c.id = s.id)"
-        },
+        "discovery": {"sql": DISCOVERY[discovery].format(copy=copy)},
         "apply": {
             "statements": [
                 f"INSERT INTO {copy} ({COLUMNS}) SELECT {COLUMNS} FROM source WHERE id = ANY($1)"
@@ -119,32 +128,38 @@ def main() -> None:
         timings["hand-written INSERT … SELECT keyset loop + keys, 1 conn"] = anyio.run(
             hand_loop, dsn
         )
-        for workers in [int(w) for w in args.workers.split(",")]:
-            copy = f"copy_runner{workers}"
-            empty_copy(dsn, copy)
-            r = run_backfill_apply(insert_plan(dsn, copy, workers), work)
-            assert r["changed"] == args.rows, r
-            timings[f"backfill apply, {workers} worker(s), batch loop"] = r["loop"]
-            timings[f"  of which the count before the first batch ({workers})"] = r["counting"]
-            timings[f"backfill apply, {workers} worker(s), whole command"] = r["wall"]
-            timings[f"  peak RSS MiB ({workers})"] = r["rss"] / 2**20
+        for discovery in DISCOVERY:
+            for workers in [int(w) for w in args.workers.split(",")]:
+                copy = f"copy_runner{workers}_{discovery.replace('-', '_')}"
+                empty_copy(dsn, copy)
+                r = run_backfill_apply(insert_plan(dsn, copy, workers, discovery), work)
+                assert r["changed"] == args.rows, r
+                name = f"backfill apply, {discovery}, {workers} worker(s)"
+                timings[f"{name}, batch loop"] = r["loop"]
+                timings[f"  of which the count before the first batch ({workers})"] = r["counting"]
+                timings[f"{name}, whole command"] = r["wall"]
+                timings[f"  peak RSS MiB ({workers}, {discovery})"] = r["rss"] / 2**20
         hand = timings["hand-written INSERT … SELECT keyset loop + keys, 1 conn"]
-        print(f"\n{'method':<58} {'seconds':>8} {'rows/s':>10} {'vs hand loop':>13}")
+        print(f"\n{'method':<62} {'seconds':>8} {'rows/s':>10} {'vs hand loop':>13}")
         for name, secs in timings.items():
             if name.startswith("  "):  # a part of the row above
-                print(f"{name:<58} {secs:8.2f}")
+                print(f"{name:<62} {secs:8.2f}")
                 continue
-            print(f"{name:<58} {secs:8.2f} {args.rows / secs:10,.0f} {hand / secs:12.2f}x")
-        one = timings.get("backfill apply, 1 worker(s), batch loop")
-        if one:
-            whole = timings["backfill apply, 1 worker(s), whole command"]
-            print(
-                f"\ntarget: runner, 1 worker >= 0.9x the hand loop: {hand / one:.2f}x "
-                f"{'met' if hand / one >= 0.9 else 'NOT met'} (whole command {hand / whole:.2f}x)"
-            )
+            print(f"{name:<62} {secs:8.2f} {args.rows / secs:10,.0f} {hand / secs:12.2f}x")
+        print()
+        for discovery in DISCOVERY:
+            one = timings.get(f"backfill apply, {discovery}, 1 worker(s), batch loop")
+            if one:
+                whole = timings[f"backfill apply, {discovery}, 1 worker(s), whole command"]
+                print(
+                    f"target: runner ({discovery}), 1 worker >= 0.9x the hand loop: "
+                    f"{hand / one:.2f}x {'met' if hand / one >= 0.9 else 'NOT met'} "
+                    f"(whole command {hand / whole:.2f}x)"
+                )
         if args.profile:
             empty_copy(dsn, "copy_profiled")
-            run_backfill_apply(insert_plan(dsn, "copy_profiled", 1), work, profile=args.profile)
+            plan = insert_plan(dsn, "copy_profiled", 1, "watermark")
+            run_backfill_apply(plan, work, profile=args.profile)
             print(f"py-spy flame graph of the 1-worker runner: {args.profile}")
 
 

@@ -392,6 +392,23 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (run_id, stage, command)
     );
     """,
+    # 11: digests of inserted rows (#11). A table a run only inserts into records each row it
+    # inserted by a 64-bit digest of the row (`afters` holds it, as text) instead of the row
+    # whole: `digests` says so. The view shows it as `after_digest` (and `after` NULL).
+    """
+    ALTER TABLE backfill.batch_images ADD COLUMN digests boolean NOT NULL DEFAULT false;
+    CREATE OR REPLACE VIEW backfill.row_images AS
+    SELECT i.run_id, i.batch_no, u.op::"char" AS op,
+           CASE WHEN i.key_width = 1 THEN ARRAY[u.key] ELSE u.key::text[] END AS key,
+           CASE WHEN u.op = 'I' THEN NULL
+                WHEN i.image_width = 1 THEN ARRAY[u.before] ELSE u.before::text[] END AS before,
+           CASE WHEN u.op IN ('N', 'D') OR (u.op = 'I' AND i.digests) THEN NULL
+                WHEN i.image_width = 1 THEN ARRAY[u.after] ELSE u.after::text[] END AS after,
+           i.rel,
+           CASE WHEN u.op = 'I' AND i.digests THEN u.after END AS after_digest
+    FROM backfill.batch_images AS i
+    CROSS JOIN LATERAL unnest(i.ops, i.keys, i.befores, i.afters) AS u(op, key, before, after);
+    """,
 ]
 
 

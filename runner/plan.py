@@ -254,13 +254,17 @@ WriteOperation = Literal["update", "insert", "delete", "upsert"]
 
 class Write(_Model):
     """Another table a batch may write, declared: its key (how a row is found again to undo
-    it), the operations allowed on it and the columns an update may change. Inserted and deleted
-    rows are recorded whole."""
+    it), the operations allowed on it and the columns an update may change. Deleted and updated
+    rows are recorded whole; rows inserted into an insert-only table by a 64-bit digest of the
+    row as inserted (`images = "whole"`: whole, too)."""
 
     table: NonEmpty
     key: ColumnList = Field(min_length=1)
     operations: list[WriteOperation] = Field(min_length=1)
     columns: ColumnList = Field(default_factory=list)
+    images: Literal["digest", "whole"] | None = None
+    """How a row the batch inserted is recorded: a digest of it (the default for an insert-only
+    table: what a rollback needs to delete it only while unchanged) or whole."""
 
     @model_validator(mode="after")
     def _check(self) -> Write:
@@ -270,7 +274,18 @@ class Write(_Model):
             raise ValueError(f"{where}.operations: an operation is listed twice")
         if {"update", "upsert"} & set(self.operations) and not self.columns:
             raise ValueError(f"{where}.columns: list the columns an update (or upsert) may change")
+        if self.images == "digest" and self.allowed != {"insert"}:
+            raise ValueError(
+                f"{where}.images: a digest is kept only for a table the batches only insert into "
+                f'(operations = ["insert"]); this one allows {sorted(self.allowed)}, whose '
+                "rows are recorded whole: remove `images`"
+            )
         return self
+
+    @property
+    def digested(self) -> bool:
+        """Rows inserted here are recorded by their digest, not whole."""
+        return self.allowed == {"insert"} and self.images != "whole"
 
     @property
     def allowed(self) -> frozenset[str]:

@@ -645,6 +645,8 @@ async def _apply_shaped(
     checked and recorded, the scope guard. Returns (rows changed, rows unchanged)."""
     batch = ctx.batch
     probed: ProbeWrites = {}
+    if shape.direct is not None:
+        return await _apply_direct(conn, shape, shape.direct, ctx)
     async with conn.transaction(isolation="repeatable_read"):
         start = await read_writes(conn, batch)
         for step in shape.steps:
@@ -661,14 +663,7 @@ async def _apply_shaped(
                 hint="update the row in place (declare update and its columns), or delete and "
                 "insert in separate runs",
             )
-        if await conn.fetchval(COLUMNS_SIGNATURE, shape.oids) != shape.signature:
-            raise ScopeViolation(
-                f"batch {batch.batch_no} (keys {batch.key_range}): a declared table's columns "
-                "changed while the run was going (added, dropped or retyped): its row images "
-                "would not restore them; the batch was rolled back",
-                hint="finish or roll back a run before changing its tables' columns; then start "
-                "a new run",
-            )
+        await _same_columns(conn, shape, batch)
         fin = shape.finalize
         row = await fetch_one(conn, fin.sql, *fin.bind(ctx.values(shape.target)))
         bad = json.loads(row["bad"] or "[]")
@@ -680,18 +675,66 @@ async def _apply_shaped(
                 "and the columns an update may change; restrict the target's rows to the batch's keys",
             )
         raw = {int(k): v for k, v in json.loads(row["raw"]).items()}
-        await conn.execute(FIRE_DEFERRED)
-        found = shaped_unexpected(start, await read_writes(conn, batch), shape, raw, probed)
-        if found:
-            raise ScopeViolation(
-                f"batch {batch.batch_no} (keys {batch.key_range}): the batch's transaction wrote "
-                f"outside what its statements returned — {'; '.join(found)}; the batch was "
-                "rolled back",
-                hint="look for triggers, cascading foreign keys and writes inside functions: every "
-                "row a batch writes must be one its statements write (so it can be undone)",
-            )
+        await _within_returned(conn, shape, batch, start, raw, probed)
         await record_manifest(conn, ctx)
         return int(row["changed"]), int(row["same"])
+
+
+async def _apply_direct(
+    conn: asyncpg.Connection,
+    shape: ShapedRun,
+    statements: tuple[BatchStatement, ...],
+    ctx: BatchContext,
+) -> tuple[int, int]:
+    """A batch that only inserts into insert-only tables (`ShapedRun.direct`): each statement
+    records its rows' digests as it runs; then the same checks as any shaped batch."""
+    batch = ctx.batch
+    values = ctx.values(shape.target)
+    async with conn.transaction(isolation="repeatable_read"):
+        start = await read_writes(conn, batch)
+        raw: dict[int, list[int]] = {}
+        for step, stmt in zip(shape.steps, statements, strict=True):
+            n = int(await conn.fetchval(stmt.sql, *stmt.bind(values)) or 0)
+            raw[step.table.rel] = [n, 0, 0]
+        await _same_columns(conn, shape, batch)
+        changed = sum(n for n, _, _ in raw.values())
+        led = shape.direct_ledger
+        await conn.execute(led.sql, *led.bind({**values, "changed": changed}))
+        await _within_returned(conn, shape, batch, start, raw, {})
+        await record_manifest(conn, ctx)
+        return changed, 0
+
+
+async def _same_columns(conn: asyncpg.Connection, shape: ShapedRun, batch: Batch) -> None:
+    if await conn.fetchval(COLUMNS_SIGNATURE, shape.oids) != shape.signature:
+        raise ScopeViolation(
+            f"batch {batch.batch_no} (keys {batch.key_range}): a declared table's columns "
+            "changed while the run was going (added, dropped or retyped): its row images "
+            "would not restore them; the batch was rolled back",
+            hint="finish or roll back a run before changing its tables' columns; then start "
+            "a new run",
+        )
+
+
+async def _within_returned(
+    conn: asyncpg.Connection,
+    shape: ShapedRun,
+    batch: Batch,
+    start: Writes,
+    raw: dict[int, list[int]],
+    probed: ProbeWrites,
+) -> None:
+    """The scope guard: nothing written beyond the rows the statements returned (and imaged)."""
+    await conn.execute(FIRE_DEFERRED)
+    found = shaped_unexpected(start, await read_writes(conn, batch), shape, raw, probed)
+    if found:
+        raise ScopeViolation(
+            f"batch {batch.batch_no} (keys {batch.key_range}): the batch's transaction wrote "
+            f"outside what its statements returned — {'; '.join(found)}; the batch was "
+            "rolled back",
+            hint="look for triggers, cascading foreign keys and writes inside functions: every "
+            "row a batch writes must be one its statements write (so it can be undone)",
+        )
 
 
 Reconnect = Callable[[], Awaitable[asyncpg.Connection]]

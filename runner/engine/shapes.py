@@ -66,6 +66,9 @@ class Table:
     image: tuple[Column, ...]  # every stored column, in table order: a whole row
     declared: tuple[str, ...]  # the columns an update may change
     allowed: frozenset[str]  # insert | update | delete
+    # an insert-only table's inserted rows are recorded by a digest, not whole: per image column,
+    # whether it is hashed as its value (True) or as its text (False); None: recorded whole
+    digest: tuple[bool, ...] | None = None
 
     @property
     def table(self) -> str:
@@ -90,6 +93,12 @@ class Table:
     def image_of(self, alias: str) -> list[str]:
         return [f"{alias}.{c.q}" for c in self.image]
 
+    def after_of(self, alias: str) -> str:
+        """What an inserted row's after-image records: its digest, or the row encoded whole."""
+        if self.digest is None:
+            return encode(self.image_of(alias))
+        return row_digest([f"{alias}.{c.q}" for c in self.image], self.digest)
+
     def doc(self) -> dict[str, Any]:
         """As the run's row records it (`runs.tables`): enough to undo and verify the images."""
         return {
@@ -102,6 +111,7 @@ class Table:
             "declared": list(self.declared),
             "allowed": sorted(self.allowed),
             "type_schemas": sorted({c.type_schema for c in self.image if c.type_schema}),
+            **({} if self.digest is None else {"digest": list(self.digest)}),
         }
 
     @classmethod
@@ -116,25 +126,65 @@ class Table:
             image=tuple(Column(n, t) for n, t in d["image"]),
             declared=tuple(d["declared"]),
             allowed=frozenset(d["allowed"]),
+            digest=None if d.get("digest") is None else tuple(bool(b) for b in d["digest"]),
         )
+
+
+# -- an inserted row's digest ----------------------------------------------------------------------
+
+# types whose equality is their binary image's (B-tree deduplication's `equalimage`) and that
+# hash by it: hashed as their values (fast); every other column is hashed as its text, the form
+# a whole image records, so equal digests mean equal text either way
+_BY_VALUE = (
+    "'bool', 'int2', 'int4', 'int8', 'oid', 'bytea', 'date', 'time', 'timestamp', "
+    "'timestamptz', 'uuid', 'text', 'varchar'"
+)
+_DIGEST_COLUMNS = f"""
+SELECT a.attname,
+       t.typname IN ({_BY_VALUE}) AND t.typnamespace = 'pg_catalog'::regnamespace
+       AND (a.attcollation = 0
+            OR coalesce((SELECT c.collisdeterministic FROM pg_collation AS c
+                         WHERE c.oid = a.attcollation), false)) AS by_value
+FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid
+WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped"""
+DIGEST_SINCE = 140000  # server_version_num of PostgreSQL 14: hash_record_extended
+
+
+def row_digest(values: list[str], by_value: tuple[bool, ...]) -> str:
+    """A row's 64-bit digest as text: its columns hashed together, each as its value or its text."""
+    parts = [v if plain else f"{v}::text" for v, plain in zip(values, by_value, strict=True)]
+    return f"hash_record_extended(ROW({', '.join(parts)}), 0)::text"
+
+
+async def _digest_columns(
+    conn: asyncpg.Connection, oid: int, image: tuple[Column, ...]
+) -> tuple[bool, ...]:
+    by_value = {r["attname"]: bool(r["by_value"]) for r in await conn.fetch(_DIGEST_COLUMNS, oid)}
+    return tuple(by_value[c.name] for c in image)
 
 
 async def resolve_tables(conn: asyncpg.Connection, plan: Plan) -> list[Table]:
     """The target (rel 1) and every declared write, checked against the catalog."""
-    declared: list[tuple[str, str, list[str], list[str], frozenset[str]]] = [
+    declared: list[tuple[str, str, list[str], list[str], frozenset[str], bool]] = [
         (
             "target",
             plan.target.table,
             plan.target.key,
             plan.target.columns,
             frozenset(plan.target.operations),
+            False,
         ),
     ]
-    declared += [(f"writes[{w.table}]", w.table, w.key, w.columns, w.allowed) for w in plan.writes]
+    declared += [
+        (f"writes[{w.table}]", w.table, w.key, w.columns, w.allowed, w.digested)
+        for w in plan.writes
+    ]
+    digests = int(await conn.fetchval("SHOW server_version_num")) >= DIGEST_SINCE
     tables: list[Table] = []
-    for rel, (where, name, key, columns, allowed) in enumerate(declared, start=1):
+    for rel, (where, name, key, columns, allowed, digested) in enumerate(declared, start=1):
         cat = await read_catalog(conn, name, where)
         cat.require(where, key, columns, whole_rows=True)
+        image = tuple(c for c in cat.attrs.values() if not c.generated)
         if any(t.oid == cat.oid for t in tables):
             raise InvalidInput(
                 f"{where}: {cat.display} is declared twice (under another name)",
@@ -148,9 +198,12 @@ async def resolve_tables(conn: asyncpg.Connection, plan: Plan) -> list[Table]:
                 oid=cat.oid,
                 root_oid=cat.root_oid,
                 key=tuple(cat.attrs[n] for n in key),
-                image=tuple(c for c in cat.attrs.values() if not c.generated),
+                image=image,
                 declared=tuple(columns),
                 allowed=allowed,
+                digest=await _digest_columns(conn, cat.oid, image)
+                if digested and digests
+                else None,
             )
         )
     return tables
@@ -192,6 +245,8 @@ class Step:
 
     @cached_property
     def returning_sql(self) -> str:
+        if self.op in ("insert", "delete"):  # one image per row: its own RETURNING gives it
+            return self.direct_sql
         t, old, new = self.table, "backfill_old", "backfill_new"
         k0 = t.key[0].q
         keys = [f"coalesce({new}.{k.q}, {old}.{k.q})" for k in t.key]
@@ -205,7 +260,7 @@ WITH w AS (
 {plain_statement(self.sql)}RETURNING WITH (OLD AS {old}, NEW AS {new})
     {old}.{k0} IS NOT NULL AS had_old, {new}.{k0} IS NOT NULL AS has_new,
     {encode(keys)} AS key_enc, {key_display(keys)} AS key_show,
-    {encode(t.image_of(old))} AS before_enc, {encode(t.image_of(new))} AS after_enc,
+    {encode(t.image_of(old))} AS before_enc, {t.after_of(new)} AS after_enc,
     {same} AS others_same
 )
 INSERT INTO pg_temp.backfill_touched
@@ -217,10 +272,11 @@ FROM w"""
     # -- older servers: the capture path ------------------------------------------------------------
 
     def _returning(self) -> str:
-        a = self.alias
+        t, a = self.table, self.alias
+        image = t.after_of(a) if self.op == "insert" else encode(t.image_of(a))
         return (
-            f"RETURNING {encode(self.table.key_of(a))} AS key_enc, "
-            f"{key_display(self.table.key_of(a))} AS key_show, {encode(self.table.image_of(a))} AS img"
+            f"RETURNING {encode(t.key_of(a))} AS key_enc, "
+            f"{key_display(t.key_of(a))} AS key_show, {image} AS img"
         )
 
     @cached_property
@@ -486,15 +542,65 @@ FROM agg"""
     WHERE i.op IS NOT NULL"""
 
     def _images_sql(self, p: dict[str, str]) -> str:
-        widths = ", ".join(f"({t.rel}, {len(t.key)}, {len(t.image)})" for t in self.tables)
+        widths = ", ".join(
+            f"({t.rel}, {len(t.key)}, {len(t.image)}, {t.digest is not None})" for t in self.tables
+        )
         return f"""
     INSERT INTO backfill.batch_images
-        (run_id, batch_no, rel, key_width, image_width, ops, keys, befores, afters)
-    SELECT {p["run_id"]}, {p["batch_no"]}, per.rel, w.kw, w.iw, ops, keys, befores, afters
-    FROM per JOIN (VALUES {widths}) AS w(rel, kw, iw) ON w.rel = per.rel"""
+        (run_id, batch_no, rel, key_width, image_width, ops, keys, befores, afters, digests)
+    SELECT {p["run_id"]}, {p["batch_no"]}, per.rel, w.kw, w.iw, ops, keys, befores, afters, w.dg
+    FROM per JOIN (VALUES {widths}) AS w(rel, kw, iw, dg) ON w.rel = per.rel"""
 
     def table(self, rel: int) -> Table:
         return self.tables[rel - 1]
+
+    # -- the direct path: a batch that only inserts rows recorded by their digests ---------------
+
+    @cached_property
+    def direct(self) -> tuple[BatchStatement, ...] | None:
+        """When every statement is a plain INSERT into its own insert-only table (whose rows are
+        recorded by digest), nothing needs reducing or checking after the statements: each
+        records its rows' images itself, as it runs, and returns how many it inserted. None
+        otherwise (the temporary table and `finalize`)."""
+        rels = [s.table.rel for s in self.steps]
+        if not all(s.op == "insert" and s.table.digest is not None for s in self.steps) or len(
+            set(rels)
+        ) != len(rels):
+            return None
+        params = (*self.target.key_params, "run_id", "batch_no")
+        p = _refs(params)
+        # every key array typed, whichever the statement uses
+        typed = ", ".join(
+            f"{p[name]}::{k.type}[]"
+            for name, k in zip(self.target.key_params, self.target.key, strict=True)
+        )
+        out = []
+        for step in self.steps:
+            t, a = step.table, step.alias
+            sql = f"""
+WITH backfill_keys AS (SELECT {typed}),
+w AS (
+{plain_statement(step.sql)}RETURNING {encode(t.key_of(a))} AS key_enc, {t.after_of(a)} AS img
+)
+INSERT INTO backfill.batch_images
+    (run_id, batch_no, rel, key_width, image_width, ops, keys, befores, afters, digests)
+SELECT {p["run_id"]}::text, {p["batch_no"]}::int, {t.rel}, {len(t.key)}, {len(t.image)},
+       array_fill('I'::text, ARRAY[count(*)::int]), array_agg(w.key_enc),
+       array_fill(NULL::text, ARRAY[count(*)::int]), array_agg(w.img), true
+FROM w HAVING count(*) > 0
+RETURNING cardinality(keys)"""
+            out.append(BatchStatement(sql, params))
+        return tuple(out)
+
+    @cached_property
+    def direct_ledger(self) -> BatchStatement:
+        """The direct path's ledger row: `changed` rows inserted, none unchanged."""
+        params = (*LEDGER_PARAMS, "changed")
+        p = _refs(params)
+        sql = f"""
+WITH agg AS (SELECT {p["changed"]}::int AS changed, 0 AS same)
+{_ledger_row_sql(p)}"""
+        return BatchStatement(sql, params)
 
     @cached_property
     def reinserted_sql(self) -> str | None:

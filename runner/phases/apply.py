@@ -533,7 +533,13 @@ def table_identities(tables: list[dict[str, Any]] | None) -> list[tuple[str, str
     if tables is None:
         return None
     return [
-        (t["schema"], t["name"], t["oid"], ", ".join(f"{n} {ty}" for n, ty in t["image"]))
+        (
+            t["schema"],
+            t["name"],
+            t["oid"],
+            ", ".join(f"{n} {ty}" for n, ty in t["image"])
+            + ("; inserted rows kept as digests" if t.get("digest") is not None else ""),
+        )
         for t in tables
     ]
 
@@ -569,7 +575,8 @@ async def _open_run(
         raise InvalidInput(
             f"run {run_id} writes {_tables_text(recorded)} in {env!r}, but the plan now resolves "
             f"to {_tables_text(resolved)}: a table was dropped and created again, its columns "
-            "changed, or the plan declares other tables",
+            "changed, the plan declares other tables, or this version of backfill records "
+            "inserted rows otherwise than the one that started the run",
             hint="start a new run; this run's images belong to the tables it recorded",
         )
     if run.plan_digest != loaded.digest and not plan.is_mini:

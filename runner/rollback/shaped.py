@@ -164,7 +164,7 @@ def delete_sql(
         for child, cols, pcols in references
     )
     return f"""WITH img AS MATERIALIZED ({src} AND u.op = 'I')
-DELETE FROM {t.table} AS t USING img WHERE {_join(t)} AND {_current(t)} = img.after{unreferenced}"""
+DELETE FROM {t.table} AS t USING img WHERE {_join(t)} AND {t.after_of("t")} = img.after{unreferenced}"""
 
 
 INSERTED, UPDATED, DELETED = 0, 1, 2  # which write counter an undo statement moves
@@ -187,8 +187,10 @@ def batch_statements(undo: ShapedUndo, src: str) -> list[tuple[Table, int, str]]
 def _state(t: Table, images: str) -> str:
     """Each image's row now, and whether it is where the undo leaves it."""
     cur = _current(t)
+    # an inserted row is compared as its image records it: whole, or by its digest
+    inserted = cur if t.digest is None else t.after_of("t")
     return f"""SELECT img.batch_no, img.op, img.key, img.before, img.after,
-       t.ctid IS NOT NULL AS present, {cur} AS cur,
+       t.ctid IS NOT NULL AS present, {cur} AS cur, {inserted} AS cur_inserted,
        CASE WHEN img.op = 'I' THEN t.ctid IS NULL
             ELSE t.ctid IS NOT NULL AND {cur} IS NOT DISTINCT FROM img.before END AS back
 FROM ({images}) AS img LEFT JOIN {t.table} AS t ON {_join(t)}"""
@@ -196,6 +198,17 @@ FROM ({images}) AS img LEFT JOIN {t.table} AS t ON {_join(t)}"""
 
 def _as_array(t: Table, expr: str, *, key: bool) -> str:
     return as_text_array(expr, len(t.key if key else t.image))
+
+
+def _wrote(t: Table, s: str = "s") -> str:
+    """What a conflict's row held when the run left it, as the rollback report shows it."""
+    whole = _as_array(t, f"coalesce({s}.after, {s}.before)", key=False)
+    if t.digest is None:
+        return whole
+    return (
+        f"CASE WHEN {s}.op = 'I' THEN ARRAY['(the row it inserted, kept as digest ' || {s}.after "
+        f"|| ')'] ELSE {whole} END"
+    )
 
 
 # checksum lines: what each row should be (expected) and is (actual), in key order per table
@@ -285,7 +298,7 @@ async def _undo_batch(
             conflicts += await ledger.record_shaped_conflicts(
                 conn,
                 f"""SELECT $1, $2, {t.rel}, {_as_array(t, "s.key", key=True)},
-                       {_as_array(t, "coalesce(s.after, s.before)", key=False)},
+                       {_wrote(t)},
                        CASE WHEN s.present THEN {_as_array(t, "s.cur", key=False)} END
                     FROM ({state}) AS s
                     WHERE NOT s.back""",
@@ -339,7 +352,7 @@ async def _dry_run(
             state = _state(t, ledger.SHAPED_NEWEST.format(rel=t.rel, typed_key=typed_key(t, "u")))
             row = await conn.fetchrow(
                 f"""WITH s AS ({state})
-                SELECT count(*) FILTER (WHERE CASE op WHEN 'I' THEN present AND cur = after
+                SELECT count(*) FILTER (WHERE CASE op WHEN 'I' THEN present AND cur_inserted = after
                                                       WHEN 'U' THEN cur = after AND cur IS DISTINCT FROM before
                                                       ELSE NOT present END)::int AS restorable,
                        count(*) FILTER (WHERE back)::int AS already,

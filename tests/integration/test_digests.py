@@ -1,0 +1,165 @@
+"""Rows inserted into an insert-only table are recorded by a 64-bit digest of the row as the batch
+left it (#11): a rollback deletes a row only while its digest still matches, by the runner and by
+the psql file alike; `images = "whole"` keeps the whole row instead."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from runner.plan import Write
+from tests.conftest import plan_dict, sql, val
+from tests.helpers import HOSTILE_PSQL_ENV, env_for, rollback_file, run_id_of, run_psql
+
+SCHEMA = """
+CREATE TABLE src (id bigint PRIMARY KEY, v text NOT NULL, n numeric NOT NULL, j jsonb,
+                  ts timestamptz NOT NULL, iv interval, f float8);
+CREATE TABLE dst (LIKE src INCLUDING ALL);
+CREATE TABLE dst_before (id bigint);
+INSERT INTO src SELECT g, 'v' || g, g / 4.0, jsonb_build_object('g', g, 'h', 'x'),
+       '2026-01-01 00:00+00'::timestamptz + g * interval '1 minute', g * interval '1 hour', g / 3.0
+FROM generate_series(1, 120) AS g;
+-- rows already there before the run: never touched, never deleted
+INSERT INTO dst SELECT * FROM src WHERE id > 100;
+"""
+INSERT = "INSERT INTO dst SELECT * FROM src WHERE id = ANY($1)"
+
+
+def _plan(path: Path, **write: Any) -> Path:
+    plan = plan_dict(
+        target={"table": "src", "key": ["id"], "columns": ["v"]},
+        discovery={
+            "sql": "SELECT s.id FROM src s WHERE NOT EXISTS (SELECT 1 FROM dst d WHERE d.id = s.id)"
+        },
+        apply={"statements": [INSERT]},
+        writes=[{"table": "dst", "key": ["id"], "operations": ["insert"], **write}],
+        batching={"size": 25, "workers": 1, "lock_timeout": "1s", "statement_timeout": "20s"},
+        soak__checks=[],
+    )
+    path.write_text(json.dumps(plan))
+    return path
+
+
+@pytest.mark.parametrize("how", ["runner", "psql"])
+def test_inserted_rows_are_digested_and_deleted_only_while_unchanged(
+    cli: Callable[..., Any], workdir: Path, db: str, how: str
+) -> None:
+    sql(db, SCHEMA)
+    result = cli("apply", str(_plan(workdir / "p.json")), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    run_id = run_id_of(result.output)
+    assert val(db, "SELECT count(*) FROM dst") == 120
+    # 100 rows inserted, each kept as a digest (no whole after-image), in 4 batches
+    digests = sql(
+        db,
+        "SELECT count(*) AS n, count(after_digest) AS digests, count(after) AS whole "
+        "FROM backfill.row_images WHERE run_id = $1 AND op = 'I'",
+        run_id,
+    )[0]
+    assert (digests["n"], digests["digests"], digests["whole"]) == (100, 100, 0)
+    assert val(db, "SELECT bool_and(digests) FROM backfill.batch_images WHERE run_id = $1", run_id)
+    # after the apply: an equal value with another text (1.00 for 0.25 … ) is a change; the same
+    # values written again are not; a row deleted since is already gone
+    sql(
+        db,
+        "UPDATE dst SET n = n::numeric(10, 4) WHERE id = 1; "  # 0.25 -> 0.2500
+        "UPDATE dst SET v = v WHERE id = 2; "  # written again, unchanged
+        "UPDATE dst SET v = 'app wrote' WHERE id = 3; "
+        'UPDATE dst SET j = \'{"h": "x", "g": 4}\' WHERE id = 4; '  # the same jsonb
+        "DELETE FROM dst WHERE id = 5",
+    )
+    if how == "runner":
+        undone = cli("rollback", run_id, "--env", "staging", env=env_for(db))
+        assert undone.exit_code == 0, undone.output
+        report = next((workdir / "backfill_logs").rglob(f"{run_id}/staging/rollback_report*.md"))
+        text = report.read_text()
+        assert "(the row it inserted, kept as digest" in text
+        assert "app wrote" in text
+    else:
+        done = run_psql(db, rollback_file(workdir, run_id), HOSTILE_PSQL_ENV)
+        assert done.returncode == 0, done.stderr
+        # the two rows changed since are the rows not back (conflicts), so the checksum differs
+        lines = [" ".join(line.split()) for line in done.stdout.splitlines()]
+        assert "public.dst | 100 | 2" in lines, done.stdout
+    # only the two rows changed since stay, with the 20 that were there before
+    assert [r["id"] for r in sql(db, "SELECT id FROM dst WHERE id <= 100 ORDER BY id")] == [1, 3]
+    assert val(db, "SELECT count(*) FROM dst WHERE id > 100") == 20
+
+
+def test_images_whole_keeps_each_inserted_row_whole(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    sql(db, SCHEMA)
+    plan = _plan(workdir / "p.json", images="whole")
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    run_id = run_id_of(result.output)
+    whole = sql(
+        db,
+        "SELECT count(after) AS whole, count(after_digest) AS digests "
+        "FROM backfill.row_images WHERE run_id = $1 AND op = 'I'",
+        run_id,
+    )[0]
+    assert (whole["whole"], whole["digests"]) == (100, 0)
+    sql(db, "UPDATE dst SET v = 'app wrote' WHERE id = 3")
+    undone = cli("rollback", run_id, "--env", "staging", env=env_for(db))
+    assert undone.exit_code == 0, undone.output
+    assert [r["id"] for r in sql(db, "SELECT id FROM dst WHERE id <= 100")] == [3]
+
+
+def test_a_write_beside_the_inserts_is_refused_and_rolled_back(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    """The digest path keeps the scope guard: a trigger that changes the inserted row (its image
+    would be stale) or writes another table rolls the batch back."""
+    sql(db, SCHEMA)
+    sql(
+        db,
+        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS "
+        "$$ BEGIN UPDATE dst SET v = 'by trigger' WHERE id = NEW.id; RETURN NULL; END $$; "
+        "CREATE TRIGGER t AFTER INSERT ON dst FOR EACH ROW EXECUTE FUNCTION touch()",
+    )
+    result = cli("apply", str(_plan(workdir / "p.json")), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "public.dst: 25 updated beyond the 0 its statements returned" in text, text
+    assert val(db, "SELECT count(*) FROM dst") == 20
+    assert val(db, "SELECT count(*) FROM backfill.batch_images") == 0
+
+
+def test_a_run_recorded_with_whole_images_is_not_continued_with_digests(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    """A run started by a backfill that kept inserted rows whole (before digests) is refused,
+    not continued with images its rollback would read as whole rows."""
+    sql(db, SCHEMA)
+    plan = _plan(workdir / "p.json")
+    env = env_for(db)
+    first = cli("apply", str(plan), "-e", "staging", "-q", "--max-rows", "25", env=env)
+    assert first.exit_code == 0, first.output
+    run_id = run_id_of(first.output)
+    # as the previous version recorded it: no digest
+    sql(
+        db,
+        "UPDATE backfill.runs SET tables = (SELECT jsonb_agg(t - 'digest') "
+        "FROM jsonb_array_elements(tables) AS t) WHERE run_id = $1",
+        run_id,
+    )
+    again = cli("apply", str(plan), "-e", "staging", "-q", "--run", run_id, env=env)
+    assert again.exit_code == 2, again.output
+    text = " ".join(again.output.split())
+    assert "records inserted rows otherwise than the one that started the run" in text, text
+    assert val(db, "SELECT count(*) FROM dst") == 45
+
+
+def test_a_digest_is_only_for_an_insert_only_table() -> None:
+    with pytest.raises(ValidationError, match="a digest is kept only for a table the batches only"):
+        Write(table="t", key=["id"], operations=["upsert"], columns=["v"], images="digest")
+    assert Write(table="t", key=["id"], operations=["insert"]).digested
+    assert not Write(table="t", key=["id"], operations=["insert"], images="whole").digested
+    assert not Write(table="t", key=["id"], operations=["insert", "delete"]).digested
