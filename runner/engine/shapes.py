@@ -560,47 +560,52 @@ FROM agg"""
     def direct(self) -> tuple[BatchStatement, ...] | None:
         """When every statement is a plain INSERT into its own insert-only table (whose rows are
         recorded by digest), nothing needs reducing or checking after the statements: each
-        records its rows' images itself, as it runs, and returns how many it inserted. None
-        otherwise (the temporary table and `finalize`)."""
+        records its rows' images itself, as it runs, and returns how many it inserted; the last
+        one also writes the batch's ledger row. None otherwise (the temporary table and
+        `finalize`)."""
         rels = [s.table.rel for s in self.steps]
         if not all(s.op == "insert" and s.table.digest is not None for s in self.steps) or len(
             set(rels)
         ) != len(rels):
             return None
-        params = (*self.target.key_params, "run_id", "batch_no")
-        p = _refs(params)
+        out = []
+        for no, step in enumerate(self.steps):
+            last = no == len(self.steps) - 1
+            params = (
+                (*self.target.key_params, *LEDGER_PARAMS, "earlier")
+                if last
+                else (*self.target.key_params, "run_id", "batch_no")
+            )
+            out.append(BatchStatement(self._direct_sql(step, _refs(params), last=last), params))
+        return tuple(out)
+
+    def _direct_sql(self, step: Step, p: dict[str, str], *, last: bool) -> str:
+        t, a = step.table, step.alias
         # every key array typed, whichever the statement uses
         typed = ", ".join(
             f"{p[name]}::{k.type}[]"
             for name, k in zip(self.target.key_params, self.target.key, strict=True)
         )
-        out = []
-        for step in self.steps:
-            t, a = step.table, step.alias
-            sql = f"""
+        images = f"""
 WITH backfill_keys AS (SELECT {typed}),
 w AS (
 {plain_statement(step.sql)}RETURNING {encode(t.key_of(a))} AS key_enc, {t.after_of(a)} AS img
-)
-INSERT INTO backfill.batch_images
-    (run_id, batch_no, rel, key_width, image_width, ops, keys, befores, afters, digests)
-SELECT {p["run_id"]}::text, {p["batch_no"]}::int, {t.rel}, {len(t.key)}, {len(t.image)},
-       array_fill('I'::text, ARRAY[count(*)::int]), array_agg(w.key_enc),
-       array_fill(NULL::text, ARRAY[count(*)::int]), array_agg(w.img), true
-FROM w HAVING count(*) > 0
-RETURNING cardinality(keys)"""
-            out.append(BatchStatement(sql, params))
-        return tuple(out)
-
-    @cached_property
-    def direct_ledger(self) -> BatchStatement:
-        """The direct path's ledger row: `changed` rows inserted, none unchanged."""
-        params = (*LEDGER_PARAMS, "changed")
-        p = _refs(params)
-        sql = f"""
-WITH agg AS (SELECT {p["changed"]}::int AS changed, 0 AS same)
-{_ledger_row_sql(p)}"""
-        return BatchStatement(sql, params)
+),
+img AS (
+    INSERT INTO backfill.batch_images
+        (run_id, batch_no, rel, key_width, image_width, ops, keys, befores, afters, digests)
+    SELECT {p["run_id"]}::text, {p["batch_no"]}::int, {t.rel}, {len(t.key)}, {len(t.image)},
+           array_fill('I'::text, ARRAY[count(*)::int]), array_agg(w.key_enc),
+           array_fill(NULL::text, ARRAY[count(*)::int]), array_agg(w.img), true
+    FROM w HAVING count(*) > 0
+    RETURNING cardinality(keys) AS n
+)"""
+        if not last:
+            return images + "\nSELECT coalesce((SELECT n FROM img), 0) AS n"
+        return f"""{images},
+agg AS (SELECT {p["earlier"]}::int + coalesce((SELECT n FROM img), 0) AS changed, 0 AS same),
+ledger AS ({_ledger_row_sql(p)})
+SELECT coalesce((SELECT n FROM img), 0) AS n"""
 
     @cached_property
     def reinserted_sql(self) -> str | None:

@@ -14,7 +14,16 @@ from pydantic import ValidationError
 
 from runner.plan import Write
 from tests.conftest import plan_dict, sql, val
-from tests.helpers import HOSTILE_PSQL_ENV, env_for, rollback_file, run_id_of, run_psql
+from tests.helpers import (
+    HOSTILE_PSQL_ENV,
+    env_for,
+    finish,
+    rollback_file,
+    run_id_of,
+    run_psql,
+    start_runner,
+    wait_for,
+)
 
 SCHEMA = """
 CREATE TABLE src (id bigint PRIMARY KEY, v text NOT NULL, n numeric NOT NULL, j jsonb,
@@ -130,6 +139,31 @@ def test_a_write_beside_the_inserts_is_refused_and_rolled_back(
     assert "public.dst: 25 updated beyond the 0 its statements returned" in text, text
     assert val(db, "SELECT count(*) FROM dst") == 20
     assert val(db, "SELECT count(*) FROM backfill.batch_images") == 0
+
+
+def test_a_column_added_while_an_insert_waits_for_it_rolls_the_batch_back(
+    workdir: Path, db: str
+) -> None:
+    """A column added to an insert-only table mid-run (the ALTER waits for the batch in flight,
+    the next INSERT for the ALTER) is not in the run's digests: the batch that inserted after it
+    sees the change (READ COMMITTED: a snapshot taken after its INSERT) and is rolled back."""
+    sql(db, SCHEMA)
+    plan = _plan(workdir / "p.json")
+    raw = json.loads(plan.read_text())
+    raw["apply"]["statements"] = [INSERT + " AND pg_sleep(0.01) IS NOT NULL"]
+    plan.write_text(json.dumps(raw))
+    proc = start_runner(["apply", str(plan), "--env", "staging"], workdir, db)
+    wait_for(db, "SELECT count(*) FROM backfill.batches WHERE status = 'done'")
+    sql(db, "ALTER TABLE dst ADD COLUMN extra int")
+    code, out = finish(proc)
+    assert code == 1, out
+    text = " ".join(out.split())
+    assert "a declared table's columns changed while the run was going" in text, text
+    done = val(db, "SELECT count(*) FROM backfill.batches WHERE status = 'done'")
+    assert 1 <= done < 4
+    # nothing of the refused batch stayed: only the committed batches' rows, and the 20 before
+    assert val(db, "SELECT count(*) FROM dst") == 20 + 25 * done
+    assert val(db, "SELECT count(*) FROM backfill.row_images") == 25 * done
 
 
 def test_a_run_recorded_with_whole_images_is_not_continued_with_digests(
