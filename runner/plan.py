@@ -316,8 +316,13 @@ class Discovery(_Model):
     @field_validator("sql")
     @classmethod
     def _no_offset(cls, sql: str) -> str:
-        if re.search(r"\boffset\b", sql, re.IGNORECASE):
-            raise ValueError("discovery must not use OFFSET: the runner pages by key (keyset)")
+        # OFFSET 0 skips nothing: it only keeps a subquery from being flattened (README: a
+        # NOT EXISTS probed row by row)
+        if re.search(r"\boffset\b(?!\s+0(?![\w.]))", sql, re.IGNORECASE):
+            raise ValueError(
+                "discovery must not use OFFSET: the runner pages by key (keyset) "
+                "(OFFSET 0, which skips nothing, is allowed)"
+            )
         if sql.rstrip().endswith(";"):
             raise ValueError("discovery is wrapped by the runner: remove the trailing `;`")
         return refuse_side_effects(sql, "discovery")

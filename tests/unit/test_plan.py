@@ -62,6 +62,16 @@ BAD_PLANS: list[tuple[str, dict[str, Any], list[str]]] = [
         {"discovery__sql": "SELECT id FROM items OFFSET 10"},
         ["discovery.sql", "OFFSET"],
     ),
+    (
+        "discovery with OFFSET 0.5",
+        {"discovery__sql": "SELECT id FROM items OFFSET 0.5"},
+        ["discovery.sql", "OFFSET"],
+    ),
+    (
+        "discovery with OFFSET $1",
+        {"discovery__sql": "SELECT id FROM items OFFSET $1"},
+        ["discovery.sql", "OFFSET"],
+    ),
     ("apply ignores keys", {"apply__sql": "UPDATE items SET val = 'new'"}, ["apply.sql", "$1"]),
     (
         "two statements",
@@ -183,6 +193,17 @@ def test_good_plan_prints_a_summary(cli: Callable[..., Any], workdir: Path) -> N
     assert result.exit_code == 0, result.output
     assert "plan 'items_new' is valid" in result.output
     assert "secret" not in result.output
+
+
+def test_offset_0_in_a_discovery_subquery_is_allowed(tmp_path: Path) -> None:
+    """OFFSET 0 skips no row: it keeps a NOT EXISTS a per-row probe (README, Performance)."""
+    sql = (
+        "SELECT s.id FROM items AS s WHERE NOT EXISTS "
+        "(SELECT FROM copy AS c WHERE c.id = s.id OFFSET 0)"
+    )
+    path = write_plan(tmp_path / "p.json", discovery={"sql": sql})
+    loaded = load_plan(path, {"STAGING_DSN": "embedded", "PROD_DSN": "embedded"})
+    assert loaded.plan.discovery.sql == sql
 
 
 def test_toml_and_json_of_the_same_plan_have_the_same_digest(tmp_path: Path) -> None:
