@@ -151,8 +151,12 @@ DIGEST_SINCE = 140000  # server_version_num of PostgreSQL 14: hash_record_extend
 
 
 def row_digest(values: list[str], by_value: tuple[bool, ...]) -> str:
-    """A row's 64-bit digest as text: its columns hashed together, each as its value or its text."""
-    parts = [v if plain else f"{v}::text" for v, plain in zip(values, by_value, strict=True)]
+    """A row's 64-bit digest as text: its columns hashed together, each as its value or as its
+    text, byte for byte (COLLATE "C": a nondeterministic collation would hash 'A' as 'a')."""
+    parts = [
+        v if plain else f'({v})::text COLLATE "C"'
+        for v, plain in zip(values, by_value, strict=True)
+    ]
     return f"hash_record_extended(ROW({', '.join(parts)}), 0)::text"
 
 
@@ -260,7 +264,7 @@ WITH w AS (
 {plain_statement(self.sql)}RETURNING WITH (OLD AS {old}, NEW AS {new})
     {old}.{k0} IS NOT NULL AS had_old, {new}.{k0} IS NOT NULL AS has_new,
     {encode(keys)} AS key_enc, {key_display(keys)} AS key_show,
-    {encode(t.image_of(old))} AS before_enc, {t.after_of(new)} AS after_enc,
+    {encode(t.image_of(old))} AS before_enc, {encode(t.image_of(new))} AS after_enc,
     {same} AS others_same
 )
 INSERT INTO pg_temp.backfill_touched

@@ -197,3 +197,34 @@ def test_a_digest_is_only_for_an_insert_only_table() -> None:
     assert Write(table="t", key=["id"], operations=["insert"]).digested
     assert not Write(table="t", key=["id"], operations=["insert"], images="whole").digested
     assert not Write(table="t", key=["id"], operations=["insert", "delete"]).digested
+
+
+def test_a_case_change_under_a_case_insensitive_collation_is_a_change(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    """'abc' and 'ABC' are equal under a nondeterministic collation, and hash alike under it:
+    the digest hashes a text's bytes, so the row changed since is left alone."""
+    import asyncpg
+
+    try:
+        sql(
+            db,
+            "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', "
+            "deterministic = false)",
+        )
+    except asyncpg.PostgresError as e:
+        pytest.skip(f"no ICU collations on this server: {e}")
+    sql(
+        db,
+        "CREATE TABLE src (id bigint PRIMARY KEY, v text, name text COLLATE ci NOT NULL); "
+        "CREATE TABLE dst (LIKE src INCLUDING ALL); "
+        "INSERT INTO src SELECT g, NULL, 'name ' || g FROM generate_series(1, 30) AS g",
+    )
+    plan = _plan(workdir / "p.json")
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    run_id = run_id_of(result.output)
+    sql(db, "UPDATE dst SET name = upper(name) WHERE id = 7")
+    undone = cli("rollback", run_id, "--env", "staging", env=env_for(db))
+    assert undone.exit_code == 0, undone.output
+    assert [r["name"] for r in sql(db, "SELECT name FROM dst")] == ["NAME 7"]
