@@ -250,6 +250,12 @@ FROM (SELECT 1) AS one LEFT JOIN (
 ORDER BY t.schema, t.name"""
 
 
+WRITES_AND_COLUMNS_SQL = WRITES_SQL.replace(
+    "SELECT current_setting('track_counts')::bool AS tracking, t.*",
+    f"SELECT current_setting('track_counts')::bool AS tracking, ({COLUMNS_SIGNATURE}) AS columns, t.*",
+)
+
+
 async def require_write_tracking(conn: asyncpg.Connection) -> None:
     """The scope guard reads the transaction's write counters, which exist only with track_counts."""
     if not await conn.fetchval("SELECT current_setting('track_counts')::bool"):
@@ -284,10 +290,18 @@ async def counters(conn: asyncpg.Connection) -> Writes:
     return _writes(await conn.fetch(WRITES_SQL))
 
 
-async def read_writes(conn: asyncpg.Connection, batch: Batch) -> Writes:
+async def read_writes(
+    conn: asyncpg.Connection, batch: Batch, shape: ShapedRun | None = None
+) -> Writes:
     """The counters now; refuses (rolling the batch back) if counting was switched off, as a
-    superuser's apply could do in its own transaction."""
-    rows = await conn.fetch(WRITES_SQL)
+    superuser's apply could do in its own transaction. With `shape`, the same statement also
+    checks that the shape's tables still have the columns the run resolved."""
+    if shape is None:
+        rows = await conn.fetch(WRITES_SQL)
+    else:
+        rows = await conn.fetch(WRITES_AND_COLUMNS_SQL, shape.oids)
+        if rows[0]["columns"] != shape.signature:
+            _columns_changed(batch)
     if not rows[0]["tracking"]:
         raise ScopeViolation(
             f"batch {batch.batch_no} (keys {batch.key_range}): track_counts is off in the "
@@ -689,8 +703,9 @@ async def _apply_direct(
     """A batch that only inserts into insert-only tables (`ShapedRun.direct`): each statement
     records its rows' digests as it runs, the last one the ledger row too; then the columns are
     checked and the write counters held to what the statements returned, as for any shaped
-    batch. READ COMMITTED (no probe needs a repeatable snapshot): the column check after the
-    statements sees a change of columns that an INSERT waited for."""
+    batch. READ COMMITTED (no probe needs a repeatable snapshot): the column check, in the
+    statement that reads the counters after the statements, sees a change of columns that an
+    INSERT waited for."""
     batch = ctx.batch
     values = ctx.values(shape.target)
     async with conn.transaction():
@@ -700,8 +715,7 @@ async def _apply_direct(
             values["earlier"] = sum(n for n, _, _ in raw.values())
             n = await conn.fetchval(stmt.sql, *stmt.bind(values))
             raw[step.table.rel] = [int(n), 0, 0]
-        await _same_columns(conn, shape, batch)
-        await _within_returned(conn, shape, batch, start, raw, {})
+        await _within_returned(conn, shape, batch, start, raw, {}, columns=True)
         await record_manifest(conn, ctx)
         return sum(n for n, _, _ in raw.values()), 0
 
@@ -727,10 +741,14 @@ async def _within_returned(
     start: Writes,
     raw: dict[int, list[int]],
     probed: ProbeWrites,
+    *,
+    columns: bool = False,
 ) -> None:
-    """The scope guard: nothing written beyond the rows the statements returned (and imaged)."""
+    """The scope guard: nothing written beyond the rows the statements returned (and imaged).
+    `columns`: the counters' statement also checks the tables' columns (`read_writes`)."""
     await conn.execute(FIRE_DEFERRED)
-    found = shaped_unexpected(start, await read_writes(conn, batch), shape, raw, probed)
+    end = await read_writes(conn, batch, shape if columns else None)
+    found = shaped_unexpected(start, end, shape, raw, probed)
     if found:
         raise ScopeViolation(
             f"batch {batch.batch_no} (keys {batch.key_range}): the batch's transaction wrote "
