@@ -302,11 +302,34 @@ def shaped_statements(shape: ShapedRun) -> list[dict[str, str]]:
     keys = ", ".join(
         f"${i + 1} = the batch's {k.name} keys ({k.type}[])" for i, k in enumerate(shape.target.key)
     )
-    out = [{"what": f"BEGIN ISOLATION LEVEL REPEATABLE READ; {keys}", "sql": ""}]
-    for step in shape.steps:
+    if shape.direct is not None:
+        out = [{"what": f"BEGIN (READ COMMITTED); {keys}", "sql": ""}]
+        for n, step in enumerate(shape.steps, start=1):
+            out.append(
+                {
+                    "what": f"{step.where}: insert into {step.table.display}, in the same "
+                    "statement each inserted row's key and digest stored"
+                    + (", and the batch's ledger row" if n == len(shape.steps) else ""),
+                    "sql": step.sql.strip(),
+                }
+            )
         out.append(
             {
-                "what": f"{step.where}: {step.op} of {step.table.display}, its rows imaged whole "
+                "what": "the scope guard (write counters) and the tables' columns checked; COMMIT",
+                "sql": "",
+            }
+        )
+        return out
+    out = [{"what": f"BEGIN ISOLATION LEVEL REPEATABLE READ; {keys}", "sql": ""}]
+    for step in shape.steps:
+        imaged = (
+            "each inserted row recorded by its digest"
+            if step.table.digest is not None
+            else "its rows imaged whole"
+        )
+        out.append(
+            {
+                "what": f"{step.where}: {step.op} of {step.table.display}, {imaged} "
                 "(RETURNING OLD/NEW on PostgreSQL 18+; on older servers an update or upsert is "
                 "probed in a savepoint first)",
                 "sql": step.sql.strip(),

@@ -194,7 +194,12 @@ async def _check_apply(
         return
     for step in shape.steps:
         report.findings.append(
-            Finding(step.where, True, f"{step.op} of {step.table.display} (declared)")
+            Finding(
+                step.where,
+                True,
+                f"{step.op} of {step.table.display} (declared"
+                + ("; inserted rows kept as digests)" if step.table.digest is not None else ")"),
+            )
         )
 
 

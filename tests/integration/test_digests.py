@@ -228,3 +228,21 @@ def test_a_case_change_under_a_case_insensitive_collation_is_a_change(
     undone = cli("rollback", run_id, "--env", "staging", env=env_for(db))
     assert undone.exit_code == 0, undone.output
     assert [r["name"] for r in sql(db, "SELECT name FROM dst")] == ["NAME 7"]
+
+
+def test_validate_and_the_dry_run_say_inserted_rows_are_kept_as_digests(
+    cli: Callable[..., Any], workdir: Path, db: str
+) -> None:
+    sql(db, SCHEMA)
+    plan = _plan(workdir / "p.json")
+    checked = cli("validate", str(plan), "--env", "staging", env=env_for(db))
+    assert checked.exit_code == 0, checked.output
+    assert "insert of public.dst (declared; inserted rows kept as digests)" in " ".join(
+        checked.output.split()
+    )
+    dry = cli("apply", str(plan), "-e", "staging", "--dry-run", env=env_for(db))
+    assert dry.exit_code == 0, dry.output
+    text = " ".join(dry.output.split())
+    assert "BEGIN (READ COMMITTED)" in text, text
+    assert "each inserted row's key and digest stored, and the batch's ledger row" in text, text
+    assert val(db, "SELECT count(*) FROM dst") == 20  # a dry run inserts nothing
