@@ -1600,21 +1600,36 @@ async def record_rollback_batch(
     )
 
 
+_SHAPED_IMAGE_ROWS = """
+WITH b AS (SELECT * FROM backfill.batch_images WHERE run_id = $1 AND batch_no = $2)
+SELECT CASE WHEN (SELECT bool_and(b.digests) FROM b)
+       THEN (SELECT string_agg(format('SELECT %s, %s, u.op, u.key, NULL, u.after '
+                                      'FROM unnest(%L::text[], %L::text[], %L::text[]) '
+                                      'AS u(op, key, after) WHERE u.op <> ''N''',
+                                      b.batch_no, b.rel, b.ops, b.keys, b.afters),
+                               E'\nUNION ALL\n' ORDER BY b.rel) FROM b)
+       ELSE (SELECT E'VALUES\n' || string_agg(format('(%s, %s, %L, %L, %L, %L)', b.batch_no,
+                                                     b.rel, u.op, u.key, u.before, u.after),
+                                              E',\n')
+             FROM b CROSS JOIN LATERAL unnest(b.ops, b.keys, b.befores, b.afters)
+                  AS u(op, key, before, after)
+             WHERE u.op <> 'N')
+       END AS body,
+       (SELECT count(*)::int FROM b CROSS JOIN LATERAL unnest(b.ops) AS o WHERE o <> 'N') AS n"""
+
+
 async def shaped_image_values(
     conn: asyncpg.Connection, run_id: str, batch_no: int
 ) -> tuple[str | None, int]:
-    """A batch's images of every table as SQL VALUES tuples (batch_no, rel, op, key, before,
-    after), quoted by the server (`format('%L')`), and how many."""
-    row = await conn.fetchrow(
-        "SELECT string_agg(format('(%s, %s, %L, %L, %L, %L)', i.batch_no, i.rel, u.op, u.key, "
-        "u.before, u.after), E',\\n') AS tuples, count(*)::int AS n "
-        + _SHAPED_UNNEST
-        + "WHERE i.run_id = $1 AND i.batch_no = $2 AND u.op <> 'N'",
-        run_id,
-        batch_no,
-    )
+    """A batch's images of every table as the rows of an INSERT into the rollback file's images
+    table (batch_no, rel, op, key, before, after), quoted by the server (`format('%L')`), and
+    how many: `VALUES` tuples, one per row; or, when every table of the batch keeps digests (an
+    insert-only batch: a key and a digest per row), one `SELECT … FROM unnest(…)` over the
+    batch's arrays per table (half the bytes, less of the server's time)."""
+    row = await conn.fetchrow(_SHAPED_IMAGE_ROWS, run_id, batch_no)
     assert row is not None
-    return row["tuples"], int(row["n"])
+    n = int(row["n"])
+    return (row["body"] if n else None), n
 
 
 async def table_counts(

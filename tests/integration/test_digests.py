@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
 from pydantic import ValidationError
 
 from runner.plan import Write
@@ -21,9 +22,12 @@ from tests.helpers import (
     rollback_file,
     run_id_of,
     run_psql,
+    set_on_database,
     start_runner,
     wait_for,
 )
+from tests.integration.test_rollback import HOSTILE, fill_hostile
+from tests.integration.test_rollback import rows as hostile_rows
 
 SCHEMA = """
 CREATE TABLE src (id bigint PRIMARY KEY, v text NOT NULL, n numeric NOT NULL, j jsonb,
@@ -274,3 +278,69 @@ def test_report_rerenders_a_digest_runs_files_byte_for_byte(
     again = cli("report", run_id, env=env_for(db))
     assert again.exit_code == 0, again.output
     assert [p.name for p, text in files.items() if read(p) != text] == []
+
+
+@pytest.mark.slow
+@settings(
+    max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=hostile_rows)
+@pytest.mark.parametrize("how", ["runner", "psql"])
+def test_hostile_rows_inserted_by_digest_are_all_deleted_again(
+    cli: Callable[..., Any], workdir: Path, db: str, data: list[tuple[Any, ...]], how: str
+) -> None:
+    """Hostile keys and values (quotes, backslashes, braces, `NULL` as text, NaN, -0, every
+    type of the hostile table) inserted on the direct path, digests only: both rollbacks find
+    every row as inserted (its digest computed again matches, under other session settings in
+    psql) and delete it, and the rollback file's array literals carry the keys exactly."""
+    set_on_database(db, TimeZone="Pacific/Chatham", DateStyle="SQL, DMY", extra_float_digits="0")
+    sql(
+        db,
+        "DROP TABLE IF EXISTS hostile, hostile_copy; DROP SCHEMA IF EXISTS backfill CASCADE; "
+        + HOSTILE,
+    )
+    fill_hostile(db, data)
+    sql(db, "CREATE TABLE hostile_copy (LIKE hostile INCLUDING ALL)")
+    n = val(db, "SELECT count(*) FROM hostile")
+    plan = workdir / "p.json"
+    plan.write_text(
+        json.dumps(
+            plan_dict(
+                target={"table": "hostile", "key": ["id", "k"], "columns": ["t"]},
+                discovery={
+                    "sql": "SELECT h.id, h.k FROM hostile AS h WHERE NOT EXISTS (SELECT FROM "
+                    "hostile_copy AS c WHERE c.id = h.id AND c.k = h.k OFFSET 0)"
+                },
+                apply={
+                    "statements": [
+                        "INSERT INTO hostile_copy SELECT * FROM hostile "
+                        "WHERE (id, k) IN (SELECT * FROM unnest($1::int[], $2::text[]))"
+                    ]
+                },
+                writes=[{"table": "hostile_copy", "key": ["id", "k"], "operations": ["insert"]}],
+                batching={
+                    "size": 3,
+                    "workers": 1,
+                    "lock_timeout": "1s",
+                    "statement_timeout": "20s",
+                },
+                soak__checks=[],
+            )
+        )
+    )
+    result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
+    assert result.exit_code == 3, result.output
+    assert val(db, "SELECT count(*) FROM hostile_copy") == n
+    run_id = run_id_of(result.output)
+    assert (
+        val(db, "SELECT count(after_digest) FROM backfill.row_images WHERE run_id = $1", run_id)
+        == n
+    )
+    if how == "runner":
+        undone = cli("rollback", run_id, "--env", "staging", env=env_for(db))
+        assert undone.exit_code == 0, undone.output
+    else:
+        done = run_psql(db, rollback_file(workdir, run_id), HOSTILE_PSQL_ENV)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip().splitlines()[-2].split("|")[2].strip() == "t", done.stdout
+    assert val(db, "SELECT count(*) FROM hostile_copy") == 0
