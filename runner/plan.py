@@ -318,10 +318,10 @@ class Discovery(_Model):
     def _no_offset(cls, sql: str) -> str:
         # OFFSET 0 skips nothing: it only keeps a subquery from being flattened (README: a
         # NOT EXISTS probed row by row)
-        if re.search(r"\boffset\b(?!\s+0(?![\w.]))", sql, re.IGNORECASE):
+        if re.search(r"\boffset\b(?!\s+0(?:\s+rows?)?\s*(?:\)|$))", sql, re.IGNORECASE):
             raise ValueError(
                 "discovery must not use OFFSET: the runner pages by key (keyset) "
-                "(OFFSET 0, which skips nothing, is allowed)"
+                "(OFFSET 0 at the end of a subquery, which skips nothing, is allowed)"
             )
         if sql.rstrip().endswith(";"):
             raise ValueError("discovery is wrapped by the runner: remove the trailing `;`")

@@ -67,8 +67,8 @@ class Table:
     declared: tuple[str, ...]  # the columns an update may change
     allowed: frozenset[str]  # insert | update | delete
     # an insert-only table's inserted rows are recorded by a digest, not whole: per image column,
-    # whether it is hashed as its value (True) or as its text (False); None: recorded whole
-    digest: tuple[bool, ...] | None = None
+    # the form it is hashed in (DIGEST_FORMS); None: recorded whole
+    digest: tuple[str, ...] | None = None
 
     @property
     def table(self) -> str:
@@ -126,45 +126,67 @@ class Table:
             image=tuple(Column(n, t) for n, t in d["image"]),
             declared=tuple(d["declared"]),
             allowed=frozenset(d["allowed"]),
-            digest=None if d.get("digest") is None else tuple(bool(b) for b in d["digest"]),
+            digest=None if d.get("digest") is None else _forms(d["digest"]),
         )
 
 
 # -- an inserted row's digest ----------------------------------------------------------------------
 
-# types whose equality is their binary image's (B-tree deduplication's `equalimage`) and that
-# hash by it: hashed as their values (fast); every other column is hashed as its text, the form
-# a whole image records, so equal digests mean equal text either way
-_BY_VALUE = (
-    "'bool', 'int2', 'int4', 'int8', 'oid', 'bytea', 'date', 'time', 'timestamp', "
-    "'timestamptz', 'uuid', 'text', 'varchar'"
-)
-_DIGEST_COLUMNS = f"""
+# How each column enters a row's digest, by its type: hash_record_extended hashes a value with
+# its type's own hash function, which must see every bit of it (equal hashes of different
+# values only by chance). int2, int4, oid, date, bool, uuid and bytea hash all of theirs, text
+# and varchar all of their bytes under COLLATE "C" (a nondeterministic collation hashes 'A' as
+# 'a'); int8 and the timestamps and times fold 64 bits to 32 before hashing (1 and 2^32 hash
+# alike), so they enter as their 8-byte binary form (`*_send`); every other column as its exact
+# text, byte for byte: the form a whole image records.
+DIGEST_FORMS = {
+    "value": "{}",
+    "bytes": '{} COLLATE "C"',
+    "int8send": "int8send({})",
+    "timestamp_send": "timestamp_send({})",
+    "timestamptz_send": "timestamptz_send({})",
+    "time_send": "time_send({})",
+    "text": '({})::text COLLATE "C"',
+}
+_DIGEST_COLUMNS = """
 SELECT a.attname,
-       t.typname IN ({_BY_VALUE}) AND t.typnamespace = 'pg_catalog'::regnamespace
-       AND (a.attcollation = 0
-            OR coalesce((SELECT c.collisdeterministic FROM pg_collation AS c
-                         WHERE c.oid = a.attcollation), false)) AS by_value
+       CASE WHEN t.typnamespace <> 'pg_catalog'::regnamespace THEN 'text'
+            WHEN t.typname IN ('bool', 'int2', 'int4', 'oid', 'date', 'uuid', 'bytea')
+                THEN 'value'
+            WHEN t.typname IN ('text', 'varchar') THEN 'bytes'
+            WHEN t.typname = 'int8' THEN 'int8send'
+            WHEN t.typname IN ('timestamp', 'timestamptz', 'time')
+                THEN t.typname || '_send'
+            ELSE 'text' END AS form
 FROM pg_attribute AS a JOIN pg_type AS t ON t.oid = a.atttypid
 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped"""
 DIGEST_SINCE = 140000  # server_version_num of PostgreSQL 14: hash_record_extended
 
 
-def row_digest(values: list[str], by_value: tuple[bool, ...]) -> str:
-    """A row's 64-bit digest as text: its columns hashed together, each as its value or as its
-    text, byte for byte (COLLATE "C": a nondeterministic collation would hash 'A' as 'a')."""
-    parts = [
-        v if plain else f'({v})::text COLLATE "C"'
-        for v, plain in zip(values, by_value, strict=True)
-    ]
+def row_digest(values: list[str], forms: tuple[str, ...]) -> str:
+    """A row's 64-bit digest as text: its columns hashed together, each in its form
+    (DIGEST_FORMS)."""
+    parts = [DIGEST_FORMS[form].format(v) for v, form in zip(values, forms, strict=True)]
     return f"hash_record_extended(ROW({', '.join(parts)}), 0)::text"
 
 
 async def _digest_columns(
     conn: asyncpg.Connection, oid: int, image: tuple[Column, ...]
-) -> tuple[bool, ...]:
-    by_value = {r["attname"]: bool(r["by_value"]) for r in await conn.fetch(_DIGEST_COLUMNS, oid)}
-    return tuple(by_value[c.name] for c in image)
+) -> tuple[str, ...]:
+    forms = {r["attname"]: str(r["form"]) for r in await conn.fetch(_DIGEST_COLUMNS, oid)}
+    return tuple(forms[c.name] for c in image)
+
+
+def _forms(recorded: list[Any]) -> tuple[str, ...]:
+    """A run's recorded digest forms, each one of DIGEST_FORMS (a ledger edited to hold
+    anything else is refused, never put into SQL)."""
+    unknown = [f for f in recorded if f not in DIGEST_FORMS]
+    if unknown:
+        raise InvalidInput(
+            f"the run records digest forms {unknown!r} this version does not know",
+            hint="roll back with the backfill version that applied the run",
+        )
+    return tuple(str(f) for f in recorded)
 
 
 async def resolve_tables(conn: asyncpg.Connection, plan: Plan) -> list[Table]:

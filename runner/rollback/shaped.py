@@ -174,13 +174,18 @@ def batch_statements(undo: ShapedUndo, src: str) -> list[tuple[Table, int, str]]
     """One batch's undo, in order, with the counter each statement moves; `src` names the
     batch's images of table `{rel}`."""
     out: list[tuple[Table, int, str]] = []
+    # only the undo of what the table allows: a statement that can touch no row must not run
+    # either (an UPDATE of a GENERATED ALWAYS identity column is refused even then, and so is a
+    # statement the rollback's login has no privilege for)
     for t in undo.tables:
-        out.append((t, INSERTED, reinsert_sql(t, src.format(rel=t.rel))))
+        if "delete" in t.allowed:
+            out.append((t, INSERTED, reinsert_sql(t, src.format(rel=t.rel))))
     for t in undo.tables:
-        if (sql := restore_sql(t, src.format(rel=t.rel))) is not None:
+        if "update" in t.allowed and (sql := restore_sql(t, src.format(rel=t.rel))) is not None:
             out.append((t, UPDATED, sql))
     for t in reversed(undo.tables):
-        out.append((t, DELETED, delete_sql(t, src.format(rel=t.rel), undo.referenced_by(t))))
+        if "insert" in t.allowed:
+            out.append((t, DELETED, delete_sql(t, src.format(rel=t.rel), undo.referenced_by(t))))
     return out
 
 
