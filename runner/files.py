@@ -2,15 +2,17 @@
 
 A file is written into a temporary file beside it, named for its writer (`.NAME.PID.NONCE.tmp`:
 two processes writing the same file at once must not rename each other's away), and renamed
-over it when complete. A writer killed part-way leaves its temporary file behind; the next write
-of the same file removes those whose process is gone.
+over it when complete. A writer killed part-way leaves its temporary file behind; a process's
+first write into a folder removes every such file there whose process is gone (once per folder
+and process: a run's folder holds a file per batch, and looking through it at every write would
+cost a run of n batches n² directory entries).
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +36,9 @@ def writing_bytes(path: Path) -> Iterator[BinaryIO]:
 @contextlib.contextmanager
 def _writing(path: Path, *, binary: bool) -> Iterator[IO[Any]]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    clear_dead_writers(path)
+    if path.parent not in _cleared:
+        clear_dead_writers(path.parent)
+        _cleared.add(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         # newline="": what is written is what the file holds (a value's \r stays a \r)
@@ -45,12 +49,15 @@ def _writing(path: Path, *, binary: bool) -> Iterator[IO[Any]]:
         tmp.unlink(missing_ok=True)
 
 
-def clear_dead_writers(path: Path) -> None:
-    """Remove the temporary files of `path` left by writers whose process has ended."""
-    prefix = f".{path.name}."
-    for tmp in path.parent.glob(f"{glob.escape(prefix)}*.tmp"):
-        pid = tmp.name[len(prefix) :].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")  # .NAME.PID.NONCE.tmp
+_cleared: set[Path] = set()  # the folders this process has cleared of dead writers' files
+
+
+def clear_dead_writers(folder: Path) -> None:
+    """Remove the temporary files in `folder` left by writers whose process has ended."""
+    for tmp in folder.glob(".*.tmp"):
+        m = _TEMPORARY.match(tmp.name)
+        if m and not _alive(int(m.group(1))):
             tmp.unlink(missing_ok=True)
 
 
