@@ -1687,38 +1687,62 @@ async def references_to(
     return [(r["child"], list(r["child_cols"]), list(r["parent_cols"])) for r in rows]
 
 
+_MANIFEST_KEYS = """
+    SELECT i.batch_no, i.rel,
+           (CASE WHEN i.key_width = 1 THEN ARRAY[u.key] ELSE u.key::text[] END) AS key
+    FROM backfill.batch_images AS i
+    CROSS JOIN LATERAL unnest(i.ops, i.keys) AS u(op, key)
+    WHERE i.run_id = $1 AND u.op IN ('I', 'U', 'D')"""
+
+
 async def manifest_rows(
     conn: asyncpg.Connection,
     run_id: str,
     stage: str,
     keys_up_to: int,
     batch_nos: list[int] | None = None,
-) -> list[asyncpg.Record]:
+) -> list[dict[str, Any]]:
     """Per committed batch of a stage (or only `batch_nos` of them) and table (rel): the keys it
     changed (inserted, updated, deleted), their count and md5 (over the keys' text in order,
     `|`-separated); the keys themselves (JSON, each a list of the key's columns as text) only up
-    to `keys_up_to`."""
-    return list(
-        await conn.fetch(
-            """SELECT b.batch_no, b.stage, r.rel, b.started_at, count(*)::int AS changed,
-                      b.manifest::text AS manifest,
-                      md5(string_agg(r.key::text, '|' ORDER BY r.key::text COLLATE "C"))
-                          AS keys_md5,
-                      CASE WHEN count(*) <= $3
-                           THEN json_agg(r.key ORDER BY r.key::text COLLATE "C")::text END
-                          AS keys
-               FROM backfill.batches AS b
-               JOIN backfill.row_images AS r USING (run_id, batch_no)
-               WHERE b.run_id = $1 AND b.stage = $2 AND b.status = 'done'
-                 AND r.op IN ('I', 'U', 'D') AND ($4::int[] IS NULL OR b.batch_no = ANY($4))
-               GROUP BY b.batch_no, b.stage, r.rel, b.started_at, b.manifest::text
-               ORDER BY b.batch_no, r.rel""",
+    to `keys_up_to`, read by a second statement for those groups alone (sorting a large batch's
+    keys a second time, for a list that is not kept, cost more than the rest)."""
+    rows = [
+        dict(r)
+        for r in await conn.fetch(
+            f"""SELECT b.batch_no, b.stage, k.rel, b.started_at, count(*)::int AS changed,
+                       b.manifest::text AS manifest,
+                       md5(string_agg(k.key_text, '|' ORDER BY k.key_text COLLATE "C"))
+                           AS keys_md5
+                FROM backfill.batches AS b
+                JOIN (SELECT batch_no, rel, key::text AS key_text FROM ({_MANIFEST_KEYS}) AS m)
+                     AS k USING (batch_no)
+                WHERE b.run_id = $1 AND b.stage = $2 AND b.status = 'done'
+                  AND ($3::int[] IS NULL OR b.batch_no = ANY($3))
+                GROUP BY b.batch_no, b.stage, k.rel, b.started_at, b.manifest::text
+                ORDER BY b.batch_no, k.rel""",
             run_id,
             stage,
-            keys_up_to,
             batch_nos,
         )
-    )
+    ]
+    listed = [(r["batch_no"], r["rel"]) for r in rows if r["changed"] <= keys_up_to]
+    keys: dict[tuple[int, int], str] = {}
+    if listed:
+        for listing in await conn.fetch(
+            f"""SELECT m.batch_no, m.rel, json_agg(m.key ORDER BY m.key::text COLLATE "C")::text
+                       AS keys
+                FROM ({_MANIFEST_KEYS}) AS m
+                WHERE (m.batch_no, m.rel) IN (SELECT * FROM unnest($2::int[], $3::int[]))
+                GROUP BY m.batch_no, m.rel""",
+            run_id,
+            [b for b, _ in listed],
+            [rel for _, rel in listed],
+        ):
+            keys[(listing["batch_no"], listing["rel"])] = listing["keys"]
+    for r in rows:
+        r["keys"] = keys.get((r["batch_no"], r["rel"]))
+    return rows
 
 
 # -- windows (#14) --------------------------------------------------------------------------------
