@@ -258,3 +258,19 @@ counts_the_whole_server = pytest.mark.skipif(
     reason="counts the whole server's sessions: on a shared BACKFILL_TEST_DSN server, run it "
     "alone (-n 0), not beside other test processes",
 )
+
+
+def case_insensitive_collation(db: str) -> None:
+    """`ci`, a nondeterministic ICU collation ('abc' = 'ABC'), or the test is skipped (a
+    server built without ICU, as the embedded one)."""
+    import asyncpg
+    import pytest
+
+    try:
+        sql(
+            db,
+            "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', "
+            "deterministic = false)",
+        )
+    except asyncpg.PostgresError as e:
+        pytest.skip(f"no ICU collations on this server: {e}")

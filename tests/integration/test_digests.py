@@ -17,6 +17,7 @@ from runner.plan import Write
 from tests.conftest import plan_dict, sql, val
 from tests.helpers import (
     HOSTILE_PSQL_ENV,
+    case_insensitive_collation,
     env_for,
     finish,
     rollback_file,
@@ -208,16 +209,7 @@ def test_a_case_change_under_a_case_insensitive_collation_is_a_change(
 ) -> None:
     """'abc' and 'ABC' are equal under a nondeterministic collation, and hash alike under it:
     the digest hashes a text's bytes, so the row changed since is left alone."""
-    import asyncpg
-
-    try:
-        sql(
-            db,
-            "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', "
-            "deterministic = false)",
-        )
-    except asyncpg.PostgresError as e:
-        pytest.skip(f"no ICU collations on this server: {e}")
+    case_insensitive_collation(db)
     sql(
         db,
         "CREATE TABLE src (id bigint PRIMARY KEY, v text, name text COLLATE ci NOT NULL); "

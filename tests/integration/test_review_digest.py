@@ -18,6 +18,7 @@ from runner.plan import Discovery
 from tests.conftest import plan_dict, sql, val
 from tests.helpers import (
     HOSTILE_PSQL_ENV,
+    case_insensitive_collation,
     env_for,
     rollback_file,
     run_id_of,
@@ -115,17 +116,6 @@ def test_review_digest_a_changed_int8_or_timestamp_value_is_not_deleted(
 # -- 2. nondeterministic collations: arrays, domains, and a collation changed since ------------
 
 
-def _ci_collation(db: str) -> None:
-    try:
-        sql(
-            db,
-            "CREATE COLLATION ci (provider = icu, locale = 'und-u-ks-level2', "
-            "deterministic = false)",
-        )
-    except asyncpg.PostgresError as e:
-        pytest.skip(f"no ICU collations on this server: {e}")
-
-
 @pytest.mark.parametrize(
     "column", ["tags text[] COLLATE ci", "tags ci_text", "tags varchar(20) COLLATE ci"]
 )
@@ -138,7 +128,7 @@ def test_review_digest_a_case_change_in_an_array_or_domain_under_ci_is_a_change(
 
     Should: the row whose value changed case since is a conflict and stays (hash the text
     COLLATE "C")."""
-    _ci_collation(db)
+    case_insensitive_collation(db)
     sql(db, "CREATE DOMAIN ci_text AS text COLLATE ci")
     value = "ARRAY['tag ' || g]" if "[]" in column else "'tag ' || g"
     sql(
@@ -169,7 +159,7 @@ def test_review_digest_a_collation_changed_after_the_apply_keeps_every_unchanged
 
     Should: the 30 unchanged rows are deleted (hash text COLLATE "C" whatever its column's
     collation; and record the collation in the run's identity / COLUMNS_SIGNATURE)."""
-    _ci_collation(db)
+    case_insensitive_collation(db)
     sql(
         db,
         "CREATE TABLE src (id bigint PRIMARY KEY, v text, name text NOT NULL); "
