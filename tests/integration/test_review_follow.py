@@ -235,9 +235,11 @@ def _wait(pred: Callable[[], bool], timeout: float = 60) -> None:
 
 def test_the_followers_connection_cut_by_the_server_mid_run(workdir: Path, db: str) -> None:
     proc, run_id, _ = _slow_run(workdir, db)
+    # the connection whose last statement read the manifest (both of its statements unnest the
+    # images' keys so; a batch of at most 1,000 keys is read by two statements)
     follower = (
-        "SELECT pid FROM pg_stat_activity WHERE query LIKE '%keys_md5%' AND pid <> pg_backend_pid()"
-        " AND datname = current_database()"
+        "SELECT pid FROM pg_stat_activity WHERE query LIKE '%unnest(i.ops, i.keys) AS u(op, key)%'"
+        " AND pid <> pg_backend_pid() AND datname = current_database()"
     )
     _wait(lambda: val(db, follower) is not None)
     sql(db, f"SELECT pg_terminate_backend(pid) FROM ({follower}) AS f")
