@@ -1433,14 +1433,16 @@ async def changed_per_batch(
 async def image_values(
     conn: asyncpg.Connection, run_id: str, batch_no: int
 ) -> tuple[str | None, str | None]:
-    """A batch's changed rows as SQL VALUES tuples (batch_no, key, before, after), quoted by the
-    server (`format('%L')`, i.e. quote_nullable) from the text form of their arrays, which casts
-    back to the same text[] exactly; and the md5 of the batch's before-images (CHECKSUM_ROW lines
-    in key order), which the rollback file's verification recomputes from the table. One batch at
-    a time: memory stays bounded, and no sort of the whole run is needed."""
+    """A batch's changed rows as the rows of an INSERT into the rollback file's images table:
+    `VALUES` tuples (batch_no, key, before, after), quoted by the server (`format('%L')`, i.e.
+    quote_nullable) from the text form of their arrays, which casts back to the same text[]
+    exactly; and the md5 of the batch's before-images (CHECKSUM_ROW lines in key order), which
+    the rollback file's verification recomputes from the table. One batch at a time: memory
+    stays bounded, and no sort of the whole run is needed."""
     row = await conn.fetchrow(
-        f"""SELECT string_agg(format('(%s, %L, %L, %L)', i.batch_no, i.key::text, i.before::text,
-                                      i.after::text), E',\n') AS tuples,
+        f"""SELECT E'VALUES\n' || string_agg(format('(%s, %L, %L, %L)', i.batch_no, i.key::text,
+                                                      i.before::text, i.after::text), E',\n')
+                       AS tuples,
                    md5(string_agg({CHECKSUM_ROW.format(img="i.before")}, '|'
                                   ORDER BY i.key::text COLLATE "C")) AS checksum
             FROM backfill.row_images AS i

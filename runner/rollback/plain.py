@@ -198,15 +198,9 @@ def parse_batch_range(text: str | None) -> tuple[int, int] | None:
 # -- emitted SQL -------------------------------------------------------------------------------
 
 
-def images_insert(values: str) -> str:
-    """The statement that loads a batch's images (`values`: their tuples) into the rollback
-    file's images table."""
-    return f"INSERT INTO pg_temp.backfill_rollback_images VALUES\n{values};\n"
-
-
-def shaped_images_insert(rows: str) -> str:
-    """The same for a shaped run's batch (`rows`: `ledger.shaped_image_values`' VALUES or
-    SELECT)."""
+def images_insert(rows: str) -> str:
+    """The statement that loads a batch's images into the rollback file's images table (`rows`:
+    the VALUES or SELECT of `ledger.image_values` or `ledger.shaped_image_values`)."""
     return f"INSERT INTO pg_temp.backfill_rollback_images {rows};\n"
 
 
@@ -221,23 +215,17 @@ class ImageSpool:
     last batch copies them instead of reading the ledger again; the file always covers the
     ledger's committed batches, fetching here whatever is not spooled yet."""
 
-    def __init__(
-        self,
-        folder: Path,
-        read: ImageReader = ledger.image_values,
-        statement: Callable[[str], str] = images_insert,
-    ) -> None:
+    def __init__(self, folder: Path, read: ImageReader = ledger.image_values) -> None:
         self._chunks = Spool(folder)
         self._read = read
-        self._statement = statement
         self.extra: dict[int, Any] = {}
 
     @classmethod
     def of(cls, run: ledger.RunRow, folder: Path) -> ImageSpool:
         """An empty spool for the run's images, read the way its rollback file needs them."""
-        if run.tables is None:
-            return cls(folder)
-        return cls(folder, ledger.shaped_image_values, shaped_images_insert)
+        return cls(
+            folder, ledger.image_values if run.tables is None else ledger.shaped_image_values
+        )
 
     def __contains__(self, batch_no: object) -> bool:
         return batch_no in self._chunks
@@ -245,7 +233,7 @@ class ImageSpool:
     async def fetch(self, conn: asyncpg.Connection, run_id: str, batch_no: int) -> None:
         """Read one committed batch's images from the ledger into the spool."""
         values, extra = await self._read(conn, run_id, batch_no)
-        self._chunks.put(batch_no, self._statement(values).encode() if values else b"")
+        self._chunks.put(batch_no, images_insert(values).encode() if values else b"")
         self.extra[batch_no] = extra
 
     def copy_to(self, out: BinaryIO, batch_nos: list[int]) -> None:
