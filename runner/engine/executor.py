@@ -677,7 +677,6 @@ async def _apply_shaped(
                 hint="update the row in place (declare update and its columns), or delete and "
                 "insert in separate runs",
             )
-        await _same_columns(conn, shape, batch)
         fin = shape.finalize
         row = await fetch_one(conn, fin.sql, *fin.bind(ctx.values(shape.target)))
         bad = json.loads(row["bad"] or "[]")
@@ -715,14 +714,9 @@ async def _apply_direct(
             values["earlier"] = sum(n for n, _, _ in raw.values())
             n = await conn.fetchval(stmt.sql, *stmt.bind(values))
             raw[step.table.rel] = [int(n), 0, 0]
-        await _within_returned(conn, shape, batch, start, raw, {}, columns=True)
+        await _within_returned(conn, shape, batch, start, raw, {})
         await record_manifest(conn, ctx)
         return sum(n for n, _, _ in raw.values()), 0
-
-
-async def _same_columns(conn: asyncpg.Connection, shape: ShapedRun, batch: Batch) -> None:
-    if await conn.fetchval(COLUMNS_SIGNATURE, shape.oids) != shape.signature:
-        _columns_changed(batch)
 
 
 def _columns_changed(batch: Batch) -> NoReturn:
@@ -741,13 +735,12 @@ async def _within_returned(
     start: Writes,
     raw: dict[int, list[int]],
     probed: ProbeWrites,
-    *,
-    columns: bool = False,
 ) -> None:
-    """The scope guard: nothing written beyond the rows the statements returned (and imaged).
-    `columns`: the counters' statement also checks the tables' columns (`read_writes`)."""
+    """The scope guard: nothing written beyond the rows the statements returned (and imaged);
+    the statement that reads the counters also checks that the tables still have the columns
+    the run resolved (an image would leave out, or misplace, a column its rollback restores)."""
     await conn.execute(FIRE_DEFERRED)
-    end = await read_writes(conn, batch, shape if columns else None)
+    end = await read_writes(conn, batch, shape)
     found = shaped_unexpected(start, end, shape, raw, probed)
     if found:
         raise ScopeViolation(
