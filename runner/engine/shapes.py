@@ -297,13 +297,13 @@ FROM w"""
 
     # -- older servers: the capture path ------------------------------------------------------------
 
-    def _returning(self) -> str:
+    def _returning(self, *, show: bool = True) -> str:
+        """Each row's key and image (an inserted row's as `after_of` records it); `show`: and
+        its key as a person reads it (for a scope violation's message)."""
         t, a = self.table, self.alias
         image = t.after_of(a) if self.op == "insert" else encode(t.image_of(a))
-        return (
-            f"RETURNING {encode(t.key_of(a))} AS key_enc, "
-            f"{key_display(t.key_of(a))} AS key_show, {image} AS img"
-        )
+        shown = f"{key_display(t.key_of(a))} AS key_show, " if show else ""
+        return f"RETURNING {encode(t.key_of(a))} AS key_enc, {shown}{image} AS img"
 
     @cached_property
     def direct_sql(self) -> str:
@@ -606,7 +606,7 @@ FROM agg"""
         return tuple(out)
 
     def _direct_sql(self, step: Step, p: dict[str, str], *, last: bool) -> str:
-        t, a = step.table, step.alias
+        t = step.table
         # every key array typed, whichever the statement uses
         typed = ", ".join(
             f"{p[name]}::{k.type}[]"
@@ -615,7 +615,7 @@ FROM agg"""
         images = f"""
 WITH backfill_keys AS (SELECT {typed}),
 w AS (
-{plain_statement(step.sql)}RETURNING {encode(t.key_of(a))} AS key_enc, {t.after_of(a)} AS img
+{plain_statement(step.sql)}{step._returning(show=False)}
 ),
 img AS (
     INSERT INTO backfill.batch_images
