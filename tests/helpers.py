@@ -95,6 +95,18 @@ def rollback_file(workdir: Path, run_id: str) -> Path:
     return next((workdir / "backfill_logs").rglob(f"{run_id}/staging/rollback_*.sql"))
 
 
+def roll_back(cli: Any, workdir: Path, db: str, run_id: str, how: str) -> str:
+    """Undo run `run_id` on staging by `backfill rollback` (`how` = "runner") or by its emitted
+    file through psql under hostile session settings ("psql"); what it printed."""
+    if how == "runner":
+        done = cli("rollback", run_id, "--env", "staging", env=env_for(db))
+        assert done.exit_code == 0, done.output
+        return str(done.output)
+    ran = run_psql(db, rollback_file(workdir, run_id), HOSTILE_PSQL_ENV)
+    assert ran.returncode == 0, ran.stderr
+    return ran.stdout
+
+
 CHECKSUM = "SELECT md5(string_agg(h::text, '|' ORDER BY h::text)) FROM {table} h"
 
 

@@ -17,12 +17,10 @@ from pydantic import ValidationError
 from runner.plan import Discovery
 from tests.conftest import plan_dict, sql, val
 from tests.helpers import (
-    HOSTILE_PSQL_ENV,
     case_insensitive_collation,
     env_for,
-    rollback_file,
+    roll_back,
     run_id_of,
-    run_psql,
 )
 
 
@@ -49,16 +47,6 @@ def _apply(cli: Callable[..., Any], plan: Path, db: str) -> str:
     result = cli("apply", str(plan), "-e", "staging", "-q", env=env_for(db))
     assert result.exit_code == 3, result.output
     return run_id_of(result.output)
-
-
-def _rollback(cli: Callable[..., Any], workdir: Path, db: str, run_id: str, how: str) -> str:
-    if how == "runner":
-        done = cli("rollback", run_id, "--env", "staging", env=env_for(db))
-        assert done.exit_code == 0, done.output
-        return str(done.output)
-    ran = run_psql(db, rollback_file(workdir, run_id), HOSTILE_PSQL_ENV)
-    assert ran.returncode == 0, ran.stderr
-    return ran.stdout
 
 
 # -- 1. bigint / timestamp(tz) / time are hashed by a 32-bit fold ------------------------------
@@ -108,7 +96,7 @@ def test_review_digest_a_changed_int8_or_timestamp_value_is_not_deleted(
     sql(db, f"UPDATE dst SET c = {changed} WHERE id = 7")
     now = val(db, "SELECT c::text FROM dst WHERE id = 7")
     assert now != val(db, "SELECT c::text FROM src WHERE id = 7"), now  # it did change
-    _rollback(cli, workdir, db, run_id, how)
+    roll_back(cli, workdir, db, run_id, how)
     # Should: the row changed since is left alone (a conflict); the 29 others deleted
     assert [r["id"] for r in sql(db, "SELECT id FROM dst ORDER BY id")] == [7]
 
@@ -145,7 +133,7 @@ def test_review_digest_a_case_change_in_an_array_or_domain_under_ci_is_a_change(
         + ("text[]" if "[]" in column else "text")
         + " WHERE id = 7",
     )
-    _rollback(cli, workdir, db, run_id, "runner")
+    roll_back(cli, workdir, db, run_id, "runner")
     assert [r["id"] for r in sql(db, "SELECT id FROM dst ORDER BY id")] == [7]
 
 
@@ -169,7 +157,7 @@ def test_review_digest_a_collation_changed_after_the_apply_keeps_every_unchanged
     plan = _plan(workdir / "p.json", ["INSERT INTO dst SELECT * FROM src WHERE id = ANY($1)"], DST)
     run_id = _apply(cli, plan, db)
     sql(db, "ALTER TABLE dst ALTER COLUMN name TYPE text COLLATE ci")
-    _rollback(cli, workdir, db, run_id, "runner")
+    roll_back(cli, workdir, db, run_id, "runner")
     assert val(db, "SELECT count(*) FROM dst") == 0
 
 
@@ -272,7 +260,7 @@ def test_review_digest_many_types_partitioned_generated_identity(
             sql(db, f"UPDATE dst SET v = v WHERE id = {id_}")
         else:
             sql(db, f"UPDATE dst SET {change} WHERE id = {id_}")
-    out = _rollback(cli, workdir, db, run_id, how)
+    out = roll_back(cli, workdir, db, run_id, how)
     kept = [r["id"] for r in sql(db, "SELECT id FROM dst ORDER BY id")]
     assert kept == [i for i in CHANGES if i < 15], out
 
@@ -302,7 +290,7 @@ def test_review_digest_an_insert_only_table_with_an_always_identity_rolls_back(
         DST,
     )
     run_id = _apply(cli, plan, db)
-    _rollback(cli, workdir, db, run_id, how)
+    roll_back(cli, workdir, db, run_id, how)
     assert val(db, "SELECT count(*) FROM dst") == 0
 
 
@@ -389,5 +377,5 @@ def test_review_digest_before_trigger_and_two_tables_on_the_direct_path(
     assert val(db, "SELECT count(*) FROM backfill.batches WHERE run_id = $1", run_id) == 3
     assert val(db, "SELECT count(*) FROM backfill.row_images WHERE run_id = $1", run_id) == 35
     assert val(db, "SELECT min(v) FROM dst") == "V1"
-    _rollback(cli, workdir, db, run_id, "psql")
+    roll_back(cli, workdir, db, run_id, "psql")
     assert val(db, "SELECT count(*) FROM dst") + val(db, "SELECT count(*) FROM dst2") == 0
