@@ -104,13 +104,16 @@ def run_backfill_apply(
 ) -> dict[str, Any]:
     """`backfill apply PLAN --env staging` in its own process, as an operator runs it: wall time,
     the batch loop's time (execution_results.json), rows changed and peak RSS. Expects the apply
-    to halt at its gate (exit 3). With `profile`, under `py-spy record` (a flame graph there)."""
+    to halt at its gate (exit 3). With `profile`, under `py-spy record`: a flame graph there (or
+    collapsed stacks, one per line, for a .txt)."""
     name = plan["plan"]["name"]
     path = workdir / f"{name}.json"
     path.write_text(json.dumps(plan))
     env = {**os.environ, "BACKFILL_LOGS": str(workdir / "logs"), "BACKFILL_ACTOR": "bench"}
     t0 = time.perf_counter()
-    spy = ["py-spy", "record", "-o", str(profile), "-r", "200", "--"] if profile else []
+    # a .txt profile is py-spy's raw format (collapsed stacks, one per line), else a flame graph
+    raw = ["-f", "raw"] if profile and profile.suffix == ".txt" else []
+    spy = ["py-spy", "record", "-o", str(profile), "-r", "200", *raw, "--"] if profile else []
     proc = psutil.Popen(
         [*spy, sys.executable, "-m", "runner", "apply", str(path), "--env", "staging", "--quiet"],
         cwd=workdir,

@@ -1,7 +1,7 @@
 """Insert-style backfill throughput (#11): rows copied from a source table into a second table.
 
     uv run python bench/insert_throughput.py [--rows 1000000] [--workers 1] [--repeat 3]
-        [--discovery anti-join,probe,watermark] [--profile OUT.svg]
+        [--discovery anti-join,probe,watermark] [--profile OUT.svg|OUT.txt]
 
 Each method copies every row of the same source table (~250-byte rows) into its own empty copy
 table. The floor is a hand-written `INSERT … SELECT` keyset loop that also records the keys it
@@ -16,13 +16,20 @@ every page: quadratic), the same with `OFFSET 0` in the subquery (a per-row prob
 key index), and a watermark (source rows above the copy's highest key: the batches of such a run
 commit in key order), the hand loop's own cursor kept in the data.
 Target: runner (1 worker) >= 0.9x the hand loop.
+
+Then the floor, once per discovery: the runner's own batch statement for the plan (insert, digests,
+images, ledger row) run batch for batch beside the hand loop's on one connection, nothing else
+running, as is and without its digests. No loop around that statement can do better than it: where
+the floor is under 0.9x, the target is out of reach whatever the rest of the runner does.
 Set BACKFILL_BENCH_DSN to use another server instead of the embedded one.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -57,16 +64,17 @@ def empty_copy(dsn: str, name: str) -> None:
     )
 
 
-HAND_LOOP = f"""
+HAND_BATCH = """
 WITH batch AS (
-    SELECT {COLUMNS} FROM source WHERE id > $1 ORDER BY id LIMIT $2
+    SELECT {columns} FROM source WHERE id > $1 ORDER BY id LIMIT $2
 ), ins AS (
-    INSERT INTO copy_hand ({COLUMNS}) SELECT {COLUMNS} FROM batch RETURNING id
+    INSERT INTO {copy} ({columns}) SELECT {columns} FROM batch RETURNING id
 ), rec AS (
-    INSERT INTO hand_inserted (id) SELECT id FROM ins RETURNING id
+    INSERT INTO {keys} (id) SELECT id FROM ins RETURNING id
 )
 SELECT max(id) FROM rec
 """
+HAND_LOOP = HAND_BATCH.format(columns=COLUMNS, copy="copy_hand", keys="hand_inserted")
 
 
 async def hand_loop(dsn: str) -> float:
@@ -121,17 +129,95 @@ def insert_plan(dsn: str, copy: str, workers: int, discovery: str) -> dict[str, 
 
 
 def _pair(
-    dsn: str, work: Path, workers: int, discovery: str, rows: int
+    dsn: str, work: Path, workers: int, discovery: str, rows: int, floor: bool
 ) -> tuple[float, dict[str, Any]]:
-    """A hand loop, then the runner, from the same state of the server; both copies dropped."""
+    """A hand loop, then the runner, from the same state of the server; both copies dropped.
+    `floor`: then, before the run's ledger is dropped, the runner's batch statement alone
+    (`statement_floor`)."""
     empty_copy(dsn, "copy_hand")
     hand = anyio.run(hand_loop, dsn)
     copy = f"copy_runner{workers}_{discovery.replace('-', '_')}"
     empty_copy(dsn, copy)
-    r = run_backfill_apply(insert_plan(dsn, copy, workers, discovery), work)
+    plan = insert_plan(dsn, copy, workers, discovery)
+    r = run_backfill_apply(plan, work)
     assert r["changed"] == rows, r
-    sql(dsn, "DROP TABLE copy_hand", f"DROP TABLE {copy}", "DROP SCHEMA backfill CASCADE")
+    sql(dsn, "DROP TABLE copy_hand", f"DROP TABLE {copy}")
+    if floor:
+        r["floor"] = anyio.run(statement_floor, dsn, plan, rows)
+    sql(dsn, "DROP SCHEMA backfill CASCADE")
     return hand, r
+
+
+# the digest each inserted row is recorded by (engine.shapes.row_digest), left out of the
+# runner's statement to show what it costs
+DIGEST = re.compile(r"hash_record_extended\(ROW\(.*?\), 0\)::text")
+
+
+async def statement_floor(dsn: str, plan: dict[str, Any], rows: int) -> dict[str, float]:
+    """The runner's batch statement alone against the hand loop's, batch for batch on one
+    connection with nothing beside them (no discovery, checks, follower or Python between
+    batches): what the runner's loop cannot beat. The runner's statement is the one it runs for
+    the plan (engine.shapes, the direct path: insert, digests, images and ledger row), on run
+    `plan`'s ledger (batch numbers past its own), once as is and once without its digest. The
+    three take turns per batch, in alternating order; each writes its own copy. Seconds of
+    each, summed over the batches."""
+    from runner.engine.shapes import shaped_run  # noqa: PLC0415  (the bench's own imports first)
+    from runner.engine.target import resolve_target  # noqa: PLC0415
+    from runner.plan import Plan  # noqa: PLC0415
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        run_id = await conn.fetchval(
+            "SELECT run_id FROM backfill.runs WHERE plan_name = $1", plan["plan"]["name"]
+        )
+        statements: dict[str, str] = {}
+        for name in ("floor_runner", "floor_nodigest"):
+            await conn.execute(
+                f"DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (LIKE source INCLUDING ALL)"
+            )
+            p = Plan.model_validate(insert_plan(dsn, name, 1, "watermark"))
+            shape = await shaped_run(conn, p, await resolve_target(conn, p.target))
+            assert shape.direct is not None, "not the direct path"
+            (stmt,) = shape.direct
+            params = stmt.params
+            statements[name] = (
+                stmt.sql if name == "floor_runner" else DIGEST.sub("NULL::text", stmt.sql)
+            )
+        assert statements["floor_nodigest"] != statements["floor_runner"], "no digest found"
+        await conn.execute(
+            "DROP TABLE IF EXISTS floor_hand, floor_keys; CREATE TABLE floor_hand (LIKE source "
+            "INCLUDING ALL); CREATE TABLE floor_keys (id bigint); CHECKPOINT"
+        )
+        hand = HAND_BATCH.format(columns=COLUMNS, copy="floor_hand", keys="floor_keys")
+        spent = {"hand": 0.0, "floor_runner": 0.0, "floor_nodigest": 0.0}
+        for no, lo in enumerate(range(0, rows, BATCH)):
+            keys = list(range(lo + 1, min(lo + BATCH, rows) + 1))
+            order = list(spent) if no % 2 == 0 else list(reversed(spent))
+            for name in order:
+                t0 = time.perf_counter()
+                async with conn.transaction():
+                    if name == "hand":
+                        await conn.fetchval(hand, lo, BATCH)
+                    else:
+                        values = {
+                            "k0": keys,
+                            "run_id": run_id,
+                            "batch_no": 1_000_000 + 2 * no + (name == "floor_nodigest"),
+                            "stage": "floor",
+                            "first_key": [str(keys[0])],
+                            "last_key": [str(keys[-1])],
+                            "attempts": 1,
+                            "errors": "[]",
+                            "started_at": datetime.now(UTC),
+                            "batch_size": len(keys),
+                            "earlier": 0,
+                        }
+                        await conn.fetchval(statements[name], *(values[p] for p in params))
+                spent[name] += time.perf_counter() - t0
+        await conn.execute("DROP TABLE floor_hand, floor_keys, floor_runner, floor_nodigest")
+        return spent
+    finally:
+        await conn.close()
 
 
 def main() -> None:
@@ -166,7 +252,8 @@ def main() -> None:
         for discovery in args.discovery.split(","):
             for workers in [int(w) for w in args.workers.split(",")]:
                 pairs = [
-                    _pair(dsn, work, workers, discovery, args.rows) for _ in range(args.repeat)
+                    _pair(dsn, work, workers, discovery, args.rows, workers == 1 and n == 0)
+                    for n in range(args.repeat)
                 ]
                 hand = median(h for h, _ in pairs)
                 loop = median(r["loop"] for _, r in pairs)
@@ -191,6 +278,13 @@ def main() -> None:
                         f"target: runner ({discovery}), 1 worker >= 0.9x the hand loop: "
                         f"{ratio:.2f}x {'met' if ratio >= 0.9 else 'NOT met'}{spread} "
                         f"(whole command {median(h / r['wall'] for h, r in pairs):.2f}x)"
+                    )
+                    f = pairs[0][1]["floor"]
+                    targets.append(
+                        f"  floor ({discovery}): the runner's batch statement alone, batch for "
+                        f"batch beside the hand loop's on one connection: "
+                        f"{f['hand'] / f['floor_runner']:.2f}x; without its digests "
+                        f"{f['hand'] / f['floor_nodigest']:.2f}x"
                     )
         print("\n" + "\n".join(targets))
         if args.profile:
