@@ -580,6 +580,18 @@ FROM agg"""
     def table(self, rel: int) -> Table:
         return self.tables[rel - 1]
 
+    @cached_property
+    def lock_sql(self) -> str:
+        """The first statement of a batch's REPEATABLE READ transaction: the lock its
+        statements take on its tables anyway (ROW EXCLUSIVE), taken before its snapshot (LOCK
+        takes none). A statement that waited for an ALTER TABLE would otherwise run against the
+        altered table in a snapshot taken before it: images of the columns the run resolved, a
+        column check that reads the catalog as it was, and a column left out unseen. ONLY: a
+        column is added, dropped or retyped through the table itself."""
+        return (
+            f"LOCK TABLE {', '.join(f'ONLY {t.table}' for t in self.tables)} IN ROW EXCLUSIVE MODE"
+        )
+
     # -- the direct path: a batch that only inserts rows recorded by their digests ---------------
 
     @cached_property
