@@ -107,10 +107,14 @@ def _refs(params: tuple[str, ...]) -> dict[str, str]:
 
 def encode(exprs: list[str]) -> str:
     """A key or an image as one text value, the way batch_images stores it: a single value's
-    own text form, or the text form of the text[] of several (see ledger.row_images)."""
+    own text form, or the text form of the text[] of several (see ledger.row_images).
+
+    COLLATE "C": the text keeps its column's collation, and images are compared as encoded (a
+    change, a no-op, a row as the run left it): under a nondeterministic collation ('abc' =
+    'ABC'), a change of case would compare equal, be recorded as a no-op and never undone."""
     if len(exprs) == 1:
-        return f"{exprs[0]}::text"
-    return "ARRAY[" + ", ".join(f"{e}::text" for e in exprs) + "]::text[]::text"
+        return f'({exprs[0]}::text COLLATE "C")'
+    return "(ARRAY[" + ", ".join(f"{e}::text" for e in exprs) + ']::text[]::text COLLATE "C")'
 
 
 def decoded(expr: str, types: list[str]) -> list[str]:
