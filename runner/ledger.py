@@ -1444,7 +1444,7 @@ async def image_values(
                                                       i.before::text, i.after::text), E',\n')
                        AS tuples,
                    md5(string_agg({CHECKSUM_ROW.format(img="i.before")}, '|'
-                                  ORDER BY i.key::text COLLATE "C")) AS checksum
+                                  ORDER BY i.key::text COLLATE pg_catalog."C")) AS checksum
             FROM backfill.row_images AS i
             WHERE i.run_id = $1 AND i.batch_no = $2 AND i.op = 'U'""",
         run_id,
@@ -1714,7 +1714,7 @@ async def manifest_rows(
         for r in await conn.fetch(
             f"""SELECT b.batch_no, b.stage, k.rel, b.started_at, count(*)::int AS changed,
                        b.manifest::text AS manifest,
-                       md5(string_agg(k.key_text, '|' ORDER BY k.key_text COLLATE "C"))
+                       md5(string_agg(k.key_text, '|' ORDER BY k.key_text COLLATE pg_catalog."C"))
                            AS keys_md5
                 FROM backfill.batches AS b
                 JOIN (SELECT batch_no, rel, key::text AS key_text FROM ({_MANIFEST_KEYS}) AS m)
@@ -1732,7 +1732,7 @@ async def manifest_rows(
     keys: dict[tuple[int, int], str] = {}
     if listed:
         for listing in await conn.fetch(
-            f"""SELECT m.batch_no, m.rel, json_agg(m.key ORDER BY m.key::text COLLATE "C")::text
+            f"""SELECT m.batch_no, m.rel, json_agg(m.key ORDER BY m.key::text COLLATE pg_catalog."C")::text
                        AS keys
                 FROM ({_MANIFEST_KEYS}) AS m
                 WHERE (m.batch_no, m.rel) IN (SELECT * FROM unnest($2::int[], $3::int[]))

@@ -662,7 +662,8 @@ async def _apply_shaped(
     if shape.direct is not None:
         return await _apply_direct(conn, shape, shape.direct, ctx)
     async with conn.transaction(isolation="repeatable_read"):
-        await conn.execute(shape.lock_sql)  # before the snapshot: what it waited for is in it
+        if shape.lock_sql:  # before the snapshot: what it waited for is in it
+            await conn.execute(shape.lock_sql)
         start = await read_writes(conn, batch)
         for step in shape.steps:
             if mode == "returning":

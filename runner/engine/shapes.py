@@ -141,12 +141,12 @@ class Table:
 # text, byte for byte: the form a whole image records.
 DIGEST_FORMS = {
     "value": "{}",
-    "bytes": '{} COLLATE "C"',
+    "bytes": '{} COLLATE pg_catalog."C"',
     "int8send": "int8send({})",
     "timestamp_send": "timestamp_send({})",
     "timestamptz_send": "timestamptz_send({})",
     "time_send": "time_send({})",
-    "text": '({})::text COLLATE "C"',
+    "text": '({})::text COLLATE pg_catalog."C"',
 }
 _DIGEST_COLUMNS = """
 SELECT a.attname,
@@ -500,6 +500,13 @@ FROM pg_attribute AS a
 WHERE a.attrelid = ANY($1::oid[]) AND a.attnum > 0 AND NOT a.attisdropped"""
 
 
+LOCKABLE = """
+SELECT array_agg(o) FROM unnest($1::oid[]) AS o
+WHERE has_table_privilege(o, 'SELECT')
+   OR (current_setting('server_version_num')::int >= 160000
+       AND has_table_privilege(o, 'INSERT, UPDATE, DELETE, TRUNCATE'))"""
+
+
 @dataclass(frozen=True)
 class ShapedRun:
     """A shaped run's tables and statements: what a batch runs and how it is recorded."""
@@ -508,6 +515,9 @@ class ShapedRun:
     steps: tuple[Step, ...]
     target: TargetInfo
     signature: str = ""  # COLUMNS_SIGNATURE when the tables were resolved
+    # the tables the login may LOCK in ACCESS SHARE mode (a table-level privilege: SELECT, or
+    # from PostgreSQL 16 any; column grants do not count): the others are not locked first
+    lockable: frozenset[int] = frozenset()
 
     @property
     def oids(self) -> list[int]:
@@ -551,20 +561,30 @@ FROM agg"""
         n = len(pt.key)
         arrays = ", ".join(f"${i + 1}::{k.type}[]" for i, k in enumerate(pt.key))
         columns = ", ".join(f"k{i}" for i in range(n))
-        batch_keys = (
-            f"SELECT {encode([f'b.k{i}' for i in range(n)])} AS key_enc "
-            f"FROM unnest({arrays}) AS b({columns})"
+        # the batch's keys as the key's columns compare them (typed, in the column's own
+        # collation: 'a@x' finds the row 'A@X' under a case-insensitive one, as the statements'
+        # `= ANY($1)` does), once each
+        typed = ", ".join(
+            f"b.k{i}" + (f" COLLATE {k.collation}" if k.collation else "") + f" AS k{i}"
+            for i, k in enumerate(pt.key)
+        )
+        batch_keys = f"SELECT DISTINCT {typed} FROM unnest({arrays}) AS b({columns})"
+        # only the target's images decode as its key (CASE: a join may compute the other side
+        # for every image before it looks at the table)
+        matches = " AND ".join(
+            f"bk.k{i} = CASE WHEN i.rel = {pt.rel} THEN {v} END"
+            for i, v in enumerate(decoded("i.key_enc", [k.type for k in pt.key]))
         )
         return f"""
     SELECT i.rel, i.op, i.key_show,
            CASE WHEN i.op IN ('U', 'N') AND NOT i.others_same THEN 'undeclared column'
                 WHEN i.op <> 'N' AND a.rel IS NULL THEN 'operation'
-                WHEN i.rel = {pt.rel} AND i.op <> 'I' AND bk.key_enc IS NULL THEN 'outside the batch'
+                WHEN i.rel = {pt.rel} AND i.op <> 'I' AND bk.k0 IS NULL THEN 'outside the batch'
            END AS why
     FROM img AS i
     LEFT JOIN ({allowed}) AS a(rel, op)
         ON a.rel = i.rel AND a.op = CASE i.op WHEN 'I' THEN 'insert' WHEN 'D' THEN 'delete' ELSE 'update' END
-    LEFT JOIN ({batch_keys}) AS bk ON i.rel = {pt.rel} AND bk.key_enc = i.key_enc
+    LEFT JOIN ({batch_keys}) AS bk ON i.rel = {pt.rel} AND {matches}
     WHERE i.op IS NOT NULL"""
 
     def _images_sql(self, p: dict[str, str]) -> str:
@@ -581,16 +601,17 @@ FROM agg"""
         return self.tables[rel - 1]
 
     @cached_property
-    def lock_sql(self) -> str:
-        """The first statement of a batch's REPEATABLE READ transaction: the lock its
-        statements take on its tables anyway (ROW EXCLUSIVE), taken before its snapshot (LOCK
-        takes none). A statement that waited for an ALTER TABLE would otherwise run against the
-        altered table in a snapshot taken before it: images of the columns the run resolved, a
-        column check that reads the catalog as it was, and a column left out unseen. ONLY: a
-        column is added, dropped or retyped through the table itself."""
-        return (
-            f"LOCK TABLE {', '.join(f'ONLY {t.table}' for t in self.tables)} IN ROW EXCLUSIVE MODE"
-        )
+    def lock_sql(self) -> str | None:
+        """The first statement of a batch's REPEATABLE READ transaction: ACCESS SHARE on its
+        tables (what reading them takes anyway), before its snapshot (LOCK takes none). A
+        statement that waited for an ALTER TABLE would otherwise run against the altered table
+        in a snapshot taken before it: images of the columns the run resolved, a column check
+        that reads the catalog as it was, and a column left out unseen. ACCESS SHARE waits for
+        exactly the ACCESS EXCLUSIVE an ALTER of columns holds, and for nothing a reader does not
+        (a CREATE INDEX, a SHARE lock). ONLY: columns change through the table itself. Only the
+        tables the login may lock (`lockable`); None when there is none."""
+        names = [f"ONLY {t.table}" for t in self.tables if t.oid in self.lockable]
+        return f"LOCK TABLE {', '.join(names)} IN ACCESS SHARE MODE" if names else None
 
     # -- the direct path: a batch that only inserts rows recorded by their digests ---------------
 
@@ -692,5 +713,7 @@ SELECT coalesce((SELECT n FROM img), 0) AS n"""
 async def shaped_run(conn: asyncpg.Connection, plan: Plan, target: TargetInfo) -> ShapedRun:
     tables = await resolve_tables(conn, plan)
     steps = await plan_steps(conn, plan, tables, target)
-    signature = await conn.fetchval(COLUMNS_SIGNATURE, [t.oid for t in tables])
-    return ShapedRun(tuple(tables), tuple(steps), target, str(signature))
+    oids = [t.oid for t in tables]
+    signature = await conn.fetchval(COLUMNS_SIGNATURE, oids)
+    lockable = await conn.fetchval(LOCKABLE, oids)
+    return ShapedRun(tuple(tables), tuple(steps), target, str(signature), frozenset(lockable or ()))

@@ -41,6 +41,11 @@ SELECT a.attname AS name,
        END AS type,
        CASE WHEN en.nspname <> 'pg_catalog' THEN en.nspname END AS type_schema,
        a.attnotnull AS not_null, a.attgenerated <> '' AS generated,
+       CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
+            THEN (SELECT format('%I.%I', cn.nspname, co.collname) FROM pg_collation AS co
+                  JOIN pg_namespace AS cn ON cn.oid = co.collnamespace
+                  WHERE co.oid = a.attcollation)
+       END AS collation,
        en.nspname = 'pg_catalog' AND e.typname IN ('regclass', 'regproc', 'regprocedure',
            'regoper', 'regoperator', 'regtype', 'regconfig', 'regdictionary', 'regnamespace',
            'regrole', 'regcollation') AS names_by_search_path
@@ -111,10 +116,16 @@ def encode(exprs: list[str]) -> str:
 
     COLLATE "C": the text keeps its column's collation, and images are compared as encoded (a
     change, a no-op, a row as the run left it): under a nondeterministic collation ('abc' =
-    'ABC'), a change of case would compare equal, be recorded as a no-op and never undone."""
+    'ABC'), a change of case would compare equal, be recorded as a no-op and never undone.
+    Schema-qualified, as everywhere the runner names "C": a collation of that name in a schema
+    the search_path puts first would be taken otherwise."""
     if len(exprs) == 1:
-        return f'({exprs[0]}::text COLLATE "C")'
-    return "(ARRAY[" + ", ".join(f"{e}::text" for e in exprs) + ']::text[]::text COLLATE "C")'
+        return f'({exprs[0]}::text COLLATE pg_catalog."C")'
+    return (
+        "(ARRAY["
+        + ", ".join(f"{e}::text" for e in exprs)
+        + ']::text[]::text COLLATE pg_catalog."C")'
+    )
 
 
 def decoded(expr: str, types: list[str]) -> list[str]:
@@ -142,6 +153,9 @@ class Column:
     not_null: bool = False
     generated: bool = False
     type_schema: str | None = None  # of a user-defined type (None: pg_catalog)
+    # the column's own collation where it is not its type's (qualified, quoted), as the catalog
+    # has it now: not recorded with the run's tables
+    collation: str | None = None
 
     @property
     def q(self) -> str:
@@ -615,7 +629,14 @@ async def read_catalog(conn: asyncpg.Connection, table: str, where: str) -> Cata
         schema=schema,
         name=name,
         attrs={
-            r["name"]: Column(r["name"], r["type"], r["not_null"], r["generated"], r["type_schema"])
+            r["name"]: Column(
+                r["name"],
+                r["type"],
+                r["not_null"],
+                r["generated"],
+                r["type_schema"],
+                r["collation"],
+            )
             for r in rows
         },
         by_search_path=frozenset(r["name"] for r in rows if r["names_by_search_path"]),

@@ -43,8 +43,17 @@ from runner.rollout import gate_name
 log = structlog.get_logger("backfill.health")
 LAG_CONDITION_S = 30.0  # replication lag above this is a condition a reviewer accepts
 
+# a column's type with its collation where it is not the type's own (`text COLLATE public.ci`):
+# under another collation the plan's comparisons, sorts and unique keys mean something else
 _SHAPE_SQL = """
-SELECT a.attname AS name, format_type(a.atttypid, a.atttypmod) AS type, a.attnotnull AS not_null
+SELECT a.attname AS name,
+       format_type(a.atttypid, a.atttypmod)
+       || coalesce((SELECT ' COLLATE ' || quote_ident(n.nspname) || '.' || quote_ident(c.collname)
+                    FROM pg_collation AS c JOIN pg_namespace AS n ON n.oid = c.collnamespace
+                    WHERE c.oid = a.attcollation
+                      AND a.attcollation <> (SELECT typcollation FROM pg_type WHERE oid = a.atttypid)),
+                   '') AS type,
+       a.attnotnull AS not_null
 FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
 """
 _TRIGGERS_SQL = """

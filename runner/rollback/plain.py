@@ -121,8 +121,13 @@ class RunShape:
             )
 
     def current_image(self, alias: str = "t") -> str:
+        """The row's declared columns now, as text, compared byte for byte (not under their
+        collations: see `engine.target.encode`)."""
+        return f"CASE WHEN {alias}.ctid IS NULL THEN NULL ELSE {self._columns_now(alias)} END"
+
+    def _columns_now(self, alias: str) -> str:
         cols = ", ".join(f"{alias}.{quote_ident(c)}::text" for c, _ in self.columns)
-        return f"CASE WHEN {alias}.ctid IS NULL THEN NULL ELSE ARRAY[{cols}]::text[] END"
+        return f'(ARRAY[{cols}]::text[] COLLATE pg_catalog."C")'
 
     def join(self, images: str = "i", alias: str = "t") -> str:
         return " AND ".join(
@@ -137,11 +142,10 @@ class RunShape:
         )
 
     def restore_sql(self, images_from: str, batch_filter: str) -> str:
-        plain = ", ".join(f"t.{quote_ident(c)}::text" for c, _ in self.columns)
         return (
             f"UPDATE {self.table} AS t\nSET {self.set_clause()}\nFROM {images_from} AS i\n"
             f"WHERE {batch_filter} AND {self.join()}\n"
-            f"  AND ARRAY[{plain}]::text[] IS NOT DISTINCT FROM i.after"
+            f"  AND {self._columns_now('t')} IS NOT DISTINCT FROM i.after"
         )
 
     # The same, over batch_images' own encoding (what the capture wrote: a value's own text when
@@ -375,7 +379,7 @@ WITH v AS (
            {CHECKSUM_ROW.format(img=current)} AS line
     FROM pg_temp.backfill_rollback_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
 ), per_batch AS (
-    SELECT batch_no, md5(string_agg(line, '|' ORDER BY k COLLATE "C")) AS m FROM v GROUP BY batch_no
+    SELECT batch_no, md5(string_agg(line, '|' ORDER BY k COLLATE pg_catalog."C")) AS m FROM v GROUP BY batch_no
 ), run AS (
     SELECT md5(string_agg(m, '|' ORDER BY batch_no)) AS checksum FROM per_batch
 )
@@ -391,7 +395,7 @@ FROM v;
 SELECT i.batch_no, i.key, i.after AS runner_wrote, {current} AS now_holds
 FROM pg_temp.backfill_rollback_images AS i LEFT JOIN {shape.table} AS t ON {shape.join()}
 WHERE {current} IS DISTINCT FROM i.before
-ORDER BY i.batch_no DESC, i.key::text COLLATE "C";
+ORDER BY i.batch_no DESC, i.key::text COLLATE pg_catalog."C";
 """
 
 
@@ -515,9 +519,9 @@ v AS (
     LEFT JOIN c ON c.key = {shape.as_text_array("img.key", key=True)}
 )
 SELECT md5(string_agg({line.format("coalesce(img.before, 'NULL')")}, '|'
-                      ORDER BY img.key COLLATE "C") FILTER (WHERE NOT conflict)) AS expected,
+                      ORDER BY img.key COLLATE pg_catalog."C") FILTER (WHERE NOT conflict)) AS expected,
        md5(string_agg({line.format("CASE WHEN present THEN coalesce(cur, 'NULL') ELSE '(missing)' END")},
-                      '|' ORDER BY img.key COLLATE "C") FILTER (WHERE NOT conflict)) AS actual,
+                      '|' ORDER BY img.key COLLATE pg_catalog."C") FILTER (WHERE NOT conflict)) AS actual,
        count(*) FILTER (WHERE NOT conflict
                         AND NOT (present AND cur IS NOT DISTINCT FROM before))::int AS unverified,
        count(*) FILTER (WHERE conflict)::int AS conflicts

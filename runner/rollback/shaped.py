@@ -230,8 +230,8 @@ def verify_sql(t: Table, earliest: str, conflicts: str) -> str:
     (conflicts excepted), and how many rows are not where the undo leaves them."""
     return f"""WITH img AS ({_state(t, earliest)}),
 c AS ({conflicts})
-SELECT md5(string_agg({_EXPECTED}, '|' ORDER BY img.key COLLATE "C") FILTER (WHERE c.key IS NULL)) AS expected,
-       md5(string_agg({_ACTUAL}, '|' ORDER BY img.key COLLATE "C") FILTER (WHERE c.key IS NULL)) AS actual,
+SELECT md5(string_agg({_EXPECTED}, '|' ORDER BY img.key COLLATE pg_catalog."C") FILTER (WHERE c.key IS NULL)) AS expected,
+       md5(string_agg({_ACTUAL}, '|' ORDER BY img.key COLLATE pg_catalog."C") FILTER (WHERE c.key IS NULL)) AS actual,
        count(*) FILTER (WHERE c.key IS NULL AND NOT img.back)::int AS unverified,
        count(*) FILTER (WHERE c.key IS NOT NULL)::int AS conflicts
 FROM img LEFT JOIN c ON c.key = {_as_array(t, "img.key", key=True)}"""
@@ -473,7 +473,7 @@ async def _expected_checksum(conn: asyncpg.Connection, undo: ShapedUndo, nos: li
     for t in undo.tables:
         parts.append(
             await conn.fetchval(
-                f"""SELECT md5(string_agg({_EXPECTED}, '|' ORDER BY img.key COLLATE "C"))
+                f"""SELECT md5(string_agg({_EXPECTED}, '|' ORDER BY img.key COLLATE pg_catalog."C"))
                     FROM ({ledger.SHAPED_EARLIEST.format(rel=t.rel, typed_key=typed_key(t, "u"))}) AS img""",
                 undo.run_id,
                 nos,
@@ -541,7 +541,7 @@ def _file_verification(undo: ShapedUndo, expected: str) -> str:
         parts.append(
             f"""SELECT {ord_} AS ord, {sql_literal(t.display)} AS table_name,
        count(*) AS rows_touched, count(*) FILTER (WHERE NOT back) AS not_back,
-       md5(string_agg({_ACTUAL}, '|' ORDER BY img.key COLLATE "C")) AS checksum
+       md5(string_agg({_ACTUAL}, '|' ORDER BY img.key COLLATE pg_catalog."C")) AS checksum
 FROM ({state}) AS img"""
         )
     union = "\nUNION ALL\n".join(parts)
