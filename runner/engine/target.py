@@ -32,7 +32,14 @@ FROM (SELECT relid FROM pg_partition_tree($1::oid::regclass) WHERE isleaf
 JOIN pg_class AS c ON c.oid = r.relid
 """
 
-_ATTRS = """
+# pg_attribute `a`'s own collation where it is not its type's, qualified and quoted
+# (`public.ci`); NULL otherwise (and for a type without collation)
+OWN_COLLATION = """(SELECT format('%I.%I', cn.nspname, co.collname)
+        FROM pg_collation AS co JOIN pg_namespace AS cn ON cn.oid = co.collnamespace
+        WHERE co.oid = a.attcollation
+          AND a.attcollation <> (SELECT typcollation FROM pg_type WHERE oid = a.atttypid))"""
+
+_ATTRS = f"""
 SELECT a.attname AS name,
        CASE WHEN en.nspname IS NULL OR en.nspname = 'pg_catalog'
             THEN format_type(a.atttypid, a.atttypmod)
@@ -41,11 +48,7 @@ SELECT a.attname AS name,
        END AS type,
        CASE WHEN en.nspname <> 'pg_catalog' THEN en.nspname END AS type_schema,
        a.attnotnull AS not_null, a.attgenerated <> '' AS generated,
-       CASE WHEN a.attcollation <> 0 AND a.attcollation <> ty.typcollation
-            THEN (SELECT format('%I.%I', cn.nspname, co.collname) FROM pg_collation AS co
-                  JOIN pg_namespace AS cn ON cn.oid = co.collnamespace
-                  WHERE co.oid = a.attcollation)
-       END AS collation,
+       {OWN_COLLATION} AS collation,
        en.nspname = 'pg_catalog' AND e.typname IN ('regclass', 'regproc', 'regprocedure',
            'regoper', 'regoperator', 'regtype', 'regconfig', 'regdictionary', 'regnamespace',
            'regrole', 'regcollation') AS names_by_search_path

@@ -18,7 +18,7 @@ from runner.db import Databases, fetch_one, qualified
 from runner.engine import dbhealth
 from runner.engine.impact import estimate_impact
 from runner.engine.shapes import resolve_tables
-from runner.engine.target import TABLE_SIZE_SQL, TargetInfo, resolve_target
+from runner.engine.target import OWN_COLLATION, TABLE_SIZE_SQL, TargetInfo, resolve_target
 from runner.engine.throttle import Throttle
 from runner.engine.windows import count_windows, plan_windows
 from runner.errors import InvalidInput, NoGo
@@ -45,14 +45,9 @@ LAG_CONDITION_S = 30.0  # replication lag above this is a condition a reviewer a
 
 # a column's type with its collation where it is not the type's own (`text COLLATE public.ci`):
 # under another collation the plan's comparisons, sorts and unique keys mean something else
-_SHAPE_SQL = """
+_SHAPE_SQL = f"""
 SELECT a.attname AS name,
-       format_type(a.atttypid, a.atttypmod)
-       || coalesce((SELECT ' COLLATE ' || quote_ident(n.nspname) || '.' || quote_ident(c.collname)
-                    FROM pg_collation AS c JOIN pg_namespace AS n ON n.oid = c.collnamespace
-                    WHERE c.oid = a.attcollation
-                      AND a.attcollation <> (SELECT typcollation FROM pg_type WHERE oid = a.atttypid)),
-                   '') AS type,
+       format_type(a.atttypid, a.atttypmod) || coalesce(' COLLATE ' || {OWN_COLLATION}, '') AS type,
        a.attnotnull AS not_null
 FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
 """
